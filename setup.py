@@ -1,0 +1,49 @@
+"""trainlib: distributed training runtime for PyTorch.
+
+`kernels/`, `launchers/` and `benchmarks/` live at the top of the repository but are installed
+as `trainlib.kernels`, `trainlib.launchers` and `trainlib.benchmarks`: PyPI already has a popular
+package named `kernels`, so nothing of ours is installed under a bare name.
+"""
+from setuptools import find_packages, setup
+
+SUBTREES = {"kernels": "trainlib.kernels", "launchers": "trainlib.launchers", "benchmarks": "trainlib.benchmarks"}
+
+
+def _packages() -> list[str]:
+    pkgs = find_packages(include=["trainlib", "trainlib.*"])
+    for folder, name in SUBTREES.items():
+        pkgs.append(name)
+        pkgs += [f"{name}.{sub}" for sub in find_packages(where=folder)]
+    return pkgs
+
+
+package_dir = {name: folder for folder, name in SUBTREES.items()}
+
+EXTRAS = {
+    "mpi": ["mpi4py>=3.1", "mpich"],
+    "ps": ["pyzmq>=25"],
+    "ray": ["ray[tune]>=2.9"],
+    "deepspeed": ["deepspeed>=0.14"],
+    "gpu": ["triton>=3.0", "nvidia-nccl-cu12"],
+    "bench": ["matplotlib>=3.7", "psutil>=5.9", "numpy>=1.24"],
+    "k8s": ["pyyaml>=6"],
+}
+EXTRAS["test"] = sorted({
+    "pytest>=7", "pytest-timeout>=2", "hypothesis>=6", "jsonschema>=4", "pyyaml>=6", "numpy>=1.24",
+    "psutil>=5.9", "triton>=3.0", *EXTRAS["mpi"], *EXTRAS["ps"], *EXTRAS["ray"],
+})
+
+setup(
+    name="trainlib",
+    version="0.1.0",
+    description="Distributed training runtime for PyTorch: data, tensor and pipeline parallel; all-reduce or parameter server",
+    python_requires=">=3.10",
+    packages=_packages(),
+    package_dir=package_dir,
+    package_data={"trainlib": ["data/*.txt"]},
+    # torch is not pinned here: install torch==2.13.0 (CPU) first, or the image's own torch (>= 2.5).
+    install_requires=["torch>=2.5", "tqdm>=4.60", "safetensors>=0.4", "pyzmq>=25", "numpy>=1.24",
+                      "tomli>=2; python_version<'3.11'"],
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["trainlib=trainlib.cli:main"]},
+)

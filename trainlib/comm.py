@@ -1,0 +1,158 @@
+"""The one place that calls torch.distributed's collectives.
+
+Why a wrapper: every wait gets a timeout whose error names the rank, the collective and its
+sequence number, and a short log of recent collectives is kept so a desync can be reported
+("rank 1 was at all_reduce #41 while rank 0 ...") instead of hanging silently.
+"""
+from __future__ import annotations
+
+import collections
+import datetime
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("trainlib")
+
+LOG_LENGTH = 64
+_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN,
+        "avg": None}  # avg is sum then divide: gloo has no AVG op
+
+
+class CollectiveTimeout(RuntimeError):
+    """A collective or point-to-point wait did not finish in time (or a peer failed inside it)."""
+
+
+@dataclass
+class CollectiveRecord:
+    seq: int
+    op: str
+    shape: tuple
+    dtype: str
+    group: tuple[int, ...] | None
+    started: float = field(default_factory=time.monotonic)
+    done: bool = False
+
+    def describe(self) -> str:
+        g = "world" if self.group is None else f"ranks {list(self.group)}"
+        return f"{self.op} #{self.seq} (shape {list(self.shape)}, {self.dtype}, {g})"
+
+
+_log: collections.deque[CollectiveRecord] = collections.deque(maxlen=LOG_LENGTH)
+_seq = 0
+
+
+def recent_collectives() -> list[CollectiveRecord]:
+    """The last LOG_LENGTH collectives this rank entered, oldest first."""
+    return list(_log)
+
+
+def _timeout_s() -> float:
+    from .runtime import _RUNTIME, DEFAULT_TIMEOUT_S
+
+    return _RUNTIME.timeout_s if _RUNTIME is not None else DEFAULT_TIMEOUT_S
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _record(op: str, t: torch.Tensor | None, group) -> CollectiveRecord:
+    global _seq
+    _seq += 1
+    ranks = None
+    if group is not None and group is not dist.group.WORLD:
+        ranks = tuple(dist.get_process_group_ranks(group))
+    rec = CollectiveRecord(_seq, op, tuple(t.shape) if t is not None else (), str(t.dtype) if t is not None else "-", ranks)
+    _log.append(rec)
+    return rec
+
+
+class Handle:
+    """An in-flight collective. `wait()` blocks at most `timeout_s`, then raises CollectiveTimeout."""
+
+    def __init__(self, work, rec: CollectiveRecord, after=None):
+        self._work, self.record, self._after = work, rec, after
+
+    def wait(self, timeout_s: float | None = None) -> None:
+        timeout_s = _timeout_s() if timeout_s is None else timeout_s
+        if self._work is not None:
+            try:
+                ok = self._work.wait(datetime.timedelta(seconds=timeout_s))
+            except Exception as e:  # gloo raises on timeout or on a peer that closed its connection
+                raise _timeout_error(self.record, timeout_s, e) from e
+            if ok is False:
+                raise _timeout_error(self.record, timeout_s, None)
+            self._work = None
+        self.record.done = True
+        if self._after is not None:
+            self._after()
+            self._after = None
+
+    def is_completed(self) -> bool:
+        return self._work is None or self._work.is_completed()
+
+
+def _timeout_error(rec: CollectiveRecord, timeout_s: float, cause: Exception | None) -> CollectiveTimeout:
+    pending = [r.describe() for r in _log if not r.done and r is not rec][-3:]
+    msg = (f"rank {_rank()}: {rec.describe()} did not complete within {timeout_s:.0f}s"
+           f"{f' ({type(cause).__name__}: {str(cause).splitlines()[0][:200]})' if cause else ''}. "
+           "A peer died, was stopped, skipped this collective or sent a different shape/dtype; "
+           "check the other ranks' logs for the same sequence number.")
+    if pending:
+        msg += f" Other unfinished collectives here: {'; '.join(pending)}."
+    return CollectiveTimeout(msg)
+
+
+def all_reduce(t: torch.Tensor, op: str = "sum", group=None, async_op: bool = False) -> Handle | None:
+    """In-place all-reduce. op: sum | avg | max | min."""
+    if op not in _OPS:
+        raise ValueError(f"all_reduce op {op!r} is not one of {', '.join(_OPS)}")
+    rec = _record(f"all_reduce[{op}]", t, group)
+    after = None
+    if op == "avg":
+        n = dist.get_world_size(group)
+        after = lambda: t.div_(n)  # noqa: E731
+    work = dist.all_reduce(t, op=_OPS[op] or dist.ReduceOp.SUM, group=group, async_op=True)
+    h = Handle(work, rec, after)
+    if async_op:
+        return h
+    h.wait()
+    return None
+
+
+def broadcast(t: torch.Tensor, src: int, group=None, async_op: bool = False) -> Handle | None:
+    """src is a global rank, as in torch.distributed."""
+    h = Handle(dist.broadcast(t, src=src, group=group, async_op=True), _record(f"broadcast[src={src}]", t, group))
+    if async_op:
+        return h
+    h.wait()
+    return None
+
+
+def all_gather(out: list[torch.Tensor], t: torch.Tensor, group=None) -> None:
+    Handle(dist.all_gather(out, t, group=group, async_op=True), _record("all_gather", t, group)).wait()
+
+
+def barrier(group=None) -> None:
+    # a 1-element all-reduce: gloo's barrier has no per-call timeout
+    all_reduce(torch.zeros(1), group=group)
+
+
+def isend(t: torch.Tensor, dst: int, group=None, tag: int = 0) -> Handle:
+    return Handle(dist.isend(t, dst=dst, group=group, tag=tag), _record(f"send[to={dst}]", t, group))
+
+
+def irecv(t: torch.Tensor, src: int, group=None, tag: int = 0) -> Handle:
+    return Handle(dist.irecv(t, src=src, group=group, tag=tag), _record(f"recv[from={src}]", t, group))
+
+
+def send(t: torch.Tensor, dst: int, group=None, tag: int = 0) -> None:
+    isend(t, dst, group, tag).wait()
+
+
+def recv(t: torch.Tensor, src: int, group=None, tag: int = 0) -> None:
+    irecv(t, src, group, tag).wait()
