@@ -1,0 +1,91 @@
+"""`trainlib bench NAME [--quick] [--json PATH] [--plot PATH]`.
+
+A benchmark is a module `trainlib.benchmarks.bench_NAME` (file benchmarks/bench_NAME.py) with
+
+    def run(quick: bool) -> dict          # measures trainlib and its peers side by side, returns results
+    def plot(result: dict, path: str)     # optional: a PNG
+
+`run` returns a JSON-able dict; the harness adds metadata (command, date, host, torch version)
+and writes benchmarks/results/NAME.json (or --json), then prints a one-line summary.
+Helpers here: `median`, `alternate` (interleaved repetitions, medians), `results_dir`.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+
+def results_dir() -> Path:
+    """benchmarks/results in a source checkout; ./benchmark-results elsewhere."""
+    d = HERE / "results" if (HERE.parent / "setup.py").exists() else Path.cwd() / "benchmark-results"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def available() -> list[str]:
+    return sorted(p.stem[len("bench_"):] for p in HERE.glob("bench_*.py"))
+
+
+def median(xs: list[float]) -> float:
+    return float(statistics.median(xs))
+
+
+def alternate(candidates: dict[str, Callable[[], float]], reps: int) -> dict[str, dict[str, Any]]:
+    """Run each candidate once per round, in rotating order, `reps` rounds; each call returns seconds.
+
+    Alternating spreads slow phases of a shared machine over all candidates instead of one."""
+    names = list(candidates)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(reps):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for n in order:
+            times[n].append(float(candidates[n]()))
+    return {n: {"median_s": median(ts), "all_s": ts} for n, ts in times.items()}
+
+
+def machine() -> dict[str, Any]:
+    return {"host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
+            "torch": torch.__version__, "platform": platform.platform(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="trainlib bench", description="Run a benchmark; results are ratios against "
+                                "peers measured in the same run.")
+    p.add_argument("name", choices=available(), help="which benchmark")
+    p.add_argument("--quick", action="store_true", help="small sizes and few repetitions (CI)")
+    p.add_argument("--json", help="where to write the JSON result (default benchmarks/results/NAME.json)")
+    p.add_argument("--plot", help="where to write a PNG plot (default: beside the JSON, if the benchmark plots)")
+    args = p.parse_args(argv)
+    mod = importlib.import_module(f"trainlib.benchmarks.bench_{args.name}")
+    t0 = time.time()
+    result = mod.run(quick=args.quick)
+    meta = {"benchmark": args.name, "command": "trainlib bench " + " ".join(argv or sys.argv[1:]),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "quick": args.quick, "wall_s": round(time.time() - t0, 2), "machine": machine()}
+    out = {"meta": meta, **result}
+    suffix = "-quick" if args.quick else ""
+    path = Path(args.json) if args.json else results_dir() / f"{args.name}{suffix}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    if hasattr(mod, "plot"):
+        png = Path(args.plot) if args.plot else path.with_suffix(".png")
+        try:
+            mod.plot(out, str(png))
+        except ImportError as e:
+            print(f"(no plot: {e}; pip install 'trainlib[bench]')", file=sys.stderr)
+    print(json.dumps({"benchmark": args.name, "json": str(path), **out.get("summary", {})}))
+    return 0
