@@ -1,0 +1,200 @@
+"""Run configuration: a small tree of frozen dataclasses, from TOML plus `--section.key=value`.
+
+    cfg = load_config("run.toml", ["--train.steps=50", "--mesh.tp", "2"])
+
+Precedence: dataclass defaults < TOML file < command-line overrides. Unknown sections or keys and
+values of the wrong type are errors that list what is valid; cross-field checks live in each
+section's __post_init__ so a Config that exists is a Config that makes sense.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from dataclasses import dataclass, field, fields
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A bad setting; the message names the key, the value and what would be valid."""
+
+
+def _positive(section: str, **values: float) -> None:
+    for k, v in values.items():
+        if v <= 0:
+            raise ConfigError(f"{section}.{k}={v} must be > 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 300
+    batch_size: int = 16          # global batch (sequences per step, summed over dp ranks)
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    grad_clip: float = 1.0        # max global grad norm; 0 disables clipping
+    seed: int = 0
+    log_every: int = 25
+    metrics: str = "runs/metrics.jsonl"
+    corpus_bytes: int = 1 << 20
+
+    def __post_init__(self):
+        _positive("train", steps=self.steps, batch_size=self.batch_size, lr=self.lr, log_every=self.log_every,
+                  corpus_bytes=self.corpus_bytes)
+        if self.grad_clip < 0 or self.warmup_steps < 0 or self.weight_decay < 0:
+            raise ConfigError(f"train.grad_clip={self.grad_clip}, train.warmup_steps={self.warmup_steps} and "
+                              f"train.weight_decay={self.weight_decay} must be >= 0")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    n_layer: int = 2
+    n_head: int = 4
+    d_model: int = 128
+    seq_len: int = 64
+    vocab_size: int = 256
+
+    def __post_init__(self):
+        _positive("model", n_layer=self.n_layer, n_head=self.n_head, d_model=self.d_model, seq_len=self.seq_len)
+        if self.d_model % self.n_head:
+            raise ConfigError(f"model.d_model={self.d_model} is not divisible by model.n_head={self.n_head}")
+        if self.vocab_size < 256:
+            raise ConfigError(f"model.vocab_size={self.vocab_size} is below 256, the byte tokenizer's vocabulary")
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    pp: int = 1
+    dp: int = -1
+    tp: int = 1
+
+
+SYNC_KINDS = ("allreduce", "ps", "ddp")
+COMPRESS = ("none", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class SyncConfig:
+    kind: str = "allreduce"      # allreduce | ps | ddp (torch DDP, as a reference)
+    bucket_mb: float = 25.0
+    compress: str = "none"        # none | bf16 | fp16
+    transport: str = "auto"       # auto | torch | mpi | shm
+
+    def __post_init__(self):
+        if self.kind not in SYNC_KINDS:
+            raise ConfigError(f"sync.kind={self.kind!r} is not one of {', '.join(SYNC_KINDS)}")
+        if self.compress not in COMPRESS:
+            raise ConfigError(f"sync.compress={self.compress!r} is not one of {', '.join(COMPRESS)}")
+        _positive("sync", bucket_mb=self.bucket_mb)
+
+
+@dataclass(frozen=True)
+class Config:
+    train: TrainConfig = field(default_factory=TrainConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _sections() -> dict[str, type]:
+    return typing.get_type_hints(Config)
+
+
+def _coerce(section: str, key: str, tp, raw):
+    """Turn a TOML value or a command-line string into the field's type."""
+    where = f"{section}.{key}"
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if raw in (None, "none", "None", ""):
+            return None
+        tp = args[0]
+    try:
+        if tp is bool:
+            if isinstance(raw, bool):
+                return raw
+            if str(raw).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(raw).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if tp is int:
+            if isinstance(raw, float) and not raw.is_integer():
+                raise ValueError
+            return int(raw)
+        if tp is float:
+            return float(raw)
+        return tp(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}={raw!r} is not a valid {getattr(tp, '__name__', tp)}") from None
+
+
+def _apply(values: dict[str, dict], section: str, key: str, raw) -> None:
+    sections = _sections()
+    if section not in sections:
+        raise ConfigError(f"unknown config section {section!r}; sections are {', '.join(sections)}")
+    known = typing.get_type_hints(sections[section])
+    if key not in known:
+        raise ConfigError(f"unknown key {section}.{key}; {section} has {', '.join(known)}")
+    values.setdefault(section, {})[key] = _coerce(section, key, known[key], raw)
+
+
+def parse_overrides(argv: list[str]) -> list[tuple[str, str, str]]:
+    """`--section.key=value` or `--section.key value` -> [(section, key, value)]."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            raise ConfigError(f"unexpected argument {arg!r}; overrides look like --section.key=value (see --help)")
+        name, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"{arg} needs a value: {arg}=VALUE")
+            value, i = argv[i + 1], i + 1
+        section, _, key = name.partition(".")
+        out.append((section, key.replace("-", "_"), value))
+        i += 1
+    return out
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
+    values: dict[str, dict] = {}
+    if path:
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path!r} does not exist") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path!r} is not valid TOML: {e}") from None
+        for section, table in data.items():
+            if not isinstance(table, dict):
+                raise ConfigError(f"{path}: top-level key {section!r} must be a [section] table")
+            for key, raw in table.items():
+                _apply(values, section, key, raw)
+    for section, key, raw in parse_overrides(overrides or []):
+        _apply(values, section, key, raw)
+    built = {}
+    for name, cls in _sections().items():
+        try:
+            built[name] = cls(**values.get(name, {}))
+        except TypeError as e:
+            raise ConfigError(f"[{name}]: {e}") from None
+    return Config(**built)
+
+
+def describe_flags() -> str:
+    """`--section.key (default)` lines for --help."""
+    lines = []
+    for name, cls in _sections().items():
+        for f in fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"  --{name}.{f.name}={default}")
+    return "\n".join(lines)

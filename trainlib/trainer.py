@@ -1,0 +1,248 @@
+"""`trainlib train`: the default job, and the training loop behind it.
+
+    trainlib train                                # 2 local CPU ranks via torchrun, the default GPT
+    trainlib train --nproc-per-node 4 --mesh.tp 2 --train.steps 100
+    torchrun --nproc-per-node 2 -m trainlib.cli train    # the same, launched by hand / by a pod
+
+Started without a launcher's RANK in the environment, it starts torchrun itself with
+--nproc-per-node local processes and, once they finish, prints rank 0's summary as the last line
+of stdout: one JSON object with steps, loss_first, loss_last, tokens_per_s, wall_s and
+weights_sha256 (sha256 of the final weights, serialised in sorted-name order).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from . import comm
+from .config import Config, ConfigError, describe_flags, load_config
+from .data import DistributedSampler, default_tokens
+from .mesh import Mesh, MeshError, MeshLayout
+from .models.gpt import GPT, GPTConfig, lm_loss
+from .runtime import LaunchError
+
+log = logging.getLogger("trainlib")
+
+SUMMARY_ENV = "TRAINLIB_SUMMARY_PATH"
+
+
+def weights_sha256(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over (name, dtype, shape, bytes) in sorted-name order: equal iff the weights are bitwise equal."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def lr_at(step: int, cfg: Config) -> float:
+    """Linear warmup, then cosine decay to 10% of train.lr."""
+    t = cfg.train
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
+    return t.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def build_model(cfg: Config) -> GPT:
+    m = cfg.model
+    return GPT(GPTConfig(vocab_size=m.vocab_size, seq_len=m.seq_len, n_layer=m.n_layer, n_head=m.n_head,
+                         d_model=m.d_model), seed=cfg.train.seed)
+
+
+def wrap_data_parallel(model: nn.Module, cfg: Config, mesh: Mesh) -> nn.Module:
+    """The one place that picks the gradient-sync backend from sync.kind."""
+    s = cfg.sync
+    if s.kind == "ddp":  # torch DDP, kept as the reference the benchmarks and tests compare against
+        return nn.parallel.DistributedDataParallel(model, process_group=mesh.group("dp"), bucket_cap_mb=s.bucket_mb)
+    from .data_parallel import DataParallel
+    from .sync import AllReduce
+
+    if s.kind == "allreduce":
+        sync = AllReduce(bucket_mb=s.bucket_mb, compress=None if s.compress == "none" else s.compress,
+                         transport=s.transport)
+    else:
+        from .sync import ParameterServer
+
+        sync = ParameterServer()
+    return DataParallel(model, mesh=mesh, sync=sync, bucket_mb=s.bucket_mb)
+
+
+def _mean_over(value: float, group) -> float:
+    t = torch.tensor([value], dtype=torch.float64)
+    comm.all_reduce(t, op="avg", group=group)
+    return float(t.item())
+
+
+def train(cfg: Config) -> dict:
+    """Run the training loop on this rank; returns the summary (identical on every rank)."""
+    import trainlib as tl
+
+    rt = tl.init()
+    mesh = Mesh(pp=cfg.mesh.pp, dp=cfg.mesh.dp, tp=cfg.mesh.tp)
+    if mesh.size("pp") > 1 or mesh.size("tp") > 1:
+        raise ConfigError(f"{mesh}: tensor and pipeline parallelism are not wired into `trainlib train` yet; "
+                          "use --mesh.pp 1 --mesh.tp 1")
+    torch.manual_seed(cfg.train.seed + rt.rank)
+    model = build_model(cfg)
+    n_params = sum(p.numel() for p in model.parameters())
+    model = wrap_data_parallel(model, cfg, mesh)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.train.lr, betas=(0.9, 0.95), weight_decay=cfg.train.weight_decay)
+    tokens = default_tokens(cfg.train.corpus_bytes)
+    sampler = DistributedSampler(tokens, cfg.model.seq_len, cfg.train.batch_size, mesh.rank("dp"), mesh.size("dp"),
+                                 seed=cfg.train.seed)
+    tokens_per_step = cfg.train.batch_size * cfg.model.seq_len
+    metrics = _open_metrics(cfg) if rt.is_main else None
+    bar = _progress(cfg, rt.is_main)
+    dp_group = mesh.group("dp")
+    if rt.is_main:
+        log.info("training GPT (%d params) on %d ranks, %s, sync=%s", n_params, rt.world_size, mesh, cfg.sync.kind)
+
+    loss_first = loss_last = float("nan")
+    t_start = window_start = time.perf_counter()
+    window_loss, window_steps = 0.0, 0
+    for step in range(cfg.train.steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        x, y = sampler.next_batch()
+        loss = lm_loss(model(x), y)
+        loss.backward()
+        if cfg.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        window_loss += loss.item()
+        window_steps += 1
+        last = step == cfg.train.steps - 1
+        if step == 0 or last or (step + 1) % cfg.train.log_every == 0:
+            mean_loss = _mean_over(window_loss / window_steps, dp_group)
+            now = time.perf_counter()
+            tps = window_steps * tokens_per_step / max(now - window_start, 1e-9)
+            if step == 0:
+                loss_first = mean_loss
+            loss_last = mean_loss
+            if metrics:
+                metrics.write(json.dumps({"step": step + 1, "loss": round(mean_loss, 5), "lr": lr_at(step, cfg),
+                                          "tokens_per_s": round(tps, 1), "elapsed_s": round(now - t_start, 3)}) + "\n")
+                metrics.flush()
+            if bar is not None:
+                bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{tps:,.0f}")
+            elif rt.is_main:
+                log.info("step %d/%d loss %.4f tokens/s %.0f", step + 1, cfg.train.steps, mean_loss, tps)
+            window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+        if bar is not None:
+            bar.update(1)
+    wall = time.perf_counter() - t_start
+    if bar is not None:
+        bar.close()
+    if metrics:
+        metrics.close()
+    state = (model.module if hasattr(model, "module") else model).state_dict()
+    summary = {"steps": cfg.train.steps, "loss_first": round(loss_first, 6), "loss_last": round(loss_last, 6),
+               "tokens_per_s": round(cfg.train.steps * tokens_per_step / wall, 1), "wall_s": round(wall, 3),
+               "weights_sha256": weights_sha256(state), "world_size": rt.world_size,
+               "mesh": mesh.layout.__dict__, "sync": cfg.sync.kind, "params": n_params}
+    if hasattr(model, "close"):
+        model.close()
+    return summary
+
+
+def _open_metrics(cfg: Config):
+    path = Path(cfg.train.metrics)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.open("w")
+
+
+def _progress(cfg: Config, main: bool):
+    if not main or os.environ.get("TRAINLIB_NO_PROGRESS"):
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=cfg.train.steps, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="trainlib train", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train the default GPT. Started by hand it launches --nproc-per-node local ranks through "
+                    "torchrun; inside torchrun (RANK set) it runs as one rank.",
+        epilog="config overrides (--section.key=value or --section.key value; defaults shown):\n" + describe_flags())
+    p.add_argument("--config", help="TOML file with [train] [model] [mesh] [sync] ... tables")
+    p.add_argument("--nproc-per-node", type=int, default=2, help="local processes to start (default 2)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, overrides = _parser().parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    try:
+        cfg = load_config(args.config, overrides)
+        if args.nproc_per_node < 1:
+            raise ConfigError(f"--nproc-per-node={args.nproc_per_node} must be >= 1")
+        if "RANK" not in os.environ and args.nproc_per_node > 1:
+            MeshLayout.build(args.nproc_per_node, cfg.mesh.pp, cfg.mesh.dp, cfg.mesh.tp)
+            return _launch_local(argv, args.nproc_per_node)
+        summary = train(cfg)
+    except (ConfigError, MeshError, LaunchError) as e:
+        print(f"trainlib train: error: {e}", file=sys.stderr)
+        return 1
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        out = os.environ.get(SUMMARY_ENV)
+        if out:
+            Path(out).write_text(json.dumps(summary))
+        else:
+            print(json.dumps(summary), flush=True)
+    from .runtime import shutdown
+
+    shutdown()
+    return 0
+
+
+def _launch_local(argv: list[str], nproc: int) -> int:
+    """Start `nproc` local ranks through torchrun and print rank 0's summary as the last stdout line."""
+    rest, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc-per-node":
+            skip = True
+            continue
+        if a.startswith("--nproc-per-node="):
+            continue
+        rest.append(a)
+    with tempfile.TemporaryDirectory() as tmp:
+        summary_path = os.path.join(tmp, "summary.json")
+        threads = max(1, (os.cpu_count() or 1) // nproc)
+        env = {**os.environ, SUMMARY_ENV: summary_path, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "trainlib.cli", "train", *rest]
+        rc = subprocess.call(cmd, env=env)
+        if rc != 0:
+            print(f"trainlib train: the local ranks failed (torchrun exit code {rc}); see the errors above",
+                  file=sys.stderr)
+            return 1 if rc == 1 else rc
+        with contextlib.suppress(FileNotFoundError):
+            print(Path(summary_path).read_text(), flush=True)
+            return 0
+        print("trainlib train: rank 0 wrote no summary", file=sys.stderr)
+        return 1
