@@ -1,0 +1,137 @@
+"""The compiled CPU backend: csrc/bucket_ops.cpp, built on first use and cached.
+
+The C++ file exports a plain C ABI on raw pointers and is called through ctypes: it includes no
+torch or pybind headers, so the one-time build takes about a second. It is built with torch's
+extension machinery (`torch.utils.cpp_extension.load`: ninja, a per-build lock so concurrent
+ranks build once, a versioned cache) into `$TRAINLIB_KERNEL_CACHE` or torch's extension cache.
+If the build fails (no compiler, no ninja) `load()` logs ONE warning and returns None; the
+dispatcher then uses the pure-torch reference.
+
+Threads: OpenMP, at most `torch.get_num_threads()` (so `OMP_NUM_THREADS=1` in a data-parallel
+rank keeps it on one core); the extension links no OpenMP runtime of its own, so it shares
+torch's libgomp and its thread pool.
+"""
+from __future__ import annotations
+
+import array
+import ctypes
+import hashlib
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+log = logging.getLogger("trainlib")
+
+SOURCE = Path(__file__).resolve().parent / "csrc" / "bucket_ops.cpp"
+CFLAGS = ["-O3", "-fopenmp"]
+DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_failed: str | None = None      # why the build failed; the warning is logged once per process
+
+
+def _build_dir(name: str) -> str | None:
+    """$TRAINLIB_KERNEL_CACHE/NAME, or None for torch's own cache (~/.cache/torch_extensions)."""
+    root = os.environ.get("TRAINLIB_KERNEL_CACHE")
+    if not root:
+        return None
+    d = Path(root) / name
+    d.mkdir(parents=True, exist_ok=True)
+    return str(d)
+
+
+def _compile() -> ctypes.CDLL:
+    from torch.utils.cpp_extension import load as load_extension
+
+    src = SOURCE.read_bytes()
+    # The name carries a hash of source, flags and torch version: an edit or an upgrade builds
+    # afresh instead of loading a stale library from a shared cache.
+    tag = hashlib.sha256(src + repr((CFLAGS, torch.__version__)).encode()).hexdigest()[:12]
+    name = f"trainlib_bucket_ops_{tag}"
+    path = load_extension(name, [str(SOURCE)], extra_cflags=CFLAGS, build_directory=_build_dir(name),
+                          is_python_module=False, verbose=False)
+    lib = ctypes.CDLL(str(path))
+    args = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+            ctypes.c_float, ctypes.c_int]
+    for fn in (lib.tl_pack, lib.tl_unpack):
+        fn.argtypes, fn.restype = args, ctypes.c_int
+    lib.tl_epilogue.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int,
+                                ctypes.POINTER(ctypes.c_double)]
+    lib.tl_epilogue.restype = ctypes.c_int
+    return lib
+
+
+def load() -> ctypes.CDLL | None:
+    """The compiled library, building it on first call; None (after one warning) if it cannot be built."""
+    global _lib, _failed
+    if _lib is not None or _failed is not None:
+        return _lib
+    with _lock:
+        if _lib is None and _failed is None:
+            try:
+                _lib = _compile()
+            except Exception as e:  # any build failure means "use the reference", never a crash
+                _failed = f"{type(e).__name__}: {e}".strip().splitlines()[0][:300]
+                log.warning("trainlib.kernels: cannot build the CPU kernels (%s); using the pure-torch reference "
+                            "(slower). Install a C++ compiler and ninja (pip install ninja), or set "
+                            "TRAINLIB_KERNELS=reference to silence this.", _failed)
+    return _lib
+
+
+def available() -> bool:
+    return load() is not None
+
+
+def reset() -> None:
+    """Forget the loaded library and any failure (tests use it to exercise the fallback)."""
+    global _lib, _failed
+    with _lock:
+        _lib, _failed = None, None
+
+
+def supports(dtype: torch.dtype) -> bool:
+    return dtype in DTYPE_CODE
+
+
+def _segments(fn, tensors: Sequence[torch.Tensor], flat: torch.Tensor, scale: float) -> None:
+    n = len(tensors)
+    ptrs = array.array("Q", [t.data_ptr() for t in tensors])
+    numels = array.array("q", [t.numel() for t in tensors])
+    codes = bytes(DTYPE_CODE[t.dtype] for t in tensors)
+    rc = fn(n, ptrs.buffer_info()[0], codes, numels.buffer_info()[0], flat.data_ptr(),
+            DTYPE_CODE[flat.dtype], scale, torch.get_num_threads())
+    assert rc == 0, f"bucket_ops returned {rc}"  # the dispatcher validated dtypes and sizes
+
+
+def pack(tensors: Sequence[torch.Tensor], out: torch.Tensor, scale: float) -> None:
+    """Contiguous CPU tensors -> `out` (validated by the dispatcher)."""
+    lib = load()
+    assert lib is not None
+    _segments(lib.tl_pack, tensors, out, scale)
+
+
+def unpack(flat: torch.Tensor, outs: Sequence[torch.Tensor], scale: float) -> None:
+    lib = load()
+    assert lib is not None
+    _segments(lib.tl_unpack, outs, flat, scale)
+
+
+def scale_cast(src: torch.Tensor, dst: torch.Tensor, scale: float) -> None:
+    lib = load()
+    assert lib is not None
+    _segments(lib.tl_pack, [src], dst, scale)
+
+
+def epilogue(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    lib = load()
+    assert lib is not None
+    sq = ctypes.c_double(0.0)
+    rc = lib.tl_epilogue(flat.data_ptr(), DTYPE_CODE[flat.dtype], flat.numel(), torch.get_num_threads(),
+                         ctypes.byref(sq))
+    assert rc in (0, 1), f"tl_epilogue returned {rc}"
+    return torch.tensor(bool(rc)), torch.tensor(sq.value, dtype=torch.float32)

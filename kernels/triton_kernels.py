@@ -1,0 +1,144 @@
+"""Triton kernels for CUDA tensors: multi-tensor pack/unpack, scale+cast, and the epilogue.
+
+pack/unpack launch ONE kernel per dtype group, whatever the number of tensors, in the style of
+apex's multi_tensor_apply: the host cuts the tensors into chunks of CHUNK elements and writes a
+table (chunk's address in its tensor, its offset in the flat buffer, its length); program `pid`
+converts chunk `pid`. The table is cached by (addresses, sizes, flat address), so a training loop
+that packs the same gradients every step pays for it once.
+
+Values: y = cast(float32(x) * float32(scale)), as the reference. Runs on CPU tensors too when
+TRITON_INTERPRET=1 was set before this module was imported (how the tests check it without a
+GPU); the interpreter's float->bf16 rounding may differ from the GPU's by one bf16 ulp.
+"""
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+BLOCK = 1024
+ITERS = 4
+CHUNK = BLOCK * ITERS
+FLT_MAX = 3.4028234663852886e38
+TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+_TABLE_CACHE_SIZE = 64
+_tables: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+
+
+@triton.jit
+def _scale_cast_kernel(src, dst, n, scale, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    base = tl.program_id(0).to(tl.int64) * (BLOCK * ITERS)
+    for it in tl.static_range(ITERS):
+        o = base + it * BLOCK + tl.arange(0, BLOCK)
+        m = o < n
+        x = tl.load(src + o, mask=m).to(tl.float32)
+        tl.store(dst + o, (x * scale).to(dst.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _segments_kernel(table, n_chunks, flat, scale, TENSOR_DT: tl.constexpr, TO_FLAT: tl.constexpr,
+                     BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    # table: int64 [3, n_chunks] = (address of the chunk in its tensor, flat offset, length)
+    pid = tl.program_id(0)
+    addr = tl.load(table + pid)
+    start = tl.load(table + n_chunks + pid)
+    n = tl.load(table + 2 * n_chunks + pid)
+    tensor = addr.to(tl.pointer_type(TENSOR_DT))
+    for it in tl.static_range(ITERS):
+        o = it * BLOCK + tl.arange(0, BLOCK)
+        m = o < n
+        if TO_FLAT:
+            x = tl.load(tensor + o, mask=m).to(tl.float32)
+            tl.store(flat + start + o, (x * scale).to(flat.dtype.element_ty), mask=m)
+        else:
+            x = tl.load(flat + start + o, mask=m).to(tl.float32)
+            tl.store(tensor + o, (x * scale).to(TENSOR_DT), mask=m)
+
+
+@triton.jit
+def _epilogue_kernel(x, n, partial_sq, partial_bad, FLT_MAX: tl.constexpr, BLOCK: tl.constexpr,
+                     ITERS: tl.constexpr):
+    pid = tl.program_id(0)
+    base = pid.to(tl.int64) * (BLOCK * ITERS)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    bad = tl.zeros([BLOCK], dtype=tl.int32)
+    for it in tl.static_range(ITERS):
+        o = base + it * BLOCK + tl.arange(0, BLOCK)
+        m = o < n
+        v = tl.load(x + o, mask=m, other=0.0).to(tl.float32)
+        acc += v * v
+        # |v| <= FLT_MAX is false exactly for inf and nan
+        bad = tl.maximum(bad, tl.where(tl.abs(v) <= FLT_MAX, 0, 1))
+    tl.store(partial_sq + pid, tl.sum(acc, axis=0))
+    tl.store(partial_bad + pid, tl.max(bad, axis=0))
+
+
+def _grid(n: int) -> tuple[int]:
+    return (triton.cdiv(n, CHUNK),)
+
+
+def _table(tensors: Sequence[torch.Tensor], offsets: Sequence[int], flat: torch.Tensor) -> torch.Tensor:
+    """The chunk table for one dtype group, on flat's device (cached)."""
+    ptrs = [t.data_ptr() for t in tensors]
+    numels = [t.numel() for t in tensors]
+    key = (flat.device, flat.data_ptr(), tensors[0].element_size(), tuple(ptrs), tuple(numels), tuple(offsets))
+    hit = _tables.get(key)
+    if hit is not None:
+        _tables.move_to_end(key)
+        return hit
+    p, n, o = (torch.tensor(v, dtype=torch.int64) for v in (ptrs, numels, offsets))
+    chunks = (n + CHUNK - 1) // CHUNK
+    idx = torch.repeat_interleave(torch.arange(len(tensors)), chunks)
+    k = torch.arange(idx.numel()) - torch.repeat_interleave(torch.cumsum(chunks, 0) - chunks, chunks)
+    table = torch.stack([p[idx] + k * CHUNK * tensors[0].element_size(), o[idx] + k * CHUNK,
+                         torch.clamp(n[idx] - k * CHUNK, max=CHUNK)]).contiguous().to(flat.device)
+    _tables[key] = table
+    if len(_tables) > _TABLE_CACHE_SIZE:
+        _tables.popitem(last=False)
+    return table
+
+
+def _segments(tensors: Sequence[torch.Tensor], flat: torch.Tensor, scale: float, to_flat: bool) -> None:
+    groups: dict[torch.dtype, tuple[list[torch.Tensor], list[int]]] = {}
+    off = 0
+    for t in tensors:
+        if t.numel():
+            ts, offs = groups.setdefault(t.dtype, ([], []))
+            ts.append(t)
+            offs.append(off)
+        off += t.numel()
+    for dtype, (ts, offs) in groups.items():
+        table = _table(ts, offs, flat)
+        n_chunks = table.shape[1]
+        _segments_kernel[(n_chunks,)](table, n_chunks, flat, float(scale), TENSOR_DT=TL_DTYPE[dtype],
+                                      TO_FLAT=to_flat, BLOCK=BLOCK, ITERS=ITERS)
+
+
+def pack(tensors: Sequence[torch.Tensor], out: torch.Tensor, scale: float) -> None:
+    _segments(tensors, out, scale, to_flat=True)
+
+
+def unpack(flat: torch.Tensor, outs: Sequence[torch.Tensor], scale: float) -> None:
+    _segments(outs, flat, scale, to_flat=False)
+
+
+def scale_cast(src: torch.Tensor, dst: torch.Tensor, scale: float) -> None:
+    if src.numel():
+        _scale_cast_kernel[_grid(src.numel())](src, dst, src.numel(), float(scale), BLOCK=BLOCK, ITERS=ITERS)
+
+
+def epilogue(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    n = flat.numel()
+    if n == 0:
+        return torch.zeros((), dtype=torch.bool, device=flat.device), torch.zeros((), device=flat.device)
+    grid = _grid(n)
+    sq = torch.empty(grid[0], dtype=torch.float32, device=flat.device)
+    bad = torch.empty(grid[0], dtype=torch.int32, device=flat.device)
+    _epilogue_kernel[grid](flat, n, sq, bad, FLT_MAX=FLT_MAX, BLOCK=BLOCK, ITERS=ITERS)
+    # partial sums added in float64: a second tiny pass that keeps the total at fp32 rounding
+    return bad.any(), sq.double().sum().float()
