@@ -1,0 +1,213 @@
+"""`tl.DataParallel`: bucketed gradient sync overlapped with backward (the torch DDP contract).
+
+    model = tl.DataParallel(model, mesh=mesh, sync=tl.AllReduce(bucket_mb=25, compress=None))
+    loss_fn(model(x), y).backward()   # when this returns, every param.grad is the dp-average
+
+How a step flows (picotron's shape, with DDP's in-order launch):
+  forward        sync.on_forward(); buffers broadcast from dp rank 0; per-backward state reset
+  backward       each parameter's post-accumulate-grad hook counts down its bucket; a bucket whose
+                 gradients are all in is packed (scale 1/dp, optional cast) and handed to
+                 sync.start() -- buckets launch strictly in index order on every rank, so the
+                 collectives line up even when ranks finish buckets in different orders
+  end of backward  (one autograd-engine callback) buckets still waiting (parameters unused this
+                 step) launch with zero gradients, sync.wait(), compressed buckets unpack
+param.grad is a view into its bucket's flat buffer, so there is no second copy of the gradients;
+after zero_grad(set_to_none=True) autograd hands us fresh tensors, which the pack kernel gathers
+into the bucket in the same pass that scales them, and the views are re-attached.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+
+import torch
+import torch.nn as nn
+from torch.autograd import Variable
+
+from .. import comm
+from ..mesh import Mesh
+from ..sync.allreduce import AllReduce
+from .buckets import Bucket, build_buckets
+
+log = logging.getLogger("trainlib")
+
+
+def _kernels():
+    from trainlib import kernels
+
+    return kernels
+
+
+class DataParallel(nn.Module):
+    """Wrap `module` for data-parallel training over `mesh`'s dp axis. See the module docstring."""
+
+    def __init__(self, module: nn.Module, mesh: Mesh | None = None, sync=None, *, bucket_mb: float | None = None,
+                 broadcast_buffers: bool = True):
+        super().__init__()
+        self.module = module
+        self.mesh = mesh if mesh is not None else Mesh(dp=-1)
+        self.sync = sync if sync is not None else AllReduce()
+        self.group = self.mesh.group("dp")
+        self.dp = self.mesh.size("dp")
+        self.src = self.mesh.group_ranks("dp")[0]
+        self.broadcast_buffers = broadcast_buffers
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError("DataParallel: the module has no parameter with requires_grad=True; nothing to sync")
+        check_same_across_ranks(module, self.group)
+        self._broadcast(list(module.parameters()) + list(module.buffers()))
+        bucket_mb = bucket_mb if bucket_mb is not None else getattr(self.sync, "bucket_mb", 25.0)
+        self.buckets: list[Bucket] = build_buckets(named, bucket_mb, getattr(self.sync, "comm_dtype", None))
+        self._require_sync = True
+        self._callback_queued = False
+        self._next = 0
+        self._hooks = []
+        if self.sync.reduces_in_backward:
+            for b in self.buckets:
+                for i, p in enumerate(b.params):
+                    self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook(b)))
+        self.sync.bind(self.buckets, self.group)
+        log.debug("DataParallel: %d buckets (%s MB), dp=%d", len(self.buckets),
+                  [round(b.nbytes / 2**20, 2) for b in self.buckets], self.dp)
+
+    # ---- forward -------------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        self.sync.on_forward(self.module)
+        if self.broadcast_buffers and self.dp > 1:
+            bufs = [b for b in self.module.buffers() if b.is_floating_point() or b.dtype == torch.long]
+            if bufs:
+                self._broadcast(bufs)
+        self._reset()
+        return self.module(*args, **kwargs)
+
+    def _reset(self) -> None:
+        for b in self.buckets:
+            b.pending = len(b.params)
+            b.started = False
+        self._next = 0
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Accumulate gradients locally (gradient accumulation); the next synced backward averages the sum."""
+        prev, self._require_sync = self._require_sync, False
+        try:
+            yield
+        finally:
+            self._require_sync = prev
+
+    # ---- backward ------------------------------------------------------------------------
+    def _make_hook(self, bucket: Bucket):
+        def hook(_param: torch.Tensor) -> None:
+            if not self._require_sync:
+                return
+            if not self._callback_queued:
+                self._callback_queued = True
+                Variable._execution_engine.queue_callback(self._finish_backward)
+            bucket.pending -= 1
+            if bucket.pending == 0:
+                self._launch_ready()
+        return hook
+
+    def _launch_ready(self) -> None:
+        while self._next < len(self.buckets) and self.buckets[self._next].pending <= 0:
+            self._launch(self.buckets[self._next])
+            self._next += 1
+
+    def _launch(self, b: Bucket) -> None:
+        sources, all_views = [], True
+        for i, p in enumerate(b.params):
+            view, g = b.view(i), p.grad
+            if g is None:  # unused this step: contributes zeros, like DDP's find_unused_parameters
+                view.zero_()
+                g = view
+            elif g.data_ptr() != view.data_ptr():
+                all_views = False
+            sources.append(g)
+        k = _kernels()
+        if all_views:
+            k.scale_cast(b.grads, b.comm, 1.0 / self.dp)
+        else:
+            k.pack(sources, b.comm, 1.0 / self.dp)
+        b.attach_views()
+        b.started = True
+        self.sync.start(b)
+
+    def _finish_backward(self) -> None:
+        self._callback_queued = False
+        for b in self.buckets[self._next:]:
+            b.pending = 0
+        self._launch_ready()
+        self.sync.wait()
+        k = _kernels()
+        for b in self.buckets:
+            if b.comm is not b.grads:
+                k.scale_cast(b.comm, b.grads, 1.0)
+
+    # ---- helpers -------------------------------------------------------------------------
+    def _broadcast(self, tensors: list[torch.Tensor]) -> None:
+        """Coalesced broadcast from the dp group's first rank, one flat buffer per dtype."""
+        if self.dp == 1:
+            return
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for t in tensors:
+            by_dtype.setdefault(t.dtype, []).append(t)
+        with torch.no_grad():
+            for ts in by_dtype.values():
+                flat = torch.cat([t.detach().reshape(-1) for t in ts])
+                comm.broadcast(flat, src=self.src, group=self.group)
+                off = 0
+                for t in ts:
+                    t.copy_(flat[off: off + t.numel()].view_as(t))
+                    off += t.numel()
+
+    def grad_stats(self) -> tuple[bool, torch.Tensor]:
+        """(any inf/nan, squared L2 norm) of this rank's gradients, from the buckets in one pass each."""
+        k = _kernels()
+        nonfinite, sq = False, torch.zeros((), dtype=torch.float32)
+        for b in self.buckets:
+            flag, s = k.epilogue(b.grads)
+            nonfinite |= bool(flag)
+            sq = sq + s.to(sq.device)
+        return nonfinite, sq
+
+    def close(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        self.sync.close()
+
+
+def check_same_across_ranks(module: nn.Module, group) -> None:
+    """Every rank must wrap the same model: compare a digest of (name, shape, dtype, requires_grad) and,
+    on a mismatch, name the first differing entry (on every rank, so all fail together)."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size(group)
+    if world == 1:
+        return
+    entries = [f"parameter {n} shape={list(p.shape)} dtype={p.dtype} requires_grad={p.requires_grad}"
+               for n, p in module.named_parameters()]
+    entries += [f"buffer {n} shape={list(b.shape)} dtype={b.dtype}" for n, b in module.named_buffers()]
+    digest = hashlib.sha256("\n".join(entries).encode()).digest()[:8]
+    mine = torch.tensor([int.from_bytes(digest, "little", signed=True)], dtype=torch.int64)
+    everyone = [torch.empty_like(mine) for _ in range(world)]
+    comm.all_gather(everyone, mine, group=group)
+    if all(int(t) == int(everyone[0]) for t in everyone):
+        return
+    src = dist.get_process_group_ranks(group)[0]
+    text = "\n".join(entries).encode()
+    n = torch.tensor([len(text)], dtype=torch.int64)
+    comm.broadcast(n, src=src, group=group)
+    buf = torch.zeros(int(n), dtype=torch.uint8)
+    if dist.get_rank() == src:
+        buf.copy_(torch.frombuffer(bytearray(text), dtype=torch.uint8))
+    comm.broadcast(buf, src=src, group=group)
+    theirs = bytes(buf.tolist()).decode().split("\n")
+    bad = [r for r, t in enumerate(everyone) if int(t) != int(everyone[0])]
+    first = next(((a, b) for a, b in zip(theirs, entries) if a != b), None)
+    if first is None:
+        first = (f"{len(theirs)} entries", f"{len(entries)} entries")
+    raise ValueError(f"DataParallel: the model differs across data-parallel ranks (group positions {bad} differ "
+                     f"from the first): rank {dist.get_rank()} has '{first[1]}' where rank {src} has '{first[0]}'. "
+                     "Build the same model on every rank before wrapping it.")

@@ -1,0 +1,89 @@
+"""Collective all-reduce as a gradient-sync backend (see sync/base.py for the protocol).
+
+Transports:
+  torch  torch.distributed through trainlib.comm (nccl on GPU, gloo on CPU), asynchronous work
+         handles so buckets reduce while backward goes on;
+  mpi    mpi4py Iallreduce on the CPU tensors' own memory (zero-copy), when the job was started by
+         mpiexec; MPI's shared-memory transport is far faster than gloo's TCP loopback on one node;
+  auto   mpi when started by mpiexec with CPU tensors and mpi4py importable, else torch.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .. import comm
+
+log = logging.getLogger("trainlib")
+
+TRANSPORTS = ("auto", "torch", "mpi")
+COMPRESS = {None: None, "none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class AllReduce:
+    """`tl.AllReduce(bucket_mb=25, compress=None | "bf16" | "fp16", transport="auto")`."""
+
+    reduces_in_backward = True
+
+    def __init__(self, bucket_mb: float = 25.0, compress: str | None = None, transport: str = "auto"):
+        if compress not in COMPRESS:
+            raise ValueError(f"compress={compress!r} is not one of None, 'bf16', 'fp16'")
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport={transport!r} is not one of {', '.join(TRANSPORTS)}")
+        if bucket_mb <= 0:
+            raise ValueError(f"bucket_mb={bucket_mb} must be positive (default 25)")
+        self.bucket_mb, self.compress, self.transport = bucket_mb, compress, transport
+        self.comm_dtype = COMPRESS[compress]
+        self._handles: list = []
+        self._group = None
+        self._mpi = None
+
+    def bind(self, buckets, group) -> None:
+        self._group = group
+        transport = self.transport
+        on_cpu = all(b.comm.device.type == "cpu" for b in buckets)
+        if transport == "auto":
+            transport = "mpi" if on_cpu and _launched_by_mpi() and _mpi_importable() else "torch"
+        if transport == "mpi":
+            if not on_cpu:
+                raise ValueError("transport='mpi' needs CPU tensors; use transport='torch' (nccl) on GPU")
+            if self.comm_dtype is not None:
+                raise ValueError(f"compress={self.compress!r} is not supported by the MPI transport (MPI has no "
+                                 "16-bit float sum); use transport='torch' or compress=None")
+            from .mpi import MPIGroup
+
+            self._mpi = MPIGroup.for_process_group(group)
+        self.resolved_transport = transport
+        log.debug("AllReduce over %s, %d buckets", transport, len(buckets))
+
+    def start(self, bucket) -> None:
+        if self._mpi is not None:
+            self._handles.append(self._mpi.iallreduce(bucket.comm))
+        else:
+            self._handles.append(comm.all_reduce(bucket.comm, group=self._group, async_op=True))
+
+    def wait(self) -> None:
+        handles, self._handles = self._handles, []
+        for h in handles:
+            h.wait()
+
+    def on_forward(self, module) -> None:
+        pass
+
+    def close(self) -> None:
+        self._handles = []
+
+
+def _launched_by_mpi() -> bool:
+    from ..runtime import _RUNTIME
+
+    return _RUNTIME is not None and _RUNTIME.source == "mpi"
+
+
+def _mpi_importable() -> bool:
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        return False
+    return True
