@@ -6,9 +6,9 @@ table (chunk's address in its tensor, its offset in the flat buffer, its length)
 converts chunk `pid`. The table is cached by (addresses, sizes, flat address), so a training loop
 that packs the same gradients every step pays for it once.
 
-Values: y = cast(float32(x) * float32(scale)), as the reference. Runs on CPU tensors too when
-TRITON_INTERPRET=1 was set before this module was imported (how the tests check it without a
-GPU); the interpreter's float->bf16 rounding may differ from the GPU's by one bf16 ulp.
+Values: y = cast(float32(x) * float32(scale)), bit-identical to the reference. Runs on CPU
+tensors too when TRITON_INTERPRET=1 was set before this module was imported (how the tests check
+it without a GPU).
 """
 from __future__ import annotations
 
@@ -31,13 +31,27 @@ _tables: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 
 
 @triton.jit
+def _cast(x, DT: tl.constexpr):
+    # float32 -> DT, round to nearest even. bf16 is rounded by hand on the bits (c10's formula,
+    # NaN -> 0x7FC0) because the interpreter truncates; on a GPU it costs a few ALU ops per element
+    # in a memory-bound loop, and keeps every backend bit-identical to torch.
+    if DT == tl.bfloat16:
+        u = x.to(tl.uint32, bitcast=True)
+        r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+        r = tl.where((u & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, r)
+        return r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(DT)
+
+
+@triton.jit
 def _scale_cast_kernel(src, dst, n, scale, BLOCK: tl.constexpr, ITERS: tl.constexpr):
     base = tl.program_id(0).to(tl.int64) * (BLOCK * ITERS)
     for it in tl.static_range(ITERS):
         o = base + it * BLOCK + tl.arange(0, BLOCK)
         m = o < n
         x = tl.load(src + o, mask=m).to(tl.float32)
-        tl.store(dst + o, (x * scale).to(dst.dtype.element_ty), mask=m)
+        tl.store(dst + o, _cast(x * scale, dst.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -54,10 +68,10 @@ def _segments_kernel(table, n_chunks, flat, scale, TENSOR_DT: tl.constexpr, TO_F
         m = o < n
         if TO_FLAT:
             x = tl.load(tensor + o, mask=m).to(tl.float32)
-            tl.store(flat + start + o, (x * scale).to(flat.dtype.element_ty), mask=m)
+            tl.store(flat + start + o, _cast(x * scale, flat.dtype.element_ty), mask=m)
         else:
             x = tl.load(flat + start + o, mask=m).to(tl.float32)
-            tl.store(tensor + o, (x * scale).to(TENSOR_DT), mask=m)
+            tl.store(tensor + o, _cast(x * scale, TENSOR_DT), mask=m)
 
 
 @triton.jit
