@@ -1,0 +1,235 @@
+"""A worker's connections to the parameter servers: send requests, collect replies, name failures.
+
+One DEALER socket per server. Requests go out at once (zero-copy: the payload frame is the
+tensor's own memory) and replies are matched by the echoed sequence number, so many partitions
+are in flight together and the servers' sums overlap the rest of backward. Every wait has a
+deadline; when it passes, the error names the server that went quiet, or, when the server is
+alive, asks it which workers never pushed (STATUS) and names them. A server whose connection
+drops while requests are outstanding fails the wait at once instead of at the deadline.
+
+Requests are retried after `retry_s` with a fresh sequence number (the old one would be dropped
+as a replay); the server applies a retried push or delta exactly once.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from .protocol import DEFAULT_MAX_BYTES, DType, Header, Message, Op, ProtocolError, Signer, decode
+from .sharding import KEY_BITS
+
+log = logging.getLogger("trainlib")
+
+DISCONNECT_GRACE_S = 1.0
+
+
+class PSError(RuntimeError):
+    """A parameter-server request failed; the message names the server (and the workers) involved."""
+
+
+class PSTimeout(PSError):
+    """A wait on a parameter server passed its deadline."""
+
+
+@dataclass
+class Request:
+    server: int
+    op: Op
+    key: int
+    step: int
+    payload: object
+    dtype: DType
+    arg: int
+    seqs: list[int] = field(default_factory=list)
+    sent_at: float = 0.0
+    done: bool = False
+    tag: object = None
+
+
+@dataclass
+class Link:
+    address: str
+    sock: zmq.Socket
+    monitor: zmq.Socket
+    session: int = 0
+    connected: bool = False
+    lost_at: float | None = None
+
+
+def tcp(address: str) -> str:
+    return address if "://" in address else f"tcp://{address}"
+
+
+class PSClient:
+    """Requests to S servers on behalf of one worker (`worker` of `nworkers` in data-parallel group `group`)."""
+
+    def __init__(self, servers: list[str], token: str | None, worker: int, nworkers: int, group: int = 0,
+                 timeout_s: float = 300.0, retry_s: float | None = None, worker_names: list[str] | None = None,
+                 max_bytes: int = DEFAULT_MAX_BYTES):
+        if not servers:
+            raise PSError("no parameter-server addresses; pass servers=['host:port', ...] or set TRAINLIB_PS_ADDRS")
+        self.signer = Signer(token)
+        self.worker, self.nworkers, self.group = worker, nworkers, group
+        self.timeout_s = timeout_s
+        self.retry_s = retry_s if retry_s is not None else max(10.0, timeout_s / 3)
+        self.worker_names = worker_names or [f"worker {w}" for w in range(nworkers)]
+        self.max_bytes = max_bytes
+        self.ctx = zmq.Context.instance()
+        self.links: list[Link] = []
+        for addr in servers:
+            sock = self.ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.MAXMSGSIZE, max_bytes + 4096)
+            mon = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+            sock.connect(tcp(addr))
+            self.links.append(Link(addr, sock, mon))
+        self.poller = zmq.Poller()
+        for link in self.links:
+            self.poller.register(link.sock, zmq.POLLIN)
+            self.poller.register(link.monitor, zmq.POLLIN)
+        self._seq = time.time_ns()  # above anything a previous incarnation of this worker sent
+        self.outstanding: dict[int, Request] = {}
+        self.dropped = 0
+
+    # -- sending -----------------------------------------------------------------------------
+    def _send(self, req: Request) -> None:
+        self._seq += 1
+        link = self.links[req.server]
+        nbytes = len(req.payload) if isinstance(req.payload, (bytes, bytearray)) else memoryview(req.payload).nbytes
+        h = Header(op=req.op, worker=self.worker, nworkers=self.nworkers, key=req.key, step=req.step,
+                   seq=self._seq, session=link.session, nbytes=nbytes, dtype=req.dtype, arg=req.arg)
+        link.sock.send_multipart(self.signer.encode(h, req.payload), copy=False)
+        req.seqs.append(self._seq)
+        req.sent_at = time.monotonic()
+        self.outstanding[self._seq] = req
+
+    def submit(self, server: int, op: Op, key: int = 0, step: int = 0, payload=b"", dtype: DType = DType.UINT8,
+               arg: int = 0, tag: object = None) -> Request:
+        if op in (Op.HELLO, Op.STATS, Op.BYE, Op.SAVE):
+            key = self.group << KEY_BITS
+        req = Request(server, op, key, step, payload, dtype, arg, tag=tag)
+        self._send(req)
+        return req
+
+    # -- receiving ---------------------------------------------------------------------------
+    def _receive(self, link: Link, on_reply: Callable[[Request, Header, memoryview], None]) -> None:
+        while True:
+            try:
+                frames = link.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                msg: Message = decode(frames, self.max_bytes)
+            except ProtocolError as e:
+                self.dropped += 1
+                log.warning("dropped a malformed reply from %s (%s)", link.address, e)
+                continue
+            h = msg.header
+            req = self.outstanding.get(h.seq)
+            if req is None or not self.signer.verify(msg) or (link.session and h.session != link.session):
+                self.dropped += 1  # a late duplicate (after a retry), a replay, or a forgery
+                continue
+            for s in req.seqs:
+                self.outstanding.pop(s, None)
+            req.done = True
+            if h.op == Op.ERROR:
+                raise PSError(f"parameter server {link.address} refused {req.op.name} (key {req.key}, step "
+                              f"{req.step}): {bytes(msg.payload).decode(errors='replace')}")
+            on_reply(req, h, msg.payload)
+
+    def _watch(self, link: Link) -> None:
+        while True:
+            try:
+                ev = recv_monitor_message(link.monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if ev["event"] == zmq.EVENT_CONNECTED:
+                link.connected, link.lost_at = True, None
+            elif ev["event"] == zmq.EVENT_DISCONNECTED:
+                link.connected, link.lost_at = False, time.monotonic()
+
+    def collect(self, reqs: list[Request], on_reply: Callable[[Request, Header, memoryview], None] | None = None,
+                timeout_s: float | None = None, what: str = "replies") -> None:
+        """Block until every request in `reqs` has its reply (fed to on_reply), or raise naming the culprit."""
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout_s
+        on_reply = on_reply or (lambda r, h, p: None)
+        while True:
+            waiting = [r for r in reqs if not r.done]
+            if not waiting:
+                return
+            now = time.monotonic()
+            for link_i in {r.server for r in waiting}:
+                link = self.links[link_i]
+                if link.lost_at is not None and now - link.lost_at > DISCONNECT_GRACE_S:
+                    n = sum(r.server == link_i for r in waiting)
+                    raise PSError(f"parameter server {link.address} closed the connection (it died or was stopped) "
+                                  f"while {n} {what} were outstanding; restart it (and the job from a checkpoint)")
+            if now >= deadline:
+                raise self._diagnose(waiting, timeout_s, what)
+            for r in waiting:
+                if now - r.sent_at > self.retry_s:
+                    self._send(r)  # fresh seq: the server answers it, and applies the payload at most once
+            events = dict(self.poller.poll(max(1, int(min(deadline - now, 0.5) * 1000))))
+            for link in self.links:
+                if link.monitor in events:
+                    self._watch(link)
+                if link.sock in events:
+                    self._receive(link, on_reply)
+
+    def _diagnose(self, waiting: list[Request], timeout_s: float, what: str) -> PSTimeout:
+        r = waiting[0]
+        link = self.links[r.server]
+        head = (f"{self.worker_names[self.worker]}: no reply from parameter server {link.address} "
+                f"for {r.op.name} (key {r.key}, step {r.step}) within {timeout_s:.1f}s "
+                f"({len(waiting)} {what} outstanding)")
+        if r.op != Op.PUSH:
+            return PSTimeout(f"{head}. The server may be down or unreachable, the workers may disagree on the "
+                             "token, or a worker may be stuck; check the server's log and the other workers")
+        try:
+            status = self.submit(r.server, Op.STATUS, r.key, r.step)
+            flags: list[int] = []
+            self.collect([status], lambda q, h, p: flags.extend(bytes(p)), timeout_s=min(5.0, timeout_s),
+                         what="status replies")
+        except PSError:
+            return PSTimeout(f"{head}; it does not answer a status query either: it died or is unreachable "
+                             "(or this worker's token differs from the server's)")
+        missing = [self.worker_names[w] for w, f in enumerate(flags) if not f and w < len(self.worker_names)]
+        return PSTimeout(f"{head}: the server is alive but is still waiting for {', '.join(missing) or 'nobody'} "
+                         f"to push step {r.step}; that worker stopped, crashed or is stuck — check its log")
+
+    # -- simple round trips --------------------------------------------------------------------
+    def hello(self, timeout_s: float | None = None) -> None:
+        """Wait for every server to answer, and learn each one's session id."""
+        reqs = [self.submit(i, Op.HELLO) for i in range(len(self.links))]
+
+        def got(req: Request, h: Header, p) -> None:
+            self.links[req.server].session = h.session
+
+        try:
+            self.collect(reqs, got, timeout_s, what="HELLO replies")
+        except PSTimeout:
+            missing = [self.links[r.server].address for r in reqs if not r.done]
+            raise PSTimeout(f"parameter server(s) {', '.join(missing)} did not answer within "
+                            f"{self.timeout_s if timeout_s is None else timeout_s:.1f}s: not running, wrong address, "
+                            "or a different token (the server silently drops unauthenticated messages)") from None
+
+    def stats(self, server: int, timeout_s: float | None = None) -> dict:
+        import json
+
+        out: dict = {}
+        self.collect([self.submit(server, Op.STATS)], lambda r, h, p: out.update(json.loads(bytes(p))),
+                     timeout_s, what="STATS replies")
+        return out
+
+    def close(self) -> None:
+        for link in self.links:
+            link.sock.disable_monitor()
+            link.monitor.close(0)
+            link.sock.close(0)
+        self.links = []

@@ -1,0 +1,186 @@
+"""The parameter-server wire format: a fixed binary header, raw tensor bytes, an HMAC. No pickle.
+
+Every message is three ZeroMQ frames (a ROUTER socket puts the peer's identity in front):
+
+    [header (HEADER_SIZE bytes)] [payload (header.nbytes raw bytes, may be empty)] [mac (32 bytes)]
+
+header, little-endian (struct HEADER_FORMAT):
+
+    magic b"TLPS" | version u8 | op u8 | dtype u8 | flags u8 (0) | worker u16 | nworkers u16 |
+    key u32 | arg u32 | step u64 | seq u64 | session u64 | nbytes u64
+
+mac = HMAC-SHA256(token, header || payload) (RFC 2104). `seq` is a per-worker monotonic counter
+(it starts at the client's wall clock in ns, so a restarted worker continues above its old
+numbers) and `session` is a random id the server hands out in its HELLO reply, so a captured
+message can be replayed neither to the same server (seq) nor to another one or a restarted one
+(session). Replies echo the request's seq, so the client can match them and drop replays.
+
+`decode` is pure (bytes in, a Message or ProtocolError out) and checks every field; the server
+calls it before touching any state, and the hypothesis fuzz test drives it directly.
+"""
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import struct
+from dataclasses import dataclass
+
+MAGIC = b"TLPS"
+VERSION = 1
+HEADER_FORMAT = "<4sBBBBHHIIQQQQ"
+HEADER_SIZE = struct.calcsize(HEADER_FORMAT)
+MAC_SIZE = 32
+DEFAULT_MAX_BYTES = 64 * 1024 * 1024  # one frame's payload; partitions are ~4 MB, so 16x headroom
+MAX_WORKERS = 65535
+
+
+class Op(enum.IntEnum):
+    HELLO = 1        # -> HELLO reply carrying the server's session id (arg = staleness cap, unused)
+    PUSH = 2         # sync: add payload to the (key, step) sum; reply SUM once all nworkers pushed
+    STATUS = 3       # sync: which workers pushed (key, step)? reply STATUS, payload = uint8 flags per worker
+    INIT = 4         # async: set the parameters of key (first INIT wins); reply ACK
+    PULL = 5         # async: reply PARAMS once min worker clock >= step - arg (arg = staleness)
+    DELTA = 6        # async: params += payload if step == clock + 1 (else a retry: not applied); then as PULL
+    BYE = 7          # async: this worker leaves; it no longer holds the others back
+    STATS = 8        # reply STATS, payload = JSON (uint8): counters, clocks, state digest
+    SAVE = 9         # async: write the state to the server's --state-dir; reply ACK
+    # replies
+    ACK = 64
+    SUM = 65
+    PARAMS = 66
+    ERROR = 67       # payload = UTF-8 text naming the problem
+    HELLO_OK = 68
+    STATUS_OK = 69
+    STATS_OK = 70
+
+
+REQUESTS = {Op.HELLO, Op.PUSH, Op.STATUS, Op.INIT, Op.PULL, Op.DELTA, Op.BYE, Op.STATS, Op.SAVE}
+
+
+class DType(enum.IntEnum):
+    """Element types on the wire; the server sums float16/bfloat16 in float32."""
+
+    UINT8 = 0
+    FLOAT32 = 1
+    FLOAT64 = 2
+    FLOAT16 = 3
+    BFLOAT16 = 4
+
+
+ITEMSIZE = {DType.UINT8: 1, DType.FLOAT32: 4, DType.FLOAT64: 8, DType.FLOAT16: 2, DType.BFLOAT16: 2}
+
+
+class ProtocolError(ValueError):
+    """A message that is not well formed; `reason` is a short counter name (e.g. "bad_magic")."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Header:
+    op: int
+    worker: int = 0
+    nworkers: int = 1
+    key: int = 0
+    step: int = 0
+    seq: int = 0
+    session: int = 0
+    nbytes: int = 0
+    dtype: int = DType.UINT8
+    arg: int = 0
+    flags: int = 0
+    version: int = VERSION
+    magic: bytes = MAGIC
+
+    def pack(self) -> bytes:
+        return struct.pack(HEADER_FORMAT, self.magic, self.version, self.op, self.dtype, self.flags, self.worker,
+                           self.nworkers, self.key, self.arg, self.step, self.seq, self.session, self.nbytes)
+
+
+@dataclass(frozen=True)
+class Message:
+    header: Header
+    payload: memoryview  # raw bytes, zero-copy view of the received frame
+    mac: bytes
+    raw_header: bytes    # the exact bytes the MAC covers
+
+
+def _buf(frame) -> memoryview:
+    """bytes, bytearray, memoryview or a zmq.Frame -> a flat byte memoryview (no copy)."""
+    b = getattr(frame, "buffer", frame)
+    m = memoryview(b)
+    return m if m.format == "B" and m.ndim == 1 else m.cast("B")
+
+
+def decode(frames: list, max_bytes: int = DEFAULT_MAX_BYTES) -> Message:
+    """Parse and validate [header, payload, mac]; raise ProtocolError naming the first bad field.
+
+    Checks, in order: frame count, header size, magic, version, op, dtype, flags, worker <
+    nworkers, nbytes against the cap, the actual payload length and the dtype's item size, MAC size.
+    Pure: no state, no I/O, no MAC check (that needs the token: see `Signer.verify`)."""
+    if len(frames) != 3:
+        raise ProtocolError("bad_frames", f"expected 3 frames [header, payload, mac], got {len(frames)}")
+    head, payload, mac = (_buf(f) for f in frames)
+    if len(head) != HEADER_SIZE:
+        raise ProtocolError("bad_header_size", f"header is {len(head)} bytes, expected {HEADER_SIZE}")
+    raw = bytes(head)
+    (magic, version, op, dtype, flags, worker, nworkers, key, arg, step, seq, session,
+     nbytes) = struct.unpack(HEADER_FORMAT, raw)
+    if magic != MAGIC:
+        raise ProtocolError("bad_magic", f"magic {magic!r} is not {MAGIC!r}")
+    if version != VERSION:
+        raise ProtocolError("bad_version", f"protocol version {version}, this side speaks {VERSION}")
+    try:
+        op = Op(op)
+    except ValueError:
+        raise ProtocolError("bad_op", f"unknown op {op}") from None
+    try:
+        dtype = DType(dtype)
+    except ValueError:
+        raise ProtocolError("bad_dtype", f"unknown dtype code {dtype}") from None
+    if flags != 0:
+        raise ProtocolError("bad_flags", f"flags {flags:#x} must be 0 in version {VERSION}")
+    if nworkers < 1 or worker >= nworkers:
+        raise ProtocolError("bad_worker", f"worker {worker} is not in [0, nworkers={nworkers})")
+    if nbytes > max_bytes:
+        raise ProtocolError("too_large", f"nbytes {nbytes} exceeds the frame cap {max_bytes}")
+    if nbytes != len(payload):
+        raise ProtocolError("bad_length", f"header says {nbytes} payload bytes, frame has {len(payload)}")
+    if nbytes % ITEMSIZE[dtype]:
+        raise ProtocolError("bad_length", f"{nbytes} bytes is not a whole number of {dtype.name} elements")
+    if len(mac) != MAC_SIZE:
+        raise ProtocolError("bad_mac_size", f"mac is {len(mac)} bytes, expected {MAC_SIZE}")
+    header = Header(op=op, worker=worker, nworkers=nworkers, key=key, step=step, seq=seq, session=session,
+                    nbytes=nbytes, dtype=dtype, arg=arg, flags=flags, version=version, magic=magic)
+    return Message(header, payload, bytes(mac), raw)
+
+
+class Signer:
+    """HMAC-SHA256 with a shared token; `None` token = insecure mode (an all-zero tag, still checked)."""
+
+    def __init__(self, token: str | bytes | None):
+        if isinstance(token, str):
+            token = token.encode()
+        self.secure = bool(token)
+        # a keyed HMAC object is copied per message: the key schedule is computed once
+        self._base = hmac.new(token, digestmod=hashlib.sha256) if token else None
+
+    def sign(self, header: bytes, payload) -> bytes:
+        if self._base is None:
+            return bytes(MAC_SIZE)
+        h = self._base.copy()
+        h.update(header)
+        if len(payload):
+            h.update(payload)  # hashlib releases the GIL for large buffers
+        return h.digest()
+
+    def verify(self, msg: Message) -> bool:
+        return hmac.compare_digest(self.sign(msg.raw_header, msg.payload), msg.mac)
+
+    def encode(self, header: Header, payload=b"") -> list:
+        """-> the three frames to send (the payload frame is the caller's buffer: zero-copy)."""
+        raw = header.pack()
+        return [raw, payload, self.sign(raw, _buf(payload) if len(payload) else b"")]
