@@ -1,0 +1,160 @@
+"""`trainlib launch [--nproc-per-node N] [--dry-run] [--] CMD ...`: the container entrypoint.
+
+    trainlib launch                          # CMD defaults to `trainlib train`
+    trainlib launch -- trainlib train --train.steps 100
+    mpiexec -n 2 trainlib launch -- trainlib train
+
+It works out where it runs (trainlib.launchers.detect), what the node has (devices), the
+environment profile and the torchrun arguments (plan), prints what it decided on stderr, then:
+torchrun mode runs torchrun's elastic agent in this process (`torch.distributed.run`, exactly what
+the `torchrun` script does) so the workers' exit codes can be read; mpi-rank mode runs CMD as one
+rank; mpirun mode (MPIJob launcher pod) execs mpirun; exec mode (torchrun child, MPIJob worker)
+execs CMD unchanged.
+
+Exit codes (Kubeflow ExitCode restart policy): 1 for a configuration error or a failing training
+script (permanent), 138 (or the worker's own code >= 128) for infrastructure failures such as a
+rendezvous timeout, a lost peer or a worker killed by a signal (retryable).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+
+from trainlib.launchers.errors import (EXIT_CONFIG, EXIT_RETRY, LaunchConfigError, LaunchInfraError,
+                                       classify_worker_exit)
+from trainlib.launchers.plan import LaunchPlan, build_plan
+
+log = logging.getLogger("trainlib")
+DEFAULT_CMD = ["trainlib", "train"]
+
+
+def parse_argv(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="trainlib launch", description=__doc__.split("\n\n")[0])
+    p.add_argument("--nproc-per-node", type=int, default=None, help="processes per node (default: from the pod)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan as JSON and exit")
+    p.add_argument("--quiet", action="store_true", help="do not print the explanation")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, help="command to run (default: trainlib train)")
+    args = p.parse_args(argv)
+    if args.cmd and args.cmd[0] == "--":
+        args.cmd = args.cmd[1:]
+    args.cmd = args.cmd or list(DEFAULT_CMD)
+    return args
+
+
+def _say(lines: list[str]) -> None:
+    for line in lines:
+        print(f"trainlib launch: {line}", file=sys.stderr, flush=True)
+
+
+def run_torchrun(plan: LaunchPlan) -> int:
+    """torchrun's elastic agent, in-process, with the plan's environment; returns our exit code."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
+    from torch.distributed.run import parse_args, run
+
+    os.environ.clear()
+    os.environ.update(plan.env)
+    try:
+        run(parse_args(plan.torchrun_argv))
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        code = classify_worker_exit(failure.exitcode)
+        _say([f"worker rank {rank} failed with exit code {failure.exitcode}; exiting {code} "
+              f"({'retryable' if code >= 128 else 'permanent'})"])
+        return code
+    except (RendezvousError, TimeoutError, ConnectionError) as e:
+        raise LaunchInfraError(f"rendezvous failed: {type(e).__name__}: {e}") from e
+    except Exception as e:
+        if type(e).__name__ in ("SignalException", "DistNetworkError", "DistStoreError"):
+            raise LaunchInfraError(f"{type(e).__name__}: {e}") from e
+        raise
+    return 0
+
+
+def as_program(cmd: list[str]) -> list[str]:
+    """What torchrun would run for CMD: a .py file or `-m module` under this Python, else the executable."""
+    if cmd and cmd[0] in ("-m", "--module"):
+        return [sys.executable, "-m", *cmd[1:]]
+    if cmd and cmd[0].endswith(".py"):
+        return [sys.executable, *cmd]
+    return list(cmd)
+
+
+def run_child(cmd: list[str], env: dict[str, str]) -> int:
+    """Run CMD as a child (so MPI can be finalised after it), forwarding SIGTERM/SIGINT."""
+    cmd = as_program(cmd)
+    try:
+        proc = subprocess.Popen(cmd, env=env)
+    except (FileNotFoundError, PermissionError):
+        raise LaunchConfigError(f"command not found: {cmd[0]!r}; is it installed in the image and on PATH?") from None
+    forward = lambda sig, _frame: proc.send_signal(sig)  # noqa: E731
+    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return classify_worker_exit(proc.wait())
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def exec_cmd(cmd: list[str], env: dict[str, str]) -> int:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    cmd = as_program(cmd)
+    try:
+        os.execvpe(cmd[0], cmd, env)
+    except (FileNotFoundError, PermissionError):
+        raise LaunchConfigError(f"command not found: {cmd[0]!r}; is it installed in the image and on PATH?") from None
+    return EXIT_CONFIG  # not reached
+
+
+def execute(plan: LaunchPlan) -> int:
+    if plan.mode == "torchrun":
+        return run_torchrun(plan)
+    if plan.mode == "exec":
+        return exec_cmd(plan.cmd, plan.env)
+    if plan.mode == "mpi-rank":
+        from trainlib.launchers.mpi import rank_env
+
+        env, _ = rank_env(plan.env)
+        return run_child(plan.cmd, env)
+    if plan.mode == "mpirun":
+        from trainlib.launchers.mpi import mpirun_argv
+
+        hostfile = plan.placement.hostfile
+        try:
+            text = open(hostfile).read()
+        except OSError as e:
+            raise LaunchConfigError(f"cannot read the MPI hostfile {hostfile}: {e}; is the MPIJob's config volume mounted?") from None
+        names = sorted(k for k in (plan.profile.env if plan.profile else {}))
+        names += [k for k in ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH") if k in plan.env and k not in names]
+        argv = mpirun_argv(hostfile, text, plan.cmd, names, open_mpi="OMPI_MCA_orte_default_hostfile" in plan.env)
+        _say(["mpirun: " + " ".join(argv)])
+        return exec_cmd(argv, plan.env)
+    raise AssertionError(plan.mode)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_argv(list(sys.argv[1:] if argv is None else argv))
+    try:
+        plan = build_plan(args.cmd, nproc_override=args.nproc_per_node)
+        if args.dry_run:
+            print(json.dumps(plan.as_dict(), indent=2))
+            return 0
+        if not args.quiet:
+            _say(plan.explain())
+        return execute(plan)
+    except LaunchConfigError as e:
+        _say([f"error: {e}"])
+        return EXIT_CONFIG
+    except LaunchInfraError as e:
+        _say([f"retryable failure: {e}"])
+        return EXIT_RETRY
+
+
+if __name__ == "__main__":
+    sys.exit(main())

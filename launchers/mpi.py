@@ -1,0 +1,70 @@
+"""MPI: map mpiexec ranks onto torch.distributed, and build the MPIJob launcher's mpirun line.
+
+Under mpiexec every MPI rank becomes one training process: RANK/WORLD_SIZE/LOCAL_RANK come from
+the MPI launcher's variables (via trainlib.runtime.detect_launch), and rank 0's address and a free
+port are broadcast over MPI when MASTER_ADDR/MASTER_PORT are not given.
+
+In an MPIJob (mpi-operator v2beta1) the launcher pod runs `trainlib launch -- CMD`; it turns
+that into `mpirun` over the hostfile the operator mounted, with `trainlib launch -- CMD` as the
+program, so each rank comes back here as an `mpi-rank`.
+"""
+from __future__ import annotations
+
+import os
+import re
+
+from trainlib.launchers.errors import LaunchConfigError
+from trainlib.runtime import LaunchError, detect_launch
+
+# Variables of the MPI process manager. A child that inherited them would try to join the same
+# PMI session a second time; the launcher process already did (mpi4py), so they are removed.
+MPI_PREFIXES = ("PMI_", "PMIX_", "OMPI_", "HYDRA_", "HYDI_", "MPI_LOCAL", "PALS_", "I_MPI_")
+
+
+def parse_hostfile(text: str) -> list[tuple[str, int]]:
+    """Hosts and slots from an Open MPI (`host slots=N`) or MPICH/Intel (`host:N`) hostfile."""
+    hosts = []
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        m = re.fullmatch(r"(\S+?)(?::(\d+))?(?:\s+slots\s*=\s*(\d+))?(?:\s+\S+=\S+)*", line)
+        if not m:
+            raise LaunchConfigError(f"cannot read hostfile line {line!r}; expected 'host slots=N' or 'host:N'")
+        hosts.append((m.group(1), int(m.group(2) or m.group(3) or 1)))
+    if not hosts:
+        raise LaunchConfigError("the MPI hostfile lists no hosts; check the MPIJob's Worker replicas")
+    return hosts
+
+
+def mpirun_argv(hostfile: str, hostfile_text: str, cmd: list[str], env_names: list[str], open_mpi: bool,
+                launcher: str = "trainlib") -> list[str]:
+    """mpirun over every slot of the hostfile, each slot running `trainlib launch -- CMD`."""
+    np_ = sum(s for _, s in parse_hostfile(hostfile_text))
+    inner = [launcher, "launch", "--", *cmd]
+    if open_mpi:
+        exports = [a for n in env_names for a in ("-x", n)]
+        return ["mpirun", "--hostfile", hostfile, "-np", str(np_), "--bind-to", "none", "--map-by", "slot", *exports, *inner]
+    # MPICH / Intel MPI hydra pass the whole environment on by default.
+    return ["mpiexec", "-f", hostfile, "-n", str(np_), *inner]
+
+
+def rank_env(env: dict[str, str]) -> tuple[dict[str, str], bool]:
+    """The torch.distributed variables for this MPI rank, and whether MPI was used to find the master."""
+    try:
+        info = detect_launch(env)
+    except LaunchError as e:
+        raise LaunchConfigError(str(e)) from None
+    addr, port, used_mpi = env.get("MASTER_ADDR"), env.get("MASTER_PORT"), False
+    if not addr or not port:
+        from trainlib.runtime import _share_master_over_mpi  # one implementation of the broadcast
+
+        try:
+            addr, port = _share_master_over_mpi(info)
+        except LaunchError as e:
+            raise LaunchConfigError(str(e)) from None
+        used_mpi = True
+    out = {k: v for k, v in env.items() if not (used_mpi and k.startswith(MPI_PREFIXES))}
+    out.update(RANK=str(info.rank), WORLD_SIZE=str(info.world_size), LOCAL_RANK=str(info.local_rank),
+               LOCAL_WORLD_SIZE=str(info.local_world_size), MASTER_ADDR=str(addr), MASTER_PORT=str(port))
+    return out, used_mpi
