@@ -1,0 +1,151 @@
+"""Pipeline schedules against a single-process full-batch run of the same layers (same seed).
+
+p in {2, 4} x m in {p, 2p} x {gpipe, 1f1b, interleaved, zb-h1}: the loss and every gradient
+within 1e-5. Failure cases (shape/dtype change between microbatches, a killed stage) must raise
+the pipeline's timeout error naming stage, microbatch and action, not hang.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import trainlib as tl
+import trainlib.comm  # noqa: F401  (tl.comm)
+from trainlib.pipeline import Pipeline, PipelineError, build_schedule, theory_bubble
+from trainlib.pipeline.partition import PartitionError, balance
+from trainlib.pipeline.schedules import ScheduleError
+from trainlib.testing import RankError, run_ranks
+
+SCHEDULES = ["gpipe", "1f1b", "interleaved", "zb-h1"]
+TOL = 1e-5
+
+
+def make_layers(n: int = 8, d: int = 6) -> list[nn.Module]:
+    torch.manual_seed(0)
+    return [nn.Sequential(nn.Linear(d, d), nn.Tanh()) for _ in range(n)]
+
+
+def loss_fn(y, t):
+    return F.mse_loss(y, t)
+
+
+def _schedules_worker(p: int) -> dict:
+    mesh = tl.Mesh(pp=p, dp=1, tp=1)
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(4 * p, 6, generator=g), torch.randn(4 * p, 6, generator=g)
+    ref = make_layers()
+    full = nn.Sequential(*ref)
+    ref_loss = loss_fn(full(x), t)
+    ref_loss.backward()
+    out = {}
+    for name in SCHEDULES:
+        for m in (p, 2 * p):
+            layers = make_layers()
+            pipe = Pipeline(layers, mesh, schedule=name, microbatches=m, loss_fn=loss_fn)
+            errs = []
+            for step in range(2):  # the second step checks that per-step state resets
+                for q in pipe.parameters():
+                    q.grad = None
+                loss = pipe.step(x, t)
+                errs.append(abs(loss.item() - ref_loss.item()))
+            for mine, theirs in zip(layers, ref):
+                for q, g in zip(mine.parameters(), theirs.parameters()):
+                    if q.grad is not None:
+                        errs.append((q.grad - g.grad).abs().max().item())
+                    elif any(pipe.holds_stage(s) and mine in list(pipe.stages[s]) for s in pipe.stages):
+                        errs.append(float("inf"))  # a layer of mine without a gradient
+            out[(name, m)] = {"err": max(errs), "peak": pipe.stats()["peak_inflight"]}
+    return out
+
+
+@pytest.fixture(scope="module")
+def p4():
+    return run_ranks(_schedules_worker, 4, 4, timeout_s=150)
+
+
+@pytest.fixture(scope="module")
+def p2():
+    return run_ranks(_schedules_worker, 2, 2, timeout_s=150)
+
+
+@pytest.mark.parametrize("p", [2, 4])
+def test_every_schedule_matches_single_process(p, p2, p4):
+    results = {2: p2, 4: p4}[p]
+    for rank, res in enumerate(results):
+        for (name, m), r in res.items():
+            assert r["err"] < TOL, (p, rank, name, m, r)
+
+
+def test_peak_inflight_activations(p4):
+    for rank, res in enumerate(p4):
+        assert res[("1f1b", 8)]["peak"] == {rank: 4 - rank}          # 1F1B: p - stage
+        assert res[("gpipe", 8)]["peak"] == {rank: 8}                 # GPipe: m
+        assert res[("zb-h1", 8)]["peak"] == {rank: 4}                 # ZB-H1: p on every stage
+
+
+@pytest.mark.parametrize("name,p,m,v", [(n, p, m, 2 if n == "interleaved" else 1) for n in SCHEDULES
+                                        for p in (2, 4) for m in (4, 8, 16) if m >= p])
+def test_simulated_bubble_equals_theory(name, p, m, v):
+    s = build_schedule(name, p, m, v if name == "interleaved" else None)
+    assert s.simulate()["bubble"] == pytest.approx(theory_bubble(name, p, m, v), abs=1e-12)
+
+
+def test_schedule_table_and_errors():
+    s = build_schedule("1f1b", 2, 2)
+    table = s.table(mark=(1, 1))
+    assert "rank 0" in table and "B1.0*" in table and table.count("\n") == 1 + 3 * (2 + 2 - 1)  # title + header + makespan rows
+    with pytest.raises(ScheduleError, match="multiple of pp"):
+        build_schedule("interleaved", 4, 6)
+    with pytest.raises(ScheduleError, match="unknown schedule"):
+        build_schedule("2f2b", 2, 2)
+    with pytest.raises(PartitionError, match="at most 3 stages"):
+        balance([1, 1, 1], 4)
+    assert balance([5, 1, 1, 1, 1, 5], 3) == [0, 1, 5, 6]
+
+
+class _Drifting(nn.Module):
+    """Changes its output on the second microbatch: shape (`mode="shape"`) or dtype."""
+
+    def __init__(self, mode: str):
+        super().__init__()
+        self.mode, self.calls, self.lin = mode, 0, nn.Linear(6, 6)
+
+    def forward(self, x):
+        self.calls += 1
+        y = self.lin(x)
+        if self.calls == 2 and self.mode == "shape":
+            return y[:, :4]
+        if self.calls == 2 and self.mode == "dtype":
+            return y.double()
+        return y
+
+
+def _failure_worker(mode: str) -> str:
+    mesh = tl.Mesh(pp=2, dp=1, tp=1)
+    layers = [_Drifting(mode if mode != "kill" else "none"), nn.Linear(6, 6)]
+    pipe = Pipeline(layers, mesh, schedule="1f1b", microbatches=4, loss_fn=loss_fn)
+    pipe.step(torch.randn(8, 6), torch.randn(8, 6))
+    if mode == "kill":
+        tl.comm.barrier()  # step 1 is fully received everywhere
+        if mesh.rank("pp") == 0:
+            os._exit(1)  # the first stage dies between steps, as a crashed process would
+    pipe.step(torch.randn(8, 6), torch.randn(8, 6))
+    return "finished"
+
+
+@pytest.mark.parametrize("mode", ["shape", "dtype", "kill"])
+def test_failures_raise_named_timeout(mode):
+    res = run_ranks(_failure_worker, 2, mode, env={"TRAINLIB_TIMEOUT_S": "3"}, expect_failure=True, timeout_s=60)
+    assert all(isinstance(r, RankError) for r in res), res
+    receiver = str(res[1])
+    assert "PipelineTimeout" in receiver and "stage 1, microbatch" in receiver and "action" in receiver, receiver
+    if mode == "kill":
+        assert "stage 1, microbatch 0, action F1.0" in receiver, receiver
+    else:
+        sender = str(res[0])
+        assert "PipelineError" in sender and "microbatch 1" in sender, sender
+        assert "stage 1, microbatch 1, action F1.1" in receiver and "F1.1*" in receiver, receiver

@@ -1,0 +1,270 @@
+"""`Pipeline`: run a schedule's actions on this rank's stages, exchanging activations point to point.
+
+    pipe = Pipeline(layers, mesh, schedule="1f1b", microbatches=8, loss_fn=loss_fn)
+    loss = pipe.step(inputs, targets)      # forward + backward of one batch; grads accumulated
+
+The batch is cut into m equal microbatches along dim 0. The last stage computes
+loss_fn(output, target) per microbatch and back-propagates loss/m, so the gradients (and the
+returned mean loss) equal those of the full-batch mean loss. Every rank returns the loss.
+
+Point to point: on the first microbatch of each step, a stage sends a small header (dtype, shape)
+before the activation, so users never declare shapes; later microbatches must match it (else a
+clear error). Gradients travel back with the shape of the activation they belong to. Sends are
+asynchronous (waited at the end of the step); receives block with a timeout, and a timeout
+raises PipelineTimeout naming the stage, microbatch and action, with the schedule table marked.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+
+from .. import comm
+from ..comm import CollectiveTimeout
+from .partition import balance, check_boundaries, layer_costs
+from .schedules import Action, Schedule, build_schedule
+
+log = logging.getLogger("trainlib")
+
+_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.bool,
+           torch.uint8, torch.int8, torch.int16]
+_HEADER = 10  # dtype code, ndim, up to 8 dims
+_KIND_TAG = {"hdr": 0, "act": 1, "grad": 2}
+
+
+class PipelineTimeout(CollectiveTimeout):
+    """A pipeline wait failed or timed out; names rank, stage, microbatch and action."""
+
+
+class PipelineError(ValueError):
+    """Bad input to the pipeline (batch size, shapes between stages); the message has the fix."""
+
+
+def _tag(kind: str, stage: int, mb: int) -> int:
+    return (_KIND_TAG[kind] << 28) | (stage << 18) | mb
+
+
+class Pipeline:
+    """Pipeline-parallel execution of `layers` over mesh axis "pp" (see module docstring).
+
+    layers: the full model as a list of modules, identical on every pp rank; this rank keeps its
+    stages' layers. boundaries: layer indices cutting the p*v stages (default: balanced by
+    parameter count). schedule: gpipe | 1f1b | interleaved | zb-h1."""
+
+    def __init__(self, layers: Sequence[nn.Module], mesh, schedule: str = "1f1b", microbatches: int = 8,
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None, *,
+                 boundaries: Sequence[int] | None = None, virtual_stages: int | None = None,
+                 timeout_s: float | None = None):
+        if loss_fn is None:
+            raise PipelineError("Pipeline needs loss_fn(output, target) -> scalar mean loss (the last stage calls it)")
+        self.mesh = mesh
+        self.p = mesh.size("pp") if mesh is not None else 1
+        self.rank = mesh.rank("pp") if mesh is not None else 0
+        self.peers = mesh.group_ranks("pp") if mesh is not None else [0]  # global rank of each pp index
+        self.schedule: Schedule = build_schedule(schedule, self.p, microbatches, virtual_stages)
+        self.m, self.v = microbatches, self.schedule.v
+        self.n_stages = self.p * self.v
+        bounds = (check_boundaries(boundaries, len(layers), self.n_stages) if boundaries is not None
+                  else balance(layer_costs(layers), self.n_stages))
+        self.boundaries = bounds
+        self.stages: dict[int, nn.Module] = {
+            s: nn.Sequential(*layers[bounds[s]:bounds[s + 1]]) for s in range(self.rank, self.n_stages, self.p)}
+        self.loss_fn = loss_fn
+        self.timeout_s = timeout_s
+        self.last_stage = self.n_stages - 1
+        self.peak_inflight: dict[int, int] = {s: 0 for s in self.stages}
+        self.action_times: dict[str, list[float]] = defaultdict(list)
+        self._meta: dict[int, tuple[torch.dtype, tuple[int, ...]]] = {}
+        self._mailbox: dict[int, torch.Tensor] = {}
+
+    # ---- public ---------------------------------------------------------------------------
+    def parameters(self):
+        for s in sorted(self.stages):
+            yield from self.stages[s].parameters()
+
+    def named_parameters(self):
+        for s in sorted(self.stages):
+            for n, p in self.stages[s].named_parameters():
+                yield f"stage{s}.{n}", p
+
+    def holds_stage(self, stage: int) -> bool:
+        return stage in self.stages
+
+    def step(self, inputs: torch.Tensor | None, targets: torch.Tensor | None) -> torch.Tensor:
+        """Forward and backward of one batch; returns the mean microbatch loss on every rank."""
+        needs_in, needs_tgt = 0 in self.stages, self.last_stage in self.stages
+        mb_in = self._split(inputs, "inputs") if needs_in else None
+        mb_tgt = self._split(targets, "targets") if needs_tgt else None
+        st = _StepState()
+        for k, a in enumerate(self.schedule.actions[self.rank]):
+            t0 = time.perf_counter()
+            try:
+                getattr(self, f"_run_{a.kind}")(a, st, mb_in, mb_tgt)
+            except CollectiveTimeout as e:
+                raise self._timeout(a, k, str(e)) from e
+            self.action_times[a.kind].append(time.perf_counter() - t0)
+        for a, h in st.sends:
+            try:
+                h.wait(self.timeout_s)
+            except CollectiveTimeout as e:
+                raise self._timeout(a, None, f"send not delivered: {e}") from e
+        loss = torch.stack(st.losses).mean() if needs_tgt else torch.zeros(())
+        if self.p > 1:
+            loss = loss.detach().clone().float()
+            comm.broadcast(loss, src=self.peers[self.schedule.rank_of(self.last_stage)], group=self.mesh.group("pp"))
+        return loss
+
+    # ---- actions ----------------------------------------------------------------------------
+    def _run_F(self, a: Action, st: "_StepState", mb_in, mb_tgt) -> None:
+        s, i = a.stage, a.mb
+        x = mb_in[i] if s == 0 else self._recv_activation(a)
+        if s > 0 and x.is_floating_point():
+            x.requires_grad_(True)
+        y = self.stages[s](x)
+        if s == self.last_stage:
+            loss = self.loss_fn(y, mb_tgt[i])
+            if loss.dim() != 0:
+                raise PipelineError(f"loss_fn returned shape {list(loss.shape)}; it must return a scalar mean loss")
+            st.losses.append(loss.detach())
+            y = loss / self.m  # d(mean over microbatches)/d(loss_i) = 1/m
+        else:
+            self._send_activation(a, y, st)
+        st.saved[(s, i)] = (x, y)
+        st.inflight[s] += 1
+        self.peak_inflight[s] = max(self.peak_inflight[s], st.inflight[s])
+
+    def _grad_out(self, a: Action, y: torch.Tensor) -> torch.Tensor | None:
+        if a.stage == self.last_stage:
+            return None
+        g = torch.empty(y.shape, dtype=y.dtype)
+        self._wait(self._irecv(g, self._peer(a.stage + 1), tag=_tag("grad", a.stage, a.mb)), a,
+                   f"gradient from stage {a.stage + 1}")
+        return g
+
+    def _run_B(self, a: Action, st, mb_in, mb_tgt) -> None:
+        x, y = st.saved.pop((a.stage, a.mb))
+        torch.autograd.backward(y, self._grad_out(a, y))
+        self._send_grad(a, x, x.grad if x.requires_grad else None, st)
+        st.inflight[a.stage] -= 1
+
+    def _run_I(self, a: Action, st, mb_in, mb_tgt) -> None:
+        """Input gradient only; the graph is kept for W."""
+        x, y = st.saved[(a.stage, a.mb)]
+        g = self._grad_out(a, y)
+        st.grad_out[(a.stage, a.mb)] = g
+        gx = torch.autograd.grad(y, x, g, retain_graph=True)[0] if x.requires_grad else None
+        self._send_grad(a, x, gx, st)
+
+    def _run_W(self, a: Action, st, mb_in, mb_tgt) -> None:
+        """Weight gradient: back-propagate the stored output gradient into the parameters only.
+        (This walks the stage graph a second time; exact, but not the paper's cheaper split.)"""
+        x, y = st.saved.pop((a.stage, a.mb))
+        g = st.grad_out.pop((a.stage, a.mb))
+        params = [p for p in self.stages[a.stage].parameters() if p.requires_grad]
+        if params:
+            torch.autograd.backward(y, g, inputs=params)
+        st.inflight[a.stage] -= 1
+
+    # ---- point to point -----------------------------------------------------------------------
+    def _peer(self, stage: int) -> int:
+        return self.peers[self.schedule.rank_of(stage)]
+
+    def _isend(self, t: torch.Tensor, dst: int, tag: int):
+        if dst == self.peers[self.rank]:  # next virtual stage on this same rank (pp=1, interleaved)
+            self._mailbox[tag] = t.clone()
+            return _Done()
+        return comm.isend(t, dst, tag=tag)
+
+    def _irecv(self, t: torch.Tensor, src: int, tag: int):
+        if src == self.peers[self.rank]:
+            t.copy_(self._mailbox.pop(tag))
+            return _Done()
+        return comm.irecv(t, src, tag=tag)
+
+    def _wait(self, h: comm.Handle, a: Action, what: str) -> None:
+        try:
+            h.wait(self.timeout_s)
+        except CollectiveTimeout as e:
+            raise CollectiveTimeout(f"waiting for {what}: {e}") from e
+
+    def _send_activation(self, a: Action, y: torch.Tensor, st) -> None:
+        y = y.detach().contiguous()
+        meta = (y.dtype, tuple(y.shape))
+        dst = self._peer(a.stage + 1)
+        if a.mb == 0:
+            if y.dtype not in _DTYPES or y.dim() > _HEADER - 2:
+                raise PipelineError(f"stage {a.stage} output {y.dtype} with {y.dim()} dims cannot be sent; "
+                                    f"use one of {_DTYPES} with at most {_HEADER - 2} dims")
+            self._meta[a.stage] = meta
+            hdr = torch.zeros(_HEADER, dtype=torch.int64)
+            hdr[0], hdr[1] = _DTYPES.index(y.dtype), y.dim()
+            hdr[2:2 + y.dim()] = torch.tensor(y.shape, dtype=torch.int64)
+            st.sends.append((a, self._isend(hdr, dst, tag=_tag("hdr", a.stage, 0))))
+            st.keep.append(hdr)
+        elif self._meta.get(a.stage) != meta:
+            want = self._meta.get(a.stage)
+            raise PipelineError(f"stage {a.stage} microbatch {a.mb} (action {a}): output is {meta[0]} {list(meta[1])} but "
+                                f"microbatch 0 sent {want[0]} {list(want[1])}; every microbatch must produce the same "
+                                "shape and dtype (split the batch evenly, keep dtypes fixed)")
+        st.sends.append((a, self._isend(y, dst, tag=_tag("act", a.stage, a.mb))))
+        st.keep.append(y)  # the buffer must outlive the asynchronous send
+
+    def _recv_activation(self, a: Action) -> torch.Tensor:
+        src = self._peer(a.stage - 1)
+        if a.mb == 0:
+            hdr = torch.empty(_HEADER, dtype=torch.int64)
+            self._wait(self._irecv(hdr, src, tag=_tag("hdr", a.stage - 1, 0)), a, f"header from stage {a.stage - 1}")
+            ndim = int(hdr[1])
+            self._meta[-a.stage - 1] = (_DTYPES[int(hdr[0])], tuple(int(d) for d in hdr[2:2 + ndim]))
+        dtype, shape = self._meta[-a.stage - 1]
+        x = torch.empty(shape, dtype=dtype)
+        self._wait(self._irecv(x, src, tag=_tag("act", a.stage - 1, a.mb)), a, f"activation from stage {a.stage - 1}")
+        return x
+
+    def _send_grad(self, a: Action, x: torch.Tensor, gx: torch.Tensor | None, st) -> None:
+        if a.stage == 0:
+            return
+        if gx is None:  # the stage did not use its input: the gradient is zero
+            gx = torch.zeros_like(x)
+        gx = gx.contiguous()
+        st.sends.append((a, self._isend(gx, self._peer(a.stage - 1), tag=_tag("grad", a.stage - 1, a.mb))))
+        st.keep.append(gx)
+
+    # ---- helpers ---------------------------------------------------------------------------------
+    def _split(self, t: torch.Tensor | None, what: str) -> list[torch.Tensor]:
+        if t is None:
+            raise PipelineError(f"pp rank {self.rank} runs stage {'0' if what == 'inputs' else self.last_stage} and "
+                                f"needs {what}; pass them on every rank (other ranks may pass None)")
+        if t.shape[0] % self.m:
+            raise PipelineError(f"{what} batch {t.shape[0]} is not divisible by microbatches={self.m}; "
+                                f"use a batch size that is a multiple of {self.m}")
+        return list(t.chunk(self.m, dim=0))
+
+    def _timeout(self, a: Action, index: int | None, detail: str) -> PipelineTimeout:
+        table = self.schedule.table(mark=(self.rank, index) if index is not None else None)
+        return PipelineTimeout(f"pipeline rank {self.rank} (global {self.peers[self.rank]}), stage {a.stage}, microbatch "
+                               f"{a.mb}, action {a} ({self.schedule.name}): {detail}\n{table}")
+
+    def stats(self) -> dict:
+        """Peak in-flight activations per stage and median seconds per action kind."""
+        med = {k: sorted(v)[len(v) // 2] for k, v in self.action_times.items() if v}
+        return {"peak_inflight": dict(self.peak_inflight), "median_action_s": med}
+
+
+class _Done:
+    def wait(self, timeout_s: float | None = None) -> None:
+        return None
+
+
+class _StepState:
+    def __init__(self):
+        self.saved: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.grad_out: dict[tuple[int, int], torch.Tensor | None] = {}
+        self.sends: list[tuple[Action, comm.Handle]] = []
+        self.keep: list[torch.Tensor] = []
+        self.losses: list[torch.Tensor] = []
+        self.inflight: dict[int, int] = defaultdict(int)
