@@ -9,7 +9,9 @@ from __future__ import annotations
 import collections
 import datetime
 import logging
+import os
 import time
+import zlib
 from dataclasses import dataclass, field
 
 import torch
@@ -68,7 +70,52 @@ def _record(op: str, t: torch.Tensor | None, group) -> CollectiveRecord:
         ranks = tuple(dist.get_process_group_ranks(group))
     rec = CollectiveRecord(_seq, op, tuple(t.shape) if t is not None else (), str(t.dtype) if t is not None else "-", ranks)
     _log.append(rec)
+    if t is not None and not op.startswith(("send", "recv")) and os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+        _check_same_everywhere(rec, t, group)
     return rec
+
+
+class CollectiveMismatch(CollectiveTimeout):
+    """Ranks entered the same collective with different ops, shapes or dtypes (TRAINLIB_DEBUG_COLLECTIVES=1)."""
+
+
+DEBUG_ENV = "TRAINLIB_DEBUG_COLLECTIVES"
+_MAX_DIMS = 6
+
+
+def _descriptor(rec: CollectiveRecord, t: torch.Tensor) -> list[int]:
+    shape = list(t.shape)
+    dims = shape[:_MAX_DIMS] + [-1] * (_MAX_DIMS - len(shape[:_MAX_DIMS]))
+    return [rec.seq, zlib.crc32(rec.op.encode()), zlib.crc32(str(t.dtype).encode()), len(shape),
+            zlib.crc32(repr(shape).encode()), *dims]
+
+
+def _check_same_everywhere(rec: CollectiveRecord, t: torch.Tensor, group) -> None:
+    """Debug mode: all-gather (op, dtype, shape) before the real collective and compare.
+
+    gloo reports a size mismatch by aborting the receiving process from a background thread (or
+    hangs until the timeout), so without this check the mismatch is found late and unnamed; the
+    price is one small extra all-gather per collective, hence opt-in."""
+    mine = torch.tensor(_descriptor(rec, t), dtype=torch.int64, device=t.device)
+    out = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    Handle(dist.all_gather(out, mine, group=group, async_op=True), rec).wait()
+    rec.done = False
+    rows = [o.cpu().tolist() for o in out]
+    if all(r[1:] == rows[0][1:] for r in rows):
+        return
+    ranks = list(rec.group) if rec.group is not None else list(range(len(rows)))
+    names = {zlib.crc32(r.op.encode()): r.op for r in _log}
+    desc = "; ".join(f"rank {ranks[i]}: {names.get(r[1], 'another collective')} #{r[0]} shape "
+                     f"{r[5:5 + min(r[3], _MAX_DIMS)]}{'...' if r[3] > _MAX_DIMS else ''} "
+                     f"{_DTYPES.get(r[2], 'an unusual dtype')}" for i, r in enumerate(rows))
+    raise CollectiveMismatch(f"rank {_rank()}: {rec.describe()} does not match the other ranks: {desc}. "
+                             "Every rank must enter the same collectives in the same order with the same "
+                             "shapes and dtypes.")
+
+
+_DTYPES = {zlib.crc32(str(d).encode()): str(d) for d in (
+    torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16, torch.int8,
+    torch.uint8, torch.bool, torch.complex64)}
 
 
 class Handle:
