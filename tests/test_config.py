@@ -12,7 +12,7 @@ def test_defaults_toml_and_overrides_precedence(tmp_path):
     assert cfg.train.lr == 0.01          # the file beats the default
     assert cfg.mesh.tp == 2 and cfg.mesh.dp == -1
     assert cfg.model.d_model == 64 and cfg.sync.compress == "bf16"
-    assert load_config().train.batch_size == 16
+    assert load_config().train.batch_size == 32
 
 
 @pytest.mark.parametrize("argv,needle", [

@@ -33,7 +33,7 @@ def _positive(section: str, **values: float) -> None:
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = 300
-    batch_size: int = 16          # global batch (sequences per step, summed over dp ranks)
+    batch_size: int = 32          # global batch (sequences per step, summed over dp ranks)
     lr: float = 3e-3
     weight_decay: float = 0.0
     warmup_steps: int = 20
@@ -53,10 +53,10 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    n_layer: int = 2
+    n_layer: int = 4
     n_head: int = 4
     d_model: int = 128
-    seq_len: int = 64
+    seq_len: int = 128
     vocab_size: int = 256
 
     def __post_init__(self):

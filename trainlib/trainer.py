@@ -30,6 +30,7 @@ import torch.nn as nn
 from . import comm
 from .config import Config, ConfigError, describe_flags, load_config
 from .data import DistributedSampler, default_tokens
+from .data_parallel import DataParallel, clip_grad_norm_
 from .mesh import Mesh, MeshError, MeshLayout
 from .models.gpt import GPT, GPTConfig, lm_loss
 from .runtime import LaunchError
@@ -69,7 +70,6 @@ def wrap_data_parallel(model: nn.Module, cfg: Config, mesh: Mesh) -> nn.Module:
     s = cfg.sync
     if s.kind == "ddp":  # torch DDP, kept as the reference the benchmarks and tests compare against
         return nn.parallel.DistributedDataParallel(model, process_group=mesh.group("dp"), bucket_cap_mb=s.bucket_mb)
-    from .data_parallel import DataParallel
     from .sync import AllReduce
 
     if s.kind == "allreduce":
@@ -123,7 +123,7 @@ def train(cfg: Config) -> dict:
         loss = lm_loss(model(x), y)
         loss.backward()
         if cfg.train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
+            clip_grad_norm_(model if isinstance(model, DataParallel) else params, cfg.train.grad_clip, mesh)
         opt.step()
         opt.zero_grad(set_to_none=True)
         window_loss += loss.item()

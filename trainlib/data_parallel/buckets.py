@@ -58,7 +58,7 @@ def plan_buckets(named_params: list[tuple[str, nn.Parameter]], bucket_mb: float,
     done: list[list[tuple[str, nn.Parameter]]] = []
     for name, p in reversed(named_params):
         key = (p.dtype, p.device)
-        cap = (first_bucket_mb if not done else bucket_mb) * MB
+        cap = (min(first_bucket_mb, bucket_mb) if not done else bucket_mb) * MB
         cur = open_.setdefault(key, [])
         nbytes = p.numel() * p.element_size()
         if cur and sizes[key] + nbytes > cap:

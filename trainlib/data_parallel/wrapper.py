@@ -195,19 +195,24 @@ def check_same_across_ranks(module: nn.Module, group) -> None:
     comm.all_gather(everyone, mine, group=group)
     if all(int(t) == int(everyone[0]) for t in everyone):
         return
-    src = dist.get_process_group_ranks(group)[0]
-    text = "\n".join(entries).encode()
+    ranks = dist.get_process_group_ranks(group)
+    src = ranks[0]
+    bad = ranks[next(i for i, t in enumerate(everyone) if int(t) != int(everyone[0]))]
+    ref, other = (_broadcast_lines(entries, r, group) for r in (src, bad))
+    first = next(((a, b) for a, b in zip(ref, other) if a != b), (f"{len(ref)} entries", f"{len(other)} entries"))
+    raise ValueError(f"DataParallel: the model differs across data-parallel ranks: rank {bad} has '{first[1]}' "
+                     f"where rank {src} has '{first[0]}'. Build the same model on every rank before wrapping it.")
+
+
+def _broadcast_lines(lines: list[str], src: int, group) -> list[str]:
+    """Rank `src`'s lines, on every rank of `group` (a length, then the UTF-8 bytes)."""
+    import torch.distributed as dist
+
+    text = "\n".join(lines).encode()
     n = torch.tensor([len(text)], dtype=torch.int64)
     comm.broadcast(n, src=src, group=group)
     buf = torch.zeros(int(n), dtype=torch.uint8)
     if dist.get_rank() == src:
         buf.copy_(torch.frombuffer(bytearray(text), dtype=torch.uint8))
     comm.broadcast(buf, src=src, group=group)
-    theirs = bytes(buf.tolist()).decode().split("\n")
-    bad = [r for r, t in enumerate(everyone) if int(t) != int(everyone[0])]
-    first = next(((a, b) for a, b in zip(theirs, entries) if a != b), None)
-    if first is None:
-        first = (f"{len(theirs)} entries", f"{len(entries)} entries")
-    raise ValueError(f"DataParallel: the model differs across data-parallel ranks (group positions {bad} differ "
-                     f"from the first): rank {dist.get_rank()} has '{first[1]}' where rank {src} has '{first[0]}'. "
-                     "Build the same model on every rank before wrapping it.")
+    return bytes(buf.tolist()).decode().split("\n")
