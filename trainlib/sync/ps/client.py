@@ -13,6 +13,7 @@ as a replay); the server applies a retried push or delta exactly once.
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -20,7 +21,8 @@ from typing import Callable
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from .protocol import DEFAULT_MAX_BYTES, DType, Header, Message, Op, ProtocolError, Signer, decode
+from .protocol import (DEFAULT_MAX_BYTES, SEQ_COUNTER_BITS, SEQ_INSTANCE_BITS, DType, Header, Message, Op,
+                       ProtocolError, Signer, decode)
 from .sharding import KEY_BITS
 
 log = logging.getLogger("trainlib")
@@ -92,7 +94,10 @@ class PSClient:
         for link in self.links:
             self.poller.register(link.sock, zmq.POLLIN)
             self.poller.register(link.monitor, zmq.POLLIN)
-        self._seq = time.time_ns()  # above anything a previous incarnation of this worker sent
+        # seq = instance (24 random bits) | counter (40 bits): the server checks freshness per
+        # (group, worker, instance), so several clients of one worker, or a restarted worker, each
+        # count on their own, while a captured message replayed later is never fresh
+        self._seq = (secrets.randbits(SEQ_INSTANCE_BITS) | 1) << SEQ_COUNTER_BITS
         self.outstanding: dict[int, Request] = {}
         self.dropped = 0
 

@@ -9,9 +9,9 @@ header, little-endian (struct HEADER_FORMAT):
     magic b"TLPS" | version u8 | op u8 | dtype u8 | flags u8 (0) | worker u16 | nworkers u16 |
     key u32 | arg u32 | step u64 | seq u64 | session u64 | nbytes u64
 
-mac = HMAC-SHA256(token, header || payload) (RFC 2104). `seq` is a per-worker monotonic counter
-(it starts at the client's wall clock in ns, so a restarted worker continues above its old
-numbers) and `session` is a random id the server hands out in its HELLO reply, so a captured
+mac = HMAC-SHA256(token, header || payload) (RFC 2104). `seq` is a monotonic counter per client
+instance (its top 24 bits are a random instance id, so several clients of one worker and a
+restarted worker each count on their own) and `session` is a random id the server hands out in its HELLO reply, so a captured
 message can be replayed neither to the same server (seq) nor to another one or a restarted one
 (session). Replies echo the request's seq, so the client can match them and drop replays.
 
@@ -33,6 +33,8 @@ HEADER_SIZE = struct.calcsize(HEADER_FORMAT)
 MAC_SIZE = 32
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024  # one frame's payload; partitions are ~4 MB, so 16x headroom
 MAX_WORKERS = 65535
+SEQ_COUNTER_BITS = 40   # seq = client instance id << 40 | per-instance counter
+SEQ_INSTANCE_BITS = 24
 
 
 class Op(enum.IntEnum):

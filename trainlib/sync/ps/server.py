@@ -22,7 +22,7 @@ import sys
 
 import zmq
 
-from .protocol import DEFAULT_MAX_BYTES, HEADER_SIZE, MAC_SIZE, Op, ProtocolError, Signer, decode
+from .protocol import DEFAULT_MAX_BYTES, HEADER_SIZE, MAC_SIZE, SEQ_COUNTER_BITS, Op, ProtocolError, Signer, decode
 from .sharding import KEY_BITS
 from .state import ServerState
 from .token import TokenError, is_loopback, read_token
@@ -84,7 +84,7 @@ class ParameterServerProcess:
             return self._drop("bad_mac")
         if h.op != Op.HELLO and h.session != self.state.session:
             return self._drop("bad_session")
-        who = (h.key >> KEY_BITS, h.worker)
+        who = (h.key >> KEY_BITS, h.worker, h.seq >> SEQ_COUNTER_BITS)
         if h.seq <= self.state.last_seq.get(who, 0):
             return self._drop("replay")
         self.state.last_seq[who] = h.seq
@@ -104,10 +104,15 @@ class ParameterServerProcess:
             except zmq.ZMQError:  # the peer went away; nothing to do
                 self.dropped["unroutable_reply"] += 1
 
-    def serve_forever(self, poll_ms: int = 200) -> None:
+    def serve_forever(self, poll_ms: int = 200, parent_pid: int | None = None) -> None:
+        """Serve until stop(); with parent_pid, also stop when that process is gone (colocated mode:
+        a worker killed with SIGKILL must not leave an orphan server holding a port)."""
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         while self._running:
+            if parent_pid is not None and os.getppid() != parent_pid:
+                log.warning("%s: parent process %d is gone; stopping", self.state.name, parent_pid)
+                break
             if not poller.poll(poll_ms):
                 continue
             while True:
@@ -128,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-mb", type=float, default=DEFAULT_MAX_BYTES / 2 ** 20, help="frame size cap in MB")
     p.add_argument("--max-keys", type=int, default=1 << 20, help="cap on the number of partitions held")
     p.add_argument("--state-dir", help="where SAVE writes the async state (and where it is restored from)")
+    p.add_argument("--exit-with-parent", action="store_true", help="stop when the parent process exits "
+                   "(colocated servers started by a worker)")
     args = p.parse_args(argv)
     logging.basicConfig(level=os.environ.get("TRAINLIB_LOG_LEVEL", "WARNING"),
                         format="%(asctime)s ps-server %(levelname)s %(message)s")
@@ -146,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, _term)
     # the parent (colocated mode, tests) reads this line to learn the port
     print(f"trainlib ps-server listening on {server.address}", flush=True)
-    server.serve_forever()
+    server.serve_forever(parent_pid=os.getppid() if args.exit_with_parent else None)
     if args.state_dir and server.state.params:
         server.state.save(args.state_dir)
     return 0

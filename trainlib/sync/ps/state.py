@@ -69,7 +69,7 @@ class ServerState:
         self.max_keys = max_keys
         self.state_dir = state_dir
         self.name = name
-        self.last_seq: dict[tuple[int, int], int] = {}
+        self.last_seq: dict[tuple[int, int, int], int] = {}  # (group, worker, client instance)
         self.pending: dict[int, SyncEntry] = {}
         self.done: dict[int, tuple[int, torch.Tensor]] = {}          # key -> (step, sum)
         self.params: dict[int, torch.Tensor] = {}                     # async: key -> master copy
@@ -175,7 +175,7 @@ class ServerState:
             self.param_dtype[h.key] = DType(h.dtype)
             self.clocks[h.key] = {}
             self.nworkers[h.key] = h.nworkers
-        return [self.reply(ident, h, Op.ACK)]
+        return [self.reply(ident, h, Op.ACK)] + self._release(h.key)  # reads that arrived before INIT
 
     def _min_clock(self, key: int) -> float:
         group, clocks = key >> KEY_BITS, self.clocks[key]
