@@ -30,6 +30,9 @@ def _positive(section: str, **values: float) -> None:
             raise ConfigError(f"{section}.{k}={v} must be > 0")
 
 
+NONFINITE = ("skip", "raise")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = 300
@@ -42,10 +45,13 @@ class TrainConfig:
     log_every: int = 25
     metrics: str = "runs/metrics.jsonl"
     corpus_bytes: int = 1 << 20
+    nonfinite: str = "skip"       # inf/nan gradients: skip the step (and count it) | raise
 
     def __post_init__(self):
         _positive("train", steps=self.steps, batch_size=self.batch_size, lr=self.lr, log_every=self.log_every,
                   corpus_bytes=self.corpus_bytes)
+        if self.nonfinite not in NONFINITE:
+            raise ConfigError(f"train.nonfinite={self.nonfinite!r} is not one of {', '.join(NONFINITE)}")
         if self.grad_clip < 0 or self.warmup_steps < 0 or self.weight_decay < 0:
             raise ConfigError(f"train.grad_clip={self.grad_clip}, train.warmup_steps={self.warmup_steps} and "
                               f"train.weight_decay={self.weight_decay} must be >= 0")
@@ -94,11 +100,22 @@ class SyncConfig:
 
 
 @dataclass(frozen=True)
+class CheckpointConfig:
+    dir: str = ""                 # empty: no checkpoints; set: save every `every` steps, resume from the latest
+    every: int = 100
+    keep: int = 3
+
+    def __post_init__(self):
+        _positive("checkpoint", every=self.every, keep=self.keep)
+
+
+@dataclass(frozen=True)
 class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

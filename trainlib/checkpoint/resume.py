@@ -1,0 +1,65 @@
+"""The trainer's side of checkpointing: what a step's state is, when to save it, how to resume.
+
+Bit-identical resume (the run killed at any step and restarted ends with the same weights as an
+uninterrupted one) needs everything a step reads: weights, optimizer moments and step counts,
+the sampler's position, every RNG on every rank, and the trainer's own counters. The learning
+rate is a pure function of the step, so it needs nothing.
+
+    start, counters = resume.restore(cfg.checkpoint, model, opt, sampler, counters)
+    for step in range(start, steps):
+        ...; opt.step()
+        resume.after_step(cfg.checkpoint, step + 1, model, opt, sampler, counters)
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from . import faults
+from .store import load, save
+
+log = logging.getLogger("trainlib")
+
+
+def _module(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def state_of(model: torch.nn.Module, opt: torch.optim.Optimizer, sampler, counters: dict[str, Any]) -> dict:
+    return {"model": _module(model).state_dict(), "optimizer": opt.state_dict(), "sampler": sampler.state_dict(),
+            "trainer": dict(counters)}
+
+
+def restore(ck_cfg, model: torch.nn.Module, opt: torch.optim.Optimizer, sampler,
+            counters: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """Load the newest intact checkpoint under ck_cfg.dir into model/opt/sampler (and the RNGs).
+
+    Returns (first step to run, counters); (0, counters unchanged) when there is none."""
+    if not ck_cfg.dir:
+        return 0, counters
+    ck = load(ck_cfg.dir)
+    if ck is None:
+        log.info("no checkpoint under %s: starting at step 0", ck_cfg.dir)
+        return 0, counters
+    _module(model).load_state_dict(ck.state["model"])
+    opt.load_state_dict(ck.state["optimizer"])
+    sampler.load_state_dict(ck.state["sampler"])
+    log.info("resumed from %s (step %d)", ck.path, ck.step)
+    return ck.step, {**counters, **ck.state["trainer"], "resumed_from": ck.step}
+
+
+def after_step(ck_cfg, steps_done: int, total_steps: int, model: torch.nn.Module, opt: torch.optim.Optimizer,
+               sampler, counters: dict[str, Any]) -> None:
+    """Fault hook, then a checkpoint every ck_cfg.every steps and at the end of the run."""
+    rank = _rank()
+    faults.maybe_kill(rank, steps_done, "step")
+    if ck_cfg.dir and (steps_done % ck_cfg.every == 0 or steps_done == total_steps):
+        save(ck_cfg.dir, steps_done, state_of(model, opt, sampler, counters), keep=ck_cfg.keep)
