@@ -1,0 +1,155 @@
+"""`trainlib k8s pytorchjob|mpijob [flags] [-- CMD ...]`: print a ready-to-apply manifest as YAML.
+
+    trainlib k8s pytorchjob --name gpt --image REPO/trainlib-gpu:0.1.0 --nodes 4 --gpus-per-node 8 \
+        --efa 32 --gang volcano --queue training | kubectl apply -f -
+    trainlib k8s pytorchjob --name gpt --image ... --elastic 2:4 --gang coscheduling
+    trainlib k8s mpijob --name gpt --image ... --nodes 2 --gpus-per-node 8
+    trainlib k8s pytorchjob --from-config run.toml      # [k8s] table + the training sections
+
+`--from-config` reads the `[k8s]` table (same keys as the flags, with underscores) and turns the
+other tables into `--section.key=value` arguments of `trainlib train`, so the job runs that config.
+Flags given on the command line win over the file. The objects are checked against the
+operators' admission rules (trainlib.launchers.webhooks) before printing; a violation exits 1.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from trainlib.launchers.errors import EXIT_CONFIG
+from trainlib.launchers.gang import GANGS, apply_gang
+from trainlib.launchers.manifests import JobSpec, mpijob, pytorchjob
+from trainlib.launchers.ps import ps_objects, token_volume, worker_env
+from trainlib.launchers.webhooks import check_all
+
+KINDS = ("pytorchjob", "mpijob")
+FLAG_KEYS = ("name", "image", "namespace", "nodes", "gpus_per_node", "efa", "neuron_cores", "neuron_cores_per_device",
+             "gang", "queue", "cluster_queue", "elastic", "max_restarts", "ps_servers", "ps_port", "ps_token_secret",
+             "shm_size", "cpu", "memory")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="trainlib k8s", description=__doc__.split("\n\n")[0])
+    p.add_argument("kind", choices=KINDS)
+    p.add_argument("--name")
+    p.add_argument("--image")
+    p.add_argument("--namespace")
+    p.add_argument("--nodes", type=int, help="pods (nodes); default 2")
+    p.add_argument("--gpus-per-node", type=int)
+    p.add_argument("--efa", type=int, help="EFA interfaces per node (vpc.amazonaws.com/efa)")
+    p.add_argument("--neuron-cores", type=int, help="NeuronCores per node (requests cores / cores-per-device devices)")
+    p.add_argument("--neuron-cores-per-device", type=int, help="2 on Trn1/Inf2 (default), 4 on Trn2 with LNC=2")
+    p.add_argument("--gang", choices=GANGS)
+    p.add_argument("--queue", help="Volcano queue or Kueue LocalQueue")
+    p.add_argument("--cluster-queue", help="with --gang kueue: also emit the LocalQueue pointing at this ClusterQueue")
+    p.add_argument("--elastic", metavar="MIN:MAX", help="elastic PyTorchJob (c10d rendezvous), nodes in MIN..MAX")
+    p.add_argument("--max-restarts", type=int)
+    p.add_argument("--ps-servers", type=int, help="dedicated parameter servers (StatefulSet + headless Service)")
+    p.add_argument("--ps-port", type=int)
+    p.add_argument("--ps-token-secret", help="existing Secret with key `token` (default: emit a new random one)")
+    p.add_argument("--shm-size")
+    p.add_argument("--cpu")
+    p.add_argument("--memory")
+    p.add_argument("--from-config", metavar="RUN.toml")
+    p.add_argument("--json", action="store_true", help="JSON instead of YAML")
+    p.epilog = "Everything after `--` is the training command (default: trainlib train)."
+    return p
+
+
+def _overrides(sections: dict) -> list[str]:
+    out = []
+    for section, table in sections.items():
+        if not isinstance(table, dict):
+            raise ValueError(f"top-level key {section!r} in the config is not a [section] table")
+        for key, value in table.items():
+            value = str(value).lower() if isinstance(value, bool) else value
+            out.append(f"--{section}.{key}={value}")
+    return out
+
+
+def spec_from_args(args: argparse.Namespace, cmd: list[str]) -> JobSpec:
+    values: dict = {}
+    cmd = list(cmd)
+    if args.from_config:
+        import tomllib
+
+        with open(args.from_config, "rb") as f:
+            data = tomllib.load(f)
+        table = data.pop("k8s", {})
+        unknown = sorted(set(table) - set(FLAG_KEYS))
+        if unknown:
+            raise ValueError(f"[k8s] keys {unknown} in {args.from_config} are unknown; valid: {', '.join(FLAG_KEYS)}")
+        values.update(table)
+        if not cmd:
+            cmd = ["trainlib", "train", *_overrides(data)]
+    values.update({k: getattr(args, k) for k in FLAG_KEYS if getattr(args, k) is not None})
+    for req in ("name", "image"):
+        if not values.get(req):
+            raise ValueError(f"--{req} is required (or `{req} = ...` in the [k8s] table of --from-config)")
+    if isinstance(values.get("elastic"), str):
+        lo, sep, hi = values["elastic"].partition(":")
+        if not (sep and lo.isdigit() and hi.isdigit() and 1 <= int(lo) <= int(hi)):
+            raise ValueError(f"--elastic {values['elastic']!r} must be MIN:MAX with 1 <= MIN <= MAX, e.g. 2:4")
+        values["elastic"] = (int(lo), int(hi))
+    if values.get("elastic") and args.kind == "mpijob":
+        raise ValueError("--elastic is for pytorchjob (torchrun's c10d rendezvous); an MPIJob has a fixed size")
+    values["cmd"] = tuple(cmd or ("trainlib", "train"))
+    spec = JobSpec(**values)
+    for k in ("nodes", "gpus_per_node", "efa", "neuron_cores", "ps_servers", "max_restarts"):
+        if getattr(spec, k) < 0 or (k == "nodes" and spec.nodes < 1):
+            raise ValueError(f"--{k.replace('_', '-')}={getattr(spec, k)} must be {'>= 1' if k == 'nodes' else '>= 0'}")
+    if spec.gpus_per_node and spec.neuron_cores:
+        raise ValueError("--gpus-per-node and --neuron-cores exclude each other: a node is a GPU node or a Trainium node")
+    if spec.neuron_cores % spec.neuron_cores_per_device:
+        raise ValueError(f"--neuron-cores {spec.neuron_cores} is not a multiple of --neuron-cores-per-device "
+                         f"{spec.neuron_cores_per_device}; request whole Neuron devices")
+    return spec
+
+
+def build(kind: str, spec: JobSpec) -> list[dict]:
+    """All objects of the job, in apply order (Secret, Service, StatefulSet, PodGroup/LocalQueue, job)."""
+    env, volumes, mounts = None, None, None
+    if spec.ps_servers:
+        volume, mount = token_volume(spec)
+        env, volumes, mounts = worker_env(spec), [volume], [mount]
+    job = (pytorchjob if kind == "pytorchjob" else mpijob)(spec, env, volumes, mounts)
+    extra = apply_gang(job, spec)
+    return ps_objects(spec) + extra + [job]
+
+
+def dump(docs: list[dict], as_json: bool = False) -> str:
+    if not as_json:
+        try:
+            import yaml
+        except ImportError:
+            as_json = True  # JSON is YAML too; pip install 'trainlib[k8s]' for block-style YAML
+        else:
+            class NoAliases(yaml.SafeDumper):  # shared dicts would print as &id001 anchors; kubectl users expect plain YAML
+                def ignore_aliases(self, data) -> bool:
+                    return True
+
+            return yaml.dump_all(docs, Dumper=NoAliases, sort_keys=False)
+    return "\n---\n".join(json.dumps(d, indent=2) for d in docs) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cmd = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = parser().parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    try:
+        spec = spec_from_args(args, cmd)
+        docs = build(args.kind, spec)
+    except (ValueError, OSError, TypeError) as e:
+        print(f"trainlib k8s: error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    errs = check_all(docs)
+    if errs:
+        print("trainlib k8s: the manifest would be rejected:\n  " + "\n  ".join(errs), file=sys.stderr)
+        return EXIT_CONFIG
+    sys.stdout.write(dump(docs, args.json))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

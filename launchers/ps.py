@@ -1,0 +1,59 @@
+"""Dedicated parameter servers for a job: a StatefulSet, its headless Service, the token Secret.
+
+Servers get stable DNS names `<job>-ps-<i>.<job>-ps` from the headless Service (clusterIP None,
+publishNotReadyAddresses so workers can resolve them while they start), bind all interfaces of
+their pod (`trainlib ps-server --bind 0.0.0.0:PORT`: a pod's loopback is unreachable from other
+pods), and authenticate every message with the shared token, mounted from the Secret as a file.
+Workers receive TRAINLIB_PS_ADDRS (comma-separated host:port) and TRAINLIB_PS_TOKEN_FILE.
+"""
+from __future__ import annotations
+
+import secrets
+
+from trainlib.launchers.manifests import JobSpec
+
+TOKEN_DIR = "/var/run/trainlib-ps"
+
+
+def secret_name(spec: JobSpec) -> str:
+    return spec.ps_token_secret or f"{spec.name}-ps-token"
+
+
+def worker_env(spec: JobSpec) -> list[dict]:
+    addrs = ",".join(f"{spec.name}-ps-{i}.{spec.name}-ps:{spec.ps_port}" for i in range(spec.ps_servers))
+    return [{"name": "TRAINLIB_PS_ADDRS", "value": addrs},
+            {"name": "TRAINLIB_PS_TOKEN_FILE", "value": f"{TOKEN_DIR}/token"}]
+
+
+def token_volume(spec: JobSpec) -> tuple[dict, dict]:
+    """(volume, volumeMount) for the token Secret, read-only, owner-readable only."""
+    return ({"name": "ps-token", "secret": {"secretName": secret_name(spec), "defaultMode": 0o400}},
+            {"name": "ps-token", "mountPath": TOKEN_DIR, "readOnly": True})
+
+
+def ps_objects(spec: JobSpec) -> list[dict]:
+    if spec.ps_servers < 1:
+        return []
+    name, port = f"{spec.name}-ps", spec.ps_port
+    md = {"namespace": spec.namespace} if spec.namespace else {}
+    labels = {"app.kubernetes.io/name": "trainlib-ps", "trainlib/job": spec.name}
+    volume, mount = token_volume(spec)
+    objs: list[dict] = []
+    if spec.ps_token_secret is None:
+        objs.append({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": secret_name(spec), **md},
+                     "type": "Opaque", "stringData": {"token": secrets.token_hex(32)}})
+    objs.append({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "labels": labels, **md},
+                 "spec": {"clusterIP": "None", "publishNotReadyAddresses": True, "selector": labels,
+                          "ports": [{"name": "ps", "port": port, "targetPort": port, "protocol": "TCP"}]}})
+    server = {"name": "ps", "image": spec.image, "imagePullPolicy": "IfNotPresent",
+              "command": ["trainlib", "ps-server", "--bind", f"0.0.0.0:{port}"],
+              "ports": [{"name": "ps", "containerPort": port, "protocol": "TCP"}],
+              "env": [{"name": "TRAINLIB_PS_TOKEN_FILE", "value": f"{TOKEN_DIR}/token"}],
+              "volumeMounts": [mount],
+              "resources": {"requests": {"cpu": spec.cpu or "4", "memory": spec.memory or "16Gi"}}}
+    objs.append({"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": name, "labels": labels, **md},
+                 "spec": {"serviceName": name, "replicas": spec.ps_servers, "podManagementPolicy": "Parallel",
+                          "selector": {"matchLabels": labels},
+                          "template": {"metadata": {"labels": labels},
+                                       "spec": {"containers": [server], "volumes": [volume]}}}})
+    return objs

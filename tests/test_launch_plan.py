@@ -1,0 +1,207 @@
+"""Pod detection, torchrun arguments and env profiles, from the exact variables each operator injects.
+
+The expected values are read off the operators' sources (training-operator v1.9 envvar.go /
+elastic.go, Kubeflow Trainer v2 torch plugin, mpi-operator v2beta1) and aws-ofi-nccl's EFA
+cheatsheet; devices come from fake /dev and /sys trees.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from trainlib.launchers import launch
+from trainlib.launchers.detect import detect_placement
+from trainlib.launchers.devices import Devices, parse_core_list, probe
+from trainlib.launchers.errors import EXIT_RETRY, LaunchConfigError, classify_worker_exit
+from trainlib.launchers.mpi import mpirun_argv, parse_hostfile
+from trainlib.launchers.plan import build_plan
+from trainlib.launchers.profiles import select_profile
+from trainlib.launchers.torchrun_args import resolve_nproc
+
+CMD = ["trainlib", "train"]
+CPU = Devices()
+
+
+def pytorchjob_env(rtype: str, index: int, replicas: int = 2, nproc: str = "1", port: int = 23456) -> dict[str, str]:
+    """What training-operator v1.9 sets in a pod of job `gpt` with Master + Workers (setPodEnv)."""
+    rank = index + (1 if rtype == "worker" else 0)
+    return {"PYTHONUNBUFFERED": "0", "MASTER_PORT": str(port), "MASTER_ADDR": "gpt-master-0",
+            "PET_MASTER_PORT": str(port), "PET_MASTER_ADDR": "gpt-master-0",
+            "WORLD_SIZE": str(replicas * int(nproc if nproc.isdigit() else 1)), "RANK": str(rank),
+            "PET_NPROC_PER_NODE": nproc, "PET_NODE_RANK": str(rank), "PET_NNODES": str(replicas)}
+
+
+def elastic_env(port: int = 23456) -> dict[str, str]:
+    return {"PYTHONUNBUFFERED": "0", "PET_RDZV_ENDPOINT": f"gpt-worker-0:{port}", "PET_RDZV_BACKEND": "c10d",
+            "PET_NNODES": "1:4", "PET_MAX_RESTARTS": "3", "PET_NPROC_PER_NODE": "1"}
+
+
+def test_pytorchjob_static_master_and_worker():
+    for rtype, index, rank in (("master", 0, 0), ("worker", 0, 1), ("worker", 2, 3)):
+        plan = build_plan(CMD, pytorchjob_env(rtype, index, replicas=4), devices=CPU)
+        assert plan.placement.kind == "pytorchjob" and plan.mode == "torchrun"
+        assert plan.torchrun_argv == ["--nproc-per-node", "1", "--nnodes", "4", "--node-rank", str(rank),
+                                      "--master-addr", "gpt-master-0", "--master-port", "23456", "--no-python", *CMD]
+        # node-level RANK/WORLD_SIZE and every PET_* must not reach torchrun's children
+        assert not {"RANK", "WORLD_SIZE", "MASTER_ADDR"} & set(plan.env)
+        assert not [k for k in plan.env if k.startswith("PET_")]
+
+
+def test_pytorchjob_legacy_operator_counts_pods():
+    env = {"MASTER_ADDR": "gpt-master-0", "MASTER_PORT": "23456", "RANK": "2", "WORLD_SIZE": "3"}
+    p = detect_placement(env)
+    assert (p.kind, p.nnodes, p.node_rank) == ("pytorchjob", "3", 2)
+
+
+def test_pytorchjob_gpu_nproc_from_devices_and_world_size(tmp_path):
+    for i in range(8):
+        (tmp_path / "dev").mkdir(exist_ok=True)
+        (tmp_path / "dev" / f"nvidia{i}").touch()
+    (tmp_path / "dev" / "nvidiactl").touch()  # not a GPU
+    devices = probe({}, root=str(tmp_path), with_nccl=False)
+    assert devices.gpus == 8
+    plan = build_plan(CMD, pytorchjob_env("worker", 0, nproc="8"), devices=devices)
+    assert plan.nproc_per_node == 8 and plan.profile.name == "nccl"
+    plan = build_plan(CMD, pytorchjob_env("worker", 0, nproc="auto"), devices=devices)
+    assert plan.nproc_per_node == 8 and "one per GPU" in plan.nproc_reason
+    assert probe({"CUDA_VISIBLE_DEVICES": "0,1"}, root=str(tmp_path), with_nccl=False).gpus == 2
+
+
+def test_elastic_pytorchjob_uses_c10d_rendezvous():
+    plan = build_plan(CMD, elastic_env(), devices=CPU)
+    assert plan.placement.kind == "pytorchjob-elastic"
+    assert plan.torchrun_argv == ["--nproc-per-node", "1", "--nnodes", "1:4", "--rdzv-backend", "c10d",
+                                  "--rdzv-endpoint", "gpt-worker-0:23456", "--max-restarts", "3", "--no-python", *CMD]
+
+
+def test_trainjob_v2_env():
+    env = {"PET_NNODES": "2", "PET_NPROC_PER_NODE": "1", "PET_NODE_RANK": "1",
+           "PET_MASTER_ADDR": "gpt-node-0-0.gpt", "PET_MASTER_PORT": "29400"}
+    plan = build_plan(CMD, env, devices=CPU)
+    assert plan.placement.kind == "trainjob"
+    assert plan.torchrun_argv[:10] == ["--nproc-per-node", "1", "--nnodes", "2", "--node-rank", "1",
+                                       "--master-addr", "gpt-node-0-0.gpt", "--master-port", "29400"]
+
+
+@pytest.mark.parametrize("env,kind,mode", [
+    ({"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+      "OMPI_COMM_WORLD_LOCAL_SIZE": "2", "K_MPI_JOB_ROLE": "worker"}, "mpi-rank", "mpi-rank"),
+    ({"PMI_RANK": "0", "PMI_SIZE": "2"}, "mpi-rank", "mpi-rank"),
+    ({"K_MPI_JOB_ROLE": "launcher", "OMPI_MCA_orte_default_hostfile": "/etc/mpi/hostfile"}, "mpijob-launcher", "mpirun"),
+    ({"K_MPI_JOB_ROLE": "worker"}, "mpijob-worker", "exec"),
+    ({"TORCHELASTIC_RUN_ID": "x", "RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "GROUP_RANK": "1",
+      "MASTER_ADDR": "h", "MASTER_PORT": "1"}, "torchrun-child", "exec"),
+    ({}, "plain", "torchrun"),
+])
+def test_detect_kinds(env, kind, mode):
+    plan = build_plan(CMD, env, devices=CPU)
+    assert (plan.placement.kind, plan.mode) == (kind, mode)
+    if kind == "plain":
+        assert plan.torchrun_argv == ["--nproc-per-node", "1", "--standalone", "--nnodes", "1", "--no-python", *CMD]
+
+
+def test_neuron_never_auto_and_cores_from_env(tmp_path):
+    assert parse_core_list("0-15") == 16 and parse_core_list("0,1,4-7") == 6
+    env = {**pytorchjob_env("master", 0, nproc="auto"), "NEURON_RT_VISIBLE_CORES": "0-31"}
+    plan = build_plan(CMD, env, devices=probe(env, root=str(tmp_path), with_nccl=False))
+    assert plan.nproc_per_node == 32 and "auto" not in plan.torchrun_argv
+    assert plan.profile.name == "neuron" and plan.env["NEURON_COMPILE_CACHE_URL"] == "/var/tmp/neuron-compile-cache"
+    (tmp_path / "dev").mkdir()
+    for i in range(16):
+        (tmp_path / "dev" / f"neuron{i}").touch()
+    assert probe({}, root=str(tmp_path), with_nccl=False).neuron_cores == 32          # trn1.32xlarge: 16 x 2
+    assert probe({"TRAINLIB_NEURON_CORES_PER_DEVICE": "4"}, root=str(tmp_path), with_nccl=False).neuron_cores == 64
+
+
+def _efa_tree(tmp_path, plugin: str | None = "libnccl-net-ofi.so"):
+    drv = tmp_path / "drivers" / "efa"
+    drv.mkdir(parents=True)
+    for dev in ("rdmap16s27", "rdmap32s27"):
+        d = tmp_path / "sys" / "class" / "infiniband" / dev / "device"
+        d.mkdir(parents=True)
+        os.symlink(drv, d / "driver")
+    mlx = tmp_path / "sys" / "class" / "infiniband" / "mlx5_0" / "device"  # an InfiniBand HCA is not EFA
+    mlx.mkdir(parents=True)
+    (tmp_path / "drivers" / "mlx5_core").mkdir()
+    os.symlink(tmp_path / "drivers" / "mlx5_core", mlx / "driver")
+    if plugin:
+        lib = tmp_path / "opt" / "amazon" / "ofi-nccl" / "lib"
+        lib.mkdir(parents=True)
+        (lib / plugin).touch()
+    return tmp_path
+
+
+@pytest.mark.parametrize("version,expect", [
+    (None, {}),                                                     # >= 1.7 with libfabric >= 1.18: nothing
+    ("1.7.3", {}),
+    ("1.6.0", {"FI_EFA_USE_DEVICE_RDMA": "1"}),
+    ("1.5.0", {"FI_EFA_USE_DEVICE_RDMA": "1", "FI_PROVIDER": "efa", "NCCL_PROTO": "simple"}),
+])
+def test_efa_profile_follows_aws_ofi_nccl_cheatsheet(tmp_path, version, expect):
+    root = _efa_tree(tmp_path)
+    dev = probe({}, root=str(root), with_nccl=False)
+    assert dev.efa == ("rdmap16s27", "rdmap32s27")
+    dev = Devices(gpus=8, efa=dev.efa, ofi_plugin=dev.ofi_plugin)
+    env = {"TRAINLIB_OFI_NCCL_VERSION": version} if version else {}
+    prof = select_profile(dev, 8, env)
+    assert prof.name == "efa-nccl"
+    fi = {k: v for k, v in prof.env.items() if k.startswith(("FI_", "NCCL_PROTO"))}
+    assert fi == expect
+    assert prof.env["NCCL_NET_PLUGIN"] == "ofi"
+    assert prof.env["LD_LIBRARY_PATH"].split(":")[0] == str(root / "opt/amazon/ofi-nccl/lib")
+    assert "RDMAV_FORK_SAFE" not in prof.env and "NCCL_MIN_NCHANNELS" not in prof.env
+
+
+def test_no_efa_profile_without_devices_and_user_settings_win(tmp_path):
+    prof = select_profile(Devices(gpus=8), 8, {})
+    assert prof.name == "nccl" and prof.env == {}
+    prof = select_profile(Devices(gpus=8, efa=("rdmap0",)), 8, {})
+    assert any("no aws-ofi-nccl plugin" in n for n in prof.notes)
+    prof = select_profile(Devices(), 2, {})
+    env, kept = prof.apply({"OMP_NUM_THREADS": "7"})
+    assert env["OMP_NUM_THREADS"] == "7" and kept and "user-set" in kept[0]
+
+
+@pytest.mark.parametrize("env,devices,needles", [
+    ({k: v for k, v in pytorchjob_env("worker", 0).items() if "ADDR" not in k}, CPU,
+     ["MASTER_ADDR is not set", "pytorchjob-port", "export MASTER_ADDR"]),
+    ({k: v for k, v in pytorchjob_env("worker", 0).items() if "MASTER" not in k}, CPU, ["MASTER_ADDR and MASTER_PORT"]),
+    (pytorchjob_env("worker", 0, nproc="3"), Devices(gpus=8), ["nproc_per_node 3", "does not divide the 8 visible GPUs"]),
+    ({**pytorchjob_env("worker", 0, nproc="2"), "WORLD_SIZE": "3"}, Devices(gpus=2), ["WORLD_SIZE=3", "nnodes(2) x nproc_per_node(2)"]),
+    ({"TRAINLIB_BACKEND": "nccll"}, CPU, ["'nccll' is not a known backend", "gloo, nccl, xla, mpi"]),
+    ({"TRAINLIB_BACKEND": "nccl"}, CPU, ["no visible GPU", "gloo"]),
+    ({"PET_NNODES": "2", "PET_NODE_RANK": "5", "MASTER_ADDR": "h", "MASTER_PORT": "1"}, CPU, ["node rank 5", "0..1"]),
+    ({**elastic_env(), "PET_NNODES": "4:2"}, CPU, ["'4:2'", "MIN <= MAX"]),
+    ({**elastic_env(), "PET_RDZV_BACKEND": "zookeeper"}, CPU, ["'zookeeper'", "c10d"]),
+    ({"K_MPI_JOB_ROLE": "launcher"}, CPU, ["no hostfile", "OMPI_MCA_orte_default_hostfile"]),
+])
+def test_bad_environment_exits_1_naming_the_fix(monkeypatch, capsys, env, devices, needles):
+    with pytest.raises(LaunchConfigError) as e:
+        build_plan(CMD, env, devices=devices)
+    for n in needles:
+        assert n in str(e.value), (n, str(e.value))
+    # and through the CLI entry (same code path trainlib launch takes), exit code 1
+    monkeypatch.setattr(os, "environ", {**env, "PATH": os.environ.get("PATH", "")})
+    monkeypatch.setattr(launch, "build_plan", lambda cmd, nproc_override=None: build_plan(cmd, env, nproc_override, devices=devices))
+    assert launch.main(["--", *CMD]) == 1
+    assert needles[0] in capsys.readouterr().err
+
+
+def test_nproc_override_and_exit_codes():
+    assert resolve_nproc(detect_placement({}), Devices(gpus=8), 4)[0] == 4
+    with pytest.raises(LaunchConfigError, match="must be >= 1"):
+        resolve_nproc(detect_placement({}), CPU, 0)
+    # Kubeflow ExitCode policy: 1-127 permanent, >= 128 retryable; signals (negative) retryable
+    assert [classify_worker_exit(c) for c in (0, 1, 2, 137, 138, -9, -15)] == [0, 1, 2, 137, 138, EXIT_RETRY, EXIT_RETRY]
+
+
+def test_mpi_hostfile_and_mpirun_line():
+    assert parse_hostfile("gpt-worker-0.gpt.default.svc slots=8\ngpt-worker-1.gpt.default.svc slots=8\n") == [
+        ("gpt-worker-0.gpt.default.svc", 8), ("gpt-worker-1.gpt.default.svc", 8)]
+    assert parse_hostfile("a:4\n# comment\nb\n") == [("a", 4), ("b", 1)]
+    argv = mpirun_argv("/etc/mpi/hostfile", "a slots=8\nb slots=8\n", CMD, ["LD_LIBRARY_PATH"], open_mpi=True)
+    assert argv[:5] == ["mpirun", "--hostfile", "/etc/mpi/hostfile", "-np", "16"]
+    assert argv[argv.index("-x") + 1] == "LD_LIBRARY_PATH" and argv[-5:] == ["trainlib", "launch", "--", *CMD]
+    assert mpirun_argv("/h", "a:2\nb:2", CMD, [], open_mpi=False) == ["mpiexec", "-f", "/h", "-n", "4",
+                                                                     "trainlib", "launch", "--", *CMD]
