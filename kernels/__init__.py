@@ -156,16 +156,15 @@ def scale_cast(src: torch.Tensor, dst: torch.Tensor, scale: float = 1.0) -> torc
         raise ValueError(f"scale_cast: src is on {src.device} but dst on {dst.device}; move them to one device")
     if not (src.is_floating_point() and dst.is_floating_point()):
         raise ValueError(f"scale_cast: dtypes {src.dtype} -> {dst.dtype}; only floating dtypes are supported")
-    impl = _impl(backend_for(dst), {src.dtype, dst.dtype})
     same = src.data_ptr() == dst.data_ptr() and src.dtype == dst.dtype and src.stride() == dst.stride()
+    sb, se = src.data_ptr(), src.data_ptr() + src.numel() * src.element_size()
+    db, de = dst.data_ptr(), dst.data_ptr() + dst.numel() * dst.element_size()
+    if not same and src.numel() and sb < de and se > db:
+        raise ValueError("scale_cast: src and dst overlap without being the same tensor; use separate memory")
+    impl = _impl(backend_for(dst), {src.dtype, dst.dtype})
     if impl is reference or not dst.is_contiguous():
         reference.scale_cast(src, dst, float(scale))
         return dst
-    if not same:
-        sb, se = src.data_ptr(), src.data_ptr() + src.numel() * src.element_size()
-        db, de = dst.data_ptr(), dst.data_ptr() + dst.numel() * dst.element_size()
-        if src.numel() and sb < de and se > db:
-            raise ValueError("scale_cast: src and dst overlap without being the same tensor; use separate memory")
     impl.scale_cast(src if src.is_contiguous() else src.contiguous(), dst, float(scale))
     return dst
 

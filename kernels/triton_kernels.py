@@ -45,12 +45,22 @@ def _cast(x, DT: tl.constexpr):
 
 
 @triton.jit
+def _to_f32(x):
+    # bf16 -> float32 is a 16-bit shift (exact, as on the hardware); done on the bits because the
+    # interpreter's conversion mishandles bf16 subnormals
+    if x.dtype == tl.bfloat16:
+        return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
 def _scale_cast_kernel(src, dst, n, scale, BLOCK: tl.constexpr, ITERS: tl.constexpr):
     base = tl.program_id(0).to(tl.int64) * (BLOCK * ITERS)
     for it in tl.static_range(ITERS):
         o = base + it * BLOCK + tl.arange(0, BLOCK)
         m = o < n
-        x = tl.load(src + o, mask=m).to(tl.float32)
+        x = _to_f32(tl.load(src + o, mask=m))
         tl.store(dst + o, _cast(x * scale, dst.dtype.element_ty), mask=m)
 
 
@@ -67,10 +77,10 @@ def _segments_kernel(table, n_chunks, flat, scale, TENSOR_DT: tl.constexpr, TO_F
         o = it * BLOCK + tl.arange(0, BLOCK)
         m = o < n
         if TO_FLAT:
-            x = tl.load(tensor + o, mask=m).to(tl.float32)
+            x = _to_f32(tl.load(tensor + o, mask=m))
             tl.store(flat + start + o, _cast(x * scale, flat.dtype.element_ty), mask=m)
         else:
-            x = tl.load(flat + start + o, mask=m).to(tl.float32)
+            x = _to_f32(tl.load(flat + start + o, mask=m))
             tl.store(tensor + o, _cast(x * scale, TENSOR_DT), mask=m)
 
 
@@ -84,7 +94,7 @@ def _epilogue_kernel(x, n, partial_sq, partial_bad, FLT_MAX: tl.constexpr, BLOCK
     for it in tl.static_range(ITERS):
         o = base + it * BLOCK + tl.arange(0, BLOCK)
         m = o < n
-        v = tl.load(x + o, mask=m, other=0.0).to(tl.float32)
+        v = _to_f32(tl.load(x + o, mask=m, other=0.0))
         acc += v * v
         # |v| <= FLT_MAX is false exactly for inf and nan
         bad = tl.maximum(bad, tl.where(tl.abs(v) <= FLT_MAX, 0, 1))

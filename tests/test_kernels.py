@@ -1,0 +1,342 @@
+"""trainlib.kernels against the pure-torch reference: the compiled CPU kernel and the Triton kernels
+(run by Triton's interpreter on CPU here, on the GPU where there is one).
+
+Equality is bitwise (on the bit patterns, so -0.0 and NaN payloads count) for every dtype pair:
+the kernels compute cast(float32(x) * float32(scale)) with round-to-nearest-even, like torch.
+The norm is a reduction, so it is compared within fp32 rounding.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import trainlib.kernels as K
+from trainlib.kernels import cpu, reference as R
+
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+CASTS = [(F32, F32), (F32, BF16), (F32, F16), (BF16, F32), (F16, F32), (BF16, BF16), (F16, BF16)]
+SCALES = [1.0, 0.5, 1 / 3]
+# numpy, which runs Triton's interpreter, warns on the overflow and NaN arithmetic these tests do on purpose
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton")
+INT_VIEW = {F32: torch.int32, F16: torch.int16, BF16: torch.int16, torch.float64: torch.int64}
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(INT_VIEW[t.dtype])
+
+
+def assert_bitwise(a: torch.Tensor, b: torch.Tensor) -> None:
+    assert a.dtype == b.dtype and a.shape == b.shape
+    diff = (bits(a) != bits(b)).nonzero()
+    assert diff.numel() == 0, f"{diff.numel()} elements differ, first at {diff[0].tolist()}: {a.flatten()[diff[0]]} vs {b.flatten()[diff[0]]}"
+
+
+def make_tensors(dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
+    """Odd sizes, an empty tensor, a 0-d tensor and a transposed (non-contiguous) one."""
+    g = torch.Generator().manual_seed(seed)
+    ts = [torch.randn(n, generator=g) * 10 for n in (5, 0, 1000, 4097, 3)]
+    ts += [torch.randn((), generator=g), torch.randn(30, 41, generator=g).t(), torch.randn(2, 3, 7, generator=g)]
+    return [t.to(dtype) for t in ts]
+
+
+# Triton's interpreter must be switched on before `triton` is first imported (its own library
+# functions are decorated at import), so the "triton" cases run in a child pytest started with
+# TRITON_INTERPRET=1 (test_triton_backend_under_the_interpreter); this process never sets it.
+TRITON_CHILD = os.environ.get("TRAINLIB_TEST_TRITON_CHILD") == "1"
+
+
+@pytest.fixture(params=["cpu", "triton"])
+def backend(request, monkeypatch):
+    if request.param == "triton":
+        if not TRITON_CHILD:
+            pytest.skip("run by test_triton_backend_under_the_interpreter in a child process")
+        pytest.importorskip("numpy")
+        pytest.importorskip("triton")
+    elif not cpu.available():
+        pytest.skip("the CPU kernels could not be built here (no compiler?)")
+    monkeypatch.setenv("TRAINLIB_KERNELS", request.param)
+    assert K.backend_for(torch.zeros(1)) == request.param
+    return request.param
+
+
+def test_triton_backend_under_the_interpreter():
+    """Every backend-parametrised test below, for "triton", in a child with TRITON_INTERPRET=1."""
+    if TRITON_CHILD:
+        pytest.skip("this is the child")
+    for mod in ("numpy", "triton"):
+        if importlib.util.find_spec(mod) is None:
+            pytest.skip(f"{mod} is not installed (pip install 'trainlib[test]')")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "TRAINLIB_TEST_TRITON_CHILD": "1", "TRAINLIB_KERNELS": ""}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
+                           "-k", "triton and not gpu and not under_the_interpreter"],
+                          env=env, capture_output=True, text=True, timeout=240)
+    tail = (proc.stdout + proc.stderr)[-4000:]
+    assert proc.returncode == 0, tail
+    passed = re.search(r"(\d+) passed", proc.stdout)
+    assert passed and int(passed.group(1)) >= 20 and "skipped" not in proc.stdout, tail
+
+
+@pytest.mark.parametrize("src_dtype,flat_dtype", CASTS)
+def test_pack_unpack_match_reference_bitwise(backend, src_dtype, flat_dtype):
+    ts = make_tensors(src_dtype)
+    total = sum(t.numel() for t in ts)
+    for scale in SCALES:
+        out, ref = torch.empty(total, dtype=flat_dtype), torch.empty(total, dtype=flat_dtype)
+        assert K.pack(ts, out, scale) is out
+        assert_bitwise(out, R.pack(ts, ref, scale))
+        # unpack into fresh tensors shaped like the inputs, the transposed one included
+        outs = [torch.full_like(t.t() if t.dim() == 2 else t, float("nan")) for t in ts]
+        outs = [o.t() if o.dim() == 2 else o for o in outs]
+        refs = [torch.empty_like(t) for t in ts]
+        K.unpack(ref, outs, scale)
+        R.unpack(ref, refs, scale)
+        for o, r in zip(outs, refs):
+            assert_bitwise(o, r)
+
+
+def test_pack_then_unpack_round_trips(backend):
+    ts = make_tensors(F32, seed=1)
+    flat = torch.empty(sum(t.numel() for t in ts), dtype=F32)
+    K.pack(ts, flat, 0.5)
+    outs = [torch.empty_like(t) for t in ts]
+    K.unpack(flat, outs, 2.0)  # 0.5 and 2.0 are exact in binary: the round trip is exact
+    for o, t in zip(outs, ts):
+        assert_bitwise(o, t)
+
+
+@pytest.mark.parametrize("src_dtype,dst_dtype", CASTS)
+def test_scale_cast_matches_reference(backend, src_dtype, dst_dtype):
+    src = (torch.randn(9001, generator=torch.Generator().manual_seed(2)) * 100).to(src_dtype)
+    for scale in SCALES:
+        dst = torch.empty(9001, dtype=dst_dtype)
+        assert K.scale_cast(src, dst, scale) is dst
+        assert_bitwise(dst, R.scale_cast(src, torch.empty_like(dst), scale))
+    if src_dtype == dst_dtype:  # in place: dst is src
+        x = src.clone()
+        K.scale_cast(x, x, 1 / 3)
+        assert_bitwise(x, R.scale_cast(src, torch.empty_like(src), 1 / 3))
+
+
+def special_values() -> torch.Tensor:
+    """Around every rounding edge of bf16/fp16: subnormals, overflow, ties, signed zeros, inf/nan."""
+    f16_max, f16_tiny = 65504.0, 2.0 ** -24
+    vals = [0.0, -0.0, 1.0, -1.0, f16_max, 65519.0, 65520.0, -65520.0, 1e5, f16_tiny, f16_tiny / 2, f16_tiny * 0.75,
+            6.1e-5, 6.097e-5, 3e-8, 1e-45, -1e-45, 1.17549435e-38, 3.4028235e38, -3.4028235e38, 1 + 2 ** -8,
+            1 + 2 ** -9, 1 + 3 * 2 ** -9, 1 + 2 ** -11, 1 + 3 * 2 ** -11, float("inf"), float("-inf")]
+    g = torch.Generator().manual_seed(3)
+    spread = torch.randn(4000, generator=g) * torch.pow(2.0, torch.randint(-30, 30, (4000,), generator=g).float())
+    return torch.cat([torch.tensor(vals, dtype=F32), spread])
+
+
+@pytest.mark.parametrize("dst_dtype", [BF16, F16])
+def test_downcast_rounding_edges(backend, dst_dtype):
+    x = special_values()
+    got = K.scale_cast(x, torch.empty(x.numel(), dtype=dst_dtype))
+    assert_bitwise(got, x.to(dst_dtype))
+
+
+def test_every_half_and_bf16_bit_pattern_upcasts_exactly(backend):
+    pattern = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    for dtype in (F16, BF16):
+        src = pattern.view(dtype)
+        got = K.scale_cast(src, torch.empty(src.numel(), dtype=F32))
+        ref = src.float()
+        nan = ref.isnan()
+        assert torch.equal(got.isnan(), nan)
+        assert_bitwise(got[~nan], ref[~nan])
+
+
+def test_nan_stays_nan(backend):
+    x = torch.tensor([float("nan"), 1.0, -float("nan")])
+    for dtype in (F32, F16, BF16):
+        out = K.pack([x], torch.empty(3, dtype=dtype), 0.5)
+        assert out.isnan().tolist() == [True, False, True]
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16, F16])
+def test_epilogue_flags_nonfinite_anywhere(backend, dtype):
+    n = 300_001 if backend == "cpu" else 9_001  # the CPU size crosses the threads' shares
+    x = (torch.randn(n, generator=torch.Generator().manual_seed(4))).to(dtype)
+    bad, sq = K.epilogue(x)
+    ref_bad, ref_sq = R.epilogue(x)
+    assert bad.dtype == torch.bool and bad.dim() == 0 and sq.dtype == F32 and sq.dim() == 0
+    assert not bad and not ref_bad
+    torch.testing.assert_close(sq, ref_sq, rtol=2e-5, atol=0)
+    for pos in (0, 1, 4095, 4096, n // 2, n - 1):
+        for v in (float("inf"), float("-inf"), float("nan")):
+            y = x.clone()
+            y[pos] = v
+            bad, sq = K.epilogue(y)
+            assert bool(bad), f"{v} at {pos} of {n} not flagged"
+            assert not torch.isfinite(sq)
+
+
+def test_epilogue_huge_finite_values_are_not_nonfinite(backend):
+    # squares overflow fp32 but no element is inf/nan: the flag must still say "finite"
+    x = torch.full((5000,), 3e30)
+    bad, sq = K.epilogue(x)
+    ref_bad, ref_sq = R.epilogue(x)
+    assert bool(bad) == bool(ref_bad) is False
+    assert torch.isinf(sq) and torch.isinf(ref_sq)
+
+
+def test_epilogue_of_a_2d_and_a_noncontiguous_tensor(backend):
+    x = torch.randn(64, 33).t()
+    bad, sq = K.epilogue(x)
+    torch.testing.assert_close(sq, R.epilogue(x)[1], rtol=2e-5, atol=0)
+    assert not bad
+
+
+def test_empty_inputs(backend):
+    out = torch.empty(0)
+    assert K.pack([], out) is out
+    K.unpack(out, [])
+    zeros = [torch.empty(0), torch.empty(0, 5)]
+    K.pack(zeros, out, 0.5)
+    K.unpack(out, zeros)
+    assert K.scale_cast(torch.empty(0), torch.empty(0, dtype=BF16)).numel() == 0
+    bad, sq = K.epilogue(torch.empty(0))
+    assert not bad and float(sq) == 0.0
+
+
+def test_inplace_pack_of_views_into_the_bucket(backend):
+    """Gradients that are views of their bucket: pack(views, bucket, 1/dp) scales in place."""
+    flat = torch.randn(10_000)
+    shapes, views, off = [(10, 30), (7,), (1,), (99, 97)], [], 0
+    for s in shapes:
+        n = torch.Size(s).numel()
+        views.append(flat[off: off + n].view(s))
+        off += n
+    expected = R.pack([v.clone() for v in views], torch.empty(off), 1 / 3)
+    K.pack(views, flat[:off], 1 / 3)
+    assert_bitwise(flat[:off], expected)
+    K.unpack(flat[:off], views, 3.0)
+    assert_bitwise(flat[:off], R.scale_cast(expected, torch.empty(off), 3.0))
+
+
+def test_many_small_tensors_across_threads():
+    if not cpu.available():
+        pytest.skip("no CPU kernels here")
+    g = torch.Generator().manual_seed(5)
+    ts = [torch.randn(int(n), generator=g) for n in torch.randint(0, 400, (1000,), generator=g)]
+    total = sum(t.numel() for t in ts)
+    ref = R.pack(ts, torch.empty(total, dtype=BF16), 0.25)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            assert_bitwise(cpu_pack(ts, total), ref)
+    finally:
+        torch.set_num_threads(before)
+
+
+def cpu_pack(ts: list[torch.Tensor], total: int) -> torch.Tensor:
+    out = torch.empty(total, dtype=BF16)
+    cpu.pack(ts, out, 0.25)
+    return out
+
+
+def test_bad_input_raises_clear_errors():
+    x, y = torch.randn(4), torch.randn(3, 2)
+    with pytest.raises(ValueError, match=r"out has 9 elements but the 2 tensors hold 10 .*torch.empty\(10"):
+        K.pack([x, y], torch.empty(9))
+    with pytest.raises(ValueError, match=r"flat has 11 elements but the 2 tensors hold 10"):
+        K.unpack(torch.empty(11), [x, y])
+    with pytest.raises(ValueError, match="1-D and contiguous"):
+        K.pack([x], torch.empty(2, 2))
+    with pytest.raises(ValueError, match="tensor 0 has dtype torch.int64"):
+        K.pack([torch.arange(4)], torch.empty(4))
+    with pytest.raises(ValueError, match="tensor 1 is on meta"):
+        K.pack([x, torch.empty(6, device="meta")], torch.empty(10))
+    with pytest.raises(ValueError, match="src has 4 elements but dst has 6"):
+        K.scale_cast(x, y)
+    flat = torch.zeros(8)
+    with pytest.raises(ValueError, match="overlaps the flat buffer outside its own slot"):
+        K.pack([flat[1:5], torch.zeros(4)], flat)
+    with pytest.raises(ValueError, match="overlap without being the same tensor"):
+        K.scale_cast(flat[:4], flat[2:6])
+
+
+def test_bad_backend_name_is_rejected(monkeypatch):
+    monkeypatch.setenv("TRAINLIB_KERNELS", "cuda")
+    with pytest.raises(ValueError, match=r"TRAINLIB_KERNELS='cuda' is not one of"):
+        K.pack([torch.zeros(1)], torch.empty(1))
+
+
+def test_dispatch_by_device(monkeypatch):
+    monkeypatch.delenv("TRAINLIB_KERNELS", raising=False)
+    assert K.backend_for(torch.zeros(1)) == ("cpu" if cpu.available() else "reference")
+    assert K.backend_for(torch.zeros(1, device="meta")) == "reference"
+    monkeypatch.setenv("TRAINLIB_KERNELS", "reference")
+    assert K.backend_for(torch.zeros(1)) == "reference"
+
+
+def test_float64_takes_the_reference_path():
+    x = torch.randn(100, dtype=torch.float64)
+    out = K.pack([x], torch.empty(100, dtype=torch.float64), 1 / 3)
+    assert_bitwise(out, x * (1 / 3))
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_failed_build_falls_back_to_reference_with_one_warning(tmp_path):
+    """No usable compiler (CXX=/bin/false): one warning, then correct results from the reference."""
+    logger, seen = logging.getLogger("trainlib"), _Records()
+    logger.addHandler(seen)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("CXX", "/bin/false")
+            mp.setenv("TRAINLIB_KERNEL_CACHE", str(tmp_path))
+            mp.delenv("TRAINLIB_KERNELS", raising=False)
+            cpu.reset()
+            ts = make_tensors(F32)
+            total = sum(t.numel() for t in ts)
+            for _ in range(3):
+                out = K.pack(ts, torch.empty(total, dtype=BF16), 0.5)
+                assert_bitwise(out, R.pack(ts, torch.empty(total, dtype=BF16), 0.5))
+            assert K.backend_for(out) == "reference"
+    finally:
+        logger.removeHandler(seen)
+        cpu.reset()  # the next caller builds (or loads from the cache) with the real compiler
+    warnings = [r.getMessage() for r in seen.records if "cannot build the CPU kernels" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert "/bin/false" in warnings[0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_triton_on_gpu_matches_reference(monkeypatch):
+    monkeypatch.delenv("TRAINLIB_KERNELS", raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    dev = torch.device("cuda")
+    assert K.backend_for(torch.zeros(1, device=dev)) == "triton"
+    for src_dtype, flat_dtype in CASTS:
+        ts = [t.to(dev) for t in make_tensors(src_dtype)] + [torch.randn(1 << 20, device=dev).to(src_dtype)]
+        total = sum(t.numel() for t in ts)
+        for scale in SCALES:
+            out = K.pack(ts, torch.empty(total, dtype=flat_dtype, device=dev), scale)
+            assert_bitwise(out.cpu(), R.pack(ts, torch.empty_like(out), scale).cpu())
+            outs, refs = [torch.empty_like(t) for t in ts], [torch.empty_like(t) for t in ts]
+            K.unpack(out, outs, scale)
+            R.unpack(out, refs, scale)
+            for o, r in zip(outs, refs):
+                assert_bitwise(o.cpu(), r.cpu())
+    x = torch.randn(10_000_019, device=dev)
+    bad, sq = K.epilogue(x)
+    assert not bad and sq.device == x.device
+    torch.testing.assert_close(sq, R.epilogue(x)[1], rtol=2e-5, atol=0)
+    x[12345] = float("nan")
+    assert bool(K.epilogue(x)[0])
