@@ -123,3 +123,25 @@ def mismatched_models() -> str:
     except ValueError as e:
         return str(e)
     return "no error"
+
+
+def shm_versus_ddp(steps: int = 3) -> dict:
+    """The shared-memory transport against torch DDP on AwkwardNet, with many small buckets."""
+    rt = tl.init()
+    torch.manual_seed(0)
+    ref, ours = AwkwardNet(), AwkwardNet()
+    ours.load_state_dict(ref.state_dict())
+    ddp = nn.parallel.DistributedDataParallel(ref, find_unused_parameters=True)
+    dp = tl.DataParallel(ours, sync=tl.AllReduce(bucket_mb=0.001, transport="shm"))
+    diffs = []
+    for step in range(steps):
+        x, y = _batch(step, rt.rank)
+        for model in (ddp, dp):
+            nn.functional.cross_entropy(model(x, step % 2 == 0), y).backward()
+        diffs.append(_max_grad_diff(ref, ours))
+        for m in (ref, ours):
+            m.zero_grad(set_to_none=True)
+    dp.close()
+    import os
+    leftovers = [f for f in os.listdir("/dev/shm") if f.startswith("trainlib-")]
+    return {"grad_diff": max(diffs), "buckets": len(dp.buckets), "leftovers": leftovers}

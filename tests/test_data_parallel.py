@@ -55,3 +55,10 @@ def test_mpi_transport_under_real_mpiexec_equals_ddp():
     for r in rows:
         assert r["source"] == "mpi" and r["transport"] == "mpi", r
         assert r["diff"] <= 1e-6, r
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_shm_transport_equals_ddp(world):
+    for r in run_ranks(dp_models.shm_versus_ddp, world):
+        assert r["grad_diff"] <= 1e-6, r
+        assert r["buckets"] > 3 and r["leftovers"] == [], r

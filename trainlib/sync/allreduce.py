@@ -5,6 +5,8 @@ Transports:
          handles so buckets reduce while backward goes on;
   mpi    mpi4py Iallreduce on the CPU tensors' own memory (zero-copy), when the job was started by
          mpiexec; MPI's shared-memory transport is far faster than gloo's TCP loopback on one node;
+  shm    one node, CPU: the bucket buffers live in shared memory and ranks reduce each other's
+         chunks in place (sync/shm.py); a background thread reduces buckets as backward fills them;
   auto   mpi when started by mpiexec with CPU tensors and mpi4py importable, else torch.
 """
 from __future__ import annotations
@@ -17,7 +19,7 @@ from .. import comm
 
 log = logging.getLogger("trainlib")
 
-TRANSPORTS = ("auto", "torch", "mpi")
+TRANSPORTS = ("auto", "torch", "mpi", "shm")
 COMPRESS = {None: None, "none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -38,6 +40,7 @@ class AllReduce:
         self._handles: list = []
         self._group = None
         self._mpi = None
+        self._shm = None
 
     def bind(self, buckets, group) -> None:
         self._group = group
@@ -54,11 +57,33 @@ class AllReduce:
             from .mpi import MPIGroup
 
             self._mpi = MPIGroup.for_process_group(group)
+        if transport == "shm":
+            if not on_cpu:
+                raise ValueError("transport='shm' needs CPU tensors; use transport='torch' (nccl) on GPU")
+            self._bind_shm(buckets, group)
         self.resolved_transport = transport
         log.debug("AllReduce over %s, %d buckets", transport, len(buckets))
 
+    def _bind_shm(self, buckets, group) -> None:
+        from ..runtime import _RUNTIME, DEFAULT_TIMEOUT_S
+        from .shm import ShmGroup, ShmWorker
+
+        self._shm = ShmGroup(group, _RUNTIME.timeout_s if _RUNTIME else DEFAULT_TIMEOUT_S)
+        for b in buckets:  # move each bucket's wire buffer into shared memory
+            new = self._shm.alloc(b.index, b.numel, b.comm.dtype)
+            if b.comm is b.grads:
+                new.copy_(b.grads)
+                b.grads = b.comm = new
+                b.attach_views()
+            else:
+                b.comm = new
+        self._shm.map_peers()
+        self._worker = ShmWorker(self._shm)
+
     def start(self, bucket) -> None:
-        if self._mpi is not None:
+        if self._shm is not None:
+            self._handles.append(self._worker.submit(bucket.index))
+        elif self._mpi is not None:
             self._handles.append(self._mpi.iallreduce(bucket.comm))
         else:
             self._handles.append(comm.all_reduce(bucket.comm, group=self._group, async_op=True))
@@ -73,6 +98,10 @@ class AllReduce:
 
     def close(self) -> None:
         self._handles = []
+        if self._shm is not None:
+            self._worker.stop()
+            self._shm.close()
+            self._shm = None
 
 
 def _launched_by_mpi() -> bool:
