@@ -240,8 +240,11 @@ class ServerState:
 
     # -- introspection and persistence -----------------------------------------------------------
     def digest(self) -> str:
-        """A hash of everything a message could change; equal digests = no state change."""
-        d = hashlib.sha256(f"{self.session}|{sorted(self.last_seq.items())}|{sorted(self.left)}".encode())
+        """A hash of the training state (sums, parameters, clocks); equal digests = no change.
+
+        The replay counters (`last_seq`) are reported beside it by `stats`, since asking for the
+        stats is itself a message that advances the asker's counter."""
+        d = hashlib.sha256(f"{self.session}|{sorted(self.left)}".encode())
         for key in sorted(self.pending):
             e = self.pending[key]
             d.update(f"p{key}:{e.step}:{e.nworkers}:{sorted(e.parts)}:{len(e.waiters)}".encode())
@@ -264,6 +267,7 @@ class ServerState:
         return {"session": self.session, "served": self.served, "dropped": dict(dropped),
                 "dropped_total": sum(dropped.values()), "keys": self._keys(), "pending": len(self.pending),
                 "max_lead": self.max_lead, "max_spread": self.max_spread, "worker_clock": worker_clock,
+                "last_seq": {f"{g}:{w}:{i}": q for (g, w, i), q in self.last_seq.items()},
                 "digest": self.digest()}
 
     def _stats(self, ident, h, payload):
