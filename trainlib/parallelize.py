@@ -1,0 +1,172 @@
+"""`tl.parallelize`: compose pipeline, tensor and data parallelism on a (pp, dp, tp) mesh.
+
+    pm = tl.parallelize(model, mesh, tp_plan=GPT_PLAN, schedule="1f1b", microbatches=8, loss_fn=loss_fn)
+    loss = pm.step(inputs, targets)      # forward + backward; grads are the dp-average on return
+    pm.clip_grad_norm_(1.0); opt.step()  # opt over pm.parameters()
+
+The order is fixed (torchtitan's, and the only one that keeps each step simple):
+  1. PP split   `model.as_layers()` (or the model itself if it is a list / nn.Sequential) is cut
+                into pp * v stages balanced by parameter count; this rank keeps its stages' layers.
+  2. TP         the plan's patterns are matched against the FULL model's module names, and only the
+                modules this rank kept are converted (so "blocks.*.attn.qkv" means the same thing
+                on every stage); parameters shard over mesh.group("tp").
+  3. DP         the kept modules are wrapped in tl.DataParallel over mesh.group("dp"). With pp > 1
+                the schedule runs its backward passes under no_sync() and the gradients are
+                averaged once, after the pipeline flush.
+Every rank must build the same full model (same seed) before calling this.
+
+Loss: with a column-parallel LM head the logits stay split over tp; pass
+`loss_fn=lm_loss_fn(mesh)` (vocab-parallel cross-entropy) instead of F.cross_entropy.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import torch
+import torch.nn as nn
+
+from .pipeline import Pipeline
+from .pipeline.partition import balance, check_boundaries, layer_costs
+from .tensor_parallel.layers import vocab_parallel_cross_entropy
+from .tensor_parallel.plan import STYLES, resolve_plan
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def lm_loss_fn(mesh) -> LossFn:
+    """Mean next-token cross-entropy for logits (B, T, V/tp) split over tp (plain CE when tp = 1)."""
+    group = mesh.group("tp") if mesh is not None and mesh.size("tp") > 1 else None
+
+    def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if group is None:
+            return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        return vocab_parallel_cross_entropy(logits, targets, group)
+
+    return loss_fn
+
+
+def _layers_of(model: nn.Module | list) -> list[nn.Module]:
+    if isinstance(model, (list, tuple, nn.ModuleList, nn.Sequential)):
+        return list(model)
+    if hasattr(model, "as_layers"):
+        return list(model.as_layers())
+    raise TypeError(f"{type(model).__name__} cannot be split into pipeline stages: give it an as_layers() method "
+                    "returning its layers in order, or pass a list / nn.Sequential of layers")
+
+
+def _apply_tp(model: nn.Module, mesh, plan: dict[str, str], keep: set[int]) -> None:
+    """Convert the planned modules whose owning layer this rank kept (names from the full model)."""
+    root = model if isinstance(model, nn.Module) else nn.ModuleList(model)
+    group = mesh.group("tp")
+    owner: dict[str, bool] = {}
+    for name, module in root.named_modules():
+        parent = name.rpartition(".")[0]
+        owner[name] = id(module) in keep or owner.get(parent, False)
+    for name, style in resolve_plan(root, plan).items():
+        if not owner[name]:
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        parent = root.get_submodule(parent_name) if parent_name else root
+        setattr(parent, attr, STYLES[style][1](getattr(parent, attr), group))
+
+
+class ParallelModel:
+    """The result of tl.parallelize: this rank's share of the model and how to run a step on it."""
+
+    def __init__(self, local: nn.Module, mesh, dp_model: nn.Module | None, pipe: Pipeline | None, loss_fn: LossFn):
+        self.local, self.mesh, self.dp_model, self.pipe, self.loss_fn = local, mesh, dp_model, pipe, loss_fn
+
+    def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Forward and backward of one batch; returns the loss (same on every rank of the pp/tp group)."""
+        if self.pipe is None:
+            model = self.dp_model if self.dp_model is not None else self.local
+            loss = self.loss_fn(model(inputs), targets)
+            loss.backward()
+            return loss.detach()
+        if self.dp_model is None:
+            return self.pipe.step(inputs, targets)
+        with self.dp_model.no_sync():
+            loss = self.pipe.step(inputs, targets)
+        self.dp_model.sync_gradients()
+        return loss
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        return self.local.parameters()
+
+    def named_parameters(self):
+        return self.local.named_parameters()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """This rank's shard: its stages' parameters, tp-sharded ones holding this rank's slice."""
+        return self.local.state_dict()
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Global-norm clipping over all three axes (see trainlib/data_parallel/clip.py)."""
+        from .data_parallel import DataParallel, clip_grad_norm_
+
+        target = self.dp_model if isinstance(self.dp_model, DataParallel) else list(self.parameters())
+        return clip_grad_norm_(target, max_norm, self.mesh)
+
+    def close(self) -> None:
+        if self.dp_model is not None and hasattr(self.dp_model, "close"):
+            self.dp_model.close()
+
+
+def parallelize(model: nn.Module | list, mesh, *, tp_plan: dict[str, str] | None = None, loss_fn: LossFn | None = None,
+                schedule: str = "1f1b", microbatches: int | None = None, virtual_stages: int | None = None,
+                boundaries: list[int] | None = None, sync=None, bucket_mb: float | None = None) -> ParallelModel:
+    """Apply PP split -> TP -> DP to `model` on `mesh` (see the module docstring).
+
+    tp_plan: name-pattern plan (required when tp > 1). loss_fn(output, target) -> scalar mean
+    (default: lm_loss_fn(mesh)). microbatches: default 2 * pp. sync: a GradSync for the dp axis
+    (default AllReduce())."""
+    pp, tp, dp = mesh.size("pp"), mesh.size("tp"), mesh.size("dp")
+    if tp > 1 and not tp_plan:
+        raise ValueError(f"{mesh}: tp={tp} needs a tensor-parallel plan, e.g. "
+                         "tp_plan=trainlib.tensor_parallel.GPT_PLAN for the default GPT")
+    loss_fn = loss_fn if loss_fn is not None else lm_loss_fn(mesh)
+    pipe = None
+    if pp > 1:
+        # 1. PP split: decide this rank's layers on the full (unsharded) costs
+        layers = _layers_of(model)
+        m = microbatches if microbatches is not None else 2 * pp
+        from .pipeline.schedules import build_schedule
+
+        n_stages = pp * build_schedule(schedule, pp, m, virtual_stages).v
+        bounds = (check_boundaries(boundaries, len(layers), n_stages) if boundaries is not None
+                  else balance(layer_costs(layers), n_stages))
+        mine = [i for s in range(mesh.rank("pp"), n_stages, pp) for i in range(bounds[s], bounds[s + 1])]
+        keep = {id(layers[i]) for i in mine}
+        # 2. TP on the kept layers, by full-model names
+        if tp > 1:
+            _apply_tp(model, mesh, tp_plan, keep)
+            layers = _layers_of(model)  # a planned module may itself be a layer: re-read the list
+        pipe = Pipeline(layers, mesh, schedule=schedule, microbatches=m, loss_fn=loss_fn, boundaries=bounds,
+                        virtual_stages=virtual_stages)
+        local: nn.Module = nn.ModuleList(pipe.stages[s] for s in sorted(pipe.stages))
+    else:
+        if not isinstance(model, nn.Module):
+            model = nn.Sequential(*model)
+        if tp > 1:
+            _apply_tp(model, mesh, tp_plan, {id(model)})
+        local = model
+    # 3. DP over the kept (and sharded) modules
+    dp_model = None
+    if dp > 1:
+        from .data_parallel import DataParallel
+        from .sync import AllReduce
+
+        dp_model = DataParallel(local, mesh=mesh, sync=sync if sync is not None else AllReduce(), bucket_mb=bucket_mb)
+    return ParallelModel(local, mesh, dp_model, pipe, loss_fn)
+
+
+class _CallableModule(type(__import__("sys"))):
+    """Importing the submodule `trainlib.parallelize` makes Python bind the module object to the
+    attribute `trainlib.parallelize`, shadowing the lazily exported function of the same name.
+    Making the module callable keeps `tl.parallelize(model, mesh, ...)` working either way."""
+
+    def __call__(self, *args, **kwargs) -> ParallelModel:
+        return parallelize(*args, **kwargs)
+
+
+__import__("sys").modules[__name__].__class__ = _CallableModule
