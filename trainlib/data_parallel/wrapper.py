@@ -96,6 +96,12 @@ class DataParallel(nn.Module):
         finally:
             self._require_sync = prev
 
+    def sync_gradients(self) -> None:
+        """Average now the gradients accumulated under no_sync() by backward passes that did not go
+        through forward() (a pipeline schedule calls the stage modules directly)."""
+        self._reset()
+        self._finish_backward()
+
     # ---- backward ------------------------------------------------------------------------
     def _make_hook(self, bucket: Bucket):
         def hook(_param: torch.Tensor) -> None:
