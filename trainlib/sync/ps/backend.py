@@ -89,7 +89,7 @@ class ParameterServer:
             return servers, token
         token = shared_token(self.token)
         self._colocated = True
-        servers, self._server = colocated_servers(token, self.server_start_timeout_s)
+        servers, self._server = colocated_servers(token, self.server_start_timeout_s, self._timeout)
         return servers, token
 
     def bind(self, buckets: list, group) -> None:
@@ -98,7 +98,7 @@ class ParameterServer:
         self.buckets = buckets
         worker, nworkers = dist.get_rank(group), dist.get_world_size(group)
         ranks = dist.get_process_group_ranks(group) if group is not None else list(range(nworkers))
-        timeout = self.timeout_s or float(os.environ.get(TIMEOUT_ENV, 0) or 0) or (
+        timeout = self._timeout = self.timeout_s or float(os.environ.get(TIMEOUT_ENV, 0) or 0) or (
             _RUNTIME.timeout_s if _RUNTIME is not None else 300.0)
         servers, token = self._resolve()
         numels = [b.comm.numel() if self.mode == "sync" else b.numel for b in buckets]

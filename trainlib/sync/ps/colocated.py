@@ -52,7 +52,8 @@ def shared_token(token: str | None) -> str:
     return _text(t)
 
 
-def colocated_servers(token: str, start_timeout_s: float = 60.0) -> tuple[list[str], ServerHandle | None]:
+def colocated_servers(token: str, start_timeout_s: float = 60.0,
+                      worker_timeout_s: float = 300.0) -> tuple[list[str], ServerHandle | None]:
     """Start this node's server (on local rank 0) and return every node's server address."""
     rt = get_runtime()
     single_node = rt.world_size == rt.local_world_size
@@ -63,7 +64,7 @@ def colocated_servers(token: str, start_timeout_s: float = 60.0) -> tuple[list[s
         bind_host = "127.0.0.1" if single_node else "0.0.0.0"
         try:
             handle = spawn_server(f"{bind_host}:0", token=token, timeout_s=start_timeout_s,
-                                  extra=("--exit-with-parent",))
+                                  extra=("--exit-with-parent", "--worker-timeout", str(worker_timeout_s)))
         except Exception as e:  # tell the other ranks instead of leaving them in the all-gather
             failure = f"!rank {rt.rank}: {e}"[: ADDR_BYTES - 1]
             if rt.world_size == 1:

@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 import sys
+import time
 
 import zmq
 
@@ -34,7 +35,8 @@ class ParameterServerProcess:
     """The socket loop. `serve_forever()` runs until `stop()` (or SIGTERM in the CLI)."""
 
     def __init__(self, bind: str = "127.0.0.1:0", token: str | None = None, insecure: bool = False,
-                 max_bytes: int = DEFAULT_MAX_BYTES, max_keys: int = 1 << 20, state_dir: str | None = None):
+                 max_bytes: int = DEFAULT_MAX_BYTES, max_keys: int = 1 << 20, state_dir: str | None = None,
+                 worker_timeout_s: float = 300.0):
         host, _, port = bind.rpartition(":")
         if not host or not port.isdigit():
             raise ValueError(f"--bind {bind!r} must be HOST:PORT (e.g. 127.0.0.1:5555; port 0 picks a free one)")
@@ -57,7 +59,8 @@ class ParameterServerProcess:
         else:
             self.sock.bind(f"tcp://{host}:{port}")
         self.address = f"{host}:{port}"
-        self.state = ServerState(max_keys=max_keys, state_dir=state_dir, name=f"ps-{port}")
+        self.state = ServerState(max_keys=max_keys, state_dir=state_dir, name=f"ps-{port}",
+                                 worker_timeout_s=worker_timeout_s)
         self.state.name = f"ps {self.address}"
         if state_dir and self.state.load(state_dir):
             log.info("%s: restored async state from %s", self.state.name, state_dir)
@@ -98,6 +101,9 @@ class ParameterServerProcess:
             log.exception("%s: internal error on %s", self.state.name, Op(h.op).name)
             self.dropped["internal_error"] += 1
             replies = [self.state.reply(ident, h, Op.ERROR, f"internal server error: {e}".encode())]
+        self._send(replies)
+
+    def _send(self, replies: list) -> None:
         for peer, header, payload in replies:
             try:
                 self.sock.send_multipart([peer, *self.signer.encode(header, payload)], copy=False)
@@ -109,10 +115,14 @@ class ParameterServerProcess:
         a worker killed with SIGKILL must not leave an orphan server holding a port)."""
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
+        last_expire = time.monotonic()
         while self._running:
             if parent_pid is not None and os.getppid() != parent_pid:
                 log.warning("%s: parent process %d is gone; stopping", self.state.name, parent_pid)
                 break
+            if time.monotonic() - last_expire > poll_ms / 1000:
+                self._send(self.state.expire())
+                last_expire = time.monotonic()
             if not poller.poll(poll_ms):
                 continue
             while True:
@@ -133,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-mb", type=float, default=DEFAULT_MAX_BYTES / 2 ** 20, help="frame size cap in MB")
     p.add_argument("--max-keys", type=int, default=1 << 20, help="cap on the number of partitions held")
     p.add_argument("--state-dir", help="where SAVE writes the async state (and where it is restored from)")
+    p.add_argument("--worker-timeout", type=float, default=300.0, help="async: seconds of silence after which "
+                   "a worker is presumed gone and no longer holds the others back (default 300)")
     p.add_argument("--exit-with-parent", action="store_true", help="stop when the parent process exits "
                    "(colocated servers started by a worker)")
     args = p.parse_args(argv)
@@ -141,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         token = read_token(args.token_file)
         server = ParameterServerProcess(args.bind, token, args.insecure, int(args.max_mb * 2 ** 20), args.max_keys,
-                                        args.state_dir)
+                                        args.state_dir, args.worker_timeout)
     except (TokenError, ValueError, OSError, zmq.ZMQError) as e:
         print(f"trainlib ps-server: {e}", file=sys.stderr)
         return 1

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import secrets
+import time
 import warnings
 from dataclasses import dataclass, field
 
@@ -64,7 +65,8 @@ class SyncEntry:
 class ServerState:
     """All the state of one server; `handle` is called only with decoded, authenticated, fresh messages."""
 
-    def __init__(self, max_keys: int = 1 << 20, state_dir: str | None = None, name: str = "ps"):
+    def __init__(self, max_keys: int = 1 << 20, state_dir: str | None = None, name: str = "ps",
+                 worker_timeout_s: float = 300.0):
         self.session = secrets.randbits(63) | 1
         self.max_keys = max_keys
         self.state_dir = state_dir
@@ -81,11 +83,17 @@ class ServerState:
         self.max_lead = 0      # largest (read clock - slowest clock) at which a read was granted
         self.max_spread = 0    # largest (fastest - slowest clock) right after a delta was applied
         self.served = 0
+        self.worker_timeout_s = worker_timeout_s
+        self.last_seen: dict[tuple[int, int], float] = {}            # async liveness, monotonic seconds
 
     # -- entry point -------------------------------------------------------------------------
     def handle(self, ident: bytes, msg: Message) -> list[Reply]:
         h = msg.header
         self.served += 1
+        who = (h.key >> KEY_BITS, h.worker)
+        self.last_seen[who] = time.monotonic()
+        if h.op != Op.BYE and who in self.left:  # a worker presumed gone is back: it counts again
+            self.left.discard(who)
         fn = {Op.HELLO: self._hello, Op.PUSH: self._push, Op.STATUS: self._status, Op.INIT: self._init,
               Op.PULL: self._pull, Op.DELTA: self._delta, Op.BYE: self._bye, Op.STATS: self._stats,
               Op.SAVE: self._save}.get(h.op)
@@ -238,6 +246,23 @@ class ServerState:
                 out += self._release(key)
         return out
 
+    def expire(self, now: float | None = None) -> list[Reply]:
+        """Async: a worker silent for worker_timeout_s is presumed gone, so it stops holding the others
+        back (SSP would otherwise wait for a crashed worker forever); it counts again when it returns."""
+        now = time.monotonic() if now is None else now
+        gone = {who for who, t in self.last_seen.items() if now - t > self.worker_timeout_s and who not in self.left}
+        out: list[Reply] = []
+        if not gone or not self.params:
+            return out
+        for who in sorted(gone):
+            log.warning("%s: worker %d of group %d silent for %.0fs; no longer waiting for it", self.name, who[1],
+                        who[0], self.worker_timeout_s)
+        self.left |= gone
+        for key in list(self.waiting):
+            if any(g == key >> KEY_BITS for g, _ in gone):
+                out += self._release(key)
+        return out
+
     # -- introspection and persistence -----------------------------------------------------------
     def digest(self) -> str:
         """A hash of the training state (sums, parameters, clocks); equal digests = no change.
@@ -279,8 +304,10 @@ class ServerState:
         path = self.save(self.state_dir)
         return [self.reply(ident, h, Op.ACK, path.encode())]
 
-    def state_path(self, state_dir: str) -> str:
-        return os.path.join(state_dir, f"{self.name}.safetensors")
+    @staticmethod
+    def state_path(state_dir: str) -> str:
+        """One state file per directory: give each server its own --state-dir (its port may change)."""
+        return os.path.join(state_dir, "ps-state.safetensors")
 
     def save(self, state_dir: str) -> str:
         """Async state -> safetensors (tensors) + JSON metadata (clocks); atomic via rename. No pickle."""
