@@ -72,7 +72,10 @@ def spec_from_args(args: argparse.Namespace, cmd: list[str]) -> JobSpec:
     values: dict = {}
     cmd = list(cmd)
     if args.from_config:
-        import tomllib
+        if sys.version_info >= (3, 11):
+            import tomllib
+        else:  # pragma: no cover - Python 3.10 (Ubuntu 22.04 images)
+            import tomli as tomllib
 
         with open(args.from_config, "rb") as f:
             data = tomllib.load(f)

@@ -140,6 +140,9 @@ def mpijob(spec: JobSpec, env: list[dict] | None = None, volumes: list[dict] | N
     worker = container(spec, "worker", ["trainlib", "launch", "--"], ["/usr/sbin/sshd", "-De"], None, env)
     worker["volumeMounts"] += list(mounts or [])
     launcher["volumeMounts"] += list(mounts or [])
+    # sshd (the worker's process for mpirun) needs root; the images default to a non-root user.
+    for c in (launcher, worker):
+        c["securityContext"] = {"runAsUser": 0}
     return {"apiVersion": "kubeflow.org/v2beta1", "kind": "MPIJob", "metadata": _metadata(spec),
             "spec": {"slotsPerWorker": spec.nproc_per_node, "mpiImplementation": "OpenMPI",
                      "sshAuthMountPath": "/root/.ssh",
