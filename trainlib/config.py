@@ -90,13 +90,21 @@ class SyncConfig:
     bucket_mb: float = 25.0
     compress: str = "none"        # none | bf16 | fp16
     transport: str = "auto"       # auto | torch | mpi | shm
+    mode: str = "sync"            # ps: sync (summed gradients, = all-reduce) | async (parameter deltas, SSP)
+    staleness: int = 0            # ps async: how many clocks a worker may run ahead of the slowest
+    partition_mb: float = 4.0     # ps: partition size spread over the servers (BytePS uses ~4 MB)
+    servers: str = ""             # ps: comma-separated host:port; empty = $TRAINLIB_PS_ADDRS or colocated
 
     def __post_init__(self):
         if self.kind not in SYNC_KINDS:
             raise ConfigError(f"sync.kind={self.kind!r} is not one of {', '.join(SYNC_KINDS)}")
         if self.compress not in COMPRESS:
             raise ConfigError(f"sync.compress={self.compress!r} is not one of {', '.join(COMPRESS)}")
-        _positive("sync", bucket_mb=self.bucket_mb)
+        _positive("sync", bucket_mb=self.bucket_mb, partition_mb=self.partition_mb)
+        if self.mode not in ("sync", "async"):
+            raise ConfigError(f"sync.mode={self.mode!r} is not one of sync, async (used with sync.kind=ps)")
+        if self.staleness < 0 or (self.staleness and self.mode != "async"):
+            raise ConfigError(f"sync.staleness={self.staleness} needs sync.mode=async and a value >= 0")
 
 
 @dataclass(frozen=True)

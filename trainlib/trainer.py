@@ -78,7 +78,8 @@ def wrap_data_parallel(model: nn.Module, cfg: Config, mesh: Mesh) -> nn.Module:
     else:
         from .sync import ParameterServer
 
-        sync = ParameterServer()
+        sync = ParameterServer(servers=[a.strip() for a in s.servers.split(",") if a.strip()] or None, mode=s.mode,
+                               staleness=s.staleness, partition_mb=s.partition_mb, bucket_mb=s.bucket_mb)
     return DataParallel(model, mesh=mesh, sync=sync, bucket_mb=s.bucket_mb)
 
 
