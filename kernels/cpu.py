@@ -98,33 +98,36 @@ def supports(dtype: torch.dtype) -> bool:
     return dtype in DTYPE_CODE
 
 
-def _segments(fn, tensors: Sequence[torch.Tensor], flat: torch.Tensor, scale: float) -> None:
-    n = len(tensors)
-    ptrs = array.array("Q", [t.data_ptr() for t in tensors])
-    numels = array.array("q", [t.numel() for t in tensors])
-    codes = bytes(DTYPE_CODE[t.dtype] for t in tensors)
-    rc = fn(n, ptrs.buffer_info()[0], codes, numels.buffer_info()[0], flat.data_ptr(),
-            DTYPE_CODE[flat.dtype], scale, torch.get_num_threads())
+def _call(fn, ptrs: Sequence[int], numels: Sequence[int], dtypes: Sequence[torch.dtype], flat: torch.Tensor,
+          scale: float) -> None:
+    n = len(ptrs)
+    if n and dtypes.count(dtypes[0]) == n:  # one dtype (the usual bucket): no per-tensor lookups
+        codes = bytes([DTYPE_CODE[dtypes[0]]]) * n
+    else:
+        codes = bytes(DTYPE_CODE[d] for d in dtypes)
+    p, ne = array.array("Q", ptrs), array.array("q", numels)
+    rc = fn(n, p.buffer_info()[0], codes, ne.buffer_info()[0], flat.data_ptr(), DTYPE_CODE[flat.dtype], scale,
+            torch.get_num_threads())
     assert rc == 0, f"bucket_ops returned {rc}"  # the dispatcher validated dtypes and sizes
 
 
-def pack(tensors: Sequence[torch.Tensor], out: torch.Tensor, scale: float) -> None:
-    """Contiguous CPU tensors -> `out` (validated by the dispatcher)."""
+def pack(seg, out: torch.Tensor, scale: float) -> None:
+    """seg: the dispatcher's validated Segments (contiguous CPU tensors, their pointers and sizes)."""
     lib = load()
     assert lib is not None
-    _segments(lib.tl_pack, tensors, out, scale)
+    _call(lib.tl_pack, seg.ptrs, seg.numels, seg.dtypes, out, scale)
 
 
-def unpack(flat: torch.Tensor, outs: Sequence[torch.Tensor], scale: float) -> None:
+def unpack(flat: torch.Tensor, seg, scale: float) -> None:
     lib = load()
     assert lib is not None
-    _segments(lib.tl_unpack, outs, flat, scale)
+    _call(lib.tl_unpack, seg.ptrs, seg.numels, seg.dtypes, flat, scale)
 
 
 def scale_cast(src: torch.Tensor, dst: torch.Tensor, scale: float) -> None:
     lib = load()
     assert lib is not None
-    _segments(lib.tl_pack, [src], dst, scale)
+    _call(lib.tl_pack, [src.data_ptr()], [src.numel()], [src.dtype], dst, scale)
 
 
 def epilogue(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -106,20 +106,18 @@ def _grid(n: int) -> tuple[int]:
     return (triton.cdiv(n, CHUNK),)
 
 
-def _table(tensors: Sequence[torch.Tensor], offsets: Sequence[int], flat: torch.Tensor) -> torch.Tensor:
+def _table(ptrs: list[int], numels: list[int], offsets: list[int], elem_size: int, flat: torch.Tensor) -> torch.Tensor:
     """The chunk table for one dtype group, on flat's device (cached)."""
-    ptrs = [t.data_ptr() for t in tensors]
-    numels = [t.numel() for t in tensors]
-    key = (flat.device, flat.data_ptr(), tensors[0].element_size(), tuple(ptrs), tuple(numels), tuple(offsets))
+    key = (flat.device, flat.data_ptr(), elem_size, tuple(ptrs), tuple(numels), tuple(offsets))
     hit = _tables.get(key)
     if hit is not None:
         _tables.move_to_end(key)
         return hit
     p, n, o = (torch.tensor(v, dtype=torch.int64) for v in (ptrs, numels, offsets))
     chunks = (n + CHUNK - 1) // CHUNK
-    idx = torch.repeat_interleave(torch.arange(len(tensors)), chunks)
+    idx = torch.repeat_interleave(torch.arange(len(ptrs)), chunks)
     k = torch.arange(idx.numel()) - torch.repeat_interleave(torch.cumsum(chunks, 0) - chunks, chunks)
-    table = torch.stack([p[idx] + k * CHUNK * tensors[0].element_size(), o[idx] + k * CHUNK,
+    table = torch.stack([p[idx] + k * CHUNK * elem_size, o[idx] + k * CHUNK,
                          torch.clamp(n[idx] - k * CHUNK, max=CHUNK)]).contiguous().to(flat.device)
     _tables[key] = table
     if len(_tables) > _TABLE_CACHE_SIZE:
@@ -127,28 +125,30 @@ def _table(tensors: Sequence[torch.Tensor], offsets: Sequence[int], flat: torch.
     return table
 
 
-def _segments(tensors: Sequence[torch.Tensor], flat: torch.Tensor, scale: float, to_flat: bool) -> None:
-    groups: dict[torch.dtype, tuple[list[torch.Tensor], list[int]]] = {}
+def _segments(seg, flat: torch.Tensor, scale: float, to_flat: bool) -> None:
+    """seg: the dispatcher's validated Segments (contiguous tensors on flat's device)."""
+    groups: dict[torch.dtype, tuple[list[int], list[int], list[int]]] = {}
     off = 0
-    for t in tensors:
-        if t.numel():
-            ts, offs = groups.setdefault(t.dtype, ([], []))
-            ts.append(t)
+    for ptr, n, dtype in zip(seg.ptrs, seg.numels, seg.dtypes):
+        if n:
+            ps, ns, offs = groups.setdefault(dtype, ([], [], []))
+            ps.append(ptr)
+            ns.append(n)
             offs.append(off)
-        off += t.numel()
-    for dtype, (ts, offs) in groups.items():
-        table = _table(ts, offs, flat)
+        off += n
+    for dtype, (ps, ns, offs) in groups.items():
+        table = _table(ps, ns, offs, dtype.itemsize, flat)
         n_chunks = table.shape[1]
         _segments_kernel[(n_chunks,)](table, n_chunks, flat, float(scale), TENSOR_DT=TL_DTYPE[dtype],
                                       TO_FLAT=to_flat, BLOCK=BLOCK, ITERS=ITERS)
 
 
-def pack(tensors: Sequence[torch.Tensor], out: torch.Tensor, scale: float) -> None:
-    _segments(tensors, out, scale, to_flat=True)
+def pack(seg, out: torch.Tensor, scale: float) -> None:
+    _segments(seg, out, scale, to_flat=True)
 
 
-def unpack(flat: torch.Tensor, outs: Sequence[torch.Tensor], scale: float) -> None:
-    _segments(outs, flat, scale, to_flat=False)
+def unpack(flat: torch.Tensor, seg, scale: float) -> None:
+    _segments(seg, flat, scale, to_flat=False)
 
 
 def scale_cast(src: torch.Tensor, dst: torch.Tensor, scale: float) -> None:
