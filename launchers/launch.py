@@ -130,8 +130,9 @@ def execute(plan: LaunchPlan) -> int:
             text = open(hostfile).read()
         except OSError as e:
             raise LaunchConfigError(f"cannot read the MPI hostfile {hostfile}: {e}; is the MPIJob's config volume mounted?") from None
-        names = sorted(k for k in (plan.profile.env if plan.profile else {}))
-        names += [k for k in ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH") if k in plan.env and k not in names]
+        # Open MPI passes only what -x names; MPICH/Intel hydra pass the whole environment
+        names = [k for k in ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH") if k in plan.env]
+        names += sorted(k for k in plan.env if k.startswith(("TRAINLIB_", "NCCL_", "FI_", "NEURON_")))
         argv = mpirun_argv(hostfile, text, plan.cmd, names, open_mpi="OMPI_MCA_orte_default_hostfile" in plan.env)
         _say(["mpirun: " + " ".join(argv)])
         return exec_cmd(argv, plan.env)

@@ -82,7 +82,9 @@ def build_plan(cmd: list[str], env: dict[str, str] | None = None, nproc_override
     backend = check_backend(env, devices)
     mode = MODES.get(placement.kind, "torchrun")
     plan = LaunchPlan(placement, devices, mode, list(cmd), backend=backend)
-    if mode == "exec":
+    if mode in ("exec", "mpirun"):
+        # exec: already placed; mpirun: each rank comes back through `trainlib launch` and applies
+        # the profile for its own node (the launcher pod's node is not where the ranks run)
         plan.env = env
         return plan
     if mode == "torchrun":

@@ -2,10 +2,11 @@
 
 Two `trainlib launch` processes get exactly the variables training-operator v1.9 injects into the
 Master and Worker pods of a 2-replica PyTorchJob (nprocPerNode "1", MASTER_ADDR resolving to
-loopback); the same for an elastic PyTorchJob (PET_RDZV_*), and `mpiexec -n 2 trainlib launch`
-(MPIJob style). Each must train the default job with world size 2 and end with the same weights
-(sha256) and first loss as the reference: a plain `trainlib train --nproc-per-node 2` run with the
-same settings. Exit codes are checked with real failing and killed workers.
+loopback); the same for an elastic PyTorchJob (PET_RDZV_*); and an MPIJob launcher pod turning
+its hostfile into a real `mpiexec -n 2 trainlib launch`. Each must train the default job with
+world size 2 and end with the same weights (sha256) and first loss as the reference: a plain
+`trainlib train --nproc-per-node 2` run with the same settings. Exit codes are checked with real
+failing and killed workers.
 """
 from __future__ import annotations
 
@@ -105,10 +106,17 @@ def test_elastic_pytorchjob(tmp_path, reference):
 
 @pytest.mark.skipif(shutil.which("mpiexec", path=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}") is None,
                     reason="no mpiexec (pip install mpich mpi4py)")
-def test_mpiexec_ranks(tmp_path, reference):
+def test_mpijob_launcher_runs_mpiexec_ranks(tmp_path, reference):
+    """MPIJob style: the launcher pod's `trainlib launch` turns the hostfile into a real
+    `mpiexec -f HOSTFILE -n 2 trainlib launch -- CMD`; each MPI rank becomes one training process,
+    with rank 0's address broadcast over MPI."""
     pytest.importorskip("mpi4py")
-    (rc, so, se), = finish([start(["mpiexec", "-n", "2", "trainlib", "launch", "--", *TRAIN], clean_env(tmp_path), tmp_path)])
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost:2\n")  # MPICH's format; what mpi-operator writes for mpiImplementation: MPICH
+    env = clean_env(tmp_path, K_MPI_JOB_ROLE="launcher", HYDRA_HOST_FILE=str(hostfile))
+    (rc, so, se), = finish([start(["trainlib", "launch", "--", *TRAIN], env, tmp_path)])
     check_against_reference([(rc, so, se)], reference)
+    assert f"mpirun: mpiexec -f {hostfile} -n 2 trainlib launch -- trainlib train" in se
     assert se.count("placement: mpi-rank") == 2
 
 
