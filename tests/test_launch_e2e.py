@@ -14,6 +14,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -121,13 +122,18 @@ def test_mpijob_launcher_runs_mpiexec_ranks(tmp_path, reference):
 
 
 def test_exit_codes_follow_kubeflow_exitcode_policy(tmp_path):
-    """A failing script is permanent (1); a worker killed by a signal or exiting 138 is retryable."""
+    """A failing script is permanent (1); a worker killed by a signal, or the pod being
+    stopped with SIGTERM, is retryable."""
     cases = [("import sys; sys.exit(1)", 1),
-             ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", 138),
-             ("import sys; sys.exit(138)", 138)]
+             ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", 138)]
     procs = [start(["trainlib", "launch", "--quiet", "--", sys.executable, "-c", code], clean_env(tmp_path), tmp_path)
              for code, _ in cases]
-    for (rc, _, se), (_, want) in zip(finish(procs), cases):
+    # Kubernetes stops a pod (eviction, pre-emption) with SIGTERM: the launcher stops its workers, exits 138
+    sleeper = start(["trainlib", "launch", "--quiet", "--", sys.executable, "-c",
+                     "import time; print('started', flush=True); time.sleep(120)"], clean_env(tmp_path), tmp_path)
+    assert sleeper.stdout.readline().strip() == "started"
+    sleeper.send_signal(signal.SIGTERM)
+    for (rc, _, se), (_, want) in zip(finish([*procs, sleeper]), [*cases, (None, 138)]):
         assert rc == want, se[-2000:]
     # a bad environment through the real command: exit 1, the message names what is missing and the fix
     env = clean_env(tmp_path, PET_NNODES="2", PET_NODE_RANK="1", RANK="1", WORLD_SIZE="2", MASTER_PORT="1234")
