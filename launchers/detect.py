@@ -91,8 +91,8 @@ def _nnodes_ok(value: str, source: str) -> str:
 
 
 def detect_placement(env: dict[str, str] | None = None) -> Placement:
-    """Classify the environment; first match wins in the order of the module docstring's list, reversed
-    where a narrower signal must beat a broader one (a torchrun child also has RANK and MASTER_ADDR)."""
+    """Classify the environment. Narrow signals are checked first: a torchrun child also carries RANK
+    and MASTER_ADDR, and an MPI rank started inside an MPIJob also carries K_MPI_JOB_ROLE."""
     env = dict(os.environ if env is None else env)
     if env.get("TORCHELASTIC_RUN_ID") or ("GROUP_RANK" in env and "LOCAL_RANK" in env):
         return Placement("torchrun-child", evidence=("TORCHELASTIC_RUN_ID" if env.get("TORCHELASTIC_RUN_ID")

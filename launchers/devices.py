@@ -33,6 +33,7 @@ class Devices:
     efa: tuple[str, ...] = ()
     ofi_plugin: str | None = None       # full path of the NCCL net plugin, if found
     nccl_version: str | None = None
+    nccl_checked: bool = False          # False: not looked up (no GPU and not asked to)
     notes: tuple[str, ...] = ()
 
     @property
@@ -117,7 +118,8 @@ def probe(env: dict[str, str] | None = None, root: str = "/", with_nccl: bool | 
     env = dict(os.environ if env is None else env)
     cores, how = count_neuron_cores(env, root)
     gpus = count_gpus(env, root)
+    check = with_nccl if with_nccl is not None else gpus > 0
     notes = [f"GPUs: {gpus} (/dev/nvidia*{', CUDA_VISIBLE_DEVICES' if 'CUDA_VISIBLE_DEVICES' in env else ''})",
              f"Neuron cores: {cores} ({how})"]
     return Devices(gpus=gpus, neuron_cores=cores, efa=find_efa(root), ofi_plugin=find_ofi_plugin(env, root),
-                   nccl_version=nccl_version() if (with_nccl if with_nccl is not None else gpus > 0) else None, notes=tuple(notes))
+                   nccl_version=nccl_version() if check else None, nccl_checked=check, notes=tuple(notes))

@@ -92,7 +92,9 @@ def run_child(cmd: list[str], env: dict[str, str]) -> int:
         proc = subprocess.Popen(cmd, env=env)
     except (FileNotFoundError, PermissionError):
         raise LaunchConfigError(f"command not found: {cmd[0]!r}; is it installed in the image and on PATH?") from None
-    forward = lambda sig, _frame: proc.send_signal(sig)  # noqa: E731
+    def forward(sig: int, _frame) -> None:
+        proc.send_signal(sig)
+
     old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         return classify_worker_exit(proc.wait())

@@ -46,8 +46,8 @@ class LaunchPlan:
         lines = [f"placement: {p.kind} (from {', '.join(p.evidence) or 'no launcher variables'})",
                  f"accelerator: {self.devices.accelerator}; " + "; ".join(self.devices.notes),
                  f"EFA devices: {', '.join(self.devices.efa) or 'none'}; OFI plugin: {self.devices.ofi_plugin or 'not found'}"]
-        if self.devices.nccl_version:
-            lines.append(f"NCCL: {self.devices.nccl_version}")
+        if self.devices.nccl_checked:
+            lines.append(f"NCCL: {self.devices.nccl_version or 'not found (no CUDA torch, no nvidia-nccl wheel)'}")
         if self.mode == "torchrun":
             world = (f"{p.nnodes} nodes x {self.nproc_per_node}" if p.elastic
                      else f"{int(p.nnodes) * self.nproc_per_node} processes")

@@ -17,8 +17,9 @@ from trainlib.launchers.detect import Placement
 from trainlib.launchers.devices import Devices
 from trainlib.launchers.errors import LaunchConfigError
 
+from trainlib.runtime import BACKENDS
+
 RDZV_BACKENDS = ("c10d", "etcd", "etcd-v2")  # what the training operator knows (no CRD enum)
-BACKENDS = ("gloo", "nccl", "xla", "mpi")
 
 
 def resolve_nproc(placement: Placement, devices: Devices, override: int | None = None) -> tuple[int, str]:

@@ -205,3 +205,19 @@ def test_mpi_hostfile_and_mpirun_line():
     assert argv[argv.index("-x") + 1] == "LD_LIBRARY_PATH" and argv[-5:] == ["trainlib", "launch", "--", *CMD]
     assert mpirun_argv("/h", "a:2\nb:2", CMD, [], open_mpi=False) == ["mpiexec", "-f", "/h", "-n", "4",
                                                                      "trainlib", "launch", "--", *CMD]
+
+
+def test_trainlib_env_reports_nccl_plugin_and_efa(monkeypatch, capsys):
+    from trainlib.launchers import envinfo
+
+    for k in [k for k in os.environ if k.startswith(("PET_", "OMPI_", "PMI_")) or k in ("RANK", "WORLD_SIZE")]:
+        monkeypatch.delenv(k)
+    assert envinfo.main([]) == 0
+    text = capsys.readouterr().out
+    for needle in ("placement: plain", "NCCL: ", "OFI plugin: ", "EFA devices: ", "torchrun --nproc-per-node"):
+        assert needle in text
+    assert envinfo.main(["--json"]) == 0
+    d = __import__("json").loads(capsys.readouterr().out)
+    assert {"nccl_version", "ofi_plugin", "efa_devices", "torchrun_argv", "profile"} <= set(d)
+    monkeypatch.setenv("TRAINLIB_BACKEND", "nope")
+    assert envinfo.main([]) == 1 and "'nope' is not a known backend" in capsys.readouterr().err
