@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib
+import inspect
 import json
 import os
 import platform
@@ -69,15 +70,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="small sizes and few repetitions (CI)")
     p.add_argument("--json", help="where to write the JSON result (default benchmarks/results/NAME.json)")
     p.add_argument("--plot", help="where to write a PNG plot (default: beside the JSON, if the benchmark plots)")
-    args = p.parse_args(argv)
+    args, extra = p.parse_known_args(argv)
     mod = importlib.import_module(f"trainlib.benchmarks.bench_{args.name}")
+    takes_argv = "argv" in inspect.signature(mod.run).parameters
+    if extra and not takes_argv:
+        p.error(f"unrecognized arguments for benchmark {args.name}: {' '.join(extra)}")
     t0 = time.time()
-    result = mod.run(quick=args.quick)
+    # a benchmark with its own options takes them as run(quick, argv=[...])
+    result = mod.run(quick=args.quick, argv=extra) if takes_argv else mod.run(quick=args.quick)
+    result_suffix = result.pop("result_suffix", "")  # e.g. "-model": do not overwrite the measured results
     meta = {"benchmark": args.name, "command": "trainlib bench " + " ".join(argv or sys.argv[1:]),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "quick": args.quick, "wall_s": round(time.time() - t0, 2), "machine": machine()}
     out = {"meta": meta, **result}
-    suffix = "-quick" if args.quick else ""
+    suffix = result_suffix + ("-quick" if args.quick else "")
     path = Path(args.json) if args.json else results_dir() / f"{args.name}{suffix}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2) + "\n")
