@@ -1,0 +1,188 @@
+"""Fused bucket kernels vs per-tensor torch ops, with memcpy as the physical limit.
+
+    trainlib bench kernels [--quick]
+
+Question: is packing gradients into a bucket (scale by 1/dp, optionally cast to bf16) with one
+fused kernel worth it, and how close does it get to memory bandwidth?
+  * 1000 small tensors (1k-4k elements): fused `kernels.pack/unpack` vs a Python loop of per-tensor
+    torch ops (`out[o:o+n].copy_(t.flatten()).mul_(s)`), where per-op overhead dominates;
+    `epilogue` vs `isfinite(x).all()` + `x.float().pow(2).sum()` on the packed buffer.
+  * 50 large tensors (1M elements), fp32 and fp32<->bf16: the same peers, plus `dst.copy_(src)`
+    of the same bytes (torch's parallel memcpy), measured in the same run. The bandwidth fraction
+    is (bytes read + written by the kernel / its time) / (2 * bytes / memcpy time).
+Every candidate of a case runs in alternating order (`harness.alternate`), medians of >= 5 reps.
+On a CUDA machine the same cases also run for the Triton kernels against a device-to-device copy.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import torch
+
+import trainlib.kernels as K
+from trainlib.benchmarks.harness import alternate
+
+SCALE = 0.5  # 1/dp for dp=2
+TARGET_SMALL_SPEEDUP = 3.0
+TARGET_MEMCPY_FRACTION = 0.70
+
+
+def _timer(fn: Callable[[], Any], inner: int, sync: Callable[[], None]) -> Callable[[], float]:
+    def timed() -> float:
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        sync()
+        return (time.perf_counter() - t0) / inner
+    return timed
+
+
+def _make(sizes: list[int], dtype: torch.dtype, device: torch.device, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, generator=g).to(device=device, dtype=dtype) for n in sizes]
+
+
+def _loop_pack(ts: list[torch.Tensor], out: torch.Tensor) -> None:
+    o = 0
+    for t in ts:
+        n = t.numel()
+        out[o: o + n].copy_(t.flatten()).mul_(SCALE)
+        o += n
+
+
+def _loop_unpack(flat: torch.Tensor, outs: list[torch.Tensor]) -> None:
+    o = 0
+    for t in outs:
+        n = t.numel()
+        t.copy_(flat[o: o + n].view_as(t)).mul_(SCALE)
+        o += n
+
+
+def _torch_epilogue(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return ~torch.isfinite(x).all(), x.float().pow(2).sum()
+
+
+def _cases(sizes: list[int], device: torch.device, reps: int, inner: int, with_memcpy: bool) -> dict[str, Any]:
+    """pack/unpack fp32->fp32 and fp32<->bf16, and epilogue: fused vs per-tensor (vs memcpy)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    ts = _make(sizes, torch.float32, device, seed=0)
+    total = sum(sizes)
+    res: dict[str, Any] = {"tensors": len(sizes), "elements": total}
+    src_flat = torch.randn(total, device=device)
+    for name, flat_dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        flat = torch.empty(total, dtype=flat_dtype, device=device)
+        outs = [torch.empty_like(t) for t in ts]
+        moved = total * (4 + flat.element_size())  # bytes read + written by pack (and by unpack)
+        for op, fused, loop in (("pack", lambda: K.pack(ts, flat, SCALE), lambda: _loop_pack(ts, flat)),
+                                ("unpack", lambda: K.unpack(flat, outs, SCALE), lambda: _loop_unpack(flat, outs))):
+            cands = {"fused": _timer(fused, inner, sync), "per_tensor": _timer(loop, inner, sync)}
+            if with_memcpy:
+                dst = torch.empty_like(src_flat)
+                cands["memcpy_fp32"] = _timer(lambda: dst.copy_(src_flat), inner, sync)
+            r = alternate(cands, reps)
+            case = {k: v["median_s"] for k, v in r.items()} | {"bytes_moved": moved}
+            case["speedup_vs_per_tensor"] = case["per_tensor"] / case["fused"]
+            if with_memcpy:
+                memcpy_bw = 2 * total * 4 / case["memcpy_fp32"]
+                case["fused_GBps"] = moved / case["fused"] / 1e9
+                case["memcpy_GBps"] = memcpy_bw / 1e9
+                case["fraction_of_memcpy_bw"] = (moved / case["fused"]) / memcpy_bw
+            res[f"{op}_{name}"] = case
+    x = src_flat
+    cands = {"fused": _timer(lambda: K.epilogue(x), inner, sync), "torch_ops": _timer(lambda: _torch_epilogue(x), inner, sync)}
+    if with_memcpy:
+        dst = torch.empty_like(src_flat)
+        cands["memcpy_fp32"] = _timer(lambda: dst.copy_(src_flat), inner, sync)
+    r = alternate(cands, reps)
+    case = {k: v["median_s"] for k, v in r.items()} | {"bytes_moved": total * 4}
+    case["speedup_vs_torch_ops"] = case["torch_ops"] / case["fused"]
+    if with_memcpy:
+        case["fused_read_GBps"] = total * 4 / case["fused"] / 1e9
+        case["fraction_of_memcpy_bw"] = (total * 4 / case["fused"]) / (2 * total * 4 / case["memcpy_fp32"])
+    res["epilogue_fp32"] = case
+    return res
+
+
+def _device_run(device: torch.device, quick: bool) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(42)
+    n_small = 1000
+    small_sizes = torch.randint(1024, 4097, (n_small,), generator=g).tolist()
+    n_large, large_n = (10, 1 << 18) if quick else (50, 1 << 20)
+    reps = 5 if quick else 7
+    out: dict[str, Any] = {"backend": K.backend_for(torch.zeros(1, device=device)), "threads": torch.get_num_threads(),
+                           "scale": SCALE}
+    out["small"] = _cases(small_sizes, device, reps, inner=3 if quick else 5, with_memcpy=False)
+    out["large"] = _cases([large_n] * n_large, device, reps, inner=1 if device.type == "cpu" else 10, with_memcpy=True)
+    return out
+
+
+def _summary(r: dict[str, Any]) -> dict[str, Any]:
+    small = {k: round(v["speedup_vs_per_tensor"], 2) for k, v in r["small"].items() if isinstance(v, dict)
+             and "speedup_vs_per_tensor" in v}
+    frac = {k: round(v["fraction_of_memcpy_bw"], 3) for k, v in r["large"].items() if isinstance(v, dict)
+            and k.startswith(("pack", "unpack"))}
+    return {"backend": r["backend"], "threads": r["threads"],
+            "small_1000_speedup_vs_per_tensor": small, "small_speedup_min": min(small.values()),
+            "large_fraction_of_memcpy_bw": frac, "large_fraction_min": min(frac.values()),
+            "epilogue_speedup_vs_torch_ops_small": round(r["small"]["epilogue_fp32"]["speedup_vs_torch_ops"], 2),
+            "epilogue_speedup_vs_torch_ops_large": round(r["large"]["epilogue_fp32"]["speedup_vs_torch_ops"], 2),
+            "targets": {"small_speedup": TARGET_SMALL_SPEEDUP, "large_fraction": TARGET_MEMCPY_FRACTION},
+            "targets_met": min(small.values()) >= TARGET_SMALL_SPEEDUP and min(frac.values()) >= TARGET_MEMCPY_FRACTION}
+
+
+def _cpu_runs(quick: bool) -> dict[str, Any]:
+    """One run per thread count: 1 (a data-parallel rank with OMP_NUM_THREADS=1) and torch's default.
+    The kernels, the per-tensor ops and memcpy all use the same torch.get_num_threads()."""
+    default = torch.get_num_threads()
+    runs = {}
+    try:
+        for nt in sorted({1, default}):
+            torch.set_num_threads(nt)
+            runs[f"threads_{nt}"] = _device_run(torch.device("cpu"), quick)
+    finally:
+        torch.set_num_threads(default)
+    return runs
+
+
+def run(quick: bool) -> dict[str, Any]:
+    result: dict[str, Any] = {"cpu": _cpu_runs(quick)}
+    summary = {f"cpu_{k}": _summary(v) for k, v in result["cpu"].items()}
+    if torch.cuda.is_available():  # Triton kernels vs device-to-device copy
+        result["cuda"] = {"gpu": _device_run(torch.device("cuda"), quick)}
+        summary["cuda"] = _summary(result["cuda"]["gpu"])
+    result["summary"] = summary
+    return result
+
+
+def plot(result: dict[str, Any], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(dev, k, r) for dev in ("cpu", "cuda") for k, r in result.get(dev, {}).items()]
+    fig, axes = plt.subplots(len(panels), 2, figsize=(12, 4.2 * len(panels)), squeeze=False)
+    for row, (dev, key, r) in zip(axes, panels):
+        label = f"{dev} {key.replace('_', ' ')} ({r['backend']})"
+        ops = [k for k, v in r["small"].items() if isinstance(v, dict) and "per_tensor" in v]
+        speed = [r["small"][k]["speedup_vs_per_tensor"] for k in ops]
+        row[0].bar(ops, speed, color="tab:blue")
+        row[0].axhline(TARGET_SMALL_SPEEDUP, color="tab:red", ls="--", label=f"target {TARGET_SMALL_SPEEDUP:g}x")
+        row[0].set_ylabel("per-tensor time / fused time")
+        row[0].set_title(f"{label}: 1000 small tensors")
+        row[0].legend()
+        ops = [k for k in r["large"] if k.startswith(("pack", "unpack"))]
+        frac = [r["large"][k]["fraction_of_memcpy_bw"] for k in ops]
+        row[1].bar(ops, frac, color="tab:green")
+        row[1].axhline(1.0, color="black", lw=1, label="memcpy (same run)")
+        row[1].axhline(TARGET_MEMCPY_FRACTION, color="tab:red", ls="--", label=f"target {TARGET_MEMCPY_FRACTION:g}")
+        row[1].set_title(f"{label}: {r['large']['tensors']} large tensors")
+        row[1].set_ylabel("fraction of memcpy bandwidth")
+        row[1].legend()
+        for ax in row:
+            ax.tick_params(axis="x", rotation=20)
+    fig.suptitle(f"trainlib bench kernels — {result.get('meta', {}).get('date', '')}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
