@@ -34,6 +34,7 @@ _DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.in
            torch.uint8, torch.int8, torch.int16]
 _HEADER = 10  # dtype code, ndim, up to 8 dims
 _KIND_TAG = {"hdr": 0, "act": 1, "grad": 2}
+PREFETCH = 2  # receives are posted this many actions ahead
 
 
 class PipelineTimeout(CollectiveTimeout):
@@ -53,12 +54,13 @@ class Pipeline:
 
     layers: the full model as a list of modules, identical on every pp rank; this rank keeps its
     stages' layers. boundaries: layer indices cutting the p*v stages (default: balanced by
-    parameter count). schedule: gpipe | 1f1b | interleaved | zb-h1."""
+    parameter count). schedule: gpipe | 1f1b | interleaved | zb-h1. timeout_s: per wait (default:
+    tl.init's). broadcast_loss: return the loss on every rank (one small broadcast per step)."""
 
     def __init__(self, layers: Sequence[nn.Module], mesh, schedule: str = "1f1b", microbatches: int = 8,
                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None, *,
                  boundaries: Sequence[int] | None = None, virtual_stages: int | None = None,
-                 timeout_s: float | None = None):
+                 timeout_s: float | None = None, broadcast_loss: bool = True):
         if loss_fn is None:
             raise PipelineError("Pipeline needs loss_fn(output, target) -> scalar mean loss (the last stage calls it)")
         self.mesh = mesh
@@ -75,6 +77,7 @@ class Pipeline:
             s: nn.Sequential(*layers[bounds[s]:bounds[s + 1]]) for s in range(self.rank, self.n_stages, self.p)}
         self.loss_fn = loss_fn
         self.timeout_s = timeout_s
+        self.broadcast_loss = broadcast_loss
         self.last_stage = self.n_stages - 1
         self.peak_inflight: dict[int, int] = {s: 0 for s in self.stages}
         self.action_times: dict[str, list[float]] = defaultdict(list)
@@ -95,14 +98,18 @@ class Pipeline:
         return stage in self.stages
 
     def step(self, inputs: torch.Tensor | None, targets: torch.Tensor | None) -> torch.Tensor:
-        """Forward and backward of one batch; returns the mean microbatch loss on every rank."""
+        """Forward and backward of one batch; returns the mean microbatch loss on every rank
+        (with broadcast_loss=False: on the last stage's rank only, zero elsewhere, one collective less)."""
         needs_in, needs_tgt = 0 in self.stages, self.last_stage in self.stages
         mb_in = self._split(inputs, "inputs") if needs_in else None
         mb_tgt = self._split(targets, "targets") if needs_tgt else None
-        st = _StepState()
-        for k, a in enumerate(self.schedule.actions[self.rank]):
+        st = self._st = _StepState()
+        acts = self.schedule.actions[self.rank]
+        for k, a in enumerate(acts):
             t0 = time.perf_counter()
             try:
+                for nxt in acts[k:k + PREFETCH]:
+                    self._prefetch(nxt, st)
                 getattr(self, f"_run_{a.kind}")(a, st, mb_in, mb_tgt)
             except CollectiveTimeout as e:
                 raise self._timeout(a, k, str(e)) from e
@@ -113,7 +120,7 @@ class Pipeline:
             except CollectiveTimeout as e:
                 raise self._timeout(a, None, f"send not delivered: {e}") from e
         loss = torch.stack(st.losses).mean() if needs_tgt else torch.zeros(())
-        if self.p > 1:
+        if self.p > 1 and self.broadcast_loss:
             loss = loss.detach().clone().float()
             comm.broadcast(loss, src=self.peers[self.schedule.rank_of(self.last_stage)], group=self.mesh.group("pp"))
         return loss
@@ -121,7 +128,7 @@ class Pipeline:
     # ---- actions ----------------------------------------------------------------------------
     def _run_F(self, a: Action, st: "_StepState", mb_in, mb_tgt) -> None:
         s, i = a.stage, a.mb
-        x = mb_in[i] if s == 0 else self._recv_activation(a)
+        x = mb_in[i] if s == 0 else self._recv_activation(a, st)
         if s > 0 and x.is_floating_point():
             x.requires_grad_(True)
         y = self.stages[s](x)
@@ -140,15 +147,12 @@ class Pipeline:
     def _grad_out(self, a: Action, y: torch.Tensor) -> torch.Tensor | None:
         if a.stage == self.last_stage:
             return None
-        g = torch.empty(y.shape, dtype=y.dtype)
-        self._wait(self._irecv(g, self._peer(a.stage + 1), tag=_tag("grad", a.stage, a.mb)), a,
-                   f"gradient from stage {a.stage + 1}")
-        return g
+        return self._take(a, ("grad", a.stage, a.mb), f"gradient from stage {a.stage + 1}")
 
     def _run_B(self, a: Action, st, mb_in, mb_tgt) -> None:
         x, y = st.saved.pop((a.stage, a.mb))
         torch.autograd.backward(y, self._grad_out(a, y))
-        self._send_grad(a, x, x.grad if x.requires_grad else None, st)
+        self._send_grad(a, x, x.grad if a.stage > 0 and x.requires_grad else None, st)
         st.inflight[a.stage] -= 1
 
     def _run_I(self, a: Action, st, mb_in, mb_tgt) -> None:
@@ -213,17 +217,54 @@ class Pipeline:
         st.sends.append((a, self._isend(y, dst, tag=_tag("act", a.stage, a.mb))))
         st.keep.append(y)  # the buffer must outlive the asynchronous send
 
-    def _recv_activation(self, a: Action) -> torch.Tensor:
-        src = self._peer(a.stage - 1)
+    def _recv_activation(self, a: Action, st) -> torch.Tensor:
         if a.mb == 0:
-            hdr = torch.empty(_HEADER, dtype=torch.int64)
-            self._wait(self._irecv(hdr, src, tag=_tag("hdr", a.stage - 1, 0)), a, f"header from stage {a.stage - 1}")
+            hdr = self._take(a, ("hdr", a.stage - 1, 0), f"header from stage {a.stage - 1}", st)
             ndim = int(hdr[1])
             self._meta[-a.stage - 1] = (_DTYPES[int(hdr[0])], tuple(int(d) for d in hdr[2:2 + ndim]))
-        dtype, shape = self._meta[-a.stage - 1]
-        x = torch.empty(shape, dtype=dtype)
-        self._wait(self._irecv(x, src, tag=_tag("act", a.stage - 1, a.mb)), a, f"activation from stage {a.stage - 1}")
-        return x
+            st.headers.add(a.stage)
+        return self._take(a, ("act", a.stage - 1, a.mb), f"activation from stage {a.stage - 1}", st)
+
+    def _recv_spec(self, kind: str, stage: int, mb: int, st) -> tuple[int, torch.Tensor] | None:
+        """(source rank, empty buffer) for an incoming message, or None while its shape is unknown."""
+        if kind == "hdr":
+            return self._peer(stage), torch.empty(_HEADER, dtype=torch.int64)
+        if kind == "act":
+            if stage + 1 not in st.headers:  # this step's header not in yet: the shape may have changed
+                return None
+            dtype, shape = self._meta[-stage - 2]
+            return self._peer(stage), torch.empty(shape, dtype=dtype)
+        saved = st.saved.get((stage, mb))
+        if saved is None:
+            return None
+        y = saved[1]
+        return self._peer(stage + 1), torch.empty(y.shape, dtype=y.dtype)
+
+    def _post(self, key: tuple[str, int, int], st) -> bool:
+        if key in st.posted:
+            return True
+        spec = self._recv_spec(*key, st)
+        if spec is None:
+            return False
+        src, buf = spec
+        st.posted[key] = (buf, self._irecv(buf, src, tag=_tag(*key)))
+        return True
+
+    def _prefetch(self, a: Action, st) -> None:
+        """Post the receive an upcoming action needs, so the bytes land while this rank computes."""
+        if a.kind == "F" and a.stage > 0:
+            self._post(("hdr", a.stage - 1, 0) if a.mb == 0 and a.stage not in st.headers
+                       else ("act", a.stage - 1, a.mb), st)
+        elif a.kind in ("B", "I") and a.stage < self.last_stage:
+            self._post(("grad", a.stage, a.mb), st)
+
+    def _take(self, a: Action, key: tuple[str, int, int], what: str, st=None) -> torch.Tensor:
+        st = st if st is not None else self._st
+        if not self._post(key, st):
+            raise AssertionError(f"cannot size the receive {key} for {a}")  # internal: schedule order broken
+        buf, h = st.posted.pop(key)
+        self._wait(h, a, what)
+        return buf
 
     def _send_grad(self, a: Action, x: torch.Tensor, gx: torch.Tensor | None, st) -> None:
         if a.stage == 0:
@@ -267,4 +308,6 @@ class _StepState:
         self.sends: list[tuple[Action, comm.Handle]] = []
         self.keep: list[torch.Tensor] = []
         self.losses: list[torch.Tensor] = []
+        self.posted: dict[tuple[str, int, int], tuple[torch.Tensor, object]] = {}
+        self.headers: set[int] = set()
         self.inflight: dict[int, int] = defaultdict(int)
