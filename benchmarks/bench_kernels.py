@@ -15,6 +15,8 @@ On a CUDA machine the same cases also run for the Triton kernels against a devic
 """
 from __future__ import annotations
 
+import math
+import os
 import time
 from typing import Any, Callable
 
@@ -28,7 +30,15 @@ TARGET_SMALL_SPEEDUP = 3.0
 TARGET_MEMCPY_FRACTION = 0.70
 
 
-def _timer(fn: Callable[[], Any], inner: int, sync: Callable[[], None]) -> Callable[[], float]:
+def _timer(fn: Callable[[], Any], min_sample_s: float, sync: Callable[[], None]) -> Callable[[], float]:
+    """A candidate for `alternate`: seconds per call, averaged over enough calls that one sample
+    lasts >= min_sample_s (so a preemption on this shared machine is a fraction of a sample)."""
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    inner = max(1, math.ceil(min_sample_s / max(time.perf_counter() - t0, 1e-6)))
+
     def timed() -> float:
         sync()
         t0 = time.perf_counter()
@@ -64,7 +74,7 @@ def _torch_epilogue(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return ~torch.isfinite(x).all(), x.float().pow(2).sum()
 
 
-def _cases(sizes: list[int], device: torch.device, reps: int, inner: int, with_memcpy: bool) -> dict[str, Any]:
+def _cases(sizes: list[int], device: torch.device, reps: int, sample_s: float, with_memcpy: bool) -> dict[str, Any]:
     """pack/unpack fp32->fp32 and fp32<->bf16, and epilogue: fused vs per-tensor (vs memcpy)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     ts = _make(sizes, torch.float32, device, seed=0)
@@ -77,10 +87,10 @@ def _cases(sizes: list[int], device: torch.device, reps: int, inner: int, with_m
         moved = total * (4 + flat.element_size())  # bytes read + written by pack (and by unpack)
         for op, fused, loop in (("pack", lambda: K.pack(ts, flat, SCALE), lambda: _loop_pack(ts, flat)),
                                 ("unpack", lambda: K.unpack(flat, outs, SCALE), lambda: _loop_unpack(flat, outs))):
-            cands = {"fused": _timer(fused, inner, sync), "per_tensor": _timer(loop, inner, sync)}
+            cands = {"fused": _timer(fused, sample_s, sync), "per_tensor": _timer(loop, sample_s, sync)}
             if with_memcpy:
                 dst = torch.empty_like(src_flat)
-                cands["memcpy_fp32"] = _timer(lambda: dst.copy_(src_flat), inner, sync)
+                cands["memcpy_fp32"] = _timer(lambda: dst.copy_(src_flat), sample_s, sync)
             r = alternate(cands, reps)
             case = {k: v["median_s"] for k, v in r.items()} | {"bytes_moved": moved}
             case["speedup_vs_per_tensor"] = case["per_tensor"] / case["fused"]
@@ -91,10 +101,10 @@ def _cases(sizes: list[int], device: torch.device, reps: int, inner: int, with_m
                 case["fraction_of_memcpy_bw"] = (moved / case["fused"]) / memcpy_bw
             res[f"{op}_{name}"] = case
     x = src_flat
-    cands = {"fused": _timer(lambda: K.epilogue(x), inner, sync), "torch_ops": _timer(lambda: _torch_epilogue(x), inner, sync)}
+    cands = {"fused": _timer(lambda: K.epilogue(x), sample_s, sync), "torch_ops": _timer(lambda: _torch_epilogue(x), sample_s, sync)}
     if with_memcpy:
         dst = torch.empty_like(src_flat)
-        cands["memcpy_fp32"] = _timer(lambda: dst.copy_(src_flat), inner, sync)
+        cands["memcpy_fp32"] = _timer(lambda: dst.copy_(src_flat), sample_s, sync)
     r = alternate(cands, reps)
     case = {k: v["median_s"] for k, v in r.items()} | {"bytes_moved": total * 4}
     case["speedup_vs_torch_ops"] = case["torch_ops"] / case["fused"]
@@ -110,11 +120,12 @@ def _device_run(device: torch.device, quick: bool) -> dict[str, Any]:
     n_small = 1000
     small_sizes = torch.randint(1024, 4097, (n_small,), generator=g).tolist()
     n_large, large_n = (10, 1 << 18) if quick else (50, 1 << 20)
-    reps = 5 if quick else 7
+    reps = 5 if quick else 9
     out: dict[str, Any] = {"backend": K.backend_for(torch.zeros(1, device=device)), "threads": torch.get_num_threads(),
                            "scale": SCALE}
-    out["small"] = _cases(small_sizes, device, reps, inner=3 if quick else 5, with_memcpy=False)
-    out["large"] = _cases([large_n] * n_large, device, reps, inner=1 if device.type == "cpu" else 10, with_memcpy=True)
+    sample_s = 0.01 if quick else 0.03
+    out["small"] = _cases(small_sizes, device, reps, sample_s, with_memcpy=False)
+    out["large"] = _cases([large_n] * n_large, device, reps, sample_s, with_memcpy=True)
     return out
 
 
@@ -147,7 +158,9 @@ def _cpu_runs(quick: bool) -> dict[str, Any]:
 
 
 def run(quick: bool) -> dict[str, Any]:
+    load_before = os.getloadavg()
     result: dict[str, Any] = {"cpu": _cpu_runs(quick)}
+    result["load_average"] = {"before": load_before, "after": os.getloadavg(), "cpus": os.cpu_count()}
     summary = {f"cpu_{k}": _summary(v) for k, v in result["cpu"].items()}
     if torch.cuda.is_available():  # Triton kernels vs device-to-device copy
         result["cuda"] = {"gpu": _device_run(torch.device("cuda"), quick)}

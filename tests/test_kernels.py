@@ -222,7 +222,7 @@ def test_inplace_pack_of_views_into_the_bucket(backend):
 
 
 def test_many_small_tensors_across_threads(monkeypatch):
-    """Thread shares cut through tensors anywhere; the result must not depend on the thread count."""
+    """Chunks cut through tensors anywhere; results must not depend on the thread count."""
     if not cpu.available():
         pytest.skip("no CPU kernels here")
     monkeypatch.setenv("TRAINLIB_KERNELS", "cpu")
@@ -230,11 +230,16 @@ def test_many_small_tensors_across_threads(monkeypatch):
     ts = [torch.randn(int(n), generator=g) for n in torch.randint(0, 400, (1000,), generator=g)]
     total = sum(t.numel() for t in ts)
     ref = R.pack(ts, torch.empty(total, dtype=BF16), 0.25)
-    before = torch.get_num_threads()
+    x = torch.randn(500_000, generator=g)
+    before, norms = torch.get_num_threads(), []
     try:
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
             assert_bitwise(K.pack(ts, torch.empty(total, dtype=BF16), 0.25), ref)
+            norms.append(K.epilogue(x)[1])
+        # chunk sums are added in a fixed order: the norm has the same bits for every thread count
+        assert norms[0].item() == norms[1].item() == norms[2].item()
+        torch.testing.assert_close(norms[0], R.epilogue(x)[1], rtol=2e-5, atol=0)
     finally:
         torch.set_num_threads(before)
 

@@ -4,16 +4,13 @@
 // one-time build takes about a second instead of the minute a full torch extension needs.
 // Every element is converted inline in one pass: y = cast_out(float(x) * float(scale)), with
 // round-to-nearest-even for bf16/fp16 — bit-identical to torch's `(x.float() * s).to(dtype)`.
-// Threads: OpenMP, at most `nthreads` (the caller passes torch.get_num_threads()); small work
-// runs on the calling thread, where a fork/join would cost more than the copy.
+// Threads: OpenMP, at most `nthreads` (the caller passes torch.get_num_threads()), over chunks
+// of 64K elements; work of one chunk or less runs on the calling thread (no fork/join).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 #if defined(__GNUC__) && defined(__x86_64__)
 #include <immintrin.h>
 #define TL_HAVE_F16C_PATH 1  // compiled for any x86-64; used only where the CPU has F16C
@@ -23,8 +20,10 @@ namespace {
 
 enum DType : int { F32 = 0, F16 = 1, BF16 = 2 };
 constexpr int64_t kElemSize[3] = {4, 2, 2};
-constexpr int64_t kParallelMinElems = 1 << 16;  // below ~256 KB one thread is faster
-constexpr int64_t kAlign = 64;                  // thread ranges start on cache-line multiples
+// Work is cut into chunks of kChunk elements (256 KB of fp32) handed out dynamically: on a
+// shared or oversubscribed machine a preempted thread then delays one chunk, not a fixed half of
+// the buffer, and the chunk sums of the norm add up in the same order whatever the thread count.
+constexpr int64_t kChunk = 1 << 16;
 
 inline uint32_t bits_of(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
 inline float float_of(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
@@ -136,24 +135,13 @@ const ConvertFn kConvert[3][3] = {
     {convert<BF16, F32>, convert<BF16, F16>, convert<BF16, BF16>},
 };
 
-int threads_for(int64_t n, int nthreads) {
-  if (n < kParallelMinElems || nthreads <= 1) return 1;
-  return int(std::min<int64_t>(nthreads, (n + kParallelMinElems - 1) / kParallelMinElems));
+int threads_for(int64_t chunks, int nthreads) {
+  return int(std::max<int64_t>(1, std::min<int64_t>(nthreads, chunks)));
 }
 
-// [begin, end) of the flat buffer owned by thread `tid` of `nth`: equal shares, aligned.
-inline void share(int64_t total, int tid, int nth, int64_t* begin, int64_t* end) {
-  auto cut = [&](int k) {
-    if (k >= nth) return total;
-    return std::min(total, (total * k / nth) / kAlign * kAlign);
-  };
-  *begin = cut(tid);
-  *end = cut(tid + 1);
-}
-
-// Copy between n tensors and one flat buffer laid out back to back. Each thread takes an equal
-// share of the flat buffer whatever the tensor sizes, so 1000 small tensors and 50 big ones
-// balance alike, and finds its first tensor by binary search in the offsets.
+// Copy between n tensors and one flat buffer laid out back to back. Chunks are cut from the flat
+// buffer whatever the tensor sizes, so 1000 small tensors and 50 big ones balance alike; a chunk
+// finds its first tensor by binary search in the offsets.
 int segments(int n, void* const* ptrs, const int8_t* dtypes, const int64_t* numels, void* flat,
              int flat_dtype, float scale, int nthreads, bool to_flat) {
   std::vector<int64_t> off(size_t(n) + 1, 0);
@@ -163,18 +151,14 @@ int segments(int n, void* const* ptrs, const int8_t* dtypes, const int64_t* nume
   }
   if (flat_dtype < 0 || flat_dtype > 2) return 1;
   const int64_t total = off[n];
-  const int nt = threads_for(total, nthreads);
+  const int64_t chunks = (total + kChunk - 1) / kChunk;
+  const int nt = threads_for(chunks, nthreads);
   char* fbase = static_cast<char*>(flat);
   const int64_t fsize = kElemSize[flat_dtype];
-#pragma omp parallel num_threads(nt) if (nt > 1)
-  {
-    int tid = 0, nth = 1;
-#ifdef _OPENMP
-    tid = omp_get_thread_num();
-    nth = omp_get_num_threads();
-#endif
-    int64_t pos, end;
-    share(total, tid, nth, &pos, &end);
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1) if (nt > 1)
+  for (int64_t c = 0; c < chunks; ++c) {
+    int64_t pos = c * kChunk;
+    const int64_t end = std::min(total, pos + kChunk);
     int64_t i = std::upper_bound(off.begin(), off.end(), pos) - off.begin() - 1;
     while (pos < end && i < n) {
       const int64_t stop = std::min(end, off[i + 1]);
@@ -286,21 +270,13 @@ int tl_epilogue(const void* x, int dtype, int64_t n, int nthreads, double* sq_no
 #ifdef TL_HAVE_F16C_PATH
   if (dtype == F16 && kHasF16C) sum = sum_squares_f16c;
 #endif
-  const int nt = threads_for(n, nthreads);
-  std::vector<double> partial(size_t(nt), 0.0);
-#pragma omp parallel num_threads(nt) if (nt > 1)
-  {
-    int tid = 0, nth = 1;
-#ifdef _OPENMP
-    tid = omp_get_thread_num();
-    nth = omp_get_num_threads();
-#endif
-    int64_t begin, end;
-    share(n, tid, nth, &begin, &end);
-    partial[size_t(tid)] = sum(x, begin, end);
-  }
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  const int nt = threads_for(chunks, nthreads);
+  std::vector<double> partial(size_t(chunks), 0.0);
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1) if (nt > 1)
+  for (int64_t c = 0; c < chunks; ++c) partial[size_t(c)] = sum(x, c * kChunk, std::min(n, (c + 1) * kChunk));
   double total = 0.0;
-  for (double p : partial) total += p;  // fixed order: the same result for the same thread count
+  for (double p : partial) total += p;  // fixed order: the same bits whatever the thread count
   *sq_norm = total;
   if (std::isfinite(total)) return 0;
   const bool bad = dtype == F32 ? any_nonfinite<F32>(x, n)
