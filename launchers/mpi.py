@@ -10,7 +10,6 @@ program, so each rank comes back here as an `mpi-rank`.
 """
 from __future__ import annotations
 
-import os
 import re
 
 from trainlib.launchers.errors import LaunchConfigError
