@@ -30,7 +30,9 @@ import torch.nn as nn
 from . import comm
 from .config import Config, ConfigError, describe_flags, load_config
 from .data import DistributedSampler, default_tokens
+from .checkpoint import resume
 from .data_parallel import DataParallel, clip_grad_norm_
+from .data_parallel.clip import grad_norm
 from .mesh import Mesh, MeshError, MeshLayout
 from .models.gpt import GPT, GPTConfig, lm_loss
 from .runtime import LaunchError
@@ -114,18 +116,29 @@ def train(cfg: Config) -> dict:
     if rt.is_main:
         log.info("training GPT (%d params) on %d ranks, %s, sync=%s", n_params, rt.world_size, mesh, cfg.sync.kind)
 
-    loss_first = loss_last = float("nan")
+    # counters a resumed run must continue from (checkpointed with the weights; see checkpoint/resume.py)
+    counters = {"loss_first": float("nan"), "window_loss": 0.0, "window_steps": 0, "nonfinite_skipped": 0}
+    start, counters = resume.restore(cfg.checkpoint, model, opt, sampler, counters)
+    loss_first, loss_last = counters["loss_first"], float("nan")
     t_start = window_start = time.perf_counter()
-    window_loss, window_steps = 0.0, 0
-    for step in range(cfg.train.steps):
+    window_loss, window_steps = counters["window_loss"], counters["window_steps"]
+    for step in range(start, cfg.train.steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
         x, y = sampler.next_batch()
         loss = lm_loss(model(x), y)
         loss.backward()
-        if cfg.train.grad_clip > 0:
-            clip_grad_norm_(model if isinstance(model, DataParallel) else params, cfg.train.grad_clip, mesh)
-        opt.step()
+        grads = model if isinstance(model, DataParallel) else params
+        norm = clip_grad_norm_(grads, cfg.train.grad_clip, mesh) if cfg.train.grad_clip > 0 else grad_norm(grads, mesh)
+        if torch.isfinite(norm):  # dp-averaged gradients: every rank takes the same branch
+            opt.step()
+        elif cfg.train.nonfinite == "raise":
+            raise FloatingPointError(f"step {step + 1}: gradient norm is {float(norm)}; lower train.lr or set "
+                                     "--train.nonfinite=skip to skip such steps")
+        else:
+            counters["nonfinite_skipped"] += 1
+            log.warning("step %d: non-finite gradient norm (%s); step skipped (%d so far)", step + 1, float(norm),
+                        counters["nonfinite_skipped"])
         opt.zero_grad(set_to_none=True)
         window_loss += loss.item()
         window_steps += 1
@@ -146,6 +159,8 @@ def train(cfg: Config) -> dict:
             elif rt.is_main:
                 log.info("step %d/%d loss %.4f tokens/s %.0f", step + 1, cfg.train.steps, mean_loss, tps)
             window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+        counters.update(loss_first=loss_first, window_loss=window_loss, window_steps=window_steps)
+        resume.after_step(cfg.checkpoint, step + 1, cfg.train.steps, model, opt, sampler, counters)
         if bar is not None:
             bar.update(1)
     wall = time.perf_counter() - t_start
@@ -157,7 +172,8 @@ def train(cfg: Config) -> dict:
     summary = {"steps": cfg.train.steps, "loss_first": round(loss_first, 6), "loss_last": round(loss_last, 6),
                "tokens_per_s": round(cfg.train.steps * tokens_per_step / wall, 1), "wall_s": round(wall, 3),
                "weights_sha256": weights_sha256(state), "world_size": rt.world_size,
-               "mesh": mesh.layout.__dict__, "sync": cfg.sync.kind, "params": n_params}
+               "mesh": mesh.layout.__dict__, "sync": cfg.sync.kind, "params": n_params,
+               "nonfinite_skipped": counters["nonfinite_skipped"], "resumed_from": counters.get("resumed_from")}
     if hasattr(model, "close"):
         model.close()
     return summary
@@ -187,6 +203,9 @@ def _parser() -> argparse.ArgumentParser:
         epilog="config overrides (--section.key=value or --section.key value; defaults shown):\n" + describe_flags())
     p.add_argument("--config", help="TOML file with [train] [model] [mesh] [sync] ... tables")
     p.add_argument("--nproc-per-node", type=int, default=2, help="local processes to start (default 2)")
+    p.add_argument("--max-restarts", type=int, default=0,
+                   help="torchrun restarts the local ranks this often after a failure; with --checkpoint.dir "
+                        "they resume from the latest checkpoint (default 0)")
     return p
 
 
@@ -200,9 +219,11 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--nproc-per-node={args.nproc_per_node} must be >= 1")
         if "RANK" not in os.environ and args.nproc_per_node > 1:
             MeshLayout.build(args.nproc_per_node, cfg.mesh.pp, cfg.mesh.dp, cfg.mesh.tp)
-            return _launch_local(argv, args.nproc_per_node)
+            if args.max_restarts < 0:
+                raise ConfigError(f"--max-restarts={args.max_restarts} must be >= 0")
+            return _launch_local(argv, args.nproc_per_node, args.max_restarts)
         summary = train(cfg)
-    except (ConfigError, MeshError, LaunchError) as e:
+    except (ConfigError, MeshError, LaunchError, FloatingPointError) as e:
         print(f"trainlib train: error: {e}", file=sys.stderr)
         return 1
     rank = int(os.environ.get("RANK", "0"))
@@ -218,24 +239,28 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _launch_local(argv: list[str], nproc: int) -> int:
+def _launch_local(argv: list[str], nproc: int, max_restarts: int = 0) -> int:
     """Start `nproc` local ranks through torchrun and print rank 0's summary as the last stdout line."""
     rest, skip = [], False
     for i, a in enumerate(argv):
         if skip:
             skip = False
             continue
-        if a == "--nproc-per-node":
+        if a in ("--nproc-per-node", "--max-restarts"):
             skip = True
             continue
-        if a.startswith("--nproc-per-node="):
+        if a.startswith(("--nproc-per-node=", "--max-restarts=")):
             continue
         rest.append(a)
     with tempfile.TemporaryDirectory() as tmp:
         summary_path = os.path.join(tmp, "summary.json")
         threads = max(1, (os.cpu_count() or 1) // nproc)
-        env = {**os.environ, SUMMARY_ENV: summary_path, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
+        env = {**os.environ, SUMMARY_ENV: summary_path, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads)),
+               # torchrun shares its rendezvous TCPStore with the workers; with that, workers restarted
+               # by --max-restarts hung in init_process_group here (torch 2.13, gloo); a store per round works
+               "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": os.environ.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")}
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               f"--max-restarts={max_restarts}",
                "-m", "trainlib.cli", "train", *rest]
         rc = subprocess.call(cmd, env=env)
         if rc != 0:
