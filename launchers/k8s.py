@@ -14,13 +14,14 @@ operators' admission rules (trainlib.launchers.webhooks) before printing; a viol
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
 from trainlib.launchers.errors import EXIT_CONFIG
 from trainlib.launchers.gang import GANGS, apply_gang
-from trainlib.launchers.manifests import JobSpec, mpijob, pytorchjob
-from trainlib.launchers.ps import ps_objects, token_volume, worker_env
+from trainlib.launchers.manifests import JobSpec, mpijob, pytorchjob, replica_templates
+from trainlib.launchers.ps import TOKEN_FS_GROUP, ps_objects, token_volume, with_ps_sync, worker_env
 from trainlib.launchers.webhooks import check_all
 
 KINDS = ("pytorchjob", "mpijob")
@@ -116,7 +117,11 @@ def build(kind: str, spec: JobSpec) -> list[dict]:
     if spec.ps_servers:
         volume, mount = token_volume(spec)
         env, volumes, mounts = worker_env(spec), [volume], [mount]
+        spec = dataclasses.replace(spec, cmd=tuple(with_ps_sync(list(spec.cmd))))
     job = (pytorchjob if kind == "pytorchjob" else mpijob)(spec, env, volumes, mounts)
+    if spec.ps_servers:
+        for tpl in replica_templates(job):
+            tpl["spec"].setdefault("securityContext", {})["fsGroup"] = TOKEN_FS_GROUP
     extra = apply_gang(job, spec)
     return ps_objects(spec) + extra + [job]
 

@@ -25,10 +25,22 @@ def worker_env(spec: JobSpec) -> list[dict]:
             {"name": "TRAINLIB_PS_TOKEN_FILE", "value": f"{TOKEN_DIR}/token"}]
 
 
+# The images run as uid/gid 1000 (Dockerfile.gpu); Secret files belong to root, so pods that mount
+# the token set fsGroup and the file is readable by owner and group only.
+TOKEN_FS_GROUP = 1000
+
+
 def token_volume(spec: JobSpec) -> tuple[dict, dict]:
-    """(volume, volumeMount) for the token Secret, read-only, owner-readable only."""
-    return ({"name": "ps-token", "secret": {"secretName": secret_name(spec), "defaultMode": 0o400}},
+    """(volume, volumeMount) for the token Secret: read-only, mode 0440 (owner and fsGroup)."""
+    return ({"name": "ps-token", "secret": {"secretName": secret_name(spec), "defaultMode": 0o440}},
             {"name": "ps-token", "mountPath": TOKEN_DIR, "readOnly": True})
+
+
+def with_ps_sync(cmd: list[str]) -> list[str]:
+    """`trainlib train` uses the servers only with --sync.kind=ps; add it unless the command chose a kind."""
+    if cmd[:2] == ["trainlib", "train"] and not any(a.startswith("--sync.kind") for a in cmd):
+        return [*cmd, "--sync.kind=ps"]
+    return cmd
 
 
 def ps_objects(spec: JobSpec) -> list[dict]:
@@ -55,5 +67,6 @@ def ps_objects(spec: JobSpec) -> list[dict]:
                  "spec": {"serviceName": name, "replicas": spec.ps_servers, "podManagementPolicy": "Parallel",
                           "selector": {"matchLabels": labels},
                           "template": {"metadata": {"labels": labels},
-                                       "spec": {"containers": [server], "volumes": [volume]}}}})
+                                       "spec": {"securityContext": {"fsGroup": TOKEN_FS_GROUP},
+                                                "containers": [server], "volumes": [volume]}}}})
     return objs

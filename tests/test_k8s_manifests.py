@@ -134,6 +134,9 @@ def test_parameter_server_objects():
     env = {e["name"]: e["value"] for e in job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]["env"]}
     assert env["TRAINLIB_PS_ADDRS"] == "gpt-ps-0.gpt-ps:5555,gpt-ps-1.gpt-ps:5555"
     assert env["TRAINLIB_PS_TOKEN_FILE"] == "/var/run/trainlib-ps/token"
+    master = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    assert master["containers"][0]["args"] == ["trainlib", "train", "--sync.kind=ps"]  # the job uses the servers
+    assert master["securityContext"]["fsGroup"] == 1000 == ss["spec"]["template"]["spec"]["securityContext"]["fsGroup"]
     svc2, ss2, job2 = manifest(*VARIANTS["ps-existing-secret"])
     assert ss2["spec"]["template"]["spec"]["volumes"][0]["secret"]["secretName"] == "mytoken"
 
