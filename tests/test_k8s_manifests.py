@@ -137,6 +137,11 @@ def test_parameter_server_objects():
     master = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
     assert master["containers"][0]["args"] == ["trainlib", "train", "--sync.kind=ps"]  # the job uses the servers
     assert master["securityContext"]["fsGroup"] == 1000 == ss["spec"]["template"]["spec"]["securityContext"]["fsGroup"]
+    # the names the parameter-server client and server read (no drift between manifest and backend)
+    from trainlib.sync.ps.backend import ADDRS_ENV
+    from trainlib.sync.ps.token import TOKEN_FILE_ENV
+
+    assert {ADDRS_ENV, TOKEN_FILE_ENV} <= set(env) and server["env"][0]["name"] == TOKEN_FILE_ENV
     svc2, ss2, job2 = manifest(*VARIANTS["ps-existing-secret"])
     assert ss2["spec"]["template"]["spec"]["volumes"][0]["secret"]["secretName"] == "mytoken"
 
