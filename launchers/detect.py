@@ -16,7 +16,8 @@ What each launcher injects (read from the operators' sources, summarised):
 - MPIJob v2beta1 (mpi-operator): K_MPI_JOB_ROLE=launcher|worker, the hostfile in
   OMPI_MCA_orte_default_hostfile / I_MPI_HYDRA_HOST_FILE / HYDRA_HOST_FILE; processes started by
   mpirun/mpiexec carry OMPI_COMM_WORLD_* (Open MPI) or PMI_RANK/PMI_SIZE (MPICH, Intel MPI).
-- torchrun children: TORCHELASTIC_RUN_ID, GROUP_RANK, LOCAL_RANK, RANK, WORLD_SIZE.
+- torchrun children: TORCHELASTIC_RUN_ID, GROUP_RANK, LOCAL_RANK, RANK, WORLD_SIZE. Any process
+  with RANK, WORLD_SIZE and LOCAL_RANK (Ray workers, hand-made launchers) is treated the same way.
 """
 from __future__ import annotations
 
@@ -94,9 +95,11 @@ def detect_placement(env: dict[str, str] | None = None) -> Placement:
     """Classify the environment. Narrow signals are checked first: a torchrun child also carries RANK
     and MASTER_ADDR, and an MPI rank started inside an MPIJob also carries K_MPI_JOB_ROLE."""
     env = dict(os.environ if env is None else env)
-    if env.get("TORCHELASTIC_RUN_ID") or ("GROUP_RANK" in env and "LOCAL_RANK" in env):
-        return Placement("torchrun-child", evidence=("TORCHELASTIC_RUN_ID" if env.get("TORCHELASTIC_RUN_ID")
-                                                     else "GROUP_RANK+LOCAL_RANK",))
+    if env.get("TORCHELASTIC_RUN_ID"):
+        return Placement("torchrun-child", evidence=("TORCHELASTIC_RUN_ID",))
+    if all(k in env for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
+        # already one rank of a job (torchrun, Ray workers, a hand-written launcher): never nest another
+        return Placement("torchrun-child", evidence=("RANK+WORLD_SIZE+LOCAL_RANK",))
     nproc = _opt(env, "PET_NPROC_PER_NODE", "PET_N_PROC_PER_NODE")
     if env.get("PET_RDZV_ENDPOINT"):
         nnodes = _nnodes_ok(env.get("PET_NNODES") or "1", "PET_NNODES")

@@ -92,6 +92,7 @@ def test_trainjob_v2_env():
     ({"K_MPI_JOB_ROLE": "worker"}, "mpijob-worker", "exec"),
     ({"TORCHELASTIC_RUN_ID": "x", "RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "GROUP_RANK": "1",
       "MASTER_ADDR": "h", "MASTER_PORT": "1"}, "torchrun-child", "exec"),
+    ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "1"}, "torchrun-child", "exec"),
     ({}, "plain", "torchrun"),
 ])
 def test_detect_kinds(env, kind, mode):
