@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import signal
 import subprocess
@@ -29,7 +28,6 @@ from trainlib.launchers.errors import (EXIT_CONFIG, EXIT_RETRY, LaunchConfigErro
                                        classify_worker_exit)
 from trainlib.launchers.plan import LaunchPlan, build_plan
 
-log = logging.getLogger("trainlib")
 DEFAULT_CMD = ["trainlib", "train"]
 
 

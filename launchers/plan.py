@@ -105,6 +105,6 @@ def _local_ranks(env: dict[str, str]) -> int:
     from trainlib.runtime import LaunchError, detect_launch
 
     try:
-        return detect_launch(env).local_world_size if env.get("K_MPI_JOB_ROLE") != "launcher" else 1
+        return detect_launch(env).local_world_size
     except LaunchError:
         return 1

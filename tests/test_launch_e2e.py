@@ -119,6 +119,7 @@ def test_mpijob_launcher_runs_mpiexec_ranks(tmp_path, reference):
     check_against_reference([(rc, so, se)], reference)
     assert f"mpirun: mpiexec -f {hostfile} -n 2 trainlib launch -- trainlib train" in se
     assert se.count("placement: mpi-rank") == 2
+    assert se.count("2 local processes") == 2  # each rank splits the node's cores between the 2 local ranks
 
 
 def test_exit_codes_follow_kubeflow_exitcode_policy(tmp_path):
