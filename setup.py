@@ -42,7 +42,7 @@ setup(
     package_dir=package_dir,
     package_data={"trainlib": ["data/*.txt"], "trainlib.kernels": ["csrc/*.cpp"]},
     # torch is not pinned here: install torch==2.13.0 (CPU) first, or the image's own torch (>= 2.5).
-    install_requires=["torch>=2.5", "tqdm>=4.60", "safetensors>=0.4", "pyzmq>=25", "numpy>=1.24",
+    install_requires=["torch>=2.5", "tqdm>=4.60", "safetensors>=0.4", "pyzmq>=25", "numpy>=1.24", "ninja>=1.11",
                       "tomli>=2; python_version<'3.11'"],
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["trainlib=trainlib.cli:main"]},

@@ -33,6 +33,7 @@ TARGET_MEMCPY_FRACTION = 0.70
 def _timer(fn: Callable[[], Any], min_sample_s: float, sync: Callable[[], None]) -> Callable[[], float]:
     """A candidate for `alternate`: seconds per call, averaged over enough calls that one sample
     lasts >= min_sample_s (so a preemption on this shared machine is a fraction of a sample)."""
+    fn()  # warm-up: builds/compiles kernels, faults pages in
     sync()
     t0 = time.perf_counter()
     fn()
@@ -74,7 +75,8 @@ def _torch_epilogue(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return ~torch.isfinite(x).all(), x.float().pow(2).sum()
 
 
-def _measure(cands: dict[str, Callable[[], float]], reps: int, peer: str, moved: int, memcpy_bytes: int) -> dict[str, Any]:
+def _measure(cands: dict[str, Callable[[], float]], reps: int, peer: str, moved: int,
+             memcpy_bytes: int) -> dict[str, Any]:
     """Alternate the candidates; medians (the headline) and best-of (the machine's capability when
     others leave it alone: this box is shared) of fused vs `peer`, and vs memcpy if measured."""
     r = alternate(cands, reps)

@@ -18,6 +18,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import shutil
 import threading
 from pathlib import Path
 from typing import Sequence
@@ -45,8 +46,22 @@ def _build_dir(name: str) -> str | None:
     return str(d)
 
 
+def _ninja_on_path() -> None:
+    """torch runs `ninja` from PATH; a venv's pip-installed ninja is not on it unless the venv is
+    activated, so add the wheel's bin dir (the build runs under _lock)."""
+    if shutil.which("ninja"):
+        return
+    try:
+        import ninja
+    except ImportError:
+        return  # the build fails, and load() says so once
+    os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
+
+
 def _compile() -> ctypes.CDLL:
     from torch.utils.cpp_extension import load as load_extension
+
+    _ninja_on_path()
 
     src = SOURCE.read_bytes()
     # The name carries a hash of source, flags and torch version: an edit or an upgrade builds

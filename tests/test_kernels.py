@@ -34,8 +34,11 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 
 def assert_bitwise(a: torch.Tensor, b: torch.Tensor) -> None:
     assert a.dtype == b.dtype and a.shape == b.shape
-    diff = (bits(a) != bits(b)).nonzero()
-    assert diff.numel() == 0, f"{diff.numel()} elements differ, first at {diff[0].tolist()}: {a.flatten()[diff[0]]} vs {b.flatten()[diff[0]]}"
+    diff = (bits(a) != bits(b)).reshape(-1).nonzero().flatten()
+    if diff.numel():
+        i = int(diff[0])
+        raise AssertionError(f"{diff.numel()} elements differ, first at flat index {i}: "
+                             f"{a.reshape(-1)[i].item()} vs {b.reshape(-1)[i].item()}")
 
 
 def make_tensors(dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
@@ -87,7 +90,8 @@ def test_triton_backend_under_the_interpreter():
 def test_pack_unpack_match_reference_bitwise(backend, src_dtype, flat_dtype):
     ts = make_tensors(src_dtype)
     total = sum(t.numel() for t in ts)
-    for scale in SCALES:
+    # the interpreter is slow: scale 0.5 (an exponent shift) adds little to 1/3 there
+    for scale in SCALES if backend == "cpu" else [1.0, 1 / 3]:
         out, ref = torch.empty(total, dtype=flat_dtype), torch.empty(total, dtype=flat_dtype)
         assert K.pack(ts, out, scale) is out
         assert_bitwise(out, R.pack(ts, ref, scale))
@@ -162,14 +166,14 @@ def test_nan_stays_nan(backend):
 
 @pytest.mark.parametrize("dtype", [F32, BF16, F16])
 def test_epilogue_flags_nonfinite_anywhere(backend, dtype):
-    n = 300_001 if backend == "cpu" else 9_001  # the CPU size crosses the threads' shares
+    n = 300_001 if backend == "cpu" else 5_001  # the CPU size spans several 64K-element chunks
     x = (torch.randn(n, generator=torch.Generator().manual_seed(4))).to(dtype)
     bad, sq = K.epilogue(x)
     ref_bad, ref_sq = R.epilogue(x)
     assert bad.dtype == torch.bool and bad.dim() == 0 and sq.dtype == F32 and sq.dim() == 0
     assert not bad and not ref_bad
     torch.testing.assert_close(sq, ref_sq, rtol=2e-5, atol=0)
-    for pos in (0, 1, 4095, 4096, n // 2, n - 1):
+    for pos in (0, 4095, 4096, n - 1) if backend == "triton" else (0, 1, 65535, 65536, n // 2, n - 1):
         for v in (float("inf"), float("-inf"), float("nan")):
             y = x.clone()
             y[pos] = v
