@@ -78,6 +78,8 @@ class MeshConfig:
     pp: int = 1
     dp: int = -1
     tp: int = 1
+    schedule: str = "1f1b"        # pipeline schedule when pp > 1: gpipe | 1f1b | interleaved | zb-h1
+    microbatches: int = 0         # per step when pp > 1; 0 = 2 * pp
 
 
 SYNC_KINDS = ("allreduce", "ps", "ddp")

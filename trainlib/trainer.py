@@ -35,6 +35,8 @@ from .data_parallel import DataParallel, clip_grad_norm_
 from .data_parallel.clip import grad_norm
 from .mesh import Mesh, MeshError, MeshLayout
 from .models.gpt import GPT, GPTConfig, lm_loss
+from .parallelize import ParallelModel, lm_loss_fn, parallelize
+from .tensor_parallel import GPT_PLAN
 from .runtime import LaunchError
 
 log = logging.getLogger("trainlib")
@@ -68,21 +70,43 @@ def build_model(cfg: Config) -> GPT:
 
 
 def wrap_data_parallel(model: nn.Module, cfg: Config, mesh: Mesh) -> nn.Module:
-    """The one place that picks the gradient-sync backend from sync.kind."""
+    """Wrap for data parallelism: torch DDP for sync.kind=ddp, else tl.DataParallel with build_sync(cfg)."""
     s = cfg.sync
     if s.kind == "ddp":  # torch DDP, kept as the reference the benchmarks and tests compare against
         return nn.parallel.DistributedDataParallel(model, process_group=mesh.group("dp"), bucket_cap_mb=s.bucket_mb)
+    return DataParallel(model, mesh=mesh, sync=build_sync(cfg), bucket_mb=s.bucket_mb)
+
+
+def build_sync(cfg: Config):
+    """The one place that picks trainlib's gradient-sync backend from sync.kind (allreduce | ps)."""
     from .sync import AllReduce
 
+    s = cfg.sync
     if s.kind == "allreduce":
-        sync = AllReduce(bucket_mb=s.bucket_mb, compress=None if s.compress == "none" else s.compress,
+        return AllReduce(bucket_mb=s.bucket_mb, compress=None if s.compress == "none" else s.compress,
                          transport=s.transport)
-    else:
-        from .sync import ParameterServer
+    from .sync import ParameterServer
 
-        sync = ParameterServer(servers=[a.strip() for a in s.servers.split(",") if a.strip()] or None, mode=s.mode,
-                               staleness=s.staleness, partition_mb=s.partition_mb, bucket_mb=s.bucket_mb)
-    return DataParallel(model, mesh=mesh, sync=sync, bucket_mb=s.bucket_mb)
+    return ParameterServer(servers=[a.strip() for a in s.servers.split(",") if a.strip()] or None, mode=s.mode,
+                           staleness=s.staleness, partition_mb=s.partition_mb, bucket_mb=s.bucket_mb)
+
+
+def wrap_parallel(model: GPT, cfg: Config, mesh: Mesh) -> ParallelModel:
+    """pp > 1 or tp > 1: tl.parallelize with the default GPT plan; sync.kind picks the dp backend."""
+    m, s = cfg.mesh, cfg.sync
+    if s.kind == "ddp":
+        raise ConfigError(f"sync.kind=ddp (torch DDP) cannot wrap pipeline or tensor-parallel stages ({mesh}); "
+                          "use --sync.kind allreduce")
+    if cfg.checkpoint.dir:
+        raise ConfigError(f"checkpoints of pipeline/tensor-parallel shards are not supported yet ({mesh}); "
+                          "drop --checkpoint.dir or use --mesh.pp 1 --mesh.tp 1")
+    microbatches = m.microbatches or 2 * mesh.size("pp")
+    per_rank = cfg.train.batch_size // mesh.size("dp")
+    if mesh.size("pp") > 1 and per_rank % microbatches:
+        raise ConfigError(f"train.batch_size {cfg.train.batch_size} / dp {mesh.size('dp')} = {per_rank} sequences per "
+                          f"rank is not divisible by mesh.microbatches={microbatches}; make it a multiple")
+    return parallelize(model, mesh, tp_plan=GPT_PLAN, schedule=m.schedule, microbatches=microbatches,
+                       loss_fn=lm_loss_fn(mesh), sync=build_sync(cfg), bucket_mb=s.bucket_mb)
 
 
 def _mean_over(value: float, group) -> float:
@@ -97,13 +121,13 @@ def train(cfg: Config) -> dict:
 
     rt = tl.init()
     mesh = Mesh(pp=cfg.mesh.pp, dp=cfg.mesh.dp, tp=cfg.mesh.tp)
-    if mesh.size("pp") > 1 or mesh.size("tp") > 1:
-        raise ConfigError(f"{mesh}: tensor and pipeline parallelism are not wired into `trainlib train` yet; "
-                          "use --mesh.pp 1 --mesh.tp 1")
     torch.manual_seed(cfg.train.seed + rt.rank)
     model = build_model(cfg)
     n_params = sum(p.numel() for p in model.parameters())
-    model = wrap_data_parallel(model, cfg, mesh)
+    if mesh.size("pp") > 1 or mesh.size("tp") > 1:
+        model = wrap_parallel(model, cfg, mesh)  # PP split -> TP -> DP, see trainlib/parallelize.py
+    else:
+        model = wrap_data_parallel(model, cfg, mesh)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.train.lr, betas=(0.9, 0.95), weight_decay=cfg.train.weight_decay)
     tokens = default_tokens(cfg.train.corpus_bytes)
@@ -126,8 +150,11 @@ def train(cfg: Config) -> dict:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
         x, y = sampler.next_batch()
-        loss = lm_loss(model(x), y)
-        loss.backward()
+        if isinstance(model, ParallelModel):
+            loss = model.step(x, y)  # forward + backward: pipeline schedule and/or vocab-parallel loss inside
+        else:
+            loss = lm_loss(model(x), y)
+            loss.backward()
         grads = model if isinstance(model, DataParallel) else params
         norm = clip_grad_norm_(grads, cfg.train.grad_clip, mesh) if cfg.train.grad_clip > 0 else grad_norm(grads, mesh)
         if torch.isfinite(norm):  # dp-averaged gradients: every rank takes the same branch
