@@ -18,6 +18,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import threading
 from pathlib import Path
@@ -36,14 +37,13 @@ _lib: ctypes.CDLL | None = None
 _failed: str | None = None      # why the build failed; the warning is logged once per process
 
 
-def _build_dir(name: str) -> str | None:
-    """$TRAINLIB_KERNEL_CACHE/NAME, or None for torch's own cache (~/.cache/torch_extensions)."""
-    root = os.environ.get("TRAINLIB_KERNEL_CACHE")
-    if not root:
-        return None
-    d = Path(root) / name
-    d.mkdir(parents=True, exist_ok=True)
-    return str(d)
+def _cache_root() -> Path:
+    """$TRAINLIB_KERNEL_CACHE, else torch's extension cache ($TORCH_EXTENSIONS_DIR or
+    ~/.cache/torch_extensions), resolved here without importing torch.utils.cpp_extension."""
+    root = os.environ.get("TRAINLIB_KERNEL_CACHE") or os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "torch_extensions"
 
 
 def _ninja_on_path() -> None:
@@ -59,17 +59,23 @@ def _ninja_on_path() -> None:
 
 
 def _compile() -> ctypes.CDLL:
-    from torch.utils.cpp_extension import load as load_extension
-
-    _ninja_on_path()
-
     src = SOURCE.read_bytes()
-    # The name carries a hash of source, flags and torch version: an edit or an upgrade builds
-    # afresh instead of loading a stale library from a shared cache.
-    tag = hashlib.sha256(src + repr((CFLAGS, torch.__version__)).encode()).hexdigest()[:12]
+    # The name carries a hash of source, flags, torch version and CPU architecture: an edit, an
+    # upgrade or a cache shared by x86 and Arm nodes builds afresh instead of loading a stale library.
+    tag = hashlib.sha256(src + repr((CFLAGS, torch.__version__, platform.machine())).encode()).hexdigest()[:12]
     name = f"trainlib_bucket_ops_{tag}"
-    path = load_extension(name, [str(SOURCE)], extra_cflags=CFLAGS, build_directory=_build_dir(name),
-                          is_python_module=False, verbose=False)
+    build_dir = _cache_root() / name
+    path = build_dir / f"{name}.so"
+    # Fast path (every process after the first build, e.g. each data-parallel rank): load the cached
+    # library directly; importing torch's build machinery alone costs ~0.4 s. A "lock" file means
+    # another process is still building it (torch's FileBaton), so go through torch's path and wait.
+    if not path.exists() or (build_dir / "lock").exists():
+        from torch.utils.cpp_extension import load as load_extension
+
+        _ninja_on_path()
+        build_dir.mkdir(parents=True, exist_ok=True)
+        path = Path(load_extension(name, [str(SOURCE)], extra_cflags=CFLAGS, build_directory=str(build_dir),
+                                   is_python_module=False, verbose=False))
     lib = ctypes.CDLL(str(path))
     args = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
             ctypes.c_float, ctypes.c_int]
