@@ -79,3 +79,32 @@ def test_layout_tracks_single_process(layout, composed):
         assert r["norm"] < 1e-4, (rank, layout, r)
     first, last = composed[0]["ref"][0], composed[0]["ref"][-1]
     assert last < first  # the reference itself learns
+
+
+# ---- `trainlib train` on every kind of layout: the same losses as pure data parallelism --------
+TRAIN_ARGS = ["--train.steps", "8", "--train.batch_size", "16", "--train.log_every", "4", "--model.n_layer", "4",
+              "--model.d_model", "64", "--model.seq_len", "32", "--train.warmup_steps", "2"]
+TRAIN_LAYOUTS = [(1, 4, 1, "1f1b"), (2, 1, 2, "1f1b"), (2, 2, 1, "zb-h1"), (1, 2, 2, "1f1b"), (4, 1, 1, "gpipe"),
+                 (1, 1, 4, "1f1b"), (2, 2, 1, "interleaved")]
+
+
+def _trainer_worker(metrics: str) -> list[dict]:
+    from trainlib import trainer
+    from trainlib.config import load_config
+
+    out = []
+    for pp, dp, tp, sched in TRAIN_LAYOUTS:
+        cfg = load_config(None, TRAIN_ARGS + ["--mesh.pp", str(pp), "--mesh.dp", str(dp), "--mesh.tp", str(tp),
+                                              "--mesh.schedule", sched, "--train.metrics", metrics])
+        s = trainer.train(cfg)
+        out.append({"layout": (pp, dp, tp, sched), "loss_first": s["loss_first"], "loss_last": s["loss_last"]})
+    return out
+
+
+def test_trainer_every_layout_matches_data_parallel(tmp_path):
+    res = run_ranks(_trainer_worker, 4, str(tmp_path / "m.jsonl"), env={"TRAINLIB_NO_PROGRESS": "1"}, timeout_s=170)[0]
+    base = res[0]
+    assert base["loss_last"] < base["loss_first"] - 0.5, base  # it trains
+    for r in res[1:]:
+        assert abs(r["loss_first"] - base["loss_first"]) < 1e-4, (r, base)
+        assert abs(r["loss_last"] - base["loss_last"]) < 1e-4, (r, base)

@@ -100,6 +100,10 @@ def wrap_parallel(model: GPT, cfg: Config, mesh: Mesh) -> ParallelModel:
     if cfg.checkpoint.dir:
         raise ConfigError(f"checkpoints of pipeline/tensor-parallel shards are not supported yet ({mesh}); "
                           "drop --checkpoint.dir or use --mesh.pp 1 --mesh.tp 1")
+    from .pipeline import SCHEDULES
+
+    if m.schedule not in SCHEDULES:
+        raise ConfigError(f"mesh.schedule={m.schedule!r} is not one of {', '.join(SCHEDULES)}")
     microbatches = m.microbatches or 2 * mesh.size("pp")
     per_rank = cfg.train.batch_size // mesh.size("dp")
     if mesh.size("pp") > 1 and per_rank % microbatches:
