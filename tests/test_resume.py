@@ -1,0 +1,97 @@
+"""A worker SIGKILLed at a random step (or inside a checkpoint write) and restarted by torchrun
+ends with the same weights_sha256 as an uninterrupted run; and `trainlib train` resumes by itself.
+
+Real `trainlib train` processes, real torchrun (--max-restarts), real SIGKILL (the fault hook
+TRAINLIB_FAULT_KILL_AT_STEP makes the chosen rank kill itself, so the step is reproducible).
+The runs are independent, so they run concurrently to fit the test-time budget.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+
+from trainlib.testing import run_ranks
+
+pytestmark = pytest.mark.timeout(300)
+
+STEPS, EVERY = 12, 4
+TINY = ["--model.n_layer", "1", "--model.d_model", "32", "--model.n_head", "2", "--model.seq_len", "16",
+        "--train.batch_size", "4", "--train.corpus_bytes", "65536", "--train.steps", str(STEPS),
+        "--train.log_every", "4", "--train.warmup_steps", "3"]
+
+
+def _start(tmp_path, name: str, seed: int, extra: list[str], fault: str | None = None):
+    env = {**os.environ, "TRAINLIB_NO_PROGRESS": "1", "TRAINLIB_TIMEOUT_S": "30", "OMP_NUM_THREADS": "1"}
+    env.pop("TRAINLIB_FAULT_KILL_AT_STEP", None)
+    if fault:
+        env["TRAINLIB_FAULT_KILL_AT_STEP"] = fault
+    cmd = [sys.executable, "-m", "trainlib.cli", "train", *TINY, "--train.seed", str(seed),
+           "--train.metrics", str(tmp_path / f"{name}.jsonl"), *extra]
+    log = open(tmp_path / f"{name}.log", "w")
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=log, text=True)
+
+
+def _finish(tmp_path, name: str, proc) -> tuple[int, dict | None, str]:
+    out, _ = proc.communicate(timeout=240)
+    err = (tmp_path / f"{name}.log").read_text()
+    lines = [ln for ln in out.strip().splitlines() if ln.startswith("{")]
+    return proc.returncode, (json.loads(lines[-1]) if lines else None), err
+
+
+def _ck(tmp_path, name: str, restarts: int = 1) -> list[str]:
+    return ["--checkpoint.dir", str(tmp_path / name), "--checkpoint.every", str(EVERY), "--max-restarts", str(restarts)]
+
+
+def test_killed_worker_resumes_bit_identically(tmp_path):
+    pick = random.Random(2026)
+    r1, s1 = pick.randrange(2), pick.randrange(EVERY + 1, 2 * EVERY)       # between two checkpoints
+    r2 = pick.randrange(2)
+    r3, s3 = pick.randrange(2), pick.randrange(2 * EVERY + 1, STEPS)
+    # (name, fault spec, checkpoint step the restarted job must resume from)
+    trials = [("between_ckpts", f"{r1}:{s1}", EVERY),
+              ("in_save", f"{r2}:{2 * EVERY}:save:shard", EVERY)]     # dies while writing step 8's checkpoint
+    procs = {"ref": _start(tmp_path, "ref", 0, [])}
+    for name, fault, _ in trials:
+        procs[name] = _start(tmp_path, name, 0, _ck(tmp_path, name), fault)
+    # resumes by itself: the first run dies with no restarts left, the same command again picks it up
+    procs["self_1"] = _start(tmp_path, "self_1", 0, _ck(tmp_path, "self", restarts=0), f"{r3}:{s3}")
+    done = {name: _finish(tmp_path, name, p) for name, p in procs.items()}
+
+    ref = done["ref"][1]
+    for name, fault, resumed in trials:
+        rc, summary, err = done[name]
+        assert rc == 0, f"{name} ({fault}) failed:\n{err[-3000:]}"
+        assert f"fault injection: rank {fault.split(':')[0]} kills itself" in err, name
+        assert summary["resumed_from"] == resumed, (name, summary)  # resumed, not re-run from scratch
+        assert summary["weights_sha256"] == ref["weights_sha256"], f"{name} ({fault}) diverged from the uninterrupted run"
+        assert summary["loss_last"] == ref["loss_last"], name
+
+    rc, summary, err = done["self_1"]
+    assert rc != 0 and summary is None and "kills itself" in err
+    rc, summary, err = _finish(tmp_path, "self_2", _start(tmp_path, "self_2", 0, _ck(tmp_path, "self", restarts=0)))
+    assert rc == 0, err[-3000:]
+    assert summary["resumed_from"] == 2 * EVERY and summary["weights_sha256"] == ref["weights_sha256"]
+
+
+def _train_rank(argv: list[str], main: bool):
+    from trainlib import trainer
+    from trainlib.config import load_config
+
+    return trainer.main(argv) if main else trainer.train(load_config(None, argv))
+
+
+def test_nonfinite_gradients_skip_or_raise(tmp_path):
+    # lr 1e30: step 1 blows the weights up, every later gradient is nan. With `skip` the weights
+    # stay those after step 1 (the reference: a 1-step run); with `raise` the job exits 1.
+    argv = [*TINY, "--train.lr", "1e30", "--train.warmup_steps", "0", "--train.metrics", str(tmp_path / "m.jsonl")]
+    env = {"TRAINLIB_NO_PROGRESS": "1", "TRAINLIB_TIMEOUT_S": "30"}
+    skip = run_ranks(_train_rank, 2, argv, False, env=env, timeout_s=90)
+    one = run_ranks(_train_rank, 2, argv + ["--train.steps", "1"], False, env=env, timeout_s=90)
+    assert [s["nonfinite_skipped"] for s in skip] == [STEPS - 1] * 2 and one[0]["nonfinite_skipped"] == 0
+    assert skip[0]["weights_sha256"] == skip[1]["weights_sha256"] == one[0]["weights_sha256"]
+    assert run_ranks(_train_rank, 2, argv + ["--train.nonfinite", "raise"], True, env=env, timeout_s=90) == [1, 1]
