@@ -31,18 +31,26 @@ from . import cpu, reference
 log = logging.getLogger("trainlib")
 
 BACKENDS = ("reference", "cpu", "triton")
-FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FUSED_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16})
 
 __all__ = ["pack", "unpack", "scale_cast", "epilogue", "backend_for", "BACKENDS"]
 
 
+_triton_module: object = None  # triton_kernels once imported; False if it cannot be
+
+
 def _triton():
-    """The Triton module, or None if triton is not importable."""
-    try:
-        from . import triton_kernels
-    except ImportError:
-        return None
-    return triton_kernels
+    """The Triton module, or None if triton is not importable (tried once per process)."""
+    global _triton_module
+    if _triton_module is None:
+        try:
+            from . import triton_kernels
+            _triton_module = triton_kernels
+        except Exception as e:  # ImportError, or a triton build that fails at import
+            if not isinstance(e, ImportError):
+                log.warning("trainlib.kernels: triton failed to import (%s); CUDA tensors use the reference", e)
+            _triton_module = False
+    return _triton_module or None
 
 
 def backend_for(t: torch.Tensor) -> str:
@@ -61,7 +69,7 @@ def backend_for(t: torch.Tensor) -> str:
                 raise ValueError("TRAINLIB_KERNELS=triton but triton is not installed; pip install triton")
             if dev != "cuda" and not tk.INTERPRET:
                 raise ValueError(f"TRAINLIB_KERNELS=triton with tensors on {t.device} needs TRITON_INTERPRET=1 "
-                                 f"set before trainlib.kernels.triton_kernels is imported")
+                                 f"in the environment before triton is first imported")
             return "triton"
         if forced == "cpu":
             return "cpu" if cpu.available() else "reference"  # a failed build has logged its warning
@@ -74,7 +82,7 @@ def backend_for(t: torch.Tensor) -> str:
 
 
 def _impl(backend: str, dtypes: set[torch.dtype]):
-    if backend == "reference" or not dtypes <= set(FUSED_DTYPES):
+    if backend == "reference" or not dtypes <= FUSED_DTYPES:
         return reference
     return cpu if backend == "cpu" else _triton()
 
@@ -128,7 +136,8 @@ def _check_aliasing(name: str, tensors: list[torch.Tensor], ptrs: list[int], num
     fe = fb + flat.numel() * flat.element_size()
     p = torch.tensor(ptrs, dtype=torch.int64)
     n = torch.tensor(numels, dtype=torch.int64)
-    size = torch.tensor([d.itemsize for d in dtypes], dtype=torch.int64) if len(set(dtypes)) > 1 else dtypes[0].itemsize
+    one_dtype = dtypes.count(dtypes[0]) == len(dtypes)
+    size = dtypes[0].itemsize if one_dtype else torch.tensor([d.itemsize for d in dtypes], dtype=torch.int64)
     hit = (p < fe) & (p + n * size > fb) & (n > 0)
     if not bool(hit.any()):
         return
@@ -181,7 +190,9 @@ def scale_cast(src: torch.Tensor, dst: torch.Tensor, scale: float = 1.0) -> torc
         raise ValueError(f"scale_cast: src is on {src.device} but dst on {dst.device}; move them to one device")
     if not (src.is_floating_point() and dst.is_floating_point()):
         raise ValueError(f"scale_cast: dtypes {src.dtype} -> {dst.dtype}; only floating dtypes are supported")
-    same = src.data_ptr() == dst.data_ptr() and src.dtype == dst.dtype and src.stride() == dst.stride()
+    # in place: the same memory, read and written in the same element order
+    same = src.data_ptr() == dst.data_ptr() and src.dtype == dst.dtype and (
+        src.stride() == dst.stride() or (src.is_contiguous() and dst.is_contiguous()))
     sb, se = src.data_ptr(), src.data_ptr() + src.numel() * src.element_size()
     db, de = dst.data_ptr(), dst.data_ptr() + dst.numel() * dst.element_size()
     if not same and src.numel() and sb < de and se > db:

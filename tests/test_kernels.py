@@ -122,10 +122,13 @@ def test_scale_cast_matches_reference(backend, src_dtype, dst_dtype):
         dst = torch.empty(9001, dtype=dst_dtype)
         assert K.scale_cast(src, dst, scale) is dst
         assert_bitwise(dst, R.scale_cast(src, torch.empty_like(dst), scale))
-    if src_dtype == dst_dtype:  # in place: dst is src
+    if src_dtype == dst_dtype:  # in place: dst is src, or another view of the same memory
         x = src.clone()
         K.scale_cast(x, x, 1 / 3)
         assert_bitwise(x, R.scale_cast(src, torch.empty_like(src), 1 / 3))
+        y = src[:9000].clone()
+        K.scale_cast(y, y.view(90, 100), 0.5)
+        assert_bitwise(y, R.scale_cast(src[:9000], torch.empty(9000, dtype=src_dtype), 0.5))
 
 
 def special_values() -> torch.Tensor:
