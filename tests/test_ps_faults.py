@@ -71,7 +71,8 @@ def test_killed_server_gives_a_clear_error_within_the_timeout():
         for s in servers:
             s.stop()
     for r in results:
-        assert r["step"] == 2 and r["elapsed"] < PS_TIMEOUT_S + 2, r
+        # the dropped connection is noticed at once; at worst the timeout plus a 2 s status query
+        assert r["step"] == 2 and r["elapsed"] < PS_TIMEOUT_S + 3, r
         assert f"parameter server {servers[1].address}" in r["error"], r
 
 
@@ -85,7 +86,7 @@ def test_vanished_worker_is_named_in_sync_mode():
             s.stop()
     assert isinstance(results[1], RankError)
     r = results[0]
-    assert r["step"] == 2 and r["elapsed"] < PS_TIMEOUT_S + 8, r  # the timeout plus one status query
+    assert r["step"] == 2 and r["elapsed"] < PS_TIMEOUT_S + 3, r  # the timeout plus one status query
     assert "waiting for worker 1 (rank 1)" in r["error"], r
 
 

@@ -165,3 +165,15 @@ def test_async_ssp_bound_exactly_once_delta_and_save_restore(tmp_path):
     t = ServerState()
     assert t.load(str(tmp_path)) and t.params[1].tolist() == [12, 2] and t.clocks == s.clocks
     assert not ServerState().load(str(tmp_path / "none"))
+
+
+def test_parameter_server_arguments_are_checked():
+    from trainlib.sync.ps import ParameterServer
+
+    for kw, words in [(dict(mode="x"), "not one of"), (dict(staleness=2), "only applies to mode='async'"),
+                      (dict(mode="async", staleness=-1), ">= 0"), (dict(partition_mb=100), "frame cap"),
+                      (dict(partition_mb=0), "must be positive"), (dict(timeout_s=0), "positive seconds")]:
+        with pytest.raises(ValueError, match=words):
+            ParameterServer(**kw)
+    assert ParameterServer(mode="async", staleness=3).reduces_in_backward is False
+    assert ParameterServer().reduces_in_backward is True

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from ..base import GradSync  # noqa: F401  (the protocol this class implements)
 from .client import PSClient, Request
 from .colocated import colocated_servers, shared_token
-from .protocol import DType, Header, Op
+from .protocol import DEFAULT_MAX_BYTES, DType, Header, Op
 from .sharding import Partition, plan_partitions
 from .state import WIRE_DTYPE, as_tensor, wire_bytes
 from .token import read_token
@@ -38,6 +38,9 @@ log = logging.getLogger("trainlib")
 ADDRS_ENV = "TRAINLIB_PS_ADDRS"
 TIMEOUT_ENV = "TRAINLIB_PS_TIMEOUT_S"
 MODES = ("sync", "async")
+# keys already handed out per (servers, group) in this process: a second model synced through the
+# same servers gets the next keys (every rank wraps its models in the same order)
+_KEYS_TAKEN: dict[tuple, int] = {}
 
 
 class ParameterServer:
@@ -56,6 +59,10 @@ class ParameterServer:
             raise ValueError(f"staleness={staleness} only applies to mode='async'; use mode='async' or staleness=0")
         if partition_mb <= 0 or bucket_mb <= 0:
             raise ValueError(f"partition_mb={partition_mb} and bucket_mb={bucket_mb} must be positive")
+        if partition_mb * 2**20 > DEFAULT_MAX_BYTES:
+            raise ValueError(f"partition_mb={partition_mb} exceeds the servers' frame cap of "
+                             f"{DEFAULT_MAX_BYTES / 2**20:.0f} MB; use partition_mb <= {DEFAULT_MAX_BYTES // 2**20} "
+                             "(BytePS uses about 4) or start the servers with a larger --max-mb")
         if timeout_s is not None and timeout_s <= 0:
             raise ValueError(f"timeout_s={timeout_s} must be positive seconds")
         self.servers = list(servers) if servers else None
@@ -104,7 +111,11 @@ class ParameterServer:
         numels = [b.comm.numel() if self.mode == "sync" else b.numel for b in buckets]
         sizes = [(b.comm if self.mode == "sync" else b.grads).element_size() for b in buckets]
         # the group's first global rank names it: dp groups of a tp/pp mesh share the servers
-        self.partitions = plan_partitions(numels, sizes, self.partition_mb, len(servers), group=min(ranks))
+        space = (tuple(servers), min(ranks))
+        first = _KEYS_TAKEN.get(space, 0)
+        self.partitions = plan_partitions(numels, sizes, self.partition_mb, len(servers), group=min(ranks),
+                                          first_index=first)
+        _KEYS_TAKEN[space] = first + len(self.partitions)
         self._by_bucket = {}
         for p in self.partitions:
             self._by_bucket.setdefault(p.bucket, []).append(p)
@@ -173,7 +184,7 @@ class ParameterServer:
                 for p in self._by_bucket.get(b.index, []):
                     part = flat[p.offset: p.offset + p.numel]
                     if self.worker == 0:  # one deterministic source for the initial parameters
-                        self.client.submit(p.server, Op.INIT, p.key, 0, wire_bytes(part), dtype)
+                        reqs.append(self.client.submit(p.server, Op.INIT, p.key, 0, wire_bytes(part), dtype))
                     reqs.append(self.client.submit(p.server, Op.PULL, p.key, 0, b"", dtype, self.staleness,
                                                    tag=(b, p)))
         else:
@@ -192,17 +203,11 @@ class ParameterServer:
             self._base[b.index][p.offset: p.offset + p.numel].copy_(as_tensor(payload, DType(h.dtype)))
 
         self.client.collect(reqs, got, what="parameter reads")
-        self._drain_acks()
         for b in self.buckets:
             flat = self._base[b.index]
             for param, off in zip(b.params, b.offsets):
                 param.copy_(flat[off: off + param.numel()].view_as(param))
         self._clock += 1
-
-    def _drain_acks(self) -> None:
-        acks = [r for r in self.client.outstanding.values() if r.op == Op.INIT]
-        if acks:
-            self.client.collect(acks, what="INIT acks")
 
     @property
     def clock(self) -> int:

@@ -51,6 +51,8 @@ class Request:
     sent_at: float = 0.0
     done: bool = False
     tag: object = None
+    reply: tuple | None = None   # (header, payload) kept until the collect() that asked for it runs
+    delivered: bool = False
 
 
 @dataclass
@@ -122,7 +124,7 @@ class PSClient:
         return req
 
     # -- receiving ---------------------------------------------------------------------------
-    def _receive(self, link: Link, on_reply: Callable[[Request, Header, memoryview], None]) -> None:
+    def _receive(self, link: Link) -> None:
         while True:
             try:
                 frames = link.sock.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -141,11 +143,15 @@ class PSClient:
                 continue
             for s in req.seqs:
                 self.outstanding.pop(s, None)
-            req.done = True
-            if h.op == Op.ERROR:
-                raise PSError(f"parameter server {link.address} refused {req.op.name} (key {req.key}, step "
-                              f"{req.step}): {bytes(msg.payload).decode(errors='replace')}")
-            on_reply(req, h, msg.payload)
+            req.done, req.reply = True, (h, msg.payload)
+
+    def _deliver(self, req: Request, on_reply: Callable[[Request, Header, memoryview], None]) -> None:
+        h, payload = req.reply
+        req.delivered, req.reply = True, None
+        if h.op == Op.ERROR:
+            raise PSError(f"parameter server {self.links[req.server].address} refused {req.op.name} (key {req.key}, "
+                          f"step {req.step}): {bytes(payload).decode(errors='replace')}")
+        on_reply(req, h, payload)
 
     def _watch(self, link: Link) -> None:
         while True:
@@ -165,6 +171,9 @@ class PSClient:
         deadline = time.monotonic() + timeout_s
         on_reply = on_reply or (lambda r, h, p: None)
         while True:
+            for r in reqs:
+                if r.done and not r.delivered:
+                    self._deliver(r, on_reply)
             waiting = [r for r in reqs if not r.done]
             if not waiting:
                 return
@@ -185,7 +194,7 @@ class PSClient:
                 if link.monitor in events:
                     self._watch(link)
                 if link.sock in events:
-                    self._receive(link, on_reply)
+                    self._receive(link)
 
     def _diagnose(self, waiting: list[Request], timeout_s: float, what: str) -> PSTimeout:
         r = waiting[0]
@@ -199,7 +208,7 @@ class PSClient:
         try:
             status = self.submit(r.server, Op.STATUS, r.key, r.step)
             flags: list[int] = []
-            self.collect([status], lambda q, h, p: flags.extend(bytes(p)), timeout_s=min(5.0, timeout_s),
+            self.collect([status], lambda q, h, p: flags.extend(bytes(p)), timeout_s=min(2.0, timeout_s),
                          what="status replies")
         except PSError:
             return PSTimeout(f"{head}; it does not answer a status query either: it died or is unreachable "

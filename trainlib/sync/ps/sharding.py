@@ -30,8 +30,11 @@ class Partition:
 
 
 def plan_partitions(bucket_numels: list[int], itemsize: int | list[int], partition_mb: float,
-                    n_servers: int, group: int = 0) -> list[Partition]:
-    """Partitions of every bucket (in bucket, then offset order), each assigned to a server."""
+                    n_servers: int, group: int = 0, first_index: int = 0) -> list[Partition]:
+    """Partitions of every bucket (in bucket, then offset order), each assigned to a server.
+
+    `first_index` shifts the keys, so several models synced through the same servers by the same
+    group (created in the same order on every rank) do not share keys."""
     if partition_mb <= 0:
         raise ValueError(f"partition_mb={partition_mb} must be positive (MB per partition; BytePS uses about 4)")
     if n_servers < 1:
@@ -42,8 +45,9 @@ def plan_partitions(bucket_numels: list[int], itemsize: int | list[int], partiti
     for b, (n, isz) in enumerate(zip(bucket_numels, sizes)):
         step = max(1, int(partition_mb * MB) // isz)
         parts += [(b, off, min(step, n - off)) for off in range(0, n, step)]
-    if len(parts) >= 1 << KEY_BITS:
-        raise ValueError(f"{len(parts)} partitions exceed the key space ({1 << KEY_BITS}); raise partition_mb")
+    if first_index + len(parts) >= 1 << KEY_BITS:
+        raise ValueError(f"{first_index + len(parts)} partitions exceed the key space ({1 << KEY_BITS}); "
+                         "raise partition_mb")
     if not 0 <= group < 1 << (32 - KEY_BITS):
         raise ValueError(f"group id {group} does not fit in {32 - KEY_BITS} bits")
     load = [0] * n_servers
@@ -53,7 +57,8 @@ def plan_partitions(bucket_numels: list[int], itemsize: int | list[int], partiti
         s = min(range(n_servers), key=lambda j: (load[j], j))
         server_of[i] = s
         load[s] += parts[i][2] * sizes[parts[i][0]]
-    return [Partition((group << KEY_BITS) | i, b, off, n, server_of[i]) for i, (b, off, n) in enumerate(parts)]
+    return [Partition((group << KEY_BITS) | (first_index + i), b, off, n, server_of[i])
+            for i, (b, off, n) in enumerate(parts)]
 
 
 def server_loads(parts: list[Partition], itemsize: int | list[int], n_servers: int) -> list[int]:
