@@ -167,6 +167,9 @@ def run(quick: bool) -> dict[str, Any]:
     load_before = os.getloadavg()
     result: dict[str, Any] = {"cpu": _cpu_runs(quick)}
     result["load_average"] = {"before": load_before, "after": os.getloadavg(), "cpus": os.cpu_count()}
+    # libgomp's default (active) waiting spins idle workers: on an oversubscribed machine that
+    # slows every multi-threaded candidate; PASSIVE makes them sleep. Recorded, never changed here.
+    result["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY")
     summary = {f"cpu_{k}": _summary(v) for k, v in result["cpu"].items()}
     if torch.cuda.is_available():  # Triton kernels vs device-to-device copy
         result["cuda"] = {"gpu": _device_run(torch.device("cuda"), quick)}
