@@ -201,13 +201,16 @@ class ParameterServer:
                 return
             b, p = req.tag
             self._base[b.index][p.offset: p.offset + p.numel].copy_(as_tensor(payload, DType(h.dtype)))
+            clocks.append(h.step)
 
+        clocks: list[int] = []
         self.client.collect(reqs, got, what="parameter reads")
         for b in self.buckets:
             flat = self._base[b.index]
             for param, off in zip(b.params, b.offsets):
                 param.copy_(flat[off: off + param.numel()].view_as(param))
-        self._clock += 1
+        # the server's count of this worker's deltas: 0 on a fresh server, more when resuming
+        self._clock = max(clocks, default=self._clock + 1)
 
     @property
     def clock(self) -> int:

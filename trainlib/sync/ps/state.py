@@ -128,9 +128,15 @@ class ServerState:
             done_step, total = self.done[key]
             if step == done_step:  # a retry after completion: answer again, add nothing
                 return [self.reply(ident, h, Op.SUM, wire_bytes(total), h.dtype)]
-            return [self._error(ident, h, f"push for key {key} step {step} is older than the last completed "
-                                          f"step {done_step}")]
+            # within a run no worker can be two steps behind a completed one: this is a new run of the
+            # job (restarted against long-lived dedicated servers), which starts its steps again
+            log.info("%s: key %d restarts at step %d (was %d): a new run", self.name, key, step, done_step)
+            del self.done[key]
         e = self.pending.get(key)
+        if e is not None and step < e.step:  # likewise: a new run replaces a crashed run's half-summed step
+            log.info("%s: key %d restarts at step %d (step %d was pending)", self.name, key, step, e.step)
+            del self.pending[key]
+            e = None
         if e is None:
             if not self._room_for(key):
                 return [self._error(ident, h, f"server holds {self._keys()} keys, the cap (--max-keys)")]
@@ -225,8 +231,11 @@ class ServerState:
             return []
         self.max_lead = max(self.max_lead, int(h.step - min(lo, h.step)))
         p = self.params[h.key]
+        # step = the reader's own clock here: a worker (re)joining with PULL learns where it stands, so
+        # a job restarted against restored server state continues its clocks instead of repeating them
         return [self.reply(ident, h, Op.PARAMS, wire_bytes(p.to(TORCH_DTYPE[self.param_dtype[h.key]])),
-                           self.param_dtype[h.key], arg=int(min(lo, 2 ** 32 - 1)))]
+                           self.param_dtype[h.key], step=self.clocks[h.key].get(h.worker, 0),
+                           arg=int(min(lo, 2 ** 32 - 1)))]
 
     def _release(self, key: int) -> list[Reply]:
         if key not in self.params or not self.waiting.get(key):
