@@ -76,7 +76,11 @@ def _compile() -> ctypes.CDLL:
         build_dir.mkdir(parents=True, exist_ok=True)
         path = Path(load_extension(name, [str(SOURCE)], extra_cflags=CFLAGS, build_directory=str(build_dir),
                                    is_python_module=False, verbose=False))
-    lib = ctypes.CDLL(str(path))
+    return bind(ctypes.CDLL(str(path)))
+
+
+def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """Declare the C signatures of csrc/bucket_ops.cpp on a loaded library."""
     args = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
             ctypes.c_float, ctypes.c_int]
     for fn in (lib.tl_pack, lib.tl_unpack):

@@ -7,10 +7,12 @@ The norm is a reduction, so it is compared within fp32 rounding.
 """
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -249,6 +251,25 @@ def test_many_small_tensors_across_threads(monkeypatch):
         torch.testing.assert_close(norms[0], R.epilogue(x)[1], rtol=2e-5, atol=0)
     finally:
         torch.set_num_threads(before)
+
+
+def test_portable_code_without_simd_paths(tmp_path, monkeypatch):
+    """Where there is no F16C (Arm, old x86) the portable fp16 code runs: build it alone and check it."""
+    cxx = shutil.which(os.environ.get("CXX", "c++"))
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    so = tmp_path / "bucket_ops_portable.so"
+    subprocess.run([cxx, "-O3", "-shared", "-fPIC", "-DTL_PORTABLE_ONLY", str(cpu.SOURCE), "-o", str(so)],
+                   check=True, timeout=120)
+    monkeypatch.setattr(cpu, "_lib", cpu.bind(ctypes.CDLL(str(so))))
+    monkeypatch.setenv("TRAINLIB_KERNELS", "cpu")
+    test_downcast_rounding_edges("cpu", F16)
+    test_every_half_and_bf16_bit_pattern_upcasts_exactly("cpu")
+    x = (torch.randn(100_003) * 50).half()
+    torch.testing.assert_close(K.epilogue(x)[1], R.epilogue(x)[1], rtol=2e-5, atol=0)
+    ts = make_tensors(F16)
+    total = sum(t.numel() for t in ts)
+    assert_bitwise(K.pack(ts, torch.empty(total, dtype=F16), 1 / 3), R.pack(ts, torch.empty(total, dtype=F16), 1 / 3))
 
 
 def test_bad_input_raises_clear_errors():

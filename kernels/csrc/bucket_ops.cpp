@@ -11,7 +11,8 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
-#if defined(__GNUC__) && defined(__x86_64__)
+// TL_PORTABLE_ONLY: build without the x86 paths (the tests check the portable code this way).
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(TL_PORTABLE_ONLY)
 #include <immintrin.h>
 #define TL_HAVE_F16C_PATH 1  // compiled for any x86-64; used only where the CPU has F16C
 #endif
