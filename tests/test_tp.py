@@ -15,8 +15,9 @@ import torch.nn.functional as F
 import trainlib as tl
 from trainlib import comm
 from trainlib.models.gpt import GPT, GPTConfig, lm_loss
-from trainlib.tensor_parallel import (GPT_PLAN, ColumnParallelLinear, PlanError, RowParallelLinear,
-                                      VocabParallelEmbedding, parallelize, vocab_parallel_cross_entropy)
+from trainlib.tensor_parallel import (GPT_PLAN, GPT_SP_PLAN, ColumnParallelLinear, PlanError, RowParallelLinear,
+                                      VocabParallelEmbedding, parallelize, sync_sequence_parallel_grads,
+                                      vocab_parallel_cross_entropy)
 from trainlib.testing import run_ranks
 
 TOL = 1e-5
@@ -120,6 +121,27 @@ def _tp_worker() -> dict:
     recs = comm.recent_collectives()
     out["block_fwd"] = sorted({r.op for r in recs if before < r.seq <= mid}), sum(before < r.seq <= mid for r in recs)
     out["block_bwd"] = sorted({r.op for r in recs if r.seq > mid}), sum(r.seq > mid for r in recs)
+
+    # --- sequence parallelism: same loss and grads; per block 2 all-gathers + 2 reduce-scatters each way
+    gref.zero_grad(set_to_none=True)
+    lm_loss(gref(idx), tgt).backward()
+    gsp = parallelize(copy.deepcopy(GPT(cfg, seed=1)), mesh, GPT_SP_PLAN, sequence_parallel=True)
+    lsp = vocab_parallel_cross_entropy(gsp(idx), tgt, group)
+    lsp.backward()
+    sync_sequence_parallel_grads(gsp, mesh)
+    out["sp_loss"] = abs(lsp.item() - lref.item())
+    out["sp_grad"] = grad_error(gref, gsp)
+    x = torch.randn(2, 8, 32, requires_grad=True)  # this rank's half of a 16-token sequence
+    before = comm.recent_collectives()[-1].seq
+    yb = gsp.blocks[0](x)
+    mid = comm.recent_collectives()[-1].seq
+    yb.sum().backward()
+    recs = comm.recent_collectives()
+    fwd = [r.op for r in recs if before < r.seq <= mid]
+    bwd = [r.op for r in recs if r.seq > mid]
+    out["sp_fwd"] = {op: fwd.count(op) for op in set(fwd)}
+    out["sp_bwd"] = {op: bwd.count(op) for op in set(bwd)}
+    out["sp_shape"] = list(yb.shape)
     return out
 
 
@@ -150,6 +172,14 @@ def test_collectives_per_block_match_megatron(tp_results):
     for r in tp_results:
         assert r["block_fwd"] == (["all_reduce[sum]"], 2), r
         assert r["block_bwd"] == (["all_reduce[sum]"], 2), r
+
+
+def test_sequence_parallel_matches_and_counts(tp_results):
+    for r in tp_results:
+        assert r["sp_loss"] < TOL and r["sp_grad"] < TOL, r
+        assert r["sp_shape"] == [2, 8, 32]  # activations between blocks stay split along the sequence
+        assert r["sp_fwd"] == {"all_gather": 2, "reduce_scatter": 2}, r
+        assert r["sp_bwd"] == {"all_gather": 2, "reduce_scatter": 2}, r
 
 
 def test_plan_errors_name_the_fix():

@@ -184,6 +184,24 @@ def all_gather(out: list[torch.Tensor], t: torch.Tensor, group=None) -> None:
     Handle(dist.all_gather(out, t, group=group, async_op=True), _record("all_gather", t, group)).wait()
 
 
+def reduce_scatter(out: torch.Tensor, parts: list[torch.Tensor], group=None) -> None:
+    """out = sum over the group's ranks of their parts[my index in the group].
+
+    A backend without reduce_scatter (older gloo) gets an all-reduce of the concatenation and keeps
+    this rank's slice: same result, twice the traffic."""
+    rec = _record("reduce_scatter", out, group)
+    try:
+        work = dist.reduce_scatter(out, parts, group=group, async_op=True)
+    except (RuntimeError, NotImplementedError):  # "does not support reduce_scatter"
+        rec.op = "reduce_scatter[via all_reduce]"
+        flat = torch.cat([p.reshape(-1) for p in parts])
+        Handle(dist.all_reduce(flat, group=group, async_op=True), rec).wait()
+        i = dist.get_rank(group)
+        out.copy_(flat[i * out.numel():(i + 1) * out.numel()].view_as(out))
+        return
+    Handle(work, rec).wait()
+
+
 def barrier(group=None) -> None:
     # a 1-element all-reduce: gloo's barrier has no per-call timeout
     all_reduce(torch.zeros(1), group=group)

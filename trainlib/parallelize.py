@@ -28,7 +28,7 @@ import torch.nn as nn
 from .pipeline import Pipeline
 from .pipeline.partition import balance, check_boundaries, layer_costs
 from .tensor_parallel.layers import vocab_parallel_cross_entropy
-from .tensor_parallel.plan import STYLES, resolve_plan
+from .tensor_parallel.plan import apply_plan, resolve_plan, sync_sequence_parallel_grads
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -54,27 +54,29 @@ def _layers_of(model: nn.Module | list) -> list[nn.Module]:
                     "returning its layers in order, or pass a list / nn.Sequential of layers")
 
 
-def _apply_tp(model: nn.Module, mesh, plan: dict[str, str], keep: set[int]) -> None:
+def _apply_tp(model: nn.Module, mesh, plan: dict[str, str], keep: set[int], sequence_parallel: bool) -> None:
     """Convert the planned modules whose owning layer this rank kept (names from the full model)."""
     root = model if isinstance(model, nn.Module) else nn.ModuleList(model)
-    group = mesh.group("tp")
     owner: dict[str, bool] = {}
     for name, module in root.named_modules():
         parent = name.rpartition(".")[0]
         owner[name] = id(module) in keep or owner.get(parent, False)
-    for name, style in resolve_plan(root, plan).items():
-        if not owner[name]:
-            continue
-        parent_name, _, attr = name.rpartition(".")
-        parent = root.get_submodule(parent_name) if parent_name else root
-        setattr(parent, attr, STYLES[style][1](getattr(parent, attr), group))
+    chosen = {n: style for n, style in resolve_plan(root, plan).items() if owner[n]}
+    apply_plan(root, mesh.group("tp"), chosen, sequence_parallel)
 
 
 class ParallelModel:
     """The result of tl.parallelize: this rank's share of the model and how to run a step on it."""
 
-    def __init__(self, local: nn.Module, mesh, dp_model: nn.Module | None, pipe: Pipeline | None, loss_fn: LossFn):
+    def __init__(self, local: nn.Module, mesh, dp_model: nn.Module | None, pipe: Pipeline | None, loss_fn: LossFn,
+                 sequence_parallel: bool = False):
         self.local, self.mesh, self.dp_model, self.pipe, self.loss_fn = local, mesh, dp_model, pipe, loss_fn
+        self.sequence_parallel = sequence_parallel
+
+    @property
+    def module(self) -> nn.Module:
+        """This rank's modules (what checkpointing and state_dict see)."""
+        return self.local
 
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Forward and backward of one batch; returns the loss (same on every rank of the pp/tp group)."""
@@ -82,12 +84,15 @@ class ParallelModel:
             model = self.dp_model if self.dp_model is not None else self.local
             loss = self.loss_fn(model(inputs), targets)
             loss.backward()
-            return loss.detach()
-        if self.dp_model is None:
-            return self.pipe.step(inputs, targets)
-        with self.dp_model.no_sync():
+            loss = loss.detach()
+        elif self.dp_model is None:
             loss = self.pipe.step(inputs, targets)
-        self.dp_model.sync_gradients()
+        else:
+            with self.dp_model.no_sync():
+                loss = self.pipe.step(inputs, targets)
+            self.dp_model.sync_gradients()
+        if self.sequence_parallel:  # LayerNorm / row-bias grads saw T/tp tokens: sum over tp
+            sync_sequence_parallel_grads(self.local, self.mesh)
         return loss
 
     def parameters(self) -> Iterator[nn.Parameter]:
@@ -114,12 +119,14 @@ class ParallelModel:
 
 def parallelize(model: nn.Module | list, mesh, *, tp_plan: dict[str, str] | None = None, loss_fn: LossFn | None = None,
                 schedule: str = "1f1b", microbatches: int | None = None, virtual_stages: int | None = None,
-                boundaries: list[int] | None = None, sync=None, bucket_mb: float | None = None) -> ParallelModel:
+                boundaries: list[int] | None = None, sync=None, bucket_mb: float | None = None,
+                sequence_parallel: bool = False) -> ParallelModel:
     """Apply PP split -> TP -> DP to `model` on `mesh` (see the module docstring).
 
     tp_plan: name-pattern plan (required when tp > 1). loss_fn(output, target) -> scalar mean
     (default: lm_loss_fn(mesh)). microbatches: default 2 * pp. sync: a GradSync for the dp axis
-    (default AllReduce())."""
+    (default AllReduce()). sequence_parallel: Megatron-SP in the plan's region (a plan with
+    sequence_scatter / sequence_parallel entries, e.g. GPT_SP_PLAN)."""
     pp, tp, dp = mesh.size("pp"), mesh.size("tp"), mesh.size("dp")
     if tp > 1 and not tp_plan:
         raise ValueError(f"{mesh}: tp={tp} needs a tensor-parallel plan, e.g. "
@@ -139,7 +146,7 @@ def parallelize(model: nn.Module | list, mesh, *, tp_plan: dict[str, str] | None
         keep = {id(layers[i]) for i in mine}
         # 2. TP on the kept layers, by full-model names
         if tp > 1:
-            _apply_tp(model, mesh, tp_plan, keep)
+            _apply_tp(model, mesh, tp_plan, keep, sequence_parallel)
             layers = _layers_of(model)  # a planned module may itself be a layer: re-read the list
         pipe = Pipeline(layers, mesh, schedule=schedule, microbatches=m, loss_fn=loss_fn, boundaries=bounds,
                         virtual_stages=virtual_stages)
@@ -148,7 +155,7 @@ def parallelize(model: nn.Module | list, mesh, *, tp_plan: dict[str, str] | None
         if not isinstance(model, nn.Module):
             model = nn.Sequential(*model)
         if tp > 1:
-            _apply_tp(model, mesh, tp_plan, {id(model)})
+            _apply_tp(model, mesh, tp_plan, {id(model)}, sequence_parallel)
         local = model
     # 3. DP over the kept (and sharded) modules
     dp_model = None
@@ -157,7 +164,7 @@ def parallelize(model: nn.Module | list, mesh, *, tp_plan: dict[str, str] | None
         from .sync import AllReduce
 
         dp_model = DataParallel(local, mesh=mesh, sync=sync if sync is not None else AllReduce(), bucket_mb=bucket_mb)
-    return ParallelModel(local, mesh, dp_model, pipe, loss_fn)
+    return ParallelModel(local, mesh, dp_model, pipe, loss_fn, sequence_parallel and tp > 1)
 
 
 class _CallableModule(type(__import__("sys"))):

@@ -38,8 +38,8 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, _ = x.shape
         qkv = self.qkv(x)                                   # (B, T, heads_local * 3 * hd)
+        B, T = qkv.shape[:2]  # from qkv, not x: with sequence parallelism x holds T/tp tokens
         heads = qkv.shape[-1] // (3 * self.head_dim)
         q, k, v = qkv.view(B, T, heads, 3, self.head_dim).unbind(dim=3)   # each (B, T, h, hd)
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)

@@ -121,3 +121,96 @@ def gather_from_tp(x: torch.Tensor, group) -> torch.Tensor:
 
 def scatter_to_tp(x: torch.Tensor, group) -> torch.Tensor:
     return _ScatterToTP.apply(x, group)
+
+
+# ---- sequence parallelism (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
+# Transformer Models", sec. 4.2.2): between a row-parallel layer and the next column-parallel one,
+# activations are split along the sequence dim, so LayerNorm, dropout and residuals work on T/tp
+# tokens. g becomes a reduce-scatter (forward) and f an all-gather (forward); the conjugates swap
+# in backward. Same bytes as the all-reduce they replace, 1/tp of the activation memory.
+
+SEQ_DIM = 1  # (B, T, ...) activations
+
+
+def _gather_seq(t: torch.Tensor, group) -> torch.Tensor:
+    n = tp_size(group)
+    if n == 1:
+        return t
+    t = t.contiguous()
+    parts = [torch.empty_like(t) for _ in range(n)]
+    comm.all_gather(parts, t, group=group)
+    return torch.cat(parts, dim=SEQ_DIM)
+
+
+def _split_seq(t: torch.Tensor, group) -> torch.Tensor:
+    n = tp_size(group)
+    if n == 1:
+        return t
+    if t.shape[SEQ_DIM] % n:
+        raise ValueError(f"sequence parallelism splits dim {SEQ_DIM} of shape {list(t.shape)} over tp={n}; "
+                         f"use a sequence length divisible by {n}")
+    return t.chunk(n, dim=SEQ_DIM)[tp_rank(group)].contiguous()
+
+
+def _reduce_scatter_seq(t: torch.Tensor, group) -> torch.Tensor:
+    n = tp_size(group)
+    if n == 1:
+        return t
+    if t.shape[SEQ_DIM] % n:
+        raise ValueError(f"sequence parallelism splits dim {SEQ_DIM} of shape {list(t.shape)} over tp={n}; "
+                         f"use a sequence length divisible by {n}")
+    parts = [p.contiguous() for p in t.chunk(n, dim=SEQ_DIM)]
+    out = torch.empty_like(parts[0])
+    comm.reduce_scatter(out, parts, group=group)
+    return out
+
+
+class _GatherSeq(torch.autograd.Function):
+    """SP's f: all-gather the sequence forward, reduce-scatter the gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _gather_seq(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce_scatter_seq(grad, ctx.group), None
+
+
+class _ReduceScatterSeq(torch.autograd.Function):
+    """SP's g: reduce-scatter the partial sums forward, all-gather the gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _reduce_scatter_seq(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gather_seq(grad, ctx.group), None
+
+
+class _ScatterSeq(torch.autograd.Function):
+    """Enter the sequence-parallel region: keep this rank's tokens; backward all-gathers."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _split_seq(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gather_seq(grad, ctx.group), None
+
+
+def gather_sequence(x: torch.Tensor, group) -> torch.Tensor:
+    return _GatherSeq.apply(x, group)
+
+
+def reduce_scatter_sequence(x: torch.Tensor, group) -> torch.Tensor:
+    return _ReduceScatterSeq.apply(x, group)
+
+
+def scatter_to_sequence(x: torch.Tensor, group) -> torch.Tensor:
+    return _ScatterSeq.apply(x, group)

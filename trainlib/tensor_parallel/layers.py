@@ -20,7 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import comm
-from .functional import copy_to_tp, gather_from_tp, reduce_from_tp, tp_rank, tp_size
+from .functional import (copy_to_tp, gather_from_tp, gather_sequence, reduce_from_tp, reduce_scatter_sequence, tp_rank,
+                         tp_size)
 
 
 def _shard_param(p: nn.Parameter) -> nn.Parameter:
@@ -38,9 +39,11 @@ class ColumnParallelLinear(nn.Module):
     """y = x A^T + b with A split by output rows; output stays split unless gather_output."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, group=None,
-                 gather_output: bool = False, dtype: torch.dtype | None = None, device=None):
+                 gather_output: bool = False, sequence_parallel: bool = False, dtype: torch.dtype | None = None,
+                 device=None):
         super().__init__()
         self.group, self.tp, self.rank = group, tp_size(group), tp_rank(group)
+        self.sequence_parallel = sequence_parallel
         _check_divisible("out_features", out_features, self.tp, "ColumnParallelLinear")
         self.in_features, self.out_features = in_features, out_features
         self.out_local = out_features // self.tp
@@ -49,10 +52,11 @@ class ColumnParallelLinear(nn.Module):
         self.bias = _shard_param(nn.Parameter(torch.zeros(self.out_local, dtype=dtype, device=device))) if bias else None
 
     @classmethod
-    def from_linear(cls, lin: nn.Linear, group, gather_output: bool = False) -> "ColumnParallelLinear":
+    def from_linear(cls, lin: nn.Linear, group, gather_output: bool = False,
+                    sequence_parallel: bool = False) -> "ColumnParallelLinear":
         """Shard an existing full nn.Linear: this rank keeps its block of output rows."""
         m = cls(lin.in_features, lin.out_features, lin.bias is not None, group=group, gather_output=gather_output,
-                dtype=lin.weight.dtype, device=lin.weight.device)
+                sequence_parallel=sequence_parallel, dtype=lin.weight.dtype, device=lin.weight.device)
         sl = slice(m.rank * m.out_local, (m.rank + 1) * m.out_local)
         with torch.no_grad():
             m.weight.copy_(lin.weight[sl])
@@ -62,31 +66,36 @@ class ColumnParallelLinear(nn.Module):
         return m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(copy_to_tp(x, self.group), self.weight, self.bias)  # (.., out/tp)
+        # input replicated (f) or, with sequence parallelism, (B, T/tp, in) gathered to (B, T, in)
+        x = gather_sequence(x, self.group) if self.sequence_parallel else copy_to_tp(x, self.group)
+        y = F.linear(x, self.weight, self.bias)  # (.., out/tp)
         return gather_from_tp(y, self.group) if self.gather_output else y
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features} (local {self.out_local}, tp={self.tp}), "
-                f"bias={self.bias is not None}, gather_output={self.gather_output}")
+                f"bias={self.bias is not None}, gather_output={self.gather_output}, sp={self.sequence_parallel}")
 
 
 class RowParallelLinear(nn.Module):
     """y = x A^T + b with A split by input columns; x arrives split (from a column-parallel layer)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, group=None,
-                 dtype: torch.dtype | None = None, device=None):
+                 sequence_parallel: bool = False, dtype: torch.dtype | None = None, device=None):
         super().__init__()
         self.group, self.tp, self.rank = group, tp_size(group), tp_rank(group)
+        self.sequence_parallel = sequence_parallel
         _check_divisible("in_features", in_features, self.tp, "RowParallelLinear")
         self.in_features, self.out_features = in_features, out_features
         self.in_local = in_features // self.tp
         self.weight = _shard_param(nn.Parameter(torch.empty(out_features, self.in_local, dtype=dtype, device=device)))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+        if self.bias is not None and sequence_parallel:
+            self.bias.sequence_parallel = True  # added to T/tp tokens: its gradient is partial over tp
 
     @classmethod
-    def from_linear(cls, lin: nn.Linear, group) -> "RowParallelLinear":
+    def from_linear(cls, lin: nn.Linear, group, sequence_parallel: bool = False) -> "RowParallelLinear":
         m = cls(lin.in_features, lin.out_features, lin.bias is not None, group=group,
-                dtype=lin.weight.dtype, device=lin.weight.device)
+                sequence_parallel=sequence_parallel, dtype=lin.weight.dtype, device=lin.weight.device)
         with torch.no_grad():
             m.weight.copy_(lin.weight[:, m.rank * m.in_local:(m.rank + 1) * m.in_local])
             if m.bias is not None:
@@ -97,12 +106,14 @@ class RowParallelLinear(nn.Module):
         if x.shape[-1] != self.in_local:
             raise ValueError(f"RowParallelLinear expects its input split over tp: last dim {self.in_local} "
                              f"(= {self.in_features}/{self.tp}), got shape {list(x.shape)}; put a colwise layer before it")
-        y = reduce_from_tp(F.linear(x, self.weight), self.group)  # partial sums -> (.., out) replicated
+        y = F.linear(x, self.weight)  # partial sums over tp
+        # g: all-reduce -> (.., out) replicated; with sequence parallelism reduce-scatter -> (B, T/tp, out)
+        y = reduce_scatter_sequence(y, self.group) if self.sequence_parallel else reduce_from_tp(y, self.group)
         return y + self.bias if self.bias is not None else y
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features} (local {self.in_local}, tp={self.tp}), out={self.out_features}, "
-                f"bias={self.bias is not None}")
+                f"bias={self.bias is not None}, sp={self.sequence_parallel}")
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -10,6 +10,12 @@ Keys are fnmatch patterns over `model.named_modules()` names; values are styles:
     colwise_gather  nn.Linear -> ColumnParallelLinear(gather_output=True): full output on every rank
     rowwise         nn.Linear -> RowParallelLinear (input split, output replicated)
     vocab           nn.Embedding -> VocabParallelEmbedding
+With sequence_parallel=True (Korthikanti et al. 2022) colwise layers all-gather their input along
+the sequence (dim 1) and rowwise layers reduce-scatter their output along it, and two more styles
+mark the region in between:
+    sequence_scatter   any module: its output is split along the sequence (enter the region)
+    sequence_parallel  any module (LayerNorm): its parameters see T/tp tokens, so their gradients
+                       are summed over tp after backward (sync_sequence_parallel_grads)
 The new modules are built from the existing full weights, so on identical full weights on every
 tp rank (same seed), the converted model computes what the original did. Works on any model
 whose Linear/Embedding modules are reachable by name, not only trainlib's GPT.
@@ -19,15 +25,36 @@ from __future__ import annotations
 import fnmatch
 from typing import Callable
 
+import torch
 import torch.nn as nn
 
+from .. import comm
+from .functional import scatter_to_sequence
 from .layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 
-STYLES: dict[str, tuple[type, Callable]] = {
-    "colwise": (nn.Linear, lambda m, g: ColumnParallelLinear.from_linear(m, g)),
-    "colwise_gather": (nn.Linear, lambda m, g: ColumnParallelLinear.from_linear(m, g, gather_output=True)),
-    "rowwise": (nn.Linear, lambda m, g: RowParallelLinear.from_linear(m, g)),
-    "vocab": (nn.Embedding, lambda m, g: VocabParallelEmbedding.from_embedding(m, g)),
+
+def _enter_sequence_region(m: nn.Module, group, sp: bool) -> nn.Module:
+    if sp:
+        m.register_forward_hook(lambda _mod, _inp, out: scatter_to_sequence(out, group))
+    return m
+
+
+def _mark_sequence_parallel(m: nn.Module, group, sp: bool) -> nn.Module:
+    if sp:
+        for p in m.parameters(recurse=False):
+            p.sequence_parallel = True
+    return m
+
+
+# style -> (module type it applies to, or None for any; factory(module, tp group, sequence_parallel))
+STYLES: dict[str, tuple[type | None, Callable]] = {
+    "colwise": (nn.Linear, lambda m, g, sp: ColumnParallelLinear.from_linear(m, g, sequence_parallel=sp)),
+    "colwise_gather": (nn.Linear, lambda m, g, sp: ColumnParallelLinear.from_linear(m, g, gather_output=True,
+                                                                                   sequence_parallel=sp)),
+    "rowwise": (nn.Linear, lambda m, g, sp: RowParallelLinear.from_linear(m, g, sequence_parallel=sp)),
+    "vocab": (nn.Embedding, lambda m, g, sp: VocabParallelEmbedding.from_embedding(m, g)),
+    "sequence_scatter": (None, _enter_sequence_region),
+    "sequence_parallel": (None, _mark_sequence_parallel),
 }
 
 # The default plan for trainlib.models.gpt.GPT (pair every colwise with the rowwise that consumes it).
@@ -38,6 +65,14 @@ GPT_PLAN = {
     "blocks.*.mlp.fc": "colwise",
     "blocks.*.mlp.proj": "rowwise",
     "final.head": "colwise",
+}
+# ... and with sequence parallelism: the region starts after the embedding and covers the norms
+GPT_SP_PLAN = {
+    **GPT_PLAN,
+    "embed": "sequence_scatter",
+    "blocks.*.ln1": "sequence_parallel",
+    "blocks.*.ln2": "sequence_parallel",
+    "final.ln_f": "sequence_parallel",
 }
 
 
@@ -64,7 +99,7 @@ def resolve_plan(model: nn.Module, plan: dict[str, str], *, strict: bool = True)
                             "make the patterns disjoint")
         style = styles.pop()
         want = STYLES[style][0]
-        if type(module) is not want:
+        if want is not None and type(module) is not want:
             raise PlanError(f"module {name!r} is {type(module).__name__} but style {style!r} needs {want.__name__}; "
                             "narrow the pattern so it matches only those modules")
         chosen[name] = style
@@ -76,14 +111,41 @@ def resolve_plan(model: nn.Module, plan: dict[str, str], *, strict: bool = True)
     return chosen
 
 
-def parallelize(model: nn.Module, mesh, plan: dict[str, str] | None = None, *, strict: bool = True) -> nn.Module:
+def parallelize(model: nn.Module, mesh, plan: dict[str, str] | None = None, *, strict: bool = True,
+                sequence_parallel: bool = False) -> nn.Module:
     """Replace the planned modules of `model` in place by tensor-parallel ones over mesh.group("tp").
 
-    `mesh` is a trainlib Mesh (or None/anything with .group("tp")); plan defaults to GPT_PLAN.
-    Returns the model (same object)."""
-    group = mesh.group("tp") if mesh is not None else None
-    for name, style in resolve_plan(model, GPT_PLAN if plan is None else plan, strict=strict).items():
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, STYLES[style][1](getattr(parent, attr), group))
+    `mesh` is a trainlib Mesh (or None/anything with .group("tp")); plan defaults to GPT_PLAN
+    (GPT_SP_PLAN with sequence_parallel). Returns the model (same object). With sequence
+    parallelism, call sync_sequence_parallel_grads(model, mesh) after each backward."""
+    if plan is None:
+        plan = GPT_SP_PLAN if sequence_parallel else GPT_PLAN
+    apply_plan(model, mesh.group("tp") if mesh is not None else None, resolve_plan(model, plan, strict=strict),
+               sequence_parallel)
     return model
+
+
+def apply_plan(root: nn.Module, group, chosen: dict[str, str], sequence_parallel: bool = False) -> None:
+    """Convert `chosen` (module name -> style, from resolve_plan) in place."""
+    for name, style in chosen.items():
+        parent_name, _, attr = name.rpartition(".")
+        parent = root.get_submodule(parent_name) if parent_name else root
+        module = getattr(parent, attr) if attr else root
+        new = STYLES[style][1](module, group, sequence_parallel)
+        if attr and new is not module:
+            setattr(parent, attr, new)
+
+
+def sync_sequence_parallel_grads(model: nn.Module, mesh) -> None:
+    """Sum over tp the gradients of parameters that saw only this rank's tokens (one flat all-reduce)."""
+    if mesh is None or mesh.size("tp") == 1:
+        return
+    grads = [p.grad for p in model.parameters() if getattr(p, "sequence_parallel", False) and p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    comm.all_reduce(flat, group=mesh.group("tp"))
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
