@@ -1,6 +1,6 @@
 """PP x TP x DP composed by tl.parallelize, against single-process training of the same GPT.
 
-One 4-rank group trains DP2xTP2, DP2xPP2 and PP2xTP2 for 10 steps each (AdamW, global-norm
+One 4-rank group trains DP2xTP2, DP2xPP2, PP2xTP2 (and PP2xTP2 with sequence parallelism) for 10 steps each (AdamW, global-norm
 clipping that is active) and records the loss and the clipped norm; every rank also trains the
 single-process reference itself. The losses must agree within 1e-4 at every step.
 """
@@ -12,12 +12,13 @@ import torch
 import trainlib as tl
 from trainlib import comm
 from trainlib.models.gpt import GPT, GPTConfig, lm_loss
-from trainlib.tensor_parallel import GPT_PLAN
+from trainlib.tensor_parallel import GPT_PLAN, GPT_SP_PLAN
 from trainlib.testing import run_ranks
 
 CFG = GPTConfig(vocab_size=64, seq_len=16, n_layer=2, n_head=4, d_model=32)
 STEPS, BATCH, CLIP = 10, 8, 0.5
-LAYOUTS = [("dp2xtp2", 1, 2, 2), ("dp2xpp2", 2, 2, 1), ("pp2xtp2", 2, 1, 2)]
+LAYOUTS = [("dp2xtp2", 1, 2, 2, False), ("dp2xpp2", 2, 2, 1, False), ("pp2xtp2", 2, 1, 2, False),
+           ("pp2xtp2+sp", 2, 1, 2, True)]
 
 
 def _batches():
@@ -43,10 +44,11 @@ def _reference() -> tuple[list[float], list[float]]:
 def _compose_worker() -> dict:
     ref_losses, ref_norms = _reference()
     out = {"ref": ref_losses}
-    for name, pp, dp, tp in LAYOUTS:
+    for name, pp, dp, tp, sp in LAYOUTS:
         mesh = tl.Mesh(pp=pp, dp=dp, tp=tp)
-        pm = tl.parallelize(GPT(CFG, seed=3), mesh, tp_plan=GPT_PLAN if tp > 1 else None, schedule="1f1b",
-                            microbatches=2 * pp)
+        plan = (GPT_SP_PLAN if sp else GPT_PLAN) if tp > 1 else None
+        pm = tl.parallelize(GPT(CFG, seed=3), mesh, tp_plan=plan, schedule="1f1b", microbatches=2 * pp,
+                            sequence_parallel=sp)
         opt = torch.optim.AdamW(pm.parameters(), lr=3e-3)
         per_dp = BATCH // dp
         sl = slice(mesh.rank("dp") * per_dp, (mesh.rank("dp") + 1) * per_dp)
