@@ -9,6 +9,7 @@ section's __post_init__ so a Config that exists is a Config that makes sense.
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import types
 import typing
@@ -117,6 +118,16 @@ class CheckpointConfig:
 
     def __post_init__(self):
         _positive("checkpoint", every=self.every, keep=self.keep)
+        if self.dir:  # fail before launching ranks, not at the first save an hour in
+            path = os.path.abspath(self.dir)
+            if os.path.exists(path) and not os.path.isdir(path):
+                raise ConfigError(f"checkpoint.dir={self.dir!r} exists and is not a directory; point it at a directory")
+            parent = path
+            while not os.path.exists(parent):
+                parent = os.path.dirname(parent)
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise ConfigError(f"checkpoint.dir={self.dir!r} cannot be created or written: {parent!r} is not "
+                                  "writable; choose a directory you can write to")
 
 
 @dataclass(frozen=True)

@@ -184,7 +184,11 @@ def init(backend: str | None = None, device: str | None = None, timeout_s: float
     if _RUNTIME is not None:
         return _RUNTIME
     if timeout_s is None:
-        timeout_s = float(os.environ.get("TRAINLIB_TIMEOUT_S", DEFAULT_TIMEOUT_S))
+        try:
+            timeout_s = float(os.environ.get("TRAINLIB_TIMEOUT_S", DEFAULT_TIMEOUT_S))
+        except ValueError:
+            raise LaunchError(f"TRAINLIB_TIMEOUT_S={os.environ['TRAINLIB_TIMEOUT_S']!r} is not a number of seconds; "
+                              f"unset it for the default {DEFAULT_TIMEOUT_S:.0f}") from None
     if timeout_s <= 0:
         raise LaunchError(f"timeout_s={timeout_s} must be positive (seconds); unset TRAINLIB_TIMEOUT_S for the default")
     timeout = datetime.timedelta(seconds=timeout_s)
@@ -199,7 +203,7 @@ def init(backend: str | None = None, device: str | None = None, timeout_s: float
     dev, backend = choose_device_backend(info.local_rank, backend, device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    if info.source == "single":
+    if info.source == "single" or (info.world_size == 1 and not info.master_addr):  # RANK=0 WORLD_SIZE=1 alone
         store = dist.HashStore()
         dist.init_process_group("gloo" if backend == "xla" else backend, store=store, rank=0, world_size=1, timeout=timeout)
     elif backend == "xla":

@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"--max-restarts={args.max_restarts} must be >= 0")
             return _launch_local(argv, args.nproc_per_node, args.max_restarts)
         summary = train(cfg)
-    except (ConfigError, MeshError, LaunchError, FloatingPointError) as e:
+    except (ConfigError, MeshError, LaunchError, FloatingPointError, resume.CheckpointError) as e:
         print(f"trainlib train: error: {e}", file=sys.stderr)
         return 1
     rank = int(os.environ.get("RANK", "0"))

@@ -26,14 +26,17 @@ PHASES = ("step", "save:shard", "save:manifest", "save:rename")
 
 def parse(spec: str) -> tuple[int, int, str]:
     """'1:7:save:shard' -> (1, 7, 'save:shard'). Raises ValueError naming the fix."""
+    from .store import CheckpointError
+
     parts = spec.split(":", 2)
     try:
         rank, step = int(parts[0]), int(parts[1])
     except (ValueError, IndexError):
-        raise ValueError(f"{ENV}={spec!r} must look like RANK:STEP[:PHASE], e.g. 1:7 or 0:10:save:manifest") from None
+        raise CheckpointError(f"{ENV}={spec!r} must look like RANK:STEP[:PHASE], e.g. 1:7 or 0:10:save:manifest; "
+                              f"unset it outside fault tests") from None
     phase = parts[2] if len(parts) > 2 else "step"
     if phase not in PHASES:
-        raise ValueError(f"{ENV}={spec!r}: phase {phase!r} is not one of {', '.join(PHASES)}")
+        raise CheckpointError(f"{ENV}={spec!r}: phase {phase!r} is not one of {', '.join(PHASES)}")
     return rank, step, phase
 
 

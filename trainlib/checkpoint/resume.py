@@ -18,7 +18,9 @@ from typing import Any
 import torch
 
 from . import faults
-from .store import load, save
+from .store import CheckpointError, load, save
+
+__all__ = ["CheckpointError", "restore", "after_step", "state_of"]
 
 log = logging.getLogger("trainlib")
 
