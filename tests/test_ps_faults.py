@@ -18,7 +18,7 @@ from trainlib.sync.ps.protocol import DType, Op
 from trainlib.testing import RankError, run_ranks
 
 TOKEN = "faults-test-token-0123456789"
-PS_TIMEOUT_S = 8.0
+PS_TIMEOUT_S = 5.0
 
 
 def _mlp() -> nn.Module:
@@ -71,8 +71,9 @@ def test_killed_server_gives_a_clear_error_within_the_timeout():
         for s in servers:
             s.stop()
     for r in results:
-        # the dropped connection is noticed at once; at worst the timeout plus a 2 s status query
-        assert r["step"] == 2 and r["elapsed"] < PS_TIMEOUT_S + 3, r
+        # the dropped connection is noticed at once; at worst the timeout plus a 2 s status query.
+        # Rank 1 may still be collecting step 1 when rank 0, already done with it, kills the server.
+        assert r["step"] in (1, 2) and r["elapsed"] < PS_TIMEOUT_S + 3, r
         assert f"parameter server {servers[1].address}" in r["error"], r
 
 
