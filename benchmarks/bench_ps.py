@@ -6,7 +6,7 @@
 1. Step time (2 workers, alternating, medians) on the default GPT (trainer defaults) and on a
    communication-heavy wide MLP (32 MiB of fp32 gradients, batch 8): no sync (compute only),
    all-reduce (gloo), PS colocated (each worker starts a server, as on 2 nodes), PS dedicated
-   (2 server processes started here). Communication time = step time - compute-only step time.
+   (2 server processes started here), and PS dedicated without HMAC (--insecure servers). Communication time = step time - compute-only step time.
 2. Push/pull throughput with 4 MiB partitions, 8 in flight: a raw pyzmq ROUTER that echoes each
    message (the transport's limit, no auth), the trainlib server with --insecure, and with HMAC.
 3. Cost model (BytePS, Jiang et al. OSDI 2020, section 3): with n workers, k servers, M bytes of
@@ -94,7 +94,7 @@ def _models(which: str, seed: int = 0):
     return model, lambda m: m(x).pow(2).mean()
 
 
-def step_times(dedicated: list[str], which: str, reps: int) -> dict:
+def step_times(dedicated: list[str], noauth: list[str], which: str, reps: int) -> dict:
     """On each worker: one model copy per backend, timed in alternating rounds (harness.alternate)."""
     import trainlib as tl
     from trainlib import comm
@@ -105,7 +105,9 @@ def step_times(dedicated: list[str], which: str, reps: int) -> dict:
     grad_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
     backends = {"local": None, "allreduce": tl.AllReduce(),
                 "ps_colocated": tl.ParameterServer(timeout_s=120),
-                "ps_dedicated": tl.ParameterServer(servers=dedicated, token=TOKEN, timeout_s=120)}
+                "ps_dedicated": tl.ParameterServer(servers=dedicated, token=TOKEN, timeout_s=120),
+                # the same without HMAC (servers started with --insecure): what authentication costs
+                "ps_dedicated_noauth": tl.ParameterServer(servers=noauth, insecure=True, timeout_s=120)}
     models = {}
     for name, sync in backends.items():
         m, _ = _models(which)
@@ -257,16 +259,18 @@ def run(quick: bool, argv: list[str] | None = None) -> dict:
     reps = 3 if quick else 7
     tp = throughput(n_parts=4 if quick else 16, window=8, reps=reps)
     servers = [spawn_server(token=TOKEN) for _ in range(2)]
+    noauth = [spawn_server(insecure=True) for _ in range(2)]
     # every worker is its own "node": each starts a colocated server (2 workers + 2 servers)
     env = {"LOCAL_WORLD_SIZE": "1", "TRAINLIB_PS_HOST": "127.0.0.1"}
     steps = {}
     try:
         for which in ("gpt", "wide_mlp"):
-            r = run_ranks(step_times, N_WORKERS, [s.address for s in servers], which, reps, timeout_s=900,
+            r = run_ranks(step_times, N_WORKERS, [s.address for s in servers], [s.address for s in noauth], which,
+                          reps, timeout_s=900,
                           env={**env, "LOCAL_RANK": "0"})[0]
             steps[which] = r
     finally:
-        for s in servers:
+        for s in servers + noauth:
             s.stop()
     bw = tp["GBps_push_plus_pull"]["raw_pyzmq"] * 1e9 / 2  # one direction
     for which, r in steps.items():
@@ -274,15 +278,17 @@ def run(quick: bool, argv: list[str] | None = None) -> dict:
         comm = {n: med[n] - med["local"] for n in med if n != "local"}
         m = r["grad_bytes"]
         pred = {"allreduce": t_allreduce(m, N_WORKERS, bw), "ps_colocated": t_ps(m, N_WORKERS, 2, bw),
-                "ps_dedicated": t_ps(m, N_WORKERS, 2, bw)}
+                "ps_dedicated": t_ps(m, N_WORKERS, 2, bw), "ps_dedicated_noauth": t_ps(m, N_WORKERS, 2, bw)}
         r["comm_s_measured"] = {n: round(v, 5) for n, v in comm.items()}
         r["comm_s_predicted"] = {n: round(v, 5) for n, v in pred.items()}
         r["ps_dedicated_over_allreduce_step"] = round(med["ps_dedicated"] / med["allreduce"], 3)
         r["ps_colocated_over_allreduce_step"] = round(med["ps_colocated"] / med["allreduce"], 3)
+        r["ps_noauth_over_allreduce_step"] = round(med["ps_dedicated_noauth"] / med["allreduce"], 3)
     summary = {"auth_cost_at_4MB": tp["auth_cost_fraction"], "auth_target_met": tp["auth_cost_fraction"] <= 0.20,
                "ps_insecure_fraction_of_raw_pyzmq": tp["ps_insecure_fraction_of_raw"],
                **{f"{w}_ps_dedicated_over_allreduce": steps[w]["ps_dedicated_over_allreduce_step"] for w in steps},
-               **{f"{w}_ps_colocated_over_allreduce": steps[w]["ps_colocated_over_allreduce_step"] for w in steps}}
+               **{f"{w}_ps_colocated_over_allreduce": steps[w]["ps_colocated_over_allreduce_step"] for w in steps},
+               **{f"{w}_ps_noauth_over_allreduce": steps[w]["ps_noauth_over_allreduce_step"] for w in steps}}
     return {"throughput": tp, "step_time": steps, "cost_model": {
         "bandwidth_GBps_one_direction_loopback": round(bw / 1e9, 4), "n_workers": N_WORKERS, "k_servers": 2,
         "formulas": {"allreduce": "2(n-1)/n * M/B", "ps": "max(M/B, n*M/(k*B))"},
@@ -301,7 +307,7 @@ def plot(result: dict, path: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, (which, r) in zip(axes, result["step_time"].items()):
         names = list(r["median_s"])
-        ax.bar(names, [r["median_s"][n] * 1e3 for n in names], color=["grey", "C0", "C1", "C2"])
+        ax.bar(names, [r["median_s"][n] * 1e3 for n in names], color=["grey", "C0", "C1", "C2", "C3"][: len(names)])
         ax.set_title(f"{which}: step time, 2 workers ({r['grad_bytes'] / MB:.1f} MiB grads)")
         ax.set_ylabel("ms (median)")
         ax.tick_params(axis="x", rotation=20)

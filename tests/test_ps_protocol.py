@@ -178,3 +178,13 @@ def test_parameter_server_arguments_are_checked():
             ParameterServer(**kw)
     assert ParameterServer(mode="async", staleness=3).reduces_in_backward is False
     assert ParameterServer().reduces_in_backward is True
+
+
+def test_encode_many_matches_encode():
+    signer = Signer(TOKEN)
+    payload = torch.arange(8, dtype=torch.float32).numpy()
+    headers = [Header(op=Op.SUM, worker=w, nworkers=3, seq=10 + w, nbytes=32, dtype=DType.FLOAT32) for w in range(3)]
+    many = signer.encode_many(headers, payload)
+    for h, frames in zip(headers, many):
+        assert frames[0] == h.pack() and frames[2] == signer.encode(h, payload)[2]
+        assert signer.verify(decode(frames))

@@ -9,7 +9,9 @@ header, little-endian (struct HEADER_FORMAT):
     magic b"TLPS" | version u8 | op u8 | dtype u8 | flags u8 (0) | worker u16 | nworkers u16 |
     key u32 | arg u32 | step u64 | seq u64 | session u64 | nbytes u64
 
-mac = HMAC-SHA256(token, header || payload) (RFC 2104). `seq` is a monotonic counter per client
+mac = HMAC-SHA256(token, payload || header) (RFC 2104; the fixed-size header last makes the split
+unambiguous, and lets a server that sends one sum to W workers hash the payload once, then finish
+the MAC per reply header from a copy of the hash state). `seq` is a monotonic counter per client
 instance (its top 24 bits are a random instance id, so several clients of one worker and a
 restarted worker each count on their own) and `session` is a random id the server hands out in its HELLO reply, so a captured
 message can be replayed neither to the same server (seq) nor to another one or a restarted one
@@ -174,9 +176,9 @@ class Signer:
         if self._base is None:
             return bytes(MAC_SIZE)
         h = self._base.copy()
-        h.update(header)
         if len(payload):
             h.update(payload)  # hashlib releases the GIL for large buffers
+        h.update(header)
         return h.digest()
 
     def verify(self, msg: Message) -> bool:
@@ -186,3 +188,17 @@ class Signer:
         """-> the three frames to send (the payload frame is the caller's buffer: zero-copy)."""
         raw = header.pack()
         return [raw, payload, self.sign(raw, _buf(payload) if len(payload) else b"")]
+
+    def encode_many(self, headers: list[Header], payload=b"") -> list[list]:
+        """Frames for several messages with one payload: the payload is hashed once for all of them."""
+        if self._base is None or not len(payload):
+            return [self.encode(h, payload) for h in headers]
+        prefix = self._base.copy()
+        prefix.update(_buf(payload))
+        out = []
+        for header in headers:
+            raw = header.pack()
+            h = prefix.copy()
+            h.update(raw)
+            out.append([raw, payload, h.digest()])
+        return out

@@ -104,11 +104,17 @@ class ParameterServerProcess:
         self._send(replies)
 
     def _send(self, replies: list) -> None:
-        for peer, header, payload in replies:
-            try:
-                self.sock.send_multipart([peer, *self.signer.encode(header, payload)], copy=False)
-            except zmq.ZMQError:  # the peer went away; nothing to do
-                self.dropped["unroutable_reply"] += 1
+        # replies that share a payload (one sum for W workers) are signed with one pass over it
+        groups: dict[int, list] = {}
+        for reply in replies:
+            groups.setdefault(id(reply[2]), []).append(reply)
+        for group in groups.values():
+            frames = self.signer.encode_many([h for _, h, _ in group], group[0][2])
+            for (peer, _, _), f in zip(group, frames):
+                try:
+                    self.sock.send_multipart([peer, *f], copy=False)
+                except zmq.ZMQError:  # the peer went away; nothing to do
+                    self.dropped["unroutable_reply"] += 1
 
     def serve_forever(self, poll_ms: int = 200, parent_pid: int | None = None) -> None:
         """Serve until stop(); with parent_pid, also stop when that process is gone (colocated mode:
