@@ -162,3 +162,25 @@ def test_two_ranks_agree_on_fallback(tmp_path):
         assert "saved by 1 ranks but this job has 2" in res["mismatch"] and "--checkpoint.dir" in res["mismatch"]
     files = json.loads((step_dir(tmp_path, 2) / "MANIFEST.json").read_text())["body"]["files"]
     assert sorted(files) == ["rank0.json", "rank0.safetensors", "rank1.json", "rank1.safetensors"]
+
+
+def test_stfile_is_safetensors_both_ways(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from trainlib.checkpoint import stfile
+
+    ts = {"f32": torch.randn(3, 5), "u8": torch.arange(7, dtype=torch.uint8), "bf16": torch.randn(4, dtype=torch.bfloat16),
+          "f64": torch.randn(2, dtype=torch.float64), "b": torch.tensor([True, False, True]), "s": torch.tensor(3),
+          "e": torch.empty(0, 2)}
+    digest, size = stfile.write(tmp_path / "ours.safetensors", ts, {"k": "v"})
+    theirs = load_file(str(tmp_path / "ours.safetensors"))  # the reference reader agrees with our writer
+    save_file(ts, str(tmp_path / "theirs.safetensors"))
+    raw = (tmp_path / "theirs.safetensors").read_bytes()
+    import hashlib
+
+    ours = stfile.parse(stfile.read_verified(tmp_path / "theirs.safetensors", len(raw), hashlib.sha256(raw).hexdigest()))
+    for k, v in ts.items():
+        assert theirs[k].dtype == v.dtype and torch.equal(theirs[k], v), k
+        assert ours[k].dtype == v.dtype and torch.equal(ours[k], v), k
+    assert size == (tmp_path / "ours.safetensors").stat().st_size
+    assert digest == hashlib.sha256((tmp_path / "ours.safetensors").read_bytes()).hexdigest()

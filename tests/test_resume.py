@@ -14,6 +14,8 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from trainlib.testing import run_ranks
 
@@ -86,12 +88,17 @@ def _train_rank(argv: list[str], main: bool):
 
 
 def test_nonfinite_gradients_skip_or_raise(tmp_path):
-    # lr 1e30: step 1 blows the weights up, every later gradient is nan. With `skip` the weights
-    # stay those after step 1 (the reference: a 1-step run); with `raise` the job exits 1.
+    # lr 1e30: step 1 blows the weights up, every later gradient is nan. With `skip` the final
+    # weights are the ones after step 1 (the reference: that step's checkpoint); with `raise`
+    # the job exits 1 naming the step and the fix.
     argv = [*TINY, "--train.lr", "1e30", "--train.warmup_steps", "0", "--train.metrics", str(tmp_path / "m.jsonl")]
     env = {"TRAINLIB_NO_PROGRESS": "1", "TRAINLIB_TIMEOUT_S": "30"}
-    skip = run_ranks(_train_rank, 2, argv, False, env=env, timeout_s=90)
-    one = run_ranks(_train_rank, 2, argv + ["--train.steps", "1"], False, env=env, timeout_s=90)
-    assert [s["nonfinite_skipped"] for s in skip] == [STEPS - 1] * 2 and one[0]["nonfinite_skipped"] == 0
-    assert skip[0]["weights_sha256"] == skip[1]["weights_sha256"] == one[0]["weights_sha256"]
+    ck = ["--checkpoint.dir", str(tmp_path / "ck"), "--checkpoint.every", "1", "--checkpoint.keep", str(STEPS)]
+    skip = run_ranks(_train_rank, 2, argv + ck, False, env=env, timeout_s=90)
+    assert [s["nonfinite_skipped"] for s in skip] == [STEPS - 1] * 2
+    after_step1 = load_file(str(tmp_path / "ck" / "step_00000001" / "rank0.safetensors"))
+    final = load_file(str(tmp_path / "ck" / f"step_{STEPS:08d}" / "rank0.safetensors"))
+    weights = [k for k in after_step1 if k.startswith("state/model/")]
+    assert weights and all(torch.equal(after_step1[k], final[k]) for k in weights)
+    assert all(torch.isfinite(final[k]).all() for k in weights)
     assert run_ranks(_train_rank, 2, argv + ["--train.nonfinite", "raise"], True, env=env, timeout_s=90) == [1, 1]

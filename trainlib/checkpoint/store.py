@@ -38,10 +38,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
-
-from . import faults, rng
+from . import faults, rng, stfile
 from .tree import flatten, unflatten
 
 log = logging.getLogger("trainlib")
@@ -195,7 +192,7 @@ def save(root: str | os.PathLike, step: int, state: dict[str, Any], *, keep: int
     skeleton, tensors = flatten({"state": state, "rng": rng.capture() if save_rng else None})
     meta = {"format": FORMAT, "step": step, "rank": r, "world_size": w, "tree": skeleton}
     names = (f"rank{r}.safetensors", f"rank{r}.json")
-    mine = [_write_durable(tmp / names[0], st_save(tensors, metadata={"trainlib_format": str(FORMAT)})),
+    mine = [stfile.write(tmp / names[0], tensors, metadata={"trainlib_format": str(FORMAT)}),
             _write_durable(tmp / names[1], json.dumps(meta).encode())]
     faults.maybe_kill(r, step, "save:shard")
     flat = _digest_ints(*mine[0]) + _digest_ints(*mine[1])
@@ -276,11 +273,20 @@ def _read_verified(path: Path, entry: dict | None, name: str) -> bytes:
 
 def _read_shard(path: Path, rank: int, world_size: int) -> dict:
     body = _read_manifest(path, world_size)
-    blob = _read_verified(path, body["files"].get(f"rank{rank}.safetensors"), f"rank{rank}.safetensors")
     meta_raw = _read_verified(path, body["files"].get(f"rank{rank}.json"), f"rank{rank}.json")
+    name = f"rank{rank}.safetensors"
+    entry = body["files"].get(name)
+    if entry is None:
+        raise _Damaged(f"{name} is not in the manifest")
+    try:
+        blob = stfile.read_verified(path / name, entry["bytes"], entry["sha256"])
+    except OSError as e:
+        raise _Damaged(f"{name} unreadable ({e.strerror})") from None
+    except ValueError as e:
+        raise _Damaged(str(e)) from None
     try:
         meta = json.loads(meta_raw)
-        tensors = st_load(blob)
+        tensors = stfile.parse(blob)
         return unflatten(meta["tree"], tensors)
     except Exception as e:  # checksums matched yet it does not parse: written by something else
         raise _Damaged(f"rank{rank} shard does not parse ({type(e).__name__}: {e})") from None
