@@ -20,9 +20,10 @@ from trainlib.benchmarks import dp_workloads as wl
 
 
 def step_group(workload: str, specs: dict[str, dict[str, Any]], reps: int, k: int, tiny: bool = False,
-               quick: bool = True) -> dict[str, Any]:
+               quick: bool = True, keep_params: bool = False) -> dict[str, Any]:
     """Seconds per step of every candidate (median over `reps` rounds of `k` steps), last losses, and
-    each candidate's final-parameter distance from the first candidate's (all saw the same batches)."""
+    each candidate's final-parameter distance from the first candidate's (all saw the same batches).
+    keep_params: also return the first candidate's final parameters and this rank's batches (tests)."""
     w = wl.workloads(quick)[workload]
     rank, world = dist.get_rank(), dist.get_world_size()
     batches = wl.make_batches(w, rank, world, 4, tiny)
@@ -62,6 +63,8 @@ def step_group(workload: str, specs: dict[str, dict[str, Any]], reps: int, k: in
            "max_param_diff_vs_reference": {n: float((wl.flat_params(c.inner) - ref_params).abs().max())
                                            for n, c in cands.items()},
            "errors": errors}
+    if keep_params:
+        out["reference_params"], out["batches"] = ref_params, batches
     for c in cands.values():
         c.close()
     return out
@@ -74,22 +77,25 @@ def memory_rank(workload: str, name: str, spec: dict[str, Any], steps: int, quic
     w = wl.workloads(quick)[workload]
     rank, world = dist.get_rank(), dist.get_world_size()
     batches = wl.make_batches(w, rank, world, 2)
+    pinned = wl.fix_malloc_threshold()
     gc.collect()
     reset_ok = wl.reset_peak_rss()
     rss0, pss0 = wl.status_kb("VmRSS") * 1024, wl.pss_bytes()
     c = wl.build_candidate(name, spec, w)
-    pss_peak = [0]
+    pss_peak, rss_bwd = [0], [0]
 
     def probe() -> None:  # after backward: gradients (and DDP's buckets) are all alive here
         pss_peak[0] = max(pss_peak[0], wl.pss_bytes())
+        rss_bwd[0] = max(rss_bwd[0], wl.status_kb("VmRSS") * 1024)
 
     for i in range(steps):
         c.step(batches[i % len(batches)], probe)
     comm.barrier()
     hwm = wl.status_kb("VmHWM") * 1024
     out = {"grad_bytes": wl.grad_bytes(c.inner), "baseline_rss": rss0, "peak_rss": hwm, "peak_rss_delta": hwm - rss0,
+           "rss_after_backward": rss_bwd[0],
            "baseline_pss": pss0, "peak_pss_after_backward": pss_peak[0], "peak_pss_delta": pss_peak[0] - pss0,
-           "vmhwm_reset": reset_ok}
+           "vmhwm_reset": reset_ok, "malloc_mmap_threshold_pinned": pinned}
     c.close()
     return out
 

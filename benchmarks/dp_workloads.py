@@ -205,6 +205,18 @@ def flat_params(m: nn.Module) -> torch.Tensor:
 
 
 # ---- memory ------------------------------------------------------------------------------------
+def fix_malloc_threshold() -> bool:
+    """Pin glibc's mmap threshold at 128 KiB (its initial value). Left dynamic, glibc raises it to the size of
+    the last freed block (up to 32 MiB), so 16 MiB gradients freed once are then served from the heap and
+    stay resident after free: RSS would count allocator caching, not live tensors. Applied to every candidate."""
+    import ctypes
+
+    try:
+        return ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024) == 1  # M_MMAP_THRESHOLD
+    except OSError:
+        return False
+
+
 def reset_peak_rss() -> bool:
     """Reset VmHWM to the current RSS (Linux >= 4.0: `echo 5 > /proc/self/clear_refs`)."""
     try:
