@@ -1,6 +1,6 @@
 """Pipeline schedules: measured bubble vs theory, per-action overhead vs torch.distributed.pipelining.
 
-    trainlib bench pp [--quick]
+    trainlib bench pp [--quick] [--stage-ms 100] [--reps 3]
 
 1. Bubble. p = 4 ranks, stages that emulate equal compute by sleeping (so the shared 2-core
    machine does not distort it): forward sleeps t, the input-gradient path sleeps t and the
@@ -156,10 +156,17 @@ def run_overhead(quick: bool) -> dict:
     return run_ranks(_overhead_worker, P, 8, 3 if quick else 15, 3 if quick else 10, timeout_s=900)[0]
 
 
-def run(quick: bool) -> dict:
-    t = 0.02 if quick else 0.05
+def run(quick: bool, argv: list[str] | None = None) -> dict:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="trainlib bench pp")
+    ap.add_argument("--stage-ms", type=float, default=20.0 if quick else 100.0,
+                    help="emulated forward time of one stage (ms); larger hides more of the p2p latency")
+    ap.add_argument("--reps", type=int, default=2 if quick else 3, help="timed steps per configuration (median)")
+    opts = ap.parse_args(argv or [])
+    t = opts.stage_ms / 1e3
     ms = [8] if quick else [8, 16]
-    bubble = run_ranks(_bubble_worker, P, t, ms, 2 if quick else 5, timeout_s=900)[0]
+    bubble = run_ranks(_bubble_worker, P, t, ms, opts.reps, timeout_s=1800)[0]
     overhead = run_overhead(quick)
     summary = {f"bubble_{k}": f"{v['bubble']:.3f} (theory {v['theory']:.3f})" for k, v in bubble.items()}
     summary.update({f"overhead_ratio_{k}": round(v["ratio"], 3) for k, v in overhead.items()})
