@@ -9,7 +9,7 @@ so `safetensors.torch.load_file` reads what we write. Why not call safetensors.t
 builds the whole file as one `bytes` object first (a full extra copy of the state, ~40% of the
 save time for a 300 MB checkpoint here); writing each tensor's memory straight to the file while
 hashing it costs only the write. Reading parses the header and makes tensors that are views of
-one buffer (torch.frombuffer), so a load is one read plus one hash pass.
+one uint8 buffer, so a load is one read plus one hash pass.
 """
 from __future__ import annotations
 
@@ -65,34 +65,36 @@ def write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
     return h.hexdigest(), 8 + len(head) + offset
 
 
-def read_verified(path: Path, size: int, sha256: str) -> bytearray:
-    """The file's bytes, after checking its size and sha256; ValueError says which check failed."""
+def read_verified(path: Path, size: int, sha256: str) -> torch.Tensor:
+    """The file's bytes as a uint8 tensor, after checking size and sha256; ValueError says which failed."""
     actual = os.path.getsize(path)
     if actual != size:
         raise ValueError(f"{path.name} has {actual} bytes, the manifest says {size} (truncated?)")
-    buf = bytearray(size)
+    buf = torch.empty(size, dtype=torch.uint8)  # not zero-filled, unlike bytearray(size)
     with open(path, "rb", buffering=0) as f:
-        view, got = memoryview(buf), 0
+        view, got = memoryview(buf.numpy()), 0
         while got < size:
             n = f.readinto(view[got:])
             if not n:
                 raise ValueError(f"{path.name} ended after {got} of {size} bytes")
             got += n
-    digest = hashlib.sha256(buf).hexdigest()
+    digest = hashlib.sha256(view).hexdigest()
     if digest != sha256:
         raise ValueError(f"{path.name} sha256 {digest[:12]}... != manifest {sha256[:12]}... (corrupted)")
     return buf
 
 
-def parse(buf: bytearray) -> dict[str, torch.Tensor]:
-    """Tensors from safetensors bytes; each a view into buf (no copy)."""
+def parse(buf: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Tensors from safetensors bytes (a uint8 tensor); each a view into buf (no copy)."""
     if len(buf) < 8:
         raise ValueError("file shorter than a safetensors header")
-    (n,) = struct.unpack("<Q", bytes(buf[:8]))
+    (n,) = struct.unpack("<Q", buf[:8].numpy().tobytes())
     if n > min(_MAX_HEADER, len(buf) - 8):
         raise ValueError(f"safetensors header of {n} bytes does not fit the file")
-    header = json.loads(bytes(buf[8:8 + n]))
-    base, out = 8 + n, {}
+    header = json.loads(buf[8:8 + n].numpy().tobytes())
+    # each tensor gets its own storage over its byte range (storage_offset 0: some torch APIs,
+    # torch.set_rng_state among them, read a storage from its start)
+    base, out, raw = 8 + n, {}, memoryview(buf.numpy())
     for name, info in header.items():
         if name == "__metadata__":
             continue
@@ -107,7 +109,7 @@ def parse(buf: bytearray) -> dict[str, torch.Tensor]:
         if count == 0:
             out[name] = torch.empty(info["shape"], dtype=dtype)
         elif (base + begin) % elem:  # a file from another writer with unaligned data: copy
-            out[name] = torch.frombuffer(bytearray(buf[base + begin: base + end]), dtype=dtype).view(info["shape"])
+            out[name] = buf[base + begin: base + end].clone().view(dtype).view(info["shape"])
         else:
-            out[name] = torch.frombuffer(buf, dtype=dtype, count=count, offset=base + begin).view(info["shape"])
+            out[name] = torch.frombuffer(raw[base + begin: base + end], dtype=dtype).view(info["shape"])
     return out
