@@ -92,7 +92,8 @@ def memory_rank(workload: str, name: str, spec: dict[str, Any], steps: int, quic
         c.step(batches[i % len(batches)], probe)
     comm.barrier()
     hwm = wl.status_kb("VmHWM") * 1024
-    out = {"grad_bytes": wl.grad_bytes(c.inner), "baseline_rss": rss0, "peak_rss": hwm, "peak_rss_delta": hwm - rss0,
+    out = {"grad_bytes": wl.grad_bytes(c.inner), "largest_grad_bytes": wl.largest_grad_bytes(c.inner),
+           "baseline_rss": rss0, "peak_rss": hwm, "peak_rss_delta": hwm - rss0,
            "rss_after_backward": rss_bwd[0],
            "baseline_pss": pss0, "peak_pss_after_backward": pss_peak[0], "peak_pss_delta": pss_peak[0] - pss0,
            "vmhwm_reset": reset_ok, "malloc_mmap_threshold_pinned": pinned}

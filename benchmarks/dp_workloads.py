@@ -97,6 +97,12 @@ def grad_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
 
 
+def largest_grad_bytes(model: nn.Module) -> int:
+    """Autograd materialises each parameter's gradient as a fresh tensor before any hook can move it into a
+    bucket, so the largest one is a transient no bucketing scheme avoids (after zero_grad(set_to_none=True))."""
+    return max(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+
+
 # ---- candidates --------------------------------------------------------------------------------
 def candidate_specs(with_shm: bool, with_ds: bool, ddp_grid: bool = True) -> dict[str, dict[str, Any]]:
     """name -> how to build it. DDP "default" is DistributedDataParallel(model) with nothing set."""
@@ -105,6 +111,7 @@ def candidate_specs(with_shm: bool, with_ds: bool, ddp_grid: bool = True) -> dic
     if with_shm:
         specs["trainlib-shm"] = {"kind": "tl", "transport": "shm"}
     specs["ddp-default"] = {"kind": "ddp"}
+    specs["local-no-sync"] = {"kind": "local"}  # compute only: the floor any sync can approach
     if ddp_grid:
         for mb in DDP_BUCKETS:
             for view in (False, True):
@@ -149,6 +156,8 @@ def build_candidate(name: str, spec: dict[str, Any], w: Workload, tiny: bool = F
         if "bucket_cap_mb" in spec:
             kw = {"bucket_cap_mb": spec["bucket_cap_mb"], "gradient_as_bucket_view": spec["view"]}
         model, close = nn.parallel.DistributedDataParallel(inner, **kw), (lambda: None)
+    elif kind == "local":  # no communication at all; its weights drift from the others by design
+        model, close = inner, (lambda: None)
     elif kind == "ds":
         return _deepspeed_candidate(name, spec, w, inner)
     else:
