@@ -152,3 +152,38 @@ def test_failures_raise_named_timeout(mode):
         # the receiver fails at microbatch 1, or at 0 if the sender's process exited before its
         # asynchronous send of microbatch 0 was delivered
         assert re.search(r"stage 1, microbatch [01], action F1\.[01] ", receiver) and "*" in receiver, receiver
+
+
+class _CountBackward(torch.autograd.Function):
+    calls = 0
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        _CountBackward.calls += 1
+        return g
+
+
+class _Counted(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 6)
+
+    def forward(self, x):
+        return _CountBackward.apply(torch.tanh(self.lin(x)))
+
+
+def _zb_count_worker() -> int:
+    mesh = tl.Mesh(pp=2, dp=1, tp=1)
+    pipe = Pipeline([_Counted(), _Counted()], mesh, schedule="zb-h1", microbatches=4, loss_fn=loss_fn)
+    pipe.step(torch.randn(8, 6), torch.randn(8, 6))
+    return _CountBackward.calls
+
+
+def test_zb_weight_step_does_not_redo_the_input_backward():
+    # I walks the stage graph once per microbatch; W reuses the captured gradients (a second walk
+    # from the output would call the counter 8 times on the stage whose input needs a gradient)
+    assert run_ranks(_zb_count_worker, 2, timeout_s=60) == [4, 4]

@@ -27,6 +27,7 @@ from .. import comm
 from ..comm import CollectiveTimeout
 from .partition import balance, check_boundaries, layer_costs
 from .schedules import Action, Schedule, build_schedule
+from .zero_bubble import SplitBackward
 
 log = logging.getLogger("trainlib")
 
@@ -76,6 +77,8 @@ class Pipeline:
         self.stages: dict[int, nn.Module] = {
             s: nn.Sequential(*layers[bounds[s]:bounds[s + 1]]) for s in range(self.rank, self.n_stages, self.p)}
         self.loss_fn = loss_fn
+        uses_split = any(a.kind == "W" for acts in self.schedule.actions for a in acts)
+        self._splitter = {s: SplitBackward(mod) for s, mod in self.stages.items()} if uses_split else {}
         self.timeout_s = timeout_s
         self.broadcast_loss = broadcast_loss
         self.last_stage = self.n_stages - 1
@@ -131,7 +134,12 @@ class Pipeline:
         x = mb_in[i] if s == 0 else self._recv_activation(a, st)
         if s > 0 and x.is_floating_point():
             x.requires_grad_(True)
-        y = self.stages[s](x)
+        if s in self._splitter:
+            with self._splitter[s].record() as rec:
+                y = self.stages[s](x)
+            st.records[(s, i)] = rec
+        else:
+            y = self.stages[s](x)
         if s == self.last_stage:
             loss = self.loss_fn(y, mb_tgt[i])
             if loss.dim() != 0:
@@ -156,21 +164,20 @@ class Pipeline:
         st.inflight[a.stage] -= 1
 
     def _run_I(self, a: Action, st, mb_in, mb_tgt) -> None:
-        """Input gradient only; the graph is kept for W."""
-        x, y = st.saved[(a.stage, a.mb)]
+        """Input gradient only, sent at once; module-output gradients are kept for W (zero_bubble.py)."""
+        key = (a.stage, a.mb)
+        x, y = st.saved[key]
         g = self._grad_out(a, y)
-        st.grad_out[(a.stage, a.mb)] = g
-        gx = torch.autograd.grad(y, x, g, retain_graph=True)[0] if x.requires_grad else None
+        gx, captured = SplitBackward.input_grad(x, y, g, st.records[key])
+        st.grad_out[key] = (g, captured)
         self._send_grad(a, x, gx, st)
 
     def _run_W(self, a: Action, st, mb_in, mb_tgt) -> None:
-        """Weight gradient: back-propagate the stored output gradient into the parameters only.
-        (This walks the stage graph a second time; exact, but not the paper's cheaper split.)"""
-        x, y = st.saved.pop((a.stage, a.mb))
-        g = st.grad_out.pop((a.stage, a.mb))
-        params = [p for p in self.stages[a.stage].parameters() if p.requires_grad]
-        if params:
-            torch.autograd.backward(y, g, inputs=params)
+        """Weight gradients from the gradients I captured: each module's local backward only."""
+        key = (a.stage, a.mb)
+        x, y = st.saved.pop(key)
+        g, captured = st.grad_out.pop(key)
+        self._splitter[a.stage].weight_grad(y, g, st.records.pop(key), captured)
         st.inflight[a.stage] -= 1
 
     # ---- point to point -----------------------------------------------------------------------
@@ -304,7 +311,8 @@ class _Done:
 class _StepState:
     def __init__(self):
         self.saved: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-        self.grad_out: dict[tuple[int, int], torch.Tensor | None] = {}
+        self.grad_out: dict[tuple[int, int], tuple] = {}
+        self.records: dict[tuple[int, int], list] = {}
         self.sends: list[tuple[Action, comm.Handle]] = []
         self.keep: list[torch.Tensor] = []
         self.losses: list[torch.Tensor] = []
