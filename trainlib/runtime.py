@@ -215,12 +215,29 @@ def init(backend: str | None = None, device: str | None = None, timeout_s: float
         os.environ.update(MASTER_ADDR=str(addr), MASTER_PORT=str(port), RANK=str(info.rank),
                           WORLD_SIZE=str(info.world_size), LOCAL_RANK=str(info.local_rank),
                           LOCAL_WORLD_SIZE=str(info.local_world_size))
-        dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=info.rank,
-                                world_size=info.world_size, timeout=timeout)
+        store = _per_attempt_store(str(addr), int(port), info.world_size, timeout)
+        if store is not None:
+            dist.init_process_group(backend, store=store, rank=info.rank, world_size=info.world_size, timeout=timeout)
+        else:
+            dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=info.rank,
+                                    world_size=info.world_size, timeout=timeout)
     _RUNTIME = Runtime(info.rank, info.world_size, info.local_rank, dev, backend, info.local_world_size,
                        info.source, timeout_s)
     log.debug("rank %d/%d: %s launch, %s on %s", info.rank, info.world_size, info.source, backend, dev)
     return _RUNTIME
+
+
+def _per_attempt_store(addr: str, port: int, world_size: int, timeout: datetime.timedelta):
+    """torchrun's agent store, with a key prefix per restart attempt (None outside torchrun).
+
+    torchrun shares one TCPStore with its workers for the whole job; after a restart the new
+    workers could read the gloo addresses the dead ones left there, connect to dead ports and
+    hang until the timeout (seen with torch 2.13). A prefix per TORCHELASTIC_RESTART_COUNT keeps
+    each attempt's keys apart."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(addr, port, world_size, is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"trainlib/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def get_runtime() -> Runtime:

@@ -286,10 +286,7 @@ def _launch_local(argv: list[str], nproc: int, max_restarts: int = 0) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         summary_path = os.path.join(tmp, "summary.json")
         threads = max(1, (os.cpu_count() or 1) // nproc)
-        env = {**os.environ, SUMMARY_ENV: summary_path, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads)),
-               # torchrun shares its rendezvous TCPStore with the workers; with that, workers restarted
-               # by --max-restarts hung in init_process_group here (torch 2.13, gloo); a store per round works
-               "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": os.environ.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")}
+        env = {**os.environ, SUMMARY_ENV: summary_path, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                f"--max-restarts={max_restarts}",
                "-m", "trainlib.cli", "train", *rest]
