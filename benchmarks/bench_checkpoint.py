@@ -149,3 +149,24 @@ def run(quick: bool) -> dict:
         "save_share_at_every_%d" % d["every"]: d["save_share_of_step_time"],
     }
     return out
+
+
+def plot(result: dict, path: str) -> None:
+    """Median seconds per candidate, one group of bars per model size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = ["trainlib_save", "torch_save", "torch_save_fsync", "trainlib_load", "torch_load"]
+    models = [k for k in result if isinstance(result[k], dict) and "trainlib_save" in result[k]]
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 3.5), squeeze=False)
+    for ax, m in zip(axes[0], models):
+        r = result[m]
+        ax.bar(names, [r[n]["median_s"] for n in names], color=["C0", "C1", "C1", "C0", "C1"])
+        ax.set_title(f"{m}: {r['model']['params'] / 1e6:.1f}M params, {r['checkpoint_bytes'] / MB:.0f} MB")
+        ax.set_ylabel("median seconds")
+        ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
