@@ -47,10 +47,11 @@ def ps_versus_allreduce(servers: list[str], steps: int = 3) -> dict:
         for opt in opts:
             opt.step()
     asy.sync.sync_params()  # push the last local step
+    dropped = sum(m.sync.client.dropped for m in models[1:])  # replies failing their MAC: must be none
     out = {"grad_diff": worst, "async_vs_sync_params": _max_param_diff(nets[1], nets[3]),
            "sync_vs_ar_params": _max_param_diff(nets[0], nets[1]),
            "n_partitions": len(ps.sync.partitions), "servers_used": sorted({p.server for p in ps.sync.partitions}),
-           "n_buckets": len(ps.buckets), "colocated_servers": colo.sync.client and
+           "n_buckets": len(ps.buckets), "dropped_replies": dropped, "colocated_servers": colo.sync.client and
            [link.address for link in colo.sync.client.links]}
     for m in models:
         m.close()
@@ -66,7 +67,7 @@ def test_sync_ps_matches_allreduce_and_async_tau0_matches_sync():
             s.stop()
     for r in results:
         assert r["n_buckets"] > 1 and r["n_partitions"] > r["n_buckets"], r
-        assert r["servers_used"] == [0, 1], r
+        assert r["servers_used"] == [0, 1] and r["dropped_replies"] == 0, r
         assert r["grad_diff"]["ps"] <= 1e-6, r
         assert r["grad_diff"]["colocated"] <= 1e-6, r
         assert r["sync_vs_ar_params"] <= 1e-6, r

@@ -105,7 +105,8 @@ def async_phases(addr_tau2: str, addr_tau0: str, addr_dies: str, steps: int = 8)
                 time.sleep(0.15)  # the slow worker: the fast one runs ahead up to the bound
             losses.append(_step(model, opt, step, rt.rank))
         model.sync.sync_params()
-        out[name] = {"clock": model.sync.clock, "losses": losses}
+        # a reply whose MAC fails is dropped and counted: zero means no reply was corrupted in flight
+        out[name] = {"clock": model.sync.clock, "losses": losses, "dropped_replies": model.sync.client.dropped}
         model.close()
     # a worker that vanishes: the other one goes on once the server presumes it gone
     ps = tl.ParameterServer(servers=[addr_dies], token=TOKEN, mode="async", staleness=1, timeout_s=30,
@@ -144,6 +145,7 @@ def test_async_staleness_bound_vanished_worker_and_state_restore(tmp_path):
         assert tau2["max_spread"] <= 3, tau2
         assert tau0["max_lead"] == 0 and tau0["max_spread"] <= 1, tau0
         assert r["tau2"]["clock"] == r["tau0"]["clock"] == 8
+        assert r["tau2"]["dropped_replies"] == r["tau0"]["dropped_replies"] == 0
         assert r["dies"]["clock"] == 6 and r["dies"]["saved"]
         old = servers.pop()
         old.stop()

@@ -188,3 +188,14 @@ def test_encode_many_matches_encode():
     for h, frames in zip(headers, many):
         assert frames[0] == h.pack() and frames[2] == signer.encode(h, payload)[2]
         assert signer.verify(decode(frames))
+
+
+def test_reply_buffers_are_not_changed_by_later_updates():
+    """zmq sends a reply from its buffer after handle() returns (zero-copy, MAC already computed):
+    a later delta must not write into a buffer still waiting to be sent."""
+    s = ServerState()
+    kw = dict(nworkers=1, key=2, dtype=DType.FLOAT32, arg=0)
+    s.handle(b"a", _msg(Op.INIT, _f32(1, 2), worker=0, step=0, **kw))
+    first = s.handle(b"a", _msg(Op.DELTA, _f32(1, 1), worker=0, step=1, **kw))[0]
+    s.handle(b"a", _msg(Op.DELTA, _f32(5, 5), worker=0, step=2, **kw))
+    assert _values(first) == [2, 3] and s.params[2].tolist() == [7, 8]

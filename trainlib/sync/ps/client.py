@@ -188,6 +188,8 @@ class PSClient:
                 raise self._diagnose(waiting, timeout_s, what)
             for r in waiting:
                 if now - r.sent_at > self.retry_s:
+                    log.warning("no reply from parameter server %s for %s (key %d, step %d) after %.0fs; resending",
+                                self.links[r.server].address, r.op.name, r.key, r.step, now - r.sent_at)
                     self._send(r)  # fresh seq: the server answers it, and applies the payload at most once
             events = dict(self.poller.poll(max(1, int(min(deadline - now, 0.5) * 1000))))
             for link in self.links:

@@ -230,7 +230,7 @@ class ServerState:
             self.waiting.setdefault(h.key, []).append((ident, h))
             return []
         self.max_lead = max(self.max_lead, int(h.step - min(lo, h.step)))
-        p = self.params[h.key]
+        p = self.params[h.key].clone()  # zmq sends from this memory after we return: no in-place updates
         # step = the reader's own clock here: a worker (re)joining with PULL learns where it stands, so
         # a job restarted against restored server state continues its clocks instead of repeating them
         return [self.reply(ident, h, Op.PARAMS, wire_bytes(p.to(TORCH_DTYPE[self.param_dtype[h.key]])),
