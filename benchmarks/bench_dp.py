@@ -157,7 +157,9 @@ def busbw_rows(raw: dict[str, dict], sizes: list[int]) -> list[dict[str, Any]]:
 
 
 def run(quick: bool) -> dict:
-    reps, k = (5, 1) if quick else (7, 3)
+    # one step per candidate per round, many rounds: a slow phase of the shared machine (seconds) then
+    # lands on every candidate instead of on the few that a longer round would have been timing
+    reps, k = (5, 1) if quick else (21, 1)
     # DeepSpeed's import costs ~10 s per spawned group here: the full run has it, --quick (CI) does not
     ds_error = deepspeed_status() if not quick else "skipped in --quick (run without --quick)"
     specs = wl.candidate_specs(with_shm=wl.shm_available(), with_ds=ds_error is None, ddp_grid=True)
