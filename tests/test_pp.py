@@ -187,3 +187,23 @@ def test_zb_weight_step_does_not_redo_the_input_backward():
     # I walks the stage graph once per microbatch; W reuses the captured gradients (a second walk
     # from the output would call the counter 8 times on the stage whose input needs a gradient)
     assert run_ranks(_zb_count_worker, 2, timeout_s=60) == [4, 4]
+
+
+def _single_rank_interleaved_worker() -> float:
+    mesh = tl.Mesh(pp=1, dp=1, tp=1)
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(8, 6, generator=g), torch.randn(8, 6, generator=g)
+    ref = nn.Sequential(*make_layers(4))
+    ref_loss = loss_fn(ref(x), t)
+    ref_loss.backward()
+    layers = make_layers(4)
+    pipe = Pipeline(layers, mesh, schedule="interleaved", microbatches=4, loss_fn=loss_fn)  # 2 stages, 1 rank
+    errs = [abs(pipe.step(x, t).item() - ref_loss.item())]
+    for mine, theirs in zip(layers, ref):
+        errs += [(q.grad - r.grad).abs().max().item() for q, r in zip(mine.parameters(), theirs.parameters())]
+    return max(errs)
+
+
+def test_virtual_stages_on_one_rank():
+    # consecutive stages on the same rank hand tensors over locally (no self-send), prefetch included
+    assert run_ranks(_single_rank_interleaved_worker, 1, timeout_s=60)[0] < TOL

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from typing import Callable, Sequence
 
 import torch
@@ -83,7 +83,7 @@ class Pipeline:
         self.broadcast_loss = broadcast_loss
         self.last_stage = self.n_stages - 1
         self.peak_inflight: dict[int, int] = {s: 0 for s in self.stages}
-        self.action_times: dict[str, list[float]] = defaultdict(list)
+        self.action_times: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=4096))  # recent only
         self._meta: dict[int, tuple[torch.dtype, tuple[int, ...]]] = {}
         self._mailbox: dict[int, torch.Tensor] = {}
 
@@ -191,9 +191,8 @@ class Pipeline:
         return comm.isend(t, dst, tag=tag)
 
     def _irecv(self, t: torch.Tensor, src: int, tag: int):
-        if src == self.peers[self.rank]:
-            t.copy_(self._mailbox.pop(tag))
-            return _Done()
+        if src == self.peers[self.rank]:  # the local "send" may not have run yet (prefetch): copy on wait
+            return _Done(lambda: t.copy_(self._mailbox.pop(tag)))
         return comm.irecv(t, src, tag=tag)
 
     def _wait(self, h: comm.Handle, a: Action, what: str) -> None:
@@ -304,8 +303,15 @@ class Pipeline:
 
 
 class _Done:
+    """A handle for a message between two virtual stages of this rank (no communication)."""
+
+    def __init__(self, on_wait=None):
+        self._on_wait = on_wait
+
     def wait(self, timeout_s: float | None = None) -> None:
-        return None
+        if self._on_wait is not None:
+            self._on_wait()
+            self._on_wait = None
 
 
 class _StepState:
