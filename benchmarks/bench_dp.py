@@ -221,7 +221,8 @@ def plot(result: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     steps = result["step_time"]
-    fig, axes = plt.subplots(1, len(steps) + 2, figsize=(6 * (len(steps) + 2), 4.5))
+    fig, grid = plt.subplots(2, 2, figsize=(13, 9))
+    axes = list(grid.flat)
     for ax, (wname, st) in zip(axes, steps.items()):
         med = st["median_step_ms"]
         names = sorted(med, key=med.get)
@@ -241,7 +242,8 @@ def plot(result: dict, path: str) -> None:
     ax.bar(list(mem), [m["peak_rss"] / 2**20 for m in mem.values()], label="peak RSS")
     ax.bar(list(mem), [m["peak_pss_after_backward"] / 2**20 for m in mem.values()], width=0.4, label="PSS after backward")
     ax.set_ylabel("MiB")
-    ax.set_title("wide MLP: memory per rank")
+    ax.tick_params(axis="x", labelrotation=20)
+    ax.set_title("wide MLP: memory per rank (fresh processes)")
     ax.legend()
     ax = axes[-1]
     rows = result["busbw"]
