@@ -32,7 +32,7 @@ import torch
 import trainlib as tl
 from trainlib.benchmarks.harness import alternate
 from trainlib.checkpoint import resume
-from trainlib.config import Config, ModelConfig, load_config
+from trainlib.config import Config, load_config
 from trainlib.data import DistributedSampler, default_tokens
 from trainlib.models.gpt import lm_loss
 from trainlib.trainer import build_model

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import trainlib as tl
-from trainlib.checkpoint import list_steps, step_dir
+from trainlib.checkpoint import list_steps
 from trainlib.testing import _context
 
 pytestmark = pytest.mark.timeout(120)
