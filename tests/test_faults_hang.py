@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -94,3 +95,50 @@ def test_mismatch_with_debug_check_names_every_rank(mode):
                    "torch.float64" in msg
         else:
             assert "rank 0: all_reduce[sum] #2 shape [4] torch.float32; rank 1: all_reduce[sum] #2 shape [5]" in msg
+
+
+_STOP_SCRIPT = """
+import os, signal, subprocess, sys, time
+import torch
+import trainlib as tl
+from trainlib import comm
+rt = tl.init(backend="gloo", device="cpu")
+comm.all_reduce(torch.ones(4))
+if rt.rank == rt.world_size - 1:
+    subprocess.Popen(["sh", "-c", f"sleep {STOP_S}; kill -CONT {os.getpid()}"])
+    os.kill(os.getpid(), signal.SIGSTOP)
+print(f"ENTER {time.time()}", flush=True)
+comm.all_reduce(torch.ones(4))
+"""
+
+
+def test_sigstopped_peer_real_processes_exit_nonzero():
+    """The same as a plain script run by a launcher: survivors' processes exit non-zero in time."""
+    from trainlib.runtime import free_port
+
+    port, procs = free_port(), []
+    script = _STOP_SCRIPT.replace("STOP_S", str(3 * TIMEOUT_S))
+    for r in range(3):
+        env = {**os.environ, "RANK": str(r), "WORLD_SIZE": "3", "LOCAL_RANK": str(r), "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port), "TRAINLIB_TIMEOUT_S": str(TIMEOUT_S), "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    exited: dict[int, float] = {}
+    deadline = time.time() + 75
+    while len(exited) < 2 and time.time() < deadline:
+        for r in (0, 1):
+            if r not in exited and procs[r].poll() is not None:
+                exited[r] = time.time()
+        time.sleep(0.05)
+    for r, p in enumerate(procs):
+        if p.poll() is None:
+            p.kill()
+    outs = [p.communicate(timeout=30) for p in procs]
+    for r in (0, 1):
+        out, err = outs[r]
+        assert r in exited, f"rank {r} did not exit: {err[-2000:]}"
+        assert procs[r].returncode != 0
+        assert f"rank {r}: all_reduce[sum] #2 (shape [4], torch.float32, world) did not complete within 3s" in err
+        entered = float(re.search(r"ENTER ([\d.]+)", out).group(1))
+        assert exited[r] - entered < TIMEOUT_S + SLACK_S, (r, exited[r] - entered)
+        print(f"rank {r}: exit {procs[r].returncode} after {exited[r] - entered:.2f}s in #2")
