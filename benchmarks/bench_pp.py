@@ -166,7 +166,10 @@ def run(quick: bool, argv: list[str] | None = None) -> dict:
     opts = ap.parse_args(argv or [])
     t = opts.stage_ms / 1e3
     ms = [8] if quick else [8, 16]
-    bubble = run_ranks(_bubble_worker, P, t, ms, opts.reps, timeout_s=1800)[0]
+    per_rank = run_ranks(_bubble_worker, P, t, ms, opts.reps, timeout_s=1800)
+    bubble = per_rank[0]
+    for key, row in bubble.items():  # each rank reports its own stages' peaks: merge them
+        row["peak_inflight"] = {s: n for r in per_rank for s, n in r[key]["peak_inflight"].items()}
     overhead = run_overhead(quick)
     summary = {f"bubble_{k}": f"{v['bubble']:.3f} (theory {v['theory']:.3f})" for k, v in bubble.items()}
     summary.update({f"overhead_ratio_{k}": round(v["ratio"], 3) for k, v in overhead.items()})
