@@ -110,7 +110,9 @@ def mpi_child() -> None:
     res["busbw"] = busbw_rank(cfg["sizes"], ["mpi"], cfg["reps"], cfg["quick"], mpi_raw=True)
     if dist.get_rank() == 0:
         print(json.dumps(res), flush=True)
-    tl.shutdown() if hasattr(tl, "shutdown") else None
+    from trainlib import runtime
+
+    runtime.shutdown()
 
 
 def memory(specs: dict[str, dict], steps: int, reps: int) -> dict[str, Any]:

@@ -8,8 +8,7 @@ trainlib and its peers trained the same model (a fast wrong answer is not a resu
 from __future__ import annotations
 
 import os
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -140,7 +139,6 @@ class Candidate:
     inner: nn.Module             # the wrapped nn.Module, for comparing final weights
     step: Callable[..., torch.Tensor]  # step(batch, probe=None): probe() runs between backward and the update
     close: Callable[[], None] = lambda: None
-    losses: list[float] = field(default_factory=list)
 
 
 def build_candidate(name: str, spec: dict[str, Any], w: Workload, tiny: bool = False) -> Candidate:
@@ -248,9 +246,3 @@ def pss_bytes() -> int:
     import psutil
 
     return int(psutil.Process().memory_full_info().pss)
-
-
-def timed(fn: Callable[[], Any]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
