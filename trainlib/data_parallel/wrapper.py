@@ -66,7 +66,7 @@ class DataParallel(nn.Module):
         if self.sync.reduces_in_backward:
             for b in self.buckets:
                 for i, p in enumerate(b.params):
-                    self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook(b)))
+                    self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook(b, i)))
         self.sync.bind(self.buckets, self.group)
         log.debug("DataParallel: %d buckets (%s MB), dp=%d", len(self.buckets),
                   [round(b.nbytes / 2**20, 2) for b in self.buckets], self.dp)
@@ -103,8 +103,15 @@ class DataParallel(nn.Module):
         self._finish_backward()
 
     # ---- backward ------------------------------------------------------------------------
-    def _make_hook(self, bucket: Bucket):
-        def hook(_param: torch.Tensor) -> None:
+    def _make_hook(self, bucket: Bucket, i: int):
+        def hook(param: torch.Tensor) -> None:
+            view = bucket.view(i)
+            if param.grad is not None and param.grad.data_ptr() != view.data_ptr():
+                # A fresh gradient (after zero_grad(set_to_none=True)): move it into the bucket now,
+                # so it is freed here instead of living until its whole bucket launches -- that
+                # keeps the peak at one gradient copy (plus the one in flight), not a bucket's worth.
+                view.copy_(param.grad)
+                param.grad = view
             if not self._require_sync:
                 return
             if not self._callback_queued:
