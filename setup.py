@@ -21,7 +21,7 @@ package_dir = {name: folder for folder, name in SUBTREES.items()}
 
 EXTRAS = {
     "mpi": ["mpi4py>=3.1", "mpich"],
-    "ps": ["pyzmq>=25"],
+    "ps": ["pyzmq>=25", "cryptography>=41"],
     "ray": ["ray[tune]>=2.9"],
     "deepspeed": ["deepspeed>=0.14"],
     "gpu": ["triton>=3.0", "nvidia-nccl-cu12"],
@@ -42,7 +42,7 @@ setup(
     package_dir=package_dir,
     package_data={"trainlib": ["data/*.txt"], "trainlib.kernels": ["csrc/*.cpp"]},
     # torch is not pinned here: install torch==2.13.0 (CPU) first, or the image's own torch (>= 2.5).
-    install_requires=["torch>=2.5", "tqdm>=4.60", "safetensors>=0.4", "pyzmq>=25", "numpy>=1.24", "ninja>=1.11",
+    install_requires=["torch>=2.5", "tqdm>=4.60", "safetensors>=0.4", "pyzmq>=25", "cryptography>=41", "numpy>=1.24", "ninja>=1.11",
                       "tomli>=2; python_version<'3.11'"],
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["trainlib=trainlib.cli:main"]},

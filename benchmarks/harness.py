@@ -64,7 +64,13 @@ def machine() -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="trainlib bench", description="Run a benchmark; results are ratios against "
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["table"]:
+        from .table import main as table_main
+
+        return table_main(argv[1:])
+    p = argparse.ArgumentParser(prog="trainlib bench", epilog="`trainlib bench table [--write]`: the latest "
+                                "results as a markdown table (benchmarks/README.md)", description="Run a benchmark; results are ratios against "
                                 "peers measured in the same run.")
     p.add_argument("name", choices=available(), help="which benchmark")
     p.add_argument("--quick", action="store_true", help="small sizes and few repetitions (CI)")
@@ -79,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     # a benchmark with its own options takes them as run(quick, argv=[...])
     result = mod.run(quick=args.quick, argv=extra) if takes_argv else mod.run(quick=args.quick)
     result_suffix = result.pop("result_suffix", "")  # e.g. "-model": do not overwrite the measured results
-    meta = {"benchmark": args.name, "command": "trainlib bench " + " ".join(argv or sys.argv[1:]),
+    meta = {"benchmark": args.name, "command": "trainlib bench " + " ".join(argv),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "quick": args.quick, "wall_s": round(time.time() - t0, 2), "machine": machine()}
     out = {"meta": meta, **result}

@@ -1,4 +1,4 @@
-"""Parameter-server pieces that need no sockets: wire format, fuzzed decoder, HMAC, sharding, server state."""
+"""Parameter-server pieces that need no sockets: wire format, fuzzed decoder, MAC, sharding, server state."""
 from __future__ import annotations
 
 import struct
@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from trainlib.sync.ps.protocol import (HEADER_FORMAT, HEADER_SIZE, MAC_SIZE, DType, Header, Message, Op,
-                                       ProtocolError, Signer, decode)
+                                       NONCE_SIZE, VERSION, ProtocolError, Signer, decode)
 from trainlib.sync.ps.sharding import KEY_BITS, plan_partitions, server_loads
 from trainlib.sync.ps.state import ServerState, wire_bytes
 
@@ -43,7 +43,7 @@ def test_round_trip_and_mac():
     ("nworkers", 0, "bad_worker"), ("nbytes", 1 << 40, "too_large"), ("nbytes", 12, "bad_length"),
 ])
 def test_every_header_field_is_checked(field, value, reason):
-    good = dict(magic=b"TLPS", version=1, op=int(Op.PUSH), dtype=int(DType.FLOAT32), flags=0, worker=1, nworkers=2,
+    good = dict(magic=b"TLPS", version=VERSION, op=int(Op.PUSH), dtype=int(DType.FLOAT32), flags=0, worker=1, nworkers=2,
                 key=0, arg=0, step=1, seq=1, session=1, nbytes=8)
     good[field] = value
     raw = struct.pack(HEADER_FORMAT, *good.values())
@@ -91,7 +91,7 @@ def test_fuzz_decoder_structured_headers(fields, payload, mac):
         assert e.reason.startswith("bad_") or e.reason == "too_large"
         return
     h = msg.header
-    assert (h.magic, h.version, h.flags) == (b"TLPS", 1, 0) and h.op in set(Op) and h.dtype in set(DType)
+    assert (h.magic, h.version, h.flags) == (b"TLPS", VERSION, 0) and h.op in set(Op) and h.dtype in set(DType)
     assert h.nbytes == len(payload) and len(mac) == MAC_SIZE and h.worker < h.nworkers
 
 
@@ -180,14 +180,18 @@ def test_parameter_server_arguments_are_checked():
     assert ParameterServer().reduces_in_backward is True
 
 
-def test_encode_many_matches_encode():
+def test_encode_many_signs_each_reply_under_its_own_key():
     signer = Signer(TOKEN)
     payload = torch.arange(8, dtype=torch.float32).numpy()
     headers = [Header(op=Op.SUM, worker=w, nworkers=3, seq=10 + w, nbytes=32, dtype=DType.FLOAT32) for w in range(3)]
     many = signer.encode_many(headers, payload)
     for h, frames in zip(headers, many):
-        assert frames[0] == h.pack() and frames[2] == signer.encode(h, payload)[2]
+        assert frames[0] == h.pack()
         assert signer.verify(decode(frames))
+    # Poly1305 keys are one-time: every message carries its own nonce, so no two share a key
+    assert len({bytes(frames[2][:NONCE_SIZE]) for frames in many}) == len(many)
+    # a tag is bound to its header: worker 1's mac on worker 0's header is refused
+    assert not signer.verify(decode([many[0][0], many[0][1], many[1][2]]))
 
 
 def test_reply_buffers_are_not_changed_by_later_updates():

@@ -7,7 +7,9 @@ Transports:
          mpiexec; MPI's shared-memory transport is far faster than gloo's TCP loopback on one node;
   shm    one node, CPU: the bucket buffers live in shared memory and ranks reduce each other's
          chunks in place (sync/shm.py); a background thread reduces buckets as backward fills them;
-  auto   mpi when started by mpiexec with CPU tensors and mpi4py importable, else torch.
+  auto   CPU tensors without compression: mpi when started by mpiexec (and mpi4py imports), else
+         shm when all ranks of the group share this node (same host and boot), else torch.
+         GPU tensors or compressed buckets: torch.
 """
 from __future__ import annotations
 
@@ -47,7 +49,7 @@ class AllReduce:
         transport = self.transport
         on_cpu = all(b.comm.device.type == "cpu" for b in buckets)
         if transport == "auto":
-            transport = "mpi" if on_cpu and _launched_by_mpi() and _mpi_importable() else "torch"
+            transport = self._auto_transport(on_cpu, group)
         if transport == "mpi":
             if not on_cpu:
                 raise ValueError("transport='mpi' needs CPU tensors; use transport='torch' (nccl) on GPU")
@@ -63,6 +65,18 @@ class AllReduce:
             self._bind_shm(buckets, group)
         self.resolved_transport = transport
         log.debug("AllReduce over %s, %d buckets", transport, len(buckets))
+
+    def _auto_transport(self, on_cpu: bool, group) -> str:
+        """mpi under mpiexec; shm when every rank of the group is on this node; else torch.
+
+        Both fast paths are CPU-only and sum full-precision buffers (compressed buckets go to torch)."""
+        if not on_cpu or self.comm_dtype is not None:
+            return "torch"
+        if _launched_by_mpi() and _mpi_importable():
+            return "mpi"
+        from .shm import usable_for
+
+        return "shm" if usable_for(group) else "torch"
 
     def _bind_shm(self, buckets, group) -> None:
         from ..runtime import _RUNTIME, DEFAULT_TIMEOUT_S

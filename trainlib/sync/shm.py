@@ -16,6 +16,7 @@ are unlinked as soon as every rank has mapped them, so a crash leaves nothing in
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import select
@@ -39,13 +40,42 @@ def _token(group) -> str:
     return f"trainlib-{int(t):x}"
 
 
+def _node_id() -> int:
+    """Same on every process of this machine (and boot), different across machines. Not hash():
+    str hashes are salted per process."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = ""
+    digest = hashlib.sha256(f"{socket.gethostname()}|{boot}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 62) - 1)
+
+
+def _gather_node_facts(group) -> list[tuple[int, bool]]:
+    """(node id, /dev/shm writable) of every rank in the group; one all_gather, so all ranks agree."""
+    mine = torch.tensor([_node_id(), int(os.access(SHM_ROOT, os.W_OK))], dtype=torch.int64)
+    everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    comm.all_gather(everyone, mine, group=group)
+    return [(int(t[0]), bool(t[1])) for t in everyone]
+
+
+def usable_for(group) -> bool:
+    """Whether transport='auto' may pick shm: >1 rank, all on this node, /dev/shm writable everywhere."""
+    if dist.get_world_size(group) < 2:
+        return False
+    facts = _gather_node_facts(group)
+    return len({node for node, _ in facts}) == 1 and all(ok for _, ok in facts)
+
+
 def check_one_node(group) -> None:
-    host = torch.tensor([hash(socket.gethostname()) & ((1 << 62) - 1)], dtype=torch.int64)
-    everyone = [torch.empty_like(host) for _ in range(dist.get_world_size(group))]
-    comm.all_gather(everyone, host, group=group)
-    if any(int(h) != int(host) for h in everyone):
+    facts = _gather_node_facts(group)
+    if len({node for node, _ in facts}) != 1:
         raise ValueError("transport='shm' needs every rank of the data-parallel group on one node; "
                          "use transport='torch' (or 'auto') for multi-node jobs")
+    if not all(ok for _, ok in facts):
+        raise ValueError(f"transport='shm' needs a writable {SHM_ROOT} on every rank; mount one (Kubernetes: an "
+                         "emptyDir with medium: Memory) or use transport='torch'")
 
 
 class ShmGroup:

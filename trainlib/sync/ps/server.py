@@ -4,8 +4,8 @@
     TRAINLIB_PS_TOKEN=... trainlib ps-server --bind 0.0.0.0:5555     # dedicated server pod
     trainlib ps-server --bind 127.0.0.1:0 --insecure                 # local experiments only
 
-Every message is decoded and checked (protocol.decode), authenticated (HMAC-SHA256 with the
-shared token), checked for its session id and for a sequence number above the sender's last one
+Every message is decoded and checked (protocol.decode), authenticated (Poly1305 with a one-time key
+from the shared token), checked for its session id and for a sequence number above the sender's last one
 (replay), and only then handed to the state. Anything that fails is dropped and counted under its
 reason, with no reply and no state change; the loop never dies on input. libzmq's own
 ZMQ_MAXMSGSIZE cuts off a peer that sends an oversized frame before Python ever sees it.
@@ -141,7 +141,7 @@ class ParameterServerProcess:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="trainlib ps-server", description="Run one parameter server (ZeroMQ, HMAC).")
+    p = argparse.ArgumentParser(prog="trainlib ps-server", description="Run one parameter server (ZeroMQ, authenticated).")
     p.add_argument("--bind", default="127.0.0.1:0", help="HOST:PORT to listen on (default 127.0.0.1:0 = a free port)")
     p.add_argument("--token-file", help="file holding the shared token (default: env TRAINLIB_PS_TOKEN, "
                                         "or the file named by TRAINLIB_PS_TOKEN_FILE)")
