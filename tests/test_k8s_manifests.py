@@ -1,6 +1,7 @@
 """Every manifest variant validates against the real CRD schemas and the operators' webhook rules.
 
-Schemas: ../shared/k8s-schemas/ relative to the repository root (upstream CRDs, see its README).
+Schemas: ../shared/k8s-schemas/ relative to the repository root (upstream CRDs, see its README), or
+$TRAINLIB_K8S_SCHEMAS.
 Each check is shown to be able to fail: a broken copy of a valid manifest must be rejected.
 """
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,8 @@ from trainlib.launchers import k8s  # noqa: E402
 from trainlib.launchers.k8s import build, main, parser, spec_from_args  # noqa: E402
 from trainlib.launchers.webhooks import check_all  # noqa: E402
 
-SCHEMAS = Path(__file__).resolve().parents[1].parent / "shared" / "k8s-schemas"
+SCHEMAS = Path(os.environ.get("TRAINLIB_K8S_SCHEMAS")
+               or Path(__file__).resolve().parents[1].parent / "shared" / "k8s-schemas")
 CRD_FILES = {("kubeflow.org", "PyTorchJob"): "kubeflow.org_pytorchjobs.yaml",
              ("kubeflow.org", "MPIJob"): "kubeflow.org_mpijobs.yaml",
              ("scheduling.volcano.sh", "PodGroup"): "scheduling.volcano.sh_podgroups.yaml",
@@ -28,7 +31,8 @@ CRD_FILES = {("kubeflow.org", "PyTorchJob"): "kubeflow.org_pytorchjobs.yaml",
 NO_CRD_KINDS = {"Secret", "Service", "StatefulSet"}  # core objects; checked by webhooks.check_all
 
 needs_schemas = pytest.mark.skipif(not SCHEMAS.is_dir(), reason=f"CRD schemas not found at {SCHEMAS} "
-                                   "(the shared k8s-schemas folder sits next to the repository)")
+                                   "(the shared k8s-schemas folder sits next to the repository; "
+                                   "or point TRAINLIB_K8S_SCHEMAS at a copy)")
 
 
 @functools.lru_cache(maxsize=None)

@@ -16,6 +16,7 @@ notice a dead peer in a training job that checkpoints every few minutes.
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import logging
 import os
@@ -223,6 +224,9 @@ def init(backend: str | None = None, device: str | None = None, timeout_s: float
                                     world_size=info.world_size, timeout=timeout)
     _RUNTIME = Runtime(info.rank, info.world_size, info.local_rank, dev, backend, info.local_world_size,
                        info.source, timeout_s)
+    # A script that never calls shutdown() would exit with gloo's threads still joinable, and the C++
+    # runtime aborts ("terminate called without an active exception", SIGABRT) in some of those exits.
+    atexit.register(_shutdown_at_exit)
     log.debug("rank %d/%d: %s launch, %s on %s", info.rank, info.world_size, info.source, backend, dev)
     return _RUNTIME
 
@@ -244,6 +248,13 @@ def get_runtime() -> Runtime:
     if _RUNTIME is None:
         raise RuntimeError("trainlib is not initialised; call tl.init() first")
     return _RUNTIME
+
+
+def _shutdown_at_exit() -> None:
+    try:
+        shutdown()
+    except Exception as e:  # exiting anyway; say why the group could not be torn down
+        log.debug("shutdown at exit failed: %s", e)
 
 
 def shutdown() -> None:
