@@ -192,7 +192,7 @@ class Signer:
         block = Cipher(ChaCha20(self._key, b"\0\0\0\0" + nonce), mode=None).encryptor().update(bytes(32))
         mac = Poly1305(block)
         if len(payload):
-            mac.update(payload)
+            mac.update(_buf(payload))  # numpy arrays, zmq frames: any flat buffer, never copied
         mac.update(header)
         return mac.finalize()
 
