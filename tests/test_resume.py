@@ -80,6 +80,25 @@ def test_killed_worker_resumes_bit_identically(tmp_path):
     assert summary["resumed_from"] == 2 * EVERY and summary["weights_sha256"] == ref["weights_sha256"]
 
 
+
+@pytest.mark.parametrize("layout", [["--mesh.pp", "2"], ["--mesh.tp", "2"], ["--sync.kind", "ps"]],
+                         ids=["pp2", "tp2", "ps_sync"])
+def test_killed_shard_resumes_bit_identically(tmp_path, layout):
+    # pipeline stages and tensor-parallel slices are per-rank shards of the checkpoint; with the
+    # parameter server, torchrun's restart also restarts the colocated server (sync mode keeps no
+    # state across steps). Each killed run must still end on the uninterrupted run's weights.
+    rank, step = random.Random(len(" ".join(layout))).randrange(2), EVERY + 1 + EVERY // 2
+    procs = {"ref": _start(tmp_path, "ref", 0, layout),
+             "killed": _start(tmp_path, "killed", 0, [*layout, *_ck(tmp_path, "killed")], f"{rank}:{step}")}
+    done = {name: _finish(tmp_path, name, p) for name, p in procs.items()}
+    assert done["ref"][0] == 0, done["ref"][2][-3000:]
+    rc, summary, err = done["killed"]
+    assert rc == 0, err[-3000:]
+    assert f"fault injection: rank {rank} kills itself" in err
+    assert summary["resumed_from"] == EVERY
+    assert summary["weights_sha256"] == done["ref"][1]["weights_sha256"]
+    assert summary["loss_last"] == done["ref"][1]["loss_last"]
+
 def _train_rank(argv: list[str], main: bool):
     from trainlib import trainer
     from trainlib.config import load_config

@@ -97,9 +97,6 @@ def wrap_parallel(model: GPT, cfg: Config, mesh: Mesh) -> ParallelModel:
     if s.kind == "ddp":
         raise ConfigError(f"sync.kind=ddp (torch DDP) cannot wrap pipeline or tensor-parallel stages ({mesh}); "
                           "use --sync.kind allreduce")
-    if cfg.checkpoint.dir:
-        raise ConfigError(f"checkpoints of pipeline/tensor-parallel shards are not supported yet ({mesh}); "
-                          "drop --checkpoint.dir or use --mesh.pp 1 --mesh.tp 1")
     from .pipeline import SCHEDULES
 
     if m.schedule not in SCHEDULES:
