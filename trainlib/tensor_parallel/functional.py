@@ -36,75 +36,58 @@ def _all_reduce(t: torch.Tensor, group) -> torch.Tensor:
     return out
 
 
-def _split_last(t: torch.Tensor, group) -> torch.Tensor:
+def _split(t: torch.Tensor, group, dim: int, what: str = "") -> torch.Tensor:
+    """This rank's chunk of `dim` (a copy: the caller may free `t`)."""
     n = tp_size(group)
     if n == 1:
         return t
-    if t.shape[-1] % n:
-        raise ValueError(f"cannot split last dim {t.shape[-1]} of shape {list(t.shape)} over tp={n}; "
-                         f"make it divisible by {n}")
-    return t.chunk(n, dim=-1)[tp_rank(group)].contiguous()
+    if t.shape[dim] % n:
+        raise ValueError(f"{what}cannot split dim {dim} of shape {list(t.shape)} over tp={n}; make it divisible by {n}")
+    return t.chunk(n, dim=dim)[tp_rank(group)].contiguous()
 
 
-def _gather_last(t: torch.Tensor, group) -> torch.Tensor:
+def _gather(t: torch.Tensor, group, dim: int) -> torch.Tensor:
     n = tp_size(group)
     if n == 1:
         return t
     t = t.contiguous()
     parts = [torch.empty_like(t) for _ in range(n)]
     comm.all_gather(parts, t, group=group)
-    return torch.cat(parts, dim=-1)
+    return torch.cat(parts, dim=dim)
 
 
-class _CopyToTP(torch.autograd.Function):
-    """f: identity forward, all-reduce backward."""
-
-    @staticmethod
-    def forward(ctx, x, group):
+def _conjugate(name: str, forward, backward, doc: str) -> type[torch.autograd.Function]:
+    """An autograd Function whose forward is forward(x, group) and backward is backward(grad, group):
+    every operator here is such a pair of communication patterns."""
+    def fwd(ctx, x, group):
         ctx.group = group
-        return x
+        return forward(x, group)
 
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_reduce(grad, ctx.group), None
+    def bwd(ctx, grad):
+        return backward(grad, ctx.group), None
 
-
-class _ReduceFromTP(torch.autograd.Function):
-    """g: all-reduce forward, identity backward."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        return _all_reduce(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
+    return type(name, (torch.autograd.Function,), {"__doc__": doc, "forward": staticmethod(fwd),
+                                                   "backward": staticmethod(bwd)})
 
 
-class _GatherFromTP(torch.autograd.Function):
-    """Forward: all-gather along the last dim. Backward: keep this rank's slice of the gradient."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _gather_last(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _split_last(grad, ctx.group), None
+def _identity(t: torch.Tensor, group) -> torch.Tensor:
+    return t
 
 
-class _ScatterToTP(torch.autograd.Function):
-    """Forward: keep this rank's slice of the last dim. Backward: all-gather the gradient."""
+def _split_last(t: torch.Tensor, group) -> torch.Tensor:
+    return _split(t, group, -1)
 
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _split_last(x, group)
 
-    @staticmethod
-    def backward(ctx, grad):
-        return _gather_last(grad, ctx.group), None
+def _gather_last(t: torch.Tensor, group) -> torch.Tensor:
+    return _gather(t, group, -1)
+
+
+_CopyToTP = _conjugate("_CopyToTP", _identity, _all_reduce, "f: identity forward, all-reduce backward.")
+_ReduceFromTP = _conjugate("_ReduceFromTP", _all_reduce, _identity, "g: all-reduce forward, identity backward.")
+_GatherFromTP = _conjugate("_GatherFromTP", _gather_last, _split_last,
+                           "Forward: all-gather along the last dim. Backward: keep this rank's slice of the gradient.")
+_ScatterToTP = _conjugate("_ScatterToTP", _split_last, _gather_last,
+                          "Forward: keep this rank's slice of the last dim. Backward: all-gather the gradient.")
 
 
 def copy_to_tp(x: torch.Tensor, group) -> torch.Tensor:
@@ -130,26 +113,15 @@ def scatter_to_tp(x: torch.Tensor, group) -> torch.Tensor:
 # in backward. Same bytes as the all-reduce they replace, 1/tp of the activation memory.
 
 SEQ_DIM = 1  # (B, T, ...) activations
+_SEQ_HINT = "sequence parallelism: "  # errors say which feature split the tensor; the fix is a divisible seq_len
 
 
 def _gather_seq(t: torch.Tensor, group) -> torch.Tensor:
-    n = tp_size(group)
-    if n == 1:
-        return t
-    t = t.contiguous()
-    parts = [torch.empty_like(t) for _ in range(n)]
-    comm.all_gather(parts, t, group=group)
-    return torch.cat(parts, dim=SEQ_DIM)
+    return _gather(t, group, SEQ_DIM)
 
 
 def _split_seq(t: torch.Tensor, group) -> torch.Tensor:
-    n = tp_size(group)
-    if n == 1:
-        return t
-    if t.shape[SEQ_DIM] % n:
-        raise ValueError(f"sequence parallelism splits dim {SEQ_DIM} of shape {list(t.shape)} over tp={n}; "
-                         f"use a sequence length divisible by {n}")
-    return t.chunk(n, dim=SEQ_DIM)[tp_rank(group)].contiguous()
+    return _split(t, group, SEQ_DIM, _SEQ_HINT)
 
 
 def _reduce_scatter_seq(t: torch.Tensor, group) -> torch.Tensor:
@@ -157,51 +129,19 @@ def _reduce_scatter_seq(t: torch.Tensor, group) -> torch.Tensor:
     if n == 1:
         return t
     if t.shape[SEQ_DIM] % n:
-        raise ValueError(f"sequence parallelism splits dim {SEQ_DIM} of shape {list(t.shape)} over tp={n}; "
-                         f"use a sequence length divisible by {n}")
+        _split(t, group, SEQ_DIM, _SEQ_HINT)  # raises the same error as the split
     parts = [p.contiguous() for p in t.chunk(n, dim=SEQ_DIM)]
     out = torch.empty_like(parts[0])
     comm.reduce_scatter(out, parts, group=group)
     return out
 
 
-class _GatherSeq(torch.autograd.Function):
-    """SP's f: all-gather the sequence forward, reduce-scatter the gradient backward."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _gather_seq(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _reduce_scatter_seq(grad, ctx.group), None
-
-
-class _ReduceScatterSeq(torch.autograd.Function):
-    """SP's g: reduce-scatter the partial sums forward, all-gather the gradient backward."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _reduce_scatter_seq(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _gather_seq(grad, ctx.group), None
-
-
-class _ScatterSeq(torch.autograd.Function):
-    """Enter the sequence-parallel region: keep this rank's tokens; backward all-gathers."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _split_seq(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _gather_seq(grad, ctx.group), None
+_GatherSeq = _conjugate("_GatherSeq", _gather_seq, _reduce_scatter_seq,
+                        "SP's f: all-gather the sequence forward, reduce-scatter the gradient backward.")
+_ReduceScatterSeq = _conjugate("_ReduceScatterSeq", _reduce_scatter_seq, _gather_seq,
+                               "SP's g: reduce-scatter the partial sums forward, all-gather the gradient backward.")
+_ScatterSeq = _conjugate("_ScatterSeq", _split_seq, _gather_seq,
+                         "Enter the sequence-parallel region: keep this rank's tokens; backward all-gathers.")
 
 
 def gather_sequence(x: torch.Tensor, group) -> torch.Tensor:
