@@ -62,3 +62,16 @@ def test_shm_transport_equals_ddp(world):
     for r in run_ranks(dp_models.shm_versus_ddp, world):
         assert r["grad_diff"] <= 1e-6, r
         assert r["buckets"] > 3 and r["leftovers"] == [], r
+
+
+def test_shm_refuses_what_does_not_fit_in_dev_shm():
+    # (node, writable, free bytes, this rank's bytes): a write past a full tmpfs is SIGBUS, so the
+    # decision is made up front from all ranks' needs against the smallest free space reported
+    from trainlib.sync.shm import why_not
+
+    mib = 1 << 20
+    assert why_not([(7, True, 1024 * mib, 100 * mib)] * 2) is None
+    reason = why_not([(7, True, 64 * mib, 48 * mib)] * 2)  # Docker's default 64 MB /dev/shm, 2 x 48 MiB of buckets
+    assert "needs 96 MiB" in reason and "64 MiB are free" in reason and "--shm-size" in reason
+    assert "one node" in why_not([(7, True, 1024 * mib, mib), (8, True, 1024 * mib, mib)])
+    assert "writable" in why_not([(7, True, 1024 * mib, mib), (7, False, 1024 * mib, mib)])

@@ -49,7 +49,7 @@ class AllReduce:
         transport = self.transport
         on_cpu = all(b.comm.device.type == "cpu" for b in buckets)
         if transport == "auto":
-            transport = self._auto_transport(on_cpu, group)
+            transport = self._auto_transport(on_cpu, group, buckets)
         if transport == "mpi":
             if not on_cpu:
                 raise ValueError("transport='mpi' needs CPU tensors; use transport='torch' (nccl) on GPU")
@@ -66,7 +66,7 @@ class AllReduce:
         self.resolved_transport = transport
         log.debug("AllReduce over %s, %d buckets", transport, len(buckets))
 
-    def _auto_transport(self, on_cpu: bool, group) -> str:
+    def _auto_transport(self, on_cpu: bool, group, buckets) -> str:
         """mpi under mpiexec; shm when every rank of the group is on this node; else torch.
 
         Both fast paths are CPU-only and sum full-precision buffers (compressed buckets go to torch)."""
@@ -76,13 +76,13 @@ class AllReduce:
             return "mpi"
         from .shm import usable_for
 
-        return "shm" if usable_for(group) else "torch"
+        return "shm" if usable_for(group, _shm_bytes(buckets)) else "torch"
 
     def _bind_shm(self, buckets, group) -> None:
         from ..runtime import _RUNTIME, DEFAULT_TIMEOUT_S
         from .shm import ShmGroup, ShmWorker
 
-        self._shm = ShmGroup(group, _RUNTIME.timeout_s if _RUNTIME else DEFAULT_TIMEOUT_S)
+        self._shm = ShmGroup(group, _RUNTIME.timeout_s if _RUNTIME else DEFAULT_TIMEOUT_S, _shm_bytes(buckets))
         for b in buckets:  # move each bucket's wire buffer into shared memory
             new = self._shm.alloc(b.index, b.numel, b.comm.dtype)
             if b.comm is b.grads:
@@ -130,3 +130,8 @@ def _mpi_importable() -> bool:
     except ImportError:
         return False
     return True
+
+
+def _shm_bytes(buckets) -> int:
+    """What this rank's buckets would occupy in /dev/shm (their wire buffers)."""
+    return sum(b.numel * b.comm.element_size() for b in buckets)

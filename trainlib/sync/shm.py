@@ -17,6 +17,7 @@ are unlinked as soon as every rank has mapped them, so a crash leaves nothing in
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import secrets
 import select
@@ -31,6 +32,8 @@ from ..comm import CollectiveTimeout
 
 SHM_ROOT = "/dev/shm"
 ALIGN = 16  # elements: chunk boundaries on cache-line multiples
+
+log = logging.getLogger("trainlib")
 
 
 def _token(group) -> str:
@@ -52,37 +55,62 @@ def _node_id() -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 62) - 1)
 
 
-def _gather_node_facts(group) -> list[tuple[int, bool]]:
-    """(node id, /dev/shm writable) of every rank in the group; one all_gather, so all ranks agree."""
-    mine = torch.tensor([_node_id(), int(os.access(SHM_ROOT, os.W_OK))], dtype=torch.int64)
+def _free_bytes() -> int:
+    try:
+        st = os.statvfs(SHM_ROOT)
+    except OSError:
+        return 0
+    return st.f_bavail * st.f_frsize
+
+
+def _gather_node_facts(group, need_bytes: int) -> list[tuple[int, bool, int, int]]:
+    """(node id, /dev/shm writable, its free bytes, bytes this rank will put there) of every rank in
+    the group; one all_gather, so all ranks reach the same decision."""
+    mine = torch.tensor([_node_id(), int(os.access(SHM_ROOT, os.W_OK)), _free_bytes(), need_bytes], dtype=torch.int64)
     everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     comm.all_gather(everyone, mine, group=group)
-    return [(int(t[0]), bool(t[1])) for t in everyone]
+    return [(int(t[0]), bool(t[1]), int(t[2]), int(t[3])) for t in everyone]
 
 
-def usable_for(group) -> bool:
-    """Whether transport='auto' may pick shm: >1 rank, all on this node, /dev/shm writable everywhere."""
+def why_not(facts: list[tuple[int, bool, int, int]]) -> str | None:
+    """Why the shm transport cannot serve a group with these node facts (None: it can).
+
+    The buffers of every rank live in one tmpfs, so their sum must fit in its free space: a write
+    to a tmpfs page beyond its size is SIGBUS, not an error (Docker's and Kubernetes' default
+    /dev/shm is 64 MB)."""
+    if len({node for node, *_ in facts}) != 1:
+        return "needs every rank of the data-parallel group on one node"
+    if not all(ok for _, ok, _, _ in facts):
+        return f"needs a writable {SHM_ROOT} on every rank"
+    need, free = sum(n for *_, n in facts), min(f for _, _, f, _ in facts)
+    if need * 1.05 + (16 << 20) > free:  # headroom for other users of /dev/shm (NCCL, dataloaders)
+        return (f"needs {need / 2**20:.0f} MiB of {SHM_ROOT} for the gradient buckets of {len(facts)} ranks but "
+                f"{free / 2**20:.0f} MiB are free; enlarge it (Kubernetes: an emptyDir with medium: Memory and a "
+                "sizeLimit; docker run --shm-size)")
+    return None
+
+
+def usable_for(group, need_bytes: int) -> bool:
+    """Whether transport='auto' may pick shm: >1 rank, all on this node, room in a writable /dev/shm."""
     if dist.get_world_size(group) < 2:
         return False
-    facts = _gather_node_facts(group)
-    return len({node for node, _ in facts}) == 1 and all(ok for _, ok in facts)
+    reason = why_not(_gather_node_facts(group, need_bytes))
+    if reason is not None:
+        log.info("AllReduce(transport='auto'): not using shared memory: it %s", reason)
+    return reason is None
 
 
-def check_one_node(group) -> None:
-    facts = _gather_node_facts(group)
-    if len({node for node, _ in facts}) != 1:
-        raise ValueError("transport='shm' needs every rank of the data-parallel group on one node; "
-                         "use transport='torch' (or 'auto') for multi-node jobs")
-    if not all(ok for _, ok in facts):
-        raise ValueError(f"transport='shm' needs a writable {SHM_ROOT} on every rank; mount one (Kubernetes: an "
-                         "emptyDir with medium: Memory) or use transport='torch'")
+def check_usable(group, need_bytes: int) -> None:
+    reason = why_not(_gather_node_facts(group, need_bytes))
+    if reason is not None:
+        raise ValueError(f"transport='shm' {reason}; or use transport='torch' (or 'auto', which falls back to it)")
 
 
 class ShmGroup:
     """Buffers in /dev/shm mapped by every rank of `group`, and FIFO barriers between them."""
 
-    def __init__(self, group, timeout_s: float):
-        check_one_node(group)
+    def __init__(self, group, timeout_s: float, need_bytes: int):
+        check_usable(group, need_bytes)
         self.group, self.timeout_s = group, timeout_s
         self.ranks = dist.get_process_group_ranks(group)
         self.n, self.me = len(self.ranks), self.ranks.index(dist.get_rank())
