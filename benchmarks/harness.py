@@ -69,9 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         from .table import main as table_main
 
         return table_main(argv[1:])
-    p = argparse.ArgumentParser(prog="trainlib bench", epilog="`trainlib bench table [--write]`: the latest "
-                                "results as a markdown table (benchmarks/README.md)", description="Run a benchmark; results are ratios against "
-                                "peers measured in the same run.")
+    p = argparse.ArgumentParser(prog="trainlib bench",
+                                description="Run a benchmark; results are ratios against peers measured in the same run.",
+                                epilog="`trainlib bench table [--write]`: the latest results as a markdown table "
+                                       "(benchmarks/README.md)")
     p.add_argument("name", choices=available(), help="which benchmark")
     p.add_argument("--quick", action="store_true", help="small sizes and few repetitions (CI)")
     p.add_argument("--json", help="where to write the JSON result (default benchmarks/results/NAME.json)")

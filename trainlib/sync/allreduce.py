@@ -62,6 +62,10 @@ class AllReduce:
         if transport == "shm":
             if not on_cpu:
                 raise ValueError("transport='shm' needs CPU tensors; use transport='torch' (nccl) on GPU")
+            if self.transport == "shm":  # auto reached shm through usable_for(), which checked the same facts
+                from .shm import check_usable
+
+                check_usable(group, _shm_bytes(buckets))
             self._bind_shm(buckets, group)
         self.resolved_transport = transport
         log.debug("AllReduce over %s, %d buckets", transport, len(buckets))
@@ -82,7 +86,7 @@ class AllReduce:
         from ..runtime import _RUNTIME, DEFAULT_TIMEOUT_S
         from .shm import ShmGroup, ShmWorker
 
-        self._shm = ShmGroup(group, _RUNTIME.timeout_s if _RUNTIME else DEFAULT_TIMEOUT_S, _shm_bytes(buckets))
+        self._shm = ShmGroup(group, _RUNTIME.timeout_s if _RUNTIME else DEFAULT_TIMEOUT_S)
         for b in buckets:  # move each bucket's wire buffer into shared memory
             new = self._shm.alloc(b.index, b.numel, b.comm.dtype)
             if b.comm is b.grads:

@@ -101,6 +101,7 @@ def usable_for(group, need_bytes: int) -> bool:
 
 
 def check_usable(group, need_bytes: int) -> None:
+    """For an explicit transport='shm' (auto asks usable_for instead): raise naming what is missing."""
     reason = why_not(_gather_node_facts(group, need_bytes))
     if reason is not None:
         raise ValueError(f"transport='shm' {reason}; or use transport='torch' (or 'auto', which falls back to it)")
@@ -109,8 +110,7 @@ def check_usable(group, need_bytes: int) -> None:
 class ShmGroup:
     """Buffers in /dev/shm mapped by every rank of `group`, and FIFO barriers between them."""
 
-    def __init__(self, group, timeout_s: float, need_bytes: int):
-        check_usable(group, need_bytes)
+    def __init__(self, group, timeout_s: float):
         self.group, self.timeout_s = group, timeout_s
         self.ranks = dist.get_process_group_ranks(group)
         self.n, self.me = len(self.ranks), self.ranks.index(dist.get_rank())

@@ -36,13 +36,17 @@ def _all_reduce(t: torch.Tensor, group) -> torch.Tensor:
     return out
 
 
+def _check_divisible(t: torch.Tensor, n: int, dim: int, what: str) -> None:
+    if t.shape[dim] % n:
+        raise ValueError(f"{what}cannot split dim {dim} of shape {list(t.shape)} over tp={n}; make it divisible by {n}")
+
+
 def _split(t: torch.Tensor, group, dim: int, what: str = "") -> torch.Tensor:
     """This rank's chunk of `dim` (a copy: the caller may free `t`)."""
     n = tp_size(group)
     if n == 1:
         return t
-    if t.shape[dim] % n:
-        raise ValueError(f"{what}cannot split dim {dim} of shape {list(t.shape)} over tp={n}; make it divisible by {n}")
+    _check_divisible(t, n, dim, what)
     return t.chunk(n, dim=dim)[tp_rank(group)].contiguous()
 
 
@@ -128,8 +132,7 @@ def _reduce_scatter_seq(t: torch.Tensor, group) -> torch.Tensor:
     n = tp_size(group)
     if n == 1:
         return t
-    if t.shape[SEQ_DIM] % n:
-        _split(t, group, SEQ_DIM, _SEQ_HINT)  # raises the same error as the split
+    _check_divisible(t, n, SEQ_DIM, _SEQ_HINT)
     parts = [p.contiguous() for p in t.chunk(n, dim=SEQ_DIM)]
     out = torch.empty_like(parts[0])
     comm.reduce_scatter(out, parts, group=group)
