@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 
 import numpy as np
 import pytest
@@ -114,6 +115,37 @@ def test_damaged_checkpoint_falls_back_with_warning(tmp_path, caplog, damage):
     assert "step_00000003" in text and "damaged" in text and "step_00000002" in text
     if name != "MANIFEST.json":
         assert name in text
+
+
+def _edit_value(path, old: bytes, new: bytes) -> None:
+    """Replace one JSON value by another of the same length: the file stays valid JSON, same size."""
+    data = path.read_bytes()
+    assert len(old) == len(new) and data.count(old) == 1, (path.name, old)
+    edited = data.replace(old, new)
+    json.loads(edited)  # still parses: only the checksum can tell
+    path.write_bytes(edited)
+
+
+def _saved_unix(path) -> bytes:
+    return repr(json.loads(path.read_bytes())["body"]["saved_unix"]).encode()
+
+
+# Each edit keeps the JSON valid and the size unchanged, so neither parsing nor the size check can
+# notice it: the warning must be the checksum's, and the value must never be loaded.
+@pytest.mark.parametrize("name,edit,reason", [
+    ("rank0.json", lambda p: _edit_value(p, b'"s": 3', b'"s": 7'), r"rank0\.json sha256 \w+\.\.\. != manifest .*corrupted"),
+    # the time stamp is the one value only the manifest's own sha256 covers
+    ("MANIFEST.json", lambda p: _edit_value(p, _saved_unix(p), b"2" + _saved_unix(p)[1:]), "fails its own sha256"),
+])
+def test_same_length_json_edit_is_caught_by_its_checksum(tmp_path, caplog, name, edit, reason):
+    for s in (1, 2, 3):
+        tl.checkpoint.save(tmp_path, s, {"w": torch.full((10,), float(s)), "s": s}, keep=3)
+    edit(step_dir(tmp_path, 3) / name)
+    with caplog.at_level(logging.WARNING, logger="trainlib"):
+        ck = tl.checkpoint.load(tmp_path)
+    assert ck.step == 2 and ck.state["s"] == 2 and torch.equal(ck.state["w"], torch.full((10,), 2.0))
+    damaged = [r.getMessage() for r in caplog.records if "step_00000003 is damaged: " in r.getMessage()]
+    assert len(damaged) == 1 and re.search(reason, damaged[0]), caplog.text
 
 
 def test_all_damaged_raises_and_empty_returns_none(tmp_path):

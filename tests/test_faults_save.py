@@ -65,8 +65,10 @@ def test_kill_at_each_phase_of_a_save(tmp_path, phase):
 
 
 def test_sigkill_at_random_moments(tmp_path):
+    # the saver does nothing but save 2 MiB checkpoints, so most kills land inside one; a save that
+    # was cut leaves its .tmp-step_N directory behind, and then step N - 1 must be what loads
     rng = random.Random(7)
-    loaded, mid_save = [], 0
+    loaded, cut = [], []
     for trial in range(5):
         root = str(tmp_path / f"t{trial}")
         p = _context().Process(target=_saver, args=(root, 10_000, {}))
@@ -75,7 +77,15 @@ def test_sigkill_at_random_moments(tmp_path):
         os.kill(p.pid, signal.SIGKILL)
         p.join(10)
         assert p.exitcode == -signal.SIGKILL
-        mid_save += any(n.startswith(".tmp-") for n in os.listdir(root)) if os.path.isdir(root) else 0
-        loaded.append(_assert_loads_whole(root))
+        tmp = [n for n in os.listdir(root) if n.startswith(".tmp-step_")] if os.path.isdir(root) else []
+        s = _assert_loads_whole(root)
+        loaded.append(s)
+        if tmp:
+            assert len(tmp) == 1, tmp
+            n = int(tmp[0][len(".tmp-step_"):])
+            cut.append(n)
+            assert s == (n - 1 if n > 1 else None), (tmp, s)  # the interrupted step never loads
     assert any(s is not None for s in loaded), f"no trial got as far as a checkpoint: {loaded}"
-    print(f"steps loaded after kill: {loaded}; killed inside a save: {mid_save}/5")
+    # without a kill inside a save this test would prove nothing about atomicity
+    assert cut, f"no kill landed inside a save (loaded {loaded}); lengthen the payload or the sleeps"
+    print(f"steps loaded after kill: {loaded}; saves cut: {cut}")

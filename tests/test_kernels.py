@@ -187,13 +187,23 @@ def test_epilogue_flags_nonfinite_anywhere(backend, dtype):
             assert not torch.isfinite(sq)
 
 
-def test_epilogue_huge_finite_values_are_not_nonfinite(backend):
-    # squares overflow fp32 but no element is inf/nan: the flag must still say "finite"
-    x = torch.full((5000,), 3e30)
-    bad, sq = K.epilogue(x)
-    ref_bad, ref_sq = R.epilogue(x)
-    assert bool(bad) == bool(ref_bad) is False
-    assert torch.isinf(sq) and torch.isinf(ref_sq)
+@pytest.mark.parametrize("dtype", [F32, BF16, F16, torch.float64])
+def test_epilogue_huge_finite_values_are_not_nonfinite(backend, dtype):
+    # every dtype the kernels take (float64 through the reference), at its largest finite values:
+    # squares overflow the fp32 sum for fp32/bf16 (not for fp16), yet no element is inf/nan, so the
+    # flag must say "finite" -- an overflowed sum must not stand in for the per-element scan
+    big = torch.finfo(dtype).max
+    x = torch.tensor([big, -big, min(3e30, big)], dtype=torch.float64).repeat(1667).to(dtype)  # 5001 elements
+    assert torch.isfinite(x).all()
+    # the norm's definition: sum(float32(x)^2), an fp32 result (inf once it exceeds fp32's range)
+    want = (x.float().double() ** 2).sum().item()
+    for impl in (K, R):
+        bad, sq = impl.epilogue(x)
+        assert not bool(bad), (impl.__name__, dtype)
+        if want > torch.finfo(F32).max:
+            assert torch.isinf(sq), (impl.__name__, dtype, sq)
+        else:
+            torch.testing.assert_close(sq, torch.tensor(want, dtype=F32), rtol=2e-5, atol=0)
 
 
 def test_epilogue_of_a_2d_and_a_noncontiguous_tensor(backend):

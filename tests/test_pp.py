@@ -1,7 +1,8 @@
 """Pipeline schedules against a single-process full-batch run of the same layers (same seed).
 
 p in {2, 4} x m in {p, 2p} x {gpipe, 1f1b, interleaved, zb-h1}: the loss and every gradient
-within 1e-5. Failure cases (shape/dtype change between microbatches, a killed stage) must raise
+within 1e-5, and the most activations each rank held at once equals the peak that the schedule's
+definition gives (`expected_peak`). Failure cases (shape/dtype change between microbatches, a killed stage) must raise
 the pipeline's timeout error naming stage, microbatch and action, not hang.
 """
 from __future__ import annotations
@@ -34,6 +35,43 @@ def loss_fn(y, t):
     return F.mse_loss(y, t)
 
 
+def expected_peak(name: str, p: int, m: int, v: int, rank: int) -> int:
+    """Most (stage, microbatch) activations `rank` holds at once, from each schedule's definition.
+
+    An activation is held from its F until its B (or, split, its W)."""
+    if name == "gpipe":  # every forward before any backward
+        return m
+    if name == "1f1b":  # p - rank - 1 warm-up forwards, then the F of the first F/B pair
+        return min(p - rank, m)
+    if name == "zb-h1":  # 1F1B's p - rank, plus the `rank` W's it keeps pending (Qi et al. 2023, ZB-H1)
+        return min(p, m)
+    if name == "interleaved":  # Megatron: 2 (p - rank - 1) + (v - 1) p warm-up forwards, then F/B pairs
+        return min(2 * (p - rank - 1) + (v - 1) * p + 1, v * m)
+    raise KeyError(name)
+
+
+def replay_peak(schedule, rank: int) -> tuple[int, dict[int, int]]:
+    """(peak per rank, peak per stage) of activations held when `rank` runs its actions in order."""
+    held, per_stage, peak, peak_stage = 0, {}, 0, {}
+    for a in schedule.actions[rank]:
+        step = {"F": 1, "B": -1, "W": -1, "I": 0}[a.kind]  # I keeps the activation for W
+        held += step
+        per_stage[a.stage] = per_stage.get(a.stage, 0) + step
+        peak = max(peak, held)
+        peak_stage[a.stage] = max(peak_stage.get(a.stage, 0), per_stage[a.stage])
+    return peak, peak_stage
+
+
+class _Watched(Pipeline):
+    """A Pipeline that records the most activations it really held at once (its saved (x, y) pairs)."""
+
+    held_peak = 0
+
+    def _run_F(self, *args) -> None:
+        super()._run_F(*args)
+        self.held_peak = max(self.held_peak, len(self._st.saved))  # only a forward adds one
+
+
 def _schedules_worker(p: int) -> dict:
     mesh = tl.Mesh(pp=p, dp=1, tp=1)
     g = torch.Generator().manual_seed(1)
@@ -46,7 +84,7 @@ def _schedules_worker(p: int) -> dict:
     for name in SCHEDULES:
         for m in (p, 2 * p):
             layers = make_layers()
-            pipe = Pipeline(layers, mesh, schedule=name, microbatches=m, loss_fn=loss_fn)
+            pipe = _Watched(layers, mesh, schedule=name, microbatches=m, loss_fn=loss_fn)
             errs = []
             for step in range(2):  # the second step checks that per-step state resets
                 for q in pipe.parameters():
@@ -59,7 +97,8 @@ def _schedules_worker(p: int) -> dict:
                         errs.append((q.grad - g.grad).abs().max().item())
                     elif any(pipe.holds_stage(s) and mine in list(pipe.stages[s]) for s in pipe.stages):
                         errs.append(float("inf"))  # a layer of mine without a gradient
-            out[(name, m)] = {"err": max(errs), "peak": pipe.stats()["peak_inflight"]}
+            out[(name, m)] = {"err": max(errs), "peak": pipe.stats()["peak_inflight"], "held": pipe.held_peak,
+                              "v": pipe.v}
     return out
 
 
@@ -81,11 +120,29 @@ def test_every_schedule_matches_single_process(p, p2, p4):
             assert r["err"] < TOL, (p, rank, name, m, r)
 
 
-def test_peak_inflight_activations(p4):
-    for rank, res in enumerate(p4):
-        assert res[("1f1b", 8)]["peak"] == {rank: 4 - rank}          # 1F1B: p - stage
-        assert res[("gpipe", 8)]["peak"] == {rank: 8}                 # GPipe: m
-        assert res[("zb-h1", 8)]["peak"] == {rank: 4}                 # ZB-H1: p on every stage
+@pytest.mark.parametrize("p", [2, 4])
+def test_peak_inflight_activations(p, p2, p4):
+    # what each rank really held (runtime) against the schedule's definition, every schedule and m
+    results = {2: p2, 4: p4}[p]
+    for rank, res in enumerate(results):
+        for (name, m), r in res.items():
+            want = expected_peak(name, p, m, r["v"], rank)
+            assert r["held"] == want, (name, p, m, rank, r)
+            # the runtime's per-stage counters (what `trainlib bench pp` reports) agree with the actions
+            assert r["peak"] == replay_peak(build_schedule(name, p, m), rank)[1], (name, p, m, rank, r)
+            if name != "interleaved":  # one stage per rank: the stage's peak is the rank's
+                assert r["peak"] == {rank: want}, (name, p, m, rank, r)
+
+
+@pytest.mark.parametrize("name,v", [("gpipe", 1), ("1f1b", 1), ("zb-h1", 1), ("interleaved", 2), ("interleaved", 3)])
+def test_schedule_peak_activations_equal_the_definition(name, v):
+    for p in (1, 2, 3, 4, 8):
+        for m in range(1, 17):
+            if name == "interleaved" and m % p:
+                continue
+            s = build_schedule(name, p, m, v if name == "interleaved" else None)
+            got = [replay_peak(s, r)[0] for r in range(p)]
+            assert got == [expected_peak(name, p, m, v, r) for r in range(p)], (name, p, m, v)
 
 
 @pytest.mark.parametrize("name,p,m,v", [(n, p, m, 2 if n == "interleaved" else 1) for n in SCHEDULES
