@@ -202,6 +202,26 @@ def reduce_scatter(out: torch.Tensor, parts: list[torch.Tensor], group=None) -> 
     Handle(work, rec).wait()
 
 
+_SUBGROUPS: dict[tuple[int, ...], tuple[object, object]] = {}
+
+
+def subgroup(ranks: list[int], timeout_s: float | None = None, backend: str = "gloo"):
+    """A process group of the global `ranks`, created by its members only (others need not call).
+
+    For groups that depend on facts only the members know (which ranks share a node), so the whole
+    world cannot enter new_group in one order. Cached per rank list (and default group): a second
+    DataParallel over the same ranks reuses the group instead of creating one more."""
+    key = tuple(sorted(ranks))
+    world = dist.group.WORLD
+    hit = _SUBGROUPS.get(key)
+    if hit is not None and hit[0] is world:
+        return hit[1]
+    timeout = datetime.timedelta(seconds=_timeout_s() if timeout_s is None else timeout_s)
+    g = dist.new_group(list(key), timeout=timeout, backend=backend, use_local_synchronization=True)
+    _SUBGROUPS[key] = (world, g)
+    return g
+
+
 def barrier(group=None) -> None:
     # a 1-element all-reduce: gloo's barrier has no per-call timeout
     all_reduce(torch.zeros(1), group=group)

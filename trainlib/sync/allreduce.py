@@ -7,8 +7,12 @@ Transports:
          mpiexec; MPI's shared-memory transport is far faster than gloo's TCP loopback on one node;
   shm    one node, CPU: the bucket buffers live in shared memory and ranks reduce each other's
          chunks in place (sync/shm.py); a background thread reduces buckets as backward fills them;
+  hierarchical  several nodes, CPU, the same number of ranks on each: shm reduce-scatter in the
+         node, gloo all-reduce of each owned chunk across nodes, shm all-gather in the node
+         (sync/hierarchical.py); the same background thread;
   auto   CPU tensors without compression: mpi when started by mpiexec (and mpi4py imports), else
-         shm when all ranks of the group share this node (same host and boot), else torch.
+         shm when all ranks of the group share this node (same host and boot), hierarchical when
+         they span nodes with the same number >= 2 on each, else torch.
          GPU tensors or compressed buckets: torch.
 """
 from __future__ import annotations
@@ -16,12 +20,13 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.distributed as dist
 
 from .. import comm
 
 log = logging.getLogger("trainlib")
 
-TRANSPORTS = ("auto", "torch", "mpi", "shm")
+TRANSPORTS = ("auto", "torch", "mpi", "shm", "hierarchical")
 COMPRESS = {None: None, "none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -48,8 +53,9 @@ class AllReduce:
         self._group = group
         transport = self.transport
         on_cpu = all(b.comm.device.type == "cpu" for b in buckets)
+        layout = None
         if transport == "auto":
-            transport = self._auto_transport(on_cpu, group, buckets)
+            transport, layout = self._auto_transport(on_cpu, group, buckets)
         if transport == "mpi":
             if not on_cpu:
                 raise ValueError("transport='mpi' needs CPU tensors; use transport='torch' (nccl) on GPU")
@@ -59,35 +65,58 @@ class AllReduce:
             from .mpi import MPIGroup
 
             self._mpi = MPIGroup.for_process_group(group)
-        if transport == "shm":
+        if transport in ("shm", "hierarchical"):
             if not on_cpu:
-                raise ValueError("transport='shm' needs CPU tensors; use transport='torch' (nccl) on GPU")
-            if self.transport == "shm":  # auto reached shm through usable_for(), which checked the same facts
-                from .shm import check_usable
-
-                check_usable(group, _shm_bytes(buckets))
-            self._bind_shm(buckets, group)
+                raise ValueError(f"transport={transport!r} needs CPU tensors; use transport='torch' (nccl) on GPU")
+            if layout is None:  # explicit choice; auto has checked the same facts already
+                layout = self._check_explicit(transport, group, buckets)
+            self._bind_shm(buckets, group, layout if transport == "hierarchical" else None)
         self.resolved_transport = transport
         log.debug("AllReduce over %s, %d buckets", transport, len(buckets))
 
-    def _auto_transport(self, on_cpu: bool, group, buckets) -> str:
-        """mpi under mpiexec; shm when every rank of the group is on this node; else torch.
+    def _auto_transport(self, on_cpu: bool, group, buckets):
+        """(transport, node layout): mpi under mpiexec; shm when every rank of the group is on this
+        node; hierarchical when they span nodes with the same number >= 2 on each; else torch.
 
-        Both fast paths are CPU-only and sum full-precision buffers (compressed buckets go to torch)."""
+        The fast paths are CPU-only and sum full-precision buffers (compressed buckets go to torch).
+        One all_gather of node facts, so every rank reaches the same decision."""
         if not on_cpu or self.comm_dtype is not None:
-            return "torch"
+            return "torch", None
         if _launched_by_mpi() and _mpi_importable():
-            return "mpi"
-        from .shm import usable_for
+            return "mpi", None
+        from . import hierarchical, shm
 
-        return "shm" if usable_for(group, _shm_bytes(buckets)) else "torch"
+        facts = shm.gather_node_facts(group, _shm_bytes(buckets))
+        layout = hierarchical.NodeLayout.from_facts(facts, dist.get_process_group_ranks(group), dist.get_rank())
+        if len(layout.nodes) == 1:
+            return ("shm", layout) if shm.usable_for(facts) else ("torch", None)
+        return ("hierarchical", layout) if hierarchical.auto_picks(layout, facts) else ("torch", None)
 
-    def _bind_shm(self, buckets, group) -> None:
+    def _check_explicit(self, transport: str, group, buckets):
+        from . import hierarchical, shm
+
+        facts = shm.gather_node_facts(group, _shm_bytes(buckets))
+        if transport == "shm":
+            shm.check_usable(facts)
+        layout = hierarchical.NodeLayout.from_facts(facts, dist.get_process_group_ranks(group), dist.get_rank())
+        if transport == "hierarchical":
+            hierarchical.check_usable(layout, facts)
+        return layout
+
+    def _bind_shm(self, buckets, group, layout) -> None:
+        """shm (layout None) or hierarchical: move each bucket's wire buffer into shared memory and
+        start the background worker that reduces buckets as backward hands them over."""
         from ..runtime import _RUNTIME, DEFAULT_TIMEOUT_S
         from .shm import ShmGroup, ShmWorker
 
-        self._shm = ShmGroup(group, _RUNTIME.timeout_s if _RUNTIME else DEFAULT_TIMEOUT_S)
-        for b in buckets:  # move each bucket's wire buffer into shared memory
+        timeout_s = _RUNTIME.timeout_s if _RUNTIME else DEFAULT_TIMEOUT_S
+        if layout is None:
+            self._shm = ShmGroup(group, timeout_s)
+        else:
+            from .hierarchical import build_group
+
+            self._shm = build_group(group, timeout_s, layout)
+        for b in buckets:
             new = self._shm.alloc(b.index, b.numel, b.comm.dtype)
             if b.comm is b.grads:
                 new.copy_(b.grads)

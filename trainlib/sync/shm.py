@@ -13,6 +13,10 @@ Per rank that is about 1.5 S bytes read and S written for an S-byte bucket (n = 
 work. Chunks are disjoint, so the in-place writes never race. Barriers are bytes written to the
 peers' FIFOs (a blocking read with a timeout: no spinning on a shared 2-core machine). The files
 are unlinked as soon as every rank has mapped them, so a crash leaves nothing in /dev/shm.
+
+The same chunked reduction serves the hierarchical transport (sync/hierarchical.py): there the
+group is one node's ranks, and between the reduce and the write-back each owner all-reduces its
+chunk across nodes (`across`), so the barriers and chunking live only here.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import secrets
 import select
 import socket
 import time
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -32,6 +37,9 @@ from ..comm import CollectiveTimeout
 
 SHM_ROOT = "/dev/shm"
 ALIGN = 16  # elements: chunk boundaries on cache-line multiples
+# For tests and emulated clusters only: a string that replaces the node identity, so ranks on one
+# machine can pretend to be on different nodes (each "node" then gets its own shm segment names).
+NODE_ID_ENV = "TRAINLIB_NODE_ID"
 
 log = logging.getLogger("trainlib")
 
@@ -45,7 +53,11 @@ def _token(group) -> str:
 
 def _node_id() -> int:
     """Same on every process of this machine (and boot), different across machines. Not hash():
-    str hashes are salted per process."""
+    str hashes are salted per process. $TRAINLIB_NODE_ID, when set, replaces hostname and boot."""
+    override = os.environ.get(NODE_ID_ENV, "")
+    if override:
+        digest = hashlib.sha256(f"override|{override}".encode()).digest()
+        return int.from_bytes(digest[:8], "little") & ((1 << 62) - 1)
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
             boot = f.read().strip()
@@ -63,7 +75,7 @@ def _free_bytes() -> int:
     return st.f_bavail * st.f_frsize
 
 
-def _gather_node_facts(group, need_bytes: int) -> list[tuple[int, bool, int, int]]:
+def gather_node_facts(group, need_bytes: int) -> list[tuple[int, bool, int, int]]:
     """(node id, /dev/shm writable, its free bytes, bytes this rank will put there) of every rank in
     the group; one all_gather, so all ranks reach the same decision."""
     mine = torch.tensor([_node_id(), int(os.access(SHM_ROOT, os.W_OK)), _free_bytes(), need_bytes], dtype=torch.int64)
@@ -73,48 +85,64 @@ def _gather_node_facts(group, need_bytes: int) -> list[tuple[int, bool, int, int
 
 
 def why_not(facts: list[tuple[int, bool, int, int]]) -> str | None:
-    """Why the shm transport cannot serve a group with these node facts (None: it can).
-
-    The buffers of every rank live in one tmpfs, so their sum must fit in its free space: a write
-    to a tmpfs page beyond its size is SIGBUS, not an error (Docker's and Kubernetes' default
-    /dev/shm is 64 MB)."""
+    """Why the shm transport cannot serve a group with these node facts (None: it can)."""
     if len({node for node, *_ in facts}) != 1:
         return "needs every rank of the data-parallel group on one node"
+    return why_not_on_each_node(facts)
+
+
+def why_not_on_each_node(facts: list[tuple[int, bool, int, int]]) -> str | None:
+    """Why some node cannot hold its ranks' buffers in shared memory (None: every node can).
+
+    The buffers of every rank of a node live in one tmpfs, so their sum must fit in its free space:
+    a write to a tmpfs page beyond its size is SIGBUS, not an error (Docker's and Kubernetes' default
+    /dev/shm is 64 MB)."""
     if not all(ok for _, ok, _, _ in facts):
         return f"needs a writable {SHM_ROOT} on every rank"
-    need, free = sum(n for *_, n in facts), min(f for _, _, f, _ in facts)
-    if need * 1.05 + (16 << 20) > free:  # headroom for other users of /dev/shm (NCCL, dataloaders)
-        return (f"needs {need / 2**20:.0f} MiB of {SHM_ROOT} for the gradient buckets of {len(facts)} ranks but "
-                f"{free / 2**20:.0f} MiB are free; enlarge it (Kubernetes: an emptyDir with medium: Memory and a "
-                "sizeLimit; docker run --shm-size)")
+    by_node: dict[int, list[tuple[int, bool, int, int]]] = {}
+    for f in facts:
+        by_node.setdefault(f[0], []).append(f)
+    for node in by_node.values():
+        need, free = sum(n for *_, n in node), min(f for _, _, f, _ in node)
+        if need * 1.05 + (16 << 20) > free:  # headroom for other users of /dev/shm (NCCL, dataloaders)
+            return (f"needs {need / 2**20:.0f} MiB of {SHM_ROOT} for the gradient buckets of {len(node)} ranks but "
+                    f"{free / 2**20:.0f} MiB are free; enlarge it (Kubernetes: an emptyDir with medium: Memory and a "
+                    "sizeLimit; docker run --shm-size)")
     return None
 
 
-def usable_for(group, need_bytes: int) -> bool:
+def usable_for(facts: list[tuple[int, bool, int, int]]) -> bool:
     """Whether transport='auto' may pick shm: >1 rank, all on this node, room in a writable /dev/shm."""
-    if dist.get_world_size(group) < 2:
+    if len(facts) < 2:
         return False
-    reason = why_not(_gather_node_facts(group, need_bytes))
+    reason = why_not(facts)
     if reason is not None:
         log.info("AllReduce(transport='auto'): not using shared memory: it %s", reason)
     return reason is None
 
 
-def check_usable(group, need_bytes: int) -> None:
+def check_usable(facts: list[tuple[int, bool, int, int]]) -> None:
     """For an explicit transport='shm' (auto asks usable_for instead): raise naming what is missing."""
-    reason = why_not(_gather_node_facts(group, need_bytes))
+    reason = why_not(facts)
     if reason is not None:
         raise ValueError(f"transport='shm' {reason}; or use transport='torch' (or 'auto', which falls back to it)")
 
 
-class ShmGroup:
-    """Buffers in /dev/shm mapped by every rank of `group`, and FIFO barriers between them."""
+Across = Callable[[torch.Tensor, str], None]
 
-    def __init__(self, group, timeout_s: float):
-        self.group, self.timeout_s = group, timeout_s
-        self.ranks = dist.get_process_group_ranks(group)
+
+class ShmGroup:
+    """Buffers in /dev/shm mapped by `members` (default: every rank of `group`), and FIFO barriers
+    between them. Setting up is collective over all of `group`; `tag` keeps the names of several
+    member sets apart when they share one /dev/shm (emulated nodes). `across(chunk, what)`, if given,
+    reduces each owned chunk further between the reduce and the write-back (hierarchical)."""
+
+    def __init__(self, group, timeout_s: float, members: list[int] | None = None, tag: str = "",
+                 across: Across | None = None):
+        self.group, self.timeout_s, self.across = group, timeout_s, across
+        self.ranks = list(members) if members is not None else dist.get_process_group_ranks(group)
         self.n, self.me = len(self.ranks), self.ranks.index(dist.get_rank())
-        self.prefix = os.path.join(SHM_ROOT, _token(group))
+        self.prefix = os.path.join(SHM_ROOT, _token(group) + tag)
         self._own: dict[int, torch.Tensor] = {}
         self.buffers: dict[int, list[torch.Tensor]] = {}
         self._arrived = [0] * self.n
@@ -151,6 +179,8 @@ class ShmGroup:
             os.unlink(self._path(f"buf{key}", self.me))
 
     def barrier(self, what: str) -> None:
+        if self.n == 1:  # one rank on this node (hierarchical): nobody to wait for
+            return
         self._barriers += 1
         target = self._barriers
         msg = bytes([self.me])
@@ -179,11 +209,13 @@ class ShmGroup:
         per = -(-per // ALIGN) * ALIGN
         lo, hi = min(self.me * per, numel), min((self.me + 1) * per, numel)
         self.barrier(f"all_reduce[bucket {key}] enter")
-        if hi > lo:
+        if hi > lo:  # an empty chunk is empty on every node alike, so skipping `across` stays in step
             mine = bufs[self.me][lo:hi]
             for k in range(self.n):
                 if k != self.me:
                     mine.add_(bufs[k][lo:hi])
+            if self.across is not None:
+                self.across(mine, f"bucket {key}")
             for k in range(self.n):
                 if k != self.me:
                     bufs[k][lo:hi].copy_(mine)
