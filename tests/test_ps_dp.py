@@ -2,14 +2,18 @@
 
 One group of 2 gloo workers and 2 `trainlib ps-server` subprocesses checks, side by side:
   sync PS gradients == all-reduce gradients (within 1e-6), dedicated and colocated servers;
-  async with staleness 0 == sync (same parameters after the same SGD steps).
+  async with staleness 0 == sync (same parameters after the same SGD steps), with rank 1 slowed so that
+  rank 0 would read ahead if the servers did not hold it back: their largest granted lead must be 0.
 """
 from __future__ import annotations
+
+import time
 
 import torch
 
 import trainlib as tl
 from tests.dp_models import AwkwardNet, _batch, _max_grad_diff
+from trainlib.sync.ps.client import PSClient
 from trainlib.sync.ps.launch import spawn_server
 from trainlib.testing import run_ranks
 
@@ -40,6 +44,8 @@ def ps_versus_allreduce(servers: list[str], steps: int = 3) -> dict:
     for step in range(steps):
         x, y = _batch(step, rank)
         for m, opt in zip(models, opts):
+            if m is asy and rank == 1:
+                time.sleep(0.05)  # rank 0 reaches the async read first: only the SSP bound makes it wait
             opt.zero_grad(set_to_none=True)
             torch.nn.functional.cross_entropy(m(x, use_branch=step % 2 == 0), y).backward()
         worst["ps"] = max(worst["ps"], _max_grad_diff(nets[0], nets[1]))
@@ -58,10 +64,21 @@ def ps_versus_allreduce(servers: list[str], steps: int = 3) -> dict:
     return out
 
 
+def _server_stats(addr: str) -> dict:
+    c = PSClient([addr], TOKEN, worker=0, nworkers=1, timeout_s=10)
+    c.hello()
+    try:
+        return c.stats(0)
+    finally:
+        c.close()
+
+
 def test_sync_ps_matches_allreduce_and_async_tau0_matches_sync():
     servers = [spawn_server(token=TOKEN) for _ in range(2)]
     try:
         results = run_ranks(ps_versus_allreduce, 2, [s.address for s in servers], timeout_s=120)
+        # only async reads move max_lead, so these are the staleness-0 model's: SSP says <= 0
+        stats = [_server_stats(s.address) for s in servers]
     finally:
         for s in servers:
             s.stop()
@@ -73,3 +90,5 @@ def test_sync_ps_matches_allreduce_and_async_tau0_matches_sync():
         assert r["sync_vs_ar_params"] <= 1e-6, r
         assert r["async_vs_sync_params"] <= 1e-5, r
         assert len(r["colocated_servers"]) == 1 and r["colocated_servers"][0].startswith("127.0.0.1:"), r
+    for st in stats:
+        assert st["max_lead"] == 0 and st["max_spread"] <= 1, st
