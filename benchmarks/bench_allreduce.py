@@ -1,6 +1,7 @@
 """All-reduce bandwidth sweep, nccl-tests definitions, with memcpy as the physical limit.
 
     trainlib bench allreduce [--quick]
+    trainlib bench allreduce --hier [--quick]    hierarchical vs flat gloo, 4 ranks as 2 emulated nodes
 
 For a message of S bytes reduced over n ranks in t seconds (nccl-tests, PERFORMANCE.md):
     algbw = S / t                      busbw = algbw * 2(n-1)/n
@@ -106,7 +107,11 @@ def mpi_sweep(size_list: list[int], quick: bool) -> dict[int, float] | None:
     return {int(k): v for k, v in json.loads(out.stdout.strip().splitlines()[-1]).items()}
 
 
-def run(quick: bool) -> dict:
+def run(quick: bool, argv: list[str] | None = None) -> dict:
+    if argv and "--hier" in argv:
+        return run_hier(quick)
+    if argv:
+        raise SystemExit(f"bench allreduce: unknown arguments {argv}; the only option is --hier")
     size_list = sizes(quick)
     reps = 3 if quick else 5
     rounds: dict[str, list[dict[int, float]]] = {"gloo": [], "mpi": [], "memcpy": []}
@@ -148,6 +153,8 @@ def run(quick: bool) -> dict:
 
 
 def plot(result: dict, path: str) -> None:
+    if "hierarchical" in result["definitions"]:
+        return plot_hier(result, path)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -164,6 +171,112 @@ def plot(result: dict, path: str) -> None:
     ax.set_xlabel("message size (bytes)")
     ax.set_ylabel("bus bandwidth (GB/s)")
     ax.set_title(f"all-reduce, {N_RANKS} ranks, one node (CPU)")
+    ax.legend()
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---- hierarchical vs flat, 4 ranks as 2 emulated nodes ------------------------------------------
+HIER_RANKS, HIER_NODES = 4, 2
+HIER_TRANSPORTS = ("gloo", "hierarchical", "shm")
+
+
+def hier_sizes(quick: bool) -> list[int]:
+    return [64 * KB, 1 * MB, 4 * MB] if quick else [16 * KB, 256 * KB, 4 * MB, 16 * MB, 64 * MB]
+
+
+def hier_child(size_list: list[int], quick: bool, reps: int) -> dict[str, list[dict[int, float]]]:
+    """Per rank: {transport: [{size: seconds per all-reduce} per round]}, transports alternating.
+
+    gloo: comm.all_reduce over the 4 ranks (TCP loopback); hierarchical: the transport's own
+    ShmGroup (shm in each emulated node, gloo between the 2 nodes); shm: one ShmGroup over all 4
+    ranks, the single-node transport, for scale. Buffers hold zeros so repeated sums stay finite."""
+    import torch.distributed as dist
+
+    from trainlib import comm, runtime
+    from trainlib.sync import hierarchical, shm
+
+    rank = dist.get_rank()
+    os.environ[shm.NODE_ID_ENV] = f"emulated-node-{rank * HIER_NODES // HIER_RANKS}"
+    group, timeout_s = dist.group.WORLD, runtime.get_runtime().timeout_s
+    facts = shm.gather_node_facts(group, 4 * sum(size_list))
+    layout = hierarchical.NodeLayout.from_facts(facts, list(range(HIER_RANKS)), rank)
+    assert len(layout.nodes) == HIER_NODES, layout
+    groups = {"hierarchical": hierarchical.build_group(group, timeout_s, layout), "shm": shm.ShmGroup(group, timeout_s)}
+    for g in groups.values():
+        for i, s in enumerate(size_list):
+            g.alloc(i, s // 4, torch.float32)
+        g.map_peers()
+    # the figures are only worth having if the transport sums right: check once against gloo
+    x = torch.randn(size_list[0] // 4, generator=torch.Generator().manual_seed(rank))
+    groups["hierarchical"].buffers[0][groups["hierarchical"].me].copy_(x)
+    groups["hierarchical"].allreduce(0)
+    comm.all_reduce(x)
+    assert torch.allclose(groups["hierarchical"].buffers[0][groups["hierarchical"].me], x, atol=1e-5)
+    groups["hierarchical"].buffers[0][groups["hierarchical"].me].zero_()
+    flat = {s: torch.zeros(s // 4) for s in size_list}
+    run_one = {"gloo": lambda i, s: comm.all_reduce(flat[s]),
+               "hierarchical": lambda i, s: groups["hierarchical"].allreduce(i),
+               "shm": lambda i, s: groups["shm"].allreduce(i)}
+    out: dict[str, list[dict[int, float]]] = {n: [] for n in HIER_TRANSPORTS}
+    for r in range(reps):
+        order = HIER_TRANSPORTS[r % 3:] + HIER_TRANSPORTS[:r % 3]  # rotate: a slow phase hits all
+        for name in order:
+            res = {}
+            for i, s in enumerate(size_list):
+                comm.barrier()
+                res[s] = _time_loop(lambda: run_one[name](i, s), iters_for(s, quick))
+            out[name].append(res)
+    for g in groups.values():
+        g.close()
+    return out
+
+
+def run_hier(quick: bool) -> dict:
+    size_list, reps = hier_sizes(quick), 3 if quick else 5
+    per_rank = run_ranks(hier_child, HIER_RANKS, size_list, quick, reps, timeout_s=900)
+    factor = 2 * (HIER_RANKS - 1) / HIER_RANKS
+    rows = []
+    for s in size_list:
+        row: dict = {"bytes": s}
+        for name in HIER_TRANSPORTS:
+            # a collective ends when its slowest rank does: per round, the slowest rank's time
+            t = median([max(pr[name][k][s] for pr in per_rank) for k in range(reps)])
+            bw = s / t / 1e9
+            row[name] = {"time_us": round(t * 1e6, 2), "algbw_GBps": round(bw, 4), "busbw_GBps": round(bw * factor, 4)}
+        row["hierarchical_speedup_over_gloo"] = round(row["gloo"]["time_us"] / row["hierarchical"]["time_us"], 2)
+        rows.append(row)
+    return {"result_suffix": "-hier",
+            "definitions": {"hierarchical": "shm reduce-scatter in the node, gloo all-reduce of each chunk across "
+                                            "nodes, shm all-gather in the node",
+                            "gloo": "flat comm.all_reduce over all ranks", "shm": "single-node shm transport",
+                            "ranks": HIER_RANKS, "nodes": HIER_NODES, "node_emulation": "$TRAINLIB_NODE_ID per rank",
+                            "caveat": "one machine: the cross-node step runs over TCP loopback, so this mostly "
+                                      "measures shared memory against loopback TCP, not a network link",
+                            "algbw": "bytes / time", "busbw": "algbw * 2(n-1)/n", "dtype": "float32",
+                            "repetitions": reps, "statistic": "median over rounds of the slowest rank's time"},
+            "rows": rows,
+            "summary": {f"hierarchical_speedup_over_gloo_{r['bytes'] // KB}KB": r["hierarchical_speedup_over_gloo"]
+                        for r in rows}}
+
+
+def plot_hier(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name in HIER_TRANSPORTS:
+        ax.plot([r["bytes"] for r in rows], [r[name]["busbw_GBps"] for r in rows], marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("message size (bytes)")
+    ax.set_ylabel("bus bandwidth (GB/s)")
+    ax.set_title(f"all-reduce, {HIER_RANKS} ranks as {HIER_NODES} emulated nodes on one machine (CPU)")
     ax.legend()
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()

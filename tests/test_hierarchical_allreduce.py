@@ -124,6 +124,28 @@ def _resolve(**sync_kwargs) -> str:
     return dp.sync.resolved_transport
 
 
+def _compressed(rank: int, compress: str) -> dict:
+    """Explicit hierarchical with a 16-bit wire (auto sends compressed buckets to torch): the
+    in-node sums and the cross-node sum run in that format, like flat torch's compressed path."""
+    torch.manual_seed(0)
+    exact, lossy, flat = nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 64)
+    for m in (lossy, flat):
+        m.load_state_dict(exact.state_dict())
+    dps = [tl.DataParallel(exact, sync=tl.AllReduce(transport="torch")),
+           tl.DataParallel(lossy, sync=tl.AllReduce(transport="hierarchical", compress=compress)),
+           tl.DataParallel(flat, sync=tl.AllReduce(transport="torch", compress=compress))]
+    x = torch.randn(16, 64, generator=torch.Generator().manual_seed(rank))
+    for dp in dps:
+        dp(x).pow(2).mean().backward()
+        dp.close()
+
+    def rel(m: nn.Module) -> float:
+        return max(((pa.grad - pb.grad).abs().max() / pa.grad.abs().max()).item()
+                   for pa, pb in zip(exact.parameters(), m.parameters()))
+    return {"rel_err": rel(lossy), "flat_rel_err": rel(flat), "resolved": dps[1].sync.resolved_transport,
+            "dtype": str(dps[1].buckets[0].comm.dtype)}
+
+
 def _skip_backward_with_short_timeout(rank: int, timeout_s: float) -> dict:
     """Rank 3 never runs its backward: every other rank must fail within the timeout, naming itself
     and the operation it waited in (its node's shm barrier, or the cross-node all-reduce)."""
@@ -165,6 +187,7 @@ def four_ranks() -> dict:
         as_node(layout)
         out["train"][layout] = _train_side_by_side(rt.rank, transport)
     as_node("2x2")
+    out["compressed"] = {c: _compressed(rt.rank, c) for c in ("bf16", "fp16")}
     out["fault"] = _skip_backward_with_short_timeout(rt.rank, timeout_s=3.0)
     return out
 
@@ -199,6 +222,14 @@ def test_explicit_hierarchical_on_unequal_nodes_names_layout_and_fix(results):
         assert msg is not None
         assert "[3, 1]" in msg and "node 0: ranks [0, 1, 2]" in msg and "--nproc-per-node" in msg, msg
         assert "transport='torch'" in msg, msg
+
+
+@pytest.mark.parametrize("compress,tol", [("bf16", 2 ** -7), ("fp16", 2 ** -10)])
+def test_explicit_hierarchical_with_compression_is_within_rounding(results, compress, tol):
+    for r in results:
+        c = r["compressed"][compress]
+        assert c["resolved"] == "hierarchical" and c["dtype"] == f"torch.{ {'bf16': 'bfloat16', 'fp16': 'float16'}[compress]}"
+        assert 0 < c["rel_err"] <= tol and c["flat_rel_err"] <= tol, c
 
 
 def test_a_missing_rank_fails_the_others_within_the_timeout_naming_rank_and_step(results):
