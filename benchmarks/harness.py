@@ -5,8 +5,10 @@ A benchmark is a module `trainlib.benchmarks.bench_NAME` (file benchmarks/bench_
     def run(quick: bool) -> dict          # measures trainlib and its peers side by side, returns results
     def plot(result: dict, path: str)     # optional: a PNG
 
-`run` returns a JSON-able dict; the harness adds metadata (command, date, host, torch version)
-and writes benchmarks/results/NAME.json (or --json), then prints a one-line summary.
+`run` returns a JSON-able dict; the harness adds metadata -- the command, the date, the machine
+(host, CPUs, Python, torch, GPU) and the git commit with any tracked files that differed from it,
+so every stored figure can be traced to the code and the machine that produced it -- and writes
+benchmarks/results/NAME.json (or --json), then prints a one-line summary.
 Helpers here: `median`, `alternate` (interleaved repetitions, medians), `results_dir`.
 """
 from __future__ import annotations
@@ -19,6 +21,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -63,6 +66,31 @@ def machine() -> dict[str, Any]:
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
+def git_state(root: Path = HERE.parent) -> dict[str, Any] | None:
+    """{"commit": HEAD, "modified": tracked files that differ from it} of the source checkout the
+    benchmarks run from; None for an installed copy (no checkout to name)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30,
+                              check=True).stdout
+
+    try:
+        if Path(git("rev-parse", "--show-toplevel").strip()).resolve() != root.resolve():
+            return None  # installed inside some other repository: its commit says nothing about this code
+        commit = git("rev-parse", "HEAD").strip()
+        status = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    # a figure measured with uncommitted edits names them: the commit alone would not be the code that ran
+    return {"commit": commit, "modified": sorted(line[3:] for line in status.splitlines() if line.strip())}
+
+
+def metadata(benchmark: str, command: str, quick: bool, wall_s: float) -> dict[str, Any]:
+    """What every stored result carries so that its figures can be traced."""
+    return {"benchmark": benchmark, "command": command,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "quick": quick, "wall_s": round(wall_s, 2), "machine": machine(), "git": git_state()}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["table"]:
@@ -86,9 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     # a benchmark with its own options takes them as run(quick, argv=[...])
     result = mod.run(quick=args.quick, argv=extra) if takes_argv else mod.run(quick=args.quick)
     result_suffix = result.pop("result_suffix", "")  # e.g. "-model": do not overwrite the measured results
-    meta = {"benchmark": args.name, "command": "trainlib bench " + " ".join(argv),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "quick": args.quick, "wall_s": round(time.time() - t0, 2), "machine": machine()}
+    meta = metadata(args.name, "trainlib bench " + " ".join(argv), args.quick, time.time() - t0)
     out = {"meta": meta, **result}
     suffix = result_suffix + ("-quick" if args.quick else "")
     path = Path(args.json) if args.json else results_dir() / f"{args.name}{suffix}.json"

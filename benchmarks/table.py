@@ -1,8 +1,8 @@
 """`trainlib bench table [--write]`: the latest result of every benchmark as one markdown table.
 
-Rows are read from benchmarks/results/*.json (each file carries the command that produced it and
-its date), so the table in benchmarks/README.md is regenerated from the measurements, never typed
-by hand. `--write` replaces the block between the `results:begin` / `results:end` markers there.
+Rows are read from benchmarks/results/*.json (each file carries the command that produced it, its
+date and, since the harness records it, the git commit), so the table in benchmarks/README.md is
+regenerated from the measurements, never typed by hand. Cost-model output is labelled a prediction. `--write` replaces the block between the `results:begin` / `results:end` markers there.
 """
 from __future__ import annotations
 
@@ -56,8 +56,8 @@ def _kernels(s: dict) -> str:
 
 
 def _ps(s: dict) -> str:
-    if "ps_speedup" in s:
-        return (f"model, {s['nodes']} nodes x {s['gpus_per_node']} GPUs at {s['nic_gbps']:g} Gb/s: all-reduce "
+    if "ps_speedup" in s:  # `bench ps --model`: computed from a formula, nothing was timed
+        return (f"PREDICTION of the cost model, not a measurement: {s['nodes']} nodes x {s['gpus_per_node']} GPUs at {s['nic_gbps']:g} Gb/s: all-reduce "
                 f"{s['allreduce_ms']} ms, PS dedicated {s['ps_dedicated_ms']} ms ({s['winner']} wins)")
     return (f"authentication costs +{s['auth_cost_at_4MB'] * 100:.0f}% at 4 MB partitions; unauthenticated PS moves "
             f"{s['ps_insecure_fraction_of_raw_pyzmq']:.2f} of raw pyzmq; step time vs all-reduce: GPT "
@@ -97,16 +97,25 @@ def _headline(name: str, summary: dict) -> str:
     return "; ".join(f"{k} {v}" for k, v in list(summary.items())[:6])
 
 
+def _commit(meta: dict) -> str:
+    git = meta.get("git")
+    if not git:
+        return "not recorded"
+    return git["commit"][:7] + (f" + {len(git['modified'])} modified" if git.get("modified") else "")
+
+
 def render(folder: Path | None = None) -> str:
-    """One markdown table row per result file: benchmark, what it found, command, date."""
+    """One markdown table row per result file: benchmark, what it found, command, date, commit."""
     folder = folder or results_dir()
-    rows = ["| result file | headline (ratios measured in one run) | command | date (UTC) |", "|---|---|---|---|"]
+    rows = ["| result file | headline (ratios measured in one run) | command | date (UTC) | commit |",
+            "|---|---|---|---|---|"]
     for path in sorted(folder.glob("*.json")):
         d = json.loads(path.read_text())
         meta = d.get("meta", {})
         name = meta.get("benchmark", path.stem.split("-")[0])
         line = _headline(name, d.get("summary", {})).replace("|", "/")
-        rows.append(f"| `{path.name}` | {line} | `{meta.get('command', '?')}` | {meta.get('date', '?')[:16]} |")
+        rows.append(f"| `{path.name}` | {line} | `{meta.get('command', '?')}` | {meta.get('date', '?')[:16]} "
+                    f"| {_commit(meta)} |")
     return "\n".join(rows) + "\n"
 
 

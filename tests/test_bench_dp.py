@@ -91,3 +91,26 @@ def test_smoke_bench_dp_step_group_matches_ddp_and_single_process():
         for name in ("trainlib-torch", "gloo"):
             t = statistics.median(bw[name][r["bytes"]])  # busbw = algbw * 2(n-1)/n, n = 2
             assert r[name]["busbw_GBps"] == round(r["bytes"] / t / 1e9 * 2 * (2 - 1) / 2, 4) > 0
+
+
+def test_result_file_names_commit_command_and_machine(tmp_path):
+    """A stored result can be traced: the harness writes the git commit (and the tracked files that differed
+    from it), the command and the machine next to the figures, and the table shows the commit."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from trainlib.benchmarks import table
+
+    repo = Path(bench_dp.__file__).resolve().parent.parent
+    out = tmp_path / "checkpoint-quick.json"
+    subprocess.run([sys.executable, "-m", "trainlib.cli", "bench", "checkpoint", "--quick", "--json", str(out),
+                    "--plot", str(tmp_path / "c.png")], check=True, capture_output=True, timeout=180,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    meta = json.loads(out.read_text())["meta"]
+    head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert meta["git"]["commit"] == head and isinstance(meta["git"]["modified"], list)
+    assert meta["command"] == f"trainlib bench checkpoint --quick --json {out} --plot {tmp_path / 'c.png'}"
+    assert meta["machine"]["cpus"] == os.cpu_count() and meta["machine"]["torch"] == torch.__version__
+    assert head[:7] in table.render(tmp_path)
