@@ -206,7 +206,7 @@ _SUBGROUPS: dict[tuple[int, ...], tuple[object, object]] = {}
 
 
 def subgroup(ranks: list[int], timeout_s: float | None = None, backend: str = "gloo"):
-    """A process group of the global `ranks`, created by its members only (others need not call).
+    """A process group of the global `ranks`, created by its members only (only they may call).
 
     For groups that depend on facts only the members know (which ranks share a node), so the whole
     world cannot enter new_group in one order. Cached per rank list (and default group): a second

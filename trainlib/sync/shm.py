@@ -87,7 +87,7 @@ def gather_node_facts(group, need_bytes: int) -> list[tuple[int, bool, int, int]
 def why_not(facts: list[tuple[int, bool, int, int]]) -> str | None:
     """Why the shm transport cannot serve a group with these node facts (None: it can)."""
     if len({node for node, *_ in facts}) != 1:
-        return "needs every rank of the data-parallel group on one node"
+        return "needs every rank of the data-parallel group on one node (across nodes: transport='hierarchical')"
     return why_not_on_each_node(facts)
 
 
@@ -202,7 +202,8 @@ class ShmGroup:
                 self._arrived[b] += 1
 
     def allreduce(self, key: int) -> None:
-        """Sum buffer `key` over the group, in place in every rank's buffer."""
+        """Sum buffer `key` over the members, in place in every member's buffer (with `across`: also
+        over the other nodes, each owned chunk between the reduce and the write-back)."""
         bufs = self.buffers[key]
         numel = bufs[0].numel()
         per = -(-numel // self.n)
