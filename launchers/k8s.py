@@ -4,11 +4,14 @@
         --efa 32 --gang volcano --queue training | kubectl apply -f -
     trainlib k8s pytorchjob --name gpt --image ... --elastic 2:4 --gang coscheduling
     trainlib k8s mpijob --name gpt --image ... --nodes 2 --gpus-per-node 8
+    trainlib k8s pytorchjob --name gpt --image ... --nodes 4 --instance-type p5.48xlarge   # 8 GPUs, 32 EFA, memory
     trainlib k8s pytorchjob --from-config run.toml      # [k8s] table + the training sections
 
 `--from-config` reads the `[k8s]` table (same keys as the flags, with underscores) and turns the
 other tables into `--section.key=value` arguments of `trainlib train`, so the job runs that config.
-Flags given on the command line win over the file. The objects are checked against the
+Flags given on the command line win over the file. `--instance-type` fills GPUs/NeuronCores, EFA
+interfaces, memory, cpu and /dev/shm from launchers/instances.py; explicit flags still win, and a
+request the instance cannot hold (9 GPUs on a p5) is an error. The objects are checked against the
 operators' admission rules (trainlib.launchers.webhooks) before printing; a violation exits 1.
 """
 from __future__ import annotations
@@ -20,6 +23,7 @@ import sys
 
 from trainlib.launchers.errors import EXIT_CONFIG
 from trainlib.launchers.gang import GANGS, apply_gang
+from trainlib.launchers.instances import MAX_NEURON_DEVICES, TABLE, InstanceType, lookup
 from trainlib.launchers.manifests import JobSpec, mpijob, pytorchjob, replica_templates
 from trainlib.launchers.ps import TOKEN_FS_GROUP, ps_objects, token_volume, with_ps_sync, worker_env
 from trainlib.launchers.webhooks import check_all
@@ -27,7 +31,7 @@ from trainlib.launchers.webhooks import check_all
 KINDS = ("pytorchjob", "mpijob")
 FLAG_KEYS = ("name", "image", "namespace", "nodes", "gpus_per_node", "efa", "neuron_cores", "neuron_cores_per_device",
              "gang", "queue", "cluster_queue", "elastic", "max_restarts", "ps_servers", "ps_port", "ps_token_secret",
-             "shm_size", "cpu", "memory")
+             "shm_size", "cpu", "memory", "instance_type", "zone")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -52,6 +56,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--shm-size")
     p.add_argument("--cpu")
     p.add_argument("--memory")
+    p.add_argument("--instance-type", metavar="TYPE", help=f"size pods to this EC2 type ({', '.join(sorted(TABLE))})")
+    p.add_argument("--zone", help="availability zone for every pod (EFA does not cross zones)")
     p.add_argument("--from-config", metavar="RUN.toml")
     p.add_argument("--json", action="store_true", help="JSON instead of YAML")
     p.epilog = "Everything after `--` is the training command (default: trainlib train)."
@@ -99,6 +105,8 @@ def spec_from_args(args: argparse.Namespace, cmd: list[str]) -> JobSpec:
     if values.get("elastic") and args.kind == "mpijob":
         raise ValueError("--elastic is for pytorchjob (torchrun's c10d rendezvous); an MPIJob has a fixed size")
     values["cmd"] = tuple(cmd or ("trainlib", "train"))
+    if values.get("instance_type"):
+        _fill_from_instance(values, lookup(values["instance_type"]))
     spec = JobSpec(**values)
     for k in ("nodes", "gpus_per_node", "efa", "neuron_cores", "ps_servers", "max_restarts"):
         if getattr(spec, k) < 0 or (k == "nodes" and spec.nodes < 1):
@@ -108,7 +116,56 @@ def spec_from_args(args: argparse.Namespace, cmd: list[str]) -> JobSpec:
     if spec.neuron_cores % spec.neuron_cores_per_device:
         raise ValueError(f"--neuron-cores {spec.neuron_cores} is not a multiple of --neuron-cores-per-device "
                          f"{spec.neuron_cores_per_device}; request whole Neuron devices")
+    if spec.instance:
+        _check_fits(spec, spec.instance)
+    if spec.neuron_devices > MAX_NEURON_DEVICES:
+        raise ValueError(f"--neuron-cores {spec.neuron_cores} / {spec.neuron_cores_per_device} cores per device = "
+                         f"{spec.neuron_devices} Neuron devices, but no Trainium instance has more than "
+                         f"{MAX_NEURON_DEVICES}; on trn2 (LNC=2) set --neuron-cores-per-device 4, or --instance-type "
+                         "trn2.48xlarge")
+    _check_shm_fits(spec)
     return spec
+
+
+def _fill_from_instance(values: dict, it: InstanceType) -> None:
+    """Accelerator and EFA counts from the table, for every key the user did not give."""
+    if it.accelerator == "gpu" and "neuron_cores" not in values:
+        values.setdefault("gpus_per_node", it.gpus)
+    if it.accelerator == "neuron" and "gpus_per_node" not in values:
+        values.setdefault("neuron_cores_per_device", it.neuron_cores_per_device)
+        values.setdefault("neuron_cores", it.neuron_devices * values["neuron_cores_per_device"])
+    values.setdefault("efa", it.efa)
+
+
+def _check_fits(spec: JobSpec, it: InstanceType) -> None:
+    asks = [("--gpus-per-node", spec.gpus_per_node, it.gpus, "GPUs"),
+            ("--efa", spec.efa, it.efa, "EFA interfaces"),
+            ("Neuron devices (--neuron-cores / --neuron-cores-per-device)", spec.neuron_devices, it.neuron_devices,
+             "Neuron devices")]
+    for flag, want, have, what in asks:
+        if want > have:
+            raise ValueError(f"{flag} asks for {want} {what} but {it.name} has {have}; lower it or pick another "
+                             "--instance-type (a pod asking for more than its node has stays Pending forever)")
+
+
+_UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+
+def quantity_bytes(q: str) -> int:
+    """A Kubernetes memory quantity ("16Gi", "500M", "1073741824") in bytes."""
+    for unit in sorted(_UNITS, key=len, reverse=True):
+        if q.endswith(unit) and q[:-len(unit)].replace(".", "", 1).isdigit():
+            return int(float(q[:-len(unit)]) * _UNITS[unit])
+    if q.isdigit():
+        return int(q)
+    raise ValueError(f"cannot read the quantity {q!r}; use e.g. 16Gi or 512Mi")
+
+
+def _check_shm_fits(spec: JobSpec) -> None:
+    if spec.pod_memory and quantity_bytes(spec.pod_shm) >= quantity_bytes(spec.pod_memory):
+        raise ValueError(f"/dev/shm {spec.pod_shm} >= pod memory {spec.pod_memory}: /dev/shm pages are charged to the "
+                         "pod's memory limit, so the ranks would be OOM-killed (exit 137) once it fills; set "
+                         "--shm-size below --memory (e.g. a quarter of it)")
 
 
 def build(kind: str, spec: JobSpec) -> list[dict]:

@@ -12,14 +12,30 @@ Conventions the operators rely on (training-operator v1.9, mpi-operator v0.8):
   EFA pods also get 2 MiB huge pages (libfabric registers buffers in them) and a memory request,
   which Kubernetes requires next to huge pages.
 - /dev/shm is a memory-backed emptyDir: the container runtime's 64 MiB default is too small for
-  NCCL's shared-memory transport and for data-loader workers.
+  NCCL's shared-memory transport and for data-loader workers. Its pages are charged to the pod's
+  memory, so a memory *limit* must leave room for /dev/shm plus every rank's RSS: with
+  --instance-type both are sized to the host (launchers/instances.py); without it, memory is only
+  requested (no limit), so 8 ranks on a 2 TiB p5 are not OOM-killed at an arbitrary 16Gi.
+- Placement: --instance-type adds the well-known `node.kubernetes.io/instance-type` node
+  selector; EFA traffic does not cross availability zones, so EFA jobs either pin
+  `topology.kubernetes.io/zone` (--zone) or require all their pods in one zone (pod affinity on
+  the job label; the first pod matches itself, which Kubernetes allows).
+- runPolicy.cleanPodPolicy is `Running`: when the job ends, pods still running (a hung rank
+  holding 8 GPUs) are deleted; finished pods stay for their logs.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from trainlib.launchers.instances import EFA_HUGEPAGES, INSTANCE_ENV, InstanceType, lookup
+
 PYTORCHJOB_PORT = 23456
-EFA_HUGEPAGES = "5120Mi"
+DEFAULT_SHM = "16Gi"
+EFA_MEMORY_REQUEST = "16Gi"   # without --instance-type: a scheduling hint (request, no limit)
+INSTANCE_LABEL = "node.kubernetes.io/instance-type"
+ZONE_LABEL = "topology.kubernetes.io/zone"
+JOB_LABEL = "trainlib/job"
+LAUNCHER_REQUESTS = {"cpu": "1", "memory": "1Gi"}
 
 
 @dataclass(frozen=True)
@@ -41,9 +57,11 @@ class JobSpec:
     ps_servers: int = 0
     ps_port: int = 5555
     ps_token_secret: str | None = None    # an existing Secret (key `token`); None: emit one
-    shm_size: str = "16Gi"
-    cpu: str | None = None
-    memory: str | None = None
+    shm_size: str | None = None           # None: sized to the instance type, else DEFAULT_SHM
+    cpu: str | None = None                # None: sized to the instance type, else not requested
+    memory: str | None = None             # request = limit; None: sized to the instance type
+    instance_type: str | None = None      # node selector + TRAINLIB_INSTANCE_TYPE in the pod
+    zone: str | None = None               # topology.kubernetes.io/zone node selector
     port: int = PYTORCHJOB_PORT
     extra_env: tuple[tuple[str, str], ...] = field(default_factory=tuple)
 
@@ -54,6 +72,25 @@ class JobSpec:
     @property
     def neuron_devices(self) -> int:
         return self.neuron_cores // self.neuron_cores_per_device
+
+    @property
+    def instance(self) -> InstanceType | None:
+        return lookup(self.instance_type) if self.instance_type else None
+
+    @property
+    def pod_memory(self) -> str | None:
+        it = self.instance
+        return self.memory or (f"{it.pod_memory_gi()}Gi" if it else None)
+
+    @property
+    def pod_cpu(self) -> str | None:
+        it = self.instance
+        return self.cpu or (str(it.pod_cpu()) if it else None)
+
+    @property
+    def pod_shm(self) -> str:
+        it = self.instance
+        return self.shm_size or (f"{it.shm_gi()}Gi" if it else DEFAULT_SHM)
 
 
 def resources(spec: JobSpec) -> dict:
@@ -66,11 +103,12 @@ def resources(spec: JobSpec) -> dict:
     if spec.efa:
         limits["vpc.amazonaws.com/efa"] = spec.efa
         limits["hugepages-2Mi"] = requests["hugepages-2Mi"] = EFA_HUGEPAGES
-    memory = spec.memory or ("16Gi" if spec.efa else None)
-    if memory:
-        limits["memory"] = requests["memory"] = memory
-    if spec.cpu:
-        requests["cpu"] = spec.cpu
+    if spec.pod_memory:
+        limits["memory"] = requests["memory"] = spec.pod_memory
+    elif spec.efa:  # huge pages need a memory (or cpu) request; no limit, so /dev/shm cannot OOM the ranks
+        requests["memory"] = EFA_MEMORY_REQUEST
+    if spec.pod_cpu:  # a request only: a CPU limit throttles data loaders and NCCL proxy threads
+        requests["cpu"] = spec.pod_cpu
     out = {"limits": limits} if limits else {}
     if requests:
         out["requests"] = requests
@@ -87,6 +125,8 @@ def container(spec: JobSpec, name: str, command: list[str], args: list[str] | No
     env = list(env or [])
     if spec.neuron_cores:
         env.append({"name": "TRAINLIB_NEURON_CORES_PER_DEVICE", "value": str(spec.neuron_cores_per_device)})
+    if spec.instance_type:
+        env.append({"name": INSTANCE_ENV, "value": spec.instance_type})
     env += [{"name": k, "value": v} for k, v in spec.extra_env]
     if env:
         c["env"] = env
@@ -96,10 +136,28 @@ def container(spec: JobSpec, name: str, command: list[str], args: list[str] | No
     return c
 
 
+def placement(spec: JobSpec) -> dict:
+    """nodeSelector / affinity: the instance type, and one availability zone for EFA jobs."""
+    out: dict = {}
+    selector = {}
+    if spec.instance_type:
+        selector[INSTANCE_LABEL] = spec.instance_type
+    if spec.zone:
+        selector[ZONE_LABEL] = spec.zone
+    if selector:
+        out["nodeSelector"] = selector
+    if spec.efa and not spec.zone:
+        term = {"labelSelector": {"matchLabels": {JOB_LABEL: spec.name}}, "topologyKey": ZONE_LABEL}
+        out["affinity"] = {"podAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [term]}}
+    return out
+
+
 def pod_template(containers: list[dict], spec: JobSpec, volumes: list[dict] | None = None) -> dict:
-    vols = [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.shm_size}}] + list(volumes or [])
-    return {"metadata": {"labels": {"app.kubernetes.io/name": "trainlib", "trainlib/job": spec.name}},
-            "spec": {"containers": containers, "volumes": vols}}
+    vols = [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.pod_shm}}] + list(volumes or [])
+    # Training pods never call the Kubernetes API (rendezvous is c10d or ssh), so no token is mounted.
+    return {"metadata": {"labels": {"app.kubernetes.io/name": "trainlib", JOB_LABEL: spec.name}},
+            "spec": {"automountServiceAccountToken": False, "containers": containers, "volumes": vols,
+                     **placement(spec)}}
 
 
 def _metadata(spec: JobSpec) -> dict:
@@ -115,11 +173,13 @@ def pytorchjob(spec: JobSpec, env: list[dict] | None = None, volumes: list[dict]
     def template() -> dict:
         c = container(spec, "pytorch", ["trainlib", "launch", "--"], list(spec.cmd), "pytorchjob-port", env)
         c["volumeMounts"] += list(mounts or [])
+        # nothing in a training pod needs setuid binaries; MPIJob containers (sshd) keep the default
+        c["securityContext"] = {"allowPrivilegeEscalation": False}
         return pod_template([c], spec, volumes)
 
     replicas: dict = {}
     job_spec: dict = {"nprocPerNode": str(spec.nproc_per_node),
-                      "runPolicy": {"cleanPodPolicy": "None", "backoffLimit": max(3, spec.max_restarts)}}
+                      "runPolicy": {"cleanPodPolicy": "Running", "backoffLimit": max(3, spec.max_restarts)}}
     if spec.elastic:
         lo, hi = spec.elastic
         replicas["Worker"] = {"replicas": min(max(spec.nodes, lo), hi), "restartPolicy": "ExitCode", "template": template()}
@@ -137,6 +197,9 @@ def mpijob(spec: JobSpec, env: list[dict] | None = None, volumes: list[dict] | N
            mounts: list[dict] | None = None) -> dict:
     """Launcher (runs mpirun through trainlib launch) + Workers (sshd, one slot per process)."""
     launcher = container(spec, "launcher", ["trainlib", "launch", "--"], list(spec.cmd), None, env, with_resources=False)
+    # the launcher only runs mpirun (ssh fan-out, output forwarding); a request keeps it from being the
+    # first pod evicted under node pressure, which would end the whole job
+    launcher["resources"] = {"requests": dict(LAUNCHER_REQUESTS)}
     worker = container(spec, "worker", ["trainlib", "launch", "--"], ["/usr/sbin/sshd", "-De"], None, env)
     worker["volumeMounts"] += list(mounts or [])
     launcher["volumeMounts"] += list(mounts or [])

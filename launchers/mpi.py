@@ -7,9 +7,16 @@ port are broadcast over MPI when MASTER_ADDR/MASTER_PORT are not given.
 In an MPIJob (mpi-operator v2beta1) the launcher pod runs `trainlib launch -- CMD`; it turns
 that into `mpirun` over the hostfile the operator mounted, with `trainlib launch -- CMD` as the
 program, so each rank comes back here as an `mpi-rank`.
+
+Which mpirun: the GPU image's Open MPI comes with the EFA installer (/opt/amazon/openmpi, built
+against its libfabric) and mpi4py is built against it; a `mpirun` found first on PATH may be
+another MPI (the PyPI `mpich` wheel puts one in the venv's bin/) that understands neither `-x`
+nor `slots=`. So Open MPI's mpirun is called by its absolute path when it is there. Open MPI
+refuses to start as root without `--allow-run-as-root`, and MPIJob launchers run as root (sshd).
 """
 from __future__ import annotations
 
+import os
 import re
 
 from trainlib.launchers.errors import LaunchConfigError
@@ -36,14 +43,29 @@ def parse_hostfile(text: str) -> list[tuple[str, int]]:
     return hosts
 
 
+OPEN_MPI_DIRS = ("/opt/amazon/openmpi/bin", "/opt/amazon/openmpi5/bin")
+
+
+def open_mpi_mpirun(root: str = "/") -> str:
+    """The EFA installer's Open MPI mpirun (absolute path) when installed, else plain `mpirun` from PATH."""
+    for d in OPEN_MPI_DIRS:
+        path = os.path.join(root, d.lstrip("/"), "mpirun")
+        if os.access(path, os.X_OK):
+            return os.path.join(d, "mpirun") if root == "/" else path
+    return "mpirun"
+
+
 def mpirun_argv(hostfile: str, hostfile_text: str, cmd: list[str], env_names: list[str], open_mpi: bool,
-                launcher: str = "trainlib") -> list[str]:
+                launcher: str = "trainlib", root: str = "/", as_root: bool | None = None) -> list[str]:
     """mpirun over every slot of the hostfile, each slot running `trainlib launch -- CMD`."""
     np_ = sum(s for _, s in parse_hostfile(hostfile_text))
     inner = [launcher, "launch", "--", *cmd]
     if open_mpi:
         exports = [a for n in env_names for a in ("-x", n)]
-        return ["mpirun", "--hostfile", hostfile, "-np", str(np_), "--bind-to", "none", "--map-by", "slot", *exports, *inner]
+        as_root = os.geteuid() == 0 if as_root is None else as_root
+        root_flag = ["--allow-run-as-root"] if as_root else []
+        return [open_mpi_mpirun(root), *root_flag, "--hostfile", hostfile, "-np", str(np_), "--bind-to", "none",
+                "--map-by", "slot", *exports, *inner]
     # MPICH / Intel MPI hydra pass the whole environment on by default.
     return ["mpiexec", "-f", hostfile, "-n", str(np_), *inner]
 

@@ -12,8 +12,10 @@ explanation says so. Profiles:
   default libnccl-net.so, and apply the legacy variables only for an older plugin version.
 - `nccl` (GPUs, no EFA): nothing to set; NCCL picks sockets or NVLink itself.
 - `neuron` (NeuronCores): the persistent compiler cache (NEURON_COMPILE_CACHE_URL) so a restarted
-  pod does not recompile, and with EFA the libfabric settings from the Neuron multi-node guide
-  (the Neuron runtime uses libfabric directly, not the NCCL plugin).
+  pod does not recompile, MALLOC_ARENA_MAX=64 (glibc gives every thread-heavy rank up to 8 x cores
+  malloc arenas; with 32-64 ranks per host that exhausts host memory — AWS's Neuron training
+  scripts set 64 under a "HOST OOM" comment), and with EFA the libfabric settings from the Neuron
+  multi-node guide (the Neuron runtime uses libfabric directly, not the NCCL plugin).
 - `cpu` (neither): gloo; OMP_NUM_THREADS = cores / local processes so ranks do not oversubscribe.
 """
 from __future__ import annotations
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 from trainlib.launchers.devices import Devices
 
 NEURON_CACHE_DEFAULT = "/var/tmp/neuron-compile-cache"
+NEURON_MALLOC_ARENA_MAX = "64"
 
 
 @dataclass(frozen=True)
@@ -89,16 +92,21 @@ def efa_nccl_env(plugin_path: str | None, plugin_version: str | None, gdr_rdma: 
 def select_profile(devices: Devices, nproc_per_node: int, env: dict[str, str] | None = None) -> Profile:
     env = dict(os.environ if env is None else env)
     if devices.neuron_cores:
-        penv = {"NEURON_COMPILE_CACHE_URL": env.get("TRAINLIB_NEURON_CACHE", NEURON_CACHE_DEFAULT)}
+        penv = {"NEURON_COMPILE_CACHE_URL": env.get("TRAINLIB_NEURON_CACHE", NEURON_CACHE_DEFAULT),
+                "MALLOC_ARENA_MAX": NEURON_MALLOC_ARENA_MAX}
         notes = [f"{devices.neuron_cores} NeuronCores: one process per core, compiler cache at "
-                 f"{penv['NEURON_COMPILE_CACHE_URL']} (mount a volume there to keep it across restarts)"]
+                 f"{penv['NEURON_COMPILE_CACHE_URL']} (mount a volume there to keep it across restarts); "
+                 f"MALLOC_ARENA_MAX={NEURON_MALLOC_ARENA_MAX} bounds glibc arenas per rank (host OOM otherwise)"]
         if devices.efa:
             penv.update(FI_PROVIDER="efa", FI_EFA_USE_DEVICE_RDMA="1", FI_EFA_FORK_SAFE="1")
             notes.append(f"{len(devices.efa)} EFA devices: libfabric EFA provider with device RDMA (Neuron multi-node guide)")
         return Profile("neuron", penv, tuple(notes))
     if devices.gpus and devices.efa:
-        # p4d/p5 and later have GPUDirect RDMA over EFA; the variable only matters for plugin 1.6.x.
-        penv, notes = efa_nccl_env(devices.ofi_plugin, env.get("TRAINLIB_OFI_NCCL_VERSION"), gdr_rdma=True)
+        # p4d/p5 and later have GPUDirect RDMA over EFA, g5/g6 do not (instance table); unknown: assume it.
+        # The variable only matters for plugin <= 1.6.x.
+        rdma = devices.instance.gpudirect_rdma if devices.instance else True
+        version = env.get("TRAINLIB_OFI_NCCL_VERSION") or devices.ofi_version
+        penv, notes = efa_nccl_env(devices.ofi_plugin, version, gdr_rdma=rdma)
         if "RDMAV_FORK_SAFE" in env:
             notes.append("RDMAV_FORK_SAFE is set: aws-ofi-nccl advises against it (it can break newer kernels)")
         return Profile("efa-nccl", penv, tuple([f"{len(devices.efa)} EFA devices ({', '.join(devices.efa)})"] + notes))

@@ -111,7 +111,7 @@ def test_gpu_image_versions_agree_and_efa_installer_flags():
     assert efa and set(efa.group(1).split()) >= {"-y", "--skip-kmod", "--skip-limit-conf", "--no-verify"}
     assert f"aws-efa-installer-{args['EFA_INSTALLER_VERSION']}.tar.gz" in runs
     users = [rest for op, rest in ins if op == "USER"]
-    assert users and users[-1] not in ("root", "0"), "the GPU image should run as a non-root user"
+    assert users and users[-1].isdigit() and users[-1] != "0", "the GPU image should run as a numeric non-root user"
     env = " ".join(rest for op, rest in ins if op == "ENV")
     assert "/opt/amazon/ofi-nccl/lib" in env and "/opt/amazon/efa/lib" in env
 
@@ -129,3 +129,62 @@ def test_entrypoint_script_reaches_trainlib_launch(tmp_path):
     plan = json.loads(out.stdout)
     assert plan["placement"] == "plain" and plan["cmd"] == ["trainlib", "train"]
     assert plan["torchrun_argv"][-3:] == ["--no-python", "trainlib", "train"]
+
+
+def _commands(run: str) -> list[str]:
+    """The `&&`-separated commands of one RUN, whitespace-normalised."""
+    return [" ".join(c.split()) for c in run.split("&&")]
+
+
+# The newest EFA installer checked against AWS's EFA release notes (1.51.0, 2026-10-22: libfabric
+# 2.7.0amzn2.0, aws-ofi-nccl 1.22.0). Raise it when the pin moves; never lower it.
+EFA_INSTALLER_AT_LEAST = (1, 51, 0)
+
+
+def test_efa_installer_runs_with_fresh_apt_lists_and_cleans_up():
+    """efa_installer.sh installs its dependencies with apt: the lists must be fetched in the same RUN
+    (an earlier layer deletes them) and deleted at its end, or the build fails / the image keeps them."""
+    ins = instructions(ROOT / "Dockerfile.gpu")
+    args = args_of(ins)
+    (run,) = [rest for op, rest in ins if op == "RUN" and "efa_installer.sh" in rest]
+    cmds = _commands(run)
+    at = next(i for i, c in enumerate(cmds) if "efa_installer.sh" in c)
+    assert any(c.startswith("apt-get update") for c in cmds[:at]), cmds
+    assert any("rm -rf" in c and "/var/lib/apt/lists" in c for c in cmds[at + 1:]), cmds
+    version = tuple(int(x) for x in args["EFA_INSTALLER_VERSION"].split("."))
+    assert version >= EFA_INSTALLER_AT_LEAST, f"EFA installer {args['EFA_INSTALLER_VERSION']} is older than the checked release"
+    # every RUN that installs with apt fetches its lists first and removes them last
+    for op, rest in ins:
+        if op == "RUN" and "apt-get install" in rest:
+            c = _commands(rest)
+            assert c[0].startswith("apt-get update") and "/var/lib/apt/lists" in c[-1], c
+
+
+def test_gpu_image_mpi_is_the_efa_installers_open_mpi():
+    """MPIJob expects Open MPI (-x, slots=): mpi4py is compiled against /opt/amazon/openmpi, and no
+    PyPI mpich wheel (the `[mpi]` extra) puts a second mpirun first on PATH."""
+    ins = instructions(ROOT / "Dockerfile.gpu")
+    args = args_of(ins)
+    runs = [expand(rest, args) for op, rest in ins if op == "RUN"]
+    specs = [sp for r in runs for sp in pip_specs(r)]
+    assert not [sp for sp in specs if "mpich" in sp or re.search(r"\[[^]]*\bmpi\b[^]]*\]", sp)], specs
+    (build,) = [c for r in runs for c in _commands(r) if "mpi4py==" in c]
+    assert build.startswith("MPICC=/opt/amazon/openmpi/bin/mpicc pip install") and "--no-binary=mpi4py" in build
+    assert any("'Open MPI' in" in c and "Get_library_version" in c for r in runs for c in _commands(r)), \
+        "the build should prove mpi4py links Open MPI"
+    setup_extras = (ROOT / "setup.py").read_text()
+    assert '"mpi": ["mpi4py>=3.1", "mpich"]' in setup_extras, "the [mpi] extra changed; re-check this test's premise"
+
+
+def test_neuron_image_pins_and_host_memory_setting():
+    ins = instructions(ROOT / "Dockerfile.neuron")
+    base = [rest for op, rest in ins if op == "FROM"][0]
+    m = re.fullmatch(r"public\.ecr\.aws/neuron/pytorch-training-neuronx:(\d+\.\d+\.\d+)-neuronx-py(\d+)-sdk(\d+)\.(\d+)"
+                     r"\.(\d+)-ubuntu(\d+\.\d+)", base)
+    assert m, base
+    torch_version, sdk = m.group(1), tuple(int(m.group(i)) for i in (3, 4, 5))
+    # PyTorch/XLA training (trainlib's Neuron path) ends with SDK 2.29 / torch 2.9 (Neuron's announcement);
+    # 2.26 (torch 2.8) was the pin before issue 18.
+    assert (2, 29, 0) <= sdk < (2, 30, 0) and torch_version.startswith("2.9."), base
+    env = " ".join(rest for op, rest in ins if op == "ENV")
+    assert "MALLOC_ARENA_MAX=64" in env

@@ -113,24 +113,57 @@ def test_neuron_never_auto_and_cores_from_env(tmp_path):
         (tmp_path / "dev" / f"neuron{i}").touch()
     assert probe({}, root=str(tmp_path), with_nccl=False).neuron_cores == 32          # trn1.32xlarge: 16 x 2
     assert probe({"TRAINLIB_NEURON_CORES_PER_DEVICE": "4"}, root=str(tmp_path), with_nccl=False).neuron_cores == 64
+    # trn2.48xlarge: 16 Trainium2 devices x 8 physical cores; LNC=2 (default) -> 64 logical, LNC=1 -> 128
+    trn2 = {"TRAINLIB_INSTANCE_TYPE": "trn2.48xlarge"}
+    assert probe(trn2, root=str(tmp_path), with_nccl=False).neuron_cores == 64
+    assert probe({**trn2, "NEURON_LOGICAL_NC_CONFIG": "1"}, root=str(tmp_path), with_nccl=False).neuron_cores == 128
+    assert probe({"TRAINLIB_INSTANCE_TYPE": "trn1.32xlarge"}, root=str(tmp_path), with_nccl=False).neuron_cores == 32
+    assert plan.env["MALLOC_ARENA_MAX"] == "64"
+    env, kept = plan.profile.apply({"MALLOC_ARENA_MAX": "8"})
+    assert env["MALLOC_ARENA_MAX"] == "8" and "MALLOC_ARENA_MAX=8" in kept[0]   # a user's value wins
 
 
-def _efa_tree(tmp_path, plugin: str | None = "libnccl-net-ofi.so"):
-    drv = tmp_path / "drivers" / "efa"
-    drv.mkdir(parents=True)
-    for dev in ("rdmap16s27", "rdmap32s27"):
+def _efa_tree(tmp_path, plugin: str | None = "libnccl-net-ofi.so", pod_devices: tuple[int, ...] = (0, 1)):
+    """A host with two EFA devices and one InfiniBand HCA in /sys; the pod got the uverbs nodes in `pod_devices`.
+
+    Layout as on a p4d node: /sys/class/infiniband/<ibdev>/device/driver -> .../drivers/efa,
+    /sys/class/infiniband_verbs/uverbs<N>/ibdev names the verbs device, /dev/infiniband/uverbs<N> is
+    what the EFA device plugin mounts into the pod.
+    """
+    (tmp_path / "drivers" / "efa").mkdir(parents=True)
+    (tmp_path / "drivers" / "mlx5_core").mkdir()
+    for n, (dev, drv) in enumerate((("rdmap16s27", "efa"), ("rdmap32s27", "efa"), ("mlx5_0", "mlx5_core"))):
         d = tmp_path / "sys" / "class" / "infiniband" / dev / "device"
         d.mkdir(parents=True)
-        os.symlink(drv, d / "driver")
-    mlx = tmp_path / "sys" / "class" / "infiniband" / "mlx5_0" / "device"  # an InfiniBand HCA is not EFA
-    mlx.mkdir(parents=True)
-    (tmp_path / "drivers" / "mlx5_core").mkdir()
-    os.symlink(tmp_path / "drivers" / "mlx5_core", mlx / "driver")
+        os.symlink(tmp_path / "drivers" / drv, d / "driver")
+        verbs = tmp_path / "sys" / "class" / "infiniband_verbs" / f"uverbs{n}"
+        verbs.mkdir(parents=True)
+        (verbs / "ibdev").write_text(dev + "\n")
+    (tmp_path / "dev" / "infiniband").mkdir(parents=True)
+    for n in pod_devices:
+        (tmp_path / "dev" / "infiniband" / f"uverbs{n}").touch()
     if plugin:
         lib = tmp_path / "opt" / "amazon" / "ofi-nccl" / "lib"
         lib.mkdir(parents=True)
         (lib / plugin).touch()
     return tmp_path
+
+
+def test_efa_comes_from_the_pods_devices_not_the_hosts_sysfs(tmp_path):
+    """A pod without EFA resources sees the host's /sys/class/infiniband but no /dev/infiniband/uverbs*."""
+    assert probe({}, root=str(_efa_tree(tmp_path / "none", pod_devices=())), with_nccl=False).efa == ()
+    assert probe({}, root=str(_efa_tree(tmp_path / "one", pod_devices=(1,))), with_nccl=False).efa == ("rdmap32s27",)
+    # the InfiniBand HCA's uverbs node is not an EFA device
+    assert probe({}, root=str(_efa_tree(tmp_path / "ib", pod_devices=(2,))), with_nccl=False).efa == ()
+    dev = probe({}, root=str(_efa_tree(tmp_path / "none2", pod_devices=())), with_nccl=False)
+    assert select_profile(Devices(gpus=8, efa=dev.efa, ofi_plugin=dev.ofi_plugin), 8, {}).name == "nccl"
+
+
+def test_pod_seeing_fewer_efa_than_its_instance_is_told(tmp_path):
+    root = _efa_tree(tmp_path, pod_devices=(0,))
+    dev = probe({"TRAINLIB_INSTANCE_TYPE": "p4d.24xlarge"}, root=str(root), with_nccl=False)
+    assert dev.efa == ("rdmap16s27",)
+    assert any("sees 1 of the 4 EFA interfaces of p4d.24xlarge" in n for n in dev.notes), dev.notes
 
 
 @pytest.mark.parametrize("version,expect", [
@@ -197,12 +230,20 @@ def test_nproc_override_and_exit_codes():
     assert [classify_worker_exit(c) for c in (0, 1, 2, 137, 138, -9, -15)] == [0, 1, 2, 137, 138, EXIT_RETRY, EXIT_RETRY]
 
 
-def test_mpi_hostfile_and_mpirun_line():
+def test_mpi_hostfile_and_mpirun_line(tmp_path):
     assert parse_hostfile("gpt-worker-0.gpt.default.svc slots=8\ngpt-worker-1.gpt.default.svc slots=8\n") == [
         ("gpt-worker-0.gpt.default.svc", 8), ("gpt-worker-1.gpt.default.svc", 8)]
     assert parse_hostfile("a:4\n# comment\nb\n") == [("a", 4), ("b", 1)]
-    argv = mpirun_argv("/etc/mpi/hostfile", "a slots=8\nb slots=8\n", CMD, ["LD_LIBRARY_PATH"], open_mpi=True)
+    argv = mpirun_argv("/etc/mpi/hostfile", "a slots=8\nb slots=8\n", CMD, ["LD_LIBRARY_PATH"], open_mpi=True,
+                       root=str(tmp_path), as_root=False)
     assert argv[:5] == ["mpirun", "--hostfile", "/etc/mpi/hostfile", "-np", "16"]
+    # in the GPU image: the EFA installer's Open MPI by absolute path (not the mpich wheel's mpirun on PATH),
+    # and --allow-run-as-root because the MPIJob launcher runs as root
+    bin_ = tmp_path / "opt" / "amazon" / "openmpi" / "bin"
+    bin_.mkdir(parents=True)
+    (bin_ / "mpirun").touch(mode=0o755)
+    image = mpirun_argv("/etc/mpi/hostfile", "a slots=8\n", CMD, [], open_mpi=True, root=str(tmp_path), as_root=True)
+    assert image[:3] == [str(bin_ / "mpirun"), "--allow-run-as-root", "--hostfile"]
     assert argv[argv.index("-x") + 1] == "LD_LIBRARY_PATH" and argv[-5:] == ["trainlib", "launch", "--", *CMD]
     assert mpirun_argv("/h", "a:2\nb:2", CMD, [], open_mpi=False) == ["mpiexec", "-f", "/h", "-n", "4",
                                                                      "trainlib", "launch", "--", *CMD]
