@@ -5,6 +5,7 @@ Installed as `trainlib.launchers` (never import a bare `launchers`). One concept
     errors.py        exit codes that fit Kubeflow's ExitCode restart policy (1 permanent, 138 retry)
     detect.py        where this process runs: PyTorchJob, TrainJob, MPIJob, torchrun child, plain
     devices.py       what the node has: GPUs, Neuron cores, EFA devices, the NCCL OFI plugin
+    instances.py     EC2 instance facts (accelerators, EFA, memory) that size pods and profiles
     profiles.py      environment profiles (EFA/NCCL, Neuron, CPU/gloo) chosen from the devices
     torchrun_args.py the torchrun command line for a placement (pure)
     plan.py          detection + devices + profile + arguments -> one LaunchPlan, explained
