@@ -27,6 +27,7 @@ import sys
 from trainlib.launchers.errors import (EXIT_CONFIG, EXIT_RETRY, LaunchConfigError, LaunchInfraError,
                                        classify_worker_exit)
 from trainlib.launchers.plan import LaunchPlan, build_plan
+from trainlib.runtime import DEFAULT_TIMEOUT_S
 
 DEFAULT_CMD = ["trainlib", "train"]
 
@@ -57,6 +58,7 @@ def run_torchrun(plan: LaunchPlan) -> int:
 
     os.environ.clear()
     os.environ.update(plan.env)
+    _bound_exit_barrier(float(plan.env.get("TRAINLIB_TIMEOUT_S", DEFAULT_TIMEOUT_S)))
     try:
         run(parse_args(plan.torchrun_argv))
     except ChildFailedError as e:
@@ -72,6 +74,26 @@ def run_torchrun(plan: LaunchPlan) -> int:
             raise LaunchInfraError(f"{type(e).__name__}: {e}") from e
         raise
     return 0
+
+
+def _bound_exit_barrier(timeout_s: float) -> None:
+    """torchrun's agent waits 300 s (not configurable from its CLI) at exit for every other node's
+    agent; when a node has died that is minutes of a finished pod doing nothing. Wait as long as
+    any other distributed wait in trainlib instead."""
+    import torch.distributed.launcher.api as api
+
+    base = api.LocalElasticAgent
+    if getattr(base, "_trainlib_bounded", False):
+        return
+
+    class BoundedExitAgent(base):
+        _trainlib_bounded = True
+
+        def __init__(self, *args, **kwargs):
+            kwargs.setdefault("exit_barrier_timeout", timeout_s)
+            super().__init__(*args, **kwargs)
+
+    api.LocalElasticAgent = BoundedExitAgent
 
 
 def as_program(cmd: list[str]) -> list[str]:

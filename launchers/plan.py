@@ -10,8 +10,10 @@ import shlex
 from dataclasses import dataclass, field
 
 from trainlib.launchers.detect import Placement, detect_placement
+from trainlib.launchers.errors import LaunchConfigError
 from trainlib.launchers.devices import Devices, probe
 from trainlib.launchers.profiles import Profile, select_profile
+from trainlib.netif import IFNAME_VARS, RouteError, socket_ifname_env
 from trainlib.launchers.torchrun_args import check_backend, check_world_size, resolve_nproc, torchrun_argv
 
 # torchrun reads PET_<FLAG> as the default of each of its flags; we pass every flag explicitly and
@@ -40,6 +42,7 @@ class LaunchPlan:
     env: dict[str, str] = field(default_factory=dict)   # the environment the job will get
     kept: list[str] = field(default_factory=list)       # profile variables the user had already set
     backend: str | None = None
+    net_notes: list[str] = field(default_factory=list)  # which interface a multi-node job advertises, and why
 
     def explain(self) -> list[str]:
         p = self.placement
@@ -59,6 +62,7 @@ class LaunchPlan:
             lines.append(f"profile: {self.profile.name}: " + "; ".join(self.profile.notes))
             lines += [f"  {k}={v}" for k, v in self.profile.env.items()]
         lines += [f"  kept {k}" for k in self.kept]
+        lines += [f"network: {n}" for n in self.net_notes]
         return lines
 
     def as_dict(self) -> dict:
@@ -70,7 +74,8 @@ class LaunchPlan:
                 "ofi_plugin": self.devices.ofi_plugin, "nccl_version": self.devices.nccl_version,
                 "profile": self.profile.name if self.profile else None,
                 "profile_env": dict(self.profile.env) if self.profile else {}, "kept": self.kept,
-                "torchrun_argv": self.torchrun_argv, "cmd": self.cmd, "backend": self.backend}
+                "torchrun_argv": self.torchrun_argv, "cmd": self.cmd, "backend": self.backend,
+                "socket_ifname": {v: self.env[v] for v in IFNAME_VARS if v in self.env}}
 
 
 def build_plan(cmd: list[str], env: dict[str, str] | None = None, nproc_override: int | None = None,
@@ -97,7 +102,23 @@ def build_plan(cmd: list[str], env: dict[str, str] | None = None, nproc_override
         base = env
     plan.profile = select_profile(devices, plan.nproc_per_node, env)
     plan.env, plan.kept = plan.profile.apply(base)
+    _choose_socket_ifname(plan)
     return plan
+
+
+def _choose_socket_ifname(plan: LaunchPlan) -> None:
+    """A job that spans nodes advertises the interface that routes to its master (trainlib.netif)."""
+    p = plan.placement
+    multi_node = p.elastic or p.nnodes != "1"
+    host = p.master_addr or (p.rdzv_endpoint.rpartition(":")[0] if p.rdzv_endpoint else None)
+    if not multi_node or not host:
+        return
+    try:
+        add, why = socket_ifname_env(plan.env, host)
+    except RouteError as e:
+        raise LaunchConfigError(str(e)) from None
+    plan.env.update(add)
+    plan.net_notes = [why] if why else [f"{v}={plan.env[v]} (user-set)" for v in IFNAME_VARS if plan.env.get(v)]
 
 
 def _local_ranks(env: dict[str, str]) -> int:

@@ -38,6 +38,9 @@ from .models.gpt import GPT, GPTConfig, lm_loss
 from .parallelize import ParallelModel, lm_loss_fn, parallelize
 from .tensor_parallel import GPT_PLAN
 from .runtime import LaunchError
+from .sync.ps.client import PSTimeout
+
+EXIT_LOST_PEER = 138   # >= 128: retryable for Kubeflow's ExitCode restart policy (launchers/errors.py)
 
 log = logging.getLogger("trainlib")
 
@@ -254,6 +257,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, MeshError, LaunchError, FloatingPointError, resume.CheckpointError) as e:
         print(f"trainlib train: error: {e}", file=sys.stderr)
         return 1
+    except comm.CollectiveMismatch as e:   # ranks disagree on what to do: a bug or a config error
+        print(f"trainlib train: error: {e}", file=sys.stderr)
+        return 1
+    except (comm.CollectiveTimeout, PSTimeout) as e:
+        # a peer or a server was lost: infrastructure, so retryable (Kubeflow's ExitCode policy and
+        # torchrun's --max-restarts restart the job, which resumes from its last checkpoint)
+        print(f"trainlib train: lost a peer: {e}", file=sys.stderr)
+        return EXIT_LOST_PEER
     rank = int(os.environ.get("RANK", "0"))
     if rank == 0:
         out = os.environ.get(SUMMARY_ENV)

@@ -12,11 +12,11 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-import socket
 
 import torch
 
 from ... import comm
+from ...netif import RouteError, route_to
 from ...runtime import get_runtime
 from .launch import ServerHandle, spawn_server
 from .token import new_token, read_token
@@ -52,6 +52,24 @@ def shared_token(token: str | None) -> str:
     return _text(t)
 
 
+def node_address() -> str:
+    """The address this node's server binds and announces in a multi-node job: TRAINLIB_PS_HOST if
+    set, else this node's address on the route to MASTER_ADDR. Not gethostbyname(gethostname()):
+    on Debian and many images that is 127.0.1.1, which the other nodes cannot reach. Not 0.0.0.0:
+    the server listens only where the job's traffic arrives."""
+    if os.environ.get(HOST_ENV):
+        return os.environ[HOST_ENV]
+    master = os.environ.get("MASTER_ADDR")
+    if not master:
+        raise RuntimeError(f"the job spans nodes but neither {HOST_ENV} nor MASTER_ADDR is set, so the colocated "
+                           f"parameter server cannot tell which address the other nodes reach; set {HOST_ENV}="
+                           "<this node's IP>")
+    try:
+        return route_to(master).address
+    except RouteError as e:
+        raise RuntimeError(f"colocated parameter server: {e}; set {HOST_ENV}=<this node's IP>") from None
+
+
 def colocated_servers(token: str, start_timeout_s: float = 60.0,
                       worker_timeout_s: float = 300.0) -> tuple[list[str], ServerHandle | None]:
     """Start this node's server (on local rank 0) and return every node's server address."""
@@ -61,7 +79,7 @@ def colocated_servers(token: str, start_timeout_s: float = 60.0,
     mine = b""
     failure = None
     if rt.local_rank == 0:
-        bind_host = "127.0.0.1" if single_node else "0.0.0.0"
+        bind_host = "127.0.0.1" if single_node else node_address()
         try:
             handle = spawn_server(f"{bind_host}:0", token=token, timeout_s=start_timeout_s,
                                   extra=("--exit-with-parent", "--worker-timeout", str(worker_timeout_s)))
@@ -72,8 +90,7 @@ def colocated_servers(token: str, start_timeout_s: float = 60.0,
     if handle is not None:
         atexit.register(handle.stop)
         port = handle.address.rpartition(":")[2]
-        host = "127.0.0.1" if single_node else (os.environ.get(HOST_ENV) or socket.gethostbyname(socket.gethostname()))
-        mine = f"{host}:{port}".encode()
+        mine = f"{bind_host}:{port}".encode()
         log.info("rank %d: started colocated parameter server %s (pid %d)", rt.rank, mine.decode(), handle.proc.pid)
     if rt.world_size == 1:
         return [mine.decode()], handle
