@@ -80,15 +80,17 @@ def _weight_diff(a: nn.Module, b: nn.Module) -> float:
     return max((pa.double() - pb.double()).abs().max().item() for pa, pb in zip(a.parameters(), b.parameters()))
 
 
-def _train_side_by_side(rank: int, transport: str) -> dict:
-    """Hierarchical (or `transport`), flat torch and a single-process reference of all ranks'
+def _train_side_by_side(rank: int, transport: str, mesh: tl.Mesh | None = None) -> dict:
+    """Hierarchical (or `transport`), flat torch and a single-process reference of the dp group's
     batches, trained together: 2 synced steps, then 2 steps of 3 micro-batches (2 under no_sync)."""
+    mesh = mesh or tl.Mesh(dp=WORLD)
+    peers = mesh.group_ranks("dp")
     torch.manual_seed(0)
     ref, ours, flat = UnevenNet(), UnevenNet(), UnevenNet()
     for m in (ours, flat):
         m.load_state_dict(ref.state_dict())
-    dp = tl.DataParallel(ours, sync=tl.AllReduce(bucket_mb=0.0015, transport=transport))
-    dp_flat = tl.DataParallel(flat, sync=tl.AllReduce(bucket_mb=0.0015, transport="torch"))
+    dp = tl.DataParallel(ours, mesh=mesh, sync=tl.AllReduce(bucket_mb=0.0015, transport=transport))
+    dp_flat = tl.DataParallel(flat, mesh=mesh, sync=tl.AllReduce(bucket_mb=0.0015, transport="torch"))
     opts = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1) for m in (ref, ours, flat)]
     mse = nn.functional.mse_loss
     diffs_ref, diffs_flat = [], []
@@ -99,10 +101,10 @@ def _train_side_by_side(rank: int, transport: str) -> dict:
                 x, y = _batch(step, i, rank)
                 with model.no_sync() if i < micros - 1 else contextlib.nullcontext():
                     (mse(model(x, _use_branch(step, i, rank)), y) / micros).backward()
-        for r in range(WORLD):  # the dp average: mean over ranks of each rank's loss
+        for r in peers:  # the dp average: mean over the dp group of each rank's loss
             for i in range(micros):
                 x, y = _batch(step, i, r)
-                (mse(ref(x, _use_branch(step, i, r)), y) / (micros * WORLD)).backward()
+                (mse(ref(x, _use_branch(step, i, r)), y) / (micros * len(peers))).backward()
         diffs_ref.append(_grad_diff(ours, ref))
         diffs_flat.append(_grad_diff(ours, flat))
         for opt in opts:
@@ -186,6 +188,10 @@ def four_ranks() -> dict:
     for layout, transport in [("2x2", "auto"), ("2x2-interleaved", "hierarchical"), ("4x1", "hierarchical")]:
         as_node(layout)
         out["train"][layout] = _train_side_by_side(rt.rank, transport)
+    # dp inside a larger mesh (dp groups {0, 2} and {1, 3}, each rank on its own node): the cross-node
+    # groups are made by their members alone, not by the whole world
+    as_node("4x1")
+    out["train"]["dp2xtp2-4x1"] = _train_side_by_side(rt.rank, "hierarchical", tl.Mesh(dp=2, tp=2))
     as_node("2x2")
     out["compressed"] = {c: _compressed(rt.rank, c) for c in ("bf16", "fp16")}
     out["fault"] = _skip_backward_with_short_timeout(rt.rank, timeout_s=3.0)
@@ -203,7 +209,7 @@ def test_auto_picks_hierarchical_only_for_equal_multi_rank_nodes(results):
                              "4x1": "torch", "3+1": "torch", "2x2+bf16": "torch"}, r["auto"]
 
 
-@pytest.mark.parametrize("layout", ["2x2", "2x2-interleaved", "4x1"])
+@pytest.mark.parametrize("layout", ["2x2", "2x2-interleaved", "4x1", "dp2xtp2-4x1"])
 def test_gradients_and_weights_equal_reference_and_flat_torch(results, layout):
     for rank, r in enumerate(results):
         t = r["train"][layout]

@@ -202,24 +202,37 @@ def reduce_scatter(out: torch.Tensor, parts: list[torch.Tensor], group=None) -> 
     Handle(work, rec).wait()
 
 
-_SUBGROUPS: dict[tuple[int, ...], tuple[object, object]] = {}
+_SUBGROUPS: dict[tuple, tuple[object, object]] = {}
 
 
-def subgroup(ranks: list[int], timeout_s: float | None = None, backend: str = "gloo"):
-    """A process group of the global `ranks`, created by its members only (only they may call).
+def subgroups(partition: list[list[int]], parent, timeout_s: float | None = None, backend: str = "gloo"):
+    """Process groups for `partition` (disjoint lists of global ranks covering `parent`'s ranks),
+    collective over `parent`; returns the one holding this rank.
 
-    For groups that depend on facts only the members know (which ranks share a node), so the whole
-    world cannot enter new_group in one order. Cached per rank list (and default group): a second
-    DataParallel over the same ranks reuses the group instead of creating one more."""
-    key = tuple(sorted(ranks))
-    world = dist.group.WORLD
+    When `parent` spans the world, every rank creates every group in one order: new_group's
+    documented contract. Otherwise (a dp axis inside a larger mesh) the ranks outside `parent` are
+    busy elsewhere, so each group is made by its members alone (use_local_synchronization). torch
+    names such a group by its ranks and the count of groups each member already has, so its members
+    must have created equally many groups before; trainlib's groups (Mesh, these) keep that.
+    Cached per partition (and default group), so all of `parent` hits or misses together: a second
+    DataParallel over the same layout reuses the groups."""
+    world, me = dist.group.WORLD, dist.get_rank()
+    everyone = dist.get_world_size(parent) == dist.get_world_size()
+    key = (everyone, tuple(sorted(tuple(sorted(r)) for r in partition)))
     hit = _SUBGROUPS.get(key)
     if hit is not None and hit[0] is world:
         return hit[1]
     timeout = datetime.timedelta(seconds=_timeout_s() if timeout_s is None else timeout_s)
-    g = dist.new_group(list(key), timeout=timeout, backend=backend, use_local_synchronization=True)
-    _SUBGROUPS[key] = (world, g)
-    return g
+    mine = None
+    for ranks in key[1]:
+        if everyone or me in ranks:
+            g = dist.new_group(list(ranks), timeout=timeout, backend=backend, use_local_synchronization=not everyone)
+            if me in ranks:
+                mine = g
+    if mine is None:
+        raise ValueError(f"rank {me} is in none of the groups {partition}")
+    _SUBGROUPS[key] = (world, mine)
+    return mine
 
 
 def barrier(group=None) -> None:

@@ -64,7 +64,12 @@ class NodeLayout:
     @property
     def cross(self) -> tuple[int, ...]:
         """The ranks with this rank's local index, one per node: its cross-node group."""
-        return tuple(n[self.local_index] for n in self.nodes)
+        return self.cross_groups[self.local_index]
+
+    @property
+    def cross_groups(self) -> list[tuple[int, ...]]:
+        """Every cross-node group, by local index (needs the same rank count on every node)."""
+        return [tuple(n[i] for n in self.nodes) for i in range(len(self.local))]
 
     def describe(self) -> str:
         return ", ".join(f"node {j}: ranks {list(n)}" for j, n in enumerate(self.nodes))
@@ -103,9 +108,11 @@ def check_usable(layout: NodeLayout, facts: Facts) -> None:
 def build_group(group, timeout_s: float, layout: NodeLayout) -> ShmGroup:
     """This node's ShmGroup whose owned chunks are all-reduced across nodes in between.
 
-    Collective over `group`: the cross-node groups are made by their members (comm.subgroup),
-    one per local index, then every rank sets up its node's shared memory."""
-    cross = comm.subgroup(list(layout.cross), timeout_s) if len(layout.cross) > 1 else None
+    Collective over `group`: first the cross-node groups, one per local index (comm.subgroups),
+    then every rank sets up its node's shared memory."""
+    cross = None
+    if len(layout.nodes) > 1:
+        cross = comm.subgroups([list(c) for c in layout.cross_groups], group, timeout_s)
     rank = dist.get_rank()
 
     def across(chunk: torch.Tensor, what: str) -> None:
