@@ -10,10 +10,9 @@ import shlex
 from dataclasses import dataclass, field
 
 from trainlib.launchers.detect import Placement, detect_placement
-from trainlib.launchers.errors import LaunchConfigError
 from trainlib.launchers.devices import Devices, probe
 from trainlib.launchers.profiles import Profile, select_profile
-from trainlib.netif import IFNAME_VARS, RouteError, socket_ifname_env
+from trainlib.netif import IFNAME_VARS, socket_ifname_env
 from trainlib.launchers.torchrun_args import check_backend, check_world_size, resolve_nproc, torchrun_argv
 
 # torchrun reads PET_<FLAG> as the default of each of its flags; we pass every flag explicitly and
@@ -113,10 +112,7 @@ def _choose_socket_ifname(plan: LaunchPlan) -> None:
     host = p.master_addr or (p.rdzv_endpoint.rpartition(":")[0] if p.rdzv_endpoint else None)
     if not multi_node or not host:
         return
-    try:
-        add, why = socket_ifname_env(plan.env, host)
-    except RouteError as e:
-        raise LaunchConfigError(str(e)) from None
+    add, why = socket_ifname_env(plan.env, host)
     plan.env.update(add)
     plan.net_notes = [why] if why else [f"{v}={plan.env[v]} (user-set)" for v in IFNAME_VARS if plan.env.get(v)]
 

@@ -13,7 +13,7 @@ own network namespace, so no traffic can leave them):
 
 A node's NIC is shaped in both directions (full duplex): a tbf on the node's eth0 limits what it
 sends, and one on the switch port p<i> limits what it receives. Loss and partitions are nftables
-rules in the node's namespace (this kernel has no sch_netem; `netem_available()` says whether delay
+rules on the switch (bridge family), so drops are silent to both ends (this kernel has no sch_netem; `netem_available()` says whether delay
 and jitter can be emulated). A link taken down is the switch port going down: the node keeps its
 address, as when a cable or a top-of-rack port fails.
 
@@ -289,37 +289,40 @@ class NetCluster:
                 _sh("tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "handle", "1:", *_tbf_args(rate))
         self._set_rules(i, loss=loss, blocked=node.blocked)
 
-    def _nft(self, i: int, script: str) -> None:
-        if not nft_available():
-            raise ClusterUnavailable("loss and partitions need nftables (apt-get install nftables)")
-        r = subprocess.run(["ip", "netns", "exec", self.nodes[i].netns, "nft", "-f", "-"], input=script,
-                           capture_output=True, text=True, timeout=20)
-        if r.returncode != 0:
-            raise RuntimeError(f"nft in {self.nodes[i].netns} failed: {r.stderr.strip()}\n{script}")
-
     def _set_rules(self, i: int, loss: float = 0.0, blocked: tuple[str, ...] = ()) -> None:
-        """Node i's packet filter: random loss and blocked peers, in both directions."""
+        """Node i's loss and blocked peers, enforced at the switch (nftables' bridge family in the
+        bridge namespace): drops are silent, as on a real network, never an error to the sender."""
         if not 0 <= loss <= 100:
             raise ValueError(f"loss={loss} is a percentage between 0 and 100")
         node = self.nodes[i]
-        had_rules = bool(node.loss or node.blocked)
         if (loss, tuple(blocked)) == (node.loss, node.blocked):
             return
-        rules = []
-        if blocked:
-            addrs = ", ".join(blocked)
-            rules += [f"ip daddr {{ {addrs} }} drop", f"ip saddr {{ {addrs} }} drop"]
-        if loss:
-            # numgen draws per packet: the share of dropped packets is loss/100 in each direction
-            rules.append(f"numgen random mod 10000 < {int(round(loss * 100))} drop")
-        body = "\n".join(f"    {r}" for r in rules)
-        script = "table inet tlnc\ndelete table inet tlnc\n" if had_rules else ""
-        if rules:
-            script += ("table inet tlnc {\n"
-                       f"  chain out {{ type filter hook output priority 0;\n{body}\n  }}\n"
-                       f"  chain in {{ type filter hook input priority 0;\n{body}\n  }}\n}}\n")
-        self._nft(i, script)
         node.loss, node.blocked = loss, tuple(blocked)
+        self._apply_switch_rules()
+
+    def _apply_switch_rules(self) -> None:
+        if not nft_available():
+            raise ClusterUnavailable("loss and partitions need nftables (apt-get install nftables)")
+        rules = []
+        for node in self.nodes:
+            port = f"p{node.index}"
+            if node.blocked:
+                peers = ", ".join(node.blocked)
+                rules += [f"ip saddr {node.ip} ip daddr {{ {peers} }} drop",
+                          f"ip saddr {{ {peers} }} ip daddr {node.ip} drop"]
+            if node.loss:
+                # numgen draws per frame: the share dropped is loss/100 in each direction of the link
+                n = int(round(node.loss * 100))
+                rules += [f'iifname "{port}" numgen random mod 10000 < {n} drop',
+                          f'oifname "{port}" numgen random mod 10000 < {n} drop']
+        script = "table bridge tlnc\ndelete table bridge tlnc\n"
+        if rules:
+            body = "\n".join(f"    {r}" for r in rules)
+            script += f"table bridge tlnc {{\n  chain links {{ type filter hook forward priority 0;\n{body}\n  }}\n}}\n"
+        r = subprocess.run(["ip", "netns", "exec", self.bridge_ns, "nft", "-f", "-"], input=script,
+                           capture_output=True, text=True, timeout=20)
+        if r.returncode != 0:
+            raise RuntimeError(f"nft in {self.bridge_ns} failed: {r.stderr.strip()}\n{script}")
 
     def partition(self, i: int, peers: list[int]) -> None:
         """Silently drop everything between node i and the given nodes (no error reaches either side,

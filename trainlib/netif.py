@@ -80,6 +80,19 @@ def route_to(host: str) -> Route:
     return Route(names[0], src, peer)
 
 
+def default_route_ifname(proc_route: str = "/proc/net/route") -> str | None:
+    """The interface of the IPv4 default route (how a pod reaches other pods), from the kernel's table."""
+    try:
+        with open(proc_route) as f:
+            rows = [line.split() for line in f.readlines()[1:]]
+    except OSError:
+        return None
+    for row in rows:
+        if len(row) > 2 and row[1] == "00000000" and int(row[3], 16) & 0x1:   # destination 0/0, route up
+            return row[0]
+    return None
+
+
 def socket_ifname_env(env: dict[str, str], master_addr: str | None) -> tuple[dict[str, str], str | None]:
     """GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME for a multi-node job, unless the user set them.
 
@@ -88,7 +101,17 @@ def socket_ifname_env(env: dict[str, str], master_addr: str | None) -> tuple[dic
         return {}, None
     if is_loopback(master_addr):
         return {}, None
-    route = route_to(master_addr)
+    try:
+        route = route_to(master_addr)
+    except RouteError as e:
+        # a PyTorchJob's master Service may not resolve until its pod is up: use the default route's
+        # interface, which is how a pod reaches the others
+        ifname = default_route_ifname()
+        if ifname is None:
+            return {}, f"{e}; no default route either, so gloo/NCCL pick the interface from the hostname"
+        return ({v: ifname for v in IFNAME_VARS},
+                f"GLOO_SOCKET_IFNAME=NCCL_SOCKET_IFNAME={ifname}: the default route's interface ({e.args[0]}); "
+                "set either variable to choose another")
     add = {v: route.ifname for v in IFNAME_VARS}
     return add, (f"GLOO_SOCKET_IFNAME=NCCL_SOCKET_IFNAME={route.ifname}: the interface that routes to MASTER_ADDR "
                  f"{master_addr} (this node is {route.address} there); set either variable to choose another")

@@ -1,0 +1,178 @@
+"""The emulated cluster itself, and the interface choice it exists to test (trainlib.netif).
+
+The link checks measure real traffic between two namespaces: a 100 Mbit/s tbf must deliver close
+to 100 Mbit/s (not 10 Gbit/s, not 10), a downed port or a partition must stop traffic and a heal
+restore it, random loss must drop about the share asked for, and teardown must leave no namespace.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from trainlib import netcluster, netif
+from trainlib.netcluster import NetCluster
+
+needs_cluster = pytest.mark.skipif(netcluster.unavailable_reason() is not None,
+                                   reason=netcluster.unavailable_reason() or "")
+needs_nft = pytest.mark.skipif(not netcluster.nft_available(), reason="nftables is not installed (apt-get install nftables)")
+
+# a TCP sink on node 1 and a timed sender on node 0; prints Mbit/s received
+SINK = """
+import socket, time
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('0.0.0.0', 5001)); s.listen()
+print('ready', flush=True)
+c, _ = s.accept(); n = 0; t0 = None
+while True:
+    d = c.recv(1 << 20)
+    if not d: break
+    t0 = t0 or time.monotonic(); n += len(d)
+print(n * 8 / (time.monotonic() - t0) / 1e6, flush=True)
+"""
+SEND = """
+import socket, sys, time
+s = socket.create_connection((sys.argv[1], 5001), timeout=10); b = b'x' * (1 << 16); t = time.monotonic()
+while time.monotonic() - t < float(sys.argv[2]): s.sendall(b)
+s.close()
+"""
+# UDP probes: how many of N datagrams arrive (loss, partitions, a downed port)
+UDP_SINK = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('0.0.0.0', 5002)); s.settimeout(1.5)
+print('ready', flush=True); n = 0
+try:
+    while True:
+        s.recv(64); n += 1
+except socket.timeout:
+    pass
+print(n, flush=True)
+"""
+UDP_SEND = """
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for i in range(int(sys.argv[2])):
+    s.sendto(b'p', (sys.argv[1], 5002)); time.sleep(0.0002)
+"""
+
+
+def mbits(c: NetCluster, seconds: float = 1.5) -> float:
+    sink = c.run(1, [sys.executable, "-c", SINK], stdout=subprocess.PIPE, text=True)
+    assert sink.stdout.readline().strip() == "ready"
+    subprocess.run(c.wrap(0, [sys.executable, "-c", SEND, c.nodes[1].ip, str(seconds)]), timeout=30, check=True)
+    out, _ = sink.communicate(timeout=30)
+    return float(out.strip())
+
+
+def udp_delivered(c: NetCluster, n: int) -> int:
+    sink = c.run(1, [sys.executable, "-c", UDP_SINK], stdout=subprocess.PIPE, text=True)
+    assert sink.stdout.readline().strip() == "ready"
+    subprocess.run(c.wrap(0, [sys.executable, "-c", UDP_SEND, c.nodes[1].ip, str(n)]), timeout=60, check=True)
+    out, _ = sink.communicate(timeout=30)
+    return int(out.strip())
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with NetCluster(2, rate="100mbit") as c:
+        yield c
+
+
+@needs_cluster
+def test_rate_is_shaped_and_changeable(cluster):
+    assert 75 <= mbits(cluster) <= 105          # tbf at 100 Mbit/s
+    cluster.shape(0, rate="400mbit")
+    cluster.shape(1, rate="400mbit")
+    try:
+        assert 300 <= mbits(cluster) <= 420     # changed while the cluster runs
+    finally:
+        cluster.shape(0, rate="100mbit")
+        cluster.shape(1, rate="100mbit")
+
+
+@needs_cluster
+def test_link_down_stops_traffic_and_up_restores_it(cluster):
+    cluster.link_down(1)
+    try:
+        assert udp_delivered(cluster, 200) == 0
+    finally:
+        cluster.link_up(1)
+    assert udp_delivered(cluster, 200) == 200
+
+
+@needs_cluster
+@needs_nft
+def test_partition_and_heal(cluster):
+    cluster.partition(0, [1])
+    try:
+        assert udp_delivered(cluster, 200) == 0
+    finally:
+        cluster.heal(0)
+    assert udp_delivered(cluster, 200) == 200
+
+
+@needs_cluster
+@needs_nft
+def test_random_loss_drops_about_the_share_asked(cluster):
+    cluster.shape(1, rate="100mbit", loss=20)
+    try:
+        got = udp_delivered(cluster, 2000)
+    finally:
+        cluster.shape(1, rate="100mbit", loss=0)
+    # binomial(2000, 0.8): mean 1600, sd 18; +-5 sd
+    assert 1510 <= got <= 1690
+
+
+@needs_cluster
+def test_nodes_have_their_own_hostname_shm_and_route(cluster):
+    probe = ("import socket, os; from trainlib.netif import route_to; r = route_to(os.environ['M']); "
+             "open('/dev/shm/tlnc-probe', 'w').write('x'); print(socket.gethostname(), r.ifname, r.address, "
+             "sorted(os.listdir('/dev/shm')))")
+    outs = []
+    for i in (0, 1):
+        env = {"M": cluster.nodes[0].ip, "PATH": "/usr/bin:/bin"}
+        outs.append(subprocess.run(cluster.wrap(i, [sys.executable, "-c", probe]), env=env, capture_output=True,
+                                   text=True, timeout=30).stdout.strip())
+    assert outs[0] == "node0 eth0 10.213.0.1 ['tlnc-probe']"  # the master's own address is on eth0
+    assert outs[1] == "node1 eth0 10.213.0.2 ['tlnc-probe']"  # each node's /dev/shm is its own tmpfs
+
+
+@needs_cluster
+def test_teardown_and_stale_sweep():
+    c = NetCluster(1)
+    c.start()
+    names = [ns for ns in netcluster._list_netns() if ns.startswith(c.name)]
+    assert len(names) == 2
+    c.close()
+    assert not [ns for ns in netcluster._list_netns() if ns.startswith(c.name)]
+    # a namespace left by a dead owner (pid 2**22 + 1 is above pid_max's default) is swept
+    stale = f"{netcluster.PREFIX}{2**22 + 1}x1-n0"
+    subprocess.run(["ip", "netns", "add", stale], check=True)
+    assert stale in netcluster.sweep_stale()
+    assert stale not in netcluster._list_netns()
+
+
+def test_socket_ifname_respects_the_user_and_loopback(tmp_path):
+    assert netif.socket_ifname_env({"GLOO_SOCKET_IFNAME": "ens5"}, "10.0.0.1") == ({}, None)
+    assert netif.socket_ifname_env({}, "127.0.0.1") == ({}, None)
+    assert netif.socket_ifname_env({}, None) == ({}, None)
+
+
+def test_default_route_interface_from_the_kernel_table(tmp_path):
+    table = tmp_path / "route"
+    table.write_text("Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\n"
+                     "ens6\t0000FEA9\t00000000\t0001\t0\t0\t0\t0000FFFF\n"
+                     "ens5\t00000000\t0101A8C0\t0003\t0\t0\t0\t00000000\n")
+    assert netif.default_route_ifname(str(table)) == "ens5"
+    table.write_text("Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\n")
+    assert netif.default_route_ifname(str(table)) is None
+
+
+def test_unresolvable_master_falls_back_to_the_default_route():
+    add, why = netif.socket_ifname_env({}, "no-such-master.invalid")
+    dflt = netif.default_route_ifname()
+    if dflt is None:
+        assert add == {} and "cannot resolve" in why
+    else:
+        assert add == {"GLOO_SOCKET_IFNAME": dflt, "NCCL_SOCKET_IFNAME": dflt}
+        assert "default route" in why and "no-such-master.invalid" in why
