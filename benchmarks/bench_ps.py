@@ -219,7 +219,7 @@ def _mac_speeds(buf) -> dict[str, float]:
 
     from trainlib.sync.ps.protocol import Signer
 
-    signer, raw = Signer(TOKEN), b"\0" * 52
+    signer, raw = Signer(TOKEN, "client"), b"\0" * 68
     out = {}
     for name, fn in (("hmac_sha256_GBps_one_core", lambda: hmac.new(TOKEN.encode(), buf, hashlib.sha256).digest()),
                      ("poly1305_GBps_one_core", lambda: signer.sign(raw, buf))):

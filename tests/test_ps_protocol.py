@@ -17,19 +17,20 @@ TOKEN = "protocol-test-token-0123456789"
 
 
 def frames_for(header: Header, payload: bytes = b"", token: str = TOKEN) -> list:
-    return Signer(token).encode(header, payload)
+    return Signer(token, "client").encode(header, payload)
 
 
 def test_round_trip_and_mac():
     payload = torch.arange(6, dtype=torch.float32).numpy().tobytes()
-    h = Header(op=Op.PUSH, worker=1, nworkers=2, key=7, step=3, seq=99, session=5, nbytes=len(payload),
-               dtype=DType.FLOAT32, arg=2)
+    h = Header(op=Op.PUSH, worker=1, nworkers=2, key=7, step=3, seq=99, session=5, instance=11,
+               nbytes=len(payload), dtype=DType.FLOAT32, arg=2)
     msg = decode(frames_for(h, payload))
     assert msg.header == h and bytes(msg.payload) == payload
-    signer = Signer(TOKEN)
+    signer = Signer(TOKEN, "server")  # a request is checked under the worker->server key
     assert signer.verify(msg)
-    assert not Signer("another-token-0123456789").verify(msg)
-    assert not Signer(None).verify(msg)
+    assert not Signer(TOKEN, "client").verify(msg)  # ... not as a reply: a reflected request is refused
+    assert not Signer("another-token-0123456789", "server").verify(msg)
+    assert not Signer(None, "server").verify(msg)
     for i in range(0, HEADER_SIZE + len(payload), 5):  # any flipped bit breaks the MAC
         raw = bytearray(msg.raw_header + bytes(msg.payload))
         raw[i] ^= 1
@@ -44,7 +45,7 @@ def test_round_trip_and_mac():
 ])
 def test_every_header_field_is_checked(field, value, reason):
     good = dict(magic=b"TLPS", version=VERSION, op=int(Op.PUSH), dtype=int(DType.FLOAT32), flags=0, worker=1, nworkers=2,
-                key=0, arg=0, step=1, seq=1, session=1, nbytes=8)
+                key=0, arg=0, step=1, seq=1, session=1, instance=1, nbytes=8)
     good[field] = value
     raw = struct.pack(HEADER_FORMAT, *good.values())
     with pytest.raises(ProtocolError) as e:
@@ -80,7 +81,8 @@ def test_fuzz_decoder_random_frames(frames):
 @given(st.tuples(st.sampled_from([b"TLPS", b"TLPX"]), st.integers(0, 2), st.integers(0, 255), st.integers(0, 255),
                  st.integers(0, 255), st.integers(0, 65535), st.integers(0, 65535), st.integers(0, 2**32 - 1),
                  st.integers(0, 2**32 - 1), st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1),
-                 st.integers(0, 2**64 - 1), st.one_of(st.integers(0, 64), st.integers(0, 2**64 - 1))),
+                 st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1),
+                 st.one_of(st.integers(0, 64), st.integers(0, 2**64 - 1))),
        st.binary(max_size=64), st.binary(min_size=30, max_size=34))
 def test_fuzz_decoder_structured_headers(fields, payload, mac):
     """Well-formed-looking headers with random field values: accepted only when every field is valid."""
@@ -138,7 +140,7 @@ def test_sync_sum_exactly_once_and_order_independent():
     assert s.handle(b"w2", _msg(Op.PUSH, _f32(1, 3), worker=2, **kw)) == []  # a retry: not added again
     assert s.handle(b"w0", _msg(Op.PUSH, _f32(1e8, 1), worker=0, **kw)) == []
     replies = s.handle(b"w1", _msg(Op.PUSH, _f32(-1e8, 2), worker=1, **kw))
-    assert [r[0] for r in replies] == [b"w2", b"w2", b"w0", b"w1"]
+    assert [r[0] for r in replies] == [b"w2", b"w0", b"w1"]  # the retry replaced its first copy: one reply each
     # float32 (1e8 + -1e8) + 1 = 1 in worker order; arrival order (1 + 1e8) + -1e8 would give 0
     assert _values(replies[0]) == [1.0, 6.0]
     late = s.handle(b"w0", _msg(Op.PUSH, _f32(5, 5), worker=0, **kw))  # retry after completion
@@ -159,7 +161,8 @@ def test_async_ssp_bound_exactly_once_delta_and_save_restore(tmp_path):
     assert s.handle(b"a", _msg(Op.DELTA, _f32(1, 1), worker=0, step=2, **kw)) == []  # retry: applied once
     assert s.params[1].tolist() == [2, 2] and s.max_lead == 1
     out = s.handle(b"b", _msg(Op.DELTA, _f32(10, 0), worker=1, step=1, **kw))  # slowest catches up
-    assert sorted(len(o[2]) for o in out) == [8, 8, 8] and s.max_lead == 1
+    # worker 0's read (once: its retry replaced the first copy) and worker 1's own
+    assert sorted((o[1].worker, len(o[2])) for o in out) == [(0, 8), (1, 8)] and s.max_lead == 1
     assert s.params[1].tolist() == [12, 2]
     s.state_dir = str(tmp_path)
     s.save(s.state_dir)
@@ -181,17 +184,17 @@ def test_parameter_server_arguments_are_checked():
 
 
 def test_encode_many_signs_each_reply_under_its_own_key():
-    signer = Signer(TOKEN)
+    signer, worker = Signer(TOKEN, "server"), Signer(TOKEN, "client")
     payload = torch.arange(8, dtype=torch.float32).numpy()
     headers = [Header(op=Op.SUM, worker=w, nworkers=3, seq=10 + w, nbytes=32, dtype=DType.FLOAT32) for w in range(3)]
     many = signer.encode_many(headers, payload)
     for h, frames in zip(headers, many):
         assert frames[0] == h.pack()
-        assert signer.verify(decode(frames))
+        assert worker.verify(decode(frames)) and not signer.verify(decode(frames))
     # Poly1305 keys are one-time: every message carries its own nonce, so no two share a key
     assert len({bytes(frames[2][:NONCE_SIZE]) for frames in many}) == len(many)
     # a tag is bound to its header: worker 1's mac on worker 0's header is refused
-    assert not signer.verify(decode([many[0][0], many[0][1], many[1][2]]))
+    assert not worker.verify(decode([many[0][0], many[0][1], many[1][2]]))
 
 
 def test_reply_buffers_are_not_changed_by_later_updates():

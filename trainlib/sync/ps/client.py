@@ -8,10 +8,18 @@ alive, asks it which workers never pushed (STATUS) and names them. A server whos
 drops while requests are outstanding fails the wait at once instead of at the deadline.
 
 Requests are retried after `retry_s` with a fresh sequence number (the old one would be dropped
-as a replay); the server applies a retried push or delta exactly once.
+as a replay), after a fresh HELLO to that server (its replay window may have forgotten this
+client's instance: replay.py); the server applies a retried push or delta exactly once.
+
+A reply is taken only if it authenticates under the server->worker key, echoes an outstanding
+(instance, seq) of this client, carries the server's session and the request's key, and is the
+op that request expects (protocol.EXPECTED_REPLY); anything else is dropped and counted in
+`drop_reasons`. So a worker's own request reflected back to it, or a reply meant for another
+request, is never taken for an answer.
 """
 from __future__ import annotations
 
+import collections
 import logging
 import secrets
 import time
@@ -21,8 +29,9 @@ from typing import Callable
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from .protocol import (DEFAULT_MAX_BYTES, SEQ_COUNTER_BITS, SEQ_INSTANCE_BITS, DType, Header, Message, Op,
-                       ProtocolError, Signer, decode)
+from .connauth import conn_auth_mode, secure_client
+from .protocol import (DEFAULT_MAX_BYTES, EXPECTED_REPLY, DType, Header, Message, Op, ProtocolError, Signer,
+                       decode)
 from .sharding import KEY_BITS
 
 log = logging.getLogger("trainlib")
@@ -47,7 +56,7 @@ class Request:
     payload: object
     dtype: DType
     arg: int
-    seqs: list[int] = field(default_factory=list)
+    sent: list[tuple[int, int]] = field(default_factory=list)  # (instance, seq) of every send
     sent_at: float = 0.0
     done: bool = False
     tag: object = None
@@ -60,7 +69,9 @@ class Link:
     address: str
     sock: zmq.Socket
     monitor: zmq.Socket
-    session: int = 0
+    session: int = 0      # the server's nonce, learnt from HELLO_OK
+    instance: int = 0     # this client's id on that server, issued in HELLO_OK
+    counter: int = 0      # seq of the last request sent under `instance`
     connected: bool = False
     lost_at: float | None = None
 
@@ -74,10 +85,11 @@ class PSClient:
 
     def __init__(self, servers: list[str], token: str | None, worker: int, nworkers: int, group: int = 0,
                  timeout_s: float = 300.0, retry_s: float | None = None, worker_names: list[str] | None = None,
-                 max_bytes: int = DEFAULT_MAX_BYTES):
+                 max_bytes: int = DEFAULT_MAX_BYTES, conn_auth: str | None = None):
         if not servers:
             raise PSError("no parameter-server addresses; pass servers=['host:port', ...] or set TRAINLIB_PS_ADDRS")
-        self.signer = Signer(token)
+        self.signer = Signer(token, "client")
+        self.conn_auth = conn_auth_mode(conn_auth, token)
         self.worker, self.nworkers, self.group = worker, nworkers, group
         self.timeout_s = timeout_s
         self.retry_s = retry_s if retry_s is not None else max(10.0, timeout_s / 3)
@@ -89,6 +101,7 @@ class PSClient:
             sock = self.ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.MAXMSGSIZE, max_bytes + 4096)
+            secure_client(sock, self.conn_auth, token)
             mon = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
             sock.connect(tcp(addr))
             self.links.append(Link(addr, sock, mon))
@@ -96,24 +109,29 @@ class PSClient:
         for link in self.links:
             self.poller.register(link.sock, zmq.POLLIN)
             self.poller.register(link.monitor, zmq.POLLIN)
-        # seq = instance (24 random bits) | counter (40 bits): the server checks freshness per
-        # (group, worker, instance), so several clients of one worker, or a restarted worker, each
-        # count on their own, while a captured message replayed later is never fresh
-        self._seq = (secrets.randbits(SEQ_INSTANCE_BITS) | 1) << SEQ_COUNTER_BITS
-        self.outstanding: dict[int, Request] = {}
-        self.dropped = 0
+        self.outstanding: dict[tuple[int, int, int], Request] = {}  # (server, instance, seq) -> request
+        self.drop_reasons: collections.Counter[str] = collections.Counter()
 
     # -- sending -----------------------------------------------------------------------------
+    @property
+    def dropped(self) -> int:
+        """Replies dropped (malformed, forged, reflected, late duplicates); 0 on a clean run."""
+        return sum(self.drop_reasons.values())
+
     def _send(self, req: Request) -> None:
-        self._seq += 1
         link = self.links[req.server]
+        if req.op == Op.HELLO:  # a random nonce: the reply must echo it, so an old HELLO_OK is refused
+            instance, seq = 0, secrets.randbits(64) | 1
+        else:
+            link.counter += 1
+            instance, seq = link.instance, link.counter
         nbytes = len(req.payload) if isinstance(req.payload, (bytes, bytearray)) else memoryview(req.payload).nbytes
         h = Header(op=req.op, worker=self.worker, nworkers=self.nworkers, key=req.key, step=req.step,
-                   seq=self._seq, session=link.session, nbytes=nbytes, dtype=req.dtype, arg=req.arg)
+                   seq=seq, session=link.session, instance=instance, nbytes=nbytes, dtype=req.dtype, arg=req.arg)
         link.sock.send_multipart(self.signer.encode(h, req.payload), copy=False)
-        req.seqs.append(self._seq)
+        req.sent.append((instance, seq))
         req.sent_at = time.monotonic()
-        self.outstanding[self._seq] = req
+        self.outstanding[(req.server, instance, seq)] = req
 
     def submit(self, server: int, op: Op, key: int = 0, step: int = 0, payload=b"", dtype: DType = DType.UINT8,
                arg: int = 0, tag: object = None) -> Request:
@@ -124,7 +142,8 @@ class PSClient:
         return req
 
     # -- receiving ---------------------------------------------------------------------------
-    def _receive(self, link: Link) -> None:
+    def _receive(self, server: int) -> None:
+        link = self.links[server]
         while True:
             try:
                 frames = link.sock.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -133,17 +152,33 @@ class PSClient:
             try:
                 msg: Message = decode(frames, self.max_bytes)
             except ProtocolError as e:
-                self.dropped += 1
+                self.drop_reasons["malformed"] += 1
                 log.warning("dropped a malformed reply from %s (%s)", link.address, e)
                 continue
-            h = msg.header
-            req = self.outstanding.get(h.seq)
-            if req is None or not self.signer.verify(msg) or (link.session and h.session != link.session):
-                self.dropped += 1  # a late duplicate (after a retry), a replay, or a forgery
+            reason = self._refuse(server, msg)
+            if reason:
+                self.drop_reasons[reason] += 1
+                log.debug("dropped a reply from %s (%s)", link.address, reason)
                 continue
-            for s in req.seqs:
-                self.outstanding.pop(s, None)
+            h = msg.header
+            req = self.outstanding[(server, 0 if h.op == Op.HELLO_OK else h.instance, h.seq)]
+            for instance, seq in req.sent:
+                self.outstanding.pop((server, instance, seq), None)
             req.done, req.reply = True, (h, msg.payload)
+
+    def _refuse(self, server: int, msg: Message) -> str | None:
+        """Why this reply is not an answer to an outstanding request (None: it is)."""
+        h, link = msg.header, self.links[server]
+        if not self.signer.verify(msg):
+            return "bad_mac"  # a forgery, or a request reflected back (signed with the other direction's key)
+        req = self.outstanding.get((server, 0 if h.op == Op.HELLO_OK else h.instance, h.seq))
+        if req is None:
+            return "unexpected"  # a late duplicate after a retry, or a replay
+        if h.op not in (EXPECTED_REPLY[req.op], Op.ERROR) or h.key != req.key:
+            return "wrong_reply"
+        if req.op != Op.HELLO and h.session != link.session:
+            return "bad_session"
+        return None
 
     def _deliver(self, req: Request, on_reply: Callable[[Request, Header, memoryview], None]) -> None:
         h, payload = req.reply
@@ -186,17 +221,31 @@ class PSClient:
                                   f"while {n} {what} were outstanding; restart it (and the job from a checkpoint)")
             if now >= deadline:
                 raise self._diagnose(waiting, timeout_s, what)
-            for r in waiting:
-                if now - r.sent_at > self.retry_s:
-                    log.warning("no reply from parameter server %s for %s (key %d, step %d) after %.0fs; resending",
-                                self.links[r.server].address, r.op.name, r.key, r.step, now - r.sent_at)
-                    self._send(r)  # fresh seq: the server answers it, and applies the payload at most once
-            events = dict(self.poller.poll(max(1, int(min(deadline - now, 0.5) * 1000))))
-            for link in self.links:
-                if link.monitor in events:
-                    self._watch(link)
-                if link.sock in events:
-                    self._receive(link)
+            stale = [r for r in waiting if now - r.sent_at > self.retry_s]
+            for server in sorted({r.server for r in stale if r.op != Op.HELLO}):
+                self._rehello(server, min(self.retry_s, max(0.1, deadline - now)))
+            for r in stale:
+                log.warning("no reply from parameter server %s for %s (key %d, step %d) after %.0fs; resending",
+                            self.links[r.server].address, r.op.name, r.key, r.step, now - r.sent_at)
+                self._send(r)  # fresh seq: the server answers it, and applies the payload at most once
+            self._poll(max(1, int(min(deadline - now, 0.5) * 1000)))
+
+    def _poll(self, timeout_ms: int) -> None:
+        events = dict(self.poller.poll(timeout_ms))
+        for i, link in enumerate(self.links):
+            if link.monitor in events:
+                self._watch(link)
+            if link.sock in events:
+                self._receive(i)
+
+    def _rehello(self, server: int, timeout_s: float) -> None:
+        """A fresh instance on `server` before a retry: a server whose replay window forgot this
+        client's instance drops its requests without a word (replay.py)."""
+        try:
+            self._handshake([server], timeout_s)
+        except PSError as e:
+            log.warning("re-handshake with parameter server %s failed before a retry: %s",
+                        self.links[server].address, e)
 
     def _diagnose(self, waiting: list[Request], timeout_s: float, what: str) -> PSTimeout:
         r = waiting[0]
@@ -221,11 +270,15 @@ class PSClient:
 
     # -- simple round trips --------------------------------------------------------------------
     def hello(self, timeout_s: float | None = None) -> None:
-        """Wait for every server to answer, and learn each one's session id."""
-        reqs = [self.submit(i, Op.HELLO) for i in range(len(self.links))]
+        """Wait for every server to answer; learn each one's session and this client's instance id."""
+        self._handshake(range(len(self.links)), timeout_s)
+
+    def _handshake(self, servers, timeout_s: float | None) -> None:
+        reqs = [self.submit(i, Op.HELLO) for i in servers]
 
         def got(req: Request, h: Header, p) -> None:
-            self.links[req.server].session = h.session
+            link = self.links[req.server]
+            link.session, link.instance, link.counter = h.session, h.instance, 0
 
         try:
             self.collect(reqs, got, timeout_s, what="HELLO replies")
@@ -233,7 +286,9 @@ class PSClient:
             missing = [self.links[r.server].address for r in reqs if not r.done]
             raise PSTimeout(f"parameter server(s) {', '.join(missing)} did not answer within "
                             f"{self.timeout_s if timeout_s is None else timeout_s:.1f}s: not running, wrong address, "
-                            "or a different token (the server silently drops unauthenticated messages)") from None
+                            f"or a different token or connection auth (this worker uses {self.conn_auth!r}; the "
+                            "server refuses unauthenticated connections and silently drops unauthenticated "
+                            "messages)") from None
 
     def stats(self, server: int, timeout_s: float | None = None) -> dict:
         import json

@@ -7,17 +7,21 @@ Every message is three ZeroMQ frames (a ROUTER socket puts the peer's identity i
 header, little-endian (struct HEADER_FORMAT):
 
     magic b"TLPS" | version u8 | op u8 | dtype u8 | flags u8 (0) | worker u16 | nworkers u16 |
-    key u32 | arg u32 | step u64 | seq u64 | session u64 | nbytes u64
+    key u32 | arg u32 | step u64 | seq u64 | session u64 | instance u64 | nbytes u64
 
 mac = nonce (12 random bytes) || Poly1305(one-time key, payload || header) (RFC 8439: the one-time
-key is ChaCha20(SHA-256(token), nonce)'s first 32 bytes; see Signer). The fixed-size header last
-makes the split unambiguous. Version 1 used HMAC-SHA256, which hashed at ~1.8 GB/s on one core
-here and made authentication cost more than the transport at 4 MB partitions. `seq` is a monotonic
-counter per client instance (its top 24 bits are a random instance id, so several clients of one
-worker and a restarted worker each count on their own) and `session` is a random id the server
-hands out in its HELLO reply, so a captured message can be replayed neither to the same server
-(seq) nor to another one or a restarted one (session). Replies echo the request's seq, so the
-client can match them and drop replays.
+key is ChaCha20(K, nonce)'s first 32 bytes; see Signer). K depends on the direction (keys.py):
+requests are signed with the worker->server key and replies with the server->worker key, so a
+request bounced back to its sender is not a valid reply. The fixed-size header last makes the
+split unambiguous. Version 1 used HMAC-SHA256 (~1.8 GB/s on one core here); version 2 had one
+key for both directions and no instance field.
+
+Freshness (replay.py): a HELLO carries a random client nonce in `seq` and changes nothing on the
+server; its reply carries the server's `session` (random per server run) and a fresh `instance`
+id issued by the server. Every other request carries that (session, instance) and a per-instance
+counter in `seq`, all under the MAC, so a captured message can be replayed neither to the same
+server (seq) nor to another or a restarted one (session). Replies echo the request's seq and
+instance, and a client takes a reply only if it is the op its request expects (EXPECTED_REPLY).
 
 `decode` is pure (bytes in, a Message or ProtocolError out) and checks every field; the server
 calls it before touching any state, and the hypothesis fuzz test drives it directly.
@@ -25,7 +29,6 @@ calls it before touching any state, and the hypothesis fuzz test drives it direc
 from __future__ import annotations
 
 import enum
-import hashlib
 import hmac
 import os
 import struct
@@ -35,21 +38,21 @@ from cryptography.hazmat.primitives.ciphers import Cipher
 from cryptography.hazmat.primitives.ciphers.algorithms import ChaCha20
 from cryptography.hazmat.primitives.poly1305 import Poly1305
 
+from .keys import mac_keys
+
 MAGIC = b"TLPS"
-VERSION = 2  # 2: Poly1305 (v1 was HMAC-SHA256)
-HEADER_FORMAT = "<4sBBBBHHIIQQQQ"
+VERSION = 3  # 3: per-direction keys, server-issued instances; 2: Poly1305; 1: HMAC-SHA256
+HEADER_FORMAT = "<4sBBBBHHIIQQQQQ"
 HEADER_SIZE = struct.calcsize(HEADER_FORMAT)
 NONCE_SIZE = 12
 TAG_SIZE = 16
 MAC_SIZE = NONCE_SIZE + TAG_SIZE  # the mac frame: nonce || Poly1305 tag
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024  # one frame's payload; partitions are ~4 MB, so 16x headroom
 MAX_WORKERS = 65535
-SEQ_COUNTER_BITS = 40   # seq = client instance id << 40 | per-instance counter
-SEQ_INSTANCE_BITS = 24
 
 
 class Op(enum.IntEnum):
-    HELLO = 1        # -> HELLO reply carrying the server's session id (arg = staleness cap, unused)
+    HELLO = 1        # -> HELLO_OK carrying the server's session id and a fresh client instance id
     PUSH = 2         # sync: add payload to the (key, step) sum; reply SUM once all nworkers pushed
     STATUS = 3       # sync: which workers pushed (key, step)? reply STATUS, payload = uint8 flags per worker
     INIT = 4         # async: set the parameters of key (first INIT wins); reply ACK
@@ -69,6 +72,9 @@ class Op(enum.IntEnum):
 
 
 REQUESTS = {Op.HELLO, Op.PUSH, Op.STATUS, Op.INIT, Op.PULL, Op.DELTA, Op.BYE, Op.STATS, Op.SAVE}
+# the one reply each request may get (besides ERROR): anything else is a forgery or a reflection
+EXPECTED_REPLY = {Op.HELLO: Op.HELLO_OK, Op.PUSH: Op.SUM, Op.STATUS: Op.STATUS_OK, Op.INIT: Op.ACK,
+                  Op.PULL: Op.PARAMS, Op.DELTA: Op.PARAMS, Op.BYE: Op.ACK, Op.STATS: Op.STATS_OK, Op.SAVE: Op.ACK}
 
 
 class DType(enum.IntEnum):
@@ -101,6 +107,7 @@ class Header:
     step: int = 0
     seq: int = 0
     session: int = 0
+    instance: int = 0
     nbytes: int = 0
     dtype: int = DType.UINT8
     arg: int = 0
@@ -110,7 +117,8 @@ class Header:
 
     def pack(self) -> bytes:
         return struct.pack(HEADER_FORMAT, self.magic, self.version, self.op, self.dtype, self.flags, self.worker,
-                           self.nworkers, self.key, self.arg, self.step, self.seq, self.session, self.nbytes)
+                           self.nworkers, self.key, self.arg, self.step, self.seq, self.session, self.instance,
+                           self.nbytes)
 
 
 @dataclass(frozen=True)
@@ -140,7 +148,7 @@ def decode(frames: list, max_bytes: int = DEFAULT_MAX_BYTES) -> Message:
     if len(head) != HEADER_SIZE:
         raise ProtocolError("bad_header_size", f"header is {len(head)} bytes, expected {HEADER_SIZE}")
     raw = bytes(head)
-    (magic, version, op, dtype, flags, worker, nworkers, key, arg, step, seq, session,
+    (magic, version, op, dtype, flags, worker, nworkers, key, arg, step, seq, session, instance,
      nbytes) = struct.unpack(HEADER_FORMAT, raw)
     if magic != MAGIC:
         raise ProtocolError("bad_magic", f"magic {magic!r} is not {MAGIC!r}")
@@ -167,29 +175,39 @@ def decode(frames: list, max_bytes: int = DEFAULT_MAX_BYTES) -> Message:
     if len(mac) != MAC_SIZE:
         raise ProtocolError("bad_mac_size", f"mac is {len(mac)} bytes, expected {MAC_SIZE}")
     header = Header(op=op, worker=worker, nworkers=nworkers, key=key, step=step, seq=seq, session=session,
-                    nbytes=nbytes, dtype=dtype, arg=arg, flags=flags, version=version, magic=magic)
+                    instance=instance, nbytes=nbytes, dtype=dtype, arg=arg, flags=flags, version=version, magic=magic)
     return Message(header, payload, bytes(mac), raw)
 
 
+SIDES = ("client", "server")
+
+
 class Signer:
-    """Poly1305 with a one-time key per message, from a shared token; `None` token = insecure mode
-    (an all-zero tag, still checked).
+    """Poly1305 with a one-time key per message, under the key of the direction a message travels.
+
+    `side="client"` signs requests (worker->server key) and verifies replies (server->worker key);
+    `side="server"` the opposite. A `None` token is insecure mode: an all-zero tag, still checked.
 
     The one-time key is RFC 8439's poly1305_key_gen: the first 32 bytes of the ChaCha20 keystream
-    for (K, counter 0, a random 96-bit nonce), K = SHA-256 of the token. The nonce travels in the
-    mac frame (nonce || tag), so every message is MACed under its own key (Poly1305 must never see
-    two messages under one key), whatever the sender's state. Poly1305 runs at memcpy-like speed
-    (~12 GB/s on one core here, HMAC-SHA256 ~1.8 GB/s), which is what keeps authentication cheap
-    at 4 MB partitions (benchmarks/bench_ps.py)."""
+    for (K, counter 0, a random 96-bit nonce), K = the direction's key from keys.mac_keys. The
+    nonce travels in the mac frame (nonce || tag), so every message is MACed under its own key
+    (Poly1305 must never see two messages under one key), whatever the sender's state. Poly1305
+    runs at memcpy-like speed (~12 GB/s on one core here, HMAC-SHA256 ~1.8 GB/s), which is what
+    keeps authentication cheap at 4 MB partitions (benchmarks/bench_ps.py)."""
 
-    def __init__(self, token: str | bytes | None):
-        if isinstance(token, str):
-            token = token.encode()
+    def __init__(self, token: str | bytes | None, side: str):
+        if side not in SIDES:
+            raise ValueError(f"side={side!r} must be one of {SIDES}")
         self.secure = bool(token)
-        self._key = hashlib.sha256(b"trainlib-ps-mac-v2\0" + token).digest() if token else None
+        self.side = side
+        self._send_key = self._recv_key = None
+        if token:
+            c2s, s2c = mac_keys(token)
+            self._send_key, self._recv_key = (c2s, s2c) if side == "client" else (s2c, c2s)
 
-    def _tag(self, nonce: bytes, header: bytes, payload) -> bytes:
-        block = Cipher(ChaCha20(self._key, b"\0\0\0\0" + nonce), mode=None).encryptor().update(bytes(32))
+    @staticmethod
+    def _tag(key: bytes, nonce: bytes, header: bytes, payload) -> bytes:
+        block = Cipher(ChaCha20(key, b"\0\0\0\0" + nonce), mode=None).encryptor().update(bytes(32))
         mac = Poly1305(block)
         if len(payload):
             mac.update(_buf(payload))  # numpy arrays, zmq frames: any flat buffer, never copied
@@ -197,16 +215,18 @@ class Signer:
         return mac.finalize()
 
     def sign(self, header: bytes, payload) -> bytes:
-        if self._key is None:
+        if self._send_key is None:
             return bytes(MAC_SIZE)
         nonce = os.urandom(NONCE_SIZE)
-        return nonce + self._tag(nonce, header, payload)
+        return nonce + self._tag(self._send_key, nonce, header, payload)
 
     def verify(self, msg: Message) -> bool:
-        if self._key is None:
+        """Is msg's tag valid for a message travelling towards this side?"""
+        if self._recv_key is None:
             return hmac.compare_digest(msg.mac, bytes(MAC_SIZE))
         nonce = msg.mac[:NONCE_SIZE]
-        return hmac.compare_digest(self._tag(nonce, msg.raw_header, msg.payload), msg.mac[NONCE_SIZE:])
+        return hmac.compare_digest(self._tag(self._recv_key, nonce, msg.raw_header, msg.payload),
+                                   msg.mac[NONCE_SIZE:])
 
     def encode(self, header: Header, payload=b"") -> list:
         """-> the three frames to send (the payload frame is the caller's buffer: zero-copy)."""

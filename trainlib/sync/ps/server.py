@@ -4,11 +4,20 @@
     TRAINLIB_PS_TOKEN=... trainlib ps-server --bind 0.0.0.0:5555     # dedicated server pod
     trainlib ps-server --bind 127.0.0.1:0 --insecure                 # local experiments only
 
-Every message is decoded and checked (protocol.decode), authenticated (Poly1305 with a one-time key
-from the shared token), checked for its session id and for a sequence number above the sender's last one
-(replay), and only then handed to the state. Anything that fails is dropped and counted under its
-reason, with no reply and no state change; the loop never dies on input. libzmq's own
-ZMQ_MAXMSGSIZE cuts off a peer that sends an oversized frame before Python ever sees it.
+Three gates, in order, before a message reaches the state:
+  1. the connection: a peer must pass the ZeroMQ handshake with a token-derived credential
+     (connauth.py, PLAIN or CURVE checked by a ZAP handler) before libzmq accepts one frame from
+     it, so a peer with no token cannot make the server buffer anything; libzmq's ZMQ_MAXMSGSIZE
+     cuts off a peer that sends an oversized frame, and ZMQ_RCVHWM caps the complete messages
+     queued per connection (beyond it libzmq stops reading that connection: back-pressure);
+  2. the message: decoded and checked (protocol.decode), authenticated (Poly1305 under the
+     worker->server key);
+  3. freshness: HELLO is answered here without touching any state (a fresh client instance id
+     and the session); every other request must carry this run's session and a fresh
+     (instance, seq) (replay.py).
+Anything that fails is dropped and counted under its reason, with no reply and no state change.
+Every step of handling one message, from decode to sending the replies, runs under one error
+handler: the loop never dies on input.
 """
 from __future__ import annotations
 
@@ -22,13 +31,21 @@ import sys
 import time
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
-from .protocol import DEFAULT_MAX_BYTES, HEADER_SIZE, MAC_SIZE, SEQ_COUNTER_BITS, Op, ProtocolError, Signer, decode
-from .sharding import KEY_BITS
+from .connauth import CONN_AUTH_ENV, MODES, ZapHandler, conn_auth_mode, secure_server
+from .protocol import DEFAULT_MAX_BYTES, HEADER_SIZE, MAC_SIZE, Op, ProtocolError, Signer, decode
+from .replay import DEFAULT_MAX_CLIENTS, ReplayWindow
 from .state import ServerState
 from .token import TokenError, is_loopback, read_token
 
 log = logging.getLogger("trainlib")
+
+# complete messages libzmq may queue per connection before it stops reading from it; a worker
+# rarely has more than a bucket's partitions (25 MB / 4 MB) in flight to one server
+MAX_QUEUED_PER_CONNECTION = 64
+HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL |
+                    zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 
 
 class ParameterServerProcess:
@@ -36,7 +53,8 @@ class ParameterServerProcess:
 
     def __init__(self, bind: str = "127.0.0.1:0", token: str | None = None, insecure: bool = False,
                  max_bytes: int = DEFAULT_MAX_BYTES, max_keys: int = 1 << 20, state_dir: str | None = None,
-                 worker_timeout_s: float = 300.0):
+                 worker_timeout_s: float = 300.0, conn_auth: str | None = None,
+                 max_clients: int = DEFAULT_MAX_CLIENTS):
         host, _, port = bind.rpartition(":")
         if not host or not port.isdigit():
             raise ValueError(f"--bind {bind!r} must be HOST:PORT (e.g. 127.0.0.1:5555; port 0 picks a free one)")
@@ -45,23 +63,31 @@ class ParameterServerProcess:
                              "(e.g. a mounted Kubernetes Secret), or --insecure for a loopback-only experiment")
         if not token and not is_loopback(host):
             raise TokenError(f"--insecure is only allowed on loopback, not on {host}; give a token to bind {host}")
-        self.signer = Signer(token)
+        self.conn_auth = conn_auth_mode(conn_auth, token)
+        self.signer = Signer(token, "server")
         self.max_bytes = max_bytes
+        self.replay = ReplayWindow(max_clients)
         self.dropped: collections.Counter[str] = collections.Counter()
-        self.ctx = zmq.Context.instance()
+        self.hellos = 0
+        self.handshakes_failed = 0  # connections, not messages: kept apart from `dropped`
+        # a context of its own: the ZAP endpoint is one per context, and tests run servers in-process
+        self.ctx = zmq.Context()
+        self.zap = ZapHandler(self.ctx, self.conn_auth, token) if self.conn_auth != "none" else None
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         # the frame cap, enforced by libzmq while reading: a huge length prefix costs no memory
         self.sock.setsockopt(zmq.MAXMSGSIZE, max_bytes + HEADER_SIZE + MAC_SIZE + 1024)
+        self.sock.setsockopt(zmq.RCVHWM, MAX_QUEUED_PER_CONNECTION)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        secure_server(self.sock, self.conn_auth, token)
+        self.monitor = self.sock.get_monitor_socket(HANDSHAKE_FAILED)
         if port == "0":
             port = str(self.sock.bind_to_random_port(f"tcp://{host}"))
         else:
             self.sock.bind(f"tcp://{host}:{port}")
         self.address = f"{host}:{port}"
-        self.state = ServerState(max_keys=max_keys, state_dir=state_dir, name=f"ps-{port}",
+        self.state = ServerState(max_keys=max_keys, state_dir=state_dir, name=f"ps {self.address}",
                                  worker_timeout_s=worker_timeout_s)
-        self.state.name = f"ps {self.address}"
         if state_dir and self.state.load(state_dir):
             log.info("%s: restored async state from %s", self.state.name, state_dir)
         self._running = True
@@ -69,39 +95,66 @@ class ParameterServerProcess:
     def stop(self) -> None:
         self._running = False
 
+    def close(self) -> None:
+        self.sock.disable_monitor()
+        for s in (self.monitor, self.sock):
+            s.close(0)
+        if self.zap is not None:
+            self.zap.close()
+        self.ctx.term()
+
     def _drop(self, reason: str) -> None:
         self.dropped[reason] += 1
         log.debug("%s: dropped a message (%s)", self.state.name, reason)
 
     def handle_frames(self, frames: list) -> None:
-        """Everything one incoming multipart message can do. Never raises."""
+        """Everything one incoming multipart message can do, replies included. Never raises."""
+        try:
+            replies = self._replies(frames)
+            if replies:
+                self._send(replies)
+        except Exception:  # a bug must not take the server (and the job) down
+            log.exception("%s: internal error handling a message", self.state.name)
+            self.dropped["internal_error"] += 1
+
+    def _replies(self, frames: list) -> list:
         if len(frames) < 2:
-            return self._drop("bad_frames")
+            self._drop("bad_frames")
+            return []
         ident, body = frames[0].bytes, frames[1:]
         try:
             msg = decode(body, self.max_bytes)
         except ProtocolError as e:
-            return self._drop(e.reason)
+            self._drop(e.reason)
+            return []
         h = msg.header
         if not self.signer.verify(msg):
-            return self._drop("bad_mac")
-        if h.op != Op.HELLO and h.session != self.state.session:
-            return self._drop("bad_session")
-        who = (h.key >> KEY_BITS, h.worker, h.seq >> SEQ_COUNTER_BITS)
-        if h.seq <= self.state.last_seq.get(who, 0):
-            return self._drop("replay")
-        self.state.last_seq[who] = h.seq
+            self._drop("bad_mac")
+            return []
+        if h.op == Op.HELLO:  # stateless: a replayed HELLO gets an unused instance id and changes nothing
+            self.hellos += 1
+            return [self.state.reply(ident, h, Op.HELLO_OK, instance=self.replay.issue())]
+        if h.session != self.state.session:
+            self._drop("bad_session")
+            return []
+        stale = self.replay.check(h.instance, h.seq)
+        if stale:
+            self._drop(stale)
+            return []
         try:
             if h.op == Op.STATS:
-                body = json.dumps(self.state.stats(self.dropped)).encode()
-                replies = [self.state.reply(ident, h, Op.STATS_OK, body)]
-            else:
-                replies = self.state.handle(ident, msg)
-        except Exception as e:  # a bug must not take the server (and the job) down
+                return [self.state.reply(ident, h, Op.STATS_OK, json.dumps(self.stats()).encode())]
+            return self.state.handle(ident, msg)
+        except Exception as e:  # answer the worker, so it fails with the reason instead of a timeout
             log.exception("%s: internal error on %s", self.state.name, Op(h.op).name)
             self.dropped["internal_error"] += 1
-            replies = [self.state.reply(ident, h, Op.ERROR, f"internal server error: {e}".encode())]
-        self._send(replies)
+            return [self.state.reply(ident, h, Op.ERROR, f"internal server error: {e}".encode())]
+
+    def stats(self) -> dict:
+        conn = {"mode": self.conn_auth, "hellos": self.hellos, "handshakes_failed": self.handshakes_failed}
+        if self.zap is not None:
+            conn.update(accepted=self.zap.accepted, refused=self.zap.refused)
+        return {**self.state.stats(self.dropped), "replay": self.replay.stats(), "connections": conn}
 
     def _send(self, replies: list) -> None:
         # replies that share a payload (one sum for W workers) are signed with one pass over it
@@ -116,28 +169,52 @@ class ParameterServerProcess:
                 except zmq.ZMQError:  # the peer went away; nothing to do
                     self.dropped["unroutable_reply"] += 1
 
+    def _watch(self) -> None:
+        while True:
+            try:
+                ev = recv_monitor_message(self.monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if ev["event"] & HANDSHAKE_FAILED:
+                self.handshakes_failed += 1
+
+    def _tick(self, poller: zmq.Poller, poll_ms: int) -> None:
+        events = dict(poller.poll(poll_ms))
+        if self.zap is not None and self.zap.sock in events:
+            self.zap.handle()
+        if self.monitor in events:
+            self._watch()
+        if self.sock not in events:
+            return
+        while True:
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self.handle_frames(frames)
+
     def serve_forever(self, poll_ms: int = 200, parent_pid: int | None = None) -> None:
         """Serve until stop(); with parent_pid, also stop when that process is gone (colocated mode:
         a worker killed with SIGKILL must not leave an orphan server holding a port)."""
         poller = zmq.Poller()
-        poller.register(self.sock, zmq.POLLIN)
+        for s in (self.sock, self.monitor) + ((self.zap.sock,) if self.zap else ()):
+            poller.register(s, zmq.POLLIN)
         last_expire = time.monotonic()
         while self._running:
             if parent_pid is not None and os.getppid() != parent_pid:
                 log.warning("%s: parent process %d is gone; stopping", self.state.name, parent_pid)
                 break
-            if time.monotonic() - last_expire > poll_ms / 1000:
-                self._send(self.state.expire())
-                last_expire = time.monotonic()
-            if not poller.poll(poll_ms):
-                continue
-            while True:
-                try:
-                    frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                except zmq.Again:
-                    break
-                self.handle_frames(frames)
-        self.sock.close(0)
+            try:
+                if time.monotonic() - last_expire > poll_ms / 1000:
+                    last_expire = time.monotonic()
+                    self._send(self.state.expire())
+                self._tick(poller, poll_ms)
+            except zmq.ContextTerminated:
+                break
+            except Exception:  # e.g. a ZAP or monitor hiccup: log it and keep serving
+                log.exception("%s: error in the server loop", self.state.name)
+                self.dropped["internal_error"] += 1
+        self.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,6 +228,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--state-dir", help="where SAVE writes the async state (and where it is restored from)")
     p.add_argument("--worker-timeout", type=float, default=300.0, help="async: seconds of silence after which "
                    "a worker is presumed gone and no longer holds the others back (default 300)")
+    p.add_argument("--conn-auth", choices=MODES, default=os.environ.get(CONN_AUTH_ENV) or "plain",
+                   help=f"connection check at the ZeroMQ handshake, from the token: plain (default; no per-byte "
+                        f"cost) or curve (also encrypts; several times slower); default ${CONN_AUTH_ENV}")
+    p.add_argument("--max-clients", type=int, default=DEFAULT_MAX_CLIENTS, help="client instances whose replay "
+                   f"counters are kept (least recently active forgotten first; default {DEFAULT_MAX_CLIENTS})")
     p.add_argument("--exit-with-parent", action="store_true", help="stop when the parent process exits "
                    "(colocated servers started by a worker)")
     args = p.parse_args(argv)
@@ -159,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         token = read_token(args.token_file)
         server = ParameterServerProcess(args.bind, token, args.insecure, int(args.max_mb * 2 ** 20), args.max_keys,
-                                        args.state_dir, args.worker_timeout)
+                                        args.state_dir, args.worker_timeout, args.conn_auth, args.max_clients)
     except (TokenError, ValueError, OSError, zmq.ZMQError) as e:
         print(f"trainlib ps-server: {e}", file=sys.stderr)
         return 1

@@ -11,6 +11,11 @@ parameters (set by the first INIT), applies each worker's delta exactly once (DE
 applied only if the worker's clock is c - 1), and answers a read at clock c only when the slowest
 worker's clock is >= c - staleness. `max_lead` records the largest c - min_clock at which a read
 was granted: the SSP bound says it is <= staleness.
+
+Bounds: the keys held (sums pending or done, parameters, and keys that only have reads waiting
+for their INIT) are capped by `max_keys`; a waiting push or read is kept once per (connection,
+worker), so client retries replace their earlier copy instead of piling up; at most `max_waiters`
+reads wait in all. HELLO and STATS never reach this class (the server loop answers them).
 """
 from __future__ import annotations
 
@@ -34,6 +39,7 @@ TORCH_DTYPE = {DType.UINT8: torch.uint8, DType.FLOAT32: torch.float32, DType.FLO
                DType.FLOAT16: torch.float16, DType.BFLOAT16: torch.bfloat16}
 WIRE_DTYPE = {v: k for k, v in TORCH_DTYPE.items()}
 STATE_FORMAT = "trainlib-ps-state-1"
+DEFAULT_MAX_WAITERS = 1 << 16
 
 Reply = tuple[bytes, Header, object]  # (peer identity, header, payload buffer)
 
@@ -62,16 +68,27 @@ class SyncEntry:
     waiters: list[tuple[bytes, Header]] = field(default_factory=list)
 
 
+def _add_waiter(waiters: list[tuple[bytes, Header]], ident: bytes, h: Header) -> None:
+    """Keep one waiter per (connection, worker): a retry (fresh seq) replaces the request it repeats."""
+    waiters[:] = [(i, w) for i, w in waiters if (i, w.worker) != (ident, h.worker)]
+    waiters.append((ident, h))
+
+
+def _raw(t: torch.Tensor) -> bytes:
+    """A tensor's bytes for hashing, whatever its dtype (numpy has no bfloat16)."""
+    return t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
 class ServerState:
     """All the state of one server; `handle` is called only with decoded, authenticated, fresh messages."""
 
     def __init__(self, max_keys: int = 1 << 20, state_dir: str | None = None, name: str = "ps",
-                 worker_timeout_s: float = 300.0):
-        self.session = secrets.randbits(63) | 1
+                 worker_timeout_s: float = 300.0, max_waiters: int = DEFAULT_MAX_WAITERS):
+        self.session = secrets.randbits(63) | 1  # the server nonce: every request must carry it
         self.max_keys = max_keys
+        self.max_waiters = max_waiters
         self.state_dir = state_dir
         self.name = name
-        self.last_seq: dict[tuple[int, int, int], int] = {}  # (group, worker, client instance)
         self.pending: dict[int, SyncEntry] = {}
         self.done: dict[int, tuple[int, torch.Tensor]] = {}          # key -> (step, sum)
         self.params: dict[int, torch.Tensor] = {}                     # async: key -> master copy
@@ -80,6 +97,7 @@ class ServerState:
         self.nworkers: dict[int, int] = {}
         self.left: set[tuple[int, int]] = set()                       # (group, worker) that said BYE
         self.waiting: dict[int, list[tuple[bytes, Header]]] = {}      # async reads not yet allowed
+        self.n_waiting = 0                                            # their total count
         self.max_lead = 0      # largest (read clock - slowest clock) at which a read was granted
         self.max_spread = 0    # largest (fastest - slowest clock) right after a delta was applied
         self.served = 0
@@ -94,33 +112,46 @@ class ServerState:
         self.last_seen[who] = time.monotonic()
         if h.op != Op.BYE and who in self.left:  # a worker presumed gone is back: it counts again
             self.left.discard(who)
-        fn = {Op.HELLO: self._hello, Op.PUSH: self._push, Op.STATUS: self._status, Op.INIT: self._init,
-              Op.PULL: self._pull, Op.DELTA: self._delta, Op.BYE: self._bye, Op.STATS: self._stats,
-              Op.SAVE: self._save}.get(h.op)
+        fn = {Op.PUSH: self._push, Op.STATUS: self._status, Op.INIT: self._init, Op.PULL: self._pull,
+              Op.DELTA: self._delta, Op.BYE: self._bye, Op.SAVE: self._save}.get(h.op)
         if fn is None:
-            return [self._error(ident, h, f"op {Op(h.op).name} is a reply, not a request")]
+            return [self._error(ident, h, f"op {Op(h.op).name} is not a request this state handles")]
         return fn(ident, h, msg.payload)
 
     def reply(self, ident: bytes, req: Header, op: Op, payload=b"", dtype: DType = DType.UINT8,
-              step: int | None = None, arg: int = 0) -> Reply:
+              step: int | None = None, arg: int = 0, instance: int | None = None) -> Reply:
         n = payload.nbytes if hasattr(payload, "nbytes") else len(payload)
         return ident, Header(op=op, worker=req.worker, nworkers=req.nworkers, key=req.key,
                              step=req.step if step is None else step, seq=req.seq, session=self.session,
-                             nbytes=n, dtype=dtype, arg=arg), payload
+                             instance=req.instance if instance is None else instance, nbytes=n, dtype=dtype,
+                             arg=arg), payload
 
     def _error(self, ident: bytes, req: Header, text: str) -> Reply:
         log.warning("%s: refusing %s from worker %d: %s", self.name, Op(req.op).name, req.worker, text)
         return self.reply(ident, req, Op.ERROR, text.encode())
 
     def _keys(self) -> int:
-        return len(self.pending) + len(self.done) + len(self.params)
+        # a key with only reads waiting for its INIT holds memory too (its waiters)
+        unborn = sum(1 for k, w in self.waiting.items() if w and k not in self.params)
+        return len(self.pending) + len(self.done) + len(self.params) + unborn
 
     def _room_for(self, key: int) -> bool:
-        return key in self.pending or key in self.done or key in self.params or self._keys() < self.max_keys
+        return (key in self.pending or key in self.done or key in self.params or bool(self.waiting.get(key))
+                or self._keys() < self.max_keys)
+
+    def _wait(self, ident: bytes, h: Header) -> list[Reply]:
+        """Queue an async read until the SSP bound (or INIT) allows it; bounded, one per (connection, worker)."""
+        if not self._room_for(h.key):
+            return [self._error(ident, h, f"server holds {self._keys()} keys, the cap (--max-keys)")]
+        queue = self.waiting.setdefault(h.key, [])
+        before = len(queue)
+        if self.n_waiting >= self.max_waiters and all((i, w.worker) != (ident, h.worker) for i, w in queue):
+            return [self._error(ident, h, f"{self.max_waiters} reads already wait on this server; retry later")]
+        _add_waiter(queue, ident, h)
+        self.n_waiting += len(queue) - before
+        return []
 
     # -- sync ---------------------------------------------------------------------------------
-    def _hello(self, ident, h, payload):
-        return [self.reply(ident, h, Op.HELLO_OK)]
 
     def _push(self, ident, h, payload):
         key, step = h.key, h.step
@@ -153,7 +184,7 @@ class ServerState:
             return [self._error(ident, h, f"push for key {key}: {problem}")]
         if h.worker not in e.parts:
             e.parts[h.worker] = as_tensor(payload, h.dtype).clone()
-        e.waiters.append((ident, h))
+        _add_waiter(e.waiters, ident, h)
         if len(e.parts) < e.nworkers:
             return []
         acc = e.parts[0].to(torch.float32 if e.dtype in (DType.FLOAT16, DType.BFLOAT16) else e.parts[0].dtype)
@@ -220,15 +251,13 @@ class ServerState:
 
     def _pull(self, ident, h, payload):
         if h.key not in self.params:
-            self.waiting.setdefault(h.key, []).append((ident, h))  # INIT may still be on its way
-            return []
+            return self._wait(ident, h)  # INIT may still be on its way
         return self._read(ident, h)
 
     def _read(self, ident, h) -> list[Reply]:
         lo = self._min_clock(h.key)
         if h.step - lo > h.arg:
-            self.waiting.setdefault(h.key, []).append((ident, h))
-            return []
+            return self._wait(ident, h)
         self.max_lead = max(self.max_lead, int(h.step - min(lo, h.step)))
         p = self.params[h.key].clone()  # zmq sends from this memory after we return: no in-place updates
         # step = the reader's own clock here: a worker (re)joining with PULL learns where it stands, so
@@ -240,7 +269,8 @@ class ServerState:
     def _release(self, key: int) -> list[Reply]:
         if key not in self.params or not self.waiting.get(key):
             return []
-        waiting, self.waiting[key] = self.waiting[key], []
+        waiting = self.waiting.pop(key)
+        self.n_waiting -= len(waiting)
         out: list[Reply] = []
         for ident, h in waiting:
             out += self._read(ident, h)  # re-queues itself if still too far ahead
@@ -276,23 +306,26 @@ class ServerState:
     def digest(self) -> str:
         """A hash of the training state (sums, parameters, clocks); equal digests = no change.
 
-        The replay counters (`last_seq`) are reported beside it by `stats`, since asking for the
-        stats is itself a message that advances the asker's counter."""
+        The replay window is reported beside it by the server's STATS, since asking for the stats
+        is itself a message that advances the asker's counter."""
         d = hashlib.sha256(f"{self.session}|{sorted(self.left)}".encode())
         for key in sorted(self.pending):
             e = self.pending[key]
             d.update(f"p{key}:{e.step}:{e.nworkers}:{sorted(e.parts)}:{len(e.waiters)}".encode())
             for w in sorted(e.parts):
-                d.update(e.parts[w].numpy().tobytes())
+                d.update(_raw(e.parts[w]))
         for key in sorted(self.done):
             d.update(f"d{key}:{self.done[key][0]}".encode())
-            d.update(self.done[key][1].view(torch.uint8).numpy().tobytes())
+            d.update(_raw(self.done[key][1]))
         for key in sorted(self.params):
-            d.update(f"a{key}:{sorted(self.clocks[key].items())}:{len(self.waiting.get(key, []))}".encode())
-            d.update(self.params[key].numpy().tobytes())
+            d.update(f"a{key}:{sorted(self.clocks[key].items())}".encode())
+            d.update(_raw(self.params[key]))
+        for key in sorted(self.waiting):
+            d.update(f"w{key}:{sorted((w.worker, w.step) for _, w in self.waiting[key])}".encode())
         return d.hexdigest()
 
     def stats(self, dropped: dict[str, int]) -> dict:
+        """Counters and the digest; sizes only, so the reply stays small whatever the server holds."""
         worker_clock: dict[str, int] = {}
         for key, clocks in self.clocks.items():
             for w, c in clocks.items():
@@ -301,11 +334,7 @@ class ServerState:
         return {"session": self.session, "served": self.served, "dropped": dict(dropped),
                 "dropped_total": sum(dropped.values()), "keys": self._keys(), "pending": len(self.pending),
                 "max_lead": self.max_lead, "max_spread": self.max_spread, "worker_clock": worker_clock,
-                "last_seq": {f"{g}:{w}:{i}": q for (g, w, i), q in self.last_seq.items()},
-                "digest": self.digest()}
-
-    def _stats(self, ident, h, payload):
-        raise AssertionError("STATS is answered by the server loop (it owns the drop counters)")
+                "waiting_reads": self.n_waiting, "digest": self.digest()}
 
     def _save(self, ident, h, payload):
         if not self.state_dir:
