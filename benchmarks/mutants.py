@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .harness import HERE, metadata, results_dir
+from .harness import HERE, git_state, metadata, results_dir
 
 REPO = HERE.parent
 # setup.py's package_dir: these top-level folders import as trainlib.<name>
@@ -238,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{m.name:<40} {m.path:<36} {m.why}")
         return 0
     t0 = time.monotonic()
+    state = git_state()  # for --worktree: the commit and the edits on top of it that were copied
     with tempfile.TemporaryDirectory(prefix="trainlib-mutants-") as tmp:
         dest = Path(tmp)
         copied = make_copy(dest, None if args.worktree else args.rev)
@@ -251,9 +252,11 @@ def main(argv: list[str] | None = None) -> int:
           f"other: {[(o.name, o.status) for o in outcomes if o not in ran] or 'none'}")
     command = "python -m trainlib.benchmarks.mutants " + " ".join(sys.argv[1:] if argv is None else argv)
     meta = metadata("mutants", command.strip(), False, time.monotonic() - t0)
-    meta["copied"] = copied  # the code the mutants were planted in (a commit, or "worktree")
+    # the code the mutants were planted in: the archived commit, or the working tree as copied
+    meta["git"] = state if args.worktree else {"commit": copied, "modified": []}
     by_name = {m.name: m for m in MUTANTS}
-    result = {"meta": meta, "summary": {"score": score, "caught": len(caught), "ran": len(ran)},
+    survived = [o.name for o in ran if o.status == "survived"]
+    result = {"meta": meta, "summary": {"score": score, "caught": len(caught), "ran": len(ran), "survived": survived},
               "mutants": [{"name": o.name, "status": o.status, "seconds": o.seconds, "path": by_name[o.name].path,
                            "tests": " ".join(by_name[o.name].tests), "why": by_name[o.name].why,
                            **({"caught_by": o.caught_by} if o.status == "caught" else {"tail": o.tail[-1500:]})}

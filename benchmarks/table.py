@@ -82,9 +82,13 @@ def _checkpoint(s: dict) -> str:
             f"{s['save_share_at_every_100'] * 100:.2f}% of step time at every=100")
 
 
+def _mutants(s: dict) -> str:
+    return f"planted bugs: {s['score']} by the tests aimed at them; survived: {', '.join(s['survived']) or 'none'}"
+
+
 HEADLINES: dict[str, Callable[[dict], str]] = {
     "allreduce": _allreduce, "dp": _dp, "kernels": _kernels, "ps": _ps, "tp": _tp, "pp": _pp,
-    "checkpoint": _checkpoint,
+    "checkpoint": _checkpoint, "mutants": _mutants,
 }
 
 
