@@ -163,4 +163,5 @@ def _pytorchjob(env: dict[str, str], nproc: str | None, pet: list[str]) -> Place
             "Master replica's container named 'pytorch' and its port named 'pytorchjob-port' — add both to the "
             "PyTorchJob (trainlib k8s pytorchjob does), or export MASTER_ADDR=<rank-0 host> MASTER_PORT=<port>")
     return Placement(kind, nnodes=nnodes, node_rank=node_rank, nproc_per_node=nproc, master_addr=addr,
-                     master_port=port, world_size=world, evidence=tuple(pet) or ("RANK", "WORLD_SIZE"))
+                     master_port=port, world_size=world, max_restarts=_opt_int(env, "PET_MAX_RESTARTS"),
+                     evidence=tuple(pet) or ("RANK", "WORLD_SIZE"))

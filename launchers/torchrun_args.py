@@ -106,6 +106,8 @@ def torchrun_argv(placement: Placement, nproc: int, cmd: list[str]) -> list[str]
     elif int(placement.nnodes) > 1:
         argv += ["--nnodes", placement.nnodes, "--node-rank", str(placement.node_rank),
                  "--master-addr", str(placement.master_addr), "--master-port", str(placement.master_port)]
+        if placement.max_restarts:   # restart this node's workers in place (they resume from a checkpoint)
+            argv += ["--max-restarts", str(placement.max_restarts)]
     else:
         argv += ["--standalone", "--nnodes", "1"]
     return argv + command_args(cmd)

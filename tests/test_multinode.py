@@ -127,3 +127,15 @@ def test_pp_across_nodes(cluster, tmp_path):
     res = cluster_run(cluster, tmp_path, 1, ["--mesh.pp", "2"])
     assert res.summary["mesh"] == {"pp": 2, "dp": 1, "tp": 1}
     assert res.summary["weights_sha256"] == ref["weights_sha256"]
+
+
+def test_dp_two_nodes_of_two_goes_hierarchical(cluster, tmp_path):
+    """2 nodes x 2 processes: `auto` picks the hierarchical all-reduce (shm in the node, gloo across).
+    One node has no such layout, and the hierarchical sum adds (g0+g1)+(g2+g3) where shm and gloo
+    add in other orders, so the check is the loss within fp32 summation noise, not the hash."""
+    ref = local_reference(tmp_path, 4, [])
+    res = cluster_run(cluster, tmp_path, 2, [])
+    assert "AllReduce over hierarchical" in res.outputs[0] and "AllReduce over hierarchical" in res.outputs[1]
+    assert res.summary["world_size"] == 4
+    assert abs(res.summary["loss_last"] - ref["loss_last"]) < 1e-4
+    assert res.summary["loss_first"] == pytest.approx(ref["loss_first"], abs=1e-6)

@@ -372,9 +372,11 @@ class NetCluster:
         return env
 
     def launch(self, i: int, cmd: list[str], nproc_per_node: int = 1, env: dict[str, str] | None = None,
-               nnodes: int | None = None, **popen) -> subprocess.Popen:
+               nnodes: int | None = None, max_restarts: int = 0, **popen) -> subprocess.Popen:
         """`trainlib launch -- CMD` on node i with a PyTorchJob pod's environment."""
         full = self.pytorchjob_env(i, nproc_per_node, nnodes=nnodes, base=env)
+        if max_restarts:
+            full["PET_MAX_RESTARTS"] = str(max_restarts)
         argv = [sys.executable, "-m", "trainlib.cli", "launch", "--", *cmd]
         return self.run(i, argv, env=full, **popen)
 
@@ -421,7 +423,8 @@ class JobResult:
 
 
 def run_job(cluster: NetCluster, cmd: list[str], nproc_per_node: int = 1, nodes: list[int] | None = None,
-            env: dict[str, str] | None = None, timeout_s: float = 300.0, during=None) -> JobResult:
+            env: dict[str, str] | None = None, timeout_s: float = 300.0, during=None,
+            max_restarts: int = 0) -> JobResult:
     """Run `trainlib launch -- CMD` on the given nodes (default: all) as one PyTorchJob and wait.
 
     `during(cluster, procs)` runs while the job does (fault injection); every process left after
@@ -430,7 +433,8 @@ def run_job(cluster: NetCluster, cmd: list[str], nproc_per_node: int = 1, nodes:
     logs = [tempfile.TemporaryFile(mode="w+") for _ in nodes]
     t0 = time.monotonic()
     procs = [cluster.launch(i, cmd, nproc_per_node=nproc_per_node, env=env, nnodes=len(nodes),
-                            stdout=log_, stderr=subprocess.STDOUT) for i, log_ in zip(nodes, logs)]
+                            max_restarts=max_restarts, stdout=log_, stderr=subprocess.STDOUT)
+             for i, log_ in zip(nodes, logs)]
     try:
         if during is not None:
             during(cluster, procs)

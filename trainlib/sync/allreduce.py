@@ -72,7 +72,11 @@ class AllReduce:
                 layout = self._check_explicit(transport, group, buckets)
             self._bind_shm(buckets, group, layout if transport == "hierarchical" else None)
         self.resolved_transport = transport
-        log.debug("AllReduce over %s, %d buckets", transport, len(buckets))
+        if layout is not None and transport == "hierarchical":
+            log.info("AllReduce over hierarchical (shm in the node, gloo across %d nodes), %d buckets",
+                     len(layout.nodes), len(buckets))
+        else:
+            log.debug("AllReduce over %s, %d buckets", transport, len(buckets))
 
     def _auto_transport(self, on_cpu: bool, group, buckets):
         """(transport, node layout): mpi under mpiexec; shm when every rank of the group is on this
