@@ -176,3 +176,17 @@ def test_unresolvable_master_falls_back_to_the_default_route():
     else:
         assert add == {"GLOO_SOCKET_IFNAME": dflt, "NCCL_SOCKET_IFNAME": dflt}
         assert "default route" in why and "no-such-master.invalid" in why
+
+
+@needs_cluster
+def test_cluster_command_runs_a_job_on_every_node():
+    """`trainlib cluster` is the CLI form: each node's worker sees its rank and its own hostname."""
+    probe = "import os, socket; print('probe', os.environ['RANK'], os.environ['WORLD_SIZE'], socket.gethostname())"
+    r = subprocess.run([sys.executable, "-m", "trainlib.cli", "cluster", "--nodes", "2", "--rate", "100mbit", "--",
+                        sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = sorted(line for line in r.stdout.splitlines() if " probe " in line)
+    assert lines == ["[node0] probe 0 2 node0", "[node1] probe 1 2 node1"]
+    bad = subprocess.run([sys.executable, "-m", "trainlib.cli", "cluster", "--nodes", "2", "--rate", "fast"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and "rate='fast' is not a tc rate" in bad.stderr

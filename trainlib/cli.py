@@ -6,6 +6,7 @@
     trainlib bench NAME [--quick]              run a benchmark, write JSON (and a PNG plot)
     trainlib ps-server --bind HOST:PORT        run one parameter server
     trainlib env                               what trainlib detects here, and why
+    trainlib cluster --nodes N [--] CMD ...     run CMD as a PyTorchJob on N emulated nodes (root)
 
 Each subcommand lives in its own module and exposes `main(argv) -> int`; this file only routes.
 Exit codes: 0 ok, 1 user/config error (permanent), >= 128 retryable infrastructure failure.
@@ -22,6 +23,7 @@ COMMANDS = {
     "bench": ("trainlib.benchmarks.harness", "main", "run a benchmark (JSON results, PNG plot)"),
     "ps-server": ("trainlib.sync.ps.server", "main", "run one parameter server"),
     "env": ("trainlib.launchers.envinfo", "main", "print what trainlib detects in this environment"),
+    "cluster": ("trainlib.netcluster_cli", "main", "run a job on N emulated nodes (network namespaces; root)"),
 }
 
 
