@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from trainlib.sync.ps.protocol import (HEADER_FORMAT, HEADER_SIZE, MAC_SIZE, DType, Header, Message, Op,
                                        NONCE_SIZE, VERSION, ProtocolError, Signer, decode)
 from trainlib.sync.ps.sharding import KEY_BITS, plan_partitions, server_loads
+from trainlib.sync.ps.replay import ReplayWindow
 from trainlib.sync.ps.state import ServerState, wire_bytes
 
 TOKEN = "protocol-test-token-0123456789"
@@ -206,3 +207,71 @@ def test_reply_buffers_are_not_changed_by_later_updates():
     first = s.handle(b"a", _msg(Op.DELTA, _f32(1, 1), worker=0, step=1, **kw))[0]
     s.handle(b"a", _msg(Op.DELTA, _f32(5, 5), worker=0, step=2, **kw))
     assert _values(first) == [2, 3] and s.params[2].tolist() == [7, 8]
+
+
+# -- replay window (replay.py) against an unbounded reference ------------------------------------
+class _Unbounded:
+    """The reference: remembers every instance forever."""
+
+    def __init__(self):
+        self.next, self.last = 1, {}
+
+    def issue(self) -> int:
+        self.next += 1
+        return self.next - 1
+
+    def check(self, instance: int, seq: int) -> bool:
+        if not 0 < instance < self.next or seq <= self.last.get(instance, 0):
+            return False
+        self.last[instance] = seq
+        return True
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 6), st.lists(st.tuples(st.booleans(), st.integers(0, 12), st.integers(0, 6)), max_size=80))
+def test_replay_window_never_accepts_what_the_unbounded_reference_refuses(cap, ops):
+    window, ref, big = ReplayWindow(cap), _Unbounded(), ReplayWindow(10_000)
+    for is_issue, instance, seq in ops:
+        if is_issue:
+            assert window.issue() == ref.issue() == big.issue()
+            continue
+        fresh = ref.check(instance, seq)
+        assert (big.check(instance, seq) is None) == fresh  # with room for everyone: the same decisions
+        if window.check(instance, seq) is None:
+            assert fresh  # bounded: it may forget (and refuse), never accept a replay
+        assert len(window.last) <= cap
+
+
+def test_replay_window_forgets_least_recently_active_and_never_readmits():
+    w = ReplayWindow(cap=2)
+    a, b, c = w.issue(), w.issue(), w.issue()
+    assert w.check(a, 1) is None and w.check(b, 1) is None and w.check(a, 2) is None
+    assert w.check(c, 1) is None  # b was the least recently active: forgotten
+    assert list(w.last) == [a, c] and w.check(b, 2) == "expired_instance" and w.check(b, 9) == "expired_instance"
+    assert w.check(a, 2) == "replay" and w.check(4, 1) == "bad_instance" and w.check(0, 1) == "bad_instance"
+    assert w.stats() == {"entries": 2, "cap": 2, "issued": 3, "evicted": 1, "floor": b + 1, "accepted": 4}
+
+
+def test_reads_before_init_count_against_the_key_cap_and_retries_do_not_pile_up():
+    s = ServerState(max_keys=2)
+    kw = dict(nworkers=1, worker=0, dtype=DType.FLOAT32, arg=0)
+    for _ in range(3):  # the same read, retried: one waiter
+        assert s.handle(b"a", _msg(Op.PULL, key=1, step=0, **kw)) == []
+    assert s.n_waiting == 1 and len(s.waiting[1]) == 1
+    assert s.handle(b"a", _msg(Op.PULL, key=2, step=0, **kw)) == []
+    refused = s.handle(b"a", _msg(Op.PULL, key=3, step=0, **kw))  # a third key: over the cap
+    assert [r[1].op for r in refused] == [Op.ERROR] and b"--max-keys" in bytes(refused[0][2])
+    out = s.handle(b"a", _msg(Op.INIT, _f32(4, 5), key=1, step=0, **kw))
+    assert [r[1].op for r in out] == [Op.ACK, Op.PARAMS] and _values(out[1]) == [4, 5]  # answered once
+    assert s.n_waiting == 1
+
+
+def test_digest_covers_bf16_pushes():
+    s = ServerState()
+    kw = dict(nworkers=2, worker=0, key=1, step=1, dtype=DType.BFLOAT16)
+    digests = []
+    for vals in ([1.0, 2.0], [1.0, 3.0]):
+        t = ServerState()
+        t.handle(b"a", _msg(Op.PUSH, torch.tensor(vals, dtype=torch.bfloat16).view(torch.uint8).numpy().tobytes(), **kw))
+        digests.append(t.digest())
+    assert digests[0] != digests[1] != s.digest()  # the pending bf16 push is in the digest

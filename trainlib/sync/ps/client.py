@@ -58,6 +58,7 @@ class Request:
     arg: int
     sent: list[tuple[int, int]] = field(default_factory=list)  # (instance, seq) of every send
     sent_at: float = 0.0
+    expired: bool = False        # the server answered EXPIRED: re-handshake, then resend at once
     done: bool = False
     tag: object = None
     reply: tuple | None = None   # (header, payload) kept until the collect() that asked for it runs
@@ -162,6 +163,9 @@ class PSClient:
                 continue
             h = msg.header
             req = self.outstanding[(server, 0 if h.op == Op.HELLO_OK else h.instance, h.seq)]
+            if h.op == Op.EXPIRED:
+                req.expired = True
+                continue
             for instance, seq in req.sent:
                 self.outstanding.pop((server, instance, seq), None)
             req.done, req.reply = True, (h, msg.payload)
@@ -174,7 +178,7 @@ class PSClient:
         req = self.outstanding.get((server, 0 if h.op == Op.HELLO_OK else h.instance, h.seq))
         if req is None:
             return "unexpected"  # a late duplicate after a retry, or a replay
-        if h.op not in (EXPECTED_REPLY[req.op], Op.ERROR) or h.key != req.key:
+        if h.op not in (EXPECTED_REPLY[req.op], Op.ERROR, Op.EXPIRED) or h.key != req.key:
             return "wrong_reply"
         if req.op != Op.HELLO and h.session != link.session:
             return "bad_session"
@@ -221,12 +225,14 @@ class PSClient:
                                   f"while {n} {what} were outstanding; restart it (and the job from a checkpoint)")
             if now >= deadline:
                 raise self._diagnose(waiting, timeout_s, what)
-            stale = [r for r in waiting if now - r.sent_at > self.retry_s]
+            stale = [r for r in waiting if r.expired or now - r.sent_at > self.retry_s]
             for server in sorted({r.server for r in stale if r.op != Op.HELLO}):
                 self._rehello(server, min(self.retry_s, max(0.1, deadline - now)))
             for r in stale:
-                log.warning("no reply from parameter server %s for %s (key %d, step %d) after %.0fs; resending",
-                            self.links[r.server].address, r.op.name, r.key, r.step, now - r.sent_at)
+                if not r.expired:
+                    log.warning("no reply from parameter server %s for %s (key %d, step %d) after %.0fs; resending",
+                                self.links[r.server].address, r.op.name, r.key, r.step, now - r.sent_at)
+                r.expired = False
                 self._send(r)  # fresh seq: the server answers it, and applies the payload at most once
             self._poll(max(1, int(min(deadline - now, 0.5) * 1000)))
 

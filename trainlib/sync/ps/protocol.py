@@ -69,6 +69,7 @@ class Op(enum.IntEnum):
     HELLO_OK = 68
     STATUS_OK = 69
     STATS_OK = 70
+    EXPIRED = 71     # the server forgot this client instance (replay.py): say HELLO again, then resend
 
 
 REQUESTS = {Op.HELLO, Op.PUSH, Op.STATUS, Op.INIT, Op.PULL, Op.DELTA, Op.BYE, Op.STATS, Op.SAVE}

@@ -14,7 +14,10 @@ request MAC; the server keeps, per instance, the highest seq it accepted, and on
 so an evicted instance can never come back: captured messages stay unreplayable after their
 entry is forgotten, and the table never holds more than `cap` entries however many workers
 restart or STATS pollers come and go. A live worker whose instance was evicted (idle while `cap`
-others were active) is dropped; its client re-handshakes and resends (client.py), losing nothing.
+others were active), or whose fresh instance fell below the floor before its first request, is
+told so with a short EXPIRED reply (server.py) and re-handshakes and resends (client.py): the
+only answer the server gives to a message it refuses. A replayed message from a forgotten
+instance gets that same answer, which carries nothing but the echoed header fields.
 The session id (random per server run, checked on every request) keeps messages captured from an
 earlier run of a server with the same token from being accepted by a restarted one.
 """

@@ -140,7 +140,9 @@ class ParameterServerProcess:
         stale = self.replay.check(h.instance, h.seq)
         if stale:
             self._drop(stale)
-            return []
+            # a live worker whose instance was forgotten must learn it now, not at its retry timeout;
+            # a replayed message gets the same empty notice, and nothing changes
+            return [self.state.reply(ident, h, Op.EXPIRED)] if stale == "expired_instance" else []
         try:
             if h.op == Op.STATS:
                 return [self.state.reply(ident, h, Op.STATS_OK, json.dumps(self.stats()).encode())]
