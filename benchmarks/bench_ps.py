@@ -9,7 +9,10 @@
    (2 server processes started here), and PS dedicated without authentication (--insecure servers). Communication time = step time - compute-only step time.
 2. Push/pull throughput with 4 MiB partitions, 8 in flight: a raw pyzmq ROUTER that echoes each
    message (the transport's limit, no auth), the trainlib server with --insecure, and authenticated
-   (Poly1305; HMAC-SHA256's single-core speed is measured beside it, as protocol v1 used it).
+   the two ways a server with a token can run (issue 17): per-direction Poly1305 message MACs plus
+   the connection check at the ZeroMQ handshake, PLAIN (the default: a token-derived credential
+   checked by ZAP, no per-byte cost) or CURVE (libzmq encrypts every byte). HMAC-SHA256's
+   single-core speed is measured beside Poly1305's, as protocol v1 used it.
 3. Cost model (BytePS, Jiang et al. OSDI 2020, section 3): with n workers, k servers, M bytes of
    gradients and per-machine bandwidth B,
         all-reduce  t_ar = 2(n-1)/n * M/B          PS  t_ps = max(M/B, n*M/(k*B))
@@ -150,28 +153,32 @@ def throughput(n_parts: int, window: int, reps: int) -> dict:
     from trainlib.benchmarks.harness import alternate
     from trainlib.sync.ps.client import PSClient
     from trainlib.sync.ps.launch import spawn_server
-    from trainlib.sync.ps.protocol import MAC_SIZE, DType, Op
+    from trainlib.sync.ps.protocol import HEADER_SIZE, MAC_SIZE, DType, Op
 
     raw_proc, raw_addr = _raw_echo()
-    secure, insecure = spawn_server(token=TOKEN), spawn_server(insecure=True)
+    servers = {"ps_auth": spawn_server(token=TOKEN, extra=("--conn-auth", "plain")),
+               "ps_auth_curve": spawn_server(token=TOKEN, extra=("--conn-auth", "curve")),
+               "ps_insecure": spawn_server(insecure=True)}
     payload = torch.randn(PARTITION // 4)
     buf = payload.numpy()
     moved = 2 * n_parts * PARTITION  # push + pull bytes per measurement
     dealer = zmq.Context.instance().socket(zmq.DEALER)
     dealer.setsockopt(zmq.LINGER, 0)
     dealer.connect(f"tcp://{raw_addr}")
-    clients = {"ps_auth": PSClient([secure.address], TOKEN, 0, 1, timeout_s=60),
-               "ps_insecure": PSClient([insecure.address], None, 0, 1, timeout_s=60)}
+    clients = {"ps_auth": PSClient([servers["ps_auth"].address], TOKEN, 0, 1, timeout_s=120, conn_auth="plain"),
+               "ps_auth_curve": PSClient([servers["ps_auth_curve"].address], TOKEN, 0, 1, timeout_s=120,
+                                         conn_auth="curve"),
+               "ps_insecure": PSClient([servers["ps_insecure"].address], None, 0, 1, timeout_s=120)}
     for c in clients.values():
         c.hello()
-    steps = {"ps_auth": 0, "ps_insecure": 0}
+    steps = {name: 0 for name in clients}
 
     def raw() -> float:
         t0 = time.perf_counter()
         sent = got = 0
         while got < n_parts:
             while sent < n_parts and sent - got < window:
-                dealer.send_multipart([b"h" * 52, buf, b"m" * MAC_SIZE], copy=False)
+                dealer.send_multipart([b"h" * HEADER_SIZE, buf, b"m" * MAC_SIZE], copy=False)
                 sent += 1
             dealer.recv_multipart(copy=False)
             got += 1
@@ -192,7 +199,7 @@ def throughput(n_parts: int, window: int, reps: int) -> dict:
             return time.perf_counter() - t0
         return run_once
 
-    cands = {"raw_pyzmq": raw, "ps_insecure": ps("ps_insecure"), "ps_auth": ps("ps_auth")}
+    cands = {"raw_pyzmq": raw, **{name: ps(name) for name in clients}}
     for fn in cands.values():
         fn()
     res = alternate(cands, reps)
@@ -202,12 +209,13 @@ def throughput(n_parts: int, window: int, reps: int) -> dict:
     dealer.close(0)
     raw_proc.kill()
     raw_proc.wait()
-    secure.stop()
-    insecure.stop()
+    for srv in servers.values():
+        srv.stop()
     gbps = {n: moved / r["median_s"] / 1e9 for n, r in res.items()}
     return {"partition_bytes": PARTITION, "partitions": n_parts, "in_flight": window,
             "GBps_push_plus_pull": {n: round(v, 4) for n, v in gbps.items()},
             "auth_cost_fraction": round(res["ps_auth"]["median_s"] / res["ps_insecure"]["median_s"] - 1, 4),
+            "auth_cost_fraction_curve": round(res["ps_auth_curve"]["median_s"] / res["ps_insecure"]["median_s"] - 1, 4),
             "ps_insecure_fraction_of_raw": round(gbps["ps_insecure"] / gbps["raw_pyzmq"], 4),
             **mac_gbps}
 
@@ -298,6 +306,8 @@ def run(quick: bool, argv: list[str] | None = None) -> dict:
         r["ps_colocated_over_allreduce_step"] = round(med["ps_colocated"] / med["allreduce"], 3)
         r["ps_noauth_over_allreduce_step"] = round(med["ps_dedicated_noauth"] / med["allreduce"], 3)
     summary = {"auth_cost_at_4MB": tp["auth_cost_fraction"], "auth_target_met": tp["auth_cost_fraction"] <= 0.20,
+               "conn_auth_default": "plain", "auth_cost_at_4MB_curve": tp["auth_cost_fraction_curve"],
+               "auth_target_met_curve": tp["auth_cost_fraction_curve"] <= 0.20,
                "ps_insecure_fraction_of_raw_pyzmq": tp["ps_insecure_fraction_of_raw"],
                **{f"{w}_ps_dedicated_over_allreduce": steps[w]["ps_dedicated_over_allreduce_step"] for w in steps},
                **{f"{w}_ps_colocated_over_allreduce": steps[w]["ps_colocated_over_allreduce_step"] for w in steps},
