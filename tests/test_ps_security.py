@@ -186,3 +186,24 @@ def test_refuses_to_start_without_token_or_off_loopback(monkeypatch, tmp_path, c
         read_token()
     with pytest.raises(TokenError, match="cannot read the token file"):
         read_token(str(tmp_path / "missing"))
+
+
+def test_unexpected_errors_anywhere_in_handling_are_contained():
+    """Decode, MAC check, state and reply sending all run under the loop's error handler: a bug in
+    any of them is counted, and the next message is served."""
+    srv = ParameterServerProcess("127.0.0.1:0", token=TOKEN)
+    signer = Signer(TOKEN, "client")
+    try:
+        hello = [zmq.Frame(b"peer"), *map(zmq.Frame, signer.encode(Header(op=Op.HELLO, seq=1)))]
+        sent: list = []
+        srv.sock.send_multipart = lambda frames, **kw: sent.append(frames)
+        for broken in ("verify", "encode_many"):
+            original = getattr(srv.signer, broken)
+            setattr(srv.signer, broken, lambda *a, **kw: 1 / 0)
+            srv.handle_frames(hello)  # must not raise
+            setattr(srv.signer, broken, original)
+        assert srv.dropped["internal_error"] == 2 and sent == []
+        srv.handle_frames(hello)  # served again once the fault is gone
+        assert len(sent) == 1 and decode(sent[0][1:]).header.op == Op.HELLO_OK
+    finally:
+        srv.close()
