@@ -245,8 +245,8 @@ class PSClient:
                 self._receive(i)
 
     def _rehello(self, server: int, timeout_s: float) -> None:
-        """A fresh instance on `server` before a retry: a server whose replay window forgot this
-        client's instance drops its requests without a word (replay.py)."""
+        """A fresh instance on `server` before a resend: the server said EXPIRED (its replay window
+        forgot this client's instance, replay.py), or said nothing and may have restarted."""
         try:
             self._handshake([server], timeout_s)
         except PSError as e:
