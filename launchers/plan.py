@@ -10,6 +10,7 @@ import shlex
 from dataclasses import dataclass, field
 
 from trainlib.launchers.detect import Placement, detect_placement
+from trainlib.launchers.errors import LaunchConfigError
 from trainlib.launchers.devices import Devices, probe
 from trainlib.launchers.profiles import Profile, select_profile
 from trainlib.netif import IFNAME_VARS, socket_ifname_env
@@ -102,7 +103,27 @@ def build_plan(cmd: list[str], env: dict[str, str] | None = None, nproc_override
     plan.profile = select_profile(devices, plan.nproc_per_node, env)
     plan.env, plan.kept = plan.profile.apply(base)
     _choose_socket_ifname(plan)
+    _bound_static_rendezvous(plan)
     return plan
+
+
+def _bound_static_rendezvous(plan: LaunchPlan) -> None:
+    """A static multi-node job waits for every node's agent to join: 600 s in torchrun, and a node
+    that died before joining leaves the others waiting that long. When the user has bounded waits
+    (TRAINLIB_RDZV_TIMEOUT_S, else TRAINLIB_TIMEOUT_S) the join is bounded by the same figure.
+    Unset, torchrun's 600 s stays: pods of one job can take minutes to pull their images."""
+    p = plan.placement
+    if plan.mode != "torchrun" or p.elastic or p.nnodes == "1":
+        return
+    name = next((n for n in ("TRAINLIB_RDZV_TIMEOUT_S", "TRAINLIB_TIMEOUT_S") if plan.env.get(n)), None)
+    if name is None:
+        return
+    try:
+        secs = max(1, int(float(plan.env[name])))
+    except ValueError:
+        raise LaunchConfigError(f"{name}={plan.env[name]!r} is not a number of seconds; e.g. {name}=300") from None
+    plan.torchrun_argv[0:0] = ["--rdzv-conf", f"timeout={secs}"]
+    plan.net_notes.append(f"every node must join within {secs} s ({name}; torchrun's default is 600 s)")
 
 
 def _choose_socket_ifname(plan: LaunchPlan) -> None:

@@ -190,3 +190,30 @@ def test_cluster_command_runs_a_job_on_every_node():
     bad = subprocess.run([sys.executable, "-m", "trainlib.cli", "cluster", "--nodes", "2", "--rate", "fast"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and "rate='fast' is not a tc rate" in bad.stderr
+
+
+def _static_env(**extra: str) -> dict[str, str]:
+    env = {"MASTER_ADDR": "10.213.0.1", "MASTER_PORT": "29500", "PET_NNODES": "2", "PET_NODE_RANK": "1",
+           "PET_NPROC_PER_NODE": "1", "RANK": "1", "WORLD_SIZE": "2", "PATH": "/usr/bin"}
+    env.update(extra)
+    return env
+
+
+def test_static_job_bounds_its_rendezvous_and_restarts_in_place():
+    from trainlib.launchers.devices import Devices
+    from trainlib.launchers.errors import LaunchConfigError
+    from trainlib.launchers.plan import build_plan
+
+    cpu = Devices()
+    plan = build_plan(["trainlib", "train"], _static_env(), devices=cpu)
+    assert "--rdzv-conf" not in plan.torchrun_argv and "--max-restarts" not in plan.torchrun_argv
+    plan = build_plan(["trainlib", "train"], _static_env(TRAINLIB_TIMEOUT_S="20", PET_MAX_RESTARTS="3"), devices=cpu)
+    argv = plan.torchrun_argv
+    assert argv[argv.index("--rdzv-conf") + 1] == "timeout=20"
+    assert argv[argv.index("--max-restarts") + 1] == "3"
+    assert any("join within 20 s" in n for n in plan.net_notes)
+    plan = build_plan(["trainlib", "train"], _static_env(TRAINLIB_TIMEOUT_S="20", TRAINLIB_RDZV_TIMEOUT_S="900"),
+                      devices=cpu)
+    assert "timeout=900" in plan.torchrun_argv
+    with pytest.raises(LaunchConfigError, match="TRAINLIB_RDZV_TIMEOUT_S='soon' is not a number"):
+        build_plan(["trainlib", "train"], _static_env(TRAINLIB_RDZV_TIMEOUT_S="soon"), devices=cpu)

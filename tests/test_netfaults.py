@@ -193,3 +193,21 @@ def test_outage_then_resume_from_checkpoint(cluster, tmp_path, uninterrupted):
     assert res.codes == [0, 0], "\n---\n".join(o[-3000:] for o in res.outputs)
     assert res.summary["resumed_from"] is not None
     assert res.summary["weights_sha256"] == uninterrupted["weights_sha256"]
+
+
+def test_node_dies_before_the_job_starts(cluster, tmp_path):
+    """Node 1 dies while the job starts (before or while its agent joins): node 0 must not wait
+    torchrun's 600 s for it; it exits 138 within the timeout plus slack."""
+    timeout_s = 8.0
+    marks = {}
+
+    def kill(c, procs):
+        time.sleep(1.5)
+        c.kill_node(1)
+        marks["kill"] = time.monotonic()
+
+    res = run_job(cluster, [*TRAIN, "--train.steps", "50", "--train.metrics", str(tmp_path / "m.jsonl")],
+                  nodes=[0, 1], env=job_env(tmp_path, timeout_s), timeout_s=120, during=kill)
+    after_kill = time.monotonic() - marks["kill"]
+    assert res.codes[0] == 138, (res.codes, res.outputs[0][-3000:])
+    assert after_kill <= timeout_s + SLACK_S, after_kill
