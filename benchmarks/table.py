@@ -86,9 +86,15 @@ def _mutants(s: dict) -> str:
     return f"planted bugs: {s['score']} by the tests aimed at them; survived: {', '.join(s['survived']) or 'none'}"
 
 
+def _cluster(s: dict) -> str:
+    wins = "; ".join(f"{k} {v}" for k, v in s["winners"].items() if "/mlp/" in k)
+    return (f"cost model (calibrated at the first rate) vs measured step time: median error "
+            f"{s['median_error'] * 100:.0f}%, worst {s['worst_error'] * 100:.0f}%; fastest for the wide MLP: {wins}")
+
+
 HEADLINES: dict[str, Callable[[dict], str]] = {
     "allreduce": _allreduce, "dp": _dp, "kernels": _kernels, "ps": _ps, "tp": _tp, "pp": _pp,
-    "checkpoint": _checkpoint, "mutants": _mutants,
+    "checkpoint": _checkpoint, "mutants": _mutants, "cluster": _cluster,
 }
 
 
