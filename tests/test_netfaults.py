@@ -91,6 +91,10 @@ def test_link_down_longer_than_the_timeout(cluster, tmp_path):
     assert res.codes == [138, 138], (res.codes, res.outputs[0][-2000:])
     for out in res.outputs:
         assert "lost a peer" in out and "all_reduce" in out, out[-3000:]
+    # the heartbeats name the other side: node 0 sees rank 1 stop; node 1 cannot reach node 0's store
+    n0, n1 = cluster.nodes[0], cluster.nodes[1]
+    assert f"rank 1 ({n1.hostname}, {n1.ip}) stopped answering" in res.outputs[0], res.outputs[0][-3000:]
+    assert f"store at {n0.ip}:" in res.outputs[1] and "did not answer either" in res.outputs[1], res.outputs[1][-3000:]
     # every survivor ended within the timeout plus slack of the cut (not after torch's 30 minutes)
     assert after_cut <= timeout_s + SLACK_S, after_cut
 

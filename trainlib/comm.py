@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from . import liveness
+
 log = logging.getLogger("trainlib")
 
 LOG_LENGTH = 64
@@ -37,6 +39,7 @@ class CollectiveRecord:
     group: tuple[int, ...] | None
     started: float = field(default_factory=time.monotonic)
     done: bool = False
+    peer: int | None = None   # send/recv: the other end (a global rank)
 
     def describe(self) -> str:
         g = "world" if self.group is None else f"ranks {list(self.group)}"
@@ -50,6 +53,26 @@ _seq = 0
 def recent_collectives() -> list[CollectiveRecord]:
     """The last LOG_LENGTH collectives this rank entered, oldest first."""
     return list(_log)
+
+
+def progress() -> dict[str, int | str | None]:
+    """This rank's place in its collectives, for the heartbeat (trainlib.liveness): the newest one
+    entered (seq, op) and the oldest one not finished yet (pending_seq, pending_op; None if none)."""
+    recs = list(_log)   # one C-level copy under the GIL: safe against the training thread appending
+    newest = recs[-1] if recs else None
+    pending = next((r for r in recs if not r.done), None)
+    return {"seq": _seq, "op": newest.op if newest else "",
+            "pending_seq": pending.seq if pending else None, "pending_op": pending.op if pending else None}
+
+
+def probe_peers(ranks: list[int] | None = None, seq: int | None = None) -> liveness.Probe | None:
+    """Which of `ranks` (default: the world) stopped answering, exited, or is alive but not inside
+    collective `seq`: read from their heartbeats in the job's store, watching them for up to ~2H
+    (H = timeout/8, at most 2 s). None without a heartbeat (single process, or no store).
+    A CollectiveTimeout calls this itself and appends `Probe.describe()` to its message."""
+    if ranks is None:
+        ranks = list(range(dist.get_world_size())) if dist.is_initialized() else [0]
+    return liveness.probe(ranks, _rank(), seq)
 
 
 def _timeout_s() -> float:
@@ -151,7 +174,21 @@ def _timeout_error(rec: CollectiveRecord, timeout_s: float, cause: Exception | N
            "check the other ranks' logs for the same sequence number.")
     if pending:
         msg += f" Other unfinished collectives here: {'; '.join(pending)}."
-    return CollectiveTimeout(msg)
+    return CollectiveTimeout(msg + _peers_story(rec))
+
+
+def _peers_story(rec: CollectiveRecord) -> str:
+    """Which peer the collective lost, from the heartbeats (a few seconds at most); "" if unknown."""
+    try:
+        if rec.peer is not None:
+            probe = liveness.probe([rec.peer], _rank())
+        else:
+            ranks = list(rec.group) if rec.group is not None else list(range(dist.get_world_size()))
+            probe = liveness.probe(ranks, _rank(), rec.seq)
+    except Exception as e:  # the diagnosis must never hide the timeout itself
+        log.debug("peer liveness probe failed: %s", e)
+        return ""
+    return f" {probe.describe()}" if probe is not None else ""
 
 
 def all_reduce(t: torch.Tensor, op: str = "sum", group=None, async_op: bool = False) -> Handle | None:
@@ -241,11 +278,15 @@ def barrier(group=None) -> None:
 
 
 def isend(t: torch.Tensor, dst: int, group=None, tag: int = 0) -> Handle:
-    return Handle(dist.isend(t, dst=dst, group=group, tag=tag), _record(f"send[to={dst}]", t, group))
+    rec = _record(f"send[to={dst}]", t, group)
+    rec.peer = dst
+    return Handle(dist.isend(t, dst=dst, group=group, tag=tag), rec)
 
 
 def irecv(t: torch.Tensor, src: int, group=None, tag: int = 0) -> Handle:
-    return Handle(dist.irecv(t, src=src, group=group, tag=tag), _record(f"recv[from={src}]", t, group))
+    rec = _record(f"recv[from={src}]", t, group)
+    rec.peer = src
+    return Handle(dist.irecv(t, src=src, group=group, tag=tag), rec)
 
 
 def send(t: torch.Tensor, dst: int, group=None, tag: int = 0) -> None:

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from . import liveness
+
 log = logging.getLogger("trainlib")
 
 DEFAULT_TIMEOUT_S = 300.0
@@ -199,6 +201,8 @@ def init(backend: str | None = None, device: str | None = None, timeout_s: float
         dev, _ = choose_device_backend(local_rank, backend, device)
         _RUNTIME = Runtime(rank, world, local_rank, dev, dist.get_backend(), int(os.environ.get("LOCAL_WORLD_SIZE", world)),
                            "existing", timeout_s)
+        if world > 1:
+            _start_heartbeat(rank, timeout_s, None, None)
         return _RUNTIME
     info = detect_launch()
     dev, backend = choose_device_backend(info.local_rank, backend, device)
@@ -222,6 +226,8 @@ def init(backend: str | None = None, device: str | None = None, timeout_s: float
         else:
             dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=info.rank,
                                     world_size=info.world_size, timeout=timeout)
+        if info.world_size > 1:
+            _start_heartbeat(info.rank, timeout_s, str(addr), int(port))
     _RUNTIME = Runtime(info.rank, info.world_size, info.local_rank, dev, backend, info.local_world_size,
                        info.source, timeout_s)
     # A script that never calls shutdown() would exit with gloo's threads still joinable, and the C++
@@ -244,6 +250,28 @@ def _per_attempt_store(addr: str, port: int, world_size: int, timeout: datetime.
     return dist.PrefixStore(f"trainlib/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
+def _start_heartbeat(rank: int, timeout_s: float, addr: str | None, port: int | None) -> None:
+    """Publish this rank's liveness in the job's store (trainlib.liveness), so a collective timeout
+    can name the peer it lost. Its own client to the store at addr:port (torchrun's agent store, or
+    rank 0's): a read stuck on a dead store must not block c10d's client, and vice versa. Without an
+    address (a group someone else made) it falls back to the default group's store."""
+    from . import comm   # comm reads this module's timeout: import it late
+
+    if addr is not None and port is not None:
+        connect = liveness.tcp_store(addr, port)
+        name = f"the job's store at {addr}:{port}"
+    else:
+        try:
+            default = dist.distributed_c10d._get_default_store()  # private: present in torch 2.5 .. 2.13
+        except (AttributeError, RuntimeError, ValueError) as e:
+            log.debug("no store for heartbeats (%s): timeouts will not name the lost peer", e)
+            return
+        def connect(t: float):   # one shared client: its timeout is the group's
+            return default
+        name = "the default process group's store"
+    liveness.start(rank, timeout_s, connect, name, comm.progress, addr or os.environ.get("MASTER_ADDR"))
+
+
 def get_runtime() -> Runtime:
     if _RUNTIME is None:
         raise RuntimeError("trainlib is not initialised; call tl.init() first")
@@ -260,6 +288,7 @@ def _shutdown_at_exit() -> None:
 def shutdown() -> None:
     """Destroy the process group (tests and the trainer call this at exit)."""
     global _RUNTIME
+    liveness.stop()   # before the group goes: its last beat says "exited"
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     _RUNTIME = None
