@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
 
 from trainlib.launchers.errors import EXIT_CONFIG
@@ -84,8 +85,11 @@ def spec_from_args(args: argparse.Namespace, cmd: list[str]) -> JobSpec:
         else:  # pragma: no cover - Python 3.10 (Ubuntu 22.04 images)
             import tomli as tomllib
 
-        with open(args.from_config, "rb") as f:
-            data = tomllib.load(f)
+        try:
+            with open(args.from_config, "rb") as f:
+                data = tomllib.load(f)
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"--from-config {args.from_config} is not valid TOML: {e}") from None
         table = data.pop("k8s", {})
         unknown = sorted(set(table) - set(FLAG_KEYS))
         if unknown:
@@ -105,12 +109,17 @@ def spec_from_args(args: argparse.Namespace, cmd: list[str]) -> JobSpec:
     if values.get("elastic") and args.kind == "mpijob":
         raise ValueError("--elastic is for pytorchjob (torchrun's c10d rendezvous); an MPIJob has a fixed size")
     values["cmd"] = tuple(cmd or ("trainlib", "train"))
+    _check_flags(values, args.kind)
+    _check_train_cmd(list(values["cmd"]))
     if values.get("instance_type"):
         _fill_from_instance(values, lookup(values["instance_type"]))
     spec = JobSpec(**values)
     for k in ("nodes", "gpus_per_node", "efa", "neuron_cores", "ps_servers", "max_restarts"):
         if getattr(spec, k) < 0 or (k == "nodes" and spec.nodes < 1):
             raise ValueError(f"--{k.replace('_', '-')}={getattr(spec, k)} must be {'>= 1' if k == 'nodes' else '>= 0'}")
+    if spec.neuron_cores_per_device < 1:
+        raise ValueError(f"--neuron-cores-per-device={spec.neuron_cores_per_device} must be >= 1 (2 on Trn1/Inf2, "
+                         "4 on Trn2 with LNC=2)")
     if spec.gpus_per_node and spec.neuron_cores:
         raise ValueError("--gpus-per-node and --neuron-cores exclude each other: a node is a GPU node or a Trainium node")
     if spec.neuron_cores % spec.neuron_cores_per_device:
@@ -125,6 +134,68 @@ def spec_from_args(args: argparse.Namespace, cmd: list[str]) -> JobSpec:
                          "trn2.48xlarge")
     _check_shm_fits(spec)
     return spec
+
+
+_DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
+_DNS_1123 = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
+_CPU = re.compile(r"^(\d+(\.\d+)?|\d+m)$")
+
+
+def _check_flags(values: dict, kind: str) -> None:
+    """Flag values the API server or the operators would reject, or silently ignore, named before
+    any object is built (the webhook check after build() only sees the finished objects)."""
+    name, ns = values.get("name"), values.get("namespace")
+    if not _DNS_1035.match(str(name)):
+        raise ValueError(f"--name={name!r} is not a DNS-1035 label (lower-case letters, digits and '-', starting "
+                         "with a letter, at most 63 characters); e.g. gpt-run")
+    if ns is not None and not _DNS_1123.match(str(ns)):
+        raise ValueError(f"--namespace={ns!r} is not a DNS-1123 label (lower-case letters, digits and '-', at most "
+                         "63 characters); e.g. team-a")
+    zone = values.get("zone")
+    if zone is not None and not (zone and _LABEL_VALUE.match(str(zone))):
+        raise ValueError(f"--zone={zone!r} is not a label value (letters, digits, '-', '_', '.'); e.g. us-east-1a")
+    for key, example in (("shm_size", "16Gi"), ("memory", "16Gi")):
+        if values.get(key) is not None:
+            try:
+                quantity_bytes(str(values[key]))
+            except ValueError:
+                raise ValueError(f"--{key.replace('_', '-')}={values[key]!r} is not a memory quantity; use e.g. "
+                                 f"{example} or 512Mi") from None
+    if values.get("cpu") is not None and not _CPU.match(str(values["cpu"])):
+        raise ValueError(f"--cpu={values['cpu']!r} is not a CPU quantity; use e.g. 8 or 500m")
+    port = values.get("ps_port")
+    if port is not None and not 1 <= int(port) <= 65535:
+        raise ValueError(f"--ps-port={port} is not a port in 1..65535; e.g. 5555")
+    gang = values.get("gang")
+    if values.get("queue") and gang not in ("volcano", "kueue"):
+        raise ValueError(f"--queue {values['queue']} has no effect without --gang volcano or --gang kueue; add one "
+                         "or drop --queue")
+    if values.get("cluster_queue") and gang != "kueue":
+        raise ValueError(f"--cluster-queue {values['cluster_queue']} only applies to --gang kueue; add it or drop "
+                         "--cluster-queue")
+    if not values.get("ps_servers"):
+        for key in ("ps_port", "ps_token_secret"):
+            if values.get(key) is not None:
+                raise ValueError(f"--{key.replace('_', '-')} {values[key]} has no effect without --ps-servers N; "
+                                 "add it or drop the flag")
+
+
+def _check_train_cmd(cmd: list[str]) -> None:
+    """A `trainlib train` command's config, checked as far as it can be without the pods (the mesh
+    and paths are checked again by `trainlib launch` in each pod, before torchrun starts)."""
+    from trainlib.launchers.launch import train_args
+
+    argv = train_args(cmd)
+    if argv is None:
+        return
+    from trainlib.config import ConfigError
+    from trainlib.trainer import config_from_argv
+
+    try:
+        config_from_argv(argv)
+    except ConfigError as e:
+        raise ValueError(f"the training command: {e}") from None
 
 
 def _fill_from_instance(values: dict, it: InstanceType) -> None:

@@ -1,7 +1,7 @@
 """`trainlib launch [--nproc-per-node N] [--dry-run] [--] CMD ...`: the container entrypoint.
 
-    trainlib launch                          # CMD defaults to `trainlib train`
     trainlib launch -- trainlib train --train.steps 100
+    trainlib launch --dry-run -- trainlib train      # the plan as JSON; nothing starts
     mpiexec -n 2 trainlib launch -- trainlib train
 
 It works out where it runs (trainlib.launchers.detect), what the node has (devices), the
@@ -11,8 +11,12 @@ the `torchrun` script does) so the workers' exit codes can be read; mpi-rank mod
 rank; mpirun mode (MPIJob launcher pod) execs mpirun; exec mode (torchrun child, MPIJob worker)
 execs CMD unchanged.
 
-Exit codes (Kubeflow ExitCode restart policy): 1 for a configuration error or a failing training
-script (permanent), 138 (or the worker's own code >= 128) for infrastructure failures such as a
+A CMD of `trainlib train ...` is checked for the world size of the plan before torchrun starts
+(trainlib.validate): a bad value exits 1 with one line, and a value that can only fail in a rank
+is reported once, by the first failing rank, as the last line.
+
+Exit codes (Kubeflow ExitCode restart policy): 1 for a configuration error, a missing command or
+a failing training script (permanent), 138 (or the worker's own code >= 128) for infrastructure failures such as a
 rendezvous timeout, a lost peer or a worker killed by a signal (retryable).
 """
 from __future__ import annotations
@@ -23,26 +27,76 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 
 from trainlib.launchers.errors import (EXIT_CONFIG, EXIT_RETRY, LaunchConfigError, LaunchInfraError,
                                        classify_worker_exit)
 from trainlib.launchers.plan import LaunchPlan, build_plan
+from trainlib.rank_errors import ERROR_DIR_ENV, VALIDATED_ENV, first_error
 from trainlib.runtime import DEFAULT_TIMEOUT_S
 
-DEFAULT_CMD = ["trainlib", "train"]
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # usage errors are configuration errors: exit 1, not argparse's 2
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_CONFIG, f"{self.prog}: error: {message}\n")
 
 
-def parse_argv(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="trainlib launch", description=__doc__.split("\n\n")[0])
+def parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="trainlib launch", description=__doc__.split("\n\n")[0],
+                usage="trainlib launch [--nproc-per-node N] [--dry-run] [--quiet] [--] CMD ...",
+                epilog="e.g. trainlib launch -- trainlib train --train.steps 100 (the images' default CMD)")
     p.add_argument("--nproc-per-node", type=int, default=None, help="processes per node (default: from the pod)")
     p.add_argument("--dry-run", action="store_true", help="print the plan as JSON and exit")
     p.add_argument("--quiet", action="store_true", help="do not print the explanation")
-    p.add_argument("cmd", nargs=argparse.REMAINDER, help="command to run (default: trainlib train)")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, help="command to run, e.g. trainlib train")
+    return p
+
+
+def parse_argv(argv: list[str]) -> argparse.Namespace:
+    """Flags, then CMD. No CMD is a usage error: starting a default job nobody asked for looked,
+    to a user trying the command, like a hang (minutes of training with no prompt back)."""
+    p = parser()
     args = p.parse_args(argv)
     if args.cmd and args.cmd[0] == "--":
         args.cmd = args.cmd[1:]
-    args.cmd = args.cmd or list(DEFAULT_CMD)
+    if not args.cmd:
+        p.error("no command to launch; e.g. trainlib launch -- trainlib train")
+    if args.nproc_per_node is not None and args.nproc_per_node < 1:
+        p.error(f"--nproc-per-node={args.nproc_per_node} must be >= 1")
     return args
+
+
+def train_args(cmd: list[str]) -> list[str] | None:
+    """The arguments of a `trainlib train` command (`trainlib train`, `[python] -m trainlib.cli train`), else None."""
+    c = list(cmd)
+    if c and os.path.basename(c[0]).startswith("python"):
+        c = c[1:]
+    if c[:2] == ["-m", "trainlib.cli"]:
+        c = ["trainlib", *c[2:]]
+    if c[:1] and os.path.basename(c[0]) == "trainlib" and c[1:2] == ["train"]:
+        return c[2:]
+    return None
+
+
+def preflight(plan: LaunchPlan) -> bool:
+    """Check a `trainlib train` job before torchrun starts it, for the plan's world size; the ranks
+    then skip the same checks (TRAINLIB_VALIDATED) and report a failure once (TRAINLIB_ERROR_DIR)."""
+    argv = train_args(plan.cmd)
+    if argv is None or plan.mode != "torchrun" or not plan.placement.nnodes.isdigit():
+        return False  # not our trainer, or an elastic world whose size is not known yet: the ranks check
+    from trainlib.config import ConfigError
+    from trainlib.mesh import MeshError
+    from trainlib.runtime import LaunchError
+    from trainlib.trainer import preflight as check_train
+
+    nodes = int(plan.placement.nnodes)
+    try:
+        # names of parameter servers are not looked up: in a pod they may not exist yet
+        warnings = check_train(argv, nodes * plan.nproc_per_node, nodes, plan.env, resolve=False)
+    except (ConfigError, MeshError, LaunchError) as e:
+        raise LaunchConfigError(str(e)) from None
+    _say([f"warning: {w}" for w in warnings])
+    return True
 
 
 def _say(lines: list[str]) -> None:
@@ -165,12 +219,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_argv(list(sys.argv[1:] if argv is None else argv))
     try:
         plan = build_plan(args.cmd, nproc_override=args.nproc_per_node)
+        validated = preflight(plan)
         if args.dry_run:
             print(json.dumps(plan.as_dict(), indent=2))
             return 0
         if not args.quiet:
             _say(plan.explain())
-        return execute(plan)
+        if plan.mode != "torchrun":
+            return execute(plan)
+        with tempfile.TemporaryDirectory(prefix="trainlib-launch-") as errors:
+            plan.env[ERROR_DIR_ENV] = errors
+            if validated:
+                plan.env[VALIDATED_ENV] = "1"
+            code = execute(plan)
+            line = first_error(errors) if code else None
+            if line:
+                _say([f"first failure: {line}"])
+            return code
     except LaunchConfigError as e:
         _say([f"error: {e}"])
         return EXIT_CONFIG

@@ -49,7 +49,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"trainlib {name}: not available here ({e}); install the matching extra, e.g. pip install 'trainlib[test]'",
               file=sys.stderr)
         return 1
-    return int(entry(rest) or 0)
+    try:
+        return int(entry(rest) or 0)
+    except SystemExit as e:
+        if e.code == 2:  # argparse's usage error: a user error, which is 1 here (2 is not in our contract)
+            return 1
+        raise
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ section's __post_init__ so a Config that exists is a Config that makes sense.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 import types
@@ -125,6 +126,9 @@ class CheckpointConfig:
             parent = path
             while not os.path.exists(parent):
                 parent = os.path.dirname(parent)
+            if not os.path.isdir(parent):
+                raise ConfigError(f"checkpoint.dir={self.dir!r} cannot be created: {parent!r} is a file, not a "
+                                  "directory; choose another path")
             if not os.access(parent, os.W_OK | os.X_OK):
                 raise ConfigError(f"checkpoint.dir={self.dir!r} cannot be created or written: {parent!r} is not "
                                   "writable; choose a directory you can write to")
@@ -168,10 +172,14 @@ def _coerce(section: str, key: str, tp, raw):
                 raise ValueError
             return int(raw)
         if tp is float:
-            return float(raw)
-        return tp(raw)
+            value = float(raw)
+        else:
+            return tp(raw)
     except (TypeError, ValueError):
         raise ConfigError(f"{where}={raw!r} is not a valid {getattr(tp, '__name__', tp)}") from None
+    if not math.isfinite(value):  # nan passes every `<= 0` check, and inf/nan lr trains garbage for hours
+        raise ConfigError(f"{where}={raw!r} is not a finite number; give a finite value")
+    return value
 
 
 def _apply(values: dict[str, dict], section: str, key: str, raw) -> None:

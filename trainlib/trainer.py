@@ -18,27 +18,29 @@ import json
 import logging
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from . import comm
+from . import rank_errors
 from .config import Config, ConfigError, describe_flags, load_config
 from .data import DistributedSampler, default_tokens
 from .checkpoint import resume
 from .data_parallel import DataParallel, clip_grad_norm_
 from .data_parallel.clip import grad_norm
-from .mesh import Mesh, MeshError, MeshLayout
+from .mesh import Mesh, MeshError
 from .models.gpt import GPT, GPTConfig, lm_loss
 from .parallelize import ParallelModel, lm_loss_fn, parallelize
 from .tensor_parallel import GPT_PLAN
 from .runtime import LaunchError
 from .sync.ps.client import PSTimeout
+from .validate import check_run
 
 EXIT_LOST_PEER = 138   # >= 128: retryable for Kubeflow's ExitCode restart policy (launchers/errors.py)
 
@@ -229,42 +231,92 @@ def _progress(cfg: Config, main: bool):
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="trainlib train", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Train the default GPT. Started by hand it launches --nproc-per-node local ranks through "
-                    "torchrun; inside torchrun (RANK set) it runs as one rank.",
+        description="Train the default GPT. Started by hand it checks the whole configuration, then launches "
+                    "--nproc-per-node local ranks through torchrun; inside torchrun (RANK set) it runs as one rank. "
+                    "A bad value exits 1 with one line naming it and the fix.",
         epilog="config overrides (--section.key=value or --section.key value; defaults shown):\n" + describe_flags())
     p.add_argument("--config", help="TOML file with [train] [model] [mesh] [sync] ... tables")
     p.add_argument("--nproc-per-node", type=int, default=2, help="local processes to start (default 2)")
     p.add_argument("--max-restarts", type=int, default=0,
                    help="torchrun restarts the local ranks this often after a failure; with --checkpoint.dir "
                         "they resume from the latest checkpoint (default 0)")
+    p.add_argument("--debug", action="store_true", help="print the traceback behind an error (every rank)")
     return p
+
+
+# a user can fix these: one line naming the value and the fix, exit 1 (permanent for Kubeflow)
+USER_ERRORS = (ConfigError, MeshError, LaunchError, FloatingPointError, resume.CheckpointError, comm.CollectiveMismatch)
+# a peer or a server was lost: infrastructure, so retryable (Kubeflow's ExitCode policy and
+# torchrun's --max-restarts restart the job, which resumes from its last checkpoint)
+LOST_PEER_ERRORS = (comm.CollectiveTimeout, PSTimeout,
+                    # a peer that never joined the process group (its node died before init)
+                    *(getattr(torch.distributed, n) for n in ("DistStoreError", "DistNetworkError")
+                      if hasattr(torch.distributed, n)))
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args, overrides = _parser().parse_known_args(argv)
+    if args.debug:
+        os.environ[rank_errors.DEBUG_ENV] = "1"  # the ranks inherit it
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     try:
         cfg = load_config(args.config, overrides)
         if args.nproc_per_node < 1:
             raise ConfigError(f"--nproc-per-node={args.nproc_per_node} must be >= 1")
+        if args.max_restarts < 0:
+            raise ConfigError(f"--max-restarts={args.max_restarts} must be >= 0")
         if "RANK" not in os.environ and args.nproc_per_node > 1:
-            MeshLayout.build(args.nproc_per_node, cfg.mesh.pp, cfg.mesh.dp, cfg.mesh.tp)
-            if args.max_restarts < 0:
-                raise ConfigError(f"--max-restarts={args.max_restarts} must be >= 0")
+            _warn(check_run(cfg, args.nproc_per_node))  # everything knowable before a rank starts
             return _launch_local(argv, args.nproc_per_node, args.max_restarts)
+        if os.environ.get(rank_errors.VALIDATED_ENV) != "1":  # no trainlib launcher checked this run
+            world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+            nodes = max(1, world // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", world) or world)))
+            warnings = check_run(cfg, world, nodes)
+            if os.environ.get("RANK", "0") == "0":
+                _warn(warnings)
+    except (*USER_ERRORS, ValueError) as e:  # before training: every rank sees the same bad value
+        rank_errors.report(f"trainlib train: error: {e}", e)
+        return 1
+    return _run_rank(cfg)
+
+
+def preflight(argv: list[str], world_size: int, nodes: int = 1, env: dict[str, str] | None = None,
+              resolve: bool = True) -> list[str]:
+    """Check `trainlib train ARGV` for a job of world_size ranks, as a launcher does before it starts
+    them (trainlib launch); returns warnings, raises ConfigError naming the value and the fix."""
+    return check_run(config_from_argv(argv), world_size, nodes, env, resolve)
+
+
+def config_from_argv(argv: list[str]) -> Config:
+    """The Config that `trainlib train ARGV` would run; ConfigError for a bad value or flag."""
+    try:
+        args, overrides = _parser().parse_known_args(argv)
+    except SystemExit:  # argparse printed the usage error
+        raise ConfigError(f"trainlib train {' '.join(argv)}: bad arguments (see the usage above)") from None
+    return load_config(args.config, overrides)
+
+
+def _warn(warnings: list[str]) -> None:
+    for w in warnings:
+        print(f"trainlib train: warning: {w}", file=sys.stderr, flush=True)
+
+
+def _run_rank(cfg: Config) -> int:
+    """Train on this rank; an error becomes one line from the first failing rank (rank_errors)."""
+    try:
         summary = train(cfg)
-    except (ConfigError, MeshError, LaunchError, FloatingPointError, resume.CheckpointError) as e:
-        print(f"trainlib train: error: {e}", file=sys.stderr)
+    except USER_ERRORS as e:
+        rank_errors.report(f"trainlib train: error: {e}", e)
         return 1
-    except comm.CollectiveMismatch as e:   # ranks disagree on what to do: a bug or a config error
-        print(f"trainlib train: error: {e}", file=sys.stderr)
-        return 1
-    except (comm.CollectiveTimeout, PSTimeout) as e:
-        # a peer or a server was lost: infrastructure, so retryable (Kubeflow's ExitCode policy and
-        # torchrun's --max-restarts restart the job, which resumes from its last checkpoint)
-        print(f"trainlib train: lost a peer: {e}", file=sys.stderr)
+    except LOST_PEER_ERRORS as e:
+        rank_errors.report(f"trainlib train: lost a peer: {e}", e)
         return EXIT_LOST_PEER
+    except Exception as e:  # a bug, not a bad value: the first failing rank shows its traceback
+        if rank_errors.report(f"trainlib train: {type(e).__name__}: {e}; the traceback is above", e,
+                              print_line=False) and not rank_errors.debug_enabled():
+            traceback.print_exception(e, file=sys.stderr)
+        return 1
     rank = int(os.environ.get("RANK", "0"))
     if rank == 0:
         out = os.environ.get(SUMMARY_ENV)
@@ -278,10 +330,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _launch_local(argv: list[str], nproc: int, max_restarts: int = 0) -> int:
-    """Start `nproc` local ranks through torchrun and print rank 0's summary as the last stdout line."""
+def _torchrun_argv(argv: list[str], nproc: int, max_restarts: int) -> list[str]:
+    """torchrun's arguments for `trainlib train ARGV` on this machine, minus our launcher flags."""
     rest, skip = [], False
-    for i, a in enumerate(argv):
+    for a in argv:
         if skip:
             skip = False
             continue
@@ -291,20 +343,44 @@ def _launch_local(argv: list[str], nproc: int, max_restarts: int = 0) -> int:
         if a.startswith(("--nproc-per-node=", "--max-restarts=")):
             continue
         rest.append(a)
-    with tempfile.TemporaryDirectory() as tmp:
+    return ["--standalone", f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}",
+            "-m", "trainlib.cli", "train", *rest]
+
+
+def _launch_local(argv: list[str], nproc: int, max_restarts: int = 0) -> int:
+    """Start `nproc` local ranks through torchrun's agent (in this process, as `trainlib launch`
+    does, so its failure is ours to word) and print rank 0's summary as the last stdout line."""
+    with tempfile.TemporaryDirectory(prefix="trainlib-train-") as tmp:
         summary_path = os.path.join(tmp, "summary.json")
         threads = max(1, (os.cpu_count() or 1) // nproc)
-        env = {**os.environ, SUMMARY_ENV: summary_path, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               f"--max-restarts={max_restarts}",
-               "-m", "trainlib.cli", "train", *rest]
-        rc = subprocess.call(cmd, env=env)
+        os.environ.update({SUMMARY_ENV: summary_path, rank_errors.ERROR_DIR_ENV: tmp,
+                           rank_errors.VALIDATED_ENV: "1",
+                           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))})
+        rc = _run_agent(_torchrun_argv(argv, nproc, max_restarts))
         if rc != 0:
-            print(f"trainlib train: the local ranks failed (torchrun exit code {rc}); see the errors above",
-                  file=sys.stderr)
-            return 1 if rc == 1 else rc
+            line = rank_errors.first_error(tmp) or f"trainlib train: the local ranks failed (exit code {rc})"
+            print(line, file=sys.stderr, flush=True)
+            return rc
         with contextlib.suppress(FileNotFoundError):
             print(Path(summary_path).read_text(), flush=True)
             return 0
         print("trainlib train: rank 0 wrote no summary", file=sys.stderr)
         return 1
+
+
+def _run_agent(torchrun_argv: list[str]) -> int:
+    """torch.distributed.run in-process; 0, or the first failed rank's exit code (1 for a user error,
+    >= 128 for a lost peer or a signal, as launchers/errors.py classifies them)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    from .launchers.errors import classify_worker_exit
+
+    if not rank_errors.debug_enabled():  # the agent's own report repeats what the rank said
+        logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    try:
+        run(parse_args(torchrun_argv))
+    except ChildFailedError as e:
+        _, failure = e.get_first_failure()
+        return classify_worker_exit(failure.exitcode)
+    return 0
