@@ -1,13 +1,13 @@
 """Every bad value of every `trainlib` command: the exit code and one line that names the value and
 the fix, and no traceback. Each row is the real CLI entry point (`trainlib.cli.main`) in its own
-process, forked from a server that already imported torch (a row costs ~0.1 s, not a torch
+process, forked from this one after it imported every command (a row costs a fork, not a torch
 import). Nothing here starts a rank: `trainlib train` and `trainlib launch` check everything
 knowable before torchrun starts (trainlib/validate.py), which is what the rows prove; the rows
 marked SINGLE run as one rank (RANK set), for the checks only a rank can make.
 """
 from __future__ import annotations
 
-import multiprocessing.forkserver
+import multiprocessing
 import os
 import sys
 
@@ -176,6 +176,20 @@ LAUNCH = [
      ["bad arguments"]),
     ("pod env", ["launch", "--dry-run", "--", "trainlib", "train"], {"RANK": "0", "WORLD_SIZE": "x"}, 1,
      ["WORLD_SIZE"]),
+    # values the layout ignores and that only tune something absent: one warning line, and the job goes on
+    ("warn schedule pp1", ["launch", "--dry-run", "--", "trainlib", "train", "--mesh.schedule", "gpipe"], {}, 0,
+     ["trainlib launch: warning: mesh.schedule='gpipe' has no effect with pp=1 (no pipeline); drop it"]),
+    ("warn microbatches pp1", ["launch", "--dry-run", "--", "trainlib", "train", "--mesh.microbatches", "4"], {}, 0,
+     ["warning: mesh.microbatches=4 has no effect with pp=1"]),
+    ("warn partition allreduce", ["launch", "--dry-run", "--", "trainlib", "train", "--sync.partition_mb", "8"], {}, 0,
+     ["warning: sync.partition_mb=8.0 has no effect with sync.kind=allreduce"]),
+    ("warn every without dir", ["launch", "--dry-run", "--", "trainlib", "train", "--checkpoint.every", "10"], {}, 0,
+     ["warning: checkpoint.every=10 has no effect without checkpoint.dir"]),
+    ("warn warmup", ["launch", "--dry-run", "--", "trainlib", "train", "--train.steps", "10",
+                     "--train.warmup_steps", "50"], {}, 0, ["warning: train.warmup_steps=50 >= train.steps=10"]),
+    # in a pod the servers' pods may not exist yet: their names are not looked up there (the ranks retry)
+    ("pod does not resolve servers", ["launch", "--dry-run", "--", "trainlib", "train", "--sync.kind", "ps",
+                                      "--sync.servers", "ps-0.nowhere.invalid:5555"], TOKEN, 0, ['"mode": "torchrun"']),
 ]
 
 K8S = [(f"k8s {name}", ["k8s", *argv], {}, 1, needles) for name, argv, needles in [
@@ -326,14 +340,21 @@ def _substitute(arg: str, subs: dict[str, str]) -> str:
 
 
 def _run(cases, tmp_path) -> list[str]:
-    from trainlib.testing import _PRELOAD, _context
 
     subs = _files(tmp_path)
-    ctx = _context()
-    # the commands' own modules too (0.7 s a row otherwise); takes effect if the server is not up yet
-    multiprocessing.forkserver.set_forkserver_preload(
-        [*_PRELOAD, "trainlib.cli", "trainlib.trainer", "trainlib.launchers.launch", "trainlib.launchers.k8s",
-         "trainlib.benchmarks.harness", "trainlib.sync.ps.server"])
+    # fork this process, which has imported every command's module: a row costs a fork (~10 ms), not
+    # the ~0.7 s of imports a forkserver child pays. The rows never start threads or process groups.
+    import trainlib.benchmarks.harness  # noqa: F401
+    import trainlib.cli  # noqa: F401
+    import trainlib.launchers.k8s  # noqa: F401
+    import trainlib.launchers.launch  # noqa: F401
+    import trainlib.sync.ps.server  # noqa: F401
+    import trainlib.trainer  # noqa: F401
+    from trainlib.config import load_config
+    from trainlib.validate_checkpoint import _meta_model
+
+    _meta_model(load_config())  # torch's first use of the meta device costs ~1.5 s: pay it once, here
+    ctx = multiprocessing.get_context("fork")
     problems = []
     for i, (name, argv, env, code, needles) in enumerate(cases):
         argv = [_substitute(a, subs) for a in argv]
@@ -373,3 +394,53 @@ def test_every_train_option_has_a_row():
     keys = [f"--{s}.{f.name}" for s, cls in _sections().items() for f in fields(cls)]
     missing = [k for k in keys + ["--nproc-per-node", "--max-restarts", "--debug", "--config"] if k not in argv_text]
     assert not missing, f"no bad-input row for {missing}"
+
+
+def test_rank_error_is_reported_once(tmp_path):
+    """A value only a rank can find bad (lr 1e30 turns the gradients to nan; nonfinite=raise):
+    both ranks fail, and the job says so once, as its last line, without a traceback."""
+    import subprocess
+
+    argv = [_substitute(a, {"{tmp}": str(tmp_path)}) for a in SMALL]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINLIB_") and k not in _LAUNCH_VARS}
+    proc = subprocess.run([sys.executable, "-m", "trainlib.cli", "train", *argv, "--train.steps", "3",
+                           "--train.lr", "1e30", "--train.warmup_steps", "0", "--train.nonfinite", "raise"],
+                          env={**env, "TRAINLIB_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=120)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert last.startswith("trainlib train: error: step 2: gradient norm is nan; lower train.lr") and "(rank " in last
+    assert proc.stderr.count("gradient norm is") == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
+def _rank0_shapes(layouts: list[dict]) -> list[dict]:
+    from trainlib.config import load_config
+    from trainlib.mesh import Mesh
+    from trainlib.trainer import build_model, wrap_parallel
+
+    out = []
+    for mesh_args in layouts:
+        cfg = load_config(None, [*SMALL[:8], "--model.n_layer", "2", "--train.batch_size", "4",
+                                 *[f"--mesh.{k}={v}" for k, v in mesh_args.items()]])
+        mesh = Mesh(pp=cfg.mesh.pp, dp=cfg.mesh.dp, tp=cfg.mesh.tp)
+        model = wrap_parallel(build_model(cfg), cfg, mesh)
+        out.append({k: tuple(t.shape) for k, t in model.module.state_dict().items()})
+        model.close()
+    return out
+
+
+def test_checkpoint_fingerprint_matches_parallelize():
+    """The pre-launch checkpoint check predicts rank 0's shard from the config alone; if that
+    prediction drifted from what tl.parallelize builds, a valid resume would be refused."""
+    from trainlib.config import load_config
+    from trainlib.mesh import MeshLayout
+    from trainlib.testing import run_ranks
+    from trainlib.validate_checkpoint import _meta_model, expected_rank0_shapes
+
+    layouts = [{"tp": 2}, {"pp": 2}, {"pp": 2, "schedule": "interleaved"}]
+    got = run_ranks(_rank0_shapes, 2, layouts, timeout_s=90)[0]
+    model = _meta_model(load_config(None, [*SMALL[:8], "--model.n_layer", "2"]))
+    for mesh_args, shapes in zip(layouts, got):
+        layout = MeshLayout.build(2, mesh_args.get("pp", 1), -1, mesh_args.get("tp", 1))
+        virtual = 2 if mesh_args.get("schedule") == "interleaved" else 1
+        assert expected_rank0_shapes(model, layout, virtual) == shapes, mesh_args

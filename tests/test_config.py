@@ -25,6 +25,9 @@ def test_defaults_toml_and_overrides_precedence(tmp_path):
     (["--sync.compress=int8"], "sync.compress='int8' is not one of none, bf16, fp16"),
     (["steps=3"], "overrides look like --section.key=value"),
     (["--train.steps"], "--train.steps needs a value"),
+    (["--train.lr=nan"], "train.lr='nan' is not a finite number"),
+    (["--sync.bucket_mb=inf"], "sync.bucket_mb='inf' is not a finite number"),
+    (["--checkpoint.dir=/etc/hostname/ck"], "'/etc/hostname' is a file, not a directory"),
 ])
 def test_errors_name_key_value_and_choices(argv, needle):
     with pytest.raises(ConfigError) as e:
@@ -43,3 +46,38 @@ def test_bad_toml(tmp_path):
 
 def test_parse_overrides_forms():
     assert parse_overrides(["--a.b=1", "--c.d-e", "2"]) == [("a", "b", "1"), ("c", "d_e", "2")]
+
+
+def test_layout_checks_and_warnings(tmp_path):
+    """trainlib.validate: cross-field checks raise with the value and the fix; values the layout
+    ignores come back as one-line warnings (printed by the launcher), in a fixed order."""
+    from trainlib.validate import check_run
+
+    base = ["--train.metrics", str(tmp_path / "m.jsonl")]
+    cfg = load_config(None, [*base, "--mesh.schedule", "gpipe", "--sync.partition_mb", "8", "--checkpoint.keep", "5"])
+    assert check_run(cfg, 2) == [
+        "sync.partition_mb=8.0 has no effect with sync.kind=allreduce (it sizes the parameter server's partitions); "
+        "drop it",
+        "mesh.schedule='gpipe' has no effect with pp=1 (no pipeline); drop it or set --mesh.pp > 1",
+        "checkpoint.keep=5 has no effect without checkpoint.dir; set --checkpoint.dir to save checkpoints"]
+    assert check_run(load_config(None, base), 2) == []
+    with pytest.raises(ConfigError, match=r"train.batch_size=32 is not divisible by dp=3 .* --train.batch_size 33"):
+        check_run(load_config(None, base), 3)
+    with pytest.raises(ConfigError, match=r"^mesh: pp\(1\) \* dp\(3\) \* tp\(2\) = 6 != world_size 4; set dp=-1"):
+        check_run(load_config(None, [*base, "--mesh.dp", "3", "--mesh.tp", "2"]), 4)
+
+
+def test_rank_errors_first_failing_rank_wins(tmp_path, monkeypatch, capsys):
+    from trainlib import rank_errors
+
+    monkeypatch.delenv(rank_errors.DEBUG_ENV, raising=False)
+    monkeypatch.setenv(rank_errors.ERROR_DIR_ENV, str(tmp_path))
+    monkeypatch.setenv("RANK", "1")
+    assert rank_errors.report("trainlib train: error: step 2: gradient norm is nan") is True
+    monkeypatch.setenv("RANK", "0")
+    assert rank_errors.report("trainlib train: lost a peer: rank 1") is False  # a consequence, not the cause
+    assert rank_errors.first_error(tmp_path) == "trainlib train: error: step 2: gradient norm is nan (rank 1)"
+    assert capsys.readouterr().err == ""  # the launcher prints the line, last
+    monkeypatch.delenv(rank_errors.ERROR_DIR_ENV)
+    assert rank_errors.report("trainlib train: error: x") is True  # torchrun by hand: every rank says it
+    assert capsys.readouterr().err == "trainlib train: error: x\n"
