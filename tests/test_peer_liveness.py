@@ -38,7 +38,7 @@ def _linger_if_store_host(rank: int) -> None:
     # rank 0 hosts the store here (under torchrun, the agent does and outlives the workers): stay a
     # moment so the other survivor's probe is not cut short by this process exiting
     if rank == 0:
-        time.sleep(2.0)
+        time.sleep(1.0)
 
 
 def _stop_mid_collective():
@@ -56,8 +56,9 @@ def _stop_mid_collective():
     try:
         comm.all_reduce(torch.ones(4))
     except comm.CollectiveTimeout as e:
+        msg = f"elapsed={time.monotonic() - t0:.2f}s {e}"
         _linger_if_store_host(r)
-        return f"elapsed={time.monotonic() - t0:.2f}s {e}"
+        return msg
     return "completed?"
 
 
@@ -78,13 +79,15 @@ def _skip_collective():
     r = dist.get_rank()
     comm.all_reduce(torch.ones(4))                       # #1
     if r == 2:
-        time.sleep(TIMEOUT_S + 3)                        # alive (a stuck data loader), never joins #2
+        time.sleep(TIMEOUT_S + 4)                        # alive (a stuck data loader), never joins #2
         return "skipped"
     t0 = time.monotonic()
     try:
         comm.all_reduce(torch.ones(4))                   # #2
     except comm.CollectiveTimeout as e:
-        return f"elapsed={time.monotonic() - t0:.2f}s {e}"
+        msg = f"elapsed={time.monotonic() - t0:.2f}s {e}"
+        _linger_if_store_host(r)
+        return msg
     return "completed?"
 
 
@@ -97,7 +100,32 @@ def test_alive_rank_that_skipped_is_not_called_dead():
         assert f"rank 2 ({HOST}, 127.0.0.1) is alive but has not entered #2" in msg, msg
         assert "past all_reduce[sum] #1, in no collective" in msg
         assert "stopped answering" not in msg, msg
-        assert f"alive and waiting in it too: ranks [{1 - r}]" in msg, msg
+        # the other survivor waits in #2 too, or has already given up (exited while inside #2)
+        assert (f"alive and waiting in it too: ranks [{1 - r}]" in msg
+                or f"rank {1 - r} ({HOST}, 127.0.0.1) has exited; it was inside all_reduce[sum] #2" in msg), msg
+
+
+def _recv_from_a_busy_peer():
+    r = dist.get_rank()
+    comm.all_reduce(torch.ones(4))                       # #1
+    if r == 1:
+        time.sleep(TIMEOUT_S + 2)                        # never sends
+        return "busy"
+    t0 = time.monotonic()
+    try:
+        comm.recv(torch.empty(4), src=1)
+    except comm.CollectiveTimeout as e:
+        return f"elapsed={time.monotonic() - t0:.2f}s {e}"
+    return "received?"
+
+
+def test_point_to_point_timeout_names_its_one_peer():
+    # a recv's peer is alive but elsewhere: said so, in about H, and nobody else is probed
+    out = run_ranks(_recv_from_a_busy_peer, 2, env=ENV, expect_failure=True, timeout_s=60)
+    msg = out[0]
+    assert float(re.match(r"elapsed=([\d.]+)s", msg).group(1)) < TIMEOUT_S + SLACK_S, msg
+    assert "rank 0: recv[from=1] #2" in msg, msg
+    assert f"rank 1 ({HOST}, 127.0.0.1) is alive, past all_reduce[sum] #1, in no collective" in msg, msg
 
 
 def _store_host_stops():
