@@ -272,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get(rank_errors.VALIDATED_ENV) != "1":  # no trainlib launcher checked this run
             world = int(os.environ.get("WORLD_SIZE", "1") or 1)
             nodes = max(1, world // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", world) or world)))
-            warnings = check_run(cfg, world, nodes)
+            # a rank in a pod may start before the servers' pods exist: it does not look their names up
+            warnings = check_run(cfg, world, nodes, resolve="RANK" not in os.environ)
             if os.environ.get("RANK", "0") == "0":
                 _warn(warnings)
     except (*USER_ERRORS, ValueError) as e:  # before training: every rank sees the same bad value
@@ -358,7 +359,8 @@ def _launch_local(argv: list[str], nproc: int, max_restarts: int = 0) -> int:
                            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))})
         rc = _run_agent(_torchrun_argv(argv, nproc, max_restarts))
         if rc != 0:
-            line = rank_errors.first_error(tmp) or f"trainlib train: the local ranks failed (exit code {rc})"
+            line = (rank_errors.first_error(tmp)
+                    or f"trainlib train: the local ranks failed or were stopped (exit code {rc})")
             print(line, file=sys.stderr, flush=True)
             return rc
         with contextlib.suppress(FileNotFoundError):
@@ -383,4 +385,8 @@ def _run_agent(torchrun_argv: list[str]) -> int:
     except ChildFailedError as e:
         _, failure = e.get_first_failure()
         return classify_worker_exit(failure.exitcode)
+    except Exception as e:
+        if type(e).__name__ != "SignalException":  # the agent itself was stopped (Ctrl-C, SIGTERM)
+            raise
+        return 128 + int(getattr(e, "sigval", 15))
     return 0

@@ -70,7 +70,8 @@ def check_model_over_mesh(cfg: Config, layout: MeshLayout) -> None:
 
 
 def _virtual_stages(mesh: MeshConfig) -> int:
-    return 2 if mesh.schedule.lower().replace("_", "-") in ("interleaved", "interleaved-1f1b", "1f1b-interleaved") else 1
+    name = mesh.schedule.lower().replace("_", "-")
+    return 2 if name in ("interleaved", "interleaved-1f1b", "1f1b-interleaved") else 1
 
 
 def microbatches(cfg: Config, layout: MeshLayout) -> int:
@@ -81,8 +82,9 @@ def check_batch(cfg: Config, layout: MeshLayout) -> None:
     """train.batch_size is global: it splits over dp, then (pp > 1) into microbatches."""
     t, dp = cfg.train, layout.dp
     if t.batch_size % dp:
+        up = dp * -(-t.batch_size // dp)
         raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by dp={dp} (the global batch splits "
-                          f"over dp ranks); use a multiple of {dp}, e.g. --train.batch_size {dp * -(-t.batch_size // dp)}")
+                          f"over dp ranks); use a multiple of {dp}, e.g. --train.batch_size {up}")
     if layout.pp > 1:
         per_rank, m = t.batch_size // dp, microbatches(cfg, layout)
         if per_rank % m:
@@ -135,10 +137,10 @@ def check_sync(cfg: Config, layout: MeshLayout, nodes: int, env: dict[str, str],
     if s.kind == "ps":
         from .sync.ps.protocol import DEFAULT_MAX_BYTES
 
+        cap_mb = DEFAULT_MAX_BYTES // 2**20
         if s.partition_mb * 2**20 > DEFAULT_MAX_BYTES:
-            raise ConfigError(f"sync.partition_mb={s.partition_mb} exceeds the servers' frame cap of "
-                              f"{DEFAULT_MAX_BYTES // 2**20} MB; use --sync.partition_mb <= {DEFAULT_MAX_BYTES // 2**20} "
-                              "(BytePS uses about 4)")
+            raise ConfigError(f"sync.partition_mb={s.partition_mb} exceeds the servers' frame cap of {cap_mb} MB; "
+                              f"use --sync.partition_mb <= {cap_mb} (BytePS uses about 4)")
         given = False
         for where, addrs in (("sync.servers", s.servers), ("TRAINLIB_PS_ADDRS", env.get("TRAINLIB_PS_ADDRS", ""))):
             for addr in (a.strip() for a in addrs.split(",")):
@@ -261,8 +263,8 @@ def not_applicable(cfg: Config, layout: MeshLayout) -> list[str]:
         raise ConfigError(f"sync.{k}={getattr(s, k)!r} only applies to sync.kind=ps, not {s.kind}; drop it or set "
                           "--sync.kind ps")
     if s.kind == "ps" and _changed(s, "compress"):
-        raise ConfigError(f"sync.compress={s.compress} applies to sync.kind=allreduce; the parameter server sends "
-                          "fp32; drop it or set --sync.kind allreduce")
+        raise ConfigError(f"sync.compress={s.compress} applies to sync.kind=allreduce; with sync.kind=ps the "
+                          "gradients go to the servers uncompressed; drop it or set --sync.kind allreduce")
     if s.kind == "ddp" and _changed(s, "compress"):
         raise ConfigError(f"sync.compress={s.compress} is not supported with sync.kind=ddp (the torch DDP "
                           "reference); drop it or set --sync.kind allreduce")

@@ -41,7 +41,8 @@ def check_checkpoint(cfg: Config, layout: MeshLayout) -> None:
     if saved_world == layout.world_size and saved == want:
         return
     here = f"{layout.world_size} ranks as pp={layout.pp} dp={layout.dp} tp={layout.tp}"
-    raise ConfigError(f"checkpoint.dir={root!r} holds step {step}, saved by {_describe(model, saved_world, saved, want)}; "
+    saved_as = _describe(model, saved_world, saved, want)
+    raise ConfigError(f"checkpoint.dir={root!r} holds step {step}, saved by {saved_as}; "
                       f"this run is {here} with model n_layer={cfg.model.n_layer} n_head={cfg.model.n_head} "
                       f"d_model={cfg.model.d_model} seq_len={cfg.model.seq_len} vocab_size={cfg.model.vocab_size}. "
                       "Checkpoints do not reshard between layouts: resume with the layout and model it was saved "
