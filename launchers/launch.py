@@ -16,8 +16,8 @@ A CMD of `trainlib train ...` is checked for the world size of the plan before t
 is reported once, by the first failing rank, as the last line.
 
 Exit codes (Kubeflow ExitCode restart policy): 1 for a configuration error, a missing command or
-a failing training script (permanent), 138 (or the worker's own code >= 128) for infrastructure failures such as a
-rendezvous timeout, a lost peer or a worker killed by a signal (retryable).
+a failing training script (permanent), 138 (or the worker's own code >= 128) for infrastructure
+failures such as a rendezvous timeout, a lost peer or a worker killed by a signal (retryable).
 """
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ from trainlib.launchers.errors import (EXIT_CONFIG, EXIT_RETRY, LaunchConfigErro
 from trainlib.launchers.plan import LaunchPlan, build_plan
 from trainlib.rank_errors import ERROR_DIR_ENV, VALIDATED_ENV, first_error
 from trainlib.runtime import DEFAULT_TIMEOUT_S
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # usage errors are configuration errors: exit 1, not argparse's 2
@@ -67,7 +68,8 @@ def parse_argv(argv: list[str]) -> argparse.Namespace:
 
 
 def train_args(cmd: list[str]) -> list[str] | None:
-    """The arguments of a `trainlib train` command (`trainlib train`, `[python] -m trainlib.cli train`), else None."""
+    """The arguments of a `trainlib train` command (`trainlib train ...`, `[python] -m trainlib.cli train
+    ...`), else None."""
     c = list(cmd)
     if c and os.path.basename(c[0]).startswith("python"):
         c = c[1:]
@@ -84,8 +86,6 @@ def preflight(plan: LaunchPlan) -> bool:
     argv = train_args(plan.cmd)
     if argv is None or plan.mode != "torchrun" or not plan.placement.nnodes.isdigit():
         return False  # not our trainer, or an elastic world whose size is not known yet: the ranks check
-    from trainlib.config import ConfigError
-    from trainlib.mesh import MeshError
     from trainlib.runtime import LaunchError
     from trainlib.trainer import preflight as check_train
 
@@ -93,7 +93,7 @@ def preflight(plan: LaunchPlan) -> bool:
     try:
         # names of parameter servers are not looked up: in a pod they may not exist yet
         warnings = check_train(argv, nodes * plan.nproc_per_node, nodes, plan.env, resolve=False)
-    except (ConfigError, MeshError, LaunchError) as e:
+    except (ValueError, LaunchError) as e:  # ConfigError, MeshError, TokenError are ValueErrors
         raise LaunchConfigError(str(e)) from None
     _say([f"warning: {w}" for w in warnings])
     return True

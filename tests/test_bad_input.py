@@ -253,6 +253,8 @@ PS_SERVER = [(f"ps-server {name}", ["ps-server", *argv], env, 1, needles) for na
     ("worker timeout not a number", ["--worker-timeout", "soon"], TOKEN, ["invalid float value: 'soon'"]),
     ("max clients not int", ["--max-clients", "many"], TOKEN, ["invalid int value: 'many'"]),
     ("unknown flag", ["--port", "5555"], TOKEN, ["unrecognized arguments: --port 5555"]),
+    ("max clients", ["--max-clients", "0"], TOKEN, ["max clients 0 must be >= 1"]),
+    ("bind an address not here", ["--bind", "192.0.2.1:5555"], TOKEN, ["Cannot assign requested address"]),
 ]]
 
 BENCH = [(f"bench {name}", ["bench", *argv], {}, 1, needles) for name, argv, needles in [
