@@ -166,16 +166,7 @@ def plot(result: dict, path: str) -> None:
         pts = [(r["bytes"], r[name]["busbw_GBps"]) for r in rows if name in r]
         if pts:
             ax.plot(*zip(*pts), marker="o", label=name if name != "memcpy" else "memcpy (limit)")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("message size (bytes)")
-    ax.set_ylabel("bus bandwidth (GB/s)")
-    ax.set_title(f"all-reduce, {N_RANKS} ranks, one node (CPU)")
-    ax.legend()
-    ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _finish_busbw_plot(fig, ax, f"all-reduce, {N_RANKS} ranks, one node (CPU)", path)
 
 
 # ---- hierarchical vs flat, 4 ranks as 2 emulated nodes ------------------------------------------
@@ -272,11 +263,19 @@ def plot_hier(result: dict, path: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for name in HIER_TRANSPORTS:
         ax.plot([r["bytes"] for r in rows], [r[name]["busbw_GBps"] for r in rows], marker="o", label=name)
+    _finish_busbw_plot(fig, ax, f"all-reduce, {HIER_RANKS} ranks as {HIER_NODES} emulated nodes on one machine (CPU)",
+                       path)
+
+
+def _finish_busbw_plot(fig, ax, title: str, path: str) -> None:
+    """Log-log busbw against message size, as nccl-tests plots it; saved and closed."""
+    import matplotlib.pyplot as plt
+
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("message size (bytes)")
     ax.set_ylabel("bus bandwidth (GB/s)")
-    ax.set_title(f"all-reduce, {HIER_RANKS} ranks as {HIER_NODES} emulated nodes on one machine (CPU)")
+    ax.set_title(title)
     ax.legend()
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()

@@ -253,7 +253,12 @@ PS_SERVER = [(f"ps-server {name}", ["ps-server", *argv], env, 1, needles) for na
     ("worker timeout not a number", ["--worker-timeout", "soon"], TOKEN, ["invalid float value: 'soon'"]),
     ("max clients not int", ["--max-clients", "many"], TOKEN, ["invalid int value: 'many'"]),
     ("unknown flag", ["--port", "5555"], TOKEN, ["unrecognized arguments: --port 5555"]),
-    ("max clients", ["--max-clients", "0"], TOKEN, ["max clients 0 must be >= 1"]),
+    ("max clients", ["--max-clients", "0"], TOKEN, ["--max-clients=0 must be >= 1"]),
+    ("port out of range", ["--bind", "127.0.0.1:99999"], TOKEN, ["--bind='127.0.0.1:99999'", "0..65535"]),
+    ("max mb zero", ["--max-mb", "0"], TOKEN, ["--max-mb=0.0 must be > 0"]),
+    ("max keys zero", ["--max-keys", "0"], TOKEN, ["--max-keys=0 must be >= 1"]),
+    ("worker timeout zero", ["--worker-timeout", "0"], TOKEN, ["--worker-timeout=0.0 must be > 0"]),
+    ("state dir in /proc", ["--state-dir", "/proc/ps"], TOKEN, ["--state-dir='/proc/ps'", "writable directory"]),
     ("bind an address not here", ["--bind", "192.0.2.1:5555"], TOKEN, ["Cannot assign requested address"]),
 ]]
 

@@ -91,23 +91,17 @@ def test_rate_is_shaped_and_changeable(cluster):
 
 
 @needs_cluster
-def test_link_down_stops_traffic_and_up_restores_it(cluster):
-    cluster.link_down(1)
+@pytest.mark.parametrize("cut", ["link_down", "partition"])
+def test_a_cut_stops_traffic_and_its_repair_restores_it(cluster, cut):
+    if cut == "partition" and not netcluster.nft_available():
+        pytest.skip("nftables is not installed (apt-get install nftables)")
+    do, undo = {"link_down": (lambda: cluster.link_down(1), lambda: cluster.link_up(1)),
+                "partition": (lambda: cluster.partition(0, [1]), lambda: cluster.heal(0))}[cut]
+    do()
     try:
         assert udp_delivered(cluster, 200) == 0
     finally:
-        cluster.link_up(1)
-    assert udp_delivered(cluster, 200) == 200
-
-
-@needs_cluster
-@needs_nft
-def test_partition_and_heal(cluster):
-    cluster.partition(0, [1])
-    try:
-        assert udp_delivered(cluster, 200) == 0
-    finally:
-        cluster.heal(0)
+        undo()
     assert udp_delivered(cluster, 200) == 200
 
 

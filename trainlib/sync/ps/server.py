@@ -219,6 +219,24 @@ class ParameterServerProcess:
         self.close()
 
 
+def _bad_flag(args) -> str | None:
+    """The first flag a server must not start with, as a sentence naming the value and the fix."""
+    host, _, port = args.bind.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        return f"--bind={args.bind!r} is not HOST:PORT with a port in 0..65535 (0 picks a free one), e.g. 127.0.0.1:0"
+    if not args.max_mb > 0:
+        return f"--max-mb={args.max_mb} must be > 0 (the largest frame accepted, in MB; default {DEFAULT_MAX_BYTES / 2 ** 20:g})"
+    if args.max_keys < 1:
+        return f"--max-keys={args.max_keys} must be >= 1 (how many partitions the server may hold)"
+    if args.max_clients < 1:
+        return f"--max-clients={args.max_clients} must be >= 1 (client instances kept for replay checks)"
+    if not args.worker_timeout > 0:
+        return f"--worker-timeout={args.worker_timeout} must be > 0 seconds (default 300)"
+    if args.state_dir and args.state_dir.startswith(("/proc", "/sys")):
+        return f"--state-dir={args.state_dir!r} is not a place to write state; use a writable directory (a volume)"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="trainlib ps-server", description="Run one parameter server (ZeroMQ, authenticated).")
     p.add_argument("--bind", default="127.0.0.1:0", help="HOST:PORT to listen on (default 127.0.0.1:0 = a free port)")
@@ -240,6 +258,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=os.environ.get("TRAINLIB_LOG_LEVEL", "WARNING"),
                         format="%(asctime)s ps-server %(levelname)s %(message)s")
+    bad = _bad_flag(args)
+    if bad:
+        print(f"trainlib ps-server: {bad}", file=sys.stderr)
+        return 1
     try:
         token = read_token(args.token_file)
         server = ParameterServerProcess(args.bind, token, args.insecure, int(args.max_mb * 2 ** 20), args.max_keys,
