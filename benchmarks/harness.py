@@ -91,6 +91,18 @@ def metadata(benchmark: str, command: str, quick: bool, wall_s: float) -> dict[s
             "quick": quick, "wall_s": round(wall_s, 2), "machine": machine(), "git": git_state()}
 
 
+def _writable(path: Path) -> bool:
+    """Whether a file can be created at path (its folder made if needed); leaves nothing behind."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe = path.parent / f".{path.name}.probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError:
+        return False
+    return not path.is_dir()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["table"]:
@@ -106,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="where to write the JSON result (default benchmarks/results/NAME.json)")
     p.add_argument("--plot", help="where to write a PNG plot (default: beside the JSON, if the benchmark plots)")
     args, extra = p.parse_known_args(argv)
+    for flag, where in (("--json", args.json), ("--plot", args.plot)):
+        if where and not _writable(Path(where)):   # before minutes of measuring, not after
+            p.error(f"{flag}={where!r}: cannot write there; choose a writable path")
     mod = importlib.import_module(f"trainlib.benchmarks.bench_{args.name}")
     takes_argv = "argv" in inspect.signature(mod.run).parameters
     if extra and not takes_argv:

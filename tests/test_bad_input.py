@@ -265,6 +265,8 @@ PS_SERVER = [(f"ps-server {name}", ["ps-server", *argv], env, 1, needles) for na
 BENCH = [(f"bench {name}", ["bench", *argv], {}, 1, needles) for name, argv, needles in [
     ("no name", [], ["the following arguments are required: name"]),
     ("unknown name", ["nccl"], ["invalid choice: 'nccl'"]),
+    ("unwritable json path", ["checkpoint", "--quick", "--json", "/proc/bench.json"], ["--json='/proc/bench.json'"]),
+    ("json path is a folder", ["checkpoint", "--quick", "--json", "/tmp"], ["--json='/tmp': cannot write there"]),
     ("flag for a benchmark without options", ["dp", "--reps", "3"], ["unrecognized arguments for benchmark dp: --reps 3"]),
     ("pp option", ["pp", "--reps", "x"], ["invalid int value: 'x'"]),
     ("ps option", ["ps", "--nodes", "x"], ["invalid int value: 'x'"]),
