@@ -13,8 +13,8 @@ import torch
 
 import trainlib as tl
 from tests.dp_models import AwkwardNet, _batch, _max_grad_diff
-from trainlib.sync.ps.client import PSClient
 from trainlib.sync.ps.launch import spawn_server
+from tests.ps_helpers import server_stats
 from trainlib.testing import run_ranks
 
 TOKEN = "test-token-0123456789abcdef"
@@ -64,21 +64,12 @@ def ps_versus_allreduce(servers: list[str], steps: int = 3) -> dict:
     return out
 
 
-def _server_stats(addr: str) -> dict:
-    c = PSClient([addr], TOKEN, worker=0, nworkers=1, timeout_s=10)
-    c.hello()
-    try:
-        return c.stats(0)
-    finally:
-        c.close()
-
-
 def test_sync_ps_matches_allreduce_and_async_tau0_matches_sync():
     servers = [spawn_server(token=TOKEN) for _ in range(2)]
     try:
         results = run_ranks(ps_versus_allreduce, 2, [s.address for s in servers], timeout_s=120)
         # only async reads move max_lead, so these are the staleness-0 model's: SSP says <= 0
-        stats = [_server_stats(s.address) for s in servers]
+        stats = [server_stats(s.address, TOKEN) for s in servers]
     finally:
         for s in servers:
             s.stop()

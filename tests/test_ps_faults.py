@@ -15,6 +15,7 @@ import trainlib as tl
 from trainlib.sync.ps.client import PSClient
 from trainlib.sync.ps.launch import spawn_server
 from trainlib.sync.ps.protocol import DType, Op
+from tests.ps_helpers import server_stats
 from trainlib.testing import RankError, run_ranks
 
 TOKEN = "faults-test-token-0123456789"
@@ -124,22 +125,13 @@ def async_phases(addr_tau2: str, addr_tau0: str, addr_dies: str, steps: int = 8)
     return out
 
 
-def _stats(addr: str) -> dict:
-    c = PSClient([addr], TOKEN, worker=0, nworkers=1, timeout_s=10)
-    c.hello()
-    try:
-        return c.stats(0)
-    finally:
-        c.close()
-
-
 def test_async_staleness_bound_vanished_worker_and_state_restore(tmp_path):
     servers = _spawn(2) + [spawn_server(token=TOKEN, state_dir=str(tmp_path), extra=("--worker-timeout", "2"))]
     try:
         results = run_ranks(async_phases, 2, *[s.address for s in servers], timeout_s=120, expect_failure=True)
         assert isinstance(results[1], RankError)  # rank 1 vanished in the last phase
         r = results[0]
-        tau2, tau0 = _stats(servers[0].address), _stats(servers[1].address)
+        tau2, tau0 = server_stats(servers[0].address, TOKEN), server_stats(servers[1].address, TOKEN)
         # SSP: a read at clock c is granted only when the slowest worker is at >= c - staleness
         assert 1 <= tau2["max_lead"] <= 2, tau2
         assert tau2["max_spread"] <= 3, tau2
