@@ -57,14 +57,38 @@ def _child(fn, args, kwargs, rank, world_size, port, env, results, init) -> None
                 pass
 
 
-def _to_cpu(x: Any) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.detach().cpu().clone()
+class _TensorBytes:
+    """A result tensor sent by value. torch's queue sends a tensor's storage as a file descriptor
+    that the parent fetches from the child on unpickling; a child that has already exited (ranks
+    exit right after reporting) leaves the parent a FileNotFoundError."""
+
+    def __init__(self, t: torch.Tensor):
+        t = t.detach().cpu().contiguous()
+        self.dtype, self.shape = t.dtype, tuple(t.shape)
+        self.data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+    def tensor(self) -> torch.Tensor:
+        if not self.data:
+            return torch.empty(self.shape, dtype=self.dtype)
+        return torch.frombuffer(bytearray(self.data), dtype=torch.uint8).view(self.dtype).reshape(self.shape)
+
+
+def _map_tensors(x: Any, fn: Callable[[Any], Any], kind: type) -> Any:
+    if isinstance(x, kind):
+        return fn(x)
     if isinstance(x, dict):
-        return {k: _to_cpu(v) for k, v in x.items()}
+        return {k: _map_tensors(v, fn, kind) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return type(x)(_to_cpu(v) for v in x)
+        return type(x)(_map_tensors(v, fn, kind) for v in x)
     return x
+
+
+def _to_cpu(x: Any) -> Any:
+    return _map_tensors(x, _TensorBytes, torch.Tensor)
+
+
+def _from_wire(x: Any) -> Any:
+    return _map_tensors(x, _TensorBytes.tensor, _TensorBytes)
 
 
 def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 120.0,
@@ -118,5 +142,5 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: fl
     if failures and not expect_failure:
         detail = "\n".join(f"--- rank {r} ---\n{msg}" for r, msg in sorted(failures.items()))
         raise RankError(f"{len(failures)} of {world_size} ranks failed:\n{detail}")
-    return [outcome[r][1] if outcome[r][0] == "ok" else RankError(f"rank {r}: {outcome[r][1]}")
+    return [_from_wire(outcome[r][1]) if outcome[r][0] == "ok" else RankError(f"rank {r}: {outcome[r][1]}")
             for r in range(world_size)]
