@@ -197,26 +197,6 @@ def worker(args: argparse.Namespace) -> int:
 
 
 # -- driver side -------------------------------------------------------------------------------------
-def _link_goodput(cluster, seconds: float = 1.5) -> float:
-    """Bytes/s of one TCP stream from node 0 to node 1 over the links as shaped now."""
-    sink = ("import socket,time\ns=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n"
-            "s.bind(('0.0.0.0',5999));s.listen();print('ready',flush=True);c,_=s.accept();n=0;t0=None\n"
-            "while True:\n d=c.recv(1<<20)\n if not d: break\n t0=t0 or time.monotonic();n+=len(d)\n"
-            "print(n/(time.monotonic()-t0),flush=True)")
-    send = ("import socket,sys,time\ns=socket.create_connection((sys.argv[1],5999),timeout=10);b=b'x'*(1<<16)\n"
-            "t=time.monotonic()\nwhile time.monotonic()-t<float(sys.argv[2]): s.sendall(b)\ns.close()")
-    p = cluster.run(1, [sys.executable, "-c", sink], stdout=subprocess.PIPE, text=True)
-    try:
-        assert p.stdout.readline().strip() == "ready"
-        subprocess.run(cluster.wrap(0, [sys.executable, "-c", send, cluster.nodes[1].ip, str(seconds)]),
-                       timeout=60, check=True)
-        out, _ = p.communicate(timeout=30)
-    finally:
-        p.kill()
-        p.wait()
-    return float(out.strip())
-
-
 def _shape_all(c, rate: str) -> None:
     for node in c.nodes:
         c.shape(node.index, rate=None if rate == UNSHAPED else rate)
@@ -229,11 +209,10 @@ def _run_layout(layout: str, rates: list[str], reps: int, log) -> list[dict]:
     with NetCluster(worker_nodes + servers) as c, tempfile.TemporaryDirectory() as phases:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PET_", "TORCHELASTIC_"))}
         env.update(OMP_NUM_THREADS="1", TRAINLIB_TIMEOUT_S="600", TRAINLIB_PS_TOKEN=TOKEN)
-        env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
         links = {}
         for rate in rates:   # the links' real rates, measured before any job process runs
             _shape_all(c, rate)
-            links[rate] = statistics.median(_link_goodput(c, 1.0) for _ in range(3))
+            links[rate] = statistics.median(c.goodput(seconds=1.0) for _ in range(3))
         log(f"{layout}: measured link goodput " + ", ".join(f"{r} {b * 8 / 1e9:.2f} Gbit/s" for r, b in links.items()))
         srv_procs, addrs = [], []
         for s in range(servers):

@@ -18,24 +18,6 @@ needs_cluster = pytest.mark.skipif(netcluster.unavailable_reason() is not None,
                                    reason=netcluster.unavailable_reason() or "")
 needs_nft = pytest.mark.skipif(not netcluster.nft_available(), reason="nftables is not installed (apt-get install nftables)")
 
-# a TCP sink on node 1 and a timed sender on node 0; prints Mbit/s received
-SINK = """
-import socket, time
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('0.0.0.0', 5001)); s.listen()
-print('ready', flush=True)
-c, _ = s.accept(); n = 0; t0 = None
-while True:
-    d = c.recv(1 << 20)
-    if not d: break
-    t0 = t0 or time.monotonic(); n += len(d)
-print(n * 8 / (time.monotonic() - t0) / 1e6, flush=True)
-"""
-SEND = """
-import socket, sys, time
-s = socket.create_connection((sys.argv[1], 5001), timeout=10); b = b'x' * (1 << 16); t = time.monotonic()
-while time.monotonic() - t < float(sys.argv[2]): s.sendall(b)
-s.close()
-"""
 # UDP probes: how many of N datagrams arrive (loss, partitions, a downed port)
 UDP_SINK = """
 import socket, sys
@@ -57,11 +39,7 @@ for i in range(int(sys.argv[2])):
 
 
 def mbits(c: NetCluster, seconds: float = 1.5) -> float:
-    sink = c.run(1, [sys.executable, "-c", SINK], stdout=subprocess.PIPE, text=True)
-    assert sink.stdout.readline().strip() == "ready"
-    subprocess.run(c.wrap(0, [sys.executable, "-c", SEND, c.nodes[1].ip, str(seconds)]), timeout=30, check=True)
-    out, _ = sink.communicate(timeout=30)
-    return float(out.strip())
+    return c.goodput(0, 1, seconds) * 8 / 1e6
 
 
 def udp_delivered(c: NetCluster, n: int) -> int:

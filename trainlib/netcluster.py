@@ -48,6 +48,25 @@ MASTER_PORT = 29500
 _NAME_RE = re.compile(rf"^{PREFIX}(\d+)x\d+-")
 _count = 0
 
+# goodput(): a sink that counts bytes from its first one, and a sender that streams for N seconds
+_TCP_SINK = """
+import socket, sys, time
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('0.0.0.0', int(sys.argv[1])))
+s.listen(); print('ready', flush=True)
+c, _ = s.accept(); n = 0; t0 = None
+while True:
+    d = c.recv(1 << 20)
+    if not d: break
+    t0 = t0 or time.monotonic(); n += len(d)
+print(n / (time.monotonic() - t0), flush=True)
+"""
+_TCP_SEND = """
+import socket, sys, time
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10); b = b'x' * (1 << 16); t = time.monotonic()
+while time.monotonic() - t < float(sys.argv[3]): s.sendall(b)
+s.close()
+"""
+
 
 class ClusterUnavailable(RuntimeError):
     """This machine cannot host an emulated cluster (not root, no iproute2, no namespaces)."""
@@ -379,6 +398,20 @@ class NetCluster:
             full["PET_MAX_RESTARTS"] = str(max_restarts)
         argv = [sys.executable, "-m", "trainlib.cli", "launch", "--", *cmd]
         return self.run(i, argv, env=full, **popen)
+
+    def goodput(self, src: int = 0, dst: int = 1, seconds: float = 1.5, port: int = 5999) -> float:
+        """Bytes/s of one TCP stream from node src to node dst over the links as shaped now."""
+        sink = self.run(dst, [sys.executable, "-c", _TCP_SINK, str(port)], stdout=subprocess.PIPE, text=True)
+        try:
+            if sink.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"the TCP sink on node {dst} did not start")
+            subprocess.run(self.wrap(src, [sys.executable, "-c", _TCP_SEND, self.nodes[dst].ip, str(port), str(seconds)]),
+                           timeout=seconds + 30, check=True)
+            out, _ = sink.communicate(timeout=30)
+        finally:
+            sink.kill()
+            sink.wait()
+        return float(out.strip())
 
     def kill_node(self, i: int) -> None:
         """Node i dies: SIGKILL every process in its namespace (torchrun's workers run in sessions of
