@@ -8,35 +8,24 @@ node (`trainlib train --nproc-per-node N` on loopback): the reference is compute
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from trainlib import netcluster
+from tests.netjob import job_env
 from trainlib.netcluster import NetCluster, run_job
 
 pytestmark = pytest.mark.skipif(netcluster.unavailable_reason() is not None,
                                 reason=netcluster.unavailable_reason() or "")
 
-BIN = Path(sys.executable).parent
 # a small job: startup dominates, so 2 layers and 6 steps say as much as 300 steps would
 TRAIN = ["trainlib", "train", "--train.steps", "6", "--model.n_layer", "2", "--train.log_every", "2",
          "--train.batch_size", "8", "--model.seq_len", "64"]
 TOKEN = "0123456789abcdef" * 4
 JOB_TIMEOUT_S = 180
-
-
-def job_env(tmp: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PET_", "TORCHELASTIC_"))
-           and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TRAINLIB_TIMEOUT_S="60",
-               PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")
-    env.update(extra)
-    return env
 
 
 _references: dict[tuple, dict] = {}

@@ -9,7 +9,6 @@ same weights. The timeout is short here (TRAINLIB_TIMEOUT_S) so each case takes 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -18,27 +17,18 @@ from pathlib import Path
 import pytest
 
 from trainlib import netcluster
+from tests.netjob import job_env
 from trainlib.netcluster import NetCluster, run_job
 
 pytestmark = pytest.mark.skipif(netcluster.unavailable_reason() is not None,
                                 reason=netcluster.unavailable_reason() or "")
 needs_nft = pytest.mark.skipif(not netcluster.nft_available(), reason="nftables is not installed (apt-get install nftables)")
 
-BIN = Path(sys.executable).parent
 TOKEN = "fedcba9876543210" * 4
 SLACK_S = 12          # process teardown and torchrun's agent on a loaded 2-core machine
 # long enough (in steps) that a fault lands mid-run; small enough to start and finish quickly
 TRAIN = ["trainlib", "train", "--model.n_layer", "2", "--train.log_every", "1", "--train.batch_size", "8",
          "--model.seq_len", "64"]
-
-
-def job_env(tmp: Path, timeout_s: float, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PET_", "TORCHELASTIC_"))
-           and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TRAINLIB_TIMEOUT_S=str(timeout_s),
-               PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")
-    env.update(extra)
-    return env
 
 
 def steps_done(metrics: Path) -> int:
