@@ -6,7 +6,9 @@ Question: is packing gradients into a bucket (scale by 1/dp, optionally cast to 
 fused kernel worth it, and how close does it get to memory bandwidth?
   * 1000 small tensors (1k-4k elements): fused `kernels.pack/unpack` vs a Python loop of per-tensor
     torch ops (`out[o:o+n].copy_(t.flatten()).mul_(s)`), where per-op overhead dominates;
-    `epilogue` vs `isfinite(x).all()` + `x.float().pow(2).sum()` on the packed buffer.
+    `epilogue` vs `isfinite(x).all()` + `x.float().pow(2).sum()` on the packed buffer;
+    `unscale_epilogue` (bf16 bucket -> fp32 master gradient, and fp32 -> fp32, times 1/loss_scale)
+    vs the torch chain `dst.copy_(src * s)` + the same two reductions on dst.
   * 50 large tensors (1M elements), fp32 and fp32<->bf16: the same peers, plus `dst.copy_(src)`
     of the same bytes (torch's parallel memcpy), measured in the same run. The bandwidth fraction
     is (bytes read + written by the kernel / its time) / (2 * bytes / memcpy time).
@@ -26,6 +28,7 @@ import trainlib.kernels as K
 from trainlib.benchmarks.harness import alternate
 
 SCALE = 0.5  # 1/dp for dp=2
+UNSCALE = 2.0 ** -16  # 1/loss_scale, fp16's usual initial loss scale
 TARGET_SMALL_SPEEDUP = 3.0
 TARGET_MEMCPY_FRACTION = 0.70
 
@@ -75,6 +78,15 @@ def _torch_epilogue(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return ~torch.isfinite(x).all(), x.float().pow(2).sum()
 
 
+def _torch_unscale_epilogue(src: torch.Tensor, dst: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # the same values as the kernel (the fp32 product of the exact upcast): copy (cast), then scale
+    if src.dtype == dst.dtype:
+        torch.mul(src, UNSCALE, out=dst)
+    else:
+        dst.copy_(src).mul_(UNSCALE)
+    return _torch_epilogue(dst)
+
+
 def _measure(cands: dict[str, Callable[[], float]], reps: int, peer: str, moved: int,
              memcpy_bytes: int) -> dict[str, Any]:
     """Alternate the candidates; medians (the headline) and best-of (the machine's capability when
@@ -113,6 +125,13 @@ def _cases(sizes: list[int], device: torch.device, reps: int, sample_s: float, w
     cands = {"fused": _timer(lambda: K.epilogue(src_flat), sample_s, sync),
              "torch_ops": _timer(lambda: _torch_epilogue(src_flat), sample_s, sync), **memcpy}
     res["epilogue_fp32"] = _measure(cands, reps, "torch_ops", total * 4, total * 4)
+    master = torch.empty_like(src_flat)  # the fp32 master gradient
+    for name, src_dtype in (("bf16_to_fp32", torch.bfloat16), ("fp32_to_fp32", torch.float32)):
+        src = src_flat.to(src_dtype)
+        cands = {"fused": _timer(lambda: K.unscale_epilogue(src, master, UNSCALE), sample_s, sync),
+                 "torch_ops": _timer(lambda: _torch_unscale_epilogue(src, master), sample_s, sync), **memcpy}
+        res[f"unscale_epilogue_{name}"] = _measure(cands, reps, "torch_ops", total * (src.element_size() + 4),
+                                                   total * 4)
     return res
 
 
@@ -144,6 +163,10 @@ def _summary(r: dict[str, Any]) -> dict[str, Any]:
             "epilogue_speedup_vs_torch_ops": {"small": round(r["small"]["epilogue_fp32"]["speedup_vs_torch_ops"], 2),
                                               "large": round(r["large"]["epilogue_fp32"]["speedup_vs_torch_ops"], 2)},
             "epilogue_read_fraction_of_memcpy_bw": round(r["large"]["epilogue_fp32"]["fraction_of_memcpy_bw"], 3),
+            "unscale_epilogue_speedup_vs_torch_ops": {
+                part: {k[len("unscale_epilogue_"):]: round(v["speedup_vs_torch_ops"], 2)
+                       for k, v in r[part].items() if k.startswith("unscale_epilogue_")} for part in ("small", "large")},
+            "unscale_epilogue_fraction_of_memcpy_bw": pick("large", "fraction_of_memcpy_bw", ("unscale_epilogue_",)),
             "targets": {"small_speedup": TARGET_SMALL_SPEEDUP, "large_fraction": TARGET_MEMCPY_FRACTION},
             "targets_met_by_medians": min(small.values()) >= TARGET_SMALL_SPEEDUP
             and min(frac.values()) >= TARGET_MEMCPY_FRACTION}

@@ -5,6 +5,9 @@
     scale_cast(src, dst, scale)  dst = cast(src * scale); dst may be src (in-place scale)
     epilogue(flat)               (any inf/nan, sum(x.float()**2)) in one pass: the inputs of AMP's
                                  step skipping and of clip_grad_norm_ (||g||_2 = sqrt(sq_norm))
+    unscale_epilogue(src, dst, scale)  dst = cast(src * scale), then epilogue(dst), in one pass: a
+                                 reduced bf16/fp16/fp32 gradient -> the fp32 master gradient, unscaled
+                                 by 1/loss_scale, with the skip test and the norm of what was written
 
 Values are `cast_out(float32(x) * float32(scale))` (float64 if either side is), bit-identical to
 `(x.float() * scale).to(dtype)`. Backends, chosen per call (`backend_for`):
@@ -33,7 +36,7 @@ log = logging.getLogger("trainlib")
 BACKENDS = ("reference", "cpu", "triton")
 FUSED_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16})
 
-__all__ = ["pack", "unpack", "scale_cast", "epilogue", "backend_for", "BACKENDS"]
+__all__ = ["pack", "unpack", "scale_cast", "epilogue", "unscale_epilogue", "backend_for", "BACKENDS"]
 
 
 _triton_module: object = None  # triton_kernels once imported; False if it cannot be
@@ -182,21 +185,26 @@ def unpack(flat: torch.Tensor, outs: Sequence[torch.Tensor], scale: float = 1.0)
             o.copy_(tgt)
 
 
-def scale_cast(src: torch.Tensor, dst: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """dst = cast(src * scale), element by element (flat order); dst may be src. Returns dst."""
+def _check_pair(name: str, src: torch.Tensor, dst: torch.Tensor) -> None:
+    """src -> dst element by element: same size and device, floating, and either the same memory
+    read and written in the same element order (in place) or no overlap at all."""
     if src.numel() != dst.numel():
-        raise ValueError(f"scale_cast: src has {src.numel()} elements but dst has {dst.numel()}; they must match")
+        raise ValueError(f"{name}: src has {src.numel()} elements but dst has {dst.numel()}; they must match")
     if src.device != dst.device:
-        raise ValueError(f"scale_cast: src is on {src.device} but dst on {dst.device}; move them to one device")
+        raise ValueError(f"{name}: src is on {src.device} but dst on {dst.device}; move them to one device")
     if not (src.is_floating_point() and dst.is_floating_point()):
-        raise ValueError(f"scale_cast: dtypes {src.dtype} -> {dst.dtype}; only floating dtypes are supported")
-    # in place: the same memory, read and written in the same element order
+        raise ValueError(f"{name}: dtypes {src.dtype} -> {dst.dtype}; only floating dtypes are supported")
     same = src.data_ptr() == dst.data_ptr() and src.dtype == dst.dtype and (
         src.stride() == dst.stride() or (src.is_contiguous() and dst.is_contiguous()))
     sb, se = src.data_ptr(), src.data_ptr() + src.numel() * src.element_size()
     db, de = dst.data_ptr(), dst.data_ptr() + dst.numel() * dst.element_size()
     if not same and src.numel() and sb < de and se > db:
-        raise ValueError("scale_cast: src and dst overlap without being the same tensor; use separate memory")
+        raise ValueError(f"{name}: src and dst overlap without being the same tensor; use separate memory")
+
+
+def scale_cast(src: torch.Tensor, dst: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """dst = cast(src * scale), element by element (flat order); dst may be src. Returns dst."""
+    _check_pair("scale_cast", src, dst)
     impl = _impl(backend_for(dst), {src.dtype, dst.dtype})
     if impl is reference or not dst.is_contiguous():
         reference.scale_cast(src, dst, float(scale))
@@ -213,3 +221,16 @@ def epilogue(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if impl is not reference:
         flat = flat.reshape(-1) if flat.is_contiguous() else flat.contiguous().view(-1)
     return impl.epilogue(flat)
+
+
+def unscale_epilogue(src: torch.Tensor, dst: torch.Tensor, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """dst = cast(src * scale) and (nonfinite, sq_norm) of dst, in one pass; dst may be src.
+
+    nonfinite: a 0-d bool, any inf/nan in dst (an fp16 overflow of the cast counts); sq_norm: a 0-d
+    float32 sum(dst.float()**2). Equal to scale_cast(src, dst, scale) then epilogue(dst)."""
+    _check_pair("unscale_epilogue", src, dst)
+    impl = _impl(backend_for(dst), {src.dtype, dst.dtype})
+    if impl is reference or not dst.is_contiguous():
+        return reference.unscale_epilogue(src, dst, float(scale))
+    src = src.reshape(-1) if src.is_contiguous() else src.contiguous().view(-1)
+    return impl.unscale_epilogue(src, dst.view(-1), float(scale))

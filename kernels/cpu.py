@@ -88,6 +88,9 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.tl_epilogue.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int,
                                 ctypes.POINTER(ctypes.c_double)]
     lib.tl_epilogue.restype = ctypes.c_int
+    lib.tl_unscale_epilogue.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64,
+                                        ctypes.c_float, ctypes.c_int, ctypes.POINTER(ctypes.c_double)]
+    lib.tl_unscale_epilogue.restype = ctypes.c_int
     return lib
 
 
@@ -162,4 +165,15 @@ def epilogue(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     rc = lib.tl_epilogue(flat.data_ptr(), DTYPE_CODE[flat.dtype], flat.numel(), torch.get_num_threads(),
                          ctypes.byref(sq))
     assert rc in (0, 1), f"tl_epilogue returned {rc}"
+    return torch.tensor(bool(rc)), torch.tensor(sq.value, dtype=torch.float32)
+
+
+def unscale_epilogue(src: torch.Tensor, dst: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """dst = cast(src * scale) and epilogue(dst), in one pass (contiguous CPU tensors)."""
+    lib = load()
+    assert lib is not None
+    sq = ctypes.c_double(0.0)
+    rc = lib.tl_unscale_epilogue(src.data_ptr(), DTYPE_CODE[src.dtype], dst.data_ptr(), DTYPE_CODE[dst.dtype],
+                                 dst.numel(), scale, torch.get_num_threads(), ctypes.byref(sq))
+    assert rc in (0, 1), f"tl_unscale_epilogue returned {rc}"
     return torch.tensor(bool(rc)), torch.tensor(sq.value, dtype=torch.float32)

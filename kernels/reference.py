@@ -50,3 +50,11 @@ def epilogue(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(any element inf/nan, sum(x.float()**2)) — the inputs of gradient clipping and AMP's skip test."""
     x = flat.float()
     return ~torch.isfinite(flat).all(), (x * x).sum()
+
+
+def unscale_epilogue(src: torch.Tensor, dst: torch.Tensor, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """dst = cast(src * scale), then epilogue(dst): the mixed-precision step's unscale of the reduced
+    gradients (scale = 1/loss_scale) into the master gradients, with the skip test and the norm of
+    what the optimizer will see (inf/nan after the cast count, e.g. an fp16 overflow)."""
+    scale_cast(src, dst, scale)
+    return epilogue(dst)

@@ -1,4 +1,5 @@
-"""Triton kernels for CUDA tensors: multi-tensor pack/unpack, scale+cast, and the epilogue.
+"""Triton kernels for CUDA tensors: multi-tensor pack/unpack, scale+cast, the epilogue, and
+unscale+cast fused with the epilogue.
 
 pack/unpack launch ONE kernel per dtype group, whatever the number of tensors, in the style of
 apex's multi_tensor_apply: the host cuts the tensors into chunks of CHUNK elements and writes a
@@ -55,6 +56,12 @@ def _to_f32(x):
 
 
 @triton.jit
+def _nonfinite(v, FLT_MAX: tl.constexpr):
+    # |v| <= FLT_MAX is false exactly for inf and nan
+    return tl.where(tl.abs(v) <= FLT_MAX, 0, 1)
+
+
+@triton.jit
 def _scale_cast_kernel(src, dst, n, scale, BLOCK: tl.constexpr, ITERS: tl.constexpr):
     base = tl.program_id(0).to(tl.int64) * (BLOCK * ITERS)
     for it in tl.static_range(ITERS):
@@ -96,8 +103,28 @@ def _epilogue_kernel(x, n, partial_sq, partial_bad, FLT_MAX: tl.constexpr, BLOCK
         m = o < n
         v = _to_f32(tl.load(x + o, mask=m, other=0.0))
         acc += v * v
-        # |v| <= FLT_MAX is false exactly for inf and nan
-        bad = tl.maximum(bad, tl.where(tl.abs(v) <= FLT_MAX, 0, 1))
+        bad = tl.maximum(bad, _nonfinite(v, FLT_MAX))
+    tl.store(partial_sq + pid, tl.sum(acc, axis=0))
+    tl.store(partial_bad + pid, tl.max(bad, axis=0))
+
+
+@triton.jit
+def _unscale_epilogue_kernel(src, dst, n, scale, partial_sq, partial_bad, FLT_MAX: tl.constexpr,
+                             BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    # dst = cast(src * scale), then the epilogue's sums on the values as stored (read back from
+    # the cast in registers, not from memory): the same partials _epilogue_kernel(dst) would give
+    pid = tl.program_id(0)
+    base = pid.to(tl.int64) * (BLOCK * ITERS)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    bad = tl.zeros([BLOCK], dtype=tl.int32)
+    for it in tl.static_range(ITERS):
+        o = base + it * BLOCK + tl.arange(0, BLOCK)
+        m = o < n
+        y = _cast(_to_f32(tl.load(src + o, mask=m, other=0.0)) * scale, dst.dtype.element_ty)
+        tl.store(dst + o, y, mask=m)
+        v = _to_f32(y)  # masked lanes loaded 0: they add 0 and are finite
+        acc += v * v
+        bad = tl.maximum(bad, _nonfinite(v, FLT_MAX))
     tl.store(partial_sq + pid, tl.sum(acc, axis=0))
     tl.store(partial_bad + pid, tl.max(bad, axis=0))
 
@@ -156,13 +183,35 @@ def scale_cast(src: torch.Tensor, dst: torch.Tensor, scale: float) -> None:
         _scale_cast_kernel[_grid(src.numel())](src, dst, src.numel(), float(scale), BLOCK=BLOCK, ITERS=ITERS)
 
 
+def _partials(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    grid = _grid(n)
+    return (torch.empty(grid[0], dtype=torch.float32, device=device),
+            torch.empty(grid[0], dtype=torch.int32, device=device))
+
+
+def _finish(sq: torch.Tensor, bad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # partial sums added in float64: a second tiny pass that keeps the total at fp32 rounding
+    return bad.any(), sq.double().sum().float()
+
+
+def _empty_result(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.zeros((), dtype=torch.bool, device=device), torch.zeros((), device=device)
+
+
 def epilogue(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     n = flat.numel()
     if n == 0:
-        return torch.zeros((), dtype=torch.bool, device=flat.device), torch.zeros((), device=flat.device)
-    grid = _grid(n)
-    sq = torch.empty(grid[0], dtype=torch.float32, device=flat.device)
-    bad = torch.empty(grid[0], dtype=torch.int32, device=flat.device)
-    _epilogue_kernel[grid](flat, n, sq, bad, FLT_MAX=FLT_MAX, BLOCK=BLOCK, ITERS=ITERS)
-    # partial sums added in float64: a second tiny pass that keeps the total at fp32 rounding
-    return bad.any(), sq.double().sum().float()
+        return _empty_result(flat.device)
+    sq, bad = _partials(n, flat.device)
+    _epilogue_kernel[_grid(n)](flat, n, sq, bad, FLT_MAX=FLT_MAX, BLOCK=BLOCK, ITERS=ITERS)
+    return _finish(sq, bad)
+
+
+def unscale_epilogue(src: torch.Tensor, dst: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    n = dst.numel()
+    if n == 0:
+        return _empty_result(dst.device)
+    sq, bad = _partials(n, dst.device)
+    _unscale_epilogue_kernel[_grid(n)](src, dst, n, float(scale), sq, bad, FLT_MAX=FLT_MAX, BLOCK=BLOCK,
+                                       ITERS=ITERS)
+    return _finish(sq, bad)

@@ -206,6 +206,72 @@ def test_epilogue_huge_finite_values_are_not_nonfinite(backend, dtype):
             torch.testing.assert_close(sq, torch.tensor(want, dtype=F32), rtol=2e-5, atol=0)
 
 
+@pytest.mark.parametrize("src_dtype,dst_dtype", CASTS)
+def test_unscale_epilogue_matches_reference(backend, src_dtype, dst_dtype):
+    """The mixed-precision epilogue: dst bit for bit as the reference's cast, the flag, and a norm
+    that is exactly the one epilogue(dst) computes on the same backend (same partial sums)."""
+    n = 9001 if backend == "cpu" else 5001
+    src = (torch.randn(n, generator=torch.Generator().manual_seed(6)) * 100).to(src_dtype)
+    for scale in (SCALES + [2.0 ** -16]) if backend == "cpu" else [1 / 3]:
+        dst, ref = torch.empty(n, dtype=dst_dtype), torch.empty(n, dtype=dst_dtype)
+        bad, sq = K.unscale_epilogue(src, dst, scale)
+        ref_bad, ref_sq = R.unscale_epilogue(src, ref, scale)
+        assert_bitwise(dst, ref)
+        assert bad.dtype == torch.bool and bad.dim() == 0 and sq.dtype == F32 and sq.dim() == 0
+        assert not bad and not ref_bad
+        torch.testing.assert_close(sq, ref_sq, rtol=2e-5, atol=0)
+        assert sq.item() == K.epilogue(dst)[1].item()
+    if src_dtype == dst_dtype:  # in place: the unscale of a bucket into itself
+        x = src.clone()
+        bad, sq = K.unscale_epilogue(x, x, 1 / 3)
+        assert_bitwise(x, R.scale_cast(src, torch.empty_like(src), 1 / 3))
+        assert not bad and sq.item() == K.epilogue(x)[1].item()
+
+
+def test_unscale_epilogue_flags_what_the_cast_writes(backend):
+    """inf/nan anywhere in src, and a finite value that overflows the cast (fp16), are flagged;
+    a value beyond fp16's range that fits the fp32 master gradient is not."""
+    n = 10_001 if backend == "triton" else 140_001  # CPU: three 64K-element chunks
+    x = torch.randn(n, generator=torch.Generator().manual_seed(7))
+    for pos in (0, 4096, n - 1) if backend == "triton" else (0, 65536, n - 1):
+        for v in (float("inf"), float("-inf"), float("nan")):
+            y = x.clone()
+            y[pos] = v
+            bad, sq = K.unscale_epilogue(y, torch.empty(n, dtype=BF16), 0.5)
+            assert bool(bad), f"{v} at {pos} of {n} not flagged"
+            assert not torch.isfinite(sq)
+    y = x.clone()
+    y[n // 2] = 40_000.0  # finite in fp32; times 2 overflows fp16 (max 65504) to inf
+    dst = torch.empty(n, dtype=F16)
+    bad, sq = K.unscale_epilogue(y, dst, 2.0)
+    assert bool(bad) and torch.isinf(dst[n // 2]) and bool(R.unscale_epilogue(y, torch.empty_like(dst), 2.0)[0])
+    big = x.half()
+    big[n // 2] = 60_000.0
+    bad, sq = K.unscale_epilogue(big, torch.empty(n, dtype=F32), 2.0)  # 120000 fits fp32
+    assert not bad
+    torch.testing.assert_close(sq, R.unscale_epilogue(big, torch.empty(n), 2.0)[1], rtol=2e-5, atol=0)
+
+
+def test_cast_on_pack_into_mixed_precision_buckets(backend):
+    """bf16 and fp16 gradients (one call, mixed) into an fp32 bucket are exact upcasts times the
+    scale; fp32 gradients into a bf16 bucket round to nearest even at every edge; and back."""
+    g = torch.Generator().manual_seed(8)
+    grads = [(torch.randn(n, generator=g) * 10).to(d) for n, d in ((1000, BF16), (4097, F16), (3, BF16), (0, F16))]
+    grads.append((torch.randn(17, 9, generator=g)).to(BF16).t())  # non-contiguous
+    total = sum(t.numel() for t in grads)
+    bucket = K.pack(grads, torch.empty(total, dtype=F32), 0.5)
+    # bf16/fp16 -> fp32 is exact and * 0.5 is an exponent shift: the bucket is the formula, bit for bit
+    assert_bitwise(bucket, torch.cat([t.float().reshape(-1) * 0.5 for t in grads]))
+    assert_bitwise(bucket, R.pack(grads, torch.empty(total, dtype=F32), 0.5))
+    x = special_values()
+    parts = [x[:7], x[7:4000], x[4000:]]
+    low = K.pack(parts, torch.empty(x.numel(), dtype=BF16), 1 / 3)
+    assert_bitwise(low, (x * (1 / 3)).to(BF16))
+    back = [torch.empty(p.numel(), dtype=BF16) for p in parts]  # fp32 bucket -> bf16 param grads
+    K.unpack(x, back, 1 / 3)
+    assert_bitwise(torch.cat(back), (x * (1 / 3)).to(BF16))
+
+
 def test_epilogue_of_a_2d_and_a_noncontiguous_tensor(backend):
     x = torch.randn(64, 33).t()
     bad, sq = K.epilogue(x)
@@ -222,6 +288,8 @@ def test_empty_inputs(backend):
     K.unpack(out, zeros)
     assert K.scale_cast(torch.empty(0), torch.empty(0, dtype=BF16)).numel() == 0
     bad, sq = K.epilogue(torch.empty(0))
+    assert not bad and float(sq) == 0.0
+    bad, sq = K.unscale_epilogue(torch.empty(0, dtype=BF16), torch.empty(0))
     assert not bad and float(sq) == 0.0
 
 
@@ -280,6 +348,11 @@ def test_portable_code_without_simd_paths(tmp_path, monkeypatch):
     ts = make_tensors(F16)
     total = sum(t.numel() for t in ts)
     assert_bitwise(K.pack(ts, torch.empty(total, dtype=F16), 1 / 3), R.pack(ts, torch.empty(total, dtype=F16), 1 / 3))
+    y = torch.randn(70_001) * 1e3
+    got, ref = torch.empty(y.numel(), dtype=F16), torch.empty(y.numel(), dtype=F16)
+    bad, sq = K.unscale_epilogue(y, got, 1 / 3)
+    assert_bitwise(got, R.scale_cast(y, ref, 1 / 3))
+    assert not bad and sq.item() == K.epilogue(got)[1].item()
 
 
 COMPILE_FOR_SM90 = """
@@ -301,6 +374,10 @@ jobs = [
      {"TENSOR_DT": tl.bfloat16, "TO_FLAT": False}),
     (tk._epilogue_kernel, {"x": "*bf16", "n": "i64", "partial_sq": "*fp32", "partial_bad": "*i32"},
      {"FLT_MAX": tk.FLT_MAX}),
+    (tk._unscale_epilogue_kernel, {"src": "*bf16", "dst": "*fp32", "n": "i64", "scale": "fp32",
+                                   "partial_sq": "*fp32", "partial_bad": "*i32"}, {"FLT_MAX": tk.FLT_MAX}),
+    (tk._unscale_epilogue_kernel, {"src": "*fp32", "dst": "*fp16", "n": "i64", "scale": "fp32",
+                                   "partial_sq": "*fp32", "partial_bad": "*i32"}, {"FLT_MAX": tk.FLT_MAX}),
 ]
 for fn, sig, const in jobs:
     const = {**const, **K}
@@ -327,7 +404,7 @@ def test_triton_kernels_compile_for_a_gpu_without_one():
     out = proc.stdout + proc.stderr
     if "SKIP:" in out:
         pytest.skip(out[out.index("SKIP:"):].splitlines()[0])
-    assert proc.returncode == 0 and "COMPILED 4" in proc.stdout, out[-4000:]
+    assert proc.returncode == 0 and "COMPILED 6" in proc.stdout, out[-4000:]
 
 
 def test_bad_input_raises_clear_errors():
@@ -349,6 +426,12 @@ def test_bad_input_raises_clear_errors():
         K.pack([flat[1:5], torch.zeros(4)], flat)
     with pytest.raises(ValueError, match="overlap without being the same tensor"):
         K.scale_cast(flat[:4], flat[2:6])
+    with pytest.raises(ValueError, match="unscale_epilogue: src has 4 elements but dst has 6"):
+        K.unscale_epilogue(x, y)
+    with pytest.raises(ValueError, match="unscale_epilogue: src and dst overlap"):
+        K.unscale_epilogue(flat[:4], flat[2:6])
+    with pytest.raises(ValueError, match=r"unscale_epilogue: dtypes torch.int64 -> torch.float32"):
+        K.unscale_epilogue(torch.arange(4), x)
 
 
 def test_bad_backend_name_is_rejected(monkeypatch):
@@ -427,3 +510,13 @@ def test_triton_on_gpu_matches_reference(monkeypatch):
     torch.testing.assert_close(sq, R.epilogue(x)[1], rtol=2e-5, atol=0)
     x[12345] = float("nan")
     assert bool(K.epilogue(x)[0])
+    for src_dtype, dst_dtype in CASTS:
+        src = (torch.randn(3_000_017, device=dev) * 100).to(src_dtype)
+        dst, ref = torch.empty_like(src, dtype=dst_dtype), torch.empty_like(src, dtype=dst_dtype)
+        bad, sq = K.unscale_epilogue(src, dst, 2.0 ** -16)
+        ref_bad, ref_sq = R.unscale_epilogue(src, ref, 2.0 ** -16)
+        assert_bitwise(dst.cpu(), ref.cpu())
+        assert not bad and not ref_bad and sq.device == dst.device
+        torch.testing.assert_close(sq, ref_sq, rtol=2e-5, atol=0)
+    src[777] = float("inf")
+    assert bool(K.unscale_epilogue(src, dst, 0.5)[0])

@@ -1,4 +1,5 @@
-// Fused gradient-bucket kernels for CPU: pack, unpack, scale+cast and the norm/finite epilogue.
+// Fused gradient-bucket kernels for CPU: pack, unpack, scale+cast, the norm/finite epilogue, and
+// unscale+cast fused with that epilogue (mixed precision: fp16/bf16 bucket -> fp32 master gradient).
 //
 // A plain C ABI on raw pointers (called through ctypes): no torch or pybind headers, so the
 // one-time build takes about a second instead of the minute a full torch extension needs.
@@ -235,6 +236,15 @@ __attribute__((target("avx,f16c"))) double sum_squares_f16c(const void* p, int64
 }
 #endif
 
+using SumFn = double (*)(const void*, int64_t, int64_t);
+
+SumFn sum_for(int dtype) {
+#ifdef TL_HAVE_F16C_PATH
+  if (dtype == F16 && kHasF16C) return sum_squares_f16c;
+#endif
+  return dtype == F32 ? sum_squares<F32> : dtype == F16 ? sum_squares<F16> : sum_squares<BF16>;
+}
+
 template <int D>
 bool any_nonfinite(const void* p, int64_t n) {
   using T = typename Elem<D>::T;
@@ -242,6 +252,19 @@ bool any_nonfinite(const void* p, int64_t n) {
   for (int64_t i = 0; i < n; ++i)
     if (!std::isfinite(Elem<D>::load(x[i]))) return true;
   return false;
+}
+
+// Add the chunk sums in a fixed order (the same bits whatever the thread count). A non-finite
+// element makes the sum non-finite, so the exact per-element scan runs only then (or when finite
+// squares overflow a block's float sum). Returns 1 if x holds any inf/nan, else 0.
+int finish_epilogue(const void* x, int dtype, int64_t n, const std::vector<double>& partial, double* sq_norm) {
+  double total = 0.0;
+  for (double p : partial) total += p;
+  *sq_norm = total;
+  if (std::isfinite(total)) return 0;
+  const bool bad = dtype == F32 ? any_nonfinite<F32>(x, n)
+                   : dtype == F16 ? any_nonfinite<F16>(x, n) : any_nonfinite<BF16>(x, n);
+  return bad ? 1 : 0;
 }
 
 }  // namespace
@@ -265,23 +288,44 @@ int tl_unpack(int n, void* const* dsts, const int8_t* dtypes, const int64_t* num
 // scan runs only then (or when finite squares overflow a block's float sum).
 int tl_epilogue(const void* x, int dtype, int64_t n, int nthreads, double* sq_norm) {
   if (dtype < 0 || dtype > 2) return -1;
-  using SumFn = double (*)(const void*, int64_t, int64_t);
-  SumFn sum = dtype == F32 ? sum_squares<F32> : dtype == F16 ? sum_squares<F16> : sum_squares<BF16>;
-#ifdef TL_HAVE_F16C_PATH
-  if (dtype == F16 && kHasF16C) sum = sum_squares_f16c;
-#endif
+  const SumFn sum = sum_for(dtype);
   const int64_t chunks = (n + kChunk - 1) / kChunk;
   const int nt = threads_for(chunks, nthreads);
   std::vector<double> partial(size_t(chunks), 0.0);
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 1) if (nt > 1)
   for (int64_t c = 0; c < chunks; ++c) partial[size_t(c)] = sum(x, c * kChunk, std::min(n, (c + 1) * kChunk));
-  double total = 0.0;
-  for (double p : partial) total += p;  // fixed order: the same bits whatever the thread count
-  *sq_norm = total;
-  if (std::isfinite(total)) return 0;
-  const bool bad = dtype == F32 ? any_nonfinite<F32>(x, n)
-                   : dtype == F16 ? any_nonfinite<F16>(x, n) : any_nonfinite<BF16>(x, n);
-  return bad ? 1 : 0;
+  return finish_epilogue(x, dtype, n, partial, sq_norm);
+}
+
+// dst = cast(float(src) * scale) fused with tl_epilogue(dst): each 1024-element block is converted
+// and then summed while it is still in L1, so memory sees one read of src and one write of dst.
+// The blocks are those of tl_epilogue, so *sq_norm has the same bits as tl_epilogue(dst) would.
+// dst may be src (same dtype: in-place unscale). Returns 1 if dst holds any inf/nan, else 0
+// (-1 on a bad dtype).
+int tl_unscale_epilogue(const void* src, int src_dtype, void* dst, int dst_dtype, int64_t n, float scale,
+                        int nthreads, double* sq_norm) {
+  if (src_dtype < 0 || src_dtype > 2 || dst_dtype < 0 || dst_dtype > 2) return -1;
+  const ConvertFn convert_block = kConvert[src_dtype][dst_dtype];
+  const SumFn sum = sum_for(dst_dtype);
+  const char* s = static_cast<const char*>(src);
+  char* d = static_cast<char*>(dst);
+  const int64_t ss = kElemSize[src_dtype], ds = kElemSize[dst_dtype];
+  constexpr int64_t kBlock = 1024;  // sum_squares's block: partial sums line up with tl_epilogue's
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  const int nt = threads_for(chunks, nthreads);
+  std::vector<double> partial(size_t(chunks), 0.0);
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1) if (nt > 1)
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t end = std::min(n, (c + 1) * kChunk);
+    double total = 0.0;
+    for (int64_t b = c * kChunk; b < end; b += kBlock) {
+      const int64_t m = std::min(kBlock, end - b);
+      convert_block(s + b * ss, d + b * ds, m, scale);
+      total += sum(dst, b, b + m);  // one block: the same double adds as sum_squares over the chunk
+    }
+    partial[size_t(c)] = total;
+  }
+  return finish_epilogue(dst, dst_dtype, n, partial, sq_norm);
 }
 
 }  // extern "C"
