@@ -239,6 +239,103 @@ def reduce_scatter(out: torch.Tensor, parts: list[torch.Tensor], group=None) -> 
     Handle(work, rec).wait()
 
 
+# torch >= 2.12 renamed the flat-tensor collectives (*_single) and deprecated all_gather_into_tensor
+_RS_FLAT = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_AG_FLAT = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+# backend name -> {"reduce_scatter", "all_gather"} it turned out not to have (e.g. gloo in older torch)
+_LACKS: dict[str, set[str]] = {}
+
+
+def _chunk_of(out: torch.Tensor, inp: torch.Tensor, n: int, i: int) -> bool:
+    """Whether `out` is exactly chunk i of inp.view(n, -1) in memory (the in-place form)."""
+    return (out.is_contiguous() and inp.is_contiguous() and out.dtype == inp.dtype
+            and out.data_ptr() == inp.data_ptr() + i * out.numel() * out.element_size())
+
+
+def _check_flat(name: str, chunk: torch.Tensor, flat: torch.Tensor, n: int) -> None:
+    if flat.numel() != n * chunk.numel() or chunk.dtype != flat.dtype or chunk.device != flat.device:
+        raise ValueError(f"{name}: a chunk of {chunk.numel()} x {chunk.dtype} on {chunk.device} and a flat tensor of "
+                         f"{flat.numel()} x {flat.dtype} on {flat.device} do not fit a group of {n} ranks: the flat "
+                         f"tensor must hold {n} x the chunk's elements, with the same dtype and device")
+
+
+def _unsupported(e: Exception) -> bool:
+    # torch's Backend base class: "Backend gloo does not support _reduce_scatter_base"
+    return isinstance(e, NotImplementedError) or "does not support" in str(e) or "not supported" in str(e)
+
+
+def reduce_scatter_tensor(out: torch.Tensor, inp: torch.Tensor, group=None, async_op: bool = False) -> Handle | None:
+    """out = SUM over the group's ranks of their inp.view(n, -1)[i], i = this rank's index in the group.
+
+    `out` may be inp's own chunk i (then inp's other chunks are unspecified afterwards). NCCL runs
+    that in place (ncclReduceScatter allows recvbuff == sendbuff + i * count); other backends reduce
+    into a temporary chunk copied into `out` on wait(). A backend without reduce-scatter (gloo in
+    older torch) gets an all-reduce of inp, keeping chunk i: same result, twice the traffic."""
+    n, i = dist.get_world_size(group), dist.get_rank(group)
+    _check_flat("reduce_scatter_tensor", out, inp, n)
+    rec = _record("reduce_scatter_tensor", inp, group)
+    backend = dist.get_backend(group)
+    in_place = _chunk_of(out, inp, n, i)
+    if "reduce_scatter" not in _LACKS.get(backend, ()):
+        dst = out if in_place and backend == "nccl" else torch.empty_like(out)
+        try:
+            work = _RS_FLAT(dst, inp, group=group, async_op=True)
+        except (RuntimeError, NotImplementedError) as e:
+            if not _unsupported(e):
+                raise
+            _LACKS.setdefault(backend, set()).add("reduce_scatter")
+            log.debug("%s has no reduce_scatter_tensor (%s); using all-reduce then keeping the chunk", backend, e)
+        else:
+            return _finish(Handle(work, rec, None if dst is out else (lambda: out.copy_(dst))), async_op)
+    return _finish(_reduce_scatter_via_all_reduce(out, inp, group, rec, in_place), async_op)
+
+
+def _reduce_scatter_via_all_reduce(out: torch.Tensor, inp: torch.Tensor, group, rec: CollectiveRecord,
+                                   in_place: bool) -> Handle:
+    """The fallback of reduce_scatter_tensor (its own function so tests can run it on any backend)."""
+    rec.op = "reduce_scatter_tensor[via all_reduce]"
+    n, i = dist.get_world_size(group), dist.get_rank(group)
+    buf = inp if in_place else inp.clone()
+    after = None if in_place else (lambda: out.copy_(buf.view(n, -1)[i].view_as(out)))
+    return Handle(dist.all_reduce(buf, group=group, async_op=True), rec, after)
+
+
+def all_gather_into_tensor(out: torch.Tensor, inp: torch.Tensor, group=None, async_op: bool = False) -> Handle | None:
+    """out.view(n, -1)[k] = rank k's inp, for every rank k of the group.
+
+    `inp` may be out's own chunk i (in place): NCCL runs that form directly; other backends send a
+    copy of the chunk. A backend without the flat form falls back to list all_gather into out's chunks."""
+    n, i = dist.get_world_size(group), dist.get_rank(group)
+    _check_flat("all_gather_into_tensor", inp, out, n)
+    rec = _record("all_gather_into_tensor", inp, group)
+    backend = dist.get_backend(group)
+    src = inp if backend == "nccl" or not _chunk_of(inp, out, n, i) else inp.clone()
+    if "all_gather" not in _LACKS.get(backend, ()):
+        try:
+            return _finish(Handle(_AG_FLAT(out, src, group=group, async_op=True), rec), async_op)
+        except (RuntimeError, NotImplementedError) as e:
+            if not _unsupported(e):
+                raise
+            _LACKS.setdefault(backend, set()).add("all_gather")
+            log.debug("%s has no all_gather_into_tensor (%s); using list all_gather", backend, e)
+    return _finish(_all_gather_via_list(out, src, group, rec), async_op)
+
+
+def _all_gather_via_list(out: torch.Tensor, src: torch.Tensor, group, rec: CollectiveRecord) -> Handle:
+    """The fallback of all_gather_into_tensor: list all_gather into views of out's chunks."""
+    rec.op = "all_gather_into_tensor[via all_gather]"
+    n = dist.get_world_size(group)
+    chunks = list(out.view(n, -1).unbind(0))
+    return Handle(dist.all_gather(chunks, src.reshape(-1), group=group, async_op=True), rec)
+
+
+def _finish(h: Handle, async_op: bool) -> Handle | None:
+    if async_op:
+        return h
+    h.wait()
+    return None
+
+
 _SUBGROUPS: dict[tuple, tuple[object, object]] = {}
 
 

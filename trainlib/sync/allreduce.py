@@ -14,6 +14,12 @@ Transports:
          shm when all ranks of the group share this node (same host and boot), hierarchical when
          they span nodes with the same number >= 2 on each, else torch.
          GPU tensors or compressed buckets: torch.
+
+Every transport also reduce-scatters and all-gathers flat buffers in place, for sharded data
+parallel (start_reduce_scatter / start_all_gather; sync/base.py ShardSync): torch through
+comm.reduce_scatter_tensor / all_gather_into_tensor, mpi through Ireduce_scatter_block / Iallgather,
+shm and hierarchical as the two halves of their all-reduce (on buffers from alloc(); any other
+tensor goes through torch for that call).
 """
 from __future__ import annotations
 
@@ -31,7 +37,11 @@ COMPRESS = {None: None, "none": None, "bf16": torch.bfloat16, "fp16": torch.floa
 
 
 class AllReduce:
-    """`tl.AllReduce(bucket_mb=25, compress=None | "bf16" | "fp16", transport="auto")`."""
+    """`tl.AllReduce(bucket_mb=25, compress=None | "bf16" | "fp16", transport="auto")`.
+
+    Unsharded data parallel: bind(buckets, group), start(bucket), wait(). Sharded data parallel
+    (sync/base.py, ShardSync): bind_group(group), alloc(numel, dtype, device) for every flat buffer,
+    then start_reduce_scatter(flat) / start_all_gather(flat) and wait(), on the chunks flat.view(dp, -1)."""
 
     reduces_in_backward = True
 
@@ -44,18 +54,47 @@ class AllReduce:
             raise ValueError(f"bucket_mb={bucket_mb} must be positive (default 25)")
         self.bucket_mb, self.compress, self.transport = bucket_mb, compress, transport
         self.comm_dtype = COMPRESS[compress]
+        self.resolved_transport: str | None = None
         self._handles: list = []
         self._group = None
+        self._dp, self._dp_index = 1, 0
         self._mpi = None
         self._shm = None
+        self._worker = None
+        self._shm_keys: dict[int, int] = {}  # data_ptr of a buffer from alloc() -> its ShmGroup key
+        self._fallback_logged = False
 
+    # ---- set-up --------------------------------------------------------------------------
     def bind(self, buckets, group) -> None:
-        self._group = group
-        transport = self.transport
+        """Unsharded data parallel: bind_group, then move each bucket's wire buffer into this
+        transport's memory (shm/hierarchical: shared memory; the buckets exist before the transport
+        is chosen, so their `comm` (and `grads` when they are one tensor) are replaced here)."""
         on_cpu = all(b.comm.device.type == "cpu" for b in buckets)
-        layout = None
+        self.bind_group(group, device=torch.device("cpu" if on_cpu else buckets[0].comm.device.type),
+                        need_bytes=_shm_bytes(buckets), n_buffers=len(buckets))
+        if self._shm is None:
+            return
+        for b in buckets:
+            new = self._alloc_shm(b.numel, b.comm.dtype)
+            if b.comm is b.grads:
+                new.copy_(b.grads)
+                b.grads = b.comm = new
+                b.attach_views()
+            else:
+                b.comm = new
+        self._shm.map_peers()
+
+    def bind_group(self, group, device: torch.device | None = None, need_bytes: int = 0, n_buffers: int = 0) -> None:
+        """Choose the transport for `group` (the dp group; collective over it) and set it up.
+
+        device: where the flat buffers will live (default: tl.init()'s device); need_bytes: what this
+        rank will alloc() in all, for the /dev/shm capacity check of the shm transports (0: unknown)."""
+        self._group = group
+        self._dp, self._dp_index = dist.get_world_size(group), dist.get_rank(group)
+        on_cpu = (device if device is not None else _runtime_device()).type == "cpu"
+        transport, layout = self.transport, None
         if transport == "auto":
-            transport, layout = self._auto_transport(on_cpu, group, buckets)
+            transport, layout = self._auto_transport(on_cpu, group, need_bytes)
         if transport == "mpi":
             if not on_cpu:
                 raise ValueError("transport='mpi' needs CPU tensors; use transport='torch' (nccl) on GPU")
@@ -69,16 +108,16 @@ class AllReduce:
             if not on_cpu:
                 raise ValueError(f"transport={transport!r} needs CPU tensors; use transport='torch' (nccl) on GPU")
             if layout is None:  # explicit choice; auto has checked the same facts already
-                layout = self._check_explicit(transport, group, buckets)
-            self._bind_shm(buckets, group, layout if transport == "hierarchical" else None)
+                layout = self._check_explicit(transport, group, need_bytes)
+            self._start_shm(group, layout if transport == "hierarchical" else None)
         self.resolved_transport = transport
         if layout is not None and transport == "hierarchical":
-            log.info("AllReduce over hierarchical (shm in the node, gloo across %d nodes), %d buckets",
-                     len(layout.nodes), len(buckets))
+            log.info("AllReduce over hierarchical (shm in the node, gloo across %d nodes), %d buffers",
+                     len(layout.nodes), n_buffers)
         else:
-            log.debug("AllReduce over %s, %d buckets", transport, len(buckets))
+            log.debug("AllReduce over %s, %d buffers", transport, n_buffers)
 
-    def _auto_transport(self, on_cpu: bool, group, buckets):
+    def _auto_transport(self, on_cpu: bool, group, need_bytes: int):
         """(transport, node layout): mpi under mpiexec; shm when every rank of the group is on this
         node; hierarchical when they span nodes with the same number >= 2 on each; else torch.
 
@@ -90,16 +129,16 @@ class AllReduce:
             return "mpi", None
         from . import hierarchical, shm
 
-        facts = shm.gather_node_facts(group, _shm_bytes(buckets))
+        facts = shm.gather_node_facts(group, need_bytes)
         layout = hierarchical.NodeLayout.from_facts(facts, dist.get_process_group_ranks(group), dist.get_rank())
         if len(layout.nodes) == 1:
             return ("shm", layout) if shm.usable_for(facts) else ("torch", None)
         return ("hierarchical", layout) if hierarchical.auto_picks(layout, facts) else ("torch", None)
 
-    def _check_explicit(self, transport: str, group, buckets):
+    def _check_explicit(self, transport: str, group, need_bytes: int):
         from . import hierarchical, shm
 
-        facts = shm.gather_node_facts(group, _shm_bytes(buckets))
+        facts = shm.gather_node_facts(group, need_bytes)
         if transport == "shm":
             shm.check_usable(facts)
         layout = hierarchical.NodeLayout.from_facts(facts, dist.get_process_group_ranks(group), dist.get_rank())
@@ -107,9 +146,9 @@ class AllReduce:
             hierarchical.check_usable(layout, facts)
         return layout
 
-    def _bind_shm(self, buckets, group, layout) -> None:
-        """shm (layout None) or hierarchical: move each bucket's wire buffer into shared memory and
-        start the background worker that reduces buckets as backward hands them over."""
+    def _start_shm(self, group, layout) -> None:
+        """shm (layout None) or hierarchical: the node's shared-memory group and the background
+        worker that runs its collectives while backward (or forward) goes on."""
         from ..runtime import _RUNTIME, DEFAULT_TIMEOUT_S
         from .shm import ShmGroup, ShmWorker
 
@@ -120,26 +159,88 @@ class AllReduce:
             from .hierarchical import build_group
 
             self._shm = build_group(group, timeout_s, layout)
-        for b in buckets:
-            new = self._shm.alloc(b.index, b.numel, b.comm.dtype)
-            if b.comm is b.grads:
-                new.copy_(b.grads)
-                b.grads = b.comm = new
-                b.attach_views()
-            else:
-                b.comm = new
-        self._shm.map_peers()
         self._worker = ShmWorker(self._shm)
 
+    def alloc(self, numel: int, dtype: torch.dtype, device: torch.device | str | None = None) -> torch.Tensor:
+        """A zeroed flat buffer that this backend communicates without copies: shared memory on the
+        shm/hierarchical transports (collective over the dp group there: every rank allocates the
+        same sizes in the same order), else torch.zeros. Call after bind_group()."""
+        if self.resolved_transport is None:
+            raise RuntimeError("AllReduce.alloc() before bind_group(): the transport decides where memory lives")
+        if self._shm is None:
+            return torch.zeros(numel, dtype=dtype, device=device)
+        if device is not None and torch.device(device).type != "cpu":
+            raise ValueError(f"alloc(device={device}): transport {self.resolved_transport!r} keeps buffers in "
+                             "CPU shared memory; use transport='torch' for device tensors")
+        t = self._alloc_shm(numel, dtype)
+        self._shm.map_peers()
+        return t
+
+    def _alloc_shm(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        key = len(self._shm_keys)
+        t = self._shm.alloc(key, numel, dtype)
+        self._shm_keys[t.data_ptr()] = key
+        return t
+
+    # ---- collectives ---------------------------------------------------------------------
     def start(self, bucket) -> None:
-        if self._shm is not None:
-            self._handles.append(self._worker.submit(bucket.index))
+        """Unsharded: all-reduce bucket.comm (sum over the dp group), completed by wait()."""
+        key = self._shm_key(bucket.comm)
+        if key is not None:
+            self._handles.append(self._worker.submit(key, "all_reduce"))
         elif self._mpi is not None:
             self._handles.append(self._mpi.iallreduce(bucket.comm))
         else:
             self._handles.append(comm.all_reduce(bucket.comm, group=self._group, async_op=True))
 
+    def start_reduce_scatter(self, flat: torch.Tensor) -> None:
+        """After wait(): flat.view(dp, -1)[r] = the sum over the dp group of that chunk (r: this rank's
+        index in the group); the other chunks are unspecified."""
+        chunk = self._chunk("start_reduce_scatter", flat)
+        key = self._shm_key(flat)
+        if key is not None:
+            self._handles.append(self._worker.submit(key, "reduce_scatter"))
+        elif self._mpi is not None:
+            self._handles.append(self._mpi.ireduce_scatter(flat))
+        else:
+            self._handles.append(comm.reduce_scatter_tensor(chunk, flat, group=self._group, async_op=True))
+
+    def start_all_gather(self, flat: torch.Tensor) -> None:
+        """After wait(): every chunk flat.view(dp, -1)[k] holds dp rank k's chunk."""
+        chunk = self._chunk("start_all_gather", flat)
+        key = self._shm_key(flat)
+        if key is not None:
+            self._handles.append(self._worker.submit(key, "all_gather"))
+        elif self._mpi is not None:
+            self._handles.append(self._mpi.iallgather(flat))
+        else:
+            self._handles.append(comm.all_gather_into_tensor(flat, chunk, group=self._group, async_op=True))
+
+    def _chunk(self, what: str, flat: torch.Tensor) -> torch.Tensor:
+        if self.resolved_transport is None:
+            raise RuntimeError(f"AllReduce.{what}() before bind_group()")
+        if flat.dim() != 1 or not flat.is_contiguous() or flat.numel() % self._dp:
+            raise ValueError(f"{what}: the flat buffer must be 1-D, contiguous, with a multiple of dp={self._dp} "
+                             f"elements; got shape {list(flat.shape)} (contiguous: {flat.is_contiguous()}); pad it "
+                             f"to {-(-flat.numel() // self._dp) * self._dp} elements")
+        return flat.view(self._dp, -1)[self._dp_index]
+
+    def _shm_key(self, t: torch.Tensor) -> int | None:
+        """The shared-memory key of `t` when it is a whole buffer from alloc(); None (torch for this
+        call) otherwise -- on every rank alike if the caller passes alike-made buffers everywhere."""
+        if self._shm is None:
+            return None
+        key = self._shm_keys.get(t.data_ptr())
+        if key is not None and self._shm.buffers[key][self._shm.me].numel() == t.numel() and t.is_contiguous():
+            return key
+        if not self._fallback_logged:
+            self._fallback_logged = True
+            log.debug("AllReduce(%s): a buffer of %d x %s is not from alloc(); it goes through torch.distributed",
+                      self.resolved_transport, t.numel(), t.dtype)
+        return None
+
     def wait(self) -> None:
+        """Complete every started collective, in start order."""
         handles, self._handles = self._handles, []
         for h in handles:
             h.wait()
@@ -153,6 +254,12 @@ class AllReduce:
             self._worker.stop()
             self._shm.close()
             self._shm = None
+
+
+def _runtime_device() -> torch.device:
+    from ..runtime import _RUNTIME
+
+    return _RUNTIME.device if _RUNTIME is not None else torch.device("cpu")
 
 
 def _launched_by_mpi() -> bool:

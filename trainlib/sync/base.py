@@ -13,12 +13,26 @@
 
 A backend with `reduces_in_backward = False` (async PS) leaves gradients local: the wrapper
 then skips packing and start()/wait() and the backend works in on_forward instead.
+
+Sharded data parallel (ZeRO) needs more of a backend (ShardSync; tl.AllReduce has it). The wrapper
+owns flat buffers of dp equal chunks, chunk r = flat.view(dp, -1)[r] belonging to dp rank r:
+
+    bind_group(group)                  choose and set up the transport (collective over the dp group)
+    alloc(numel, dtype, device)        memory for a flat buffer the backend moves without copies (shared
+                                       memory on the shm transports; collective there, same order on
+                                       every rank); the backend never re-points it later
+    start_reduce_scatter(flat)         after wait(): chunk r = SUM over the dp group of chunk r; the
+                                       other chunks unspecified
+    start_all_gather(flat)             after wait(): every chunk k holds dp rank k's chunk k
+    wait()                             completes everything started, in start order
+Both starts return at once, so they overlap backward (reduce-scatter) and forward (all-gather).
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
+    import torch
     import torch.nn as nn
 
     from ..data_parallel.buckets import Bucket
@@ -35,5 +49,25 @@ class GradSync(Protocol):
     def wait(self) -> None: ...
 
     def on_forward(self, module: "nn.Module") -> None: ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class ShardSync(Protocol):
+    """What sharded data parallel needs of a sync backend (see the module docstring)."""
+
+    bucket_mb: float
+    comm_dtype: "torch.dtype | None"
+
+    def bind_group(self, group) -> None: ...
+
+    def alloc(self, numel: int, dtype: "torch.dtype", device: "torch.device | str | None" = None) -> "torch.Tensor": ...
+
+    def start_reduce_scatter(self, flat: "torch.Tensor") -> None: ...
+
+    def start_all_gather(self, flat: "torch.Tensor") -> None: ...
+
+    def wait(self) -> None: ...
 
     def close(self) -> None: ...

@@ -9,8 +9,13 @@ With L ranks per node and N nodes, rank (node j, local index i) owns chunk i of 
 
 Each byte crosses the network once per node instead of once per rank, and the L cross-node
 all-reduces (one group per local index) run side by side. The in-node steps are the shm
-transport's own chunked reduction (ShmGroup with an `across` step between its reduce and its
+transport's own chunked reduction (ShmGroup with a `cross` step between its reduce and its
 write-back), so chunking, barriers and timeouts are shared with transport='shm'.
+
+Reduce-scatter and all-gather (sharded data parallel) keep the dp group's chunks, flat.view(dp, -1):
+rank (node j, local index i) reduces in the node the chunks of every rank with local index i (its
+cross-node group), then the cross-node group reduce-scatters them (gloo), each keeping its own;
+all-gather runs the same path backwards (cross-node all-gather, then the in-node write-back).
 
 Node identity is shm's: sha256(hostname|boot id), or $TRAINLIB_NODE_ID (tests, emulated nodes).
 """
@@ -105,24 +110,61 @@ def check_usable(layout: NodeLayout, facts: Facts) -> None:
                          "back to it)")
 
 
+class CrossNode:
+    """The cross-node step of one rank: collectives over the ranks with its local index, one per node."""
+
+    def __init__(self, group, layout: NodeLayout):
+        self.group, self.layout, self.rank = group, layout, dist.get_rank()
+        self.ranks = dist.get_process_group_ranks(group)  # group-rank order: the order of the chunks
+
+    def _named(self, e: comm.CollectiveTimeout, op: str, what: str) -> comm.CollectiveTimeout:
+        return comm.CollectiveTimeout(f"{e} (rank {self.rank} was in the hierarchical {op}'s cross-node step of "
+                                      f"{what}, with ranks {list(self.layout.cross)})")
+
+    def all_reduce(self, chunk: torch.Tensor, what: str) -> None:
+        try:
+            comm.all_reduce(chunk, group=self.group)
+        except comm.CollectiveTimeout as e:
+            raise self._named(e, "all-reduce", what) from e
+
+    def reduce_scatter(self, parts: list[torch.Tensor], mine: int, what: str) -> None:
+        """parts[mine] := the sum over the cross-node group of parts[k] of group rank k."""
+        flat = _adjacent(parts)
+        try:
+            comm.reduce_scatter_tensor(parts[mine], flat if flat is not None else torch.cat(parts), group=self.group)
+        except comm.CollectiveTimeout as e:
+            raise self._named(e, "reduce-scatter", what) from e
+
+    def all_gather(self, parts: list[torch.Tensor], mine: int, what: str) -> None:
+        """parts[k] := group rank k's parts[k], for every k."""
+        flat = _adjacent(parts)
+        out = flat if flat is not None else torch.empty(sum(p.numel() for p in parts), dtype=parts[0].dtype)
+        try:
+            comm.all_gather_into_tensor(out, parts[mine], group=self.group)
+        except comm.CollectiveTimeout as e:
+            raise self._named(e, "all-gather", what) from e
+        if flat is None:
+            for p, src in zip(parts, out.view(len(parts), -1)):
+                p.copy_(src)
+
+
+def _adjacent(parts: list[torch.Tensor]) -> torch.Tensor | None:
+    """One flat view over `parts` when they follow each other in one buffer (no staging copy), else None."""
+    p0, size = parts[0], parts[0].numel() * parts[0].element_size()
+    if not all(p.is_contiguous() and p.data_ptr() == p0.data_ptr() + k * size for k, p in enumerate(parts)):
+        return None
+    return p0.as_strided((p0.numel() * len(parts),), (1,))  # from p0's storage offset on
+
+
 def build_group(group, timeout_s: float, layout: NodeLayout) -> ShmGroup:
-    """This node's ShmGroup whose owned chunks are all-reduced across nodes in between.
+    """This node's ShmGroup whose owned chunks are reduced across nodes in between.
 
     Collective over `group`: first the cross-node groups, one per local index (comm.subgroups),
     then every rank sets up its node's shared memory."""
     cross = None
     if len(layout.nodes) > 1:
-        cross = comm.subgroups([list(c) for c in layout.cross_groups], group, timeout_s)
-    rank = dist.get_rank()
-
-    def across(chunk: torch.Tensor, what: str) -> None:
-        try:
-            comm.all_reduce(chunk, group=cross)
-        except comm.CollectiveTimeout as e:
-            raise comm.CollectiveTimeout(f"{e} (rank {rank} was in the hierarchical all-reduce's cross-node step "
-                                         f"of {what}, with ranks {list(layout.cross)})") from e
-
+        cross = CrossNode(comm.subgroups([list(c) for c in layout.cross_groups], group, timeout_s), layout)
     log.debug("hierarchical all-reduce: %s; local index %d, cross-node group %s", layout.describe(),
               layout.local_index, list(layout.cross))
-    return ShmGroup(group, timeout_s, members=list(layout.local), tag=f"-n{layout.node_index}",
-                    across=across if cross is not None else None)
+    return ShmGroup(group, timeout_s, members=list(layout.local), tag=f"-n{layout.node_index}", cross=cross,
+                    owners=cross.ranks if cross is not None else None)

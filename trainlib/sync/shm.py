@@ -14,9 +14,17 @@ work. Chunks are disjoint, so the in-place writes never race. Barriers are bytes
 peers' FIFOs (a blocking read with a timeout: no spinning on a shared 2-core machine). The files
 are unlinked as soon as every rank has mapped them, so a crash leaves nothing in /dev/shm.
 
+Reduce-scatter and all-gather (sharded data parallel) are the two halves of that, on the chunks
+flat.view(dp, -1)[i] of the data-parallel group:
+
+    reduce_scatter   barrier; rank i: buf_i[c_i] += sum_{k != i} buf_k[c_i]; barrier
+    all_gather       barrier; rank i: buf_k[c_i] = buf_i[c_i] for k != i;     barrier
+
+(the exit barrier of reduce_scatter keeps a rank from reusing its buffer while a peer still reads it).
+
 The same chunked reduction serves the hierarchical transport (sync/hierarchical.py): there the
-group is one node's ranks, and between the reduce and the write-back each owner all-reduces its
-chunk across nodes (`across`), so the barriers and chunking live only here.
+members are one node's ranks, each owns the chunks of its cross-node peers, and between the reduce
+and the write-back each owner reduces them across nodes (`cross`), so barriers and chunking live here.
 """
 from __future__ import annotations
 
@@ -27,7 +35,7 @@ import secrets
 import select
 import socket
 import time
-from typing import Callable
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -128,20 +136,33 @@ def check_usable(facts: list[tuple[int, bool, int, int]]) -> None:
         raise ValueError(f"transport='shm' {reason}; or use transport='torch' (or 'auto', which falls back to it)")
 
 
-Across = Callable[[torch.Tensor, str], None]
+class CrossStep(Protocol):
+    """What the hierarchical transport does across nodes between the in-node reduce and write-back."""
+
+    def all_reduce(self, chunk: torch.Tensor, what: str) -> None: ...
+
+    def reduce_scatter(self, parts: list[torch.Tensor], mine: int, what: str) -> None: ...
+
+    def all_gather(self, parts: list[torch.Tensor], mine: int, what: str) -> None: ...
 
 
 class ShmGroup:
     """Buffers in /dev/shm mapped by `members` (default: every rank of `group`), and FIFO barriers
     between them. Setting up is collective over all of `group`; `tag` keeps the names of several
-    member sets apart when they share one /dev/shm (emulated nodes). `across(chunk, what)`, if given,
-    reduces each owned chunk further between the reduce and the write-back (hierarchical)."""
+    member sets apart when they share one /dev/shm (emulated nodes). `cross`, if given, reduces each
+    owned chunk further between the reduce and the write-back (hierarchical); `owners` (global ranks,
+    default this rank) are the ranks whose dp chunks this rank reduces in the node, in cross order."""
 
     def __init__(self, group, timeout_s: float, members: list[int] | None = None, tag: str = "",
-                 across: Across | None = None):
-        self.group, self.timeout_s, self.across = group, timeout_s, across
-        self.ranks = list(members) if members is not None else dist.get_process_group_ranks(group)
-        self.n, self.me = len(self.ranks), self.ranks.index(dist.get_rank())
+                 cross: CrossStep | None = None, owners: list[int] | None = None):
+        self.group, self.timeout_s, self.cross = group, timeout_s, cross
+        dp_ranks, rank = dist.get_process_group_ranks(group), dist.get_rank()
+        self.ranks = list(members) if members is not None else dp_ranks
+        self.n, self.me = len(self.ranks), self.ranks.index(rank)
+        self.dp = len(dp_ranks)
+        owners = list(owners) if owners is not None else [rank]
+        self.owned = [dp_ranks.index(r) for r in owners]  # dp chunk indices, in cross order
+        self.mine = owners.index(rank)                     # which of them is this rank's own
         self.prefix = os.path.join(SHM_ROOT, _token(group) + tag)
         self._own: dict[int, torch.Tensor] = {}
         self.buffers: dict[int, list[torch.Tensor]] = {}
@@ -169,13 +190,15 @@ class ShmGroup:
         return t
 
     def map_peers(self) -> None:
+        """Map the peers' buffers allocated since the last call (collective over the group)."""
+        new = {key: own for key, own in self._own.items() if key not in self.buffers}
         comm.barrier(self.group)
-        for key, own in self._own.items():
+        for key, own in new.items():
             self.buffers[key] = [own if k == self.me else
                                  torch.from_file(self._path(f"buf{key}", k), shared=True, size=own.numel(), dtype=own.dtype)
                                  for k in range(self.n)]
         comm.barrier(self.group)  # everyone has mapped everything: the names can go
-        for key in self._own:
+        for key in new:
             os.unlink(self._path(f"buf{key}", self.me))
 
     def barrier(self, what: str) -> None:
@@ -202,7 +225,7 @@ class ShmGroup:
                 self._arrived[b] += 1
 
     def allreduce(self, key: int) -> None:
-        """Sum buffer `key` over the members, in place in every member's buffer (with `across`: also
+        """Sum buffer `key` over the members, in place in every member's buffer (with `cross`: also
         over the other nodes, each owned chunk between the reduce and the write-back)."""
         bufs = self.buffers[key]
         numel = bufs[0].numel()
@@ -210,17 +233,46 @@ class ShmGroup:
         per = -(-per // ALIGN) * ALIGN
         lo, hi = min(self.me * per, numel), min((self.me + 1) * per, numel)
         self.barrier(f"all_reduce[bucket {key}] enter")
-        if hi > lo:  # an empty chunk is empty on every node alike, so skipping `across` stays in step
+        if hi > lo:  # an empty chunk is empty on every node alike, so skipping `cross` stays in step
             mine = bufs[self.me][lo:hi]
             for k in range(self.n):
                 if k != self.me:
                     mine.add_(bufs[k][lo:hi])
-            if self.across is not None:
-                self.across(mine, f"bucket {key}")
+            if self.cross is not None:
+                self.cross.all_reduce(mine, f"bucket {key}")
             for k in range(self.n):
                 if k != self.me:
                     bufs[k][lo:hi].copy_(mine)
         self.barrier(f"all_reduce[bucket {key}] exit")
+
+    def _chunks(self, key: int) -> list[torch.Tensor]:
+        """Every member's buffer `key` as (dp, numel/dp) rows: row i is dp rank i's chunk."""
+        return [b.view(self.dp, -1) for b in self.buffers[key]]
+
+    def reduce_scatter(self, key: int) -> None:
+        """Row i of dp rank i's buffer `key` := the sum of row i over the dp group; other rows unspecified."""
+        self.barrier(f"reduce_scatter[buffer {key}] enter")
+        rows = self._chunks(key)
+        for d in self.owned:
+            acc = rows[self.me][d]
+            for k in range(self.n):
+                if k != self.me:
+                    acc.add_(rows[k][d])
+        if self.cross is not None:
+            self.cross.reduce_scatter([rows[self.me][d] for d in self.owned], self.mine, f"buffer {key}")
+        self.barrier(f"reduce_scatter[buffer {key}] exit")  # nobody reuses a buffer a peer still reads
+
+    def all_gather(self, key: int) -> None:
+        """Row i of every member's buffer `key` := row i of dp rank i's buffer, for every i."""
+        self.barrier(f"all_gather[buffer {key}] enter")  # the peers are done with the rows we overwrite
+        rows = self._chunks(key)
+        if self.cross is not None:
+            self.cross.all_gather([rows[self.me][d] for d in self.owned], self.mine, f"buffer {key}")
+        for d in self.owned:
+            for k in range(self.n):
+                if k != self.me:
+                    rows[k][d].copy_(rows[self.me][d])
+        self.barrier(f"all_gather[buffer {key}] exit")
 
     def close(self) -> None:
         for fd in [self._rx, *self._tx.values()]:
@@ -240,7 +292,7 @@ class ShmHandle:
 
 
 class ShmWorker:
-    """One background thread per rank reduces submitted buckets in order, so the reduction of a full
+    """One background thread per rank runs submitted collectives in order, so the reduction of a full
     bucket overlaps the rest of backward (torch ops and the FIFO wait release the GIL)."""
 
     def __init__(self, shm: ShmGroup):
@@ -248,7 +300,8 @@ class ShmWorker:
         import threading
 
         self.shm = shm
-        self._q: "queue.Queue[int | None]" = queue.Queue()
+        self._ops = {"all_reduce": shm.allreduce, "reduce_scatter": shm.reduce_scatter, "all_gather": shm.all_gather}
+        self._q: "queue.Queue[tuple[str, int] | None]" = queue.Queue()
         self._done = 0
         self._submitted = 0
         self._error: BaseException | None = None
@@ -256,16 +309,18 @@ class ShmWorker:
         self._thread = threading.Thread(target=self._run, name="trainlib-shm", daemon=True)
         self._thread.start()
 
-    def submit(self, key: int) -> ShmHandle:
+    def submit(self, key: int, op: str = "all_reduce") -> ShmHandle:
+        """Queue collective `op` (all_reduce | reduce_scatter | all_gather) on buffer `key`."""
         self._submitted += 1
-        self._q.put(key)
+        self._q.put((op, key))
         return ShmHandle(self, key, self._submitted)
 
     def _run(self) -> None:
-        while (key := self._q.get()) is not None:
+        while (item := self._q.get()) is not None:
+            op, key = item
             try:
                 if self._error is None:
-                    self.shm.allreduce(key)
+                    self._ops[op](key)
             except BaseException as e:  # handed to the training thread by wait_for
                 self._error = e
             with self._cv:
