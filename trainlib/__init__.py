@@ -17,6 +17,8 @@ _LAZY = {
     "DataParallel": ("trainlib.data_parallel", "DataParallel"),
     "AllReduce": ("trainlib.sync", "AllReduce"),
     "ParameterServer": ("trainlib.sync", "ParameterServer"),
+    "MixedPrecision": ("trainlib.precision", "MixedPrecision"),
+    "DistributedOptimizer": ("trainlib.optim", "DistributedOptimizer"),
     "clip_grad_norm_": ("trainlib.data_parallel", "clip_grad_norm_"),
     "tensor_parallel": ("trainlib.tensor_parallel", None),
     "pipeline": ("trainlib.pipeline", None),

@@ -7,7 +7,9 @@ bucket that also flags inf/nan) instead of one reduction per parameter. On a (pp
 
 tp-replicated parameters (LayerNorm, row-parallel biases; everything without `tp_sharded`) carry
 the same gradient on every tp rank, so each rank adds 1/tp of their square before the tp sum.
-Gradients are equal across dp after the average, so dp needs no reduction.
+Gradients are equal across dp after the average, so dp needs no reduction -- except when the
+optimizer is sharded (DataParallel(shard=...)): each dp rank then holds only its chunk of the
+reduced gradient, and the chunks' squares are summed over dp.
 """
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ def grad_norm(model: DataParallel | Iterable[torch.nn.Parameter], mesh=None) -> 
         return per_param_norm(model, mesh)
     mesh = mesh if mesh is not None else model.mesh
     tp = mesh.size("tp")
+    if model.sharded:
+        return _sharded_norm(model, mesh)
     nonfinite, sq = model.grad_stats()
     total = sq.double().reshape(1)
     if tp > 1:
@@ -44,6 +48,24 @@ def grad_norm(model: DataParallel | Iterable[torch.nn.Parameter], mesh=None) -> 
     return total[0].sqrt() if flag.item() == 0 else torch.tensor(float("nan"), dtype=torch.float64)
 
 
+def _sharded_norm(model: DataParallel, mesh) -> torch.Tensor:
+    """The global norm from dp-disjoint gradient chunks: [sharded, replicated, nonfinite] summed over dp."""
+    tp, pp = mesh.size("tp"), mesh.size("pp")
+    nonfinite, sharded, replicated = model.sharded_grad_stats(split_tp=tp > 1)
+    t = torch.tensor([sharded, replicated, 1.0 if nonfinite else 0.0], dtype=torch.float64)
+    if model.owners > 1:
+        comm.all_reduce(t, group=mesh.group("dp"))
+    if tp > 1:  # tp-sharded parts are disjoint over tp; replicated ones are equal on every tp rank
+        comm.all_reduce(t[0:1], group=mesh.group("tp"))
+    total = (t[0] + t[1]).reshape(1)
+    flag = t[2:3].clone()
+    if pp > 1:
+        comm.all_reduce(total, group=mesh.group("pp"))
+    if tp > 1 or pp > 1:
+        comm.all_reduce(flag, op="max")
+    return total[0].sqrt() if flag.item() == 0 else torch.tensor(float("nan"), dtype=torch.float64)
+
+
 def clip_grad_norm_(model: DataParallel | Iterable[torch.nn.Parameter], max_norm: float, mesh=None) -> torch.Tensor:
     """Scale gradients by min(1, max_norm / (||g|| + 1e-6)) as torch.nn.utils.clip_grad_norm_ does; returns ||g||.
 
@@ -55,7 +77,9 @@ def clip_grad_norm_(model: DataParallel | Iterable[torch.nn.Parameter], max_norm
     norm = grad_norm(model if params is None else params, mesh)
     coef = float(max_norm) / (float(norm) + 1e-6)
     if torch.isfinite(norm) and coef < 1.0:
-        if params is None:
+        if params is None and model.sharded:
+            model.scale_grads_(coef)
+        elif params is None:
             for b in model.buckets:
                 b.grads.mul_(coef)
         else:

@@ -28,7 +28,9 @@ from torch.autograd import Variable
 from .. import comm
 from ..mesh import Mesh
 from ..sync.allreduce import AllReduce
+from ..precision import MixedPrecision
 from .buckets import Bucket, build_buckets
+from .sharded import SHARD_STAGES, ShardedDataParallel
 
 log = logging.getLogger("trainlib")
 
@@ -39,12 +41,24 @@ def _kernels():
     return kernels
 
 
-class DataParallel(nn.Module):
-    """Wrap `module` for data-parallel training over `mesh`'s dp axis. See the module docstring."""
+class DataParallel(ShardedDataParallel, nn.Module):
+    """Wrap `module` for data-parallel training over `mesh`'s dp axis. See the module docstring.
+
+    shard: None (replicated, DDP), "optimizer" (ZeRO-1), "gradients" (ZeRO-2), "parameters" (ZeRO-3);
+    mixed_precision: a tl.MixedPrecision policy. Either one makes the optimizer's side sharded /
+    fp32-master: wrap the optimizer in tl.DistributedOptimizer (see sharded.py)."""
 
     def __init__(self, module: nn.Module, mesh: Mesh | None = None, sync=None, *, bucket_mb: float | None = None,
-                 broadcast_buffers: bool = True):
+                 broadcast_buffers: bool = True, shard: str | None = None,
+                 mixed_precision: MixedPrecision | None = None):
         super().__init__()
+        if shard in ("none", "None"):
+            shard = None
+        if shard is not None and shard not in SHARD_STAGES:
+            raise ValueError(f"DataParallel(shard={shard!r}): use None or one of {', '.join(SHARD_STAGES)} "
+                             "(ZeRO stages 1, 2, 3)")
+        if mixed_precision is not None and not isinstance(mixed_precision, MixedPrecision):
+            raise TypeError(f"DataParallel(mixed_precision={mixed_precision!r}): pass a tl.MixedPrecision(...)")
         self.module = module
         self.mesh = mesh if mesh is not None else Mesh(dp=-1)
         self.sync = sync if sync is not None else AllReduce()
@@ -58,11 +72,20 @@ class DataParallel(nn.Module):
         check_same_across_ranks(module, self.group)
         self._broadcast(list(module.parameters()) + list(module.buffers()))
         bucket_mb = bucket_mb if bucket_mb is not None else getattr(self.sync, "bucket_mb", 25.0)
-        self.buckets: list[Bucket] = build_buckets(named, bucket_mb, getattr(self.sync, "comm_dtype", None))
         self._require_sync = True
         self._callback_queued = False
         self._next = 0
         self._hooks = []
+        self._handles = []
+        self.sharded = shard is not None or mixed_precision is not None
+        if self.sharded:
+            if not self.sync.reduces_in_backward or not hasattr(self.sync, "start_reduce_scatter"):
+                raise ValueError(f"DataParallel(shard={shard!r}, mixed_precision=...) needs sync=tl.AllReduce(...); "
+                                 f"{type(self.sync).__name__} keeps whole gradients (use shard=None with it)")
+            self._init_sharded(named, bucket_mb, shard, mixed_precision)
+            return
+        self.shard, self.precision = None, None
+        self.buckets: list[Bucket] = build_buckets(named, bucket_mb, getattr(self.sync, "comm_dtype", None))
         if self.sync.reduces_in_backward:
             for b in self.buckets:
                 for i, p in enumerate(b.params):
@@ -73,6 +96,8 @@ class DataParallel(nn.Module):
 
     # ---- forward -------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
+        if self.sharded:
+            return self._sharded_forward(*args, **kwargs)
         self.sync.on_forward(self.module)
         if self.broadcast_buffers and self.dp > 1:
             bufs = [b for b in self.module.buffers() if b.is_floating_point() or b.dtype == torch.long]
@@ -99,6 +124,9 @@ class DataParallel(nn.Module):
     def sync_gradients(self) -> None:
         """Average now the gradients accumulated under no_sync() by backward passes that did not go
         through forward() (a pipeline schedule calls the stage modules directly)."""
+        if self.sharded:
+            self._sync_sharded()
+            return
         self._reset()
         self._finish_backward()
 
@@ -175,7 +203,11 @@ class DataParallel(nn.Module):
                     off += t.numel()
 
     def grad_stats(self) -> tuple[bool, torch.Tensor]:
-        """(any inf/nan, squared L2 norm) of this rank's gradients, from the buckets in one pass each."""
+        """(any inf/nan, squared L2 norm) of this rank's gradients, from the buckets in one pass each
+        (sharded: of this rank's gradient chunks only)."""
+        if self.sharded:
+            nonfinite, _, sq = self.sharded_grad_stats()
+            return nonfinite, torch.tensor(sq, dtype=torch.float32)
         k = _kernels()
         nonfinite, sq = False, torch.zeros((), dtype=torch.float32)
         for b in self.buckets:

@@ -1,0 +1,133 @@
+"""Per-rank functions for the sharded-data-parallel tests (importable by run_ranks children).
+
+Each function trains several configurations in ONE spawned group (a group costs seconds to start
+on this machine) and returns, per configuration, the losses and the full weights afterwards, so
+the test compares every shard stage against the unsharded DataParallel of the same run."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+import trainlib as tl
+from trainlib.data_parallel import clip_grad_norm_
+from trainlib.models.gpt import GPT, GPTConfig, lm_loss
+
+STAGES = (None, "optimizer", "gradients", "parameters")
+
+
+class ZeroNet(nn.Module):
+    """Layers in a ModuleList (stage 3's units) with what sharding must survive: a weight tied across
+    two units, a weight tied to the root (embedding / head), a frozen layer, a layer unused on some
+    steps, a buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 8)
+        self.layers = nn.ModuleList([nn.Linear(8, 8) for _ in range(4)])
+        self.layers[3].weight = self.layers[0].weight          # tied across units -> root
+        self.layers[1].requires_grad_(False)                   # frozen
+        self.unused = nn.Linear(8, 8)                           # used on some steps only
+        self.norm = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 10, bias=False)
+        self.head.weight = self.emb.weight                     # tied embedding / head
+        self.register_buffer("shift", torch.linspace(-0.1, 0.1, 8))
+
+    def forward(self, idx: torch.Tensor, use_unused: bool = True) -> torch.Tensor:
+        h = self.emb(idx).mean(1) + self.shift
+        for layer in self.layers:
+            h = torch.tanh(layer(h))
+        if use_unused:
+            h = h + self.unused(h)
+        return self.head(self.norm(h))
+
+
+def _gpt() -> GPT:
+    return GPT(GPTConfig(vocab_size=64, seq_len=16, n_layer=2, n_head=2, d_model=32), seed=1)
+
+
+def _gpt_batch(step: int, rank: int):
+    g = torch.Generator().manual_seed(100 * step + rank)
+    return torch.randint(0, 64, (4, 16), generator=g), torch.randint(0, 64, (4, 16), generator=g)
+
+
+def _train(model_fn, stage, *, steps: int = 3, precision=None, clip: float = 0.0, accumulate: int = 1,
+           transport: str = "torch", compress: str | None = None, bucket_mb: float = 0.01, lr: float = 1e-2,
+           zeronet: bool = False) -> dict:
+    mesh = tl.Mesh(dp=-1)
+    torch.manual_seed(0)
+    model = model_fn()
+    dp = tl.DataParallel(model, mesh, sync=tl.AllReduce(bucket_mb=bucket_mb, transport=transport, compress=compress),
+                         shard=stage, mixed_precision=precision)
+    params = [p for p in dp.parameters() if p.requires_grad]
+    opt = tl.DistributedOptimizer(torch.optim.AdamW(params, lr=lr, weight_decay=0.1), dp)
+    r = mesh.rank("dp")
+    losses, skipped, scales = [], 0, []
+    for step in range(steps):
+        for micro in range(accumulate):
+            last = micro == accumulate - 1
+            if zeronet:
+                g = torch.Generator().manual_seed(1000 * step + 10 * micro + r)
+                x, y = torch.randint(0, 10, (8, 5), generator=g), torch.randint(0, 10, (8,), generator=g)
+                ctx = dp.no_sync() if not last else _null()
+                with ctx:
+                    loss = nn.functional.cross_entropy(dp(x, use_unused=(step + r) % 2 == 0).float(), y) / accumulate
+                    opt.scale_loss(loss).backward()
+            else:
+                x, y = _gpt_batch(step * accumulate + micro, r)
+                ctx = dp.no_sync() if not last else _null()
+                with ctx:
+                    loss = lm_loss(dp(x).float(), y) / accumulate
+                    opt.scale_loss(loss).backward()
+        if clip:
+            norm = clip_grad_norm_(dp, clip)
+            losses.append(float(norm))
+        scales.append(opt.loss_scale)
+        skipped += 0 if opt.step() else 1
+        opt.zero_grad()
+        losses.append(loss.item() * accumulate)
+    full = dp.full_state_dict() if dp.sharded else {k: v.detach().clone() for k, v in model.state_dict().items()}
+    stats = {"stage": stage, "losses": losses, "skipped": skipped, "scales": scales,
+             "weights": {k: v.float() for k, v in full.items()},
+             "param_dtypes": sorted({str(p.dtype) for p in model.parameters() if p.requires_grad})}
+    dp.close()
+    return stats
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def equivalence_cases() -> dict:
+    """Every stage against the unsharded wrapper: GPT fp32, ZeroNet (tied/frozen/unused), no_sync
+    accumulation, clipping, bf16 wire compression, the shm transport."""
+    tl.init()
+    torch.manual_seed(0)
+    out: dict[str, dict] = {}
+    for stage in STAGES:
+        key = stage or "none"
+        out[f"gpt/{key}"] = _train(_gpt, stage)
+        out[f"zeronet/{key}"] = _train(ZeroNet, stage, steps=4, zeronet=True, bucket_mb=0.0005)
+        out[f"accumulate/{key}"] = _train(_gpt, stage, accumulate=2, steps=2)
+        out[f"clip/{key}"] = _train(_gpt, stage, clip=0.05, steps=2)
+        out[f"compress/{key}"] = _train(_gpt, stage, compress="bf16", steps=2)
+        if stage in ("optimizer", "gradients"):
+            out[f"shm/{key}"] = _train(_gpt, stage, transport="shm")
+    return out
+
+
+def precision_cases() -> dict:
+    """bf16 policy per stage against fp32; fp16 with dynamic loss scaling from a scale that overflows."""
+    tl.init()
+    bf16 = tl.MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    out = {"fp32": _train(_gpt, None, steps=5, lr=3e-3)}
+    for stage in STAGES:
+        out[f"bf16/{stage or 'none'}"] = _train(_gpt, stage, steps=5, precision=bf16, lr=3e-3)
+    fp16 = tl.MixedPrecision(param_dtype=torch.float16, reduce_dtype=torch.float32, init_scale=2.0 ** 20,
+                             growth_interval=2)
+    for stage in (None, "parameters"):
+        out[f"fp16/{stage or 'none'}"] = _train(_gpt, stage, steps=8, precision=fp16, lr=3e-3)
+    return out

@@ -1,0 +1,561 @@
+"""Sharded data parallel (ZeRO-1/2/3) and mixed precision, on DataParallel's flat buckets.
+
+    model = tl.DataParallel(model, mesh, shard="optimizer" | "gradients" | "parameters",
+                            mixed_precision=tl.MixedPrecision(param_dtype=torch.bfloat16))
+    opt = tl.DistributedOptimizer(torch.optim.AdamW(model.parameters(), lr=3e-4), model)
+
+Every bucket is a flat parameter buffer padded to a multiple of dp; dp rank r owns chunk r of it.
+
+    stage        params (flat)             gradient wire (flat)           optimizer (fp32)
+    optimizer    full, persistent          full, persistent               master + state of chunk r
+    gradients    full, persistent          allocated per backward, freed  master + state + grad of chunk r
+    parameters   chunk r; gathered per     allocated per backward, freed  master + state + grad of chunk r
+                 unit for forward/backward
+
+A step: backward packs each gradient into its bucket's wire as it arrives (scaled 1/dp, cast to the
+reduce dtype, param.grad freed at once), a full bucket is reduce-scattered while backward goes on,
+and the reduced chunk r lands (unscaled, cast to fp32) in the optimizer's gradient slice. The
+optimizer steps on its slices only; stages 1/2 then all-gather the updated parameters into the
+buckets. Stage 3 keeps only chunk r between uses: a unit (a layer from `as_layers()`, or a child
+of the model's ModuleLists) is all-gathered just before its forward, the next unit prefetched,
+freed after its forward (storage resized to 0, so saved activations keep their tensors), and
+gathered again when the gradient reaches its output. Under a pipeline (pp > 1) a unit stays
+gathered from its first forward until the gradients are synced after the flush, as torchtitan does
+with FSDP and pipelining, instead of gathering once per microbatch.
+
+`shard=None` with a MixedPrecision policy is the same machinery with one owner (every rank steps
+the whole bucket from fp32 masters) and an all-reduce in place of the reduce-scatter.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+from torch.autograd import Variable
+
+from .. import comm
+from ..precision import LossScaler, MixedPrecision
+from .buckets import plan_buckets
+
+log = logging.getLogger("trainlib")
+
+SHARD_STAGES = ("optimizer", "gradients", "parameters")
+MAX_INFLIGHT_WIRES = 2   # transient gradient buckets alive at once (stages 2/3): bounds the gradient peak
+
+
+@dataclass
+class FlatBucket:
+    """One bucket of the sharded wrapper: a flat parameter buffer, its wire, this rank's chunk."""
+    index: int
+    unit: int                    # index into ShardedDataParallel.units (-1: the root unit)
+    params: list[nn.Parameter]
+    names: list[str]
+    offsets: list[int]
+    numel: int
+    padded: int                  # numel rounded up to a multiple of the owner count
+    lo: int                      # this rank's chunk: [lo, hi) of the flat buffer
+    hi: int
+    flat: torch.Tensor           # padded, param dtype; every param's .data is a view of it
+    shard: torch.Tensor | None   # stage 3: this rank's chunk of the parameters, kept between uses
+    master: torch.Tensor         # fp32 [hi - lo]: what the optimizer updates
+    grad: torch.Tensor           # fp32 [hi - lo]: the reduced gradient of this chunk
+    wire: torch.Tensor | None = None
+    arrived: list[bool] = field(default_factory=list)
+    pending: int = 0
+    started: bool = False
+    gathered: bool = True
+
+    def chunk_of(self, i: int) -> tuple[int, int] | None:
+        """The part of parameter i inside this rank's chunk, as (start, end) in the flat buffer."""
+        s, e = max(self.offsets[i], self.lo), min(self.offsets[i] + self.params[i].numel(), self.hi)
+        return (s, e) if s < e else None
+
+
+class _PreBackward(torch.autograd.Function):
+    """Identity on a unit's outputs whose backward gathers the unit before autograd reaches it."""
+
+    @staticmethod
+    def forward(ctx, owner, unit, *xs):
+        ctx.owner, ctx.unit = owner, unit
+        return xs if len(xs) > 1 else xs[0]
+
+    @staticmethod
+    def backward(ctx, *grads):
+        ctx.owner._pre_backward(ctx.unit)
+        return (None, None, *grads)
+
+
+def find_units(module: nn.Module) -> list[nn.Module]:
+    """The layers stage 3 gathers one at a time: `as_layers()`, else the children of the model's
+    (outermost) ModuleLists / Sequentials, flattened; parameters outside all of them form the root."""
+    def expand(m: nn.Module) -> list[nn.Module]:
+        if isinstance(m, (nn.ModuleList, nn.Sequential)):
+            return [u for c in m for u in expand(c)]
+        return [m]
+
+    if hasattr(module, "as_layers"):
+        return list(module.as_layers())
+    if isinstance(module, (nn.ModuleList, nn.Sequential)):
+        return expand(module)
+    units: list[nn.Module] = []
+    taken: set[str] = set()
+    for name, m in module.named_modules():
+        if isinstance(m, (nn.ModuleList, nn.Sequential)) and not any(name.startswith(t + ".") for t in taken):
+            units += expand(m)
+            taken.add(name)
+    return units
+
+
+class ShardedDataParallel:
+    """The sharded/mixed-precision half of tl.DataParallel (a mixin: DataParallel.__init__ sets
+    self.module, mesh, sync, group, dp and calls _init_sharded)."""
+
+    shard: str | None
+    precision: MixedPrecision | None
+
+    def _init_sharded(self, named: list[tuple[str, nn.Parameter]], bucket_mb: float, shard: str | None,
+                      precision: MixedPrecision | None) -> None:
+        self.shard, self.precision = shard, precision
+        self.owners = self.dp if shard is not None else 1
+        self.me = self.mesh.rank("dp") if shard is not None else 0
+        self.param_dtype = precision.param_dtype if precision is not None else None   # None: each its own
+        self.compress_dtype = getattr(self.sync, "comm_dtype", None)
+        self.scaler = LossScaler(precision)
+        self._pipelined = False       # set by tl.parallelize when a pipeline schedule drives the stages
+        self._in_backward = False
+        self._inflight: list[tuple[str, FlatBucket]] = []
+        self._reduced: set[int] = set()
+        self.units = find_units(self.module) if shard == "parameters" else []
+        unit_of = self._unit_of_params(named)
+        groups: dict[int, list[tuple[str, nn.Parameter]]] = {}
+        for n, p in named:
+            groups.setdefault(unit_of[id(p)], []).append((n, p))
+        # stage 3 gathers whole units; other stages take DDP's size caps
+        cap = float("inf") if shard == "parameters" else bucket_mb
+        plan = [(unit, group) for unit in sorted(groups, key=lambda u: (u < 0, u))   # forward order, root last
+                for group in plan_buckets(groups[unit], cap)]
+        if shard is not None:
+            # stages 1/2 keep their parameter buffers (and stage 1 its wire) in the transport's memory
+            shared = sum(p.numel() * (_size(self._dtypes(p.dtype)[0]) + (_size(self._dtypes(p.dtype)[2])
+                                                                         if shard == "optimizer" else 0))
+                         for _, g in plan for _, p in g)
+            self.sync.bind_group(self.group, named[0][1].device, 0 if shard == "parameters" else shared,
+                                 len(plan))
+        self.buckets: list[FlatBucket] = [self._make_bucket(i, unit, group) for i, (unit, group) in enumerate(plan)]
+        # backward produces the last layers' gradients first: launch buckets in that order
+        # (within a unit plan_buckets already put the last parameters first; the root goes last)
+        self._launch_order = sorted(self.buckets, key=lambda b: (b.unit < 0, -b.unit, b.index))
+        if shard == "parameters":
+            for b in self.buckets:
+                self._free(b)
+            self._hooks += self._unit_hooks()
+        for b in self.buckets:
+            for i, p in enumerate(b.params):
+                self._hooks.append(p.register_post_accumulate_grad_hook(self._make_sharded_hook(b, i)))
+        log.info("DataParallel: shard=%s, %d buckets, precision %s, dp=%d", shard, len(self.buckets),
+                 precision, self.dp)
+
+    # ---- layout --------------------------------------------------------------------------
+    def _unit_of_params(self, named) -> dict[int, int]:
+        """Parameter -> unit index; a parameter used by two units (tied weights) goes to the root."""
+        seen: dict[int, int] = {}
+        for u, m in enumerate(self.units):
+            for p in m.parameters():
+                seen[id(p)] = u if seen.get(id(p), u) == u else -1
+        return {id(p): seen.get(id(p), -1) for _, p in named}
+
+    def _dtypes(self, dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype, torch.dtype]:
+        """(stored/compute, master, reduce) dtypes for parameters of `dtype` under this policy."""
+        master = torch.float64 if dtype == torch.float64 else torch.float32
+        stored = self.param_dtype if self.param_dtype is not None and dtype.is_floating_point else dtype
+        reduce = self.compress_dtype or (self.precision.reduce_dtype if self.precision is not None else stored)
+        return stored, master, reduce
+
+    def _make_bucket(self, index: int, unit: int, group: list[tuple[str, nn.Parameter]]) -> FlatBucket:
+        params = [p for _, p in group]
+        offsets, n = [], 0
+        for p in params:
+            offsets.append(n)
+            n += p.numel()
+        padded = -(-n // self.owners) * self.owners
+        chunk = padded // self.owners
+        lo, hi = self.me * chunk, (self.me + 1) * chunk
+        device = params[0].device
+        stored, master_dtype, reduce = self._dtypes(params[0].dtype)
+        full32 = torch.zeros(padded, dtype=master_dtype, device=device)
+        with torch.no_grad():
+            for p, off in zip(params, offsets):
+                full32[off: off + p.numel()].copy_(p.detach().reshape(-1))
+        stage3 = self.shard == "parameters"
+        if self.shard in ("optimizer", "gradients"):
+            flat = self.sync.alloc(padded, stored, device)
+            flat.copy_(full32)
+        else:
+            flat = full32 if stored == master_dtype else full32.to(stored)
+        shard = flat[lo:hi].clone() if stage3 else None
+        if stored == master_dtype:
+            master = shard if stage3 else flat[lo:hi]      # the optimizer updates the parameters themselves
+        else:
+            master = full32[lo:hi].clone()                 # fp32 masters from the fp32 weights, not from bf16
+        wire = None
+        if self.shard == "optimizer":
+            wire = self.sync.alloc(padded, reduce, device)
+        elif self.shard is None:
+            wire = torch.zeros(padded, dtype=reduce, device=device)
+        grad = wire[lo:hi] if wire is not None and reduce == master_dtype \
+            else torch.zeros(hi - lo, dtype=master_dtype, device=device)
+        for p, off in zip(params, offsets):
+            p.data = flat[off: off + p.numel()].view(p.shape)
+            p.grad = None
+        return FlatBucket(index, unit, params, [nm for nm, _ in group], offsets, n, padded, lo, hi, flat, shard,
+                          master, grad, wire, [False] * len(params))
+
+    def bucket_nbytes(self) -> list[int]:
+        return [b.padded * b.flat.element_size() for b in self.buckets]
+
+    # ---- stage 3: gather / free units --------------------------------------------------------
+    def _unit_buckets(self, unit: int) -> list[FlatBucket]:
+        return [b for b in self.buckets if b.unit == unit]
+
+    def _free(self, b: FlatBucket) -> None:
+        if b.gathered:
+            b.flat.untyped_storage().resize_(0)
+            b.gathered = False
+
+    def _start_gather(self, b: FlatBucket) -> None:
+        if b.gathered or any(kind == "gather" and x is b for kind, x in self._inflight):
+            return
+        b.flat.untyped_storage().resize_(b.padded * b.flat.element_size())
+        b.flat[b.lo:b.hi].copy_(b.shard)
+        self.sync.start_all_gather(b.flat)
+        self._inflight.append(("gather", b))
+
+    def _gather_unit(self, unit: int, prefetch: int | None = None) -> None:
+        need = [b for b in self._unit_buckets(unit) if not b.gathered]
+        for b in need:
+            self._start_gather(b)
+        if prefetch is not None and 0 <= prefetch < len(self.units):
+            for b in self._unit_buckets(prefetch):
+                self._start_gather(b)
+        if any(not b.gathered for b in self._unit_buckets(unit)):
+            self._drain()
+
+    def _free_unit(self, unit: int) -> None:
+        for b in self._unit_buckets(unit):
+            if not any(x is b for _, x in self._inflight):
+                self._free(b)
+
+    def _unit_hooks(self) -> list:
+        hooks = []
+        for u, m in enumerate(self.units):
+            if any(b.unit == u for b in self.buckets):
+                hooks.append(m.register_forward_pre_hook(self._make_pre_forward(u)))
+                hooks.append(m.register_forward_hook(self._make_post_forward(u)))
+        return hooks
+
+    def _make_pre_forward(self, unit: int):
+        def pre_forward(module, args):
+            self._gather_root()
+            self._gather_unit(unit, prefetch=None if self._in_backward else unit + 1)
+        return pre_forward
+
+    def _make_post_forward(self, unit: int):
+        def post_forward(module, args, output):
+            if self._in_backward:  # activation checkpointing recomputes the forward inside backward
+                return output
+            if not torch.is_grad_enabled():
+                if not self._pipelined:
+                    self._free_unit(unit)
+                return output
+            if not self._pipelined:
+                self._free_unit(unit)
+            return _wrap_outputs(output, self, unit)
+        return post_forward
+
+    def _pre_backward(self, unit: int) -> None:
+        self._in_backward = True
+        self._queue_finish()
+        self._gather_unit(unit, prefetch=unit - 1)
+
+    def _gather_root(self) -> None:
+        for b in self._unit_buckets(-1):
+            self._start_gather(b)
+        if any(not b.gathered for b in self._unit_buckets(-1)):
+            self._drain()
+
+    # ---- forward ---------------------------------------------------------------------------
+    def _sharded_forward(self, *args, **kwargs):
+        self.sync.on_forward(self.module)
+        if self.broadcast_buffers and self.dp > 1:
+            bufs = [b for b in self.module.buffers() if b.is_floating_point() or b.dtype == torch.long]
+            if bufs:
+                self._broadcast(bufs)
+        self._reset_sharded()
+        if self.shard == "parameters":
+            self._gather_root()
+        args = tuple(_cast_floating(a, self.param_dtype) for a in args)
+        return self.module(*args, **kwargs)
+
+    def _reset_sharded(self) -> None:
+        for b in self.buckets:
+            b.pending = len(b.params)
+            b.started = False
+            b.arrived = [False] * len(b.params)
+        self._next = 0
+
+    # ---- backward ----------------------------------------------------------------------------
+    def _queue_finish(self) -> None:
+        if not self._callback_queued:
+            self._callback_queued = True
+            Variable._execution_engine.queue_callback(self._finish_sharded)
+
+    def _make_sharded_hook(self, b: FlatBucket, i: int):
+        def hook(param: torch.Tensor) -> None:
+            if not self._require_sync or self._pipelined:
+                return  # accumulate locally in param.grad (no_sync, or a pipeline flush syncs later)
+            self._queue_finish()
+            self._in_backward = True
+            self._pack(b, i, param)
+            b.pending -= 1
+            if b.pending == 0:
+                self._launch_ready_sharded()
+                if b.unit >= 0 and all(x.pending == 0 for x in self._unit_buckets(b.unit)):
+                    self._free_unit(b.unit)   # its backward is over: free the gathered parameters now
+        return hook
+
+    def _wire(self, b: FlatBucket) -> torch.Tensor:
+        if b.wire is None:
+            b.wire = torch.empty(b.padded, dtype=self._dtypes(b.params[0].dtype)[2], device=b.flat.device)
+        return b.wire
+
+    def _pack(self, b: FlatBucket, i: int, param: torch.Tensor) -> None:
+        """param.grad -> its slot in the wire, scaled by 1/dp (the average) and cast; param.grad freed."""
+        from trainlib import kernels
+
+        p = b.params[i]
+        view = self._wire(b)[b.offsets[i]: b.offsets[i] + p.numel()]
+        kernels.pack([param.grad], view, 1.0 / self.dp)
+        param.grad = None
+        b.arrived[i] = True
+
+    def _launch_ready_sharded(self) -> None:
+        order = self._launch_order
+        while self._next < len(order) and order[self._next].pending <= 0:
+            self._launch_sharded(order[self._next])
+            self._next += 1
+
+    def _launch_sharded(self, b: FlatBucket) -> None:
+        wire = self._wire(b)
+        for i, got in enumerate(b.arrived):
+            if not got:  # unused this step: contributes zeros, like DDP's find_unused_parameters
+                wire[b.offsets[i]: b.offsets[i] + b.params[i].numel()].zero_()
+        wire[b.numel:].zero_()
+        b.started = True
+        if self.shard is None:
+            self._inflight.append(("reduce", b))
+            self._handles.append(comm.all_reduce(wire, group=self.group, async_op=True) if self.dp > 1 else None)
+        else:
+            self.sync.start_reduce_scatter(wire)
+            self._inflight.append(("reduce", b))
+            if self.shard != "optimizer" and sum(k == "reduce" for k, _ in self._inflight) > MAX_INFLIGHT_WIRES:
+                self._drain()
+
+    def _drain(self) -> None:
+        """Complete everything in flight: reduced chunks land in the optimizer's gradient slices
+        (transient wires are freed), gathered buckets are marked usable."""
+        if self.shard is not None:
+            self.sync.wait()
+        for h in self._handles:
+            if h is not None:
+                h.wait()
+        self._handles = []
+        from trainlib import kernels
+
+        inflight, self._inflight = self._inflight, []
+        for kind, b in inflight:
+            if kind == "gather":
+                b.gathered = True
+                continue
+            # the chunk leaves the wire as the fp32 average, loss scale removed (the epilogue of a step)
+            src, inv = b.wire[b.lo:b.hi], 1.0 / self.scaler.scale
+            if src.data_ptr() != b.grad.data_ptr() or inv != 1.0:
+                kernels.scale_cast(src, b.grad, inv)
+            if self.shard in ("gradients", "parameters"):
+                b.wire = None
+            self._reduced.add(b.index)
+
+    def _finish_sharded(self) -> None:
+        self._callback_queued = False
+        self._in_backward = False
+        if self._require_sync and not self._pipelined:
+            for b in self.buckets:
+                if b.pending > 0 and not b.started:
+                    b.pending = 0
+            self._launch_ready_sharded()
+            self._drain()
+        if self.shard == "parameters" and not self._pipelined:
+            for b in self.buckets:
+                self._free(b)
+
+    def _sync_sharded(self) -> None:
+        """sync_gradients() for the sharded wrapper: gradients accumulated in param.grad (no_sync
+        steps, a pipeline schedule) are packed and reduced now."""
+        self._reset_sharded()
+        for b in self._launch_order:
+            for i, p in enumerate(b.params):
+                if p.grad is not None:
+                    self._pack(b, i, p)
+            b.pending = 0
+        self._launch_ready_sharded()
+        self._drain()
+        if self.shard == "parameters":
+            for b in self.buckets:
+                self._free(b)
+
+    # ---- optimizer side ----------------------------------------------------------------------
+    def sharded_grad_stats(self, split_tp: bool = False) -> tuple[bool, float, float]:
+        """(any inf/nan, squared L2 norm of tp-sharded parameters' parts, of the others) over this
+        rank's gradient chunks (already unscaled). Without split_tp everything counts as replicated
+        and the whole sum comes from the fused epilogue kernel, one pass per bucket."""
+        from trainlib import kernels
+
+        nonfinite, sharded, replicated = False, 0.0, 0.0
+        for b in self.buckets:
+            if b.hi == b.lo:
+                continue
+            flag, s = kernels.epilogue(b.grad)
+            nonfinite |= bool(flag)
+            if not split_tp:
+                replicated += float(s)
+                continue
+            for i, p in enumerate(b.params):
+                part = b.chunk_of(i)
+                if part is None:
+                    continue
+                sq = float(b.grad[part[0] - b.lo: part[1] - b.lo].double().pow(2).sum())
+                if getattr(p, "tp_sharded", False):
+                    sharded += sq
+                else:
+                    replicated += sq
+        return nonfinite, sharded, replicated
+
+    def scale_grads_(self, coef: float) -> None:
+        for b in self.buckets:
+            b.grad.mul_(coef)
+
+    def publish_params(self) -> None:
+        """After the optimizer stepped on the masters: cast them into this rank's chunk and, for
+        stages 1/2 (and unsharded mixed precision), all-gather the updated buckets."""
+        for b in self.buckets:
+            target = b.shard if b.shard is not None else b.flat[b.lo:b.hi]
+            if target.data_ptr() != b.master.data_ptr():
+                target.copy_(b.master)
+        if self.shard in ("optimizer", "gradients"):
+            for b in self.buckets:
+                self.sync.start_all_gather(b.flat)
+                self._inflight.append(("gather", b))
+            self._drain()
+
+    def zero_sharded_grads(self) -> None:
+        for b in self.buckets:
+            for p in b.params:
+                p.grad = None
+        self._reduced.clear()
+
+    # ---- state --------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def gathered(self):
+        """All parameters gathered (stage 3) for the duration: e.g. to evaluate or export."""
+        if self.shard != "parameters":
+            yield
+            return
+        for b in self.buckets:
+            self._start_gather(b)
+        self._drain()
+        try:
+            yield
+        finally:
+            for b in self.buckets:
+                self._free(b)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model's weights on every rank (collective): fp32 masters gathered from every
+        chunk, frozen parameters and buffers as they are."""
+        gathered: dict[int, torch.Tensor] = {}
+        for b in self.buckets:
+            full = torch.zeros(b.padded, dtype=b.master.dtype, device=b.flat.device)
+            full[b.lo:b.hi].copy_(b.master)
+            if self.owners > 1:
+                comm.all_gather_into_tensor(full, full[b.lo:b.hi].clone(), group=self.group)
+            for p, off in zip(b.params, b.offsets):
+                gathered[id(p)] = full[off: off + p.numel()].view(p.shape).clone()
+        # state_dict's keys (tied weights under every name), without reading freed parameters
+        return {n: gathered[id(t)] if id(t) in gathered else t.detach().clone()
+                for n, t in self.module.state_dict(keep_vars=True).items()}
+
+    def shard_state_dict(self) -> dict:
+        """This rank's slices for a checkpoint: parameter chunks, and the layout that says where
+        they sit in each tensor (global shape, flat element range) so the state can be reassembled."""
+        chunks, layout = {}, {}
+        for b in self.buckets:
+            chunks[str(b.index)] = (b.shard if b.shard is not None else b.flat[b.lo:b.hi]).detach().clone()
+            for i, (p, n) in enumerate(zip(b.params, b.names)):
+                part = b.chunk_of(i)
+                layout[n] = {"shape": list(p.shape), "bucket": b.index, "offset": b.offsets[i],
+                             "slice": [part[0] - b.offsets[i], part[1] - b.offsets[i]] if part else None}
+        frozen = {n: t for n, t in self.module.state_dict().items() if n not in layout}
+        return {"stage": self.shard or "none", "dp": self.owners, "rank": self.me,
+                "precision": str(self.param_dtype or "as built"),
+                "chunks": chunks, "layout": layout, "rest": frozen, "scaler": self.scaler.state_dict()}
+
+    def load_shard_state_dict(self, state: dict) -> None:
+        mine = {"stage": self.shard or "none", "dp": self.owners, "rank": self.me}
+        saved = {k: state.get(k) for k in mine}
+        if saved != mine:
+            from ..checkpoint.store import CheckpointError
+
+            raise CheckpointError(f"this checkpoint holds sharded slices for {saved}, but this rank is {mine}; "
+                                  "resume with the same dp size and --dp.shard")
+        with torch.no_grad():
+            for b in self.buckets:
+                src = state["chunks"][str(b.index)]
+                (b.shard if b.shard is not None else b.flat[b.lo:b.hi]).copy_(src)
+            self.module.load_state_dict(state["rest"], strict=False)
+        self.scaler.load_state_dict(state["scaler"])
+        if self.shard in ("optimizer", "gradients", None):
+            if self.shard is not None:
+                for b in self.buckets:
+                    self.sync.start_all_gather(b.flat)
+                    self._inflight.append(("gather", b))
+                self._drain()
+
+
+def _size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _cast_floating(x, dtype: torch.dtype | None):
+    """Floating-point inputs follow the parameters' dtype (integer token ids pass unchanged)."""
+    if dtype is not None and isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != dtype:
+        return x.to(dtype)
+    return x
+
+
+def _wrap_outputs(output, owner, unit: int):
+    """Route the unit's tensor outputs through _PreBackward, keeping the output's structure."""
+    if isinstance(output, torch.Tensor):
+        return _PreBackward.apply(owner, unit, output) if output.requires_grad else output
+    if isinstance(output, (tuple, list)):
+        idx = [i for i, t in enumerate(output) if isinstance(t, torch.Tensor) and t.requires_grad]
+        if not idx:
+            return output
+        wrapped = _PreBackward.apply(owner, unit, *(output[i] for i in idx))
+        wrapped = wrapped if isinstance(wrapped, tuple) else (wrapped,)
+        out = list(output)
+        for i, t in zip(idx, wrapped):
+            out[i] = t
+        return type(output)(out) if isinstance(output, tuple) and not hasattr(output, "_fields") else out
+    return output

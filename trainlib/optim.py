@@ -1,0 +1,156 @@
+"""`tl.DistributedOptimizer`: any torch.optim optimizer, stepping only this rank's slices.
+
+    model = tl.DataParallel(model, mesh, shard="optimizer", mixed_precision=tl.MixedPrecision())
+    opt = tl.DistributedOptimizer(torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1), model)
+    opt.scale_loss(loss).backward()      # = loss unless fp16's loss scaling is on
+    opt.step(); opt.zero_grad()
+
+The wrapped optimizer's param groups are rewritten in place: each parameter is replaced by the
+part of it that lies in this rank's chunk of its bucket, an fp32 slice of the bucket's master
+buffer whose `.grad` is the matching slice of the reduced gradient. Hyperparameters, per-group
+settings and the optimizer's own update code are untouched, so an elementwise optimizer (SGD,
+Adam, AdamW, Adagrad, RMSprop, ...) computes exactly what it computes unsharded. One that needs a
+whole tensor at once (LBFGS; LAMB's per-tensor trust ratio) would see slices: not supported.
+
+For a model that is neither sharded nor mixed-precision this is a pass-through, so a training
+loop can always wrap its optimizer.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from . import comm
+
+log = logging.getLogger("trainlib")
+
+
+def _sharded_model(model):
+    """The sharded DataParallel inside `model` (itself, or tl.parallelize's dp_model), or None."""
+    dp = getattr(model, "dp_model", model)
+    return dp if getattr(dp, "sharded", False) else None
+
+
+class DistributedOptimizer:
+    """See the module docstring."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, model) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"DistributedOptimizer wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        self.inner = optimizer
+        self.model = _sharded_model(model)
+        self.slices: list[dict[str, Any]] = []   # per inner parameter: where its slice sits (checkpoint layout)
+        if self.model is None:
+            return
+        if any(self.inner.state.values()):
+            raise ValueError("DistributedOptimizer: wrap the optimizer before its first step (it already holds "
+                             "state for whole parameters)")
+        where = {}
+        for b in self.model.buckets:
+            for i, (p, name) in enumerate(zip(b.params, b.names)):
+                where[id(p)] = (b, i, name)
+        for group in self.inner.param_groups:
+            new = []
+            for p in group["params"]:
+                if id(p) not in where:
+                    if p.requires_grad:
+                        raise ValueError(f"DistributedOptimizer: a parameter of shape {list(p.shape)} is not one of "
+                                         "the wrapped model's; build the optimizer from model.parameters()")
+                    continue  # frozen: no gradient, nothing to step
+                b, i, name = where[id(p)]
+                part = b.chunk_of(i)
+                if part is None:
+                    continue  # entirely in other ranks' chunks
+                s, e = part[0] - b.lo, part[1] - b.lo
+                t = b.master[s:e]
+                t.grad = b.grad[s:e]
+                new.append(t)
+                self.slices.append({"name": name, "shape": list(p.shape), "start": part[0] - b.offsets[i],
+                                    "end": part[1] - b.offsets[i]})
+            group["params"] = new
+
+    # ---- the torch.optim surface --------------------------------------------------------------
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.inner.param_groups
+
+    @property
+    def state(self):
+        return self.inner.state
+
+    @property
+    def defaults(self) -> dict:
+        return self.inner.defaults
+
+    @property
+    def loss_scale(self) -> float:
+        return self.model.scaler.scale if self.model is not None else 1.0
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss to call backward() on: multiplied by the current loss scale (fp16), else itself."""
+        return loss * self.loss_scale if self.loss_scale != 1.0 else loss
+
+    def step(self, closure=None) -> bool:
+        """One optimizer step on this rank's slices; returns False when fp16's dynamic loss scaling
+        found an inf/nan gradient on any rank and skipped the step (the scale then halves)."""
+        if closure is not None:
+            raise ValueError("DistributedOptimizer.step(closure) is not supported; call backward before step()")
+        m = self.model
+        if m is None:
+            self.inner.step()
+            return True
+        if m.scaler.dynamic:
+            found = torch.tensor([1.0 if m.sharded_grad_stats()[0] else 0.0])
+            comm.all_reduce(found, op="max")   # the whole world: every stage and tp rank skips together
+            m.scaler.update(bool(found.item()))
+            if found.item():
+                log.info("fp16: inf/nan gradient, step skipped; loss scale now %g", m.scaler.scale)
+                return False
+        # re-attach the gradient slices (a user's zero_grad on the inner optimizer may have dropped them)
+        for group in self.inner.param_groups:
+            for t in group["params"]:
+                if t.grad is None:
+                    raise RuntimeError("DistributedOptimizer: a slice lost its gradient; call zero_grad() on the "
+                                       "DistributedOptimizer, not on the optimizer it wraps")
+        self.inner.step()
+        m.publish_params()
+        return True
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        if self.model is None:
+            self.inner.zero_grad(set_to_none=set_to_none)
+            return
+        self.model.zero_sharded_grads()
+
+    def state_dict(self) -> dict:
+        state = {"optimizer": self.inner.state_dict()}
+        if self.model is not None:
+            state["slices"] = self.slices
+            separate = [b for b in self.model.buckets if b.master.data_ptr() not in
+                        (b.flat.data_ptr() + b.lo * b.flat.element_size(),
+                         b.shard.data_ptr() if b.shard is not None else -1)]
+            state["master"] = {str(b.index): b.master.detach().clone() for b in separate}
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.inner.load_state_dict(state["optimizer"])
+        if self.model is None:
+            return
+        if state.get("slices") != self.slices:
+            from .checkpoint.store import CheckpointError
+
+            raise CheckpointError("the checkpoint's optimizer slices do not match this rank's (another dp size, "
+                                  "shard stage or bucket size); resume with the layout it was saved with")
+        with torch.no_grad():
+            for b in self.model.buckets:
+                saved = state["master"].get(str(b.index))
+                if saved is not None:
+                    b.master.copy_(saved)
+            for group in self.inner.param_groups:  # load_state_dict keeps our tensors: grads stay attached
+                for t in group["params"]:
+                    assert t.grad is not None
+
+    def __repr__(self) -> str:
+        return f"DistributedOptimizer({self.inner!r}, shard={getattr(self.model, 'shard', None)})"
