@@ -1,0 +1,208 @@
+"""Activation checkpointing (trainlib/activation_checkpointing.py) against the same model without it.
+
+Reference: the unwrapped model, same weights, same batch, same RNG seed. Full and selective
+recompute the same ops in the same order, so in fp32 on CPU the loss and every gradient are
+BITWISE equal (measured: max |diff| = 0.0 for both modes, trainlib's GPT and HF GPT-2 with dropout
+0.1); the tests hold them to that. Activation memory is the bytes of forward-allocated tensors still
+alive after the forward (benchmarks/ac_memory.py; without AC it agrees with what autograd's
+saved_tensors_hooks see, which is checked here too) and must order full < selective < none.
+Composition: pp=2 (1F1B, ZB-H1) and tp=2 (with and without sequence parallelism) in one 2-rank
+group, each against the same layout without AC.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from trainlib.activation_checkpointing import apply_activation_checkpointing, checkpoint_mode, find_blocks, wrap_blocks
+from trainlib.benchmarks.ac_memory import gpt_loss, retained_activation_bytes
+from trainlib.models.gpt import GPT, Block, GPTConfig
+from trainlib.testing import run_ranks
+
+CFG = GPTConfig(vocab_size=64, seq_len=16, n_layer=3, n_head=4, d_model=32)
+MODES = ("full", "selective")
+
+
+def _batch(vocab: int = 64, b: int = 4, t: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.randint(0, vocab, (b, t), generator=torch.Generator().manual_seed(7))
+    return x, (3 * x + 1) % vocab
+
+
+def _gpt() -> GPT:
+    return GPT(CFG, seed=1)
+
+
+def _hf_gpt2() -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=3, n_head=4,
+                                  bos_token_id=0, eos_token_id=0)  # dropout 0.1 (GPT-2's default) stays on
+    torch.manual_seed(5)
+    return transformers.GPT2LMHeadModel(cfg).train()
+
+
+def _loss_and_grads(model: nn.Module, batch, seed: int = 9) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    torch.manual_seed(seed)  # the dropout masks
+    loss = gpt_loss(model, batch)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+FACTORIES = {"gpt": _gpt, "hf_gpt2": _hf_gpt2}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", list(FACTORIES))
+def test_loss_and_gradients_equal_unwrapped(name, mode):
+    factory, batch = FACTORIES[name], _batch()
+    ref = factory()
+    keys = list(ref.state_dict())
+    ref_loss, ref_grads = _loss_and_grads(ref, batch)
+    model = factory()
+    apply_activation_checkpointing(model, mode)
+    blocks = find_blocks(model)
+    assert len(blocks) == 3 and all(checkpoint_mode(b) == mode for b in blocks)
+    assert list(model.state_dict()) == keys  # no wrapper module: names unchanged
+    loss, grads = _loss_and_grads(model, batch)
+    assert torch.equal(loss, ref_loss), (loss.item(), ref_loss.item())
+    assert grads.keys() == ref_grads.keys() and len(grads) == len(list(model.parameters()))
+    diff = {n: (grads[n] - ref_grads[n]).abs().max().item() for n in grads if not torch.equal(grads[n], ref_grads[n])}
+    assert not diff, diff
+
+
+def test_gpt_blocks_are_the_transformer_blocks_and_checkpoints_load_both_ways():
+    model = _gpt()
+    apply_activation_checkpointing(model, "full")
+    assert [id(b) for b in find_blocks(model)] == [id(b) for b in model.blocks]
+    assert checkpoint_mode(model.embed) is None and checkpoint_mode(model.final) is None
+    assert all(isinstance(b, Block) for b in model.blocks)
+    plain = GPT(CFG, seed=2)
+    model.load_state_dict(plain.state_dict(), strict=True)  # saved without AC, loaded with it
+    plain2 = _gpt()
+    plain2.load_state_dict(model.state_dict(), strict=True)  # and back
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), plain2.state_dict().values()))
+    with torch.no_grad():  # inference skips checkpointing and gives the same logits
+        assert torch.equal(model(_batch()[0]), plain(_batch()[0]))
+
+
+def test_hf_dropout_is_live_so_equality_tests_rng_replay():
+    model, batch = _hf_gpt2(), _batch()
+    first, _ = _loss_and_grads(model, batch, seed=9)
+    other, _ = _loss_and_grads(model, batch, seed=10)
+    assert not torch.equal(first, other)  # different masks, different loss: replaying the masks is what equality needs
+    assert model.transformer.h[0].attn.resid_dropout.p > 0
+    apply_activation_checkpointing(model, "full")
+    assert model.config.use_cache is False  # a KV cache would be appended to again by the recomputation
+
+
+@pytest.mark.parametrize("name", list(FACTORIES))
+def test_activation_memory_full_lt_selective_lt_none(name):
+    factory, batch = FACTORIES[name], _batch(b=8)
+    measured = {}
+    for mode in (None, *MODES):
+        model = factory()
+        apply_activation_checkpointing(model, mode)
+        measured[mode] = retained_activation_bytes(model, batch)
+    (none, none_saved), (full, _), (sel, _) = measured[None], measured["full"], measured["selective"]
+    # the measure agrees with autograd's own saved tensors where those see everything (no checkpoint);
+    # the slack is the batch's index tensors, saved but not allocated by the forward
+    assert abs(none_saved - none) <= 2 * batch[0].nbytes, (none, none_saved)
+    assert full < sel < none, measured
+    assert full < 0.5 * none, measured  # three blocks keep only their inputs
+
+
+def test_every_other_block_fallback():
+    """The strategy used on torch without create_selective_checkpoint_contexts, run for real."""
+    batch = _batch(b=8)
+    ref = _gpt()
+    ref_loss, ref_grads = _loss_and_grads(ref, batch)
+    model = _gpt()
+    wrap_blocks(list(model.blocks), "selective", selective_strategy="every_other")
+    assert [checkpoint_mode(b) for b in model.blocks] == ["selective", None, "selective"]
+    loss, grads = _loss_and_grads(model, batch)
+    assert torch.equal(loss, ref_loss) and all(torch.equal(grads[n], ref_grads[n]) for n in ref_grads)
+    full = _gpt()
+    apply_activation_checkpointing(full, "full")
+    mem = [retained_activation_bytes(m, batch)[0] for m in (full, model, _gpt())]
+    assert mem[0] < mem[1] < mem[2], mem
+    apply_activation_checkpointing(model, "selective")  # seen as done: a no-op, block 1 stays unwrapped
+    assert checkpoint_mode(model.blocks[1]) is None
+
+
+def test_twice_same_mode_is_noop_other_mode_is_error():
+    model = _gpt()
+    apply_activation_checkpointing(model, "selective")
+    cls = type(model.blocks[0])
+    apply_activation_checkpointing(model, "selective")
+    assert type(model.blocks[0]) is cls and type(model.blocks[0]).__mro__[1] is Block  # not wrapped twice
+    with pytest.raises(ValueError, match="already activation-checkpointed with mode 'selective'.*'full'"):
+        apply_activation_checkpointing(model, "full")
+    apply_activation_checkpointing(model, None)  # None never touches a model
+    assert checkpoint_mode(model.blocks[0]) == "selective"
+
+
+def test_bad_input_names_value_and_fix():
+    with pytest.raises(ValueError, match=r"activation_checkpointing='Full' is not one of 'full', 'selective' or None"):
+        apply_activation_checkpointing(_gpt(), "Full")
+    with pytest.raises(ValueError, match=r"Linear has no as_layers\(\) method and no nn.ModuleList.*nn.ModuleList"):
+        apply_activation_checkpointing(nn.Linear(4, 4), "full")
+    with pytest.raises(ValueError, match="no layer class repeats"):
+        apply_activation_checkpointing([nn.Linear(4, 4), nn.ReLU()], "full")
+    # a list of layers: the repeated ones are the blocks
+    layers = [nn.Embedding(8, 4), nn.Linear(4, 4), nn.Linear(4, 4), nn.LayerNorm(4)]
+    apply_activation_checkpointing(layers, "full")
+    assert [checkpoint_mode(m) for m in layers] == [None, "full", "full", None]
+
+
+def test_hf_gradient_checkpointing_conflict():
+    model = _hf_gpt2()
+    # transformers 5 renamed it (the old name warns); both set the flag on each block
+    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+    with pytest.raises(ValueError, match="gradient_checkpointing_disable"):
+        apply_activation_checkpointing(model, "full")
+
+
+# ---- composition: the pipeline calls layers directly; TP converts first, AC wraps after ----------------
+PCFG = GPTConfig(vocab_size=64, seq_len=16, n_layer=4, n_head=4, d_model=32)
+CASES = [("pp", "1f1b", "full"), ("pp", "zb-h1", "full"), ("pp", "zb-h1", "selective"), ("tp", None, "full"),
+         ("tp", None, "selective"), ("tp+sp", None, "selective")]
+
+
+def _layout_step(kind: str, schedule: str | None, mode: str | None) -> tuple[float, dict[str, torch.Tensor]]:
+    import trainlib as tl
+    from trainlib.tensor_parallel import GPT_PLAN, GPT_SP_PLAN
+
+    mesh = tl.Mesh(pp=2, dp=1, tp=1) if kind == "pp" else tl.Mesh(pp=1, dp=1, tp=2)
+    gpt = GPT(PCFG, seed=3)
+    sp = kind == "tp+sp"
+    pm = tl.parallelize(gpt, mesh, tp_plan=None if kind == "pp" else (GPT_SP_PLAN if sp else GPT_PLAN),
+                        schedule=schedule or "1f1b", microbatches=4, sequence_parallel=sp)
+    apply_activation_checkpointing(gpt, mode)  # after the split and the TP conversion, on the full model
+    x, y = _batch(vocab=64, b=8)
+    loss = pm.step(x, y)
+    grads = {n: p.grad.clone() for n, p in gpt.named_parameters() if p.grad is not None}
+    wrapped = sum(checkpoint_mode(m) == mode for m in pm.local.modules()) if mode else 0
+    pm.close()
+    return loss.item(), grads, wrapped
+
+
+def _compose_worker() -> list[dict]:
+    out = []
+    for kind, schedule, mode in CASES:
+        ref_loss, ref_grads, _ = _layout_step(kind, schedule, None)
+        loss, grads, wrapped = _layout_step(kind, schedule, mode)
+        out.append({"case": (kind, schedule, mode), "loss": (loss, ref_loss), "n": len(ref_grads), "wrapped": wrapped,
+                    "same_names": grads.keys() == ref_grads.keys(),
+                    "diff": max((grads[n] - ref_grads[n]).abs().max().item() for n in ref_grads)})
+    return out
+
+
+def test_composes_with_pipeline_and_tensor_parallel():
+    ranks = run_ranks(_compose_worker, 2, timeout_s=150)
+    for rank, res in enumerate(ranks):
+        for r in res:
+            assert r["same_names"] and r["n"] > 0, (rank, r)
+            # the blocks this rank runs are checkpointed: 2 of 4 per pp stage, all 4 with tp
+            assert r["wrapped"] == (2 if r["case"][0] == "pp" else 4), (rank, r)
+            assert r["loss"][0] == r["loss"][1], (rank, r)
+            assert r["diff"] == 0.0, (rank, r)
