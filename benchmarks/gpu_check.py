@@ -31,6 +31,7 @@ import os
 import sys
 import tempfile
 import time
+import traceback
 from typing import Any, Callable, Iterator
 
 import torch
@@ -319,18 +320,29 @@ def run(dry_run: bool) -> dict[str, Any]:
     torch.manual_seed(0)
     result: dict[str, Any] = {"dry_run": dry_run, "device": str(device),
                               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
-    result["kernels"] = kernels_section(sz, device, dry_run)
+    section(result, "kernels", lambda: kernels_section(sz, device, dry_run))
     with tempfile.TemporaryDirectory(prefix="trainlib-gpu-check-") as tmp:
         backend = init_world1(device, tmp)
         try:
-            result["data_parallel"] = data_parallel_section(sz, device, backend)
-            result["shard"] = shard_section(sz, device, deadline)
+            section(result, "data_parallel", lambda: data_parallel_section(sz, device, backend))
+            section(result, "shard", lambda: shard_section(sz, device, deadline))
         finally:
             from trainlib.runtime import shutdown
 
             shutdown()
     result["wall_s"] = time.monotonic() - t0
     return result
+
+
+def section(result: dict[str, Any], name: str, fn: Callable[[], dict[str, Any]]) -> None:
+    """result[name] = fn(), or {"error": ...}: a GPU run is rare, so one failing section must not
+    cost the figures of the others (main() still exits 1)."""
+    try:
+        result[name] = fn()
+    except Exception as e:
+        log_tail = traceback.format_exc().strip().splitlines()[-6:]
+        result[name] = {"error": f"{type(e).__name__}: {e}"[:500], "traceback": log_tail}
+        traceback.print_exc()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -345,16 +357,21 @@ def main(argv: list[str] | None = None) -> int:
     elif os.environ.pop("TRITON_INTERPRET", None) is not None:
         print("gpu_check: unset TRITON_INTERPRET for the GPU run", file=sys.stderr)
     t0 = time.perf_counter()
-    with contextlib.redirect_stdout(sys.stderr):  # stdout carries the one JSON and nothing else
-        result = run(args.dry_run)
-        result["meta"] = metadata("gpu_check", " ".join(["gpu_check.sh", *(argv or sys.argv[1:])]), args.dry_run,
-                                  time.perf_counter() - t0)
+    # stdout carries the one JSON and nothing else: from here on file descriptor 1 is stderr, so
+    # that native output too (NCCL_DEBUG lines, Triton, gloo), even at exit, lands there
+    sys.stdout.flush()
+    json_out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    result = run(args.dry_run)
+    result["meta"] = metadata("gpu_check", " ".join(["gpu_check.sh", *(argv or sys.argv[1:])]), args.dry_run,
+                              time.perf_counter() - t0)
     text = json.dumps(result, default=str)
     if args.json:
         with open(args.json, "w") as f:
             f.write(text + "\n")
-    print(text)
-    return 0
+    with json_out:
+        json_out.write(text + "\n")
+    return 1 if any(isinstance(v, dict) and "error" in v for v in result.values()) else 0
 
 
 if __name__ == "__main__":
