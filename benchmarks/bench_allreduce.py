@@ -2,6 +2,7 @@
 
     trainlib bench allreduce [--quick]
     trainlib bench allreduce --hier [--quick]    hierarchical vs flat gloo, 4 ranks as 2 emulated nodes
+    trainlib bench allreduce --zero [--quick]    reduce-scatter + all-gather (sharded DP) vs all-reduce, per transport
 
 For a message of S bytes reduced over n ranks in t seconds (nccl-tests, PERFORMANCE.md):
     algbw = S / t                      busbw = algbw * 2(n-1)/n
@@ -110,8 +111,10 @@ def mpi_sweep(size_list: list[int], quick: bool) -> dict[int, float] | None:
 def run(quick: bool, argv: list[str] | None = None) -> dict:
     if argv and "--hier" in argv:
         return run_hier(quick)
+    if argv and "--zero" in argv:
+        return run_zero(quick)
     if argv:
-        raise SystemExit(f"bench allreduce: unknown arguments {argv}; the only option is --hier")
+        raise SystemExit(f"bench allreduce: unknown arguments {argv}; the options are --hier and --zero")
     size_list = sizes(quick)
     reps = 3 if quick else 5
     rounds: dict[str, list[dict[int, float]]] = {"gloo": [], "mpi": [], "memcpy": []}
@@ -153,6 +156,8 @@ def run(quick: bool, argv: list[str] | None = None) -> dict:
 
 
 def plot(result: dict, path: str) -> None:
+    if "zero" in result["definitions"]:
+        return None  # three ratios per transport: the JSON's table says it
     if "hierarchical" in result["definitions"]:
         return plot_hier(result, path)
     import matplotlib
@@ -283,6 +288,107 @@ def _finish_busbw_plot(fig, ax, title: str, path: str) -> None:
     plt.close(fig)
 
 
+# ---- sharded DP: reduce-scatter + all-gather vs all-reduce, per transport ----------------------
+ZERO_TRANSPORTS = ("torch", "shm", "hierarchical")
+
+
+def zero_sizes(quick: bool) -> list[int]:
+    return [1 * MB, 4 * MB] if quick else [4 * MB, 16 * MB, 64 * MB]
+
+
+def zero_child(transports: tuple[str, ...], size_list: list[int], quick: bool, reps: int) -> dict:
+    """Per rank: {transport: {"ar"|"rs_ag": [{size: seconds} per round]}}, the two alternating in
+    each round. Buffers come from the transport's alloc() and are reduced through AllReduce's own
+    start()/start_reduce_scatter()/start_all_gather()/wait(), as the wrappers drive them.
+    hierarchical runs as 2 emulated nodes of 1 rank ($TRAINLIB_NODE_ID)."""
+    import types
+
+    import torch.distributed as dist
+
+    import trainlib as tl
+    from trainlib import comm
+    from trainlib.sync import shm
+
+    out: dict = {}
+    for t in transports:
+        if t == "hierarchical":
+            os.environ[shm.NODE_ID_ENV] = f"zero-node-{dist.get_rank()}"
+        sync = tl.AllReduce(transport=t)
+        sync.bind_group(dist.group.WORLD, need_bytes=sum(size_list))
+        flats = {s: sync.alloc(s // 4, torch.float32, "cpu") for s in size_list}
+
+        def ar(s: int) -> None:
+            sync.start(types.SimpleNamespace(comm=flats[s]))
+            sync.wait()
+
+        def rs_ag(s: int) -> None:
+            sync.start_reduce_scatter(flats[s])
+            sync.wait()
+            sync.start_all_gather(flats[s])
+            sync.wait()
+
+        runs = {"ar": ar, "rs_ag": rs_ag}
+        out[t] = {"ar": [], "rs_ag": []}
+        for r in range(reps):
+            for name in (("ar", "rs_ag") if r % 2 == 0 else ("rs_ag", "ar")):
+                res = {}
+                for s in size_list:
+                    comm.barrier()
+                    res[s] = _time_loop(lambda: runs[name](s), iters_for(s, quick))
+                out[t][name].append(res)
+        sync.close()
+        os.environ.pop(shm.NODE_ID_ENV, None)
+    return out
+
+
+def zero_mpi_child(quick: bool) -> None:
+    """Under mpiexec: zero_child over the MPI transport; every rank prints one JSON line."""
+    import trainlib as tl
+
+    rt = tl.init()
+    res = zero_child(("mpi",), zero_sizes(quick), quick, 3 if quick else 5)
+    sys.stdout.write(json.dumps({"rank": rt.rank, "result": res}) + "\n")  # one write: no interleaving
+    sys.stdout.flush()
+
+
+def run_zero(quick: bool) -> dict:
+    size_list, reps = zero_sizes(quick), 3 if quick else 5
+    per_rank = run_ranks(zero_child, N_RANKS, ZERO_TRANSPORTS, size_list, quick, reps, timeout_s=1800)
+    exe = _mpiexec()
+    if exe is not None:
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        out = subprocess.run([exe, "-n", str(N_RANKS), sys.executable, "-m", "trainlib.benchmarks.bench_allreduce",
+                              "--zero-mpi-child", "--quick" if quick else "--full"], env=env, capture_output=True,
+                             text=True, timeout=1800)
+        if out.returncode != 0:
+            raise RuntimeError(f"mpiexec --zero run failed: {out.stderr[-2000:]}")
+        lines = sorted((json.loads(x) for x in out.stdout.splitlines() if x.startswith("{")), key=lambda d: d["rank"])
+        mpi_ranks = [d["result"] for d in lines]
+        per_rank = [{**a, **{t: {k: [{int(s): v for s, v in rnd.items()} for rnd in rounds]
+                                 for k, rounds in b.items()} for t, b in m.items()}}
+                    for a, m in zip(per_rank, mpi_ranks)]
+    rows, summary = [], {}
+    for t in per_rank[0]:
+        for s in size_list:
+            # a collective ends when its slowest rank does: per round, the slowest rank's time
+            med = {k: median([max(pr[t][k][i][s] for pr in per_rank) for i in range(reps)]) for k in ("ar", "rs_ag")}
+            ratio = round(med["rs_ag"] / med["ar"], 3)
+            rows.append({"transport": t, "bytes": s, "all_reduce_ms": round(med["ar"] * 1e3, 3),
+                         "reduce_scatter_plus_all_gather_ms": round(med["rs_ag"] * 1e3, 3), "ratio": ratio})
+            summary[f"{t}_rs_ag_over_ar_{s // MB}MB"] = ratio
+    return {"result_suffix": "-zero",
+            "definitions": {"zero": "reduce-scatter then all-gather of one flat fp32 buffer (what sharded DP does "
+                                    "per bucket and step) against one all-reduce of it, through tl.AllReduce",
+                            "ratio": "(reduce-scatter + all-gather time) / all-reduce time; 1.0 = no price",
+                            "hierarchical": "2 emulated nodes of 1 rank: the cross-node gloo step only",
+                            "ranks": N_RANKS, "dtype": "float32", "repetitions": reps,
+                            "statistic": "median over alternating rounds of the slowest rank's time"},
+            "rows": rows, "summary": summary}
+
+
 if __name__ == "__main__":
+    if "--zero-mpi-child" in sys.argv:
+        zero_mpi_child("--quick" in sys.argv)
+        sys.exit(0)
     if "--mpi-child" in sys.argv:
         mpi_child(sizes("--quick" in sys.argv), "--quick" in sys.argv)

@@ -161,19 +161,24 @@ def _is_shm(t: torch.Tensor) -> bool:
     return t.untyped_storage().is_shared()
 
 
-def _comm_fallbacks(rank: int) -> dict:
-    """comm.reduce_scatter_tensor / all_gather_into_tensor, both forms, native and as on a backend
-    that lacks them (torch 2.5's gloo): the capability cache says so, as the first failed call would."""
+def _comm_flat_collectives(rank: int) -> dict:
+    """comm.reduce_scatter_tensor / all_gather_into_tensor, in place and not, in each of their
+    implementations on gloo: point-to-point (gloo's default), torch's native collective, and the
+    fallback for a backend that lacks it (torch 2.5's gloo had no reduce-scatter): the capability
+    sets say so, as the first failed call would."""
     import torch.distributed as dist
 
     from trainlib import comm
 
     n, out = dist.get_world_size(), {}
-    for lacking in (False, True):
+    for impl in ("p2p", "native", "fallback"):
         comm._LACKS.pop("gloo", None)
-        if lacking:
+        if impl == "p2p":
+            comm.P2P_BACKENDS.add("gloo")
+        else:
+            comm.P2P_BACKENDS.discard("gloo")
+        if impl == "fallback":
             comm._LACKS["gloo"] = {"reduce_scatter", "all_gather"}
-        tag = "fallback" if lacking else "native"
         x = _ints(rank, n * C, torch.float32)
         want_rs = sum(_ints(k, n * C, torch.float32).view(n, -1)[rank] for k in range(n))
         sep = torch.empty(C)
@@ -181,15 +186,16 @@ def _comm_fallbacks(rank: int) -> dict:
         inplace = x.clone()
         h = comm.reduce_scatter_tensor(inplace.view(n, -1)[rank], inplace, async_op=True)
         h.wait()
-        out[f"rs_{tag}"] = torch.equal(sep, want_rs) and torch.equal(inplace.view(n, -1)[rank], want_rs)
+        out[f"rs_{impl}"] = torch.equal(sep, want_rs) and torch.equal(inplace.view(n, -1)[rank], want_rs)
         want_ag = torch.cat([_ints(k, n * C, torch.float32).view(n, -1)[k] for k in range(n)])
         gathered = torch.full((n * C,), float("nan"))
         comm.all_gather_into_tensor(gathered, x.view(n, -1)[rank].clone())
         inplace = torch.full((n * C,), float("nan"))
         inplace.view(n, -1)[rank].copy_(x.view(n, -1)[rank])
         comm.all_gather_into_tensor(inplace, inplace.view(n, -1)[rank], async_op=True).wait()
-        out[f"ag_{tag}"] = torch.equal(gathered, want_ag) and torch.equal(inplace, want_ag)
+        out[f"ag_{impl}"] = torch.equal(gathered, want_ag) and torch.equal(inplace, want_ag)
     comm._LACKS.pop("gloo", None)
+    comm.P2P_BACKENDS.add("gloo")
     out["logged"] = sorted({r.op for r in comm.recent_collectives() if "scatter" in r.op or "into_tensor" in r.op})
     try:
         comm.reduce_scatter_tensor(torch.empty(C), torch.zeros(n * C + 1))
@@ -203,7 +209,7 @@ def _all_cases() -> dict:
     import torch.distributed as dist
 
     rank = dist.get_rank()
-    return {"configs": [_one_config(rank, *cfg) for cfg in CONFIGS], "comm": _comm_fallbacks(rank)}
+    return {"configs": [_one_config(rank, *cfg) for cfg in CONFIGS], "comm": _comm_flat_collectives(rank)}
 
 
 @pytest.fixture(scope="module")
@@ -233,11 +239,13 @@ def test_every_transport_and_dtype_equals_the_formula(results, i):
     assert sorted({r["configs"][i]["dp"] for r in results}) == {"dp4": [4], "dp2": [2], "dp3": [1, 3]}[part]
 
 
-def test_comm_reduce_scatter_and_all_gather_native_and_fallback(results):
+def test_comm_reduce_scatter_and_all_gather_every_implementation(results):
     for r in results:
         c = r["comm"]
-        assert c["rs_native"] and c["ag_native"] and c["rs_fallback"] and c["ag_fallback"], c
-        assert {"reduce_scatter_tensor", "all_gather_into_tensor", "reduce_scatter_tensor[via all_reduce]",
+        failed = [k for k in ("rs_p2p", "ag_p2p", "rs_native", "ag_native", "rs_fallback", "ag_fallback") if not c[k]]
+        assert not failed, (failed, c)
+        assert {"reduce_scatter_tensor[p2p]", "all_gather_into_tensor[p2p]", "reduce_scatter_tensor",
+                "all_gather_into_tensor", "reduce_scatter_tensor[via all_reduce]",
                 "all_gather_into_tensor[via all_gather]"} <= set(c["logged"]), c
         assert "must hold 4 x the chunk's elements" in c["bad_sizes"], c
 

@@ -242,8 +242,15 @@ def reduce_scatter(out: torch.Tensor, parts: list[torch.Tensor], group=None) -> 
 # torch >= 2.12 renamed the flat-tensor collectives (*_single) and deprecated all_gather_into_tensor
 _RS_FLAT = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 _AG_FLAT = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-# backend name -> {"reduce_scatter", "all_gather"} it turned out not to have (e.g. gloo in older torch)
+# Backends whose flat reduce-scatter / all-gather go point-to-point instead: gloo's native
+# reduce_scatter_tensor takes ~2x an all-reduce of the whole buffer and its all_gather_into_tensor ~1x
+# (2 ranks, 4-16 MB, torch 2.13), while sending each chunk straight to its owner moves the bytes a
+# ring would, once: about half an all-reduce each (benchmarks/bench_allreduce.py --zero).
+P2P_BACKENDS = {"gloo"}
+# backend name -> {"reduce_scatter", "all_gather"} it turned out not to have natively
 _LACKS: dict[str, set[str]] = {}
+_P2P_TAG_BASE = 1 << 20   # above the tags the pipeline's send/recv use
+_p2p_seq: dict[tuple[int, ...], int] = {}
 
 
 def _chunk_of(out: torch.Tensor, inp: torch.Tensor, n: int, i: int) -> bool:
@@ -257,6 +264,8 @@ def _check_flat(name: str, chunk: torch.Tensor, flat: torch.Tensor, n: int) -> N
         raise ValueError(f"{name}: a chunk of {chunk.numel()} x {chunk.dtype} on {chunk.device} and a flat tensor of "
                          f"{flat.numel()} x {flat.dtype} on {flat.device} do not fit a group of {n} ranks: the flat "
                          f"tensor must hold {n} x the chunk's elements, with the same dtype and device")
+    if not flat.is_contiguous():
+        raise ValueError(f"{name}: the flat tensor (shape {list(flat.shape)}) must be contiguous; pass .contiguous()")
 
 
 def _unsupported(e: Exception) -> bool:
@@ -264,18 +273,47 @@ def _unsupported(e: Exception) -> bool:
     return isinstance(e, NotImplementedError) or "does not support" in str(e) or "not supported" in str(e)
 
 
+class _Works:
+    """Several in-flight works (the point-to-point sends and receives of one collective) as one."""
+
+    def __init__(self, works: list):
+        self.works = works
+
+    def wait(self, timeout: datetime.timedelta) -> bool:
+        deadline = time.monotonic() + timeout.total_seconds()
+        for w in self.works:
+            left = max(deadline - time.monotonic(), 0.001)
+            if w.wait(datetime.timedelta(seconds=left)) is False:
+                return False
+        return True
+
+    def is_completed(self) -> bool:
+        return all(w.is_completed() for w in self.works)
+
+
+def _p2p_plan(group) -> tuple[list[int], int, int]:
+    """(the group's global ranks, this rank's index, a tag no other flat collective in flight on
+    this group uses: every member calls them in one order, so their counters agree)."""
+    ranks = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
+    key = tuple(ranks)
+    _p2p_seq[key] = _p2p_seq.get(key, 0) + 1
+    return ranks, ranks.index(dist.get_rank()), _P2P_TAG_BASE + _p2p_seq[key] % (1 << 20)
+
+
 def reduce_scatter_tensor(out: torch.Tensor, inp: torch.Tensor, group=None, async_op: bool = False) -> Handle | None:
     """out = SUM over the group's ranks of their inp.view(n, -1)[i], i = this rank's index in the group.
 
     `out` may be inp's own chunk i (then inp's other chunks are unspecified afterwards). NCCL runs
-    that in place (ncclReduceScatter allows recvbuff == sendbuff + i * count); other backends reduce
-    into a temporary chunk copied into `out` on wait(). A backend without reduce-scatter (gloo in
-    older torch) gets an all-reduce of inp, keeping chunk i: same result, twice the traffic."""
+    that in place (ncclReduceScatter allows recvbuff == sendbuff + i * count); gloo sends each chunk
+    to its owner (P2P_BACKENDS); other backends reduce into a temporary chunk copied into `out` on
+    wait(). A backend without reduce-scatter gets an all-reduce of inp, keeping chunk i."""
     n, i = dist.get_world_size(group), dist.get_rank(group)
     _check_flat("reduce_scatter_tensor", out, inp, n)
     rec = _record("reduce_scatter_tensor", inp, group)
     backend = dist.get_backend(group)
     in_place = _chunk_of(out, inp, n, i)
+    if backend in P2P_BACKENDS:
+        return _finish(_reduce_scatter_p2p(out, inp, group, rec, in_place), async_op)
     if "reduce_scatter" not in _LACKS.get(backend, ()):
         dst = out if in_place and backend == "nccl" else torch.empty_like(out)
         try:
@@ -290,9 +328,27 @@ def reduce_scatter_tensor(out: torch.Tensor, inp: torch.Tensor, group=None, asyn
     return _finish(_reduce_scatter_via_all_reduce(out, inp, group, rec, in_place), async_op)
 
 
+def _reduce_scatter_p2p(out: torch.Tensor, inp: torch.Tensor, group, rec: CollectiveRecord, in_place: bool) -> Handle:
+    """Send chunk k to rank k, receive every peer's chunk i, sum them on wait() (own chunk first,
+    then the peers in group order: the same float on every run)."""
+    rec.op = "reduce_scatter_tensor[p2p]"
+    ranks, i, tag = _p2p_plan(group)
+    rows = inp.view(len(ranks), -1)
+    peers = [k for k in range(len(ranks)) if k != i]
+    got = {k: torch.empty_like(rows[i]) for k in peers}
+    works = [dist.irecv(got[k], src=ranks[k], group=group, tag=tag) for k in peers]
+    works += [dist.isend(rows[k], dst=ranks[k], group=group, tag=tag) for k in peers]
+
+    def after() -> None:
+        acc = rows[i] if in_place else out.copy_(rows[i].view_as(out))
+        for k in peers:
+            acc.add_(got[k].view_as(acc))
+    return Handle(_Works(works), rec, after)
+
+
 def _reduce_scatter_via_all_reduce(out: torch.Tensor, inp: torch.Tensor, group, rec: CollectiveRecord,
                                    in_place: bool) -> Handle:
-    """The fallback of reduce_scatter_tensor (its own function so tests can run it on any backend)."""
+    """For a backend without reduce-scatter: all-reduce inp (a copy, unless in place), keep chunk i."""
     rec.op = "reduce_scatter_tensor[via all_reduce]"
     n, i = dist.get_world_size(group), dist.get_rank(group)
     buf = inp if in_place else inp.clone()
@@ -303,13 +359,17 @@ def _reduce_scatter_via_all_reduce(out: torch.Tensor, inp: torch.Tensor, group, 
 def all_gather_into_tensor(out: torch.Tensor, inp: torch.Tensor, group=None, async_op: bool = False) -> Handle | None:
     """out.view(n, -1)[k] = rank k's inp, for every rank k of the group.
 
-    `inp` may be out's own chunk i (in place): NCCL runs that form directly; other backends send a
-    copy of the chunk. A backend without the flat form falls back to list all_gather into out's chunks."""
+    `inp` may be out's own chunk i (in place): NCCL runs that form directly, gloo sends the chunk to
+    every peer and receives theirs into place (P2P_BACKENDS); other backends send a copy of the chunk.
+    A backend without the flat form falls back to list all_gather into out's chunks."""
     n, i = dist.get_world_size(group), dist.get_rank(group)
     _check_flat("all_gather_into_tensor", inp, out, n)
     rec = _record("all_gather_into_tensor", inp, group)
     backend = dist.get_backend(group)
-    src = inp if backend == "nccl" or not _chunk_of(inp, out, n, i) else inp.clone()
+    in_place = _chunk_of(inp, out, n, i)
+    if backend in P2P_BACKENDS:
+        return _finish(_all_gather_p2p(out, inp, group, rec, in_place), async_op)
+    src = inp if backend == "nccl" or not in_place else inp.clone()
     if "all_gather" not in _LACKS.get(backend, ()):
         try:
             return _finish(Handle(_AG_FLAT(out, src, group=group, async_op=True), rec), async_op)
@@ -321,8 +381,20 @@ def all_gather_into_tensor(out: torch.Tensor, inp: torch.Tensor, group=None, asy
     return _finish(_all_gather_via_list(out, src, group, rec), async_op)
 
 
+def _all_gather_p2p(out: torch.Tensor, inp: torch.Tensor, group, rec: CollectiveRecord, in_place: bool) -> Handle:
+    rec.op = "all_gather_into_tensor[p2p]"
+    ranks, i, tag = _p2p_plan(group)
+    rows = out.view(len(ranks), -1)
+    if not in_place:
+        rows[i].copy_(inp.reshape(-1))
+    peers = [k for k in range(len(ranks)) if k != i]
+    works = [dist.irecv(rows[k], src=ranks[k], group=group, tag=tag) for k in peers]
+    works += [dist.isend(rows[i], dst=ranks[k], group=group, tag=tag) for k in peers]
+    return Handle(_Works(works), rec)
+
+
 def _all_gather_via_list(out: torch.Tensor, src: torch.Tensor, group, rec: CollectiveRecord) -> Handle:
-    """The fallback of all_gather_into_tensor: list all_gather into views of out's chunks."""
+    """For a backend without the flat form: list all_gather into views of out's chunks."""
     rec.op = "all_gather_into_tensor[via all_gather]"
     n = dist.get_world_size(group)
     chunks = list(out.view(n, -1).unbind(0))
