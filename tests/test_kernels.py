@@ -277,6 +277,14 @@ def test_epilogue_of_a_2d_and_a_noncontiguous_tensor(backend):
     bad, sq = K.epilogue(x)
     torch.testing.assert_close(sq, R.epilogue(x)[1], rtol=2e-5, atol=0)
     assert not bad
+    # unscale_epilogue from a transposed src into a flat dst, and into a transposed dst
+    for dst in (torch.empty(x.numel(), dtype=BF16), torch.empty(64, 33, dtype=BF16).t()):
+        ref = torch.empty_like(dst)
+        bad, sq = K.unscale_epilogue(x, dst, 0.5)
+        ref_bad, ref_sq = R.unscale_epilogue(x, ref, 0.5)
+        assert_bitwise(dst, ref)
+        assert not bad and not ref_bad
+        torch.testing.assert_close(sq, ref_sq, rtol=2e-5, atol=0)
 
 
 def test_empty_inputs(backend):
