@@ -65,20 +65,39 @@ def _all_gather_case(sync, dp: int, me: int, numel: int, dtype: torch.dtype, fro
 
 
 def _overlapped_case(sync, dp: int, me: int) -> bool:
-    """Three collectives in flight at once (as the wrapper starts them during backward), one wait()."""
+    """Four collectives in flight at once (as the wrapper starts them during backward), one wait();
+    one buffer is not from alloc(), so on the shm transports it runs on torch beside their worker."""
     a, b, c = (sync.alloc(dp * C * (j + 1), torch.float32, "cpu") for j in range(3))
-    a.copy_(_ints(me, a.numel(), a.dtype, salt=1))
+    d = torch.zeros(dp * C * 4)
+    for t, salt in ((a, 1), (c, 3), (d, 4)):
+        t.copy_(_ints(me, t.numel(), t.dtype, salt=salt))
     b.fill_(float("nan"))
     b.view(dp, -1)[me].copy_(_ints(me, b.numel(), b.dtype, salt=2).view(dp, -1)[me])
-    c.copy_(_ints(me, c.numel(), c.dtype, salt=3))
     sync.start_reduce_scatter(a)
+    sync.start_reduce_scatter(d)
     sync.start_all_gather(b)
     sync.start_reduce_scatter(c)
     sync.wait()
-    ok_a = torch.equal(a.view(dp, -1)[me], sum(_ints(k, a.numel(), a.dtype, 1).view(dp, -1)[me] for k in range(dp)))
-    ok_b = torch.equal(b, torch.cat([_ints(k, b.numel(), b.dtype, 2).view(dp, -1)[k] for k in range(dp)]))
-    ok_c = torch.equal(c.view(dp, -1)[me], sum(_ints(k, c.numel(), c.dtype, 3).view(dp, -1)[me] for k in range(dp)))
-    return ok_a and ok_b and ok_c
+    ok = torch.equal(b, torch.cat([_ints(k, b.numel(), b.dtype, 2).view(dp, -1)[k] for k in range(dp)]))
+    for t, salt in ((a, 1), (c, 3), (d, 4)):
+        ok &= torch.equal(t.view(dp, -1)[me], sum(_ints(k, t.numel(), t.dtype, salt).view(dp, -1)[me]
+                                                  for k in range(dp)))
+    return ok
+
+
+def _start_returns_at_once(sync, dp: int, me: int) -> float:
+    """Seconds the starts took on a rank whose last peer comes 0.6 s late (that peer: -1.0)."""
+    import time
+
+    a, b = sync.alloc(dp * C, torch.float32, "cpu"), sync.alloc(dp * C, torch.float32, "cpu")
+    if me == dp - 1:
+        time.sleep(0.6)
+    t0 = time.perf_counter()
+    sync.start_reduce_scatter(a)
+    sync.start_all_gather(b)
+    took = time.perf_counter() - t0
+    sync.wait()
+    return -1.0 if me == dp - 1 else took
 
 
 def _random_fp32_case(sync, dp: int, me: int) -> float:
@@ -146,6 +165,7 @@ def _one_config(rank: int, part: str, transport: str, nodes: list[str] | None) -
         res[f"rs_{name}_not_alloc"] = _reduce_scatter_case(sync, dp, me, dp * C, dtype, from_alloc=False)
         res[f"ag_{name}_not_alloc"] = _all_gather_case(sync, dp, me, dp * C, dtype, from_alloc=False)
     res["overlapped"] = _overlapped_case(sync, dp, me)
+    res["start_s"] = _start_returns_at_once(sync, dp, me) if part == "dp2" else -1.0
     res["random_fp32_err"] = _random_fp32_case(sync, dp, me)
     res["resized"] = _resized_storage_case(sync, dp, me)
     res["bad_numel"] = _bad_numel_message(sync, dp) if dp > 1 else "n/a"
@@ -234,6 +254,8 @@ def test_every_transport_and_dtype_equals_the_formula(results, i):
             assert c["random_fp32_err"] <= 1e-6, (rank, c)
         if c["dp"] > 1:
             assert "multiple of dp=" in c["bad_numel"] and "pad it" in c["bad_numel"], c
+        # asynchronous: a start does not wait for the late peer (it slept 0.6 s)
+        assert c["start_s"] < 0.3, (rank, c)
         # alloc() gives shared memory exactly on the transports that reduce in it
         assert c["shared_memory"] == (transport != "torch"), (rank, c)
     assert sorted({r["configs"][i]["dp"] for r in results}) == {"dp4": [4], "dp2": [2], "dp3": [1, 3]}[part]
@@ -290,6 +312,7 @@ def _mpi_main() -> None:
     for dtype in DTYPES:
         res[f"ag_{dtype}"] = _all_gather_case(sync, dp, me, dp * C, dtype, from_alloc=True)
     res["overlapped"] = _overlapped_case(sync, dp, me)
+    res["start_at_once"] = _start_returns_at_once(sync, dp, me) < 0.3
     res["random_fp32_small_err"] = _random_fp32_case(sync, dp, me) <= 1e-6
     res["resized"] = _resized_storage_case(sync, dp, me)
     for dtype in (torch.bfloat16, torch.float16):

@@ -250,7 +250,7 @@ P2P_BACKENDS = {"gloo"}
 # backend name -> {"reduce_scatter", "all_gather"} it turned out not to have natively
 _LACKS: dict[str, set[str]] = {}
 _P2P_TAG_BASE = 1 << 20   # above the tags the pipeline's send/recv use
-_p2p_seq: dict[tuple[int, ...], int] = {}
+_p2p_seq: dict[int, int] = {}   # id(process group) -> flat collectives started on it
 
 
 def _chunk_of(out: torch.Tensor, inp: torch.Tensor, n: int, i: int) -> bool:
@@ -293,9 +293,12 @@ class _Works:
 
 def _p2p_plan(group) -> tuple[list[int], int, int]:
     """(the group's global ranks, this rank's index, a tag no other flat collective in flight on
-    this group uses: every member calls them in one order, so their counters agree)."""
-    ranks = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
-    key = tuple(ranks)
+    this group uses: every member calls them in one order, so their counters agree). Counted per
+    group object, not per rank set: two groups of the same ranks (hierarchical's cross-node group
+    with one rank per node) may be driven from two threads."""
+    group = group if group is not None else dist.group.WORLD
+    ranks = dist.get_process_group_ranks(group)
+    key = id(group)
     _p2p_seq[key] = _p2p_seq.get(key, 0) + 1
     return ranks, ranks.index(dist.get_rank()), _P2P_TAG_BASE + _p2p_seq[key] % (1 << 20)
 
