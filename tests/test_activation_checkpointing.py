@@ -6,8 +6,8 @@ BITWISE equal (measured: max |diff| = 0.0 for both modes, trainlib's GPT and HF 
 0.1); the tests hold them to that. Activation memory is the bytes of forward-allocated tensors still
 alive after the forward (benchmarks/ac_memory.py; without AC it agrees with what autograd's
 saved_tensors_hooks see, which is checked here too) and must order full < selective < none.
-Composition: pp=2 (1F1B, ZB-H1) and tp=2 (with and without sequence parallelism) in one 2-rank
-group, each against the same layout without AC.
+Composition: pp=2 (1F1B, ZB-H1), tp=2 (with and without sequence parallelism) and dp=2
+(DataParallel's gradient hooks) in one 2-rank group, each against the same layout without AC.
 """
 from __future__ import annotations
 
@@ -165,20 +165,23 @@ def test_hf_gradient_checkpointing_conflict():
 # ---- composition: the pipeline calls layers directly; TP converts first, AC wraps after ----------------
 PCFG = GPTConfig(vocab_size=64, seq_len=16, n_layer=4, n_head=4, d_model=32)
 CASES = [("pp", "1f1b", "full"), ("pp", "zb-h1", "full"), ("pp", "zb-h1", "selective"), ("tp", None, "full"),
-         ("tp", None, "selective"), ("tp+sp", None, "selective")]
+         ("tp", None, "selective"), ("tp+sp", None, "selective"), ("dp", None, "full"), ("dp", None, "selective")]
 
 
 def _layout_step(kind: str, schedule: str | None, mode: str | None) -> tuple[float, dict[str, torch.Tensor]]:
     import trainlib as tl
     from trainlib.tensor_parallel import GPT_PLAN, GPT_SP_PLAN
 
-    mesh = tl.Mesh(pp=2, dp=1, tp=1) if kind == "pp" else tl.Mesh(pp=1, dp=1, tp=2)
+    sizes = {"pp": (2, 1, 1), "dp": (1, 2, 1)}.get(kind, (1, 1, 2))
+    mesh = tl.Mesh(pp=sizes[0], dp=sizes[1], tp=sizes[2])
     gpt = GPT(PCFG, seed=3)
     sp = kind == "tp+sp"
-    pm = tl.parallelize(gpt, mesh, tp_plan=None if kind == "pp" else (GPT_SP_PLAN if sp else GPT_PLAN),
+    pm = tl.parallelize(gpt, mesh, tp_plan=(GPT_SP_PLAN if sp else GPT_PLAN) if kind.startswith("tp") else None,
                         schedule=schedule or "1f1b", microbatches=4, sequence_parallel=sp)
     apply_activation_checkpointing(gpt, mode)  # after the split and the TP conversion, on the full model
     x, y = _batch(vocab=64, b=8)
+    if kind == "dp":  # each rank its half of the batch; grads are the dp average on return
+        x, y = x.chunk(2)[mesh.rank("dp")], y.chunk(2)[mesh.rank("dp")]
     loss = pm.step(x, y)
     grads = {n: p.grad.clone() for n, p in gpt.named_parameters() if p.grad is not None}
     wrapped = sum(checkpoint_mode(m) == mode for m in pm.local.modules()) if mode else 0
@@ -206,3 +209,47 @@ def test_composes_with_pipeline_and_tensor_parallel():
             assert r["wrapped"] == (2 if r["case"][0] == "pp" else 4), (rank, r)
             assert r["loss"][0] == r["loss"][1], (rank, r)
             assert r["diff"] == 0.0, (rank, r)
+
+
+class _Tower(nn.Module):
+    """No as_layers, no _no_split_modules: the nn.ModuleList holding the most parameters is the blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.heads = nn.ModuleList([nn.Linear(8, 2)])
+        self.layers = nn.ModuleList([nn.Sequential(nn.Linear(8, 8), nn.GELU()) for _ in range(3)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = x + layer(x)
+        return self.heads[0](x)
+
+
+def test_block_discovery_without_as_layers():
+    tower = _Tower()
+    apply_activation_checkpointing(tower, "full")
+    assert [checkpoint_mode(m) for m in tower.layers] == ["full"] * 3 and checkpoint_mode(tower.heads[0]) is None
+    transformers = pytest.importorskip("transformers")
+    t5 = transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=32, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_decoder_layers=2, num_heads=2))
+    blocks = find_blocks(t5)  # _no_split_modules: both stacks' T5Blocks, not the T5LayerFF inside them
+    assert [id(b) for b in blocks] == [id(b) for b in [*t5.encoder.block, *t5.decoder.block]]
+
+
+class _InPlaceBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # mul_ modifies the matmul output selective checkpointing keeps; tanh's saved output needs it replayed
+        return torch.tanh(self.fc(x).mul_(2.0))
+
+
+def test_selective_refuses_a_kept_output_modified_in_place():
+    blocks = nn.ModuleList([_InPlaceBlock(), _InPlaceBlock()])
+    apply_activation_checkpointing(blocks, "selective")
+    x = torch.ones(2, 8, requires_grad=True)
+    out = blocks[1](blocks[0](x)).sum()
+    with pytest.raises(RuntimeError, match="was modified in place after the forward kept it.*use mode 'full'"):
+        out.backward()

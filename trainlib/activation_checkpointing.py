@@ -19,8 +19,10 @@ Which modules are "the blocks":
   1. a list / nn.ModuleList / nn.Sequential of layers, or `model.as_layers()` (trainlib's GPT gives
      [embed, *blocks, final]): the layers whose class occurs more than once (the repeated blocks);
      if no class repeats (a one-block model), the layers between the first and the last.
-  2. otherwise the children of the nn.ModuleList holding the most parameters (Hugging Face:
-     `transformer.h`, `model.layers`, `encoder.layer`).
+  2. otherwise (Hugging Face and other models) the children of nn.ModuleLists whose class the
+     model names in `_no_split_modules` (HF's own list of its blocks: `transformer.h`'s GPT2Block,
+     `model.layers`' LlamaDecoderLayer, both T5 stacks' T5Block);
+  3. otherwise the children of the nn.ModuleList holding the most parameters (the first on ties).
 Call it on the FULL model (or its full list of layers): a pipeline stage's nn.Sequential is not
 a model. Wrapping is in place and per module, so it survives a later pipeline split (the pipeline
 calls the same module objects) and composes with tensor parallelism applied before it.
@@ -41,7 +43,7 @@ import functools
 import inspect
 import logging
 from collections import Counter
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -60,7 +62,7 @@ _SAVE_OP_NAMES = ("mm", "addmm", "bmm", "baddbmm", "_scaled_dot_product_flash_at
                   "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
                   "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_fused_attention_overrideable")
 
-_CLASSES: dict[tuple[type, str], type] = {}  # (block class, mode) -> its checkpointed subclass
+_CLASSES: dict[tuple[type, str, str], type] = {}  # (block class, mode, recompute) -> its checkpointed subclass
 _warned_fallback = False
 
 
@@ -185,6 +187,21 @@ def _repeated(layers: list[nn.Module]) -> list[nn.Module]:
     return blocks
 
 
+def _listed_blocks(model: nn.Module) -> list[nn.Module]:
+    """Children of nn.ModuleLists whose class Hugging Face names in `_no_split_modules` (its own list of
+    the blocks FSDP may wrap: GPT2Block, LlamaDecoderLayer, T5Block for both stacks); outermost only."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    blocks: list[nn.Module] = []
+    inside: set[int] = set()
+    for m in model.modules():
+        if isinstance(m, nn.ModuleList) and id(m) not in inside:
+            for child in m:
+                if type(child).__name__ in names:
+                    blocks.append(child)
+                    inside.update(id(d) for d in child.modules())
+    return blocks
+
+
 def find_blocks(model: nn.Module | list[nn.Module]) -> list[nn.Module]:
     """The modules apply_activation_checkpointing wraps (see the module docstring for the rule)."""
     if isinstance(model, (list, tuple, nn.ModuleList, nn.Sequential)):
@@ -192,15 +209,16 @@ def find_blocks(model: nn.Module | list[nn.Module]) -> list[nn.Module]:
     elif callable(getattr(model, "as_layers", None)):
         layers, where = list(model.as_layers()), f"{type(model).__name__}.as_layers()"
     else:
-        lists = [(sum(p.numel() for p in m.parameters()), i, name, m)
-                 for i, (name, m) in enumerate(model.named_modules()) if isinstance(m, nn.ModuleList) and len(m)]
+        blocks = _listed_blocks(model)
+        if blocks:
+            return blocks
+        lists = [(sum(p.numel() for p in m.parameters()), i, m)
+                 for i, m in enumerate(model.modules()) if isinstance(m, nn.ModuleList) and len(m)]
         if not lists:
             raise ValueError(f"{type(model).__name__} has no as_layers() method and no nn.ModuleList of blocks, so "
                              "activation checkpointing cannot tell its blocks; keep the repeated blocks in an "
                              "nn.ModuleList, give the model an as_layers() method, or pass the list of layers")
-        _, _, name, blocks = max(lists, key=lambda t: (t[0], -t[1]))  # most parameters, first on ties
-        log.debug("activation checkpointing: the %d blocks of %s.%s", len(blocks), type(model).__name__, name)
-        return list(blocks)
+        return list(max(lists, key=lambda t: (t[0], -t[1]))[2])  # most parameters, first on ties
     blocks = _repeated(layers)
     if not blocks:
         raise ValueError(f"activation checkpointing found no blocks in {where} ({[type(m).__name__ for m in layers]}): "
@@ -257,7 +275,8 @@ def wrap_blocks(blocks: list[nn.Module], mode: str, selective_strategy: str = "o
     selective checkpointing) or "every_other" (torch without it: blocks 0, 2, 4, ... fully
     checkpointed, the others untouched)."""
     global _warned_fallback
-    _check_mode(mode)
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r} is not one of 'full' or 'selective'")
     if selective_strategy not in ("ops", "every_other"):
         raise ValueError(f"selective_strategy={selective_strategy!r} is not 'ops' or 'every_other'")
     recompute = "all"
