@@ -183,20 +183,21 @@ def _is_shm(t: torch.Tensor) -> bool:
 
 def _comm_flat_collectives(rank: int) -> dict:
     """comm.reduce_scatter_tensor / all_gather_into_tensor, in place and not, in each of their
-    implementations on gloo: point-to-point (gloo's default), torch's native collective, and the
-    fallback for a backend that lacks it (torch 2.5's gloo had no reduce-scatter): the capability
-    sets say so, as the first failed call would."""
+    implementations on gloo: point-to-point, torch's native collective, and the fallback for a
+    backend that lacks it (all-reduce / list all-gather; torch 2.5's gloo had no reduce-scatter).
+    The transports' cases above run gloo's default choice (small buffers: all-reduce / native)."""
     import torch.distributed as dist
 
     from trainlib import comm
 
     n, out = dist.get_world_size(), {}
-    for impl in ("p2p", "native", "fallback"):
+    gloo_impl = dict(comm.GLOO_IMPL)
+    # (reduce-scatter, all-gather) implementation, whatever the size; "fallback": gloo's flat
+    # collectives missing (the capability set says so, as the first failed call would)
+    impls = {"p2p": ("p2p", "p2p"), "native": ("native", "native"), "fallback": ("native", "native")}
+    for impl, (rs, ag) in impls.items():
+        comm.GLOO_IMPL.update(reduce_scatter=(rs, rs), all_gather=(ag, ag))
         comm._LACKS.pop("gloo", None)
-        if impl == "p2p":
-            comm.P2P_BACKENDS.add("gloo")
-        else:
-            comm.P2P_BACKENDS.discard("gloo")
         if impl == "fallback":
             comm._LACKS["gloo"] = {"reduce_scatter", "all_gather"}
         x = _ints(rank, n * C, torch.float32)
@@ -215,7 +216,7 @@ def _comm_flat_collectives(rank: int) -> dict:
         comm.all_gather_into_tensor(inplace, inplace.view(n, -1)[rank], async_op=True).wait()
         out[f"ag_{impl}"] = torch.equal(gathered, want_ag) and torch.equal(inplace, want_ag)
     comm._LACKS.pop("gloo", None)
-    comm.P2P_BACKENDS.add("gloo")
+    comm.GLOO_IMPL.update(gloo_impl)
     out["logged"] = sorted({r.op for r in comm.recent_collectives() if "scatter" in r.op or "into_tensor" in r.op})
     try:
         comm.reduce_scatter_tensor(torch.empty(C), torch.zeros(n * C + 1))
@@ -228,7 +229,13 @@ def _comm_flat_collectives(rank: int) -> dict:
 def _all_cases() -> dict:
     import torch.distributed as dist
 
+    from trainlib import comm
+
     rank = dist.get_rank()
+    # gloo goes point-to-point from 1000 bytes here (4 MB by default), so the transports' cases run
+    # both of its paths: the small buffers all-reduce / all-gather natively, the larger ones (the
+    # overlapped and random cases) send chunks point-to-point, beside the shm worker's collectives
+    comm.GLOO_P2P_MIN_BYTES = 1000
     return {"configs": [_one_config(rank, *cfg) for cfg in CONFIGS], "comm": _comm_flat_collectives(rank)}
 
 

@@ -242,15 +242,28 @@ def reduce_scatter(out: torch.Tensor, parts: list[torch.Tensor], group=None) -> 
 # torch >= 2.12 renamed the flat-tensor collectives (*_single) and deprecated all_gather_into_tensor
 _RS_FLAT = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 _AG_FLAT = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-# Backends whose flat reduce-scatter / all-gather go point-to-point instead: gloo's native
-# reduce_scatter_tensor takes ~2x an all-reduce of the whole buffer and its all_gather_into_tensor ~1x
-# (2 ranks, 4-16 MB, torch 2.13), while sending each chunk straight to its owner moves the bytes a
-# ring would, once: about half an all-reduce each (benchmarks/bench_allreduce.py --zero).
-P2P_BACKENDS = {"gloo"}
+# How gloo runs the flat collectives: (below GLOO_P2P_MIN_BYTES of flat tensor, at or above it).
+# Measured on 2 ranks here (torch 2.13, medians of alternating reps): gloo's own reduce_scatter_tensor
+# takes 2-3x an all-reduce of the whole buffer at every size, so reduce-scatter is an all-reduce
+# below the threshold; point-to-point (each chunk sent straight to its owner) costs ~0.8-1x an
+# all-reduce from 4 MB up but has a ~5 ms floor below 1 MB, where gloo's all-gather is quicker.
+GLOO_IMPL = {"reduce_scatter": ("all_reduce", "p2p"), "all_gather": ("native", "p2p")}
+GLOO_P2P_MIN_BYTES = 4 << 20
 # backend name -> {"reduce_scatter", "all_gather"} it turned out not to have natively
 _LACKS: dict[str, set[str]] = {}
 _P2P_TAG_BASE = 1 << 20   # above the tags the pipeline's send/recv use
-_p2p_seq: dict[int, int] = {}   # id(process group) -> flat collectives started on it
+_p2p_seq: dict[int, int] = {}   # id(process group) -> point-to-point flat collectives started on it
+
+
+def _impl(op: str, backend: str, nbytes: int) -> str:
+    """native | p2p | all_reduce (reduce-scatter) | list (all-gather): how to run `op` here."""
+    if backend == "gloo":
+        impl = GLOO_IMPL[op][nbytes >= GLOO_P2P_MIN_BYTES]
+    else:
+        impl = "native"
+    if impl == "native" and op in _LACKS.get(backend, ()):
+        return "all_reduce" if op == "reduce_scatter" else "list"
+    return impl
 
 
 def _chunk_of(out: torch.Tensor, inp: torch.Tensor, n: int, i: int) -> bool:
@@ -307,17 +320,18 @@ def reduce_scatter_tensor(out: torch.Tensor, inp: torch.Tensor, group=None, asyn
     """out = SUM over the group's ranks of their inp.view(n, -1)[i], i = this rank's index in the group.
 
     `out` may be inp's own chunk i (then inp's other chunks are unspecified afterwards). NCCL runs
-    that in place (ncclReduceScatter allows recvbuff == sendbuff + i * count); gloo sends each chunk
-    to its owner (P2P_BACKENDS); other backends reduce into a temporary chunk copied into `out` on
-    wait(). A backend without reduce-scatter gets an all-reduce of inp, keeping chunk i."""
+    that in place (ncclReduceScatter allows recvbuff == sendbuff + i * count); gloo as GLOO_IMPL
+    says; other backends reduce into a temporary chunk copied into `out` on wait(). A backend
+    without reduce-scatter gets an all-reduce of inp, keeping chunk i."""
     n, i = dist.get_world_size(group), dist.get_rank(group)
     _check_flat("reduce_scatter_tensor", out, inp, n)
     rec = _record("reduce_scatter_tensor", inp, group)
     backend = dist.get_backend(group)
     in_place = _chunk_of(out, inp, n, i)
-    if backend in P2P_BACKENDS:
+    impl = _impl("reduce_scatter", backend, inp.numel() * inp.element_size())
+    if impl == "p2p":
         return _finish(_reduce_scatter_p2p(out, inp, group, rec, in_place), async_op)
-    if "reduce_scatter" not in _LACKS.get(backend, ()):
+    if impl == "native":
         dst = out if in_place and backend == "nccl" else torch.empty_like(out)
         try:
             work = _RS_FLAT(dst, inp, group=group, async_op=True)
@@ -351,7 +365,8 @@ def _reduce_scatter_p2p(out: torch.Tensor, inp: torch.Tensor, group, rec: Collec
 
 def _reduce_scatter_via_all_reduce(out: torch.Tensor, inp: torch.Tensor, group, rec: CollectiveRecord,
                                    in_place: bool) -> Handle:
-    """For a backend without reduce-scatter: all-reduce inp (a copy, unless in place), keep chunk i."""
+    """All-reduce inp (a copy, unless in place) and keep chunk i: for gloo's small buffers, and for
+    a backend without reduce-scatter."""
     rec.op = "reduce_scatter_tensor[via all_reduce]"
     n, i = dist.get_world_size(group), dist.get_rank(group)
     buf = inp if in_place else inp.clone()
@@ -362,18 +377,19 @@ def _reduce_scatter_via_all_reduce(out: torch.Tensor, inp: torch.Tensor, group, 
 def all_gather_into_tensor(out: torch.Tensor, inp: torch.Tensor, group=None, async_op: bool = False) -> Handle | None:
     """out.view(n, -1)[k] = rank k's inp, for every rank k of the group.
 
-    `inp` may be out's own chunk i (in place): NCCL runs that form directly, gloo sends the chunk to
-    every peer and receives theirs into place (P2P_BACKENDS); other backends send a copy of the chunk.
-    A backend without the flat form falls back to list all_gather into out's chunks."""
+    `inp` may be out's own chunk i (in place): NCCL runs that form directly; gloo as GLOO_IMPL says;
+    other backends send a copy of the chunk. A backend without the flat form falls back to list
+    all_gather into out's chunks."""
     n, i = dist.get_world_size(group), dist.get_rank(group)
     _check_flat("all_gather_into_tensor", inp, out, n)
     rec = _record("all_gather_into_tensor", inp, group)
     backend = dist.get_backend(group)
     in_place = _chunk_of(inp, out, n, i)
-    if backend in P2P_BACKENDS:
+    impl = _impl("all_gather", backend, out.numel() * out.element_size())
+    if impl == "p2p":
         return _finish(_all_gather_p2p(out, inp, group, rec, in_place), async_op)
     src = inp if backend == "nccl" or not in_place else inp.clone()
-    if "all_gather" not in _LACKS.get(backend, ()):
+    if impl == "native":
         try:
             return _finish(Handle(_AG_FLAT(out, src, group=group, async_op=True), rec), async_op)
         except (RuntimeError, NotImplementedError) as e:
@@ -385,6 +401,7 @@ def all_gather_into_tensor(out: torch.Tensor, inp: torch.Tensor, group=None, asy
 
 
 def _all_gather_p2p(out: torch.Tensor, inp: torch.Tensor, group, rec: CollectiveRecord, in_place: bool) -> Handle:
+    """Send this rank's chunk to every peer, receive theirs straight into place."""
     rec.op = "all_gather_into_tensor[p2p]"
     ranks, i, tag = _p2p_plan(group)
     rows = out.view(len(ranks), -1)
