@@ -125,8 +125,10 @@ def _status_kb(field: str) -> int:
 class _Runner:
     """One model with one mode applied; step() times a forward+backward."""
 
-    def __init__(self, model_factory: Callable[[], nn.Module], batch: Batch, mode: str | None, loss_fn: LossFn):
-        _track_rss_closely()
+    def __init__(self, model_factory: Callable[[], nn.Module], batch: Batch, mode: str | None, loss_fn: LossFn,
+                 track_rss: bool):
+        if track_rss:
+            _track_rss_closely()
         self.model = model_factory()
         self.model.train()
         apply_activation_checkpointing(self.model, mode)
@@ -151,18 +153,20 @@ def _report(r: _Runner, mode: str | None, times: list[float]) -> dict[str, Any]:
 
 
 def measure(model_factory: Callable[[], nn.Module], batch: Batch, mode: str | None, *, repeats: int = 5,
-            loss_fn: LossFn = gpt_loss) -> dict[str, Any]:
-    """Activation memory and forward+backward time of a fresh model_factory() under `mode` (one warm-up step)."""
-    r = _Runner(model_factory, batch, mode, loss_fn)
+            loss_fn: LossFn = gpt_loss, track_rss: bool = True) -> dict[str, Any]:
+    """Activation memory and forward+backward time of a fresh model_factory() under `mode` (one warm-up step).
+
+    track_rss: set glibc's mmap threshold (process-wide, for good) so that peak RSS follows live tensors."""
+    r = _Runner(model_factory, batch, mode, loss_fn, track_rss)
     r.step()
     r.rss_deltas.clear()
     return _report(r, mode, [r.step() for _ in range(repeats)])
 
 
 def compare(model_factory: Callable[[], nn.Module], batch: Batch, modes: tuple[str | None, ...] = MODES, *,
-            repeats: int = 5, loss_fn: LossFn = gpt_loss) -> dict[str, Any]:
+            repeats: int = 5, loss_fn: LossFn = gpt_loss, track_rss: bool = True) -> dict[str, Any]:
     """measure() for each mode with the timed steps interleaved across modes; ratios against "none"."""
-    runners = {m or "none": _Runner(model_factory, batch, m, loss_fn) for m in modes}
+    runners = {m or "none": _Runner(model_factory, batch, m, loss_fn, track_rss) for m in modes}
     for r in runners.values():
         r.step()  # warm-up
         r.rss_deltas.clear()

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from trainlib.activation_checkpointing import apply_activation_checkpointing, checkpoint_mode, find_blocks, wrap_blocks
-from trainlib.benchmarks.ac_memory import gpt_loss, retained_activation_bytes
+from trainlib.benchmarks.ac_memory import compare, gpt_loss, measure, retained_activation_bytes
 from trainlib.models.gpt import GPT, Block, GPTConfig
 from trainlib.testing import run_ranks
 
@@ -253,3 +253,17 @@ def test_selective_refuses_a_kept_output_modified_in_place():
     out = blocks[1](blocks[0](x)).sum()
     with pytest.raises(RuntimeError, match="was modified in place after the forward kept it.*use mode 'full'"):
         out.backward()
+
+
+def test_benchmark_measure_and_compare():
+    """The functions `trainlib bench zero` calls, on the small GPT (in this process, so glibc's mmap
+    threshold is left alone: track_rss=False)."""
+    batch = _batch(b=8)
+    rows = compare(_gpt, batch, repeats=2, track_rss=False)
+    none, full, sel = rows["none"], rows["full"], rows["selective"]
+    assert full["retained_activation_bytes"] < sel["retained_activation_bytes"] < none["retained_activation_bytes"]
+    assert full["activation_ratio"] < sel["activation_ratio"] < none["activation_ratio"] == 1.0
+    assert all(len(r["step_s_all"]) == 2 and r["step_s"] > 0 for r in rows.values())
+    one = measure(_gpt, batch, "full", repeats=1, track_rss=False)
+    assert one["retained_activation_bytes"] == full["retained_activation_bytes"]  # same model, same measure
+    assert one["autograd_saved_bytes"] == full["autograd_saved_bytes"] < none["autograd_saved_bytes"]
