@@ -138,16 +138,18 @@ def test_twice_same_mode_is_noop_other_mode_is_error():
     with pytest.raises(ValueError, match="already activation-checkpointed with mode 'selective'.*'full'"):
         apply_activation_checkpointing(model, "full")
     apply_activation_checkpointing(model, None)  # None never touches a model
+    apply_activation_checkpointing(model, "none")  # the config's spelling of None
     assert checkpoint_mode(model.blocks[0]) == "selective"
 
 
 def test_bad_input_names_value_and_fix():
-    with pytest.raises(ValueError, match=r"activation_checkpointing='Full' is not one of 'full', 'selective' or None"):
+    with pytest.raises(ValueError, match=r"activation_checkpointing='Full' is not one of 'full', 'selective', 'none' or None"):
         apply_activation_checkpointing(_gpt(), "Full")
     with pytest.raises(ValueError, match=r"Linear has no as_layers\(\) method and no nn.ModuleList.*nn.ModuleList"):
         apply_activation_checkpointing(nn.Linear(4, 4), "full")
-    with pytest.raises(ValueError, match="no layer class repeats"):
-        apply_activation_checkpointing([nn.Linear(4, 4), nn.ReLU()], "full")
+    stage = _gpt().as_layers()[:2]  # what pp=2 leaves rank 0 of a 2-block GPT
+    with pytest.raises(ValueError, match=r"\['Embedding', 'Block'\].*one pipeline stage's layers are not enough"):
+        apply_activation_checkpointing(stage, "full")
     # a list of layers: the repeated ones are the blocks
     layers = [nn.Embedding(8, 4), nn.Linear(4, 4), nn.Linear(4, 4), nn.LayerNorm(4)]
     apply_activation_checkpointing(layers, "full")

@@ -35,7 +35,7 @@ isinstance(block, Block) still holds. The block's own forward hooks run once, ar
 checkpointed call; its submodules' hooks run again during recomputation.
 
 Applying it twice with the same mode is a no-op; with another mode it is a ValueError (build a
-fresh model). mode=None does nothing.
+fresh model). mode=None (or "none", the config's spelling) does nothing.
 """
 from __future__ import annotations
 
@@ -223,13 +223,14 @@ def find_blocks(model: nn.Module | list[nn.Module]) -> list[nn.Module]:
     if not blocks:
         raise ValueError(f"activation checkpointing found no blocks in {where} ({[type(m).__name__ for m in layers]}): "
                          "no layer class repeats and there is no layer between the first and the last; pass the "
-                         "list of the blocks to checkpoint")
+                         "full model or its full list of layers (one pipeline stage's layers are not enough), or "
+                         "call wrap_blocks() with the blocks themselves")
     return blocks
 
 
 def _check_mode(mode: object) -> None:
-    if mode is not None and mode not in MODES:
-        raise ValueError(f"activation_checkpointing={mode!r} is not one of 'full', 'selective' or None")
+    if mode is not None and mode != "none" and mode not in MODES:
+        raise ValueError(f"activation_checkpointing={mode!r} is not one of 'full', 'selective', 'none' or None")
 
 
 def _disable_kv_cache(model: object) -> None:
@@ -243,13 +244,13 @@ def _disable_kv_cache(model: object) -> None:
 
 
 def apply_activation_checkpointing(model: nn.Module | list[nn.Module], mode: str | None) -> None:
-    """Checkpoint the blocks of `model` in place: mode "full", "selective" or None (nothing).
+    """Checkpoint the blocks of `model` in place: mode "full", "selective", or None / "none" (nothing).
 
     Apply it after tensor-parallel conversion; before or after the pipeline split (the stages hold
     the same module objects). Calling it again with the same mode is a no-op; with another mode it
     raises ValueError."""
     _check_mode(mode)
-    if mode is None:
+    if mode is None or mode == "none":
         return
     blocks = find_blocks(model)
     done = {checkpoint_mode(b) for b in blocks} - {None}
