@@ -35,6 +35,11 @@ def _positive(section: str, **values: float) -> None:
 NONFINITE = ("skip", "raise")
 
 
+PRECISIONS = ("fp32", "bf16", "fp16")
+ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
+SHARD_STAGES = ("none", "optimizer", "gradients", "parameters")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = 300
@@ -48,8 +53,15 @@ class TrainConfig:
     metrics: str = "runs/metrics.jsonl"
     corpus_bytes: int = 1 << 20
     nonfinite: str = "skip"       # inf/nan gradients: skip the step (and count it) | raise
+    precision: str = "fp32"       # fp32 | bf16 | fp16 (fp32 master weights; fp16 with dynamic loss scaling)
+    activation_checkpointing: str = "none"   # none | full | selective (recompute blocks in backward)
 
     def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"train.precision={self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        if self.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
+            raise ConfigError(f"train.activation_checkpointing={self.activation_checkpointing!r} is not one of "
+                              f"{', '.join(ACTIVATION_CHECKPOINTING)}")
         _positive("train", steps=self.steps, batch_size=self.batch_size, lr=self.lr, log_every=self.log_every,
                   corpus_bytes=self.corpus_bytes)
         if self.nonfinite not in NONFINITE:
@@ -112,6 +124,16 @@ class SyncConfig:
 
 
 @dataclass(frozen=True)
+class DPConfig:
+    shard: str = "none"           # none | optimizer | gradients | parameters (ZeRO stages 1, 2, 3 over dp)
+
+    def __post_init__(self):
+        if self.shard not in SHARD_STAGES:
+            raise ConfigError(f"dp.shard={self.shard!r} is not one of {', '.join(SHARD_STAGES)} "
+                              "(optimizer = ZeRO-1, gradients = ZeRO-2, parameters = ZeRO-3)")
+
+
+@dataclass(frozen=True)
 class CheckpointConfig:
     dir: str = ""                 # empty: no checkpoints; set: save every `every` steps, resume from the latest
     every: int = 100
@@ -140,6 +162,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
+    dp: DPConfig = field(default_factory=DPConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def to_dict(self) -> dict:

@@ -85,6 +85,10 @@ class DistributedOptimizer:
         return self.inner.defaults
 
     @property
+    def dynamic_loss_scale(self) -> bool:
+        return self.model is not None and self.model.scaler.dynamic
+
+    @property
     def loss_scale(self) -> float:
         return self.model.scaler.scale if self.model is not None else 1.0
 
@@ -102,7 +106,8 @@ class DistributedOptimizer:
             self.inner.step()
             return True
         if m.scaler.dynamic:
-            found = torch.tensor([1.0 if m.sharded_grad_stats()[0] else 0.0])
+            # on the gradients' device: NCCL reduces device tensors only
+            found = torch.tensor([1.0 if m.sharded_grad_stats()[0] else 0.0], device=m.buckets[0].grad.device)
             comm.all_reduce(found, op="max")   # the whole world: every stage and tp rank skips together
             m.scaler.update(bool(found.item()))
             if found.item():

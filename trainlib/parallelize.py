@@ -10,9 +10,13 @@ The order is fixed (torchtitan's, and the only one that keeps each step simple):
   2. TP         the plan's patterns are matched against the FULL model's module names, and only the
                 modules this rank kept are converted (so "blocks.*.attn.qkv" means the same thing
                 on every stage); parameters shard over mesh.group("tp").
-  3. DP         the kept modules are wrapped in tl.DataParallel over mesh.group("dp"). With pp > 1
-                the schedule runs its backward passes under no_sync() and the gradients are
-                averaged once, after the pipeline flush.
+  3. DP         the kept modules are wrapped in tl.DataParallel over mesh.group("dp"), sharded over
+                dp when `shard` is set (ZeRO-1/2/3: tp slices stay tp slices, each pipeline stage
+                shards its own parameters), in the `mixed_precision` policy. With pp > 1 the
+                schedule runs its backward passes under no_sync() and the gradients are averaged
+                (or reduce-scattered) once, after the pipeline flush.
+Activation checkpointing (`activation_checkpointing="full" | "selective"`) wraps this rank's
+blocks after TP and before DP.
 Every rank must build the same full model (same seed) before calling this.
 
 Loss: with a column-parallel LM head the logits stay split over tp; pass
@@ -72,6 +76,17 @@ class ParallelModel:
                  sequence_parallel: bool = False):
         self.local, self.mesh, self.dp_model, self.pipe, self.loss_fn = local, mesh, dp_model, pipe, loss_fn
         self.sequence_parallel = sequence_parallel
+        if pipe is not None:
+            pipe.loss_fn = self._scaled_loss   # fp16: every microbatch's loss carries the loss scale
+
+    def loss_scale(self) -> float:
+        scaler = getattr(self.dp_model, "scaler", None)
+        return scaler.scale if scaler is not None else 1.0
+
+    def _scaled_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        loss = self.loss_fn(output, target)
+        scale = self.loss_scale()
+        return loss * scale if scale != 1.0 else loss
 
     @property
     def module(self) -> nn.Module:
@@ -80,9 +95,10 @@ class ParallelModel:
 
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Forward and backward of one batch; returns the loss (same on every rank of the pp/tp group)."""
+        scale = self.loss_scale()
         if self.pipe is None:
             model = self.dp_model if self.dp_model is not None else self.local
-            loss = self.loss_fn(model(inputs), targets)
+            loss = self._scaled_loss(model(inputs), targets)
             loss.backward()
             loss = loss.detach()
         elif self.dp_model is None:
@@ -91,6 +107,8 @@ class ParallelModel:
             with self.dp_model.no_sync():
                 loss = self.pipe.step(inputs, targets)
             self.dp_model.sync_gradients()
+        if scale != 1.0:
+            loss = loss / scale
         if self.sequence_parallel:  # LayerNorm / row-bias grads saw T/tp tokens: sum over tp
             sync_sequence_parallel_grads(self.local, self.mesh)
         return loss
@@ -120,7 +138,8 @@ class ParallelModel:
 def parallelize(model: nn.Module | list, mesh, *, tp_plan: dict[str, str] | None = None, loss_fn: LossFn | None = None,
                 schedule: str = "1f1b", microbatches: int | None = None, virtual_stages: int | None = None,
                 boundaries: list[int] | None = None, sync=None, bucket_mb: float | None = None,
-                sequence_parallel: bool = False) -> ParallelModel:
+                sequence_parallel: bool = False, shard: str | None = None, mixed_precision=None,
+                activation_checkpointing: str | None = None) -> ParallelModel:
     """Apply PP split -> TP -> DP to `model` on `mesh` (see the module docstring).
 
     tp_plan: name-pattern plan (required when tp > 1). loss_fn(output, target) -> scalar mean
@@ -132,6 +151,10 @@ def parallelize(model: nn.Module | list, mesh, *, tp_plan: dict[str, str] | None
         raise ValueError(f"{mesh}: tp={tp} needs a tensor-parallel plan, e.g. "
                          "tp_plan=trainlib.tensor_parallel.GPT_PLAN for the default GPT")
     loss_fn = loss_fn if loss_fn is not None else lm_loss_fn(mesh)
+    if shard is not None and sequence_parallel and tp > 1 and shard != "optimizer":
+        raise ValueError(f"sequence_parallel with shard={shard!r} is not supported yet (its LayerNorm gradients are "
+                         "summed over tp after the dp reduction, which stages 2/3 no longer keep whole); use "
+                         "shard='optimizer' or sequence_parallel=False")
     pipe = None
     if pp > 1:
         # 1. PP split: decide this rank's layers on the full (unsharded) costs
@@ -148,6 +171,10 @@ def parallelize(model: nn.Module | list, mesh, *, tp_plan: dict[str, str] | None
         if tp > 1:
             _apply_tp(model, mesh, tp_plan, keep, sequence_parallel)
             layers = _layers_of(model)  # a planned module may itself be a layer: re-read the list
+        if activation_checkpointing:
+            from .activation_checkpointing import apply_activation_checkpointing
+
+            apply_activation_checkpointing([layers[i] for i in mine], activation_checkpointing)
         pipe = Pipeline(layers, mesh, schedule=schedule, microbatches=m, loss_fn=loss_fn, boundaries=bounds,
                         virtual_stages=virtual_stages)
         local: nn.Module = nn.ModuleList(pipe.stages[s] for s in sorted(pipe.stages))
@@ -156,14 +183,20 @@ def parallelize(model: nn.Module | list, mesh, *, tp_plan: dict[str, str] | None
             model = nn.Sequential(*model)
         if tp > 1:
             _apply_tp(model, mesh, tp_plan, {id(model)}, sequence_parallel)
+        if activation_checkpointing:
+            from .activation_checkpointing import apply_activation_checkpointing
+
+            apply_activation_checkpointing(model, activation_checkpointing)
         local = model
     # 3. DP over the kept (and sharded) modules
     dp_model = None
-    if dp > 1:
+    if dp > 1 or shard is not None or mixed_precision is not None:
         from .data_parallel import DataParallel
         from .sync import AllReduce
 
-        dp_model = DataParallel(local, mesh=mesh, sync=sync if sync is not None else AllReduce(), bucket_mb=bucket_mb)
+        dp_model = DataParallel(local, mesh=mesh, sync=sync if sync is not None else AllReduce(), bucket_mb=bucket_mb,
+                                shard=shard, mixed_precision=mixed_precision)
+        dp_model._pipelined = pipe is not None
     return ParallelModel(local, mesh, dp_model, pipe, loss_fn, sequence_parallel and tp > 1)
 
 

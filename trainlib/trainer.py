@@ -36,7 +36,9 @@ from .data_parallel import DataParallel, clip_grad_norm_
 from .data_parallel.clip import grad_norm
 from .mesh import Mesh, MeshError
 from .models.gpt import GPT, GPTConfig, lm_loss
+from .optim import DistributedOptimizer
 from .parallelize import ParallelModel, lm_loss_fn, parallelize
+from .precision import MixedPrecision
 from .tensor_parallel import GPT_PLAN
 from .runtime import LaunchError
 from .sync.ps.client import PSTimeout
@@ -74,12 +76,28 @@ def build_model(cfg: Config) -> GPT:
                          d_model=m.d_model), seed=cfg.train.seed)
 
 
+def _shard(cfg: Config) -> str | None:
+    return None if cfg.dp.shard == "none" else cfg.dp.shard
+
+
+def _activation_checkpointing(cfg: Config) -> str | None:
+    return None if cfg.train.activation_checkpointing == "none" else cfg.train.activation_checkpointing
+
+
 def wrap_data_parallel(model: nn.Module, cfg: Config, mesh: Mesh) -> nn.Module:
     """Wrap for data parallelism: torch DDP for sync.kind=ddp, else tl.DataParallel with build_sync(cfg)."""
     s = cfg.sync
+    if _activation_checkpointing(cfg):
+        from .activation_checkpointing import apply_activation_checkpointing
+
+        apply_activation_checkpointing(model, _activation_checkpointing(cfg))
     if s.kind == "ddp":  # torch DDP, kept as the reference the benchmarks and tests compare against
+        if _shard(cfg) or cfg.train.precision != "fp32":
+            raise ConfigError("sync.kind=ddp (the torch DDP reference) has no dp.shard or train.precision; use "
+                              "--sync.kind allreduce")
         return nn.parallel.DistributedDataParallel(model, process_group=mesh.group("dp"), bucket_cap_mb=s.bucket_mb)
-    return DataParallel(model, mesh=mesh, sync=build_sync(cfg), bucket_mb=s.bucket_mb)
+    return DataParallel(model, mesh=mesh, sync=build_sync(cfg), bucket_mb=s.bucket_mb, shard=_shard(cfg),
+                        mixed_precision=MixedPrecision.named(cfg.train.precision))
 
 
 def build_sync(cfg: Config):
@@ -112,7 +130,9 @@ def wrap_parallel(model: GPT, cfg: Config, mesh: Mesh) -> ParallelModel:
         raise ConfigError(f"train.batch_size {cfg.train.batch_size} / dp {mesh.size('dp')} = {per_rank} sequences per "
                           f"rank is not divisible by mesh.microbatches={microbatches}; make it a multiple")
     return parallelize(model, mesh, tp_plan=GPT_PLAN, schedule=m.schedule, microbatches=microbatches,
-                       loss_fn=lm_loss_fn(mesh), sync=build_sync(cfg), bucket_mb=s.bucket_mb)
+                       loss_fn=lm_loss_fn(mesh), sync=build_sync(cfg), bucket_mb=s.bucket_mb, shard=_shard(cfg),
+                       mixed_precision=MixedPrecision.named(cfg.train.precision),
+                       activation_checkpointing=_activation_checkpointing(cfg))
 
 
 def _mean_over(value: float, group) -> float:
@@ -135,7 +155,9 @@ def train(cfg: Config) -> dict:
     else:
         model = wrap_data_parallel(model, cfg, mesh)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.train.lr, betas=(0.9, 0.95), weight_decay=cfg.train.weight_decay)
+    # sharded / mixed precision: AdamW steps this rank's fp32 master slices (a pass-through otherwise)
+    opt = DistributedOptimizer(torch.optim.AdamW(params, lr=cfg.train.lr, betas=(0.9, 0.95),
+                                                 weight_decay=cfg.train.weight_decay), model)
     tokens = default_tokens(cfg.train.corpus_bytes)
     sampler = DistributedSampler(tokens, cfg.model.seq_len, cfg.train.batch_size, mesh.rank("dp"), mesh.size("dp"),
                                  seed=cfg.train.seed)
@@ -149,6 +171,7 @@ def train(cfg: Config) -> dict:
     # counters a resumed run must continue from (checkpointed with the weights; see checkpoint/resume.py)
     counters = {"loss_first": float("nan"), "window_loss": 0.0, "window_steps": 0, "nonfinite_skipped": 0}
     start, counters = resume.restore(cfg.checkpoint, model, opt, sampler, counters)
+    grads = _grad_target(model, params)
     loss_first, loss_last = counters["loss_first"], float("nan")
     t_start = window_start = time.perf_counter()
     window_loss, window_steps = counters["window_loss"], counters["window_steps"]
@@ -159,11 +182,12 @@ def train(cfg: Config) -> dict:
         if isinstance(model, ParallelModel):
             loss = model.step(x, y)  # forward + backward: pipeline schedule and/or vocab-parallel loss inside
         else:
-            loss = lm_loss(model(x), y)
-            loss.backward()
-        grads = model if isinstance(model, DataParallel) else params
+            loss = lm_loss(model(x).float(), y)
+            opt.scale_loss(loss).backward()
         norm = clip_grad_norm_(grads, cfg.train.grad_clip, mesh) if cfg.train.grad_clip > 0 else grad_norm(grads, mesh)
         if torch.isfinite(norm):  # dp-averaged gradients: every rank takes the same branch
+            opt.step()
+        elif opt.dynamic_loss_scale:  # fp16 overflow: the optimizer skips the step and halves the scale
             opt.step()
         elif cfg.train.nonfinite == "raise":
             raise FloatingPointError(f"step {step + 1}: gradient norm is {float(norm)}; lower train.lr or set "
@@ -201,7 +225,7 @@ def train(cfg: Config) -> dict:
         bar.close()
     if metrics:
         metrics.close()
-    state = (model.module if hasattr(model, "module") else model).state_dict()
+    state = resume.full_weights(model)
     summary = {"steps": cfg.train.steps, "loss_first": round(loss_first, 6), "loss_last": round(loss_last, 6),
                "tokens_per_s": round(cfg.train.steps * tokens_per_step / wall, 1), "wall_s": round(wall, 3),
                "weights_sha256": weights_sha256(state), "world_size": rt.world_size,
@@ -210,6 +234,13 @@ def train(cfg: Config) -> dict:
     if hasattr(model, "close"):
         model.close()
     return summary
+
+
+def _grad_target(model, params: list) -> object:
+    """What clipping reads the gradients from: the DataParallel wrapper (fused bucket norms, and the
+    only holder of sharded gradients), else the parameters."""
+    dp = model.dp_model if isinstance(model, ParallelModel) else model
+    return dp if isinstance(dp, DataParallel) else params
 
 
 def _open_metrics(cfg: Config):

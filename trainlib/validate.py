@@ -271,6 +271,14 @@ def not_applicable(cfg: Config, layout: MeshLayout) -> list[str]:
     if s.kind != "allreduce" and _changed(s, "transport"):
         raise ConfigError(f"sync.transport={s.transport} applies to sync.kind=allreduce, not {s.kind}; drop it or "
                           "set --sync.kind allreduce")
+    sharded = cfg.dp.shard != "none" or cfg.train.precision != "fp32"
+    if sharded and s.kind != "allreduce":
+        what = f"dp.shard={cfg.dp.shard}" if cfg.dp.shard != "none" else f"train.precision={cfg.train.precision}"
+        raise ConfigError(f"{what} needs sync.kind=allreduce (it reduce-scatters gradient buckets and keeps fp32 "
+                          f"master slices); sync.kind={s.kind} keeps whole fp32 gradients; set --sync.kind allreduce")
+    if cfg.dp.shard != "none" and layout.dp == 1:
+        warnings.append(f"dp.shard={cfg.dp.shard} has no effect with dp=1 (nothing to shard over); drop it or use "
+                        "more data-parallel ranks")
     if s.kind != "ps" and _changed(s, "partition_mb"):
         warnings.append(f"sync.partition_mb={s.partition_mb} has no effect with sync.kind={s.kind} (it sizes the "
                         "parameter server's partitions); drop it")

@@ -35,9 +35,24 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+def _sharded(model):
+    """The sharded DataParallel inside `model` (itself or tl.parallelize's dp_model), or None."""
+    dp = getattr(model, "dp_model", model)
+    return dp if getattr(dp, "sharded", False) else None
+
+
 def state_of(model: torch.nn.Module, opt: torch.optim.Optimizer, sampler, counters: dict[str, Any]) -> dict:
-    return {"model": _module(model).state_dict(), "optimizer": opt.state_dict(), "sampler": sampler.state_dict(),
+    """A sharded model saves this rank's slices and their layout (global shapes, element ranges)."""
+    sharded = _sharded(model)
+    weights = sharded.shard_state_dict() if sharded is not None else _module(model).state_dict()
+    return {"model": weights, "optimizer": opt.state_dict(), "sampler": sampler.state_dict(),
             "trainer": dict(counters)}
+
+
+def full_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """This rank's whole weights (a sharded model gathers them over dp: collective)."""
+    sharded = _sharded(model)
+    return sharded.full_state_dict() if sharded is not None else _module(model).state_dict()
 
 
 def restore(ck_cfg, model: torch.nn.Module, opt: torch.optim.Optimizer, sampler,
@@ -51,7 +66,16 @@ def restore(ck_cfg, model: torch.nn.Module, opt: torch.optim.Optimizer, sampler,
     if ck is None:
         log.info("no checkpoint under %s: starting at step 0", ck_cfg.dir)
         return 0, counters
-    _module(model).load_state_dict(ck.state["model"])
+    sharded = _sharded(model)
+    saved_sharded = "chunks" in ck.state["model"]
+    if (sharded is not None) != saved_sharded:
+        raise CheckpointError(f"{ck.path} was saved {'with' if saved_sharded else 'without'} dp.shard / "
+                              f"train.precision and this run is {'with' if sharded is not None else 'without'}; "
+                              "resume with the settings it was saved with (changing them is the resharding issue)")
+    if sharded is not None:
+        sharded.load_shard_state_dict(ck.state["model"])
+    else:
+        _module(model).load_state_dict(ck.state["model"])
     opt.load_state_dict(ck.state["optimizer"])
     sampler.load_state_dict(ck.state["sampler"])
     log.info("resumed from %s (step %d)", ck.path, ck.step)

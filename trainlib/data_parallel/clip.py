@@ -52,7 +52,8 @@ def _sharded_norm(model: DataParallel, mesh) -> torch.Tensor:
     """The global norm from dp-disjoint gradient chunks: [sharded, replicated, nonfinite] summed over dp."""
     tp, pp = mesh.size("tp"), mesh.size("pp")
     nonfinite, sharded, replicated = model.sharded_grad_stats(split_tp=tp > 1)
-    t = torch.tensor([sharded, replicated, 1.0 if nonfinite else 0.0], dtype=torch.float64)
+    t = torch.tensor([sharded, replicated, 1.0 if nonfinite else 0.0], dtype=torch.float64,
+                     device=model.buckets[0].grad.device)   # NCCL reduces device tensors only
     if model.owners > 1:
         comm.all_reduce(t, group=mesh.group("dp"))
     if tp > 1:  # tp-sharded parts are disjoint over tp; replicated ones are equal on every tp rank
@@ -63,7 +64,7 @@ def _sharded_norm(model: DataParallel, mesh) -> torch.Tensor:
         comm.all_reduce(total, group=mesh.group("pp"))
     if tp > 1 or pp > 1:
         comm.all_reduce(flag, op="max")
-    return total[0].sqrt() if flag.item() == 0 else torch.tensor(float("nan"), dtype=torch.float64)
+    return total[0].sqrt().cpu() if flag.item() == 0 else torch.tensor(float("nan"), dtype=torch.float64)
 
 
 def clip_grad_norm_(model: DataParallel | Iterable[torch.nn.Parameter], max_norm: float, mesh=None) -> torch.Tensor:

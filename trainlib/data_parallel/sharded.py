@@ -67,6 +67,7 @@ class FlatBucket:
     pending: int = 0
     started: bool = False
     gathered: bool = True
+    stats: tuple | None = None   # (nonfinite, squared norm) of `grad` from the epilogue, until it changes
 
     def chunk_of(self, i: int) -> tuple[int, int] | None:
         """The part of parameter i inside this rank's chunk, as (start, end) in the flat buffer."""
@@ -127,7 +128,6 @@ class ShardedDataParallel:
         self._pipelined = False       # set by tl.parallelize when a pipeline schedule drives the stages
         self._in_backward = False
         self._inflight: list[tuple[str, FlatBucket]] = []
-        self._reduced: set[int] = set()
         self.units = find_units(self.module) if shard == "parameters" else []
         unit_of = self._unit_of_params(named)
         groups: dict[int, list[tuple[str, nn.Parameter]]] = {}
@@ -380,12 +380,10 @@ class ShardedDataParallel:
                 b.gathered = True
                 continue
             # the chunk leaves the wire as the fp32 average, loss scale removed (the epilogue of a step)
-            src, inv = b.wire[b.lo:b.hi], 1.0 / self.scaler.scale
-            if src.data_ptr() != b.grad.data_ptr() or inv != 1.0:
-                kernels.scale_cast(src, b.grad, inv)
+            # one fused pass: unscale, cast to fp32, and the (inf/nan, squared norm) clipping needs
+            b.stats = kernels.unscale_epilogue(b.wire[b.lo:b.hi], b.grad, 1.0 / self.scaler.scale)
             if self.shard in ("gradients", "parameters"):
                 b.wire = None
-            self._reduced.add(b.index)
 
     def _finish_sharded(self) -> None:
         self._callback_queued = False
@@ -426,7 +424,7 @@ class ShardedDataParallel:
         for b in self.buckets:
             if b.hi == b.lo:
                 continue
-            flag, s = kernels.epilogue(b.grad)
+            flag, s = b.stats if b.stats is not None else kernels.epilogue(b.grad)
             nonfinite |= bool(flag)
             if not split_tp:
                 replicated += float(s)
@@ -445,6 +443,8 @@ class ShardedDataParallel:
     def scale_grads_(self, coef: float) -> None:
         for b in self.buckets:
             b.grad.mul_(coef)
+            if b.stats is not None:
+                b.stats = (b.stats[0], b.stats[1] * coef * coef)
 
     def publish_params(self) -> None:
         """After the optimizer stepped on the masters: cast them into this rank's chunk and, for
@@ -461,9 +461,9 @@ class ShardedDataParallel:
 
     def zero_sharded_grads(self) -> None:
         for b in self.buckets:
+            b.stats = None
             for p in b.params:
                 p.grad = None
-        self._reduced.clear()
 
     # ---- state --------------------------------------------------------------------------------
     @contextlib.contextmanager

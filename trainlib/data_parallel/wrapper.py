@@ -235,7 +235,8 @@ def check_same_across_ranks(module: nn.Module, group) -> None:
                for n, p in module.named_parameters()]
     entries += [f"buffer {n} shape={list(b.shape)} dtype={b.dtype}" for n, b in module.named_buffers()]
     digest = hashlib.sha256("\n".join(entries).encode()).digest()[:8]
-    mine = torch.tensor([int.from_bytes(digest, "little", signed=True)], dtype=torch.int64)
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))   # NCCL: device tensors only
+    mine = torch.tensor([int.from_bytes(digest, "little", signed=True)], dtype=torch.int64, device=device)
     everyone = [torch.empty_like(mine) for _ in range(world)]
     comm.all_gather(everyone, mine, group=group)
     if all(int(t) == int(everyone[0]) for t in everyone):
@@ -243,21 +244,21 @@ def check_same_across_ranks(module: nn.Module, group) -> None:
     ranks = dist.get_process_group_ranks(group)
     src = ranks[0]
     bad = ranks[next(i for i, t in enumerate(everyone) if int(t) != int(everyone[0]))]
-    ref, other = (_broadcast_lines(entries, r, group) for r in (src, bad))
+    ref, other = (_broadcast_lines(entries, r, group, device) for r in (src, bad))
     first = next(((a, b) for a, b in zip(ref, other) if a != b), (f"{len(ref)} entries", f"{len(other)} entries"))
     raise ValueError(f"DataParallel: the model differs across data-parallel ranks: rank {bad} has '{first[1]}' "
                      f"where rank {src} has '{first[0]}'. Build the same model on every rank before wrapping it.")
 
 
-def _broadcast_lines(lines: list[str], src: int, group) -> list[str]:
+def _broadcast_lines(lines: list[str], src: int, group, device: torch.device) -> list[str]:
     """Rank `src`'s lines, on every rank of `group` (a length, then the UTF-8 bytes)."""
     import torch.distributed as dist
 
     text = "\n".join(lines).encode()
-    n = torch.tensor([len(text)], dtype=torch.int64)
+    n = torch.tensor([len(text)], dtype=torch.int64, device=device)
     comm.broadcast(n, src=src, group=group)
-    buf = torch.zeros(int(n), dtype=torch.uint8)
+    buf = torch.zeros(int(n), dtype=torch.uint8, device=device)
     if dist.get_rank() == src:
         buf.copy_(torch.frombuffer(bytearray(text), dtype=torch.uint8))
     comm.broadcast(buf, src=src, group=group)
-    return bytes(buf.tolist()).decode().split("\n")
+    return bytes(buf.cpu().tolist()).decode().split("\n")
