@@ -289,7 +289,11 @@ def _finish_busbw_plot(fig, ax, title: str, path: str) -> None:
 
 
 # ---- sharded DP: reduce-scatter + all-gather vs all-reduce, per transport ----------------------
-ZERO_TRANSPORTS = ("torch", "shm", "hierarchical")
+# "torch:IMPL": the torch transport with gloo's flat collectives forced to one implementation at
+# every size (comm.GLOO_IMPL), beside the default size-based choice: the data behind that choice
+ZERO_TRANSPORTS = ("torch", "torch:native", "torch:p2p", "shm", "hierarchical")
+_GLOO_FORCED = {"native": {"reduce_scatter": ("native", "native"), "all_gather": ("native", "native")},
+                "p2p": {"reduce_scatter": ("p2p", "p2p"), "all_gather": ("p2p", "p2p")}}
 
 
 def zero_sizes(quick: bool) -> list[int]:
@@ -310,10 +314,12 @@ def zero_child(transports: tuple[str, ...], size_list: list[int], quick: bool, r
     from trainlib.sync import shm
 
     out: dict = {}
+    default_impl = dict(comm.GLOO_IMPL)
     for t in transports:
         if t == "hierarchical":
             os.environ[shm.NODE_ID_ENV] = f"zero-node-{dist.get_rank()}"
-        sync = tl.AllReduce(transport=t)
+        comm.GLOO_IMPL.update(_GLOO_FORCED.get(t.partition(":")[2], default_impl))
+        sync = tl.AllReduce(transport=t.partition(":")[0])
         sync.bind_group(dist.group.WORLD, need_bytes=sum(size_list))
         flats = {s: sync.alloc(s // 4, torch.float32, "cpu") for s in size_list}
 
@@ -338,6 +344,7 @@ def zero_child(transports: tuple[str, ...], size_list: list[int], quick: bool, r
                 out[t][name].append(res)
         sync.close()
         os.environ.pop(shm.NODE_ID_ENV, None)
+    comm.GLOO_IMPL.update(default_impl)
     return out
 
 
@@ -381,6 +388,9 @@ def run_zero(quick: bool) -> dict:
                                     "per bucket and step) against one all-reduce of it, through tl.AllReduce",
                             "ratio": "(reduce-scatter + all-gather time) / all-reduce time; 1.0 = no price",
                             "hierarchical": "2 emulated nodes of 1 rank: the cross-node gloo step only",
+                            "torch:native / torch:p2p": "torch transport, gloo's reduce_scatter_tensor/"
+                                                        "all_gather_into_tensor or point-to-point at every size "
+                                                        "(plain torch: comm.GLOO_IMPL's size-based choice)",
                             "ranks": N_RANKS, "dtype": "float32", "repetitions": reps,
                             "statistic": "median over alternating rounds of the slowest rank's time"},
             "rows": rows, "summary": summary}
