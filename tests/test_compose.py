@@ -133,6 +133,62 @@ def test_layout_tracks_single_process(layout, composed):
     assert last < first  # the reference itself learns
 
 
+# ---- every ZeRO stage composed with TP and PP (1F1B and ZB-H1), against the same single process ----
+SHARD_LAYOUTS = [(f"{name}/{stage}", pp, dp, tp, sched, stage)
+                 for name, pp, dp, tp, sched in [("dp2xtp2", 1, 2, 2, "1f1b"), ("dp2xpp2", 2, 2, 1, "1f1b"),
+                                                 ("dp2xpp2-zb", 2, 2, 1, "zb-h1")]
+                 for stage in ("optimizer", "gradients", "parameters")]
+
+
+def _sharded_compose_worker() -> dict:
+    ref_losses, ref_norms, ref_weights = _reference()
+    out = {"ref": ref_losses}
+    for name, pp, dp, tp, sched, stage in SHARD_LAYOUTS:
+        mesh = tl.Mesh(pp=pp, dp=dp, tp=tp)
+        gpt = GPT(CFG, seed=3)
+        pm = tl.parallelize(gpt, mesh, tp_plan=GPT_PLAN if tp > 1 else None, schedule=sched, microbatches=2 * pp,
+                            shard=stage, bucket_mb=0.01)
+        opt = tl.DistributedOptimizer(torch.optim.AdamW(pm.parameters(), lr=3e-3), pm)
+        per_dp = BATCH // dp
+        sl = slice(mesh.rank("dp") * per_dp, (mesh.rank("dp") + 1) * per_dp)
+        losses, norms = [], []
+        for x, y in _batches():
+            loss = pm.step(x[sl], y[sl]).reshape(1).double()
+            norms.append(pm.clip_grad_norm_(CLIP).item())
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            comm.all_reduce(loss, op="avg", group=mesh.group("dp"))
+            losses.append(loss.item())
+        with pm.dp_model.gathered():   # stage 3 keeps only slices between steps
+            weights = _held_weights(gpt, pm.parameters(), mesh)
+        pm.close()
+        out[name] = {"loss": max(abs(a - b) for a, b in zip(losses, ref_losses)),
+                     "norm": max(abs(a - b) / b for a, b in zip(norms, ref_norms)),
+                     "clipped": sum(n > CLIP for n in ref_norms),
+                     "weights": _weight_diff(weights, ref_weights), "names": set(weights)}
+    out["ref_names"] = set(ref_weights)
+    return out
+
+
+@pytest.fixture(scope="module")
+def sharded_composed():
+    return run_ranks(_sharded_compose_worker, 4, timeout_s=240)
+
+
+@pytest.mark.parametrize("layout", [name for name, *_ in SHARD_LAYOUTS])
+def test_sharded_layout_tracks_single_process(layout, sharded_composed):
+    """dp2xtp2 and dp2xpp2 (1F1B, ZB-H1) with each shard stage: losses, clipped norms and final
+    weights (slices gathered) equal one process training the whole model on the whole batch."""
+    for rank, res in enumerate(sharded_composed):
+        r = res[layout]
+        assert r["clipped"] >= 5, r
+        assert r["loss"] < 1e-4, (rank, layout, r)
+        assert r["norm"] < 1e-4, (rank, layout, r)
+        assert r["weights"] < WEIGHT_TOL, (rank, layout, r["weights"])
+    _assert_covers_reference([res[layout]["names"] for res in sharded_composed],
+                             dict.fromkeys(sharded_composed[0]["ref_names"]))
+
+
 # ---- `trainlib train` on every kind of layout: the single-process run's losses and final weights ----
 TRAIN_ARGS = ["--train.steps", "8", "--train.batch_size", "16", "--train.log_every", "4", "--model.n_layer", "4",
               "--model.d_model", "64", "--model.seq_len", "32", "--train.warmup_steps", "2"]
