@@ -223,7 +223,26 @@ def _comm_flat_collectives(rank: int) -> dict:
         out["bad_sizes"] = ""
     except ValueError as e:
         out["bad_sizes"] = str(e)
+    out["timeout"] = _late_peer_times_out(rank, n)
     return out
+
+
+def _late_peer_times_out(rank: int, n: int) -> str:
+    """The last rank skips a point-to-point reduce-scatter: the others' wait ends after its timeout
+    with a CollectiveTimeout naming the collective. gloo closes the pairs of a timed-out receive,
+    so the group is unusable afterwards: this runs last."""
+    from trainlib import comm
+
+    comm.GLOO_IMPL.update(reduce_scatter=("p2p", "p2p"))
+    flat = torch.ones(n * C)
+    if rank == n - 1:
+        return "late"
+    h = comm.reduce_scatter_tensor(flat.view(n, -1)[rank], flat, async_op=True)
+    try:
+        h.wait(timeout_s=1.0)
+    except comm.CollectiveTimeout as e:
+        return str(e)
+    return "no timeout"
 
 
 def _all_cases() -> dict:
@@ -277,6 +296,10 @@ def test_comm_reduce_scatter_and_all_gather_every_implementation(results):
                 "all_gather_into_tensor", "reduce_scatter_tensor[via all_reduce]",
                 "all_gather_into_tensor[via all_gather]"} <= set(c["logged"]), c
         assert "must hold 4 x the chunk's elements" in c["bad_sizes"], c
+    for rank, r in enumerate(results[:-1]):
+        t = r["comm"]["timeout"]
+        assert f"rank {rank}: reduce_scatter_tensor[p2p] #" in t and "did not complete within 1s" in t, t
+    assert results[-1]["comm"]["timeout"] == "late"
 
 
 def test_mpi_transport_under_real_mpiexec():
