@@ -324,6 +324,7 @@ def test_mpi_transport_under_real_mpiexec():
         assert not failed, (failed, r)
         for name in ("bfloat16", "float16"):
             assert "no 16-bit float sum" in r[f"rs_{name}_refused"], r
+        assert r["auto_None"] == "mpi" and r["auto_torch.bfloat16"] == "shm", r
 
 
 def _mpi_main() -> None:
@@ -352,6 +353,14 @@ def _mpi_main() -> None:
         except ValueError as e:
             res[f"rs_{str(dtype).removeprefix('torch.')}_refused"] = str(e)
     sync.close()
+    # transport='auto' under mpiexec picks MPI, unless told the sum will be 16-bit (then shm, one node)
+    for reduce_dtype in (None, torch.bfloat16):
+        auto = tl.AllReduce()
+        auto.bind_group(dist.group.WORLD, reduce_dtype=reduce_dtype)
+        res[f"auto_{reduce_dtype}"] = auto.resolved_transport
+        if reduce_dtype is not None:
+            res["auto_bf16_rs"] = _reduce_scatter_case(auto, dp, me, dp * C, reduce_dtype, from_alloc=True)
+        auto.close()
     sys.stdout.write(json.dumps(res) + "\n")
     sys.stdout.flush()
 

@@ -84,17 +84,21 @@ class AllReduce:
                 b.comm = new
         self._shm.map_peers()
 
-    def bind_group(self, group, device: torch.device | None = None, need_bytes: int = 0, n_buffers: int = 0) -> None:
+    def bind_group(self, group, device: torch.device | None = None, need_bytes: int = 0, n_buffers: int = 0,
+                   reduce_dtype: torch.dtype | None = None) -> None:
         """Choose the transport for `group` (the dp group; collective over it) and set it up.
 
         device: where the flat buffers will live (default: tl.init()'s device); need_bytes: what this
-        rank will alloc() in all, for the /dev/shm capacity check of the shm transports (0: unknown)."""
+        rank will alloc() in all, for the /dev/shm capacity check of the shm transports (0: unknown);
+        reduce_dtype: the dtype reduce-scatter will sum in, if known: transport='auto' does not pick
+        MPI for a 16-bit float (MPI cannot sum it)."""
         self._group = group
         self._dp, self._dp_index = dist.get_world_size(group), dist.get_rank(group)
         on_cpu = (device if device is not None else _runtime_device()).type == "cpu"
         transport, layout = self.transport, None
         if transport == "auto":
-            transport, layout = self._auto_transport(on_cpu, group, need_bytes)
+            mpi_ok = reduce_dtype not in (torch.float16, torch.bfloat16)
+            transport, layout = self._auto_transport(on_cpu, group, need_bytes, mpi_ok)
         if transport == "mpi":
             if not on_cpu:
                 raise ValueError("transport='mpi' needs CPU tensors; use transport='torch' (nccl) on GPU")
@@ -117,7 +121,7 @@ class AllReduce:
         else:
             log.debug("AllReduce over %s, %d buffers", transport, n_buffers)
 
-    def _auto_transport(self, on_cpu: bool, group, need_bytes: int):
+    def _auto_transport(self, on_cpu: bool, group, need_bytes: int, mpi_ok: bool = True):
         """(transport, node layout): mpi under mpiexec; shm when every rank of the group is on this
         node; hierarchical when they span nodes with the same number >= 2 on each; else torch.
 
@@ -125,7 +129,7 @@ class AllReduce:
         One all_gather of node facts, so every rank reaches the same decision."""
         if not on_cpu or self.comm_dtype is not None:
             return "torch", None
-        if _launched_by_mpi() and _mpi_importable():
+        if mpi_ok and _launched_by_mpi() and _mpi_importable():
             return "mpi", None
         from . import hierarchical, shm
 
