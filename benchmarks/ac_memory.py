@@ -8,7 +8,8 @@
                              checkpointed block's input, selective checkpointing's saved matmul outputs)
   autograd_saved_bytes       bytes autograd's saved_tensors_hooks see (parameters excluded). They do not
                              see inside a checkpointed region (checkpoint installs its own hooks there),
-                             so this equals retained_activation_bytes without AC and undercounts with it
+                             so without AC this matches retained_activation_bytes (plus the batch's index
+                             tensors, saved but not allocated by the forward) and with AC it undercounts
   peak_rss_delta_bytes       peak RSS during forward+backward above the RSS before it (Linux: VmHWM,
                              reset through /proc/self/clear_refs; None where that is unavailable); glibc
                              is set to mmap every large block so that RSS follows live tensors
