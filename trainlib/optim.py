@@ -133,29 +133,21 @@ class DistributedOptimizer:
         state = {"optimizer": self.inner.state_dict()}
         if self.model is not None:
             state["slices"] = self.slices
-            separate = [b for b in self.model.buckets if b.master.data_ptr() not in
-                        (b.flat.data_ptr() + b.lo * b.flat.element_size(),
-                         b.shard.data_ptr() if b.shard is not None else -1)]
-            state["master"] = {str(b.index): b.master.detach().clone() for b in separate}
+            if self.model.precision is not None:   # fp32 masters apart from the (bf16/fp16) parameters
+                state["master"] = {n: t.detach().clone() for n, t in self.model.param_slices("master").items()}
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        self.inner.load_state_dict(state["optimizer"])
-        if self.model is None:
-            return
-        if state.get("slices") != self.slices:
+        if self.model is not None and state.get("slices") != self.slices:
             from .checkpoint.store import CheckpointError
 
             raise CheckpointError("the checkpoint's optimizer slices do not match this rank's (another dp size, "
                                   "shard stage or bucket size); resume with the layout it was saved with")
-        with torch.no_grad():
-            for b in self.model.buckets:
-                saved = state["master"].get(str(b.index))
-                if saved is not None:
-                    b.master.copy_(saved)
-            for group in self.inner.param_groups:  # load_state_dict keeps our tensors: grads stay attached
-                for t in group["params"]:
-                    assert t.grad is not None
+        self.inner.load_state_dict(state["optimizer"])   # keeps our slice tensors (and their .grad)
+        if self.model is not None and self.model.precision is not None:
+            with torch.no_grad():
+                for name, t in self.model.param_slices("master").items():
+                    t.copy_(state["master"][name])
 
     def __repr__(self) -> str:
         return f"DistributedOptimizer({self.inner!r}, shard={getattr(self.model, 'shard', None)})"

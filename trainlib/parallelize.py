@@ -197,7 +197,11 @@ def parallelize(model: nn.Module | list, mesh, *, tp_plan: dict[str, str] | None
         dp_model = DataParallel(local, mesh=mesh, sync=sync if sync is not None else AllReduce(), bucket_mb=bucket_mb,
                                 shard=shard, mixed_precision=mixed_precision)
         dp_model._pipelined = pipe is not None
-    return ParallelModel(local, mesh, dp_model, pipe, loss_fn, sequence_parallel and tp > 1)
+    pm = ParallelModel(local, mesh, dp_model, pipe, loss_fn, sequence_parallel and tp > 1)
+    from .checkpoint.layout import full_model_names
+
+    pm.full_names = full_model_names(model)   # checkpoint layouts name tensors as in the whole model
+    return pm
 
 
 class _CallableModule(type(__import__("sys"))):

@@ -67,7 +67,7 @@ def restore(ck_cfg, model: torch.nn.Module, opt: torch.optim.Optimizer, sampler,
         log.info("no checkpoint under %s: starting at step 0", ck_cfg.dir)
         return 0, counters
     sharded = _sharded(model)
-    saved_sharded = "chunks" in ck.state["model"]
+    saved_sharded = "slices" in ck.state["model"]
     if (sharded is not None) != saved_sharded:
         raise CheckpointError(f"{ck.path} was saved {'with' if saved_sharded else 'without'} dp.shard / "
                               f"train.precision and this run is {'with' if sharded is not None else 'without'}; "
@@ -88,4 +88,7 @@ def after_step(ck_cfg, steps_done: int, total_steps: int, model: torch.nn.Module
     rank = _rank()
     faults.maybe_kill(rank, steps_done, "step")
     if ck_cfg.dir and (steps_done % ck_cfg.every == 0 or steps_done == total_steps):
-        save(ck_cfg.dir, steps_done, state_of(model, opt, sampler, counters), keep=ck_cfg.keep)
+        from .layout import layout_of
+
+        save(ck_cfg.dir, steps_done, state_of(model, opt, sampler, counters), keep=ck_cfg.keep,
+             layout=layout_of(model))

@@ -149,6 +149,20 @@ def _all_gather_i64(values: list[int], world_size: int) -> list[list[int]]:
     return [o.cpu().tolist() for o in out]
 
 
+def _all_gather_bytes(data: bytes, world_size: int) -> list[bytes]:
+    """Every rank's `data` (lengths first, then the bytes padded to the longest)."""
+    from .. import comm
+
+    lengths = [v[0] for v in _all_gather_i64([len(data)], world_size)]
+    buf = torch.zeros(max(lengths), dtype=torch.uint8)
+    if data:
+        buf[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    buf = buf.to(_comm_device())
+    out = [torch.empty_like(buf) for _ in range(world_size)]
+    comm.all_gather(out, buf)
+    return [bytes(o.cpu()[:n].tolist()) for o, n in zip(out, lengths)]
+
+
 def _barrier() -> None:
     from .. import comm
 
@@ -167,13 +181,14 @@ def _ints_digest(v: list[int]) -> tuple[str, int]:
 # --- save -----------------------------------------------------------------------------------
 
 def save(root: str | os.PathLike, step: int, state: dict[str, Any], *, keep: int = 3, save_rng: bool = True,
-         rank: int | None = None, world_size: int | None = None) -> Path:
+         rank: int | None = None, world_size: int | None = None, layout: dict | None = None) -> Path:
     """Save this rank's `state` (a tree of tensors and JSON values) as checkpoint `step` under `root`.
 
     Collective: every rank of the job calls it with the same step. Returns the checkpoint's
     directory once it is durable on every rank and `latest` names it; older checkpoints beyond
     the newest `keep` are deleted. save_rng adds this rank's RNG states (torch CPU/CUDA, random,
-    numpy), which `load` restores."""
+    numpy), which `load` restores. layout: this rank's checkpoint/layout.py description (global
+    shapes, tp and dp slices); given on every rank or none, the manifest records all of them."""
     if not isinstance(step, int) or step < 0:
         raise CheckpointError(f"checkpoint step {step!r} must be an int >= 0")
     if not isinstance(keep, int) or keep < 1:
@@ -197,6 +212,10 @@ def save(root: str | os.PathLike, step: int, state: dict[str, Any], *, keep: int
     faults.maybe_kill(r, step, "save:shard")
     flat = _digest_ints(*mine[0]) + _digest_ints(*mine[1])
     every = _all_gather_i64(flat, w) if collective else [flat]
+    layouts = None
+    if layout is not None:
+        mine_layout = json.dumps(layout, sort_keys=True).encode()
+        layouts = [json.loads(x) for x in _all_gather_bytes(mine_layout, w)] if collective else [layout]
     if r == 0:
         files = {}
         for rr, v in enumerate(every):
@@ -204,6 +223,8 @@ def save(root: str | os.PathLike, step: int, state: dict[str, Any], *, keep: int
                 digest, size = _ints_digest(v[5 * i: 5 * i + 5])
                 files[f"rank{rr}.{kind}"] = {"sha256": digest, "bytes": size}
         body = {"format": FORMAT, "step": step, "world_size": w, "files": files, "saved_unix": time.time()}
+        if layouts is not None:
+            body["layouts"] = {str(rr): lay for rr, lay in enumerate(layouts)}
         _write_durable(tmp / MANIFEST, json.dumps({"sha256": hashlib.sha256(_canonical(body)).hexdigest(),
                                                    "body": body}, indent=1).encode())
         _fsync_dir(tmp)

@@ -496,41 +496,48 @@ class ShardedDataParallel:
         return {n: gathered[id(t)] if id(t) in gathered else t.detach().clone()
                 for n, t in self.module.state_dict(keep_vars=True).items()}
 
-    def shard_state_dict(self) -> dict:
-        """This rank's slices for a checkpoint: parameter chunks, and the layout that says where
-        they sit in each tensor (global shape, flat element range) so the state can be reassembled."""
-        chunks, layout = {}, {}
+    def param_slices(self, of: str = "params") -> dict[str, torch.Tensor]:
+        """This rank's part of every parameter, by name: a 1-D view of the flat elements
+        checkpoint/layout.py records as its "dp" range. of="params" (what the module computes
+        with) or "master" (the optimizer's fp32 copy)."""
+        out = {}
         for b in self.buckets:
-            chunks[str(b.index)] = (b.shard if b.shard is not None else b.flat[b.lo:b.hi]).detach().clone()
-            for i, (p, n) in enumerate(zip(b.params, b.names)):
+            source = b.master if of == "master" else (b.shard if b.shard is not None else b.flat[b.lo:b.hi])
+            for i, name in enumerate(b.names):
                 part = b.chunk_of(i)
-                layout[n] = {"shape": list(p.shape), "bucket": b.index, "offset": b.offsets[i],
-                             "slice": [part[0] - b.offsets[i], part[1] - b.offsets[i]] if part else None}
-        frozen = {n: t for n, t in self.module.state_dict().items() if n not in layout}
+                if part is not None:
+                    out[name] = source[part[0] - b.lo: part[1] - b.lo]
+        return out
+
+    def shard_state_dict(self) -> dict:
+        """This rank's slices of the parameters for a checkpoint (checkpoint/layout.py says where
+        each sits in the whole tensor), the unsharded rest (frozen parameters, buffers), the loss scale."""
+        bucketed = {id(p) for b in self.buckets for p in b.params}
+        rest = {n: t.detach() for n, t in self.module.state_dict(keep_vars=True).items() if id(t) not in bucketed}
         return {"stage": self.shard or "none", "dp": self.owners, "rank": self.me,
                 "precision": str(self.param_dtype or "as built"),
-                "chunks": chunks, "layout": layout, "rest": frozen, "scaler": self.scaler.state_dict()}
+                "slices": {n: t.detach().clone() for n, t in self.param_slices().items()}, "rest": rest,
+                "scaler": self.scaler.state_dict()}
 
     def load_shard_state_dict(self, state: dict) -> None:
         mine = {"stage": self.shard or "none", "dp": self.owners, "rank": self.me}
         saved = {k: state.get(k) for k in mine}
-        if saved != mine:
+        targets = self.param_slices()
+        if saved != mine or set(state["slices"]) != set(targets):
             from ..checkpoint.store import CheckpointError
 
             raise CheckpointError(f"this checkpoint holds sharded slices for {saved}, but this rank is {mine}; "
-                                  "resume with the same dp size and --dp.shard")
+                                  "resume with the same dp size, --dp.shard and bucket size")
         with torch.no_grad():
-            for b in self.buckets:
-                src = state["chunks"][str(b.index)]
-                (b.shard if b.shard is not None else b.flat[b.lo:b.hi]).copy_(src)
+            for name, t in targets.items():
+                t.copy_(state["slices"][name])
             self.module.load_state_dict(state["rest"], strict=False)
         self.scaler.load_state_dict(state["scaler"])
-        if self.shard in ("optimizer", "gradients", None):
-            if self.shard is not None:
-                for b in self.buckets:
-                    self.sync.start_all_gather(b.flat)
-                    self._inflight.append(("gather", b))
-                self._drain()
+        if self.shard in ("optimizer", "gradients"):
+            for b in self.buckets:
+                self.sync.start_all_gather(b.flat)
+                self._inflight.append(("gather", b))
+            self._drain()
 
 
 def _size(dtype: torch.dtype) -> int:

@@ -24,8 +24,10 @@ from .functional import (copy_to_tp, gather_from_tp, gather_sequence, reduce_fro
                          tp_size)
 
 
-def _shard_param(p: nn.Parameter) -> nn.Parameter:
+def _shard_param(p: nn.Parameter, dim: int) -> nn.Parameter:
+    """Mark `p` as this tp rank's slice along `dim` (checkpoint layouts record it; clipping sums it over tp)."""
     p.tp_sharded = True
+    p.tp_dim = dim
     return p
 
 
@@ -48,8 +50,9 @@ class ColumnParallelLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.out_local = out_features // self.tp
         self.gather_output = gather_output
-        self.weight = _shard_param(nn.Parameter(torch.empty(self.out_local, in_features, dtype=dtype, device=device)))
-        self.bias = _shard_param(nn.Parameter(torch.zeros(self.out_local, dtype=dtype, device=device))) if bias else None
+        self.weight = _shard_param(nn.Parameter(torch.empty(self.out_local, in_features, dtype=dtype, device=device)), 0)
+        self.bias = _shard_param(nn.Parameter(torch.zeros(self.out_local, dtype=dtype, device=device)), 0) if bias \
+            else None
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, group, gather_output: bool = False,
@@ -87,7 +90,7 @@ class RowParallelLinear(nn.Module):
         _check_divisible("in_features", in_features, self.tp, "RowParallelLinear")
         self.in_features, self.out_features = in_features, out_features
         self.in_local = in_features // self.tp
-        self.weight = _shard_param(nn.Parameter(torch.empty(out_features, self.in_local, dtype=dtype, device=device)))
+        self.weight = _shard_param(nn.Parameter(torch.empty(out_features, self.in_local, dtype=dtype, device=device)), 1)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
         if self.bias is not None and sequence_parallel:
             self.bias.sequence_parallel = True  # added to T/tp tokens: its gradient is partial over tp
@@ -127,7 +130,8 @@ class VocabParallelEmbedding(nn.Module):
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.vocab_local = num_embeddings // self.tp
         self.vocab_start = self.rank * self.vocab_local
-        self.weight = _shard_param(nn.Parameter(torch.empty(self.vocab_local, embedding_dim, dtype=dtype, device=device)))
+        self.weight = _shard_param(nn.Parameter(torch.empty(self.vocab_local, embedding_dim, dtype=dtype,
+                                                            device=device)), 0)
 
     @classmethod
     def from_embedding(cls, emb: nn.Embedding, group) -> "VocabParallelEmbedding":
