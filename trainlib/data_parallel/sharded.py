@@ -128,6 +128,7 @@ class ShardedDataParallel:
         self._pipelined = False       # set by tl.parallelize when a pipeline schedule drives the stages
         self._in_backward = False
         self._inflight: list[tuple[str, FlatBucket]] = []
+        self._wire_pool: dict[torch.dtype, list[torch.Tensor]] = {}
         self.units = find_units(self.module) if shard == "parameters" else []
         unit_of = self._unit_of_params(named)
         groups: dict[int, list[tuple[str, nn.Parameter]]] = {}
@@ -142,8 +143,9 @@ class ShardedDataParallel:
             shared = sum(p.numel() * (_size(self._dtypes(p.dtype)[0]) + (_size(self._dtypes(p.dtype)[2])
                                                                          if shard == "optimizer" else 0))
                          for _, g in plan for _, p in g)
-            self.sync.bind_group(self.group, named[0][1].device, 0 if shard == "parameters" else shared,
-                                 len(plan))
+            reduce = {self._dtypes(p.dtype)[2] for _, p in named}
+            self.sync.bind_group(self.group, named[0][1].device, 0 if shard == "parameters" else shared, len(plan),
+                                 reduce_dtype=min(reduce, key=_size))   # the narrowest decides MPI's fitness
         self.buckets: list[FlatBucket] = [self._make_bucket(i, unit, group) for i, (unit, group) in enumerate(plan)]
         # backward produces the last layers' gradients first: launch buckets in that order
         # (within a unit plan_buckets already put the last parameters first; the root goes last)
@@ -327,9 +329,23 @@ class ShardedDataParallel:
         return hook
 
     def _wire(self, b: FlatBucket) -> torch.Tensor:
+        """The bucket's gradient wire; stages 2/3 borrow it from a small pool of freed ones, because
+        fresh large buffers cost page faults (a memset's worth) on every backward."""
         if b.wire is None:
-            b.wire = torch.empty(b.padded, dtype=self._dtypes(b.params[0].dtype)[2], device=b.flat.device)
+            dtype = self._dtypes(b.params[0].dtype)[2]
+            pool = self._wire_pool.setdefault(dtype, [])
+            fits = [i for i, t in enumerate(pool) if t.numel() >= b.padded]
+            base = pool.pop(min(fits, key=lambda i: pool[i].numel())) if fits else \
+                torch.empty(b.padded, dtype=dtype, device=b.flat.device)
+            b.wire = base[:b.padded]
         return b.wire
+
+    def _release_wire(self, b: FlatBucket) -> None:
+        base = b.wire._base if b.wire._base is not None else b.wire
+        pool = self._wire_pool.setdefault(base.dtype, [])
+        if len(pool) < MAX_INFLIGHT_WIRES + 1:
+            pool.append(base)
+        b.wire = None
 
     def _pack(self, b: FlatBucket, i: int, param: torch.Tensor) -> None:
         """param.grad -> its slot in the wire, scaled by 1/dp (the average) and cast; param.grad freed."""
@@ -383,7 +399,7 @@ class ShardedDataParallel:
             # one fused pass: unscale, cast to fp32, and the (inf/nan, squared norm) clipping needs
             b.stats = kernels.unscale_epilogue(b.wire[b.lo:b.hi], b.grad, 1.0 / self.scaler.scale)
             if self.shard in ("gradients", "parameters"):
-                b.wire = None
+                self._release_wire(b)
 
     def _finish_sharded(self) -> None:
         self._callback_queued = False
