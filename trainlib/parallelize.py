@@ -174,7 +174,9 @@ def parallelize(model: nn.Module | list, mesh, *, tp_plan: dict[str, str] | None
         if activation_checkpointing:
             from .activation_checkpointing import apply_activation_checkpointing
 
-            apply_activation_checkpointing([layers[i] for i in mine], activation_checkpointing)
+            # the whole list: a stage's few layers may hold one block, too few to tell blocks apart;
+            # wrapping blocks this rank never runs costs nothing
+            apply_activation_checkpointing(layers, activation_checkpointing)
         pipe = Pipeline(layers, mesh, schedule=schedule, microbatches=m, loss_fn=loss_fn, boundaries=bounds,
                         virtual_stages=virtual_stages)
         local: nn.Module = nn.ModuleList(pipe.stages[s] for s in sorted(pipe.stages))
