@@ -54,3 +54,24 @@ def test_sharded_checkpoint_reassembles_to_the_unsharded_one(tmp_path, case):
         else:
             assert (sharded[k] - plain[k]).abs().max().item() <= 1e-6, k
     assert any((plain[k] != 0).any() for k in names)
+
+
+def test_sharded_checkpoint_resumes_by_itself_and_refuses_another_stage(tmp_path):
+    """The same command again resumes a sharded run (the pre-launch check reads the manifest's
+    layout, not the slices' shapes); another --dp.shard is refused before any rank starts."""
+    small = [*MODEL, "--train.batch_size", "4", "--train.corpus_bytes", "65536", "--checkpoint.every", "3",
+             "--checkpoint.dir", str(tmp_path / "ck"), "--train.metrics", str(tmp_path / "m.jsonl")]
+    env = {**os.environ, "TRAINLIB_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
+
+    def train(*extra):
+        return subprocess.run([sys.executable, "-m", "trainlib.cli", "train", *small, *extra], env=env,
+                              capture_output=True, text=True, timeout=240)
+
+    first = train("--train.steps", "3", "--dp.shard", "gradients")
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = train("--train.steps", "6", "--dp.shard", "gradients")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert '"resumed_from": 3' in again.stdout
+    other = train("--train.steps", "9", "--dp.shard", "parameters")
+    assert other.returncode == 1
+    assert "saved with --dp.shard gradients; this run has --dp.shard parameters" in other.stderr

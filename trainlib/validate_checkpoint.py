@@ -36,6 +36,11 @@ def check_checkpoint(cfg: Config, layout: MeshLayout) -> None:
     saved_world, saved = _manifest_world_size(path), _rank0_model_shapes(path)
     if saved_world is None or saved is None:
         return
+    saved_shard = _manifest_shard(path)
+    if saved_shard is not None and saved_shard != cfg.dp.shard and saved_world == layout.world_size:
+        raise ConfigError(f"checkpoint.dir={root!r} holds step {step}, saved with --dp.shard {saved_shard}; this run "
+                          f"has --dp.shard {cfg.dp.shard}. Checkpoints do not reshard between stages yet: resume with "
+                          f"--dp.shard {saved_shard}, or point --checkpoint.dir at a new directory")
     model = _meta_model(cfg)
     want = expected_rank0_shapes(model, layout, _virtual(cfg))
     if saved_world == layout.world_size and saved == want:
@@ -134,8 +139,25 @@ def _manifest_world_size(path: Path) -> int | None:
         return None
 
 
+def _manifest_shard(path: Path) -> str | None:
+    """The shard stage rank 0 saved with, from the manifest's layout (None: not recorded)."""
+    try:
+        layouts = json.loads((path / "MANIFEST.json").read_bytes())["body"].get("layouts") or {}
+        return layouts["0"]["shard"] if "0" in layouts else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _rank0_model_shapes(path: Path) -> Shapes | None:
-    """Names and shapes from rank 0's safetensors header (8-byte length, then JSON): no tensor is read."""
+    """Names and shapes of rank 0's model tensors: from the manifest's layout when it records one (a
+    sharded run saves slices, whose shapes say nothing), else from rank 0's safetensors header
+    (8-byte length, then JSON). No tensor is read."""
+    try:
+        layouts = json.loads((path / "MANIFEST.json").read_bytes())["body"].get("layouts")
+    except (OSError, ValueError, KeyError, TypeError):
+        layouts = None
+    if layouts and "0" in layouts:
+        return {e["key"]: tuple(e["local_shape"]) for e in layouts["0"]["params"].values()}
     try:
         with open(path / "rank0.safetensors", "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
