@@ -8,11 +8,15 @@
    all-reduce (gloo), PS colocated (each worker starts a server, as on 2 nodes), PS dedicated
    (2 server processes started here), and PS dedicated without authentication (--insecure servers). Communication time = step time - compute-only step time.
 2. Push/pull throughput with 4 MiB partitions, 8 in flight: a raw pyzmq ROUTER that echoes each
-   message (the transport's limit, no auth), the trainlib server with --insecure, and authenticated
-   the two ways a server with a token can run (issue 17): per-direction Poly1305 message MACs plus
-   the connection check at the ZeroMQ handshake, PLAIN (the default: a token-derived credential
-   checked by ZAP, no per-byte cost) or CURVE (libzmq encrypts every byte). HMAC-SHA256's
-   single-core speed is measured beside Poly1305's, as protocol v1 used it.
+   message (the transport's limit, no auth; and the same over CURVE: the floor of any CURVE job),
+   the trainlib server with --insecure, and authenticated the two ways a server with a token can
+   run (issue 17): per-direction Poly1305 message MACs plus the connection check at the ZeroMQ
+   handshake, PLAIN (the default: a token-derived credential checked by ZAP, no per-byte cost) or
+   CURVE (libzmq encrypts every byte). Wall time and the CPU both processes spend per round trip:
+   on a machine with no idle core the auth cost is the MAC's CPU over the round trip's, and the
+   floor is 4 Poly1305 passes (client signs, server verifies, server signs, client verifies),
+   timed alone on one core (hot and cold), as is HMAC-SHA256 (v1's MAC) and libsodium's
+   crypto_box (what libzmq's CURVE runs on every message).
 3. Cost model (BytePS, Jiang et al. OSDI 2020, section 3): with n workers, k servers, M bytes of
    gradients and per-machine bandwidth B,
         all-reduce  t_ar = 2(n-1)/n * M/B          PS  t_ps = max(M/B, n*M/(k*B))
@@ -29,6 +33,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -37,11 +42,15 @@ TOKEN = "bench-ps-token-" + "0123456789abcdef"
 N_WORKERS = 2
 PARTITION = 4 * MB
 RAW_ECHO = """
-import sys, zmq
+import os, sys, zmq
 ctx = zmq.Context(); s = ctx.socket(zmq.ROUTER); s.setsockopt(zmq.LINGER, 0)
+if len(sys.argv) > 1:  # CURVE: public and secret key; no ZAP handler, so libzmq admits any CURVE client
+    s.curve_server = True; s.curve_publickey, s.curve_secretkey = sys.argv[1].encode(), sys.argv[2].encode()
 port = s.bind_to_random_port("tcp://127.0.0.1"); print(port, flush=True)
-while True:
-    s.send_multipart(s.recv_multipart(copy=False), copy=False)
+parent = os.getppid()
+while os.getppid() == parent:  # an orphan echo would spin forever
+    if s.poll(1000):
+        s.send_multipart(s.recv_multipart(copy=False), copy=False)
 """
 
 
@@ -142,29 +151,69 @@ def step_times(dedicated: list[str], noauth: list[str], which: str, reps: int) -
 
 
 # -- push/pull throughput ------------------------------------------------------------------------
-def _raw_echo():
-    proc = subprocess.Popen([sys.executable, "-c", RAW_ECHO], stdout=subprocess.PIPE, text=True)
+def _raw_echo(curve_keys: tuple[bytes, bytes] | None = None):
+    args = [k.decode() for k in curve_keys] if curve_keys else []
+    proc = subprocess.Popen([sys.executable, "-c", RAW_ECHO, *args], stdout=subprocess.PIPE, text=True)
     return proc, f"127.0.0.1:{proc.stdout.readline().strip()}"
 
 
+def _proc_cpu_s(pid: int) -> float:
+    """user + system CPU seconds of a process, all its threads (libzmq's I/O thread included)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _machine_busy() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs since boot: the share of the machine anything used."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return sum(v) - v[3] - v[4], sum(v)
+
+
+def _timed(fn, server_pid: int, cpu: dict[str, list[float]], name: str):
+    """fn's wall time, recording the CPU both ends spent (this process + the server) beside it."""
+    def run_once() -> float:
+        c0, s0 = time.process_time(), _proc_cpu_s(server_pid)
+        wall = fn()
+        cpu[name].append(time.process_time() - c0 + _proc_cpu_s(server_pid) - s0)
+        return wall
+    return run_once
+
+
 def throughput(n_parts: int, window: int, reps: int) -> dict:
+    """Push+pull of `n_parts` 4 MiB partitions, `window` in flight, alternating between: raw pyzmq
+    echo (no security, and CURVE: the transport's floor for each), the trainlib server without
+    authentication, and with it (PLAIN or CURVE at the connection, Poly1305 per message).
+
+    Besides wall time, the CPU both processes spend per round trip (client process including its
+    libzmq I/O thread + server process): when the machine has no idle core, wall time follows CPU
+    time, and the auth cost is the MAC's CPU over the round trip's."""
     import zmq
 
-    from trainlib.benchmarks.harness import alternate
+    from trainlib.benchmarks.harness import alternate, median
     from trainlib.sync.ps.client import PSClient
     from trainlib.sync.ps.launch import spawn_server
     from trainlib.sync.ps.protocol import HEADER_SIZE, MAC_SIZE, DType, Op
 
-    raw_proc, raw_addr = _raw_echo()
+    curve_pub, curve_sec = zmq.curve_keypair()
+    raw = {"raw_pyzmq": _raw_echo(), "raw_pyzmq_curve": _raw_echo((curve_pub, curve_sec))}
     servers = {"ps_auth": spawn_server(token=TOKEN, extra=("--conn-auth", "plain")),
                "ps_auth_curve": spawn_server(token=TOKEN, extra=("--conn-auth", "curve")),
                "ps_insecure": spawn_server(insecure=True)}
     payload = torch.randn(PARTITION // 4)
     buf = payload.numpy()
     moved = 2 * n_parts * PARTITION  # push + pull bytes per measurement
-    dealer = zmq.Context.instance().socket(zmq.DEALER)
-    dealer.setsockopt(zmq.LINGER, 0)
-    dealer.connect(f"tcp://{raw_addr}")
+    dealers = {}
+    for name, (_, addr) in raw.items():
+        d = zmq.Context.instance().socket(zmq.DEALER)
+        d.setsockopt(zmq.LINGER, 0)
+        d.setsockopt(zmq.RCVTIMEO, 120_000)
+        if name.endswith("curve"):
+            client_pub, client_sec = zmq.curve_keypair()
+            d.curve_serverkey, d.curve_publickey, d.curve_secretkey = curve_pub, client_pub, client_sec
+        d.connect(f"tcp://{addr}")
+        dealers[name] = d
     clients = {"ps_auth": PSClient([servers["ps_auth"].address], TOKEN, 0, 1, timeout_s=120, conn_auth="plain"),
                "ps_auth_curve": PSClient([servers["ps_auth_curve"].address], TOKEN, 0, 1, timeout_s=120,
                                          conn_auth="curve"),
@@ -173,16 +222,20 @@ def throughput(n_parts: int, window: int, reps: int) -> dict:
         c.hello()
     steps = {name: 0 for name in clients}
 
-    def raw() -> float:
-        t0 = time.perf_counter()
-        sent = got = 0
-        while got < n_parts:
-            while sent < n_parts and sent - got < window:
-                dealer.send_multipart([b"h" * HEADER_SIZE, buf, b"m" * MAC_SIZE], copy=False)
-                sent += 1
-            dealer.recv_multipart(copy=False)
-            got += 1
-        return time.perf_counter() - t0
+    def echo(name: str):
+        dealer = dealers[name]
+
+        def run_once() -> float:
+            t0 = time.perf_counter()
+            sent = got = 0
+            while got < n_parts:
+                while sent < n_parts and sent - got < window:
+                    dealer.send_multipart([b"h" * HEADER_SIZE, buf, b"m" * MAC_SIZE], copy=False)
+                    sent += 1
+                dealer.recv_multipart(copy=False)
+                got += 1
+            return time.perf_counter() - t0
+        return run_once
 
     def ps(name: str):
         client = clients[name]
@@ -199,43 +252,109 @@ def throughput(n_parts: int, window: int, reps: int) -> dict:
             return time.perf_counter() - t0
         return run_once
 
-    cands = {"raw_pyzmq": raw, **{name: ps(name) for name in clients}}
+    cpu: dict[str, list[float]] = {}
+    cands = {}
+    for name in raw:
+        cpu[name] = []
+        cands[name] = _timed(echo(name), raw[name][0].pid, cpu, name)
+    for name in clients:
+        cpu[name] = []
+        cands[name] = _timed(ps(name), servers[name].proc.pid, cpu, name)
     for fn in cands.values():
         fn()
+    for ts in cpu.values():
+        ts.clear()
+    busy0 = _machine_busy()
     res = alternate(cands, reps)
-    mac_gbps = _mac_speeds(buf)
+    busy1 = _machine_busy()
     for c in clients.values():
         c.close()
-    dealer.close(0)
-    raw_proc.kill()
-    raw_proc.wait()
+    for d in dealers.values():
+        d.close(0)
+    for proc, _ in raw.values():
+        proc.kill()
+        proc.wait()
     for srv in servers.values():
         srv.stop()
-    gbps = {n: moved / r["median_s"] / 1e9 for n, r in res.items()}
-    return {"partition_bytes": PARTITION, "partitions": n_parts, "in_flight": window,
+    costs = _crypto_costs(buf)
+    wall = {n: r["median_s"] for n, r in res.items()}
+    cpu_ms = {n: round(median(ts) / n_parts * 1e3, 3) for n, ts in cpu.items()}  # per partition round trip
+    gbps = {n: moved / t / 1e9 for n, t in wall.items()}
+    # 4 MAC passes per round trip (client signs, server verifies, server signs, client verifies)
+    mac_floor_ms = 4 * costs["poly1305_ms_per_4MiB_hot"]
+    return {"partition_bytes": PARTITION, "partitions": n_parts, "in_flight": window, "reps": reps,
             "GBps_push_plus_pull": {n: round(v, 4) for n, v in gbps.items()},
-            "auth_cost_fraction": round(res["ps_auth"]["median_s"] / res["ps_insecure"]["median_s"] - 1, 4),
-            "auth_cost_fraction_curve": round(res["ps_auth_curve"]["median_s"] / res["ps_insecure"]["median_s"] - 1, 4),
+            "median_s": {n: round(t, 5) for n, t in wall.items()},
+            "all_s": {n: [round(t, 5) for t in r["all_s"]] for n, r in res.items()},
+            "cpu_ms_per_round_trip": cpu_ms,
+            "machine_busy_fraction": round((busy1[0] - busy0[0]) / max(1, busy1[1] - busy0[1]), 3),
+            "auth_cost_fraction": round(wall["ps_auth"] / wall["ps_insecure"] - 1, 4),
+            "auth_cost_fraction_curve": round(wall["ps_auth_curve"] / wall["ps_insecure"] - 1, 4),
+            "auth_cpu_fraction": round(cpu_ms["ps_auth"] / cpu_ms["ps_insecure"] - 1, 4),
+            "auth_cpu_fraction_curve": round(cpu_ms["ps_auth_curve"] / cpu_ms["ps_insecure"] - 1, 4),
+            "raw_curve_cost_fraction": round(wall["raw_pyzmq_curve"] / wall["raw_pyzmq"] - 1, 4),
+            "raw_curve_cpu_fraction": round(cpu_ms["raw_pyzmq_curve"] / cpu_ms["raw_pyzmq"] - 1, 4),
+            "mac_floor_ms_per_round_trip": round(mac_floor_ms, 3),
+            "mac_floor_cpu_fraction": round(mac_floor_ms / cpu_ms["ps_insecure"], 4),
             "ps_insecure_fraction_of_raw": round(gbps["ps_insecure"] / gbps["raw_pyzmq"], 4),
-            **mac_gbps}
+            **costs}
 
 
-def _mac_speeds(buf) -> dict[str, float]:
-    """Single-core GB/s of the MAC the protocol uses (Signer: Poly1305) and of HMAC-SHA256 (v1's)."""
+def _crypto_costs(buf, n_cold: int = 64) -> dict[str, float | None]:
+    """One core, one 4 MiB buffer: the MAC the protocol uses (Signer: Poly1305), HMAC-SHA256 (v1's),
+    and libsodium's crypto_box_afternm (XSalsa20-Poly1305: what libzmq's CURVE runs per message).
+    Poly1305 is timed hot (the same buffer again: compute only) and cold (n_cold distinct buffers,
+    256 MiB, as a received frame is: the bytes come from memory). Times are this thread's CPU
+    time, so other load on the machine does not count (it still slows the memory system)."""
     import hashlib
     import hmac
 
     from trainlib.sync.ps.protocol import Signer
 
     signer, raw = Signer(TOKEN, "client"), b"\0" * 68
-    out = {}
-    for name, fn in (("hmac_sha256_GBps_one_core", lambda: hmac.new(TOKEN.encode(), buf, hashlib.sha256).digest()),
-                     ("poly1305_GBps_one_core", lambda: signer.sign(raw, buf))):
-        t0 = time.perf_counter()
-        for _ in range(8):
-            fn()
-        out[name] = round(8 * PARTITION / (time.perf_counter() - t0) / 1e9, 3)
+    cold = [np.full(PARTITION, i, dtype=np.uint8) for i in range(n_cold)]
+
+    def per_call_ms(fn, bufs) -> float:
+        fn(bufs[0])
+        t0 = time.thread_time()
+        for b in bufs:
+            fn(b)
+        return (time.thread_time() - t0) / len(bufs) * 1e3
+
+    hot = [buf] * n_cold
+    out: dict[str, float | None] = {
+        "poly1305_ms_per_4MiB_hot": round(min(per_call_ms(lambda b: signer.sign(raw, b), hot) for _ in range(3)), 4),
+        "poly1305_ms_per_4MiB_cold": round(min(per_call_ms(lambda b: signer.sign(raw, b), cold) for _ in range(3)), 4),
+        "memcpy_ms_per_4MiB_cold": round(min(per_call_ms(lambda b: b.copy(), cold) for _ in range(3)), 4),
+        "hmac_sha256_ms_per_4MiB_hot": round(per_call_ms(lambda b: hmac.new(TOKEN.encode(), b, hashlib.sha256).digest(),
+                                                         hot[:8]), 4),
+        "curve_box_ms_per_4MiB_hot": _curve_box_ms(),
+    }
+    out["poly1305_GBps_one_core"] = round(PARTITION / out["poly1305_ms_per_4MiB_hot"] / 1e6, 3)
+    out["hmac_sha256_GBps_one_core"] = round(PARTITION / out["hmac_sha256_ms_per_4MiB_hot"] / 1e6, 3)
     return out
+
+
+def _curve_box_ms() -> float | None:
+    """crypto_box_afternm over 4 MiB with the libsodium pyzmq's libzmq links (None where not found)."""
+    import ctypes
+    import glob
+
+    import zmq
+
+    libs = glob.glob(os.path.join(os.path.dirname(os.path.dirname(zmq.__file__)), "pyzmq.libs", "libsodium*"))
+    try:
+        sodium = ctypes.CDLL(libs[0] if libs else "libsodium.so.23")
+    except OSError:
+        return None
+    sodium.sodium_init()
+    key, nonce = os.urandom(32), os.urandom(24)
+    src, dst = ctypes.create_string_buffer(PARTITION + 32), ctypes.create_string_buffer(PARTITION + 32)
+    sodium.crypto_box_afternm(dst, src, ctypes.c_ulonglong(PARTITION + 32), nonce, key)
+    t0 = time.thread_time()
+    for _ in range(8):
+        sodium.crypto_box_afternm(dst, src, ctypes.c_ulonglong(PARTITION + 32), nonce, key)
+    return round((time.thread_time() - t0) / 8 * 1e3, 4)
 
 
 # -- the run ------------------------------------------------------------------------------------
@@ -278,7 +397,7 @@ def run(quick: bool, argv: list[str] | None = None) -> dict:
     from trainlib.testing import run_ranks
 
     reps = 3 if quick else 7
-    tp = throughput(n_parts=4 if quick else 16, window=8, reps=reps)
+    tp = throughput(n_parts=4 if quick else 16, window=8, reps=3 if quick else 9)
     servers = [spawn_server(token=TOKEN) for _ in range(2)]
     noauth = [spawn_server(insecure=True) for _ in range(2)]
     # every worker is its own "node": each starts a colocated server (2 workers + 2 servers)
@@ -308,6 +427,10 @@ def run(quick: bool, argv: list[str] | None = None) -> dict:
     summary = {"auth_cost_at_4MB": tp["auth_cost_fraction"], "auth_target_met": tp["auth_cost_fraction"] <= 0.20,
                "conn_auth_default": "plain", "auth_cost_at_4MB_curve": tp["auth_cost_fraction_curve"],
                "auth_target_met_curve": tp["auth_cost_fraction_curve"] <= 0.20,
+               "auth_cpu_cost_at_4MB": tp["auth_cpu_fraction"], "auth_cpu_cost_at_4MB_curve": tp["auth_cpu_fraction_curve"],
+               "mac_floor_cpu_fraction": tp["mac_floor_cpu_fraction"],
+               "raw_pyzmq_curve_cost": tp["raw_curve_cost_fraction"],
+               "machine_busy_fraction": tp["machine_busy_fraction"],
                "ps_insecure_fraction_of_raw_pyzmq": tp["ps_insecure_fraction_of_raw"],
                **{f"{w}_ps_dedicated_over_allreduce": steps[w]["ps_dedicated_over_allreduce_step"] for w in steps},
                **{f"{w}_ps_colocated_over_allreduce": steps[w]["ps_colocated_over_allreduce_step"] for w in steps},

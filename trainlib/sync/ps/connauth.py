@@ -15,6 +15,12 @@ libzmq accepts a single message frame from it:
                       derived from the token: nothing reusable crosses the wire and gradients are
                       encrypted, but every byte is encrypted and decrypted by libzmq's I/O thread,
                       several times the cost of the transport here (bench_ps.py); for untrusted networks.
+                      The per-message MAC stays on under CURVE. CURVE alone already stops forgery,
+                      reflection (each direction has its own nonce prefix) and replay of recorded
+                      traffic (ephemeral session keys), but libzmq admits any CURVE client when no
+                      ZAP handler answers: the MAC is what still demands the token then. It costs
+                      4 Poly1305 passes per round trip beside CURVE's 4 crypto_box passes, each
+                      about 4x slower (bench_ps.py), so dropping it would not make CURVE cheap.
     none              no connection check: only with --insecure servers (loopback only).
 
 Both sides must use the same mode: servers read `--conn-auth`, workers `TRAINLIB_PS_CONN_AUTH`,

@@ -193,8 +193,10 @@ class Signer:
     for (K, counter 0, a random 96-bit nonce), K = the direction's key from keys.mac_keys. The
     nonce travels in the mac frame (nonce || tag), so every message is MACed under its own key
     (Poly1305 must never see two messages under one key), whatever the sender's state. Poly1305
-    runs at memcpy-like speed (~12 GB/s on one core here, HMAC-SHA256 ~1.8 GB/s), which is what
-    keeps authentication cheap at 4 MB partitions (benchmarks/bench_ps.py)."""
+    runs at about memcpy speed on one core here (~9 GB/s on bytes in cache, ~4.5 GB/s on a frame
+    just received; HMAC-SHA256 ~1.5 GB/s), and a push/pull round trip makes four passes (sign and
+    verify, each way): what that costs against the transport is measured in benchmarks/bench_ps.py.
+    `cryptography` holds the GIL while it MACs, so a MAC thread would not overlap anything."""
 
     def __init__(self, token: str | bytes | None, side: str):
         if side not in SIDES:
