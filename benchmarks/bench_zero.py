@@ -6,7 +6,8 @@ Same model (trainlib's GPT), same AdamW, same batches, 2 ranks over gloo on CPU,
 Rows: trainlib-none (today's replicated DataParallel), trainlib-{optimizer,gradients,parameters} (ZeRO-1/2/3),
 the same with the bf16 policy (MixedPrecision(param_dtype=bf16, reduce_dtype=fp32): fp32 master slices),
 fsdp2-gradients (fully_shard, reshard_after_forward=False: FSDP2's ZeRO-2-like mode; it has no ZeRO-1),
-fsdp2-parameters (reshard_after_forward=True: ZeRO-3), deepspeed-zero{1,2,3} (DS_ACCELERATOR=cpu, gloo).
+fsdp2-parameters (reshard_after_forward=True: ZeRO-3), both also with MixedPrecisionPolicy(bf16, fp32 reduce),
+deepspeed-zero{1,2,3} (DS_ACCELERATOR=cpu, gloo).
 
 1. Memory, each row alone in the process (one at a time, fresh state): model-state bytes per parameter =
    the distinct tensor storages reachable from the model and optimizer (params, grads, optimizer state,
@@ -14,7 +15,8 @@ fsdp2-parameters (reshard_after_forward=True: ZeRO-3), deepspeed-zero{1,2,3} (DS
    (after forward, after backward, after the update), vs the ZeRO formula (see `formula`); and the peak
    RSS above the pre-build baseline (VmHWM), which adds activations, transient buffers and the full model
    every row builds before sharding it.
-2. Step time: every fp32 row built side by side from the same weights, stepped in rotating order
+2. Step time: every fp32 row (and, in the full run, trainlib's and FSDP2's bf16 stage 2/3 rows) built side by
+   side from the same weights, stepped in rotating order
    (medians of alternating repetitions); ratios trainlib/FSDP2, trainlib/DeepSpeed at the same stage and
    trainlib stage k / trainlib unsharded; each row's losses and final weights vs trainlib-none's.
 3. --scale: the largest GPT predicted to train on 2 ranks in 24 GiB per stage, from the measured peak RSS
@@ -39,6 +41,8 @@ STAGES = {0: "none", 1: "optimizer", 2: "gradients", 3: "parameters"}
 TOLERANCE = 0.10  # measured model-state bytes/param within 10% of the formula
 TARGETS = {"fsdp2": 1.0, "deepspeed": 0.7, "unsharded": 1.15}  # step-time ratio ceilings (issue 11)
 GIB = 1 << 30
+# bf16 rows that join the step-time group in the full run: trainlib vs FSDP2 at the same stage and policy
+BF16_STEP_ROWS = ("trainlib-gradients-bf16", "trainlib-parameters-bf16", "fsdp2-gradients-bf16", "fsdp2-parameters-bf16")
 ENV = {"DS_ACCELERATOR": "cpu"}
 
 # GPT shapes: memory rows want model states to dwarf activations; step rows a model whose step is
@@ -84,8 +88,10 @@ def row_specs(tl_ok: bool, ds_ok: bool) -> dict[str, dict[str, Any]]:
             specs[f"trainlib-{STAGES[s]}"] = {"kind": "tl", "stage": s, "precision": "fp32"}
         for s in (0, 1, 2, 3):
             specs[f"trainlib-{STAGES[s]}-bf16"] = {"kind": "tl", "stage": s, "precision": "bf16"}
-    specs["fsdp2-gradients"] = {"kind": "fsdp2", "stage": 2, "precision": "fp32"}
-    specs["fsdp2-parameters"] = {"kind": "fsdp2", "stage": 3, "precision": "fp32"}
+    for p in ("fp32", "bf16"):  # bf16: MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)
+        sfx = "" if p == "fp32" else "-bf16"
+        specs[f"fsdp2-gradients{sfx}"] = {"kind": "fsdp2", "stage": 2, "precision": p}
+        specs[f"fsdp2-parameters{sfx}"] = {"kind": "fsdp2", "stage": 3, "precision": p}
     if ds_ok:
         for s in (1, 2, 3):
             specs[f"deepspeed-zero{s}"] = {"kind": "ds", "stage": s, "precision": "fp32"}
@@ -105,7 +111,7 @@ def measure(quick: bool, specs: dict[str, dict[str, Any]], reps: int, k: int, me
 
     mem_model = MODELS["memory_quick" if quick else "memory"]
     step_model = MODELS["step_quick" if quick else "step"]
-    step_specs = {n: s for n, s in specs.items() if s["precision"] == "fp32"}
+    step_specs = {n: s for n, s in specs.items() if s["precision"] == "fp32" or (not quick and n in BF16_STEP_ROWS)}
     ranks = run_ranks(group, N_RANKS, mem_model, specs, 3, mem_reps, step_model, step_specs, reps, k, warm,
                       timeout_s=1800, env=ENV)
     return {"memory": memory_rows(mem_model, specs, [r["memory"] for r in ranks]),
@@ -131,14 +137,26 @@ def memory_rows(m: dict[str, int], specs: dict[str, dict], per_rank: list[dict[s
                                "peak_rss_delta": rss, "peak_rss_delta_per_param": round(rss / n, 3),
                                "peak_rss_delta_all": [r["peak_rss_delta_all"] for r in recs],
                                "peak_own_delta": own, "peak_own_delta_per_param": round(own / n, 3),
+                               "build_peak_rss_delta_per_param": round(max(r["build_peak_rss_delta"] for r in recs) / n, 3),
+                               "steps_peak_rss_delta_per_param": round(max(r["steps_peak_rss_delta"] for r in recs) / n, 3),
                                "baseline_rss": max(r["baseline_rss"] for r in recs)}
         row["seconds"] = max(r["seconds"] for r in recs)
+        ms = max(r["model_state_bytes"] for r in recs) if recs[0]["model_state_bytes"] is not None else None
+        if ms is not None:  # held storage = model states + communication buffers kept between steps
+            row.update({"model_state_bytes": ms, "model_state_bytes_per_param": round(ms / n, 3),
+                        "model_state_bytes_per_param_at": {p: round(max(r["model_state_bytes_at"][p] for r in recs) / n, 3)
+                                                           for p in recs[0]["model_state_bytes_at"]},
+                        "buffer_bytes_per_param": round((tb - ms) / n, 3)})
+        # what the formula is held to: model states where they are separable from buffers (trainlib, FSDP2),
+        # else everything held (DeepSpeed: its flat buffers and partitions are one object graph).
         # fsdp2-gradients is held to stage 2's formula: it keeps the gathered parameters from forward to
         # backward (4 + 12/d after forward), then reshards (16/d after backward)
         f = formula(spec["stage"], N_RANKS, spec["precision"])
+        got = (ms if ms is not None else tb) / n
         row.update({"formula": formula_text(spec["stage"], spec["precision"]), "formula_bytes_per_param": f,
-                    "measured_over_formula": round(tb / n / f, 4),
-                    "within_tolerance": abs(tb / n / f - 1) <= TOLERANCE})
+                    "compared": "model_state_bytes" if ms is not None else "tensor_bytes",
+                    "measured_over_formula": round(got / f, 4), "within_tolerance": abs(got / f - 1) <= TOLERANCE,
+                    "held_over_formula": round(tb / n / f, 4)})
         rows[name] = row
     return {"params": n, "model": m, "rows": rows}
 
@@ -148,7 +166,7 @@ def step_rows(res: dict[str, Any]) -> dict[str, Any]:
     res["median_step_ms"] = {n: round(t * 1e3, 3) for n, t in med.items()}
     ratios: dict[str, float] = {}
     pairs = [(f"trainlib-{STAGES[s]}", f"deepspeed-zero{s}", "deepspeed") for s in (1, 2, 3)]
-    pairs += [("trainlib-gradients", "fsdp2-gradients", "fsdp2"), ("trainlib-parameters", "fsdp2-parameters", "fsdp2")]
+    pairs += [(f"trainlib-{x}{p}", f"fsdp2-{x}{p}", "fsdp2") for p in ("", "-bf16") for x in ("gradients", "parameters")]
     pairs += [(f"trainlib-{STAGES[s]}", REFERENCE, "unsharded") for s in (1, 2, 3)]
     checks: dict[str, bool | None] = {}
     for a, b, peer in pairs:
@@ -221,21 +239,30 @@ def scale(memory: dict[str, Any], budget_gib: float, run_rows: list[str], steps:
     return out
 
 
-def billion(steps: int) -> dict[str, Any]:
-    """A >= 1B-parameter GPT (d_model 2048, 20 layers) with shard="parameters"; peak RSS per rank."""
+def billion(memory: dict[str, Any], steps: int) -> dict[str, Any]:
+    """A >= 1B-parameter GPT (d_model 2048, 20 layers) with shard="parameters"; peak RSS per rank. Runs only if
+    the memory free now holds both ranks' predicted peaks (from trainlib-parameters' measured peak RSS per
+    parameter) with 2 GiB to spare; each rank's address space is capped 15% + 1 GiB above its prediction."""
     from trainlib.benchmarks.zero_ranks import gpt_params, scale_rank
 
     m = gpt_for(1_010_000_000)
-    need = gpt_params(m) * 12  # both ranks: 16/d model states + the full fp32 model built before sharding
+    n = gpt_params(m)
+    row = memory["rows"].get("trainlib-parameters", {})
+    if "peak_rss_delta_per_param" not in row:
+        return {"gpt": m, "params": n, "skipped": f"no trainlib-parameters memory row: {row.get('error')}"}
+    per_rank = row["baseline_rss"] + n * row["peak_rss_delta_per_param"]
     free = available_bytes()
-    if free < need + 4 * GIB:
-        return {"gpt": m, "params": gpt_params(m),
-                "skipped": f"{free / GIB:.1f} GiB available < {need / GIB + 4:.1f} GiB needed (with 4 GiB to spare)"}
+    out = {"gpt": m, "params": n, "shard": "parameters", "steps": steps,
+           "predicted_peak_rss_gib_per_rank": round(per_rank / GIB, 2), "available_gib_at_start": round(free / GIB, 2)}
+    if free < N_RANKS * per_rank + 2 * GIB:
+        return {**out, "skipped": f"{free / GIB:.1f} GiB available < {(N_RANKS * per_rank + 2 * GIB) / GIB:.1f} GiB "
+                                  f"(2 ranks x {per_rank / GIB:.1f} GiB predicted + 2 GiB to spare)"}
+    cap = int(1.15 * n * row["peak_rss_delta_per_param"]) + GIB
     spec = {"kind": "tl", "stage": 3, "precision": "fp32"}
-    res = run_ranks(scale_rank, N_RANKS, m, spec, steps, None, timeout_s=3000, env=ENV, expect_failure=True)
-    return {"gpt": m, "params": gpt_params(m), "shard": "parameters", "steps": steps,
-            "ranks": [r if isinstance(r, dict) else {"fits": False, "error": str(r)[-800:]} for r in res],
-            "peak_rss_gib_per_rank": [round(r["peak_rss"] / GIB, 2) for r in res if isinstance(r, dict)]}
+    res = run_ranks(scale_rank, N_RANKS, m, spec, steps, cap, timeout_s=3000, env=ENV, expect_failure=True)
+    ranks = [r if isinstance(r, dict) else {"fits": False, "error": str(r)[-800:]} for r in res]
+    return {**out, "ranks": ranks, "peak_rss_gib_per_rank": [round(r["peak_rss"] / GIB, 2) for r in ranks
+                                                             if "peak_rss" in r]}
 
 
 # ---- 5: activation checkpointing ------------------------------------------------------------------------------
@@ -292,8 +319,13 @@ def run(quick: bool, argv: list[str] | None = None) -> dict:
     out: dict[str, Any] = {
         "definitions": {"ranks": N_RANKS, "backend": "gloo (CPU)", "optimizer": "torch AdamW(lr=3e-4, foreach=False)",
                         "repetitions": reps, "steps_per_repetition": k, "statistic": "median",
-                        "tensor_bytes": "distinct storages reachable from model + optimizer, max over after-forward/"
-                                        "after-backward/after-step of steps 2-3, larger rank",
+                        "tensor_bytes": "everything held: distinct storages reachable from the model, optimizer and "
+                                        "wrapper/engine, max over after-forward/after-backward/after-step of steps "
+                                        "2-3, larger rank; another rank's shared-memory buffers mapped here count 0",
+                        "model_state_bytes": "the same walk from the model states only (parameters and their grads, "
+                                             "the optimizer, the buckets' parameter/master/gradient storage), without "
+                                             "communication buffers; what the formula is held to (DeepSpeed: "
+                                             "tensor_bytes, not separable); buffer_bytes = tensor - model_state",
                         "peak_rss_delta": "VmHWM - RSS before building the row (row alone in the process), larger "
                                           "rank; min over repetitions",
                         "peak_own_delta": "peak_rss_delta less the peers' share of shared-memory buffers that RSS "
@@ -321,7 +353,7 @@ def run(quick: bool, argv: list[str] | None = None) -> dict:
                     if n in specs]
         out["scale"] = scale(res["memory"], args.budget_gib, runnable, steps=2)
     if args.billion:
-        out["billion"] = billion(steps=3) if tl_error is None else {"skipped": tl_error}
+        out["billion"] = billion(res["memory"], steps=3) if tl_error is None else {"skipped": tl_error}
     if args.scale or args.billion:
         out["result_suffix"] = "-scale" if not args.billion else "-billion"
         phase_s["scale_and_billion"] = round(time.perf_counter() - t0, 1)
@@ -334,15 +366,19 @@ def headline(out: dict[str, Any]) -> dict[str, Any]:
     s: dict[str, Any] = {}
     for name, row in out["memory"]["rows"].items():
         if "measured_over_formula" in row:
-            s[f"memory:{name}:bytes_per_param"] = row["tensor_bytes_per_param"]
+            s[f"memory:{name}:bytes_per_param"] = row.get("model_state_bytes_per_param", row["tensor_bytes_per_param"])
             s[f"memory:{name}:over_formula"] = row["measured_over_formula"]
+            s[f"memory:{name}:held_over_formula"] = row["held_over_formula"]
     s["memory:trainlib_rows_within_10pct"] = all(r.get("within_tolerance", False)
                                                  for n, r in out["memory"]["rows"].items() if n.startswith("trainlib"))
     st = out["step_time"]
     for key, v in st["ratios"].items():
         s[f"step:{key}"] = v
     s["step:targets_met"] = {k_: v for k_, v in st["meets_target"].items() if v is not None}
-    s["step:max_loss_diff_fp32_vs_trainlib-none"] = max(st["max_loss_diff_vs_reference"].values())
+    diffs = st["max_loss_diff_vs_reference"]
+    s["step:max_loss_diff_fp32_vs_trainlib-none"] = max(v for n, v in diffs.items() if not n.endswith("-bf16"))
+    if any(n.endswith("-bf16") for n in diffs):
+        s["step:max_loss_diff_bf16_vs_trainlib-none"] = max(v for n, v in diffs.items() if n.endswith("-bf16"))
     ac = out.get("activation_checkpointing", {})
     for mode, row in ac.get("modes", {}).items():
         if mode != "none" and "activation_ratio" in row:
@@ -350,7 +386,7 @@ def headline(out: dict[str, Any]) -> dict[str, Any]:
             s[f"ac:{mode}:time_ratio"] = round(row["time_ratio"], 3)
     for name, p in out.get("scale", {}).get("prediction", {}).items():
         s[f"scale:{name}:max_params_pred"] = p["max_params"]
-    if "billion" in out and "ranks" in out["billion"]:
+    if "billion" in out and out["billion"].get("peak_rss_gib_per_rank"):
         s["billion:params"] = out["billion"]["params"]
         s["billion:peak_rss_gib_per_rank"] = out["billion"]["peak_rss_gib_per_rank"]
     return s
@@ -365,7 +401,9 @@ def plot(result: dict, path: str) -> None:
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(14, 5.5))
     rows = {n: r for n, r in result["memory"]["rows"].items() if "error" not in r}
     names = list(rows)
-    a1.barh(names, [r["tensor_bytes_per_param"] for r in rows.values()], label="tensor storage")
+    a1.barh(names, [r["tensor_bytes_per_param"] for r in rows.values()], label="tensor storage held", color="tab:cyan")
+    a1.barh(names, [r.get("model_state_bytes_per_param", r["tensor_bytes_per_param"]) for r in rows.values()],
+            label="of it model states", color="tab:blue")
     a1.barh(names, [r["peak_own_delta_per_param"] for r in rows.values()], height=0.3,
             label="peak RSS delta less peers' shared buffers")
     fx = [(i, r["formula_bytes_per_param"]) for i, r in enumerate(rows.values()) if "formula_bytes_per_param" in r]

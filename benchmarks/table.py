@@ -92,9 +92,28 @@ def _cluster(s: dict) -> str:
             f"{s['median_error'] * 100:.0f}%, worst {s['worst_error'] * 100:.0f}%; fastest for the wide MLP: {wins}")
 
 
+def _zero(s: dict) -> str:
+    st = ("optimizer", "gradients", "parameters")
+    mem = "/".join(f"{s[f'memory:trainlib-{x}:bytes_per_param']:g}" for x in st)
+    over = max(abs(v - 1) for k, v in s.items() if k.startswith("memory:trainlib") and k.endswith(":over_formula"))
+    out = (f"trainlib ZeRO-1/2/3 fp32 model states {mem} bytes/param/rank at d=2 (formula 12/10/8; worst row "
+           f"{over * 100:.1f}% off); step time ZeRO-3 {_x(s['step:trainlib-parameters/fsdp2-parameters'])} of FSDP2, "
+           f"ZeRO-1/2/3 {'/'.join(_x(s[f'step:trainlib-{x}/deepspeed-zero{i + 1}']) for i, x in enumerate(st) if f'step:trainlib-{x}/deepspeed-zero{i + 1}' in s) or 'n/a'} of DeepSpeed, "
+           f"ZeRO-1/2 {_x(s['step:trainlib-optimizer/trainlib-none'])}/{_x(s['step:trainlib-gradients/trainlib-none'])} "
+           f"of unsharded")
+    pred = {k.split(":")[1]: v for k, v in s.items() if k.startswith("scale:") and k.endswith("max_params_pred")}
+    if pred:
+        out += "; PREDICTED largest GPT in 24 GiB: " + ", ".join(
+            f"{n.removeprefix('trainlib-')} {v / 1e9:.2f}B" for n, v in pred.items() if n.startswith("trainlib-")
+            and not n.endswith("bf16"))
+    if "billion:params" in s:
+        out += f"; {s['billion:params'] / 1e9:.2f}B-param GPT, ZeRO-3: peak RSS {s['billion:peak_rss_gib_per_rank']} GiB/rank"
+    return out
+
+
 HEADLINES: dict[str, Callable[[dict], str]] = {
     "allreduce": _allreduce, "dp": _dp, "kernels": _kernels, "ps": _ps, "tp": _tp, "pp": _pp,
-    "checkpoint": _checkpoint, "mutants": _mutants, "cluster": _cluster,
+    "checkpoint": _checkpoint, "mutants": _mutants, "cluster": _cluster, "zero": _zero,
 }
 
 

@@ -13,6 +13,7 @@ Candidates are specs {"kind": "tl" | "fsdp2" | "ds", "stage": 0-3, "precision": 
 from __future__ import annotations
 
 import gc
+import re
 import resource
 import time
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ from trainlib.benchmarks import zero_peers
 
 SHARDS = {0: None, 1: "optimizer", 2: "gradients", 3: "parameters"}  # trainlib's spelling of ZeRO stages 0-3
 PROBES = ("forward", "backward", "step")
+# FlatBucket (sharded) and Bucket (replicated) fields that hold parameters, master weights or gradients
+BUCKET_STATE_FIELDS = ("flat", "shard", "master", "grad", "grads")
 
 
 # ---- the workload ------------------------------------------------------------------------------
@@ -86,8 +89,10 @@ class Candidate:
     kind: str
     model: nn.Module
     step: Callable[..., torch.Tensor]   # step(batch, probe=None); probe(point) at "forward", "backward", "step"
-    roots: list[Any]                    # where its model states live (module, optimizer, engine)
+    roots: list[Any]                    # everything it holds (module, optimizer, engine, wrapper)
     close: Callable[[], None] = lambda: None
+    state_roots: Callable[[], list[Any]] | None = None  # ZeRO's model states only (params, grads, optimizer
+                                                        # state); None: not separable from buffers (DeepSpeed)
 
 
 def build(name: str, spec: dict[str, Any], m: dict[str, int]) -> Candidate:
@@ -97,7 +102,8 @@ def build(name: str, spec: dict[str, Any], m: dict[str, int]) -> Candidate:
     kind, stage, precision = spec["kind"], spec["stage"], spec.get("precision", "fp32")
     if kind == "fsdp2":
         model, step, roots = zero_peers.fsdp2(inner, stage == 3, precision, make_optimizer, loss_fn)
-        return Candidate(name, kind, model, step, roots)
+        opt = roots[1]
+        return Candidate(name, kind, model, step, roots, state_roots=lambda: model_states(inner, opt))
     if kind == "ds":
         model, step, roots = zero_peers.deepspeed(inner, stage, m["batch"], block_params(m), make_optimizer,
                                                     loss_fn)
@@ -138,7 +144,19 @@ def _trainlib(name: str, inner: nn.Module, stage: int, precision: str) -> Candid
         opt.zero_grad(set_to_none=True)
         return loss.detach()
 
-    return Candidate(name, "tl", model, step, [model, opt], model.close)
+    # model states: the parameters (and grads), the optimizer (master/grad slices, state) and the buckets'
+    # parameter and gradient storage; not the wrapper's communication buffers (wires, their pool)
+    def states() -> list[Any]:
+        buckets = [getattr(b, f) for b in getattr(model, "buckets", []) for f in BUCKET_STATE_FIELDS if hasattr(b, f)]
+        return model_states(inner, getattr(opt, "inner", opt)) + [buckets]
+
+    return Candidate(name, "tl", model, step, [model, opt], model.close, state_roots=states)
+
+
+def model_states(module: nn.Module, opt: torch.optim.Optimizer) -> list[Any]:
+    """The module's current parameters (with their grads and tensor attributes) and the optimizer's state and
+    parameters -- not the module object itself: its hooks lead to the wrapper and its buffers."""
+    return [list(module.parameters()), opt.state, opt.param_groups]
 
 
 def final_params(c: Candidate) -> torch.Tensor:
@@ -152,35 +170,37 @@ def final_params(c: Candidate) -> torch.Tensor:
 
 
 # ---- model-state bytes: walk the storages reachable from the candidate, count each once ----------
-def shared_ranges() -> list[tuple[int, int]]:
-    """Address ranges of this process's /dev/shm mappings (Linux; [] elsewhere)."""
+def shared_ranges() -> list[tuple[int, int, float]]:
+    """This process's /dev/shm mappings as (start, end, charge): 0 for a buffer another rank made (trainlib's shm
+    transport names them `...-buf{key}-{rank}` and maps every rank's into every rank of the node: the pages are
+    the owner's), 1 for this rank's own, 1/world for an unnamed one (one copy among the ranks that map it)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
     out = []
     try:
         with open("/proc/self/maps") as f:
             for line in f:
                 parts = line.split(maxsplit=5)
-                if len(parts) == 6 and parts[5].startswith("/dev/shm/"):
-                    lo, hi = parts[0].split("-")
-                    out.append((int(lo, 16), int(hi, 16)))
+                if len(parts) < 6 or not parts[5].startswith("/dev/shm/"):
+                    continue
+                lo, hi = parts[0].split("-")
+                owner = re.search(r"-(\d+)(?: \(deleted\))?$", parts[5].strip())
+                charge = (1.0 if int(owner.group(1)) == rank else 0.0) if owner else 1.0 / world
+                out.append((int(lo, 16), int(hi, 16), charge))
     except OSError:
         pass
     return out
 
 
-def state_bytes(roots: list[Any], sharers: int = 1, max_objects: int = 2_000_000) -> int:
+def state_bytes(roots: list[Any], shm: list[tuple[int, int, float]] | None = None, max_objects: int = 2_000_000) -> int:
     """Bytes of every distinct tensor storage reachable from `roots`: parameters (and their .grad and any
     tensors hung on them, e.g. DeepSpeed's ds_tensor), optimizer state, flat buckets, master copies,
     FSDP2's sharded data (reached through its hooks). Walks containers, object attributes, bound methods,
     partials and closures; not modules, classes or function globals (those lead to the whole program).
-
-    A storage in /dev/shm is charged 1/sharers: trainlib's shm transport maps every rank's buffers into
-    every rank of the node, so each rank sees its own and its peers' -- one physical copy among
-    `sharers` processes (how PSS counts shared pages)."""
-    storages = _storages(roots, max_objects)
-    shm = shared_ranges() if sharers > 1 else []
+    A storage inside a /dev/shm mapping is charged as `shm` (from shared_ranges()) says."""
     total = 0.0
-    for (ptr, _), nbytes in storages.items():
-        total += nbytes / sharers if any(lo <= ptr < hi for lo, hi in shm) else nbytes
+    for (ptr, _), nbytes in _storages(roots, max_objects).items():
+        charge = next((c for lo, hi, c in shm or () if lo <= ptr < hi), 1.0)
+        total += nbytes * charge
     return int(total)
 
 
@@ -275,9 +295,10 @@ def memory_phase(m: dict[str, int], specs: dict[str, dict[str, Any]], steps: int
             if prev is None or "error" in rec:
                 out[name] = rec
                 continue
-            for key in ("peak_rss_delta", "peak_own_delta"):  # noise only adds: the smallest is the figure
-                rec[key] = min(prev[key], rec[key])
-                rec[key + "_all"] = prev[key + "_all"] + rec[key + "_all"]
+            for key in ("peak_rss_delta", "peak_own_delta", "build_peak_rss_delta", "steps_peak_rss_delta"):
+                rec[key] = min(prev[key], rec[key])  # noise only adds: the smallest is the figure
+                if key + "_all" in rec:
+                    rec[key + "_all"] = prev[key + "_all"] + rec[key + "_all"]
             out[name] = rec
     return out
 
@@ -295,11 +316,18 @@ def _one_memory(name: str, spec: dict[str, Any], m: dict[str, int], batches: lis
         if spec["kind"] == "tl":
             raise
         return {"error": f"{type(e).__name__}: {e}"[:2000]}
+    build_peak = wl.status_kb("VmHWM") * 1024 - rss0  # every row builds the full fp32 GPT, then shards it
+    wl.reset_peak_rss()
     probes: dict[str, int] = {}
     shared_excess = [0]
 
+    state: dict[str, int] = {}
+
     def probe(point: str) -> None:
-        probes[point] = max(probes.get(point, 0), state_bytes(c.roots, dist.get_world_size()))
+        shm = shared_ranges()  # buffers may be mapped at any step
+        probes[point] = max(probes.get(point, 0), state_bytes(c.roots, shm))
+        if c.state_roots is not None:
+            state[point] = max(state.get(point, 0), state_bytes(c.state_roots(), shm))
         # RSS counts a shared page fully in every process that maps it, PSS 1/n: the difference is what
         # this rank's RSS holds of its peers' shared buffers (trainlib's shm transport)
         shared_excess[0] = max(shared_excess[0], wl.status_kb("VmRSS") * 1024 - wl.pss_bytes())
@@ -307,15 +335,18 @@ def _one_memory(name: str, spec: dict[str, Any], m: dict[str, int], batches: lis
     for i in range(steps):
         c.step(batches[i % len(batches)], probe if i >= 1 else None)
     comm.barrier()
-    hwm = wl.status_kb("VmHWM") * 1024
+    steps_peak = wl.status_kb("VmHWM") * 1024 - rss0
+    hwm = rss0 + max(build_peak, steps_peak)
     c.close()
     del c
     gc.collect()
     # the peak less the peers' share of shared buffers (measured at the probes): this rank's own memory
     own = hwm - rss0 - max(0, shared_excess[0] - excess0)
     return {"tensor_bytes": max(probes.values()), "tensor_bytes_at": probes, "baseline_rss": rss0,
+            "model_state_bytes": max(state.values()) if state else None, "model_state_bytes_at": state or None,
             "peak_rss_delta": hwm - rss0, "peak_rss_delta_all": [hwm - rss0], "peak_own_delta": own,
-            "peak_own_delta_all": [own], "vmhwm_reset": reset_ok, "seconds": round(time.perf_counter() - t0, 2)}
+            "peak_own_delta_all": [own], "build_peak_rss_delta": build_peak, "steps_peak_rss_delta": steps_peak,
+            "vmhwm_reset": reset_ok, "seconds": round(time.perf_counter() - t0, 2)}
 
 
 # ---- step time ----------------------------------------------------------------------------------
@@ -395,7 +426,11 @@ def scale_rank(m: dict[str, int], spec: dict[str, Any], steps: int, cap_bytes: i
         out["step_s"] = round((time.perf_counter() - t1) / steps, 3)
         out["fits"] = True
     except (MemoryError, RuntimeError) as e:
-        out["fits"], out["error"] = False, f"{type(e).__name__}: {e}"[:500]
+        # raise, not return: the other rank may be waiting in a collective, and run_ranks stops the
+        # group soon after a rank fails (a returned failure would leave it waiting for the timeout)
+        raise RuntimeError(f"does not fit: peak RSS {wl.status_kb('VmHWM') / 2**20:.2f} GiB under a cap of "
+                           f"{(cap_bytes or 0) / 2**30:.2f} GiB more address space: {type(e).__name__}: "
+                           f"{str(e)[:300]}") from e
     out["peak_rss"] = wl.status_kb("VmHWM") * 1024
     out["peak_rss_delta"] = out["peak_rss"] - rss0
     return out

@@ -91,8 +91,11 @@ def test_trainlib_memory_matches_zero_formulas(result):
     for name, expected in EXPECTED.items():
         row = rows[name]
         assert row["formula_bytes_per_param"] == pytest.approx(expected), name
-        measured = row["tensor_bytes_per_param"]
+        assert row["compared"] == "model_state_bytes"
+        measured = row["model_state_bytes_per_param"]
         assert abs(measured / expected - 1) <= bench_zero.TOLERANCE, f"{name}: {measured} bytes/param vs {expected}"
+        # the rest of what the rank holds between steps is communication buffers, never negative
+        assert row["tensor_bytes_per_param"] >= measured - 1e-3
     assert result["summary"]["memory:trainlib_rows_within_10pct"] is True
 
 
@@ -101,6 +104,8 @@ def test_every_fp32_row_trained_the_same_model(result):
     st = result["step_time"]
     assert st["reference"] == "trainlib-none"
     for name, diff in st["max_param_diff_vs_reference"].items():
+        if name.endswith("-bf16"):  # bf16 compute rounds differently (full run only)
+            continue
         assert diff <= 1e-5, (name, diff)
         assert st["max_loss_diff_vs_reference"][name] <= 1e-5, name
 
