@@ -18,6 +18,7 @@ import json
 import os
 import struct
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -38,6 +39,17 @@ def _raw(t: torch.Tensor) -> memoryview:
 
 def write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> tuple[str, int]:
     """Write a safetensors file, flush and fsync it; return (sha256 hex, size) of its bytes."""
+    with open(path, "wb") as f:
+        out = write_to(f, tensors, metadata)
+        f.flush()
+        os.fsync(f.fileno())
+    return out
+
+
+def write_to(f: BinaryIO, tensors: dict[str, torch.Tensor],
+             metadata: dict[str, str] | None = None) -> tuple[str, int]:
+    """Stream safetensors bytes into any binary writer (a file, an S3 multipart upload);
+    return (sha256 hex, size). The caller makes them durable."""
     header: dict = {"__metadata__": dict(metadata or {})}
     offset = 0
     # widest elements first (as safetensors does): every offset is then a multiple of its element size
@@ -52,16 +64,13 @@ def write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
     h = hashlib.sha256()
-    with open(path, "wb") as f:
-        for chunk in (struct.pack("<Q", len(head)), head):
-            f.write(chunk)
-            h.update(chunk)
-        for name in names:
-            mv = _raw(tensors[name])
-            f.write(mv)
-            h.update(mv)
-        f.flush()
-        os.fsync(f.fileno())
+    for chunk in (struct.pack("<Q", len(head)), head):
+        f.write(chunk)
+        h.update(chunk)
+    for name in names:
+        mv = _raw(tensors[name])
+        f.write(mv)
+        h.update(mv)
     return h.hexdigest(), 8 + len(head) + offset
 
 

@@ -18,7 +18,9 @@ cf. "All File Systems Are Not Created Equal", Pillai et al., OSDI 2014):
     barrier: save() returns on every rank only once the checkpoint is durable and named by `latest`
 
 A process killed at any point leaves either the old state or the new one: a `.tmp-*` directory is
-never read, and a `step_*` directory exists only with its manifest. Loading verifies the sha256
+never read, and a `step_*` directory exists only with its manifest. The same recipe runs on S3
+(`s3://bucket/prefix`; backends.py, s3.py), where the manifest's PUT replaces the rename, and in
+the background (async_save.py: CheckpointWriter), from a snapshot of the state in host memory. Loading verifies the sha256
 of this rank's files and the manifest's own checksum; a damaged checkpoint is skipped with a
 warning and the next newest complete one is used — all ranks agree on which, by a collective.
 Nothing is unpickled: tensors are safetensors, everything else JSON.
@@ -29,24 +31,19 @@ import hashlib
 import json
 import logging
 import os
-import re
-import shutil
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from . import faults, rng, stfile
+from . import backends, faults, rng, stfile
+from .backends import LATEST, MANIFEST, Storage, open_storage  # noqa: F401  (LATEST: public name)
 from .tree import flatten, unflatten
 
 log = logging.getLogger("trainlib")
 
 FORMAT = 1
-MANIFEST = "MANIFEST.json"
-LATEST = "latest"
-_STEP_DIR = re.compile(r"^step_(\d{8,})$")
 
 
 class CheckpointError(RuntimeError):
@@ -61,66 +58,29 @@ class _Damaged(Exception):
 class Checkpoint:
     step: int
     state: dict[str, Any]
-    path: Path
+    path: Any   # a Path, or an s3.S3Object for s3:// checkpoints
 
 
-def step_dir(root: str | os.PathLike, step: int) -> Path:
-    return Path(root) / f"step_{step:08d}"
+def step_dir(root: str | os.PathLike, step: int):
+    """Where checkpoint `step` lives: a Path (or an s3.S3Object under s3://)."""
+    return open_storage(root).step_path(step)
 
 
 def list_steps(root: str | os.PathLike) -> list[int]:
     """Steps of the complete-looking checkpoints under root (a manifest exists), ascending."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    out = []
-    for p in root.iterdir():
-        m = _STEP_DIR.match(p.name)
-        if m and (p / MANIFEST).is_file():
-            out.append(int(m.group(1)))
-    return sorted(out)
+    return open_storage(root).list_steps()
 
 
 def latest_step(root: str | os.PathLike) -> int | None:
     """The step `latest` names, or None (no pointer, or an unreadable one)."""
-    try:
-        m = _STEP_DIR.match((Path(root) / LATEST).read_text().strip())
-    except OSError:
-        return None
-    return int(m.group(1)) if m else None
-
-
-# --- durable writes -------------------------------------------------------------------------
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_durable(path: Path, data: bytes) -> tuple[str, int]:
-    """Write, flush, fsync; return (sha256 hex, size) of what was written."""
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    return hashlib.sha256(data).hexdigest(), len(data)
+    return open_storage(root).latest_step()
 
 
 def _canonical(body: dict) -> bytes:
     return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
 
 
-def _write_latest(root: Path, name: str) -> None:
-    tmp = root / f".{LATEST}.tmp"
-    _write_durable(tmp, f"{name}\n".encode())
-    os.replace(tmp, root / LATEST)
-    _fsync_dir(root)
-
-
-# --- where this process sits ----------------------------------------------------------------
+# --- where this process sits, and the collectives a save needs ------------------------------
 
 def _where(rank: int | None, world_size: int | None) -> tuple[int, int, bool]:
     """(rank, world_size, use collectives)."""
@@ -140,33 +100,63 @@ def _comm_device() -> torch.device:
     return torch.device("cpu")
 
 
+class Collectives:
+    """The three collectives a save needs, over some group; subclasses give all_gather and device.
+    The default (`WORLD`) is the training's default group through comm; the asynchronous writer
+    brings its own gloo group so its background thread never shares a group with training."""
+
+    world_size: int = 1
+
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def all_gather(self, out: list[torch.Tensor], t: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def gather_i64(self, values: list[int]) -> list[list[int]]:
+        t = torch.tensor(values, dtype=torch.int64, device=self.device())
+        out = [torch.empty_like(t) for _ in range(self.world_size)]
+        self.all_gather(out, t)
+        return [o.cpu().tolist() for o in out]
+
+    def gather_bytes(self, data: bytes) -> list[bytes]:
+        """Every rank's `data` (lengths first, then the bytes padded to the longest)."""
+        lengths = [v[0] for v in self.gather_i64([len(data)])]
+        buf = torch.zeros(max(lengths), dtype=torch.uint8)
+        if data:
+            buf[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        buf = buf.to(self.device())
+        out = [torch.empty_like(buf) for _ in range(self.world_size)]
+        self.all_gather(out, buf)
+        return [bytes(o.cpu()[:n].tolist()) for o, n in zip(out, lengths)]
+
+
+class _World(Collectives):
+    def __init__(self, world_size: int):
+        self.world_size = world_size
+
+    def device(self) -> torch.device:
+        return _comm_device()
+
+    def all_gather(self, out: list[torch.Tensor], t: torch.Tensor) -> None:
+        from .. import comm
+
+        comm.all_gather(out, t)
+
+
 def _all_gather_i64(values: list[int], world_size: int) -> list[list[int]]:
-    from .. import comm
-
-    t = torch.tensor(values, dtype=torch.int64, device=_comm_device())
-    out = [torch.empty_like(t) for _ in range(world_size)]
-    comm.all_gather(out, t)
-    return [o.cpu().tolist() for o in out]
+    return _World(world_size).gather_i64(values)
 
 
-def _all_gather_bytes(data: bytes, world_size: int) -> list[bytes]:
-    """Every rank's `data` (lengths first, then the bytes padded to the longest)."""
-    from .. import comm
-
-    lengths = [v[0] for v in _all_gather_i64([len(data)], world_size)]
-    buf = torch.zeros(max(lengths), dtype=torch.uint8)
-    if data:
-        buf[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    buf = buf.to(_comm_device())
-    out = [torch.empty_like(buf) for _ in range(world_size)]
-    comm.all_gather(out, buf)
-    return [bytes(o.cpu()[:n].tolist()) for o, n in zip(out, lengths)]
-
-
-def _barrier() -> None:
-    from .. import comm
-
-    comm.all_reduce(torch.zeros(1, device=_comm_device()))
+def _agree(coll: Collectives | None, step: int, what: str, error: BaseException | None) -> None:
+    """Every rank learns whether `what` worked everywhere (instead of waiting for a rank that gave up
+    until the collective timeout): this rank's own error is re-raised, another rank's named."""
+    oks = coll.gather_i64([error is None]) if coll is not None else [[error is None]]
+    if error is not None:
+        raise error
+    bad = [r for r, (ok,) in enumerate(oks) if not ok]
+    if bad:
+        raise CheckpointError(f"checkpoint step {step}: {what} failed on rank(s) {bad}; their logs say why")
 
 
 def _digest_ints(hexdigest: str, size: int) -> list[int]:
@@ -180,86 +170,96 @@ def _ints_digest(v: list[int]) -> tuple[str, int]:
 
 # --- save -----------------------------------------------------------------------------------
 
-def save(root: str | os.PathLike, step: int, state: dict[str, Any], *, keep: int = 3, save_rng: bool = True,
-         rank: int | None = None, world_size: int | None = None, layout: dict | None = None) -> Path:
-    """Save this rank's `state` (a tree of tensors and JSON values) as checkpoint `step` under `root`.
-
-    Collective: every rank of the job calls it with the same step. Returns the checkpoint's
-    directory once it is durable on every rank and `latest` names it; older checkpoints beyond
-    the newest `keep` are deleted. save_rng adds this rank's RNG states (torch CPU/CUDA, random,
-    numpy), which `load` restores. layout: this rank's checkpoint/layout.py description (global
-    shapes, tp and dp slices); given on every rank or none, the manifest records all of them."""
+def check_save_args(step: int, keep: int) -> None:
     if not isinstance(step, int) or step < 0:
         raise CheckpointError(f"checkpoint step {step!r} must be an int >= 0")
     if not isinstance(keep, int) or keep < 1:
         raise CheckpointError(f"checkpoint keep={keep!r} must be an int >= 1 (how many recent checkpoints to keep)")
+
+
+def save(root: str | os.PathLike, step: int, state: dict[str, Any], *, keep: int = 3, save_rng: bool = True,
+         rank: int | None = None, world_size: int | None = None, layout: dict | None = None):
+    """Save this rank's `state` (a tree of tensors and JSON values) as checkpoint `step` under `root`
+    (a directory, or s3://bucket/prefix).
+
+    Collective: every rank of the job calls it with the same step. Returns the checkpoint's
+    location once it is durable on every rank and `latest` names it; older checkpoints beyond
+    the newest `keep` are deleted. save_rng adds this rank's RNG states (torch CPU/CUDA, random,
+    numpy), which `load` restores. layout: this rank's checkpoint/layout.py description (global
+    shapes, tp and dp slices); given on every rank or none, the manifest records all of them.
+    For a save that returns before the write, see async_save.CheckpointWriter."""
+    check_save_args(step, keep)
     r, w, collective = _where(rank, world_size)
-    root = Path(root)
-    final, tmp = step_dir(root, step), root / f".tmp-{step_dir(root, step).name}"
-    t0 = time.perf_counter()
-    if r == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():  # a save of this step that died earlier
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    if collective:
-        _barrier()
     skeleton, tensors = flatten({"state": state, "rng": rng.capture() if save_rng else None})
+    return write_flat(open_storage(root), step, skeleton, tensors, keep=keep, rank=r, world_size=w,
+                      layout=layout, coll=_World(w) if collective else None)
+
+
+def write_flat(storage: Storage, step: int, skeleton: dict, tensors: dict[str, torch.Tensor], *, keep: int,
+               rank: int, world_size: int, layout: dict | None, coll: Collectives | None):
+    """The recipe, on a flattened state (tree.flatten); collective over `coll` (None: one process)."""
+    r, w = rank, world_size
+    t0 = time.perf_counter()
+    error = None
+    if r == 0:
+        try:
+            storage.begin(step)
+        except Exception as e:
+            error = e
+    _agree(coll, step, f"preparing {storage.url}", error)
     meta = {"format": FORMAT, "step": step, "rank": r, "world_size": w, "tree": skeleton}
     names = (f"rank{r}.safetensors", f"rank{r}.json")
-    mine = [stfile.write(tmp / names[0], tensors, metadata={"trainlib_format": str(FORMAT)}),
-            _write_durable(tmp / names[1], json.dumps(meta).encode())]
+    flat, error = [0] * 10, None
+    try:
+        mine = [storage.write_tensors(step, names[0], tensors, {"trainlib_format": str(FORMAT)}),
+                storage.write_bytes(step, names[1], json.dumps(meta).encode())]
+        flat = _digest_ints(*mine[0]) + _digest_ints(*mine[1])
+    except Exception as e:
+        error = e
     faults.maybe_kill(r, step, "save:shard")
-    flat = _digest_ints(*mine[0]) + _digest_ints(*mine[1])
-    every = _all_gather_i64(flat, w) if collective else [flat]
+    every = coll.gather_i64(flat + [error is None]) if coll is not None else [flat + [error is None]]
+    _agree(None, step, "", error)
+    failed = [rr for rr, v in enumerate(every) if not v[10]]
+    if failed:
+        raise CheckpointError(f"checkpoint step {step}: writing the shard failed on rank(s) {failed}; "
+                              "their logs say why")
     layouts = None
     if layout is not None:
         mine_layout = json.dumps(layout, sort_keys=True).encode()
-        layouts = [json.loads(x) for x in _all_gather_bytes(mine_layout, w)] if collective else [layout]
+        layouts = [json.loads(x) for x in coll.gather_bytes(mine_layout)] if coll is not None else [layout]
+    error = None
     if r == 0:
-        files = {}
-        for rr, v in enumerate(every):
-            for i, kind in enumerate(("safetensors", "json")):
-                digest, size = _ints_digest(v[5 * i: 5 * i + 5])
-                files[f"rank{rr}.{kind}"] = {"sha256": digest, "bytes": size}
-        body = {"format": FORMAT, "step": step, "world_size": w, "files": files, "saved_unix": time.time()}
-        if layouts is not None:
-            body["layouts"] = {str(rr): lay for rr, lay in enumerate(layouts)}
-        _write_durable(tmp / MANIFEST, json.dumps({"sha256": hashlib.sha256(_canonical(body)).hexdigest(),
-                                                   "body": body}, indent=1).encode())
-        _fsync_dir(tmp)
-        faults.maybe_kill(r, step, "save:manifest")
-        if final.exists():  # the same step saved before (a resume that replays it): replace it
-            old = root / f".old-{final.name}-{os.getpid()}"
-            os.rename(final, old)
-            shutil.rmtree(old)
-        os.rename(tmp, final)
-        _fsync_dir(root)
-        faults.maybe_kill(r, step, "save:rename")
-        _write_latest(root, final.name)
-        _prune(root, step, keep)
-    if collective:
-        _barrier()
+        try:
+            _commit(storage, step, every, w, layouts, keep, r)
+        except Exception as e:
+            error = e
+    _agree(coll, step, f"committing to {storage.url}", error)
+    final = storage.step_path(step)
     log.info("checkpoint step %d saved to %s in %.2fs", step, final, time.perf_counter() - t0)
     return final
 
 
-def _prune(root: Path, newest: int, keep: int) -> None:
-    """Keep the newest `keep` checkpoints up to `newest`; drop later ones (an abandoned timeline
-    from before a resume) and leftovers of killed saves."""
-    steps = list_steps(root)
-    older = [s for s in steps if s <= newest]
-    doomed = older[:-keep] + [s for s in steps if s > newest]
-    for s in doomed:
-        shutil.rmtree(step_dir(root, s), ignore_errors=True)
-    for p in root.iterdir():
-        if (p.name.startswith(".tmp-step_") or p.name.startswith(".old-step_")) and p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
+def _commit(storage: Storage, step: int, every: list[list[int]], w: int, layouts: list | None, keep: int,
+            r: int) -> None:
+    """Rank 0: the manifest (sha256 and size of every rank's files, itself checksummed), then
+    `latest`, then pruning."""
+    files = {}
+    for rr, v in enumerate(every):
+        for i, kind in enumerate(("safetensors", "json")):
+            digest, size = _ints_digest(v[5 * i: 5 * i + 5])
+            files[f"rank{rr}.{kind}"] = {"sha256": digest, "bytes": size}
+    body = {"format": FORMAT, "step": step, "world_size": w, "files": files, "saved_unix": time.time()}
+    if layouts is not None:
+        body["layouts"] = {str(rr): lay for rr, lay in enumerate(layouts)}
+    manifest = json.dumps({"sha256": hashlib.sha256(_canonical(body)).hexdigest(), "body": body}, indent=1).encode()
+    storage.commit(step, manifest, lambda phase: faults.maybe_kill(r, step, phase))
+    storage.set_latest(step)
+    storage.prune(step, keep)
 
 
 # --- load -----------------------------------------------------------------------------------
 
-def _read_manifest(path: Path, world_size: int) -> dict:
+def _read_manifest(path, world_size: int) -> dict:
     try:
         outer = json.loads((path / MANIFEST).read_bytes())
         body = outer["body"]
@@ -277,7 +277,7 @@ def _read_manifest(path: Path, world_size: int) -> dict:
     return body
 
 
-def _read_verified(path: Path, entry: dict | None, name: str) -> bytes:
+def _read_verified(path, entry: dict | None, name: str) -> bytes:
     if entry is None:
         raise _Damaged(f"{name} is not in the manifest")
     try:
@@ -292,7 +292,7 @@ def _read_verified(path: Path, entry: dict | None, name: str) -> bytes:
     return data
 
 
-def _read_shard(path: Path, rank: int, world_size: int) -> dict:
+def _read_shard(path, rank: int, world_size: int) -> dict:
     body = _read_manifest(path, world_size)
     meta_raw = _read_verified(path, body["files"].get(f"rank{rank}.json"), f"rank{rank}.json")
     name = f"rank{rank}.safetensors"
@@ -300,7 +300,7 @@ def _read_shard(path: Path, rank: int, world_size: int) -> dict:
     if entry is None:
         raise _Damaged(f"{name} is not in the manifest")
     try:
-        blob = stfile.read_verified(path / name, entry["bytes"], entry["sha256"])
+        blob = backends.read_verified(path / name, entry["bytes"], entry["sha256"])
     except OSError as e:
         raise _Damaged(f"{name} unreadable ({e.strerror})") from None
     except ValueError as e:
@@ -313,11 +313,11 @@ def _read_shard(path: Path, rank: int, world_size: int) -> dict:
         raise _Damaged(f"rank{rank} shard does not parse ({type(e).__name__}: {e})") from None
 
 
-def _candidates(root: Path, step: int | None) -> list[int]:
+def _candidates(storage: Storage, step: int | None) -> list[int]:
     if step is not None:
         return [step]
-    steps = sorted(list_steps(root), reverse=True)
-    first = latest_step(root)
+    steps = sorted(storage.list_steps(), reverse=True)
+    first = storage.latest_step()
     return ([first] if first in steps else []) + [s for s in steps if s != first]
 
 
@@ -329,8 +329,8 @@ def load(root: str | os.PathLike, *, step: int | None = None, restore_rng: bool 
     each skipped one is logged as a warning with the reason. Returns None when `root` holds no
     checkpoint at all; raises CheckpointError when checkpoints exist but none is intact."""
     r, w, collective = _where(rank, world_size)
-    root = Path(root)
-    cands = _candidates(root, step)
+    storage = open_storage(root)
+    cands = _candidates(storage, step)
     failures: list[str] = []
     i = 0
     while True:
@@ -339,7 +339,7 @@ def load(root: str | os.PathLike, *, step: int | None = None, restore_rng: bool 
             s = _all_gather_i64([s], w)[0][0]
         if s < 0:
             break
-        path = step_dir(root, s)
+        path = storage.step_path(s)
         try:
             tree, why = _read_shard(path, r, w), ""
         except _Damaged as e:
@@ -358,7 +358,7 @@ def load(root: str | os.PathLike, *, step: int | None = None, restore_rng: bool 
         log.warning("checkpoint %s is damaged on rank(s) %s; falling back to an older checkpoint", path, bad)
     if not failures:
         if step is not None:
-            raise CheckpointError(f"no checkpoint for step {step} under {root}; available: {list_steps(root)}")
+            raise CheckpointError(f"no checkpoint for step {step} under {root}; available: {storage.list_steps()}")
         return None
     raise CheckpointError(f"no intact checkpoint under {root}: {'; '.join(failures)}. Restore the directory from "
                           "a backup, or point --checkpoint.dir at an empty directory to start over")
