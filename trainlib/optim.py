@@ -43,6 +43,10 @@ class DistributedOptimizer:
         self.model = _sharded_model(model)
         self.slices: list[dict[str, Any]] = []   # per inner parameter: where its slice sits (checkpoint layout)
         if self.model is None:
+            # the inner parameters' names, so a checkpoint's optimizer state can follow a layout change
+            local = getattr(model, "module", model)
+            named = {id(p): n for n, p in local.named_parameters()} if isinstance(local, torch.nn.Module) else {}
+            self.names = [named.get(id(p)) for g in self.inner.param_groups for p in g["params"]]
             return
         if any(self.inner.state.values()):
             raise ValueError("DistributedOptimizer: wrap the optimizer before its first step (it already holds "
@@ -131,6 +135,8 @@ class DistributedOptimizer:
 
     def state_dict(self) -> dict:
         state = {"optimizer": self.inner.state_dict()}
+        if self.model is None and all(n is not None for n in self.names):
+            state["names"] = self.names
         if self.model is not None:
             state["slices"] = self.slices
             if self.model.precision is not None:   # fp32 masters apart from the (bf16/fp16) parameters
@@ -138,6 +144,8 @@ class DistributedOptimizer:
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        if "optimizer" not in state and "state" in state:   # saved before the wrapper: the optimizer's own
+            state = {"optimizer": state}
         if self.model is not None and state.get("slices") != self.slices:
             from .checkpoint.store import CheckpointError
 

@@ -36,11 +36,10 @@ def check_checkpoint(cfg: Config, layout: MeshLayout) -> None:
     saved_world, saved = _manifest_world_size(path), _rank0_model_shapes(path)
     if saved_world is None or saved is None:
         return
-    saved_shard = _manifest_shard(path)
-    if saved_shard is not None and saved_shard != cfg.dp.shard and saved_world == layout.world_size:
-        raise ConfigError(f"checkpoint.dir={root!r} holds step {step}, saved with --dp.shard {saved_shard}; this run "
-                          f"has --dp.shard {cfg.dp.shard}. Checkpoints do not reshard between stages yet: resume with "
-                          f"--dp.shard {saved_shard}, or point --checkpoint.dir at a new directory")
+    layouts = _manifest_layouts(path)
+    if layouts:   # a layout-recording checkpoint resumes under any layout of the same model
+        _check_global_shapes(cfg, root, step, layouts)
+        return
     model = _meta_model(cfg)
     want = expected_rank0_shapes(model, layout, _virtual(cfg))
     if saved_world == layout.world_size and saved == want:
@@ -139,13 +138,27 @@ def _manifest_world_size(path: Path) -> int | None:
         return None
 
 
-def _manifest_shard(path: Path) -> str | None:
-    """The shard stage rank 0 saved with, from the manifest's layout (None: not recorded)."""
+def _manifest_layouts(path: Path) -> dict | None:
+    """Every saving rank's layout from the manifest (None: not recorded, or unreadable)."""
     try:
-        layouts = json.loads((path / "MANIFEST.json").read_bytes())["body"].get("layouts") or {}
-        return layouts["0"]["shard"] if "0" in layouts else None
-    except (OSError, ValueError, KeyError, TypeError):
+        return json.loads((path / "MANIFEST.json").read_bytes())["body"].get("layouts") or None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
+
+
+def _check_global_shapes(cfg: Config, root: str, step: int, layouts: dict) -> None:
+    """The saved model's parameters (full names, global shapes) must be this run's model's."""
+    saved = {n: tuple(e["shape"]) for lay in layouts.values() for n, e in lay["params"].items()}
+    want = {n: tuple(p.shape) for n, p in _meta_model(cfg).named_parameters()}
+    if saved == want:
+        return
+    name = next((n for n in sorted(want) if saved.get(n) != want[n]), None) or sorted(set(saved) - set(want))[0]
+    raise ConfigError(f"checkpoint.dir={root!r} holds step {step} of another model: {name} has shape "
+                      f"{list(saved[name]) if name in saved else 'none (absent)'} there and "
+                      f"{list(want[name]) if name in want else 'none (absent)'} in this run (model n_layer="
+                      f"{cfg.model.n_layer} n_head={cfg.model.n_head} d_model={cfg.model.d_model} seq_len="
+                      f"{cfg.model.seq_len} vocab_size={cfg.model.vocab_size}). A layout change resumes by itself, a "
+                      "model change cannot: resume with the model it was saved with, or use a new --checkpoint.dir")
 
 
 def _rank0_model_shapes(path: Path) -> Shapes | None:

@@ -29,6 +29,12 @@ def _module(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
+def _world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def _rank() -> int:
     import torch.distributed as dist
 
@@ -62,6 +68,11 @@ def restore(ck_cfg, model: torch.nn.Module, opt: torch.optim.Optimizer, sampler,
     Returns (first step to run, counters); (0, counters unchanged) when there is none."""
     if not ck_cfg.dir:
         return 0, counters
+    from . import reshard
+
+    plan = reshard.needs_resharding(ck_cfg.dir, model, _world(), _rank())
+    if plan is not None:  # saved under another layout: read the slices this rank's layout needs
+        return reshard.restore(ck_cfg.dir, *plan, model, opt, sampler, counters)
     ck = load(ck_cfg.dir)
     if ck is None:
         log.info("no checkpoint under %s: starting at step 0", ck_cfg.dir)

@@ -549,6 +549,11 @@ class ShardedDataParallel:
                 t.copy_(state["slices"][name])
             self.module.load_state_dict(state["rest"], strict=False)
         self.scaler.load_state_dict(state["scaler"])
+        self.after_load()
+
+    def after_load(self) -> None:
+        """Parameters were written into this rank's chunks (a checkpoint): stages 1/2 all-gather them
+        into the whole buckets (collective over dp)."""
         if self.shard in ("optimizer", "gradients"):
             for b in self.buckets:
                 self.sync.start_all_gather(b.flat)
