@@ -7,6 +7,7 @@
     trainlib ps-server --bind HOST:PORT        run one parameter server
     trainlib env                               what trainlib detects here, and why
     trainlib cluster --nodes N [--] CMD ...     run CMD as a PyTorchJob on N emulated nodes (root)
+    trainlib ckpt ls|verify|export DIR         list, verify, export (one safetensors file) a run's checkpoints
 
 Each subcommand lives in its own module and exposes `main(argv) -> int`; this file only routes.
 Exit codes: 0 ok, 1 user/config error (permanent), >= 128 retryable infrastructure failure.
@@ -24,6 +25,7 @@ COMMANDS = {
     "ps-server": ("trainlib.sync.ps.server", "main", "run one parameter server"),
     "env": ("trainlib.launchers.envinfo", "main", "print what trainlib detects in this environment"),
     "cluster": ("trainlib.netcluster_cli", "main", "run a job on N emulated nodes (network namespaces; root)"),
+    "ckpt": ("trainlib.ckpt_cli", "main", "list, verify and export checkpoints (one safetensors file)"),
 }
 
 
