@@ -171,6 +171,8 @@ class AllReduce:
         same sizes in the same order), else torch.zeros. Call after bind_group()."""
         if self.resolved_transport is None:
             raise RuntimeError("AllReduce.alloc() before bind_group(): the transport decides where memory lives")
+        if numel < 1:
+            raise ValueError(f"alloc(numel={numel}): a flat buffer needs at least one element; skip empty buckets")
         if self._shm is None:
             return torch.zeros(numel, dtype=dtype, device=device)
         if device is not None and torch.device(device).type != "cpu":
