@@ -119,6 +119,7 @@ def _export(args) -> int:
     from .checkpoint import tools
     from .checkpoint.store import step_dir
 
+    tools.check_output(args.out)   # every bad value is named before the progress bar starts
     step = tools.resolve_step(args.dir, args.step)
     try:
         world = tools.read_manifest(step_dir(args.dir, step))["world_size"]

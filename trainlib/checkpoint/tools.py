@@ -187,12 +187,8 @@ def _rank0_of_pure_dp(path: Path, world: int, on_rank: Callable[[int], None] | N
     return reference
 
 
-def export(root: str | os.PathLike, out: str | os.PathLike, step: int | None = None, dtype: str = "fp32",
-           master: bool = False, on_rank: Callable[[int], None] | None = None) -> dict:
-    """Write one checkpoint's whole model as a single safetensors file at `out` (atomically: a
-    temporary file beside it, fsync, rename). Returns {"step", "path", "tensors", "bytes", "dtype"}."""
-    if dtype not in DTYPES:
-        raise CheckpointError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}; pass --dtype fp32 or --dtype bf16")
+def check_output(out: str | os.PathLike) -> Path:
+    """`out` as a Path, if a file can be created there (its directory exists, it is not a directory)."""
     out = Path(out)
     if not out.parent.is_dir():
         raise CheckpointError(f"output directory {str(out.parent)!r} does not exist (for --out {str(out)!r}); "
@@ -200,6 +196,16 @@ def export(root: str | os.PathLike, out: str | os.PathLike, step: int | None = N
     if out.is_dir():
         raise CheckpointError(f"--out {str(out)!r} is a directory; give a file name such as "
                               f"{str(out / 'model.safetensors')!r}")
+    return out
+
+
+def export(root: str | os.PathLike, out: str | os.PathLike, step: int | None = None, dtype: str = "fp32",
+           master: bool = False, on_rank: Callable[[int], None] | None = None) -> dict:
+    """Write one checkpoint's whole model as a single safetensors file at `out` (atomically: a
+    temporary file beside it, fsync, rename). Returns {"step", "path", "tensors", "bytes", "dtype"}."""
+    if dtype not in DTYPES:
+        raise CheckpointError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}; pass --dtype fp32 or --dtype bf16")
+    out = check_output(out)
     s = resolve_step(root, step)
     weights = consolidate(step_dir(root, s), master=master, on_rank=on_rank)
     cast = {k: (t.to(DTYPES[dtype]) if t.is_floating_point() else t).contiguous() for k, t in weights.items()}
