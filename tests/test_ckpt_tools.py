@@ -11,8 +11,10 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -208,3 +210,67 @@ def test_bad_input_is_one_line_naming_the_value_and_the_fix(runs, tmp_path, caps
         assert rc == 1 and out == "", argv
         assert len(err.strip().splitlines()) == 1 and err.startswith(f"trainlib ckpt {argv[0]}: error: "), err
         assert all(w in err for w in words), (argv, err)
+
+
+def _moto(port: int) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return proc
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                pytest.fail(f"moto server did not start on port {port} (exit {proc.poll()})")
+            time.sleep(0.1)
+
+
+def test_s3_checkpoint_ls_verify_export(runs, tmp_path, capsys, monkeypatch):
+    """The same commands on an s3:// prefix, against a real S3-compatible server on loopback
+    (moto's standalone server): the objects are the tp run's files, as an S3 save lays them out."""
+    boto3 = pytest.importorskip("boto3")
+    pytest.importorskip("moto.server")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "TRAINLIB_NO_PROGRESS": "1"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    proc = _moto(port)
+    try:
+        client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL_S3"])
+        client.create_bucket(Bucket="ckpt")
+        local = runs["dp2_tp2_zero1"][0]
+        for f in sorted((local / "step_00000002").iterdir()):
+            client.put_object(Bucket="ckpt", Key=f"run/step_00000002/{f.name}", Body=f.read_bytes())
+        client.put_object(Bucket="ckpt", Key="run/latest", Body=(local / "latest").read_bytes())
+        url = "s3://ckpt/run"
+
+        rc, out, err = _ckpt(capsys, "ls", url, "--verify")
+        assert rc == 0, err
+        assert "latest  world 4  pp1 dp2 tp2 shard=optimizer" in out and out.rstrip().endswith("verified"), out
+        rc, out, _ = _ckpt(capsys, "verify", url)
+        assert rc == 0 and out == "step 2: intact\n"
+        rc, _, err = _ckpt(capsys, "export", url, "--out", str(tmp_path / "s3.safetensors"))
+        assert rc == 0, err
+        rc, _, err = _ckpt(capsys, "export", str(local), "--out", str(tmp_path / "disk.safetensors"))
+        assert rc == 0, err
+        assert (tmp_path / "s3.safetensors").read_bytes() == (tmp_path / "disk.safetensors").read_bytes()
+
+        data = bytearray((local / "step_00000002" / "rank1.safetensors").read_bytes())
+        data[-1] ^= 0x80
+        client.put_object(Bucket="ckpt", Key="run/step_00000002/rank1.safetensors", Body=bytes(data))
+        client.delete_object(Bucket="ckpt", Key="run/step_00000002/rank2.json")
+        rc, out, _ = _ckpt(capsys, "verify", url)
+        bad = sorted(line.strip() for line in out.splitlines()[1:])
+        assert rc == 1 and len(bad) == 2, out
+        assert bad[0].startswith("rank1.safetensors: sha256 ") and bad[0].endswith("(corrupted)"), out
+        assert bad[1].startswith("rank2.json: unreadable"), out
+        rc, _, err = _ckpt(capsys, "ls", "s3://ckpt/nothing-here")
+        assert rc == 1 and "no checkpoint under 's3://ckpt/nothing-here'" in err, err
+    finally:
+        proc.terminate()
+        proc.wait(10)

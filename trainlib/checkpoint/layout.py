@@ -67,6 +67,7 @@ def assemble(step_path, what: str = "params",
     after each rank, read or skipped (a progress bar). Raises CheckpointError when the manifest has
     no layouts or the ranks do not cover every element of a tensor."""
     import json
+    import os
     from pathlib import Path
 
     import torch
@@ -75,7 +76,8 @@ def assemble(step_path, what: str = "params",
 
     if what not in ("params", "master"):
         raise ValueError(f"what={what!r}: use 'params' or 'master'")
-    path = Path(step_path)
+    # a directory, or the path-like store.step_dir gives for an s3:// checkpoint
+    path = Path(step_path) if isinstance(step_path, (str, os.PathLike)) else step_path
     body = json.loads((path / MANIFEST).read_bytes())["body"]  # _read_shard checks its sha256 below
     layouts = body.get("layouts")
     if not layouts:

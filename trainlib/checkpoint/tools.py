@@ -4,7 +4,8 @@
     problems = verify_step(step_dir(D, 200))   # [] when every file matches the manifest
     export(D, "model.safetensors")        # the whole model's weights under its own names, one file
 
-One process, no process group: every rank's files are read from the directory. Export puts each
+One process, no process group: every rank's files are read from the directory (or the s3://
+prefix: store.step_dir's path-likes are all this reads through). Export puts each
 tensor together from its tp and dp slices by the manifest's layouts (layout.assemble) and writes
 a plain safetensors file (tmp + fsync + rename) that `safetensors.torch.load_file` and then
 `model.load_state_dict(strict=True)` accept. Nothing is unpickled.
@@ -22,6 +23,7 @@ import torch
 
 from . import layout as layout_mod
 from . import stfile
+from .backends import is_s3
 from .store import (FORMAT, MANIFEST, CheckpointError, _canonical, _Damaged, _read_shard, latest_step, list_steps,
                     step_dir)
 
@@ -47,12 +49,22 @@ class StepInfo:
         return asdict(self)
 
 
-def read_manifest(path: str | os.PathLike) -> dict:
+def _step_path(path):
+    """A step directory as store.step_dir gives it: a Path, or a backend's path-like (s3.S3Object)."""
+    return Path(path) if isinstance(path, (str, os.PathLike)) else path
+
+
+def read_manifest(path) -> dict:
     """The manifest's body after checking its own sha256 and that it describes this directory;
-    CheckpointError names what is wrong."""
-    path = Path(path)
+    CheckpointError names what is wrong. `path`: a step directory (store.step_dir)."""
+    return _manifest(_step_path(path))[0]
+
+
+def _manifest(path) -> tuple[dict, int]:
+    """(body, the manifest's size in bytes)."""
     try:
-        outer = json.loads((path / MANIFEST).read_bytes())
+        raw = (path / MANIFEST).read_bytes()
+        outer = json.loads(raw)
         body, want = outer["body"], outer["sha256"]
         ok = hashlib.sha256(_canonical(body)).hexdigest() == want
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -62,10 +74,13 @@ def read_manifest(path: str | os.PathLike) -> dict:
     if body.get("format") != FORMAT or f"step_{body.get('step', -1):08d}" != path.name:
         raise CheckpointError(f"{MANIFEST} describes format {body.get('format')} step {body.get('step')}, "
                               f"not {path.name}")
-    return body
+    return body, len(raw)
 
 
-def _sha256_file(path: Path) -> tuple[str, int]:
+def _sha256_file(path) -> tuple[str, int]:
+    if not isinstance(path, Path):   # an object in a store: read whole (as a resume does)
+        data = path.read_bytes()
+        return hashlib.sha256(data).hexdigest(), len(data)
     h, n = hashlib.sha256(), 0
     with open(path, "rb", buffering=0) as f:
         while chunk := f.read(_CHUNK):
@@ -74,10 +89,10 @@ def _sha256_file(path: Path) -> tuple[str, int]:
     return h.hexdigest(), n
 
 
-def verify_step(path: str | os.PathLike) -> list[str]:
-    """Every problem with one checkpoint directory, one line each naming the file and why: the
-    manifest's own checksum, then every rank's files (present, size, sha256). [] when intact."""
-    path = Path(path)
+def verify_step(path) -> list[str]:
+    """Every problem with one checkpoint directory (store.step_dir), one line each naming the file
+    and why: the manifest's own checksum, then every rank's files (present, size, sha256). [] when intact."""
+    path = _step_path(path)
     try:
         body = read_manifest(path)
     except CheckpointError as e:
@@ -110,14 +125,14 @@ def describe(root: str | os.PathLike, verify: bool = False) -> list[StepInfo]:
         info = StepInfo(step=s, path=str(path), latest=s == latest, world_size=None, mesh=None, shard=None,
                         bytes=None, saved_unix=None)
         try:
-            body = read_manifest(path)
+            body, manifest_bytes = _manifest(path)
         except CheckpointError as e:
             info.problems = [str(e)]
             out.append(info)
             continue
         lay = (body.get("layouts") or {}).get("0")
         info.world_size, info.saved_unix = body["world_size"], body.get("saved_unix")
-        info.bytes = sum(e["bytes"] for e in body["files"].values()) + (path / MANIFEST).stat().st_size
+        info.bytes = sum(e["bytes"] for e in body["files"].values()) + manifest_bytes
         if lay is not None:
             info.mesh, info.shard = {a: lay["mesh"][a] for a in ("pp", "dp", "tp")}, lay["shard"]
         if verify:
@@ -129,8 +144,7 @@ def describe(root: str | os.PathLike, verify: bool = False) -> list[StepInfo]:
 def resolve_step(root: str | os.PathLike, step: int | None) -> int:
     """The checkpoint to read: `step` if it exists, else the one `latest` names, else the newest.
     CheckpointError (naming the directory, the step and the fix) when there is none."""
-    root_path = Path(root)
-    if not root_path.is_dir():
+    if not is_s3(root) and not Path(root).is_dir():
         raise CheckpointError(f"checkpoint directory {str(root)!r} does not exist; pass the --checkpoint.dir the "
                               "run saved to")
     steps = list_steps(root)
@@ -146,14 +160,14 @@ def resolve_step(root: str | os.PathLike, step: int | None) -> int:
     return latest if latest in steps else steps[-1]
 
 
-def consolidate(path: str | os.PathLike, master: bool = False,
+def consolidate(path, master: bool = False,
                 on_rank: Callable[[int], None] | None = None) -> dict[str, torch.Tensor]:
     """The whole model's weights (fp32, full-model names) of one checkpoint directory.
 
     With layouts in the manifest: layout.assemble. Without (saved before trainlib recorded them):
     only a pure data-parallel run can be consolidated, whose every rank holds the whole model;
     that is checked (same names, shapes and bytes on every rank), then rank 0's weights are it."""
-    path = Path(path)
+    path = _step_path(path)
     body = read_manifest(path)
     try:
         if body.get("layouts"):
@@ -164,7 +178,7 @@ def consolidate(path: str | os.PathLike, master: bool = False,
                               "`--step` exports an older checkpoint") from None
 
 
-def _rank0_of_pure_dp(path: Path, world: int, on_rank: Callable[[int], None] | None) -> dict[str, torch.Tensor]:
+def _rank0_of_pure_dp(path, world: int, on_rank: Callable[[int], None] | None) -> dict[str, torch.Tensor]:
     reference: dict[str, torch.Tensor] | None = None
     for r in range(world):
         model = _read_shard(path, r, world)["state"]["model"]
