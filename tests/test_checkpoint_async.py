@@ -180,3 +180,39 @@ def test_two_ranks_async_beside_training_collectives(tmp_path):
     body = json.loads((step_dir(tmp_path, 2) / "MANIFEST.json").read_text())["body"]
     assert body["layouts"] == {"0": {"coords": {"dp": 0}}, "1": {"coords": {"dp": 1}}}
     assert list_steps(tmp_path) == [1, 2] and latest_step(tmp_path) == 2
+
+
+def test_deferred_copy_of_optimizer_tensors_is_taken_before_the_next_step(tmp_path):
+    # until=opt: the weights and AdamW moments are copied on the background thread; the optimizer's
+    # next step() (which changes them in place) waits for that copy. A BatchNorm running mean changes
+    # in forward, so it is copied at once. The checkpoint must be the state at the save() call.
+    torch.manual_seed(0)
+    # wide layers, small batch: the step is much shorter than the copy, so without the hook the
+    # optimizer would overwrite the weights before the background thread copied them
+    model = torch.nn.Sequential(torch.nn.Linear(64, 1024), torch.nn.BatchNorm1d(1024), torch.nn.Linear(1024, 1024))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+
+    def step():
+        model(torch.randn(4, 64)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+    step()
+    writer = CheckpointWriter(tmp_path, save_rng=False)
+    for s in (1, 2):
+        expect = {"model": {k: v.clone() for k, v in model.state_dict().items()},
+                  "exp_avg": [opt.state[p]["exp_avg"].clone() for p in model.parameters()]}
+        writer.save(s, {"model": model.state_dict(), "optimizer": opt.state_dict()}, until=opt)
+        step()  # forward changes the BN buffers at once; the hook holds the optimizer for the copy
+        assert writer.hook_wait_s >= 0.0
+        writer.wait()
+        ck = tl.checkpoint.load(tmp_path)
+        assert ck.step == s
+        for k, v in expect["model"].items():
+            assert torch.equal(ck.state["model"][k], v), k
+            assert not torch.equal(model.state_dict()[k], v), k  # the live state did move on
+        saved = ck.state["optimizer"]["state"]
+        for i, v in enumerate(expect["exp_avg"]):
+            assert torch.equal(saved[i]["exp_avg"], v)
+    writer.close()
+    step()  # the hook is gone with the writer

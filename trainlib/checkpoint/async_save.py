@@ -9,7 +9,12 @@
 
 What the training loop pays is one memcpy of its state into buffers the writer keeps from one
 save to the next (fresh buffers would cost a page fault per 4 KiB, about as much again as the
-copy). The background thread then runs store.write_flat — the same atomic, checksummed recipe,
+copy). With `until=optimizer`, not even that: the optimizer's parameters and state change only in
+its step(), so their copy runs on the background thread during the next forward and backward, and
+a step pre-hook holds the optimizer until it is done (CheckFreq's pipelined snapshot, Mohan et al.,
+FAST 2021); everything else (buffers, RNG, sampler) is copied at once. The contract: nothing
+changes those tensors in place between save() and the optimizer's next step() — true for the
+trainer, not for a parameter server in async mode, which pulls fresh weights before the step. The background thread then runs store.write_flat — the same atomic, checksummed recipe,
 the same manifest and layouts as a synchronous save — so a SIGKILL during the background write
 leaves the previous checkpoint as `latest`, exactly as a kill inside a synchronous save does.
 
@@ -90,13 +95,18 @@ class CheckpointWriter:
         self.timeout_s = _timeout_s() if timeout_s is None else timeout_s
         self.group = _WriterGroup(self.world_size, self.timeout_s) if collective else None
         self._buffers: dict[str, torch.Tensor] = {}
+        self._pending: set[str] = set()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._step: int | None = None
         self.blocking_s = 0.0   # how long the last save() held the caller (copy + start)
+        self.hook_wait_s = 0.0  # how long the optimizer step after the last save(until=) waited for its copy
         self.closed = False
+        self._copied = threading.Event()
+        self._copied.set()
+        self._hooked: tuple[int, Any] | None = None   # (id(optimizer), hook handle)
 
-    def _snapshot(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _snapshot(self, tensors: dict[str, torch.Tensor], prune: bool = True) -> dict[str, torch.Tensor]:
         """Copy every tensor into this writer's host buffers (reused while shape and dtype match)."""
         out = {}
         for name, t in tensors.items():
@@ -106,33 +116,63 @@ class CheckpointWriter:
                 self._buffers[name] = buf
             buf.copy_(t, non_blocking=t.is_cuda)
             out[name] = buf
-        for name in set(self._buffers) - set(tensors):
-            del self._buffers[name]
+        if prune:  # buffers of tensors the state no longer has (the deferred ones come later)
+            for name in set(self._buffers) - set(tensors) - self._pending:
+                del self._buffers[name]
         if any(t.is_cuda for t in tensors.values()):
             torch.cuda.synchronize()  # the non_blocking copies must have landed before we return
         return out
 
-    def save(self, step: int, state: dict[str, Any], *, layout: dict | None = None) -> None:
+    def save(self, step: int, state: dict[str, Any], *, layout: dict | None = None,
+             until: torch.optim.Optimizer | None = None) -> None:
         """Snapshot `state` (and this rank's RNG states) and write checkpoint `step` in the background.
-        Waits for the previous save first, and raises its failure if it had one."""
+        Waits for the previous save first, and raises its failure if it had one. until: copy the
+        tensors that are `until`'s parameters or state in the background too, before its next step()."""
         if self.closed:
             raise CheckpointError(f"CheckpointWriter for {self.root} is closed; make a new one")
         check_save_args(step, self.keep)
         self.wait()
         t0 = time.perf_counter()
         skeleton, tensors = flatten({"state": state, "rng": rng.capture() if self.save_rng else None})
-        tensors = self._snapshot(tensors)
+        later = _owned_by(until, tensors) if until is not None else set()
+        self._pending = later
+        snap = self._snapshot({k: t for k, t in tensors.items() if k not in later})
+        deferred = {k: tensors[k] for k in later}
         layout = json.loads(json.dumps(layout)) if layout is not None else None  # a copy, like the tensors
-        self._step = step
-        self._thread = threading.Thread(target=self._write, args=(step, skeleton, tensors, layout),
+        self._step, self.hook_wait_s = step, 0.0
+        if deferred:
+            self._hook(until)
+            self._copied.clear()
+        self._thread = threading.Thread(target=self._write, args=(step, skeleton, snap, deferred, layout),
                                         name=f"trainlib-checkpoint-{step}", daemon=True)
         # daemon: a process that dies mid-write must not linger in a collective; the write is
         # then simply lost, which the recipe makes safe (the previous `latest` stays)
         self._thread.start()
         self.blocking_s = time.perf_counter() - t0
 
-    def _write(self, step: int, skeleton: dict, tensors: dict[str, torch.Tensor], layout: dict | None) -> None:
+    def _hook(self, opt: torch.optim.Optimizer) -> None:
+        if self._hooked is not None and self._hooked[0] == id(opt):
+            return
+        if self._hooked is not None:
+            self._hooked[1].remove()
+        self._hooked = (id(opt), opt.register_step_pre_hook(self._before_step))
+
+    def _before_step(self, *_: Any) -> None:
+        if self._copied.is_set():
+            return
+        t0 = time.perf_counter()
+        if not self._copied.wait(self.timeout_s):
+            raise CheckpointError(f"rank {self.rank}: the snapshot of step {self._step} for the background save "
+                                  f"was not copied within {self.timeout_s:.0f}s; the machine is overloaded")
+        self.hook_wait_s += time.perf_counter() - t0
+
+    def _write(self, step: int, skeleton: dict, tensors: dict[str, torch.Tensor],
+               deferred: dict[str, torch.Tensor], layout: dict | None) -> None:
         try:
+            try:
+                tensors = {**tensors, **self._snapshot(deferred, prune=False)}
+            finally:
+                self._copied.set()  # also on failure: the optimizer must not wait for a copy that never comes
             write_flat(self.storage, step, skeleton, tensors, keep=self.keep, rank=self.rank,
                        world_size=self.world_size, layout=layout, coll=self.group)
         except BaseException as e:  # kept for the training thread: raised at the next save/wait/close
@@ -166,6 +206,9 @@ class CheckpointWriter:
         finally:
             self.closed = True
             self._buffers.clear()
+            if self._hooked is not None:
+                self._hooked[1].remove()
+                self._hooked = None
 
     def __enter__(self) -> "CheckpointWriter":
         return self
@@ -178,6 +221,14 @@ class CheckpointWriter:
                 self.close()
             except CheckpointError as e:
                 log.error("%s", e)
+
+
+def _owned_by(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> set[str]:
+    """Names of the flattened tensors that are `opt`'s parameters or state (same storage)."""
+    live = {p.untyped_storage().data_ptr() for g in opt.param_groups for p in g["params"]}
+    live |= {t.untyped_storage().data_ptr() for st in opt.state.values() for t in st.values()
+             if isinstance(t, torch.Tensor)}
+    return {k for k, t in tensors.items() if t.numel() and t.untyped_storage().data_ptr() in live}
 
 
 _WRITERS: dict[tuple[str, int], CheckpointWriter] = {}
