@@ -142,8 +142,11 @@ def test_verify_names_a_flipped_byte_in_a_rank_file_and_in_the_manifest(runs, tm
     monkeypatch.setenv("TRAINLIB_NO_PROGRESS", "1")   # stderr is then the error line alone
     ck = tmp_path / "ck"
     shutil.copytree(runs["dp2_tp2_zero1"][0], ck)
-    rc, out, _ = _ckpt(capsys, "verify", str(ck))
-    assert rc == 0 and out == "step 2: intact\n"
+    rc, out, err = _ckpt(capsys, "verify", str(ck))
+    assert rc == 0 and out == "step 2: intact\n" and err == ""
+    (ck / "latest").write_text("step_00000009\n")   # a pointer to nothing: a warning, not damage
+    rc, out, err = _ckpt(capsys, "verify", str(ck))
+    assert rc == 0 and out == "step 2: intact\n" and "latest names step 9, which is not a complete" in err, err
 
     victim = ck / "step_00000002" / "rank3.safetensors"
     data = bytearray(victim.read_bytes())

@@ -26,7 +26,8 @@ from .checkpoint.store import CheckpointError
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="trainlib ckpt", description="List, verify and export checkpoints.")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="{ls,verify,export}")
-    ls = sub.add_parser("ls", help="one line per checkpoint step: layout, size, saved time, verified or not")
+    ls = sub.add_parser("ls", help="one line per checkpoint step: layout, size, saved time, verified or not "
+                                   "(exit 1 when one is damaged)")
     ls.add_argument("dir", help="the run's --checkpoint.dir")
     ls.add_argument("--verify", action="store_true", help="hash every file against the manifest (reads everything)")
     ls.add_argument("--json", action="store_true", help="one JSON list instead of a table")
@@ -84,7 +85,7 @@ def _ls(args) -> int:
 
 def _verify(args) -> int:
     from .checkpoint import tools
-    from .checkpoint.store import list_steps, step_dir
+    from .checkpoint.store import latest_step, list_steps, step_dir
 
     first = tools.resolve_step(args.dir, args.step)
     steps = [first] if args.step is not None else list_steps(args.dir)
@@ -98,6 +99,11 @@ def _verify(args) -> int:
                 print(f"  {line}")
         else:
             print(f"step {s}: intact")
+    latest = latest_step(args.dir)
+    if latest not in list_steps(args.dir):   # loading then starts from the newest complete step: say so
+        named = f"names step {latest}, which is not a complete checkpoint" if latest is not None else "is missing"
+        print(f"trainlib ckpt verify: warning: {args.dir}/latest {named}; a resume starts from the newest intact "
+              "step instead", file=sys.stderr)
     if damaged:
         print(f"trainlib ckpt verify: {damaged} of {len(steps)} checkpoint(s) under {args.dir} are damaged; loading "
               "skips them and falls back to the newest intact one", file=sys.stderr)
