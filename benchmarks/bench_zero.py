@@ -19,10 +19,11 @@ deepspeed-zero{1,2,3} (DS_ACCELERATOR=cpu, gloo).
    side from the same weights, stepped in rotating order
    (medians of alternating repetitions); ratios trainlib/FSDP2, trainlib/DeepSpeed at the same stage and
    trainlib stage k / trainlib unsharded; each row's losses and final weights vs trainlib-none's.
-3. --scale: the largest GPT predicted to train on 2 ranks in 24 GiB per stage, from the measured peak RSS
-   per parameter; the largest predicted to fit the memory free now is run a few steps with each rank's
-   address space capped (RLIMIT_AS), so a wrong prediction fails in that rank, not on the machine.
-4. --billion: a few steps of a >= 1B-parameter GPT with shard="parameters", peak RSS per rank.
+3. --scale (zero_scale.py): the largest GPT predicted to train on 2 ranks in 24 GiB per row, from the measured
+   memory rows; per trainlib stage the largest predicted to fit the memory free now is run a few steps with
+   each rank's address space capped (RLIMIT_AS), so a wrong prediction fails in that rank, not on the
+   machine, and the run calibrates the 24 GiB prediction.
+4. --billion: a few steps of a >= 1B-parameter GPT with shard="parameters", peak RSS per rank (if it fits now).
 5. Activation checkpointing: benchmarks.ac_memory (none / full / selective): activation bytes kept vs time.
 """
 from __future__ import annotations
@@ -40,9 +41,9 @@ REFERENCE = "trainlib-none"
 STAGES = {0: "none", 1: "optimizer", 2: "gradients", 3: "parameters"}
 TOLERANCE = 0.10  # measured model-state bytes/param within 10% of the formula
 TARGETS = {"fsdp2": 1.0, "deepspeed": 0.7, "unsharded": 1.15}  # step-time ratio ceilings (issue 11)
-GIB = 1 << 30
 # bf16 rows that join the step-time group in the full run: trainlib vs FSDP2 at the same stage and policy
-BF16_STEP_ROWS = ("trainlib-gradients-bf16", "trainlib-parameters-bf16", "fsdp2-gradients-bf16", "fsdp2-parameters-bf16")
+BF16_STEP_ROWS = ("trainlib-gradients-bf16", "trainlib-parameters-bf16",
+                  "fsdp2-gradients-bf16", "fsdp2-parameters-bf16")
 ENV = {"DS_ACCELERATOR": "cpu"}
 
 # GPT shapes: memory rows want model states to dwarf activations; step rows a model whose step is
@@ -137,15 +138,16 @@ def memory_rows(m: dict[str, int], specs: dict[str, dict], per_rank: list[dict[s
                                "peak_rss_delta": rss, "peak_rss_delta_per_param": round(rss / n, 3),
                                "peak_rss_delta_all": [r["peak_rss_delta_all"] for r in recs],
                                "peak_own_delta": own, "peak_own_delta_per_param": round(own / n, 3),
-                               "build_peak_rss_delta_per_param": round(max(r["build_peak_rss_delta"] for r in recs) / n, 3),
-                               "steps_peak_rss_delta_per_param": round(max(r["steps_peak_rss_delta"] for r in recs) / n, 3),
+                               **{f"{k}_per_param": round(max(r[k] for r in recs) / n, 3)
+                                  for k in ("build_peak_rss_delta", "steps_peak_rss_delta", "steps_own_peak_delta")},
                                "baseline_rss": max(r["baseline_rss"] for r in recs)}
         row["seconds"] = max(r["seconds"] for r in recs)
         ms = max(r["model_state_bytes"] for r in recs) if recs[0]["model_state_bytes"] is not None else None
         if ms is not None:  # held storage = model states + communication buffers kept between steps
             row.update({"model_state_bytes": ms, "model_state_bytes_per_param": round(ms / n, 3),
-                        "model_state_bytes_per_param_at": {p: round(max(r["model_state_bytes_at"][p] for r in recs) / n, 3)
-                                                           for p in recs[0]["model_state_bytes_at"]},
+                        "model_state_bytes_per_param_at": {
+                            p: round(max(r["model_state_bytes_at"][p] for r in recs) / n, 3)
+                            for p in recs[0]["model_state_bytes_at"]},
                         "buffer_bytes_per_param": round((tb - ms) / n, 3)})
         # what the formula is held to: model states where they are separable from buffers (trainlib, FSDP2),
         # else everything held (DeepSpeed: its flat buffers and partitions are one object graph).
@@ -166,7 +168,8 @@ def step_rows(res: dict[str, Any]) -> dict[str, Any]:
     res["median_step_ms"] = {n: round(t * 1e3, 3) for n, t in med.items()}
     ratios: dict[str, float] = {}
     pairs = [(f"trainlib-{STAGES[s]}", f"deepspeed-zero{s}", "deepspeed") for s in (1, 2, 3)]
-    pairs += [(f"trainlib-{x}{p}", f"fsdp2-{x}{p}", "fsdp2") for p in ("", "-bf16") for x in ("gradients", "parameters")]
+    pairs += [(f"trainlib-{x}{p}", f"fsdp2-{x}{p}", "fsdp2")
+              for p in ("", "-bf16") for x in ("gradients", "parameters")]
     pairs += [(f"trainlib-{STAGES[s]}", REFERENCE, "unsharded") for s in (1, 2, 3)]
     checks: dict[str, bool | None] = {}
     for a, b, peer in pairs:
@@ -177,92 +180,6 @@ def step_rows(res: dict[str, Any]) -> dict[str, Any]:
             checks[key] = None if (peer == "unsharded" and a.endswith("parameters")) else ratios[key] <= TARGETS[peer]
     res["ratios"], res["meets_target"] = ratios, checks
     return res
-
-
-# ---- 3: scale -----------------------------------------------------------------------------------------------
-def gpt_for(params: int, d_model: int = 2048, heads: int = 16, seq: int = 128, vocab: int = 256) -> dict[str, int]:
-    """The deepest GPT of width d_model with at most `params` parameters (>= 1 layer)."""
-    from trainlib.benchmarks.zero_ranks import block_params, gpt_params
-
-    m = {"vocab": vocab, "seq": seq, "layers": 1, "heads": heads, "d_model": d_model, "batch": 1}
-    fixed = gpt_params(m) - block_params(m)
-    m["layers"] = max(1, (params - fixed) // block_params(m))
-    return m
-
-
-def available_bytes() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    raise OSError("no MemAvailable in /proc/meminfo")
-
-
-def scale(memory: dict[str, Any], budget_gib: float, run_rows: list[str], steps: int) -> dict[str, Any]:
-    """Predict per stage from the measured peak RSS/param and the per-rank baseline; run what fits now."""
-    from trainlib.benchmarks.zero_ranks import gpt_params, scale_rank
-
-    margin = 0.5 * GIB  # per rank: allocator slack, gloo buffers, the batch
-    pred: dict[str, Any] = {}
-    for name, row in memory["rows"].items():
-        if "error" in row:
-            continue
-        per_param = row["peak_own_delta_per_param"]
-        n = int((budget_gib * GIB / N_RANKS - row["baseline_rss"] - margin) / per_param)
-        m = gpt_for(n)
-        pred[name] = {"peak_own_per_param": per_param, "max_params": n, "gpt": m, "gpt_params": gpt_params(m)}
-    out: dict[str, Any] = {"budget_gib": budget_gib, "ranks": N_RANKS, "prediction": pred, "runs": {}}
-    free = available_bytes()
-    # what may be used now: what is free less 4 GiB for the others on this machine, at most the budget
-    run_gib = min(budget_gib, (free - 4 * GIB) / GIB)
-    out["run_budget_gib"] = round(run_gib, 2)
-    out["available_gib_at_start"] = round(free / GIB, 2)
-    specs = row_specs(True, True)
-    for name in run_rows:
-        if name not in pred:
-            continue
-        row = memory["rows"][name]
-        per_rank = run_gib * GIB / N_RANKS
-        n = int((per_rank - row["baseline_rss"] - margin) / pred[name]["peak_own_per_param"])
-        m = gpt_for(n)
-        if n < gpt_params({**m, "layers": 1}) or available_bytes() < run_gib * GIB + 2 * GIB:
-            out["runs"][name] = {"skipped": f"{available_bytes() / GIB:.1f} GiB available, not enough for a "
-                                            f"{run_gib:.1f} GiB run"}
-            continue
-        # address space grows by RSS's view (peers' shared buffers included) + thread stacks and arenas
-        cap = int(max(per_rank - row["baseline_rss"], n * row["peak_rss_delta_per_param"])) + GIB // 2
-        res = run_ranks(scale_rank, N_RANKS, m, specs[name], steps, cap, timeout_s=1800, env=ENV,
-                        expect_failure=True)
-        out["runs"][name] = {"gpt": m, "params": gpt_params(m), "budget_per_rank_gib": round(per_rank / GIB, 2),
-                             "ranks": [r if isinstance(r, dict) else {"fits": False, "error": str(r)[-800:]}
-                                       for r in res]}
-    return out
-
-
-def billion(memory: dict[str, Any], steps: int) -> dict[str, Any]:
-    """A >= 1B-parameter GPT (d_model 2048, 20 layers) with shard="parameters"; peak RSS per rank. Runs only if
-    the memory free now holds both ranks' predicted peaks (from trainlib-parameters' measured peak RSS per
-    parameter) with 2 GiB to spare; each rank's address space is capped 15% + 1 GiB above its prediction."""
-    from trainlib.benchmarks.zero_ranks import gpt_params, scale_rank
-
-    m = gpt_for(1_010_000_000)
-    n = gpt_params(m)
-    row = memory["rows"].get("trainlib-parameters", {})
-    if "peak_rss_delta_per_param" not in row:
-        return {"gpt": m, "params": n, "skipped": f"no trainlib-parameters memory row: {row.get('error')}"}
-    per_rank = row["baseline_rss"] + n * row["peak_rss_delta_per_param"]
-    free = available_bytes()
-    out = {"gpt": m, "params": n, "shard": "parameters", "steps": steps,
-           "predicted_peak_rss_gib_per_rank": round(per_rank / GIB, 2), "available_gib_at_start": round(free / GIB, 2)}
-    if free < N_RANKS * per_rank + 2 * GIB:
-        return {**out, "skipped": f"{free / GIB:.1f} GiB available < {(N_RANKS * per_rank + 2 * GIB) / GIB:.1f} GiB "
-                                  f"(2 ranks x {per_rank / GIB:.1f} GiB predicted + 2 GiB to spare)"}
-    cap = int(1.15 * n * row["peak_rss_delta_per_param"]) + GIB
-    spec = {"kind": "tl", "stage": 3, "precision": "fp32"}
-    res = run_ranks(scale_rank, N_RANKS, m, spec, steps, cap, timeout_s=3000, env=ENV, expect_failure=True)
-    ranks = [r if isinstance(r, dict) else {"fits": False, "error": str(r)[-800:]} for r in res]
-    return {**out, "ranks": ranks, "peak_rss_gib_per_rank": [round(r["peak_rss"] / GIB, 2) for r in ranks
-                                                             if "peak_rss" in r]}
 
 
 # ---- 5: activation checkpointing ------------------------------------------------------------------------------
@@ -348,12 +265,15 @@ def run(quick: bool, argv: list[str] | None = None) -> dict:
     out["activation_checkpointing"] = activation_checkpointing(quick)
     phase_s["activation_checkpointing"] = round(time.perf_counter() - t0, 1)
     t0 = time.perf_counter()
+    if args.scale or args.billion:
+        from trainlib.benchmarks import zero_scale
     if args.scale:
         runnable = [n for n in ("trainlib-none", "trainlib-optimizer", "trainlib-gradients", "trainlib-parameters")
                     if n in specs]
-        out["scale"] = scale(res["memory"], args.budget_gib, runnable, steps=2)
+        out["scale"] = zero_scale.scale(res["memory"], args.budget_gib, runnable, steps=2)
     if args.billion:
-        out["billion"] = billion(res["memory"], steps=3) if tl_error is None else {"skipped": tl_error}
+        out["billion"] = (zero_scale.billion(res["memory"], 3, out.get("scale")) if tl_error is None
+                          else {"skipped": tl_error})
     if args.scale or args.billion:
         out["result_suffix"] = "-scale" if not args.billion else "-billion"
         phase_s["scale_and_billion"] = round(time.perf_counter() - t0, 1)
@@ -386,6 +306,10 @@ def headline(out: dict[str, Any]) -> dict[str, Any]:
             s[f"ac:{mode}:time_ratio"] = round(row["time_ratio"], 3)
     for name, p in out.get("scale", {}).get("prediction", {}).items():
         s[f"scale:{name}:max_params_pred"] = p["max_params"]
+    for name, r in out.get("scale", {}).get("runs", {}).items():
+        if "calibrated" in r:
+            s[f"scale:{name}:max_params_calibrated"] = r["calibrated"]["max_params"]
+            s[f"scale:{name}:ran_params"] = r["params"]
     if "billion" in out and out["billion"].get("peak_rss_gib_per_rank"):
         s["billion:params"] = out["billion"]["params"]
         s["billion:peak_rss_gib_per_rank"] = out["billion"]["peak_rss_gib_per_rank"]
@@ -398,26 +322,26 @@ def plot(result: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(14, 5.5))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(15, 6.5))
     rows = {n: r for n, r in result["memory"]["rows"].items() if "error" not in r}
     names = list(rows)
     a1.barh(names, [r["tensor_bytes_per_param"] for r in rows.values()], label="tensor storage held", color="tab:cyan")
     a1.barh(names, [r.get("model_state_bytes_per_param", r["tensor_bytes_per_param"]) for r in rows.values()],
-            label="of it model states", color="tab:blue")
-    a1.barh(names, [r["peak_own_delta_per_param"] for r in rows.values()], height=0.3,
-            label="peak RSS delta less peers' shared buffers")
+            label="of it model states (DeepSpeed: not separable)", color="tab:blue")
+    a1.barh(names, [r["peak_own_delta_per_param"] for r in rows.values()], height=0.25, color="tab:orange",
+            label="peak RSS delta (less peers' shared buffers)")
     fx = [(i, r["formula_bytes_per_param"]) for i, r in enumerate(rows.values()) if "formula_bytes_per_param" in r]
     if fx:
         a1.scatter([f for _, f in fx], [i for i, _ in fx], color="k", marker="|", s=300, label="ZeRO formula", zorder=3)
     a1.set_xlabel("bytes per parameter, per rank")
     a1.set_title(f"model states, 2 ranks, GPT {result['memory']['params'] / 1e6:.1f}M params")
-    a1.legend()
+    a1.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, fontsize=7)
     ratios = result["step_time"]["ratios"]
     a2.barh(list(ratios), list(ratios.values()),
             color=["tab:green" if v else "tab:red" if v is False else "tab:gray"
                    for v in result["step_time"]["meets_target"].values()])
     a2.axvline(1.0, color="k", lw=0.8)
-    a2.set_xlabel("step time ratio (median of alternating repetitions; green: meets target)")
+    a2.set_xlabel("ratio of medians, alternating reps (green: meets target)")
     a2.set_title("step time, same model, batch and stage")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -295,7 +295,8 @@ def memory_phase(m: dict[str, int], specs: dict[str, dict[str, Any]], steps: int
             if prev is None or "error" in rec:
                 out[name] = rec
                 continue
-            for key in ("peak_rss_delta", "peak_own_delta", "build_peak_rss_delta", "steps_peak_rss_delta"):
+            for key in ("peak_rss_delta", "peak_own_delta", "build_peak_rss_delta", "steps_peak_rss_delta",
+                        "steps_own_peak_delta"):
                 rec[key] = min(prev[key], rec[key])  # noise only adds: the smallest is the figure
                 if key + "_all" in rec:
                     rec[key + "_all"] = prev[key + "_all"] + rec[key + "_all"]
@@ -319,9 +320,8 @@ def _one_memory(name: str, spec: dict[str, Any], m: dict[str, int], batches: lis
     build_peak = wl.status_kb("VmHWM") * 1024 - rss0  # every row builds the full fp32 GPT, then shards it
     wl.reset_peak_rss()
     probes: dict[str, int] = {}
-    shared_excess = [0]
-
     state: dict[str, int] = {}
+    shared_excess = [0]
 
     def probe(point: str) -> None:
         shm = shared_ranges()  # buffers may be mapped at any step
@@ -337,15 +337,15 @@ def _one_memory(name: str, spec: dict[str, Any], m: dict[str, int], batches: lis
     comm.barrier()
     steps_peak = wl.status_kb("VmHWM") * 1024 - rss0
     hwm = rss0 + max(build_peak, steps_peak)
-    c.close()
-    del c
-    gc.collect()
+    c.close()  # its tensors go with this frame; the next row's gc.collect() clears any cycles
     # the peak less the peers' share of shared buffers (measured at the probes): this rank's own memory
-    own = hwm - rss0 - max(0, shared_excess[0] - excess0)
+    excess = max(0, shared_excess[0] - excess0)
+    own = hwm - rss0 - excess
     return {"tensor_bytes": max(probes.values()), "tensor_bytes_at": probes, "baseline_rss": rss0,
             "model_state_bytes": max(state.values()) if state else None, "model_state_bytes_at": state or None,
             "peak_rss_delta": hwm - rss0, "peak_rss_delta_all": [hwm - rss0], "peak_own_delta": own,
             "peak_own_delta_all": [own], "build_peak_rss_delta": build_peak, "steps_peak_rss_delta": steps_peak,
+            "steps_own_peak_delta": steps_peak - excess,
             "vmhwm_reset": reset_ok, "seconds": round(time.perf_counter() - t0, 2)}
 
 
@@ -421,6 +421,8 @@ def scale_rank(m: dict[str, int], spec: dict[str, Any], steps: int, cap_bytes: i
     try:
         c = build("scale", spec, m)
         out["build_s"] = round(time.perf_counter() - t0, 2)
+        out["build_peak_rss"] = wl.status_kb("VmHWM") * 1024  # the full fp32 GPT, then its shards
+        wl.reset_peak_rss()
         t1 = time.perf_counter()
         out["losses"] = [float(c.step(batches[i % 2])) for i in range(steps)]
         out["step_s"] = round((time.perf_counter() - t1) / steps, 3)
@@ -431,6 +433,7 @@ def scale_rank(m: dict[str, int], spec: dict[str, Any], steps: int, cap_bytes: i
         raise RuntimeError(f"does not fit: peak RSS {wl.status_kb('VmHWM') / 2**20:.2f} GiB under a cap of "
                            f"{(cap_bytes or 0) / 2**30:.2f} GiB more address space: {type(e).__name__}: "
                            f"{str(e)[:300]}") from e
-    out["peak_rss"] = wl.status_kb("VmHWM") * 1024
+    out["steps_peak_rss"] = wl.status_kb("VmHWM") * 1024
+    out["peak_rss"] = max(out["build_peak_rss"], out["steps_peak_rss"])
     out["peak_rss_delta"] = out["peak_rss"] - rss0
     return out
