@@ -155,3 +155,18 @@ def test_a_model_change_is_refused_before_training(saved, tmp_path):
                           "--checkpoint.dir", str(ck)], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 1
     assert "of another model" in out.stderr and "has shape [32] there and [48] in this run" in out.stderr, out.stderr
+
+
+def test_sync_kind_change_all_reduce_to_parameter_server(saved, tmp_path):
+    """The same layout under the parameter server (sync mode, colocated servers): the plain load
+    path; step 4 continues the all-reduce run's curve."""
+    ck = tmp_path / "ck"
+    shutil.copytree(saved / "dp2" / "step_00000003", ck / "step_00000003")
+    (ck / "latest").write_text("step_00000003\n")
+    env = {**os.environ, "TRAINLIB_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "trainlib.cli", "train", *MODEL, "--train.steps", "4", "--sync.kind",
+                          "ps", "--checkpoint.dir", str(ck), "--train.metrics", str(tmp_path / "ps.jsonl")],
+                         env=env, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1])["resumed_from"] == 3
+    assert abs(_losses(tmp_path / "ps.jsonl")[4] - _losses(saved / "dp2.jsonl")[4]) <= 1e-5
