@@ -109,6 +109,9 @@ class DistributedOptimizer:
         if m is None:
             self.inner.step()
             return True
+        if not m.grads_ready:   # torch.optim skips parameters whose .grad is None; here all of them are
+            log.warning("DistributedOptimizer.step(): no synced backward since zero_grad(); nothing to step")
+            return False
         if m.scaler.dynamic:
             # on the gradients' device: NCCL reduces device tensors only
             found = torch.tensor([1.0 if m.sharded_grad_stats()[0] else 0.0], device=m.buckets[0].grad.device)

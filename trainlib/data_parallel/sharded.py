@@ -129,6 +129,7 @@ class ShardedDataParallel:
         self._in_backward = False
         self._inflight: list[tuple[str, FlatBucket]] = []
         self._wire_pool: dict[torch.dtype, list[torch.Tensor]] = {}
+        self.grads_ready = False   # a synced backward reduced gradients since the last zero_grad
         self.units = find_units(self.module) if shard == "parameters" else []
         unit_of = self._unit_of_params(named)
         groups: dict[int, list[tuple[str, nn.Parameter]]] = {}
@@ -398,6 +399,7 @@ class ShardedDataParallel:
             # the chunk leaves the wire as the fp32 average, loss scale removed (the epilogue of a step)
             # one fused pass: unscale, cast to fp32, and the (inf/nan, squared norm) clipping needs
             b.stats = kernels.unscale_epilogue(b.wire[b.lo:b.hi], b.grad, 1.0 / self.scaler.scale)
+            self.grads_ready = True
             if self.shard in ("gradients", "parameters"):
                 self._release_wire(b)
 
@@ -476,6 +478,7 @@ class ShardedDataParallel:
             self._drain()
 
     def zero_sharded_grads(self) -> None:
+        self.grads_ready = False
         for b in self.buckets:
             b.stats = None
             for p in b.params:
