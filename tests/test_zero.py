@@ -23,7 +23,7 @@ def precision():
     return run_ranks(zero_models.precision_cases, 2)
 
 
-@pytest.mark.parametrize("family", ["gpt", "zeronet", "accumulate", "clip", "compress", "shm"])
+@pytest.mark.parametrize("family", ["gpt", "zeronet", "accumulate", "clip", "compress", "shm", "shm-zeronet"])
 @pytest.mark.parametrize("stage", ["optimizer", "gradients", "parameters"])
 def test_stage_equals_unsharded(equivalence, family, stage):
     """AdamW steps on dp-sharded slices give the unsharded weights (1e-6): GPT; tied, frozen and
@@ -32,7 +32,7 @@ def test_stage_equals_unsharded(equivalence, family, stage):
     for rank in equivalence:
         if key not in rank:
             pytest.skip(f"{family} does not run with shard={stage}")
-        ref = rank[f"{family}/none"] if f"{family}/none" in rank else rank["gpt/none"]
+        ref = rank.get(f"{family}/none") or rank[{"shm": "gpt/none", "shm-zeronet": "zeronet/none"}[family]]
         assert _diff(rank[key]["weights"], ref["weights"]) <= 1e-6, key
         assert rank[key]["losses"] == pytest.approx(ref["losses"], rel=1e-6, abs=1e-6)
     assert _diff(equivalence[0][key]["weights"], equivalence[1][key]["weights"]) == 0  # every rank holds the same

@@ -114,8 +114,10 @@ def equivalence_cases() -> dict:
         out[f"accumulate/{key}"] = _train(_gpt, stage, accumulate=2, steps=2)
         out[f"clip/{key}"] = _train(_gpt, stage, clip=0.05, steps=2)
         out[f"compress/{key}"] = _train(_gpt, stage, compress="bf16", steps=2)
-        if stage in ("optimizer", "gradients"):
+        if stage is not None:   # stages 2/3 reduce through a few reused shared buffers: unused branches too
             out[f"shm/{key}"] = _train(_gpt, stage, transport="shm")
+            out[f"shm-zeronet/{key}"] = _train(ZeroNet, stage, steps=4, zeronet=True, bucket_mb=0.0005,
+                                               transport="shm")
     return out
 
 

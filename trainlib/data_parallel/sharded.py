@@ -44,6 +44,8 @@ log = logging.getLogger("trainlib")
 
 SHARD_STAGES = ("optimizer", "gradients", "parameters")
 MAX_INFLIGHT_WIRES = 2   # transient gradient buckets alive at once (stages 2/3): bounds the gradient peak
+WIRE_SLOTS = 2           # shared-memory transports: reused buffers the transient wires are reduced in
+SHM_TRANSPORTS = ("shm", "hierarchical")
 
 
 @dataclass
@@ -68,6 +70,7 @@ class FlatBucket:
     started: bool = False
     gathered: bool = True
     stats: tuple | None = None   # (nonfinite, squared norm) of `grad` from the epilogue, until it changes
+    in_slot: bool = False        # the wire is a view of one of the transport's shared buffers (stages 2/3)
 
     def chunk_of(self, i: int) -> tuple[int, int] | None:
         """The part of parameter i inside this rank's chunk, as (start, end) in the flat buffer."""
@@ -148,6 +151,11 @@ class ShardedDataParallel:
             self.sync.bind_group(self.group, named[0][1].device, 0 if shard == "parameters" else shared, len(plan),
                                  reduce_dtype=min(reduce, key=_size))   # the narrowest decides MPI's fitness
         self.buckets: list[FlatBucket] = [self._make_bucket(i, unit, group) for i, (unit, group) in enumerate(plan)]
+        self._slots: dict[torch.dtype, list[torch.Tensor]] = {}
+        self._slot_next: dict[torch.dtype, int] = {}
+        self._slot_owner: dict[tuple, FlatBucket] = {}
+        if shard in ("gradients", "parameters") and getattr(self.sync, "resolved_transport", None) in SHM_TRANSPORTS:
+            self._alloc_slots()
         # backward produces the last layers' gradients first: launch buckets in that order
         # (within a unit plan_buckets already put the last parameters first; the root goes last)
         self._launch_order = sorted(self.buckets, key=lambda b: (b.unit < 0, -b.unit, b.index))
@@ -169,6 +177,18 @@ class ShardedDataParallel:
             for p in m.parameters():
                 seen[id(p)] = u if seen.get(id(p), u) == u else -1
         return {id(p): seen.get(id(p), -1) for _, p in named}
+
+    def _alloc_slots(self) -> None:
+        """Stages 2/3 on a shared-memory transport: WIRE_SLOTS buffers per reduce dtype, each as large as
+        the largest bucket, through which the transient gradient wires are reduce-scattered in place
+        (collective: every rank allocates the same, in the same order)."""
+        largest: dict[torch.dtype, int] = {}
+        for b in self.buckets:
+            d = self._dtypes(b.params[0].dtype)[2]
+            largest[d] = max(largest.get(d, 0), b.padded)
+        for d in sorted(largest, key=str):
+            self._slots[d] = [self.sync.alloc(largest[d], d, self.buckets[0].flat.device) for _ in range(WIRE_SLOTS)]
+            self._slot_next[d] = 0
 
     def _dtypes(self, dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype, torch.dtype]:
         """(stored/compute, master, reduce) dtypes for parameters of `dtype` under this policy."""
@@ -374,25 +394,43 @@ class ShardedDataParallel:
         if self.shard is None:
             self._inflight.append(("reduce", b))
             self._handles.append(comm.all_reduce(wire, group=self.group, async_op=True) if self.dp > 1 else None)
-        else:
-            self.sync.start_reduce_scatter(wire)
-            self._inflight.append(("reduce", b))
-            if self.shard != "optimizer" and sum(k == "reduce" for k, _ in self._inflight) > MAX_INFLIGHT_WIRES:
-                self._drain()
+            return
+        slots = self._slots.get(wire.dtype)
+        if slots:
+            # shared-memory transports reduce in place only in their own buffers: hand the bucket over
+            # through one of a few reused ones, in launch order (the same on every rank)
+            k = self._slot_next[wire.dtype]
+            self._slot_next[wire.dtype] = (k + 1) % len(slots)
+            owner = self._slot_owner.get((wire.dtype, k))
+            if owner is not None and any(x is owner for _, x in self._inflight):
+                self._drain(upto=owner)
+            view = slots[k][:b.padded]
+            view.copy_(wire)
+            self._release_wire(b)
+            b.wire, b.in_slot = view, True
+            self._slot_owner[(wire.dtype, k)] = b
+            wire = view
+        self.sync.start_reduce_scatter(wire)
+        self._inflight.append(("reduce", b))
+        if self.shard != "optimizer" and not slots and sum(k == "reduce" for k, _ in self._inflight) > MAX_INFLIGHT_WIRES:
+            self._drain()
 
-    def _drain(self) -> None:
-        """Complete everything in flight: reduced chunks land in the optimizer's gradient slices
-        (transient wires are freed), gathered buckets are marked usable."""
+    def _drain(self, upto: FlatBucket | None = None) -> None:
+        """Complete what is in flight (everything, or up to and including bucket `upto`'s reduction):
+        reduced chunks land in the optimizer's gradient slices (transient wires are released),
+        gathered buckets are marked usable."""
+        n = len(self._inflight) if upto is None else \
+            next(i for i, (kind, x) in enumerate(self._inflight) if x is upto and kind == "reduce") + 1
         if self.shard is not None:
-            self.sync.wait()
+            self.sync.wait(n)
         for h in self._handles:
             if h is not None:
                 h.wait()
         self._handles = []
         from trainlib import kernels
 
-        inflight, self._inflight = self._inflight, []
-        for kind, b in inflight:
+        done, self._inflight = self._inflight[:n], self._inflight[n:]
+        for kind, b in done:
             if kind == "gather":
                 b.gathered = True
                 continue
@@ -400,7 +438,9 @@ class ShardedDataParallel:
             # one fused pass: unscale, cast to fp32, and the (inf/nan, squared norm) clipping needs
             b.stats = kernels.unscale_epilogue(b.wire[b.lo:b.hi], b.grad, 1.0 / self.scaler.scale)
             self.grads_ready = True
-            if self.shard in ("gradients", "parameters"):
+            if b.in_slot:
+                b.wire, b.in_slot = None, False
+            elif self.shard in ("gradients", "parameters"):
                 self._release_wire(b)
 
     def _finish_sharded(self) -> None:

@@ -203,9 +203,9 @@ class AllReduce:
         """After wait(): flat.view(dp, -1)[r] = the sum over the dp group of that chunk (r: this rank's
         index in the group); the other chunks are unspecified."""
         chunk = self._chunk("start_reduce_scatter", flat)
-        key = self._shm_key(flat)
+        key = self._shm_key(flat, prefix=True)
         if key is not None:
-            self._handles.append(self._worker.submit(key, "reduce_scatter"))
+            self._handles.append(self._worker.submit(key, "reduce_scatter", flat.numel()))
         elif self._mpi is not None:
             self._handles.append(self._mpi.ireduce_scatter(flat))
         else:
@@ -214,9 +214,9 @@ class AllReduce:
     def start_all_gather(self, flat: torch.Tensor) -> None:
         """After wait(): every chunk flat.view(dp, -1)[k] holds dp rank k's chunk."""
         chunk = self._chunk("start_all_gather", flat)
-        key = self._shm_key(flat)
+        key = self._shm_key(flat, prefix=True)
         if key is not None:
-            self._handles.append(self._worker.submit(key, "all_gather"))
+            self._handles.append(self._worker.submit(key, "all_gather", flat.numel()))
         elif self._mpi is not None:
             self._handles.append(self._mpi.iallgather(flat))
         else:
@@ -231,23 +231,33 @@ class AllReduce:
                              f"to {-(-flat.numel() // self._dp) * self._dp} elements")
         return flat.view(self._dp, -1)[self._dp_index]
 
-    def _shm_key(self, t: torch.Tensor) -> int | None:
-        """The shared-memory key of `t` when it is a whole buffer from alloc(); None (torch for this
-        call) otherwise -- on every rank alike if the caller passes alike-made buffers everywhere."""
+    def is_shared(self, t: torch.Tensor) -> bool:
+        """Whether `t` is (a leading part of) a buffer from alloc() that this transport moves in place."""
+        return self._shm_key(t, prefix=True, log_fallback=False) is not None
+
+    def _shm_key(self, t: torch.Tensor, prefix: bool = False, log_fallback: bool = True) -> int | None:
+        """The shared-memory key of `t` when it is a whole buffer from alloc() (or, with prefix, its
+        first t.numel() elements: sharded DP reuses a few such buffers for buckets of any size); None
+        (torch for this call) otherwise -- on every rank alike if the caller passes alike-made buffers."""
         if self._shm is None:
             return None
         key = self._shm_keys.get(t.data_ptr())
-        if key is not None and self._shm.buffers[key][self._shm.me].numel() == t.numel() and t.is_contiguous():
-            return key
+        if key is not None and t.is_contiguous():
+            size = self._shm.buffers[key][self._shm.me].numel()
+            if size == t.numel() or (prefix and t.numel() <= size):
+                return key
+        if not log_fallback:
+            return None
         if not self._fallback_logged:
             self._fallback_logged = True
             log.debug("AllReduce(%s): a buffer of %d x %s is not from alloc(); it goes through torch.distributed",
                       self.resolved_transport, t.numel(), t.dtype)
         return None
 
-    def wait(self) -> None:
-        """Complete every started collective, in start order."""
-        handles, self._handles = self._handles, []
+    def wait(self, count: int | None = None) -> None:
+        """Complete every started collective (or the `count` oldest), in start order."""
+        n = len(self._handles) if count is None else min(count, len(self._handles))
+        handles, self._handles = self._handles[:n], self._handles[n:]
         for h in handles:
             h.wait()
 

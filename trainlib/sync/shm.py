@@ -245,14 +245,16 @@ class ShmGroup:
                     bufs[k][lo:hi].copy_(mine)
         self.barrier(f"all_reduce[bucket {key}] exit")
 
-    def _chunks(self, key: int) -> list[torch.Tensor]:
-        """Every member's buffer `key` as (dp, numel/dp) rows: row i is dp rank i's chunk."""
-        return [b.view(self.dp, -1) for b in self.buffers[key]]
+    def _chunks(self, key: int, numel: int | None = None) -> list[torch.Tensor]:
+        """Every member's buffer `key` (its first `numel` elements) as (dp, numel/dp) rows: row i is
+        dp rank i's chunk."""
+        return [(b if numel is None else b[:numel]).view(self.dp, -1) for b in self.buffers[key]]
 
-    def reduce_scatter(self, key: int) -> None:
-        """Row i of dp rank i's buffer `key` := the sum of row i over the dp group; other rows unspecified."""
+    def reduce_scatter(self, key: int, numel: int | None = None) -> None:
+        """Row i of dp rank i's buffer `key` := the sum of row i over the dp group; other rows unspecified.
+        numel: only the buffer's first numel elements (a smaller bucket in a reused buffer)."""
         self.barrier(f"reduce_scatter[buffer {key}] enter")
-        rows = self._chunks(key)
+        rows = self._chunks(key, numel)
         for d in self.owned:
             acc = rows[self.me][d]
             for k in range(self.n):
@@ -262,10 +264,10 @@ class ShmGroup:
             self.cross.reduce_scatter([rows[self.me][d] for d in self.owned], self.mine, f"buffer {key}")
         self.barrier(f"reduce_scatter[buffer {key}] exit")  # nobody reuses a buffer a peer still reads
 
-    def all_gather(self, key: int) -> None:
+    def all_gather(self, key: int, numel: int | None = None) -> None:
         """Row i of every member's buffer `key` := row i of dp rank i's buffer, for every i."""
         self.barrier(f"all_gather[buffer {key}] enter")  # the peers are done with the rows we overwrite
-        rows = self._chunks(key)
+        rows = self._chunks(key, numel)
         if self.cross is not None:
             self.cross.all_gather([rows[self.me][d] for d in self.owned], self.mine, f"buffer {key}")
         for d in self.owned:
@@ -309,18 +311,19 @@ class ShmWorker:
         self._thread = threading.Thread(target=self._run, name="trainlib-shm", daemon=True)
         self._thread.start()
 
-    def submit(self, key: int, op: str = "all_reduce") -> ShmHandle:
-        """Queue collective `op` (all_reduce | reduce_scatter | all_gather) on buffer `key`."""
+    def submit(self, key: int, op: str = "all_reduce", numel: int | None = None) -> ShmHandle:
+        """Queue collective `op` (all_reduce | reduce_scatter | all_gather) on buffer `key` (reduce-scatter
+        and all-gather: on its first `numel` elements if given)."""
         self._submitted += 1
-        self._q.put((op, key))
+        self._q.put((op, key, numel))
         return ShmHandle(self, key, self._submitted)
 
     def _run(self) -> None:
         while (item := self._q.get()) is not None:
-            op, key = item
+            op, key, numel = item
             try:
                 if self._error is None:
-                    self._ops[op](key)
+                    self._ops[op](key) if numel is None else self._ops[op](key, numel)
             except BaseException as e:  # handed to the training thread by wait_for
                 self._error = e
             with self._cv:
