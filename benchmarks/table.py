@@ -111,9 +111,18 @@ def _zero(s: dict) -> str:
     return out
 
 
+def _reshard(s: dict) -> str:
+    dirs = [k.split(":", 1)[1] for k in s if k.startswith("ratio_trainlib/dcp:")]
+    return (f"{s['state_MB']} MB of weights + AdamW state loaded under another layout: trainlib restore "
+            + ", ".join(f"{d} {_x(s[f'ratio_trainlib/dcp:{d}'])}" for d in dirs)
+            + " of DCP's load time (bytes read " + ", ".join(f"{_x(s[f'read_ratio_trainlib/dcp:{d}'])}" for d in dirs)
+            + f"); all loads bit-exact: {s['correct']}")
+
+
 HEADLINES: dict[str, Callable[[dict], str]] = {
     "allreduce": _allreduce, "dp": _dp, "kernels": _kernels, "ps": _ps, "tp": _tp, "pp": _pp,
     "checkpoint": _checkpoint, "mutants": _mutants, "cluster": _cluster, "zero": _zero,
+    "reshard": _reshard,
 }
 
 
