@@ -71,6 +71,7 @@ class FlatBucket:
     gathered: bool = True
     stats: tuple | None = None   # (nonfinite, squared norm) of `grad` from the epilogue, until it changes
     in_slot: bool = False        # the wire is a view of one of the transport's shared buffers (stages 2/3)
+    gather_slot: torch.Tensor | None = None   # stage 3: the shared buffer this bucket is being gathered in
 
     def chunk_of(self, i: int) -> tuple[int, int] | None:
         """The part of parameter i inside this rank's chunk, as (start, end) in the flat buffer."""
@@ -179,16 +180,34 @@ class ShardedDataParallel:
         return {id(p): seen.get(id(p), -1) for _, p in named}
 
     def _alloc_slots(self) -> None:
-        """Stages 2/3 on a shared-memory transport: WIRE_SLOTS buffers per reduce dtype, each as large as
-        the largest bucket, through which the transient gradient wires are reduce-scattered in place
-        (collective: every rank allocates the same, in the same order)."""
-        largest: dict[torch.dtype, int] = {}
+        """Stages 2/3 on a shared-memory transport: WIRE_SLOTS buffers per (kind, dtype), each as large
+        as the largest bucket, through which transient gradient wires are reduce-scattered (and, stage
+        3, parameters all-gathered) in place. Collective: every rank allocates the same, in one order."""
+        largest: dict[tuple[str, torch.dtype], int] = {}
         for b in self.buckets:
-            d = self._dtypes(b.params[0].dtype)[2]
-            largest[d] = max(largest.get(d, 0), b.padded)
-        for d in sorted(largest, key=str):
-            self._slots[d] = [self.sync.alloc(largest[d], d, self.buckets[0].flat.device) for _ in range(WIRE_SLOTS)]
-            self._slot_next[d] = 0
+            kinds = [("reduce", self._dtypes(b.params[0].dtype)[2])]
+            if self.shard == "parameters":
+                kinds.append(("gather", b.flat.dtype))
+            for key in kinds:
+                largest[key] = max(largest.get(key, 0), b.padded)
+        for key in sorted(largest, key=str):
+            self._slots[key] = [self.sync.alloc(largest[key], key[1], self.buckets[0].flat.device)
+                                for _ in range(WIRE_SLOTS)]
+            self._slot_next[key] = 0
+
+    def _take_slot(self, key: tuple[str, torch.dtype], b: FlatBucket) -> torch.Tensor | None:
+        """The next shared buffer of `key` (in launch order, the same on every rank), once its previous
+        user is done; None without shared buffers (the torch transport)."""
+        slots = self._slots.get(key)
+        if not slots:
+            return None
+        k = self._slot_next[key]
+        self._slot_next[key] = (k + 1) % len(slots)
+        owner = self._slot_owner.get((key, k))
+        if owner is not None and any(x is owner for _, x in self._inflight):
+            self._drain(upto=owner)
+        self._slot_owner[(key, k)] = b
+        return slots[k][:b.padded]
 
     def _dtypes(self, dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype, torch.dtype]:
         """(stored/compute, master, reduce) dtypes for parameters of `dtype` under this policy."""
@@ -251,9 +270,14 @@ class ShardedDataParallel:
     def _start_gather(self, b: FlatBucket) -> None:
         if b.gathered or any(kind == "gather" and x is b for kind, x in self._inflight):
             return
-        b.flat.untyped_storage().resize_(b.padded * b.flat.element_size())
-        b.flat[b.lo:b.hi].copy_(b.shard)
-        self.sync.start_all_gather(b.flat)
+        view = self._take_slot(("gather", b.flat.dtype), b)
+        if view is not None:
+            view[b.lo:b.hi].copy_(b.shard)
+            b.gather_slot = view
+        else:
+            b.flat.untyped_storage().resize_(b.padded * b.flat.element_size())
+            b.flat[b.lo:b.hi].copy_(b.shard)
+        self.sync.start_all_gather(view if view is not None else b.flat)
         self._inflight.append(("gather", b))
 
     def _gather_unit(self, unit: int, prefetch: int | None = None) -> None:
@@ -395,24 +419,17 @@ class ShardedDataParallel:
             self._inflight.append(("reduce", b))
             self._handles.append(comm.all_reduce(wire, group=self.group, async_op=True) if self.dp > 1 else None)
             return
-        slots = self._slots.get(wire.dtype)
-        if slots:
-            # shared-memory transports reduce in place only in their own buffers: hand the bucket over
-            # through one of a few reused ones, in launch order (the same on every rank)
-            k = self._slot_next[wire.dtype]
-            self._slot_next[wire.dtype] = (k + 1) % len(slots)
-            owner = self._slot_owner.get((wire.dtype, k))
-            if owner is not None and any(x is owner for _, x in self._inflight):
-                self._drain(upto=owner)
-            view = slots[k][:b.padded]
+        # shared-memory transports reduce in place only in their own buffers: hand the bucket over
+        # through one of a few reused ones
+        view = self._take_slot(("reduce", wire.dtype), b) if self.shard != "optimizer" else None
+        if view is not None:
             view.copy_(wire)
             self._release_wire(b)
-            b.wire, b.in_slot = view, True
-            self._slot_owner[(wire.dtype, k)] = b
-            wire = view
+            b.wire, b.in_slot, wire = view, True, view
         self.sync.start_reduce_scatter(wire)
         self._inflight.append(("reduce", b))
-        if self.shard != "optimizer" and not slots and sum(k == "reduce" for k, _ in self._inflight) > MAX_INFLIGHT_WIRES:
+        if self.shard != "optimizer" and view is None and \
+                sum(k == "reduce" for k, _ in self._inflight) > MAX_INFLIGHT_WIRES:
             self._drain()
 
     def _drain(self, upto: FlatBucket | None = None) -> None:
@@ -420,7 +437,7 @@ class ShardedDataParallel:
         reduced chunks land in the optimizer's gradient slices (transient wires are released),
         gathered buckets are marked usable."""
         n = len(self._inflight) if upto is None else \
-            next(i for i, (kind, x) in enumerate(self._inflight) if x is upto and kind == "reduce") + 1
+            max(i for i, (_, x) in enumerate(self._inflight) if x is upto) + 1
         if self.shard is not None:
             self.sync.wait(n)
         for h in self._handles:
@@ -432,6 +449,10 @@ class ShardedDataParallel:
         done, self._inflight = self._inflight[:n], self._inflight[n:]
         for kind, b in done:
             if kind == "gather":
+                if b.gather_slot is not None:   # gathered in a shared buffer: into the parameters now
+                    b.flat.untyped_storage().resize_(b.padded * b.flat.element_size())
+                    b.flat.copy_(b.gather_slot)
+                    b.gather_slot = None
                 b.gathered = True
                 continue
             # the chunk leaves the wire as the fp32 average, loss scale removed (the epilogue of a step)
