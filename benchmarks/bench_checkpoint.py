@@ -18,6 +18,21 @@ Candidates, alternating rounds, medians:
 Share of step time at the default cadence = save_s / (checkpoint.every * step_s), with step_s the
 median time of one training step of the same model on one process at the default per-rank batch
 (train.batch_size / 2 ranks), measured in the same run.
+
+Asynchronous saves ("async" in the result; 2 gloo ranks on CPU, each with its own copy of the
+state, as `trainlib train` has): how long the training loop is held by one save, per candidate:
+    sync_save        tl.checkpoint.save (the whole save blocks)
+    trainlib_async   CheckpointWriter.save: snapshot into host buffers, then a background write
+    dcp_async        torch.distributed.checkpoint.async_save of the same tensors (each rank's under
+                     its own keys, so DCP writes what trainlib writes instead of deduplicating)
+    trainlib_async_eager   the same with every tensor copied inside the call (no until=)
+Each save call is followed by one training step, as in the trainer. Blocking = the call's wall
+time plus, for trainlib_async (save(until=optimizer)), the time that step's optimizer waited for the
+background copy; the max over ranks (the next collective waits for the slowest). next_step_s is that
+step's time (background work competes with it for the CPU: on a 2-core machine running 2 ranks this
+is where an asynchronous save costs). Then the save is waited for, untimed (its whole duration is
+done_s), so no two saves overlap. Alternating repetitions, medians; target: trainlib_async <= 10%
+of sync_save.
 """
 from __future__ import annotations
 
@@ -35,6 +50,7 @@ from trainlib.checkpoint import resume
 from trainlib.config import Config, load_config
 from trainlib.data import DistributedSampler, default_tokens
 from trainlib.models.gpt import lm_loss
+from trainlib.testing import run_ranks
 from trainlib.trainer import build_model
 
 MB = 1024 * 1024
@@ -124,6 +140,102 @@ def _measure(cfg: Config, reps: int, work: Path) -> dict:
     }
 
 
+def _async_ranks(overrides: list[str], reps: int, work: str) -> dict:
+    """One rank's side of the async comparison (run by run_ranks on 2 gloo ranks)."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from trainlib import comm
+    from trainlib.checkpoint.async_save import CheckpointWriter
+    from trainlib.checkpoint.layout import layout_of
+
+    r = dist.get_rank()
+    model, opt, sampler, counters, step = _setup(load_config(None, overrides))
+    root = Path(work)
+    writer = CheckpointWriter(root / "async", keep=2)
+    # DCP's background thread runs collectives too: on the default group they would cross the
+    # training's (a deadlock seen here), so it gets a gloo group of its own, as torchtitan gives it
+    dcp_group = dist.new_group(backend="gloo")
+    n = [0]
+
+    def slowest(dt: float) -> float:
+        t = torch.tensor([dt], dtype=torch.float64)
+        comm.all_reduce(t, op="max")
+        return float(t.item())
+
+    names = ("sync_save", "trainlib_async", "trainlib_async_eager", "dcp_async")
+    done: dict[str, list[float]] = {k: [] for k in names}
+    next_step: dict[str, list[float]] = {k: [] for k in names}
+
+    def candidate(name: str, call, finish):
+        def timed() -> float:
+            n[0] += 1
+            comm.barrier()
+            t0 = time.perf_counter()
+            handle = call(n[0])
+            blocked = time.perf_counter() - t0
+            next_step[name].append(slowest(step()))
+            blocked += writer.hook_wait_s if name == "trainlib_async" else 0.0
+            finish(handle)
+            done[name].append(slowest(time.perf_counter() - t0))
+            return slowest(blocked)
+        return timed
+
+    def tl_sync(i: int) -> None:
+        tl.checkpoint.save(root / "sync", i, resume.state_of(model, opt, sampler, counters), keep=2,
+                           layout=layout_of(model))
+
+    def tl_async(until):
+        def call(i: int) -> None:
+            writer.save(i, resume.state_of(model, opt, sampler, counters), layout=layout_of(model), until=until)
+        return call
+
+    def dcp_call(i: int):
+        msd, osd = get_state_dict(model, opt)
+        return dcp.async_save({f"rank{r}": {"model": msd, "optim": osd}}, checkpoint_id=str(root / "dcp" / str(i)),
+                              process_group=dcp_group)
+
+    def dcp_finish(fut) -> None:
+        getattr(fut, "upload_completion", fut).result()
+        comm.barrier()
+        if r == 0:
+            shutil.rmtree(root / "dcp" / str(n[0] - 4), ignore_errors=True)
+
+    cands = {"sync_save": candidate("sync_save", tl_sync, lambda h: None),
+             "trainlib_async": candidate("trainlib_async", tl_async(opt), lambda h: writer.wait()),
+             "trainlib_async_eager": candidate("trainlib_async_eager", tl_async(None), lambda h: writer.wait()),
+             "dcp_async": candidate("dcp_async", dcp_call, dcp_finish)}
+    for c in cands.values():  # warm-up: buffers, DCP's planner caches
+        c()
+    for d in (done, next_step):
+        for v in d.values():
+            v.clear()
+    base = [slowest(step()) for _ in range(3)]
+    res = alternate(cands, reps)
+    writer.close()
+    for name in names:
+        res[name]["done_median_s"] = sorted(done[name])[len(done[name]) // 2]
+        res[name]["next_step_median_s"] = sorted(next_step[name])[len(next_step[name]) // 2]
+    res["step_s"] = sorted(base)[1]
+    shard = root / "sync" / f"step_{max(tl.checkpoint.list_steps(root / 'sync')):08d}"
+    res["bytes_per_rank"] = (shard / f"rank{r}.safetensors").stat().st_size
+    return res
+
+
+def _measure_async(overrides: list[str], reps: int, work: Path) -> dict:
+    res = run_ranks(_async_ranks, 2, overrides, reps, str(work), timeout_s=900, env={"TRAINLIB_TIMEOUT_S": "120"})[0]
+    med = {k: res[k]["median_s"] for k in ("sync_save", "trainlib_async", "trainlib_async_eager", "dcp_async")}
+    rounded = {k: {kk: (round(vv, 5) if isinstance(vv, float) else [round(x, 5) for x in vv])
+                   for kk, vv in res[k].items()} for k in med}
+    return {"ranks": 2, "bytes_per_rank": res["bytes_per_rank"], "step_s": round(res["step_s"], 5), **rounded,
+            "blocking_ratio_async_eager_vs_sync": round(med["trainlib_async_eager"] / med["sync_save"], 4),
+            "blocking_ratio_async_vs_sync": round(med["trainlib_async"] / med["sync_save"], 4),
+            "blocking_ratio_dcp_async_vs_sync": round(med["dcp_async"] / med["sync_save"], 4),
+            "blocking_ratio_async_vs_dcp_async": round(med["trainlib_async"] / med["dcp_async"], 4),
+            "target_async_le_10pct_of_sync": med["trainlib_async"] <= 0.10 * med["sync_save"]}
+
+
 def run(quick: bool) -> dict:
     torch.set_num_threads(1)
     configs = {"default": load_config(None, [])}
@@ -136,6 +248,10 @@ def run(quick: bool) -> dict:
     try:
         for name, cfg in configs.items():
             out[name] = _measure(cfg, reps, work / name)
+        big = ["--model.d_model", "512", "--model.n_layer", "8", "--model.n_head", "8"]
+        out["async"] = {"default": _measure_async([], reps, work / "async-default")}
+        if not quick:
+            out["async"]["gpt_d512_l8"] = _measure_async(big, reps, work / "async-big")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     d = out["default"]
@@ -148,6 +264,14 @@ def run(quick: bool) -> dict:
         "load_ratio_vs_torch_load": d["load_ratio_vs_torch_load"], "step_s": d["step_s"],
         "save_share_at_every_%d" % d["every"]: d["save_share_of_step_time"],
     }
+    for name, a in out["async"].items():
+        out["summary"][f"async_{name}"] = {
+            k: a[k] for k in ("blocking_ratio_async_vs_sync", "blocking_ratio_async_eager_vs_sync",
+                              "blocking_ratio_dcp_async_vs_sync",
+                              "blocking_ratio_async_vs_dcp_async", "target_async_le_10pct_of_sync")}
+        out["summary"][f"async_{name}"].update({f"{k}_blocking_s": a[k]["median_s"]
+                                                for k in ("sync_save", "trainlib_async", "dcp_async")})
+        out["summary"][f"async_{name}"]["step_s"] = a["step_s"]
     return out
 
 
