@@ -96,6 +96,8 @@ TRAIN = [
      ["dp.shard=optimizer needs sync.kind=allreduce", "--sync.kind allreduce"]),
     ("bf16 with ddp", ["train", "--sync.kind", "ddp", "--train.precision", "bf16"], {}, 1,
      ["train.precision=bf16 needs sync.kind=allreduce"]),
+    ("async ps with pp", ["train", "--nproc-per-node", "4", "--sync.kind", "ps", "--sync.mode", "async", "--mesh.pp",
+                          "2"], {}, 1, ["sync.mode=async cannot drive pipeline stages (pp=2)", "--sync.mode sync"]),
     ("compress with ps", ["train", "--sync.kind", "ps", "--sync.compress", "bf16"], {}, 1,
      ["sync.compress=bf16 applies to sync.kind=allreduce", "--sync.kind allreduce"]),
     ("compress with ddp", ["train", "--sync.kind", "ddp", "--sync.compress", "fp16"], {}, 1,
@@ -282,7 +284,7 @@ BENCH = [(f"bench {name}", ["bench", *argv], {}, 1, needles) for name, argv, nee
 ]]
 
 OTHER = [
-    ("unknown command", ["ckpt", "ls"], {}, 1, ["unknown command 'ckpt'", "usage: trainlib COMMAND"]),
+    ("unknown command", ["checkpoints", "ls"], {}, 1, ["unknown command 'checkpoints'", "usage: trainlib COMMAND"]),
 ]
 
 CASES = TRAIN + LAUNCH + K8S + PS_SERVER + BENCH + OTHER

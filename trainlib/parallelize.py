@@ -151,6 +151,10 @@ def parallelize(model: nn.Module | list, mesh, *, tp_plan: dict[str, str] | None
         raise ValueError(f"{mesh}: tp={tp} needs a tensor-parallel plan, e.g. "
                          "tp_plan=trainlib.tensor_parallel.GPT_PLAN for the default GPT")
     loss_fn = loss_fn if loss_fn is not None else lm_loss_fn(mesh)
+    if pp > 1 and sync is not None and not sync.reduces_in_backward:
+        raise ValueError(f"{type(sync).__name__}(mode='async') cannot drive pipeline stages (pp={pp}): it exchanges "
+                         "parameters in DataParallel.forward, which a pipeline schedule does not call; use "
+                         "mode='sync' or tl.AllReduce() with pp > 1")
     if shard is not None and sequence_parallel and tp > 1 and shard != "optimizer":
         raise ValueError(f"sequence_parallel with shard={shard!r} is not supported yet (its LayerNorm gradients are "
                          "summed over tp after the dp reduction, which stages 2/3 no longer keep whole); use "

@@ -271,6 +271,10 @@ def not_applicable(cfg: Config, layout: MeshLayout) -> list[str]:
     if s.kind != "allreduce" and _changed(s, "transport"):
         raise ConfigError(f"sync.transport={s.transport} applies to sync.kind=allreduce, not {s.kind}; drop it or "
                           "set --sync.kind allreduce")
+    if s.kind == "ps" and s.mode == "async" and layout.pp > 1:
+        raise ConfigError(f"sync.mode=async cannot drive pipeline stages (pp={layout.pp}): the asynchronous parameter "
+                          "server exchanges weights in the forward a pipeline schedule does not call; use "
+                          "--sync.mode sync or --sync.kind allreduce")
     sharded = cfg.dp.shard != "none" or cfg.train.precision != "fp32"
     if sharded and s.kind != "allreduce":
         what = f"dp.shard={cfg.dp.shard}" if cfg.dp.shard != "none" else f"train.precision={cfg.train.precision}"

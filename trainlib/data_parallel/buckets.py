@@ -8,6 +8,7 @@ gets the first collective on the wire early. One dtype (and device) per bucket.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -72,9 +73,30 @@ def plan_buckets(named_params: list[tuple[str, nn.Parameter]], bucket_mb: float,
     return done
 
 
+def wire_bytes(named_params: list[tuple[str, nn.Parameter]], bucket_mb: float,
+               comm_dtype: torch.dtype | None = None) -> tuple[int, int]:
+    """(bytes, count) of the wire buffers build_buckets will ask the sync backend for."""
+    total, groups = 0, plan_buckets(named_params, bucket_mb)
+    for group in groups:
+        dtype = comm_dtype or group[0][1].dtype
+        total += sum(p.numel() for _, p in group) * torch.empty((), dtype=dtype).element_size()
+    return total, len(groups)
+
+
+Alloc = Callable[[int, torch.dtype, torch.device], torch.Tensor]
+
+
+def _zeros(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.zeros(numel, dtype=dtype, device=device)
+
+
 def build_buckets(named_params: list[tuple[str, nn.Parameter]], bucket_mb: float,
-                  comm_dtype: torch.dtype | None = None) -> list[Bucket]:
-    """Allocate the flat buffers and point every param.grad at its view (existing grads are kept)."""
+                  comm_dtype: torch.dtype | None = None, alloc: Alloc | None = None) -> list[Bucket]:
+    """Allocate the flat buffers and point every param.grad at its view (existing grads are kept).
+
+    alloc(numel, dtype, device): where the wire buffers come from -- the sync backend's memory (shared
+    memory on its shm transports), so it never has to swap a bucket's tensors afterwards."""
+    alloc = alloc or _zeros
     buckets = []
     for i, group in enumerate(plan_buckets(named_params, bucket_mb)):
         p0 = group[0][1]
@@ -82,8 +104,10 @@ def build_buckets(named_params: list[tuple[str, nn.Parameter]], bucket_mb: float
         for _, p in group:
             offsets.append(n)
             n += p.numel()
-        grads = torch.zeros(n, dtype=p0.dtype, device=p0.device)
-        comm = grads if comm_dtype in (None, p0.dtype) else torch.empty(n, dtype=comm_dtype, device=p0.device)
+        if comm_dtype in (None, p0.dtype):
+            grads = comm = alloc(n, p0.dtype, p0.device)
+        else:  # compressed: the full-precision gradients stay private, the wire copy is the backend's
+            grads, comm = torch.zeros(n, dtype=p0.dtype, device=p0.device), alloc(n, comm_dtype, p0.device)
         b = Bucket(i, p0.dtype, p0.device, [p for _, p in group], [nm for nm, _ in group], offsets, n, grads, comm)
         for j, p in enumerate(b.params):
             if p.grad is not None:

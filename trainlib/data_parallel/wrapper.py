@@ -29,7 +29,7 @@ from .. import comm
 from ..mesh import Mesh
 from ..sync.allreduce import AllReduce
 from ..precision import MixedPrecision
-from .buckets import Bucket, build_buckets
+from .buckets import Bucket, build_buckets, wire_bytes
 from .sharded import SHARD_STAGES, ShardedDataParallel
 
 log = logging.getLogger("trainlib")
@@ -71,7 +71,7 @@ class DataParallel(ShardedDataParallel, nn.Module):
             raise ValueError("DataParallel: the module has no parameter with requires_grad=True; nothing to sync")
         check_same_across_ranks(module, self.group)
         self._broadcast(list(module.parameters()) + list(module.buffers()))
-        bucket_mb = bucket_mb if bucket_mb is not None else getattr(self.sync, "bucket_mb", 25.0)
+        bucket_mb = bucket_mb if bucket_mb is not None else self.sync.bucket_mb
         self._require_sync = True
         self._callback_queued = False
         self._next = 0
@@ -85,7 +85,12 @@ class DataParallel(ShardedDataParallel, nn.Module):
             self._init_sharded(named, bucket_mb, shard, mixed_precision)
             return
         self.shard, self.precision = None, None
-        self.buckets: list[Bucket] = build_buckets(named, bucket_mb, getattr(self.sync, "comm_dtype", None))
+        alloc = None
+        if hasattr(self.sync, "bind_group"):   # the backend chooses its transport first, then gives the memory
+            need, count = wire_bytes(named, bucket_mb, self.sync.comm_dtype)
+            self.sync.bind_group(self.group, named[0][1].device, need, count, reduce_dtype=self.sync.comm_dtype)
+            alloc = self.sync.alloc
+        self.buckets: list[Bucket] = build_buckets(named, bucket_mb, self.sync.comm_dtype, alloc=alloc)
         if self.sync.reduces_in_backward:
             for b in self.buckets:
                 for i, p in enumerate(b.params):
@@ -126,6 +131,8 @@ class DataParallel(ShardedDataParallel, nn.Module):
         through forward() (a pipeline schedule calls the stage modules directly)."""
         if self.sharded:
             self._sync_sharded()
+            return
+        if not self.sync.reduces_in_backward:   # async PS: gradients stay local, deltas move in on_forward
             return
         self._reset()
         self._finish_backward()

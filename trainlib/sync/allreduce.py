@@ -66,9 +66,12 @@ class AllReduce:
 
     # ---- set-up --------------------------------------------------------------------------
     def bind(self, buckets, group) -> None:
-        """Unsharded data parallel: bind_group, then move each bucket's wire buffer into this
-        transport's memory (shm/hierarchical: shared memory; the buckets exist before the transport
-        is chosen, so their `comm` (and `grads` when they are one tensor) are replaced here)."""
+        """Unsharded data parallel, after bind_group() and buckets built from alloc(): nothing to move.
+        (Called without bind_group(), for buckets made elsewhere: choose the transport now and move
+        each bucket's wire buffer into this transport's memory.)"""
+        if self.resolved_transport is not None:
+            self._check_bound(buckets)
+            return
         on_cpu = all(b.comm.device.type == "cpu" for b in buckets)
         self.bind_group(group, device=torch.device("cpu" if on_cpu else buckets[0].comm.device.type),
                         need_bytes=_shm_bytes(buckets), n_buffers=len(buckets))
@@ -83,6 +86,11 @@ class AllReduce:
             else:
                 b.comm = new
         self._shm.map_peers()
+
+    def _check_bound(self, buckets) -> None:
+        if self._shm is not None and not all(self._shm_key(b.comm, log_fallback=False) is not None for b in buckets):
+            raise ValueError(f"AllReduce({self.resolved_transport}): a bucket's wire buffer is not from alloc(); "
+                             "build the buckets with build_buckets(..., alloc=sync.alloc) after bind_group()")
 
     def bind_group(self, group, device: torch.device | None = None, need_bytes: int = 0, n_buffers: int = 0,
                    reduce_dtype: torch.dtype | None = None) -> None:

@@ -2,7 +2,10 @@
 
 `tl.DataParallel` owns the buckets and the autograd hooks; a sync backend only moves bytes:
 
-    bind(buckets, group)   once, after the buckets are laid out (same order on every rank)
+    bind(buckets, group)   once, after the buckets are laid out (same order on every rank). A backend
+                           that owns its memory (tl.AllReduce) is first asked bind_group(group, ...)
+                           and then alloc(numel, dtype, device) for every wire buffer, so it never
+                           swaps a bucket's tensors behind the wrapper
     start(bucket)          as soon as a bucket's gradients are all written and packed into
                            bucket.comm (a flat tensor, already scaled by 1/dp); may return at once
     wait()                 at the end of backward: when it returns, every started bucket.comm holds
@@ -41,6 +44,8 @@ if TYPE_CHECKING:
 @runtime_checkable
 class GradSync(Protocol):
     reduces_in_backward: bool
+    bucket_mb: float                       # the default bucket size DataParallel lays out
+    comm_dtype: "torch.dtype | None"       # what goes on the wire (None: the gradients' own dtype)
 
     def bind(self, buckets: "list[Bucket]", group) -> None: ...
 

@@ -70,6 +70,7 @@ class ParameterServer:
         self.token, self.insecure = token, insecure
         self.timeout_s, self.retry_s = timeout_s, retry_s
         self.bucket_mb = bucket_mb
+        self.comm_dtype = None   # gradients go to the servers in their own dtype
         self.server_start_timeout_s = server_start_timeout_s
         self.reduces_in_backward = mode == "sync"
         self.client: PSClient | None = None
