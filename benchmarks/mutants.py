@@ -95,7 +95,7 @@ MUTANTS: list[Mutant] = [
            "        total -= replicated * (1 - 1 / tp)\n", "",
            ("tests/test_compose.py", "-k", "dp2xtp2"),
            "the global grad norm counts tp-replicated parameters once per tp rank"),
-    Mutant("tp-sequence-parallel-grads-unsynced", "trainlib/parallelize.py",
+    Mutant("tp-sequence-parallel-grads-unsynced", "trainlib/compose.py",
            "            sync_sequence_parallel_grads(self.local, self.mesh)", "            pass",
            ("tests/test_compose.py", "-k", "sp"),
            "LayerNorm / row-bias grads under sequence parallelism keep their partial (T/tp) sums"),

@@ -23,7 +23,7 @@ _LAZY = {
     "tensor_parallel": ("trainlib.tensor_parallel", None),
     "pipeline": ("trainlib.pipeline", None),
     "checkpoint": ("trainlib.checkpoint", None),
-    "parallelize": ("trainlib.parallelize", "parallelize"),
+    "parallelize": ("trainlib.compose", "parallelize"),
 }
 
 __all__ = ["init", "Runtime", "Mesh", "MeshLayout", *_LAZY]

@@ -37,7 +37,7 @@ from .data_parallel.clip import grad_norm
 from .mesh import Mesh, MeshError
 from .models.gpt import GPT, GPTConfig, lm_loss
 from .optim import DistributedOptimizer
-from .parallelize import ParallelModel, lm_loss_fn, parallelize
+from .compose import ParallelModel, lm_loss_fn, parallelize
 from .precision import MixedPrecision
 from .tensor_parallel import GPT_PLAN
 from .runtime import LaunchError
@@ -151,7 +151,7 @@ def train(cfg: Config) -> dict:
     model = build_model(cfg)
     n_params = sum(p.numel() for p in model.parameters())
     if mesh.size("pp") > 1 or mesh.size("tp") > 1:
-        model = wrap_parallel(model, cfg, mesh)  # PP split -> TP -> DP, see trainlib/parallelize.py
+        model = wrap_parallel(model, cfg, mesh)  # PP split -> TP -> DP, see trainlib/compose.py
     else:
         model = wrap_data_parallel(model, cfg, mesh)
     params = [p for p in model.parameters() if p.requires_grad]

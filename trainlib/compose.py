@@ -208,15 +208,3 @@ def parallelize(model: nn.Module | list, mesh, *, tp_plan: dict[str, str] | None
 
     pm.full_names = full_model_names(model)   # checkpoint layouts name tensors as in the whole model
     return pm
-
-
-class _CallableModule(type(__import__("sys"))):
-    """Importing the submodule `trainlib.parallelize` makes Python bind the module object to the
-    attribute `trainlib.parallelize`, shadowing the lazily exported function of the same name.
-    Making the module callable keeps `tl.parallelize(model, mesh, ...)` working either way."""
-
-    def __call__(self, *args, **kwargs) -> ParallelModel:
-        return parallelize(*args, **kwargs)
-
-
-__import__("sys").modules[__name__].__class__ = _CallableModule
