@@ -37,13 +37,13 @@ def _worker(cfg_kw: dict, batch: int, reps: int, steps: int) -> dict:
 
     from trainlib import comm
     from trainlib.models.gpt import GPT, GPTConfig, lm_loss
-    from trainlib.tensor_parallel import parallelize
+    from trainlib.tensor_parallel import apply_plan
 
     cfg = GPTConfig(**cfg_kw)
     mesh = tl.Mesh(pp=1, dp=1, tp=TP)
     base = GPT(cfg, seed=0)
     plan = _plan_names(cfg.n_layer)
-    ours = parallelize(copy.deepcopy(base), mesh, plan)
+    ours = apply_plan(copy.deepcopy(base), mesh, plan)
     dmesh = init_device_mesh("cpu", (TP,))
     peer = parallelize_module(copy.deepcopy(base), dmesh,
                               {k: ColwiseParallel() if v == "colwise" else RowwiseParallel() for k, v in plan.items()})

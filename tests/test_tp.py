@@ -1,6 +1,6 @@
 """Tensor parallel at tp=2 against a single-process run of the same model (same seed).
 
-One spawned group checks the layers, `parallelize` on a model written here, the whole GPT with
+One spawned group checks the layers, `apply_plan` on a model written here, the whole GPT with
 vocab-parallel cross-entropy, collective counts per block and global-norm clipping.
 """
 from __future__ import annotations
@@ -14,9 +14,10 @@ import torch.nn.functional as F
 
 import trainlib as tl
 from trainlib import comm
+from trainlib.data_parallel import grad_norm
 from trainlib.models.gpt import GPT, GPTConfig, lm_loss
 from trainlib.tensor_parallel import (GPT_PLAN, GPT_SP_PLAN, ColumnParallelLinear, PlanError, RowParallelLinear,
-                                      VocabParallelEmbedding, parallelize, sync_sequence_parallel_grads,
+                                      VocabParallelEmbedding, apply_plan, sync_sequence_parallel_grads,
                                       vocab_parallel_cross_entropy)
 from trainlib.testing import run_ranks
 
@@ -70,9 +71,9 @@ def _tp_worker() -> dict:
     out = {}
     torch.manual_seed(0)
 
-    # --- a model written here, through parallelize(plan)
+    # --- a model written here, through apply_plan(plan)
     ref = TinyTagger()
-    tp = parallelize(copy.deepcopy(ref), mesh, TAGGER_PLAN)
+    tp = apply_plan(copy.deepcopy(ref), mesh, TAGGER_PLAN)
     ids = torch.randint(0, 12, (4, 5))
     y = torch.randn(4, 5, 6)
     F.mse_loss(ref(ids), y).backward()
@@ -95,7 +96,7 @@ def _tp_worker() -> dict:
     # --- the whole GPT, tp=2, logits never gathered
     cfg = GPTConfig(vocab_size=64, seq_len=16, n_layer=2, n_head=4, d_model=32)
     gref = GPT(cfg, seed=1)
-    gtp = parallelize(copy.deepcopy(gref), mesh, GPT_PLAN)
+    gtp = apply_plan(copy.deepcopy(gref), mesh, GPT_PLAN)
     idx = torch.randint(0, 64, (3, 16))
     tgt = torch.randint(0, 64, (3, 16))
     lref = lm_loss(gref(idx), tgt)
@@ -109,7 +110,7 @@ def _tp_worker() -> dict:
 
     # --- global grad norm over tp: sharded squares summed, replicated counted once
     ref_norm = torch.nn.utils.clip_grad_norm_(gref.parameters(), float("inf")).item()
-    out["norm_err"] = abs(tl.tensor_parallel.grad_norm(gtp.parameters(), mesh).item() - ref_norm)
+    out["norm_err"] = abs(grad_norm(gtp.parameters(), mesh).item() - ref_norm)
 
     # --- collectives per transformer block: Megatron's 2 all-reduces forward, 2 backward
     block = gtp.blocks[0]
@@ -125,7 +126,7 @@ def _tp_worker() -> dict:
     # --- sequence parallelism: same loss and grads; per block 2 all-gathers + 2 reduce-scatters each way
     gref.zero_grad(set_to_none=True)
     lm_loss(gref(idx), tgt).backward()
-    gsp = parallelize(copy.deepcopy(GPT(cfg, seed=1)), mesh, GPT_SP_PLAN, sequence_parallel=True)
+    gsp = apply_plan(copy.deepcopy(GPT(cfg, seed=1)), mesh, GPT_SP_PLAN, sequence_parallel=True)
     lsp = vocab_parallel_cross_entropy(gsp(idx), tgt, group)
     lsp.backward()
     sync_sequence_parallel_grads(gsp, mesh)
@@ -150,7 +151,7 @@ def tp_results():
     return run_ranks(_tp_worker, 2, timeout_s=120)
 
 
-def test_parallelize_on_a_model_written_here(tp_results):
+def test_apply_plan_on_a_model_written_here(tp_results):
     for r in tp_results:
         assert r["tagger_types"] == ["VocabParallelEmbedding", "ColumnParallelLinear", "RowParallelLinear"]
         assert r["tagger_loss"] < TOL and r["tagger_grad"] < TOL, r
@@ -185,11 +186,11 @@ def test_sequence_parallel_matches_and_counts(tp_results):
 def test_plan_errors_name_the_fix():
     m = TinyTagger()
     with pytest.raises(PlanError, match="match no module"):
-        parallelize(copy.deepcopy(m), None, {"nothing.*": "colwise"})
+        apply_plan(copy.deepcopy(m), None, {"nothing.*": "colwise"})
     with pytest.raises(PlanError, match="needs Linear"):
-        parallelize(copy.deepcopy(m), None, {"emb": "colwise"})
+        apply_plan(copy.deepcopy(m), None, {"emb": "colwise"})
     with pytest.raises(PlanError, match="not a style"):
-        parallelize(copy.deepcopy(m), None, {"out": "diagonal"})
+        apply_plan(copy.deepcopy(m), None, {"out": "diagonal"})
     # tp=1 (no mesh): conversion is the identity numerically
     ids = torch.randint(0, 12, (2, 3))
-    torch.testing.assert_close(parallelize(copy.deepcopy(m), None, TAGGER_PLAN)(ids), m(ids), rtol=0, atol=0)
+    torch.testing.assert_close(apply_plan(copy.deepcopy(m), None, TAGGER_PLAN)(ids), m(ids), rtol=0, atol=0)

@@ -32,7 +32,7 @@ import torch.nn as nn
 from .pipeline import Pipeline
 from .pipeline.partition import balance, check_boundaries, layer_costs
 from .tensor_parallel.layers import vocab_parallel_cross_entropy
-from .tensor_parallel.plan import apply_plan, resolve_plan, sync_sequence_parallel_grads
+from .tensor_parallel.plan import convert_modules, resolve_plan, sync_sequence_parallel_grads
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -66,7 +66,7 @@ def _apply_tp(model: nn.Module, mesh, plan: dict[str, str], keep: set[int], sequ
         parent = name.rpartition(".")[0]
         owner[name] = id(module) in keep or owner.get(parent, False)
     chosen = {n: style for n, style in resolve_plan(root, plan).items() if owner[n]}
-    apply_plan(root, mesh.group("tp"), chosen, sequence_parallel)
+    convert_modules(root, mesh.group("tp"), chosen, sequence_parallel)
 
 
 class ParallelModel:

@@ -10,6 +10,11 @@ the same gradient on every tp rank, so each rank adds 1/tp of their square befor
 Gradients are equal across dp after the average, so dp needs no reduction -- except when the
 optimizer is sharded (DataParallel(shard=...)): each dp rank then holds only its chunk of the
 reduced gradient, and the chunks' squares are summed over dp.
+
+A plain parameter list (a model that is not wrapped in DataParallel, e.g. tensor parallel alone)
+takes the per-parameter path: sharded parameters (`param.tp_sharded`) hold disjoint pieces of a
+full tensor, so their squares are summed over tp; replicated ones are counted once.
+This is the one gradient-norm module of trainlib: tensor parallelism has none of its own.
 """
 from __future__ import annotations
 
@@ -24,9 +29,7 @@ from .wrapper import DataParallel
 def grad_norm(model: DataParallel | Iterable[torch.nn.Parameter], mesh=None) -> torch.Tensor:
     """The global L2 norm of the gradients (float64 scalar; inf/nan if any gradient is non-finite)."""
     if not isinstance(model, DataParallel):
-        from ..tensor_parallel.clip import grad_norm as per_param_norm
-
-        return per_param_norm(model, mesh)
+        return _param_norm(model, mesh)
     mesh = mesh if mesh is not None else model.mesh
     tp = mesh.size("tp")
     if model.sharded:
@@ -46,6 +49,26 @@ def grad_norm(model: DataParallel | Iterable[torch.nn.Parameter], mesh=None) -> 
     if tp > 1 or mesh.size("pp") > 1:  # every rank must agree that the step is non-finite
         comm.all_reduce(flag, op="max")
     return total[0].sqrt() if flag.item() == 0 else torch.tensor(float("nan"), dtype=torch.float64)
+
+
+def _param_norm(params: Iterable[torch.nn.Parameter], mesh=None) -> torch.Tensor:
+    """The global norm of a plain parameter list, one reduction per parameter (no buckets to fuse over)."""
+    sharded = torch.zeros((), dtype=torch.float64)
+    replicated = torch.zeros((), dtype=torch.float64)
+    for p in params:
+        if p.grad is None:
+            continue
+        sq = p.grad.detach().double().pow(2).sum()
+        if getattr(p, "tp_sharded", False):
+            sharded += sq
+        else:
+            replicated += sq
+    if mesh is not None and mesh.size("tp") > 1:
+        comm.all_reduce(sharded, group=mesh.group("tp"))
+    total = (sharded + replicated).reshape(1)
+    if mesh is not None and mesh.size("pp") > 1:
+        comm.all_reduce(total, group=mesh.group("pp"))
+    return total[0].sqrt()
 
 
 def _sharded_norm(model: DataParallel, mesh) -> torch.Tensor:

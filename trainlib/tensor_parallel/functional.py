@@ -36,9 +36,14 @@ def _all_reduce(t: torch.Tensor, group) -> torch.Tensor:
     return out
 
 
-def _check_divisible(t: torch.Tensor, n: int, dim: int, what: str) -> None:
-    if t.shape[dim] % n:
-        raise ValueError(f"{what}cannot split dim {dim} of shape {list(t.shape)} over tp={n}; make it divisible by {n}")
+def check_divisible(what: str, n: int, tp: int, fix: str) -> None:
+    """The one check before anything is split over tp: `what` names the size `n`, `fix` says what to change."""
+    if n % tp:
+        raise ValueError(f"{what} {n} is not divisible by tp={tp}; {fix}")
+
+
+def _check_splits(t: torch.Tensor, n: int, dim: int, what: str) -> None:
+    check_divisible(f"{what}dim {dim} of shape {list(t.shape)}: size", t.shape[dim], n, f"make it divisible by {n}")
 
 
 def _split(t: torch.Tensor, group, dim: int, what: str = "") -> torch.Tensor:
@@ -46,7 +51,7 @@ def _split(t: torch.Tensor, group, dim: int, what: str = "") -> torch.Tensor:
     n = tp_size(group)
     if n == 1:
         return t
-    _check_divisible(t, n, dim, what)
+    _check_splits(t, n, dim, what)
     return t.chunk(n, dim=dim)[tp_rank(group)].contiguous()
 
 
@@ -132,7 +137,7 @@ def _reduce_scatter_seq(t: torch.Tensor, group) -> torch.Tensor:
     n = tp_size(group)
     if n == 1:
         return t
-    _check_divisible(t, n, SEQ_DIM, _SEQ_HINT)
+    _check_splits(t, n, SEQ_DIM, _SEQ_HINT)
     parts = [p.contiguous() for p in t.chunk(n, dim=SEQ_DIM)]
     out = torch.empty_like(parts[0])
     comm.reduce_scatter(out, parts, group=group)

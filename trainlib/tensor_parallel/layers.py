@@ -20,8 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import comm
-from .functional import (copy_to_tp, gather_from_tp, gather_sequence, reduce_from_tp, reduce_scatter_sequence, tp_rank,
-                         tp_size)
+from .functional import (check_divisible, copy_to_tp, gather_from_tp, gather_sequence, reduce_from_tp,
+                         reduce_scatter_sequence, tp_rank, tp_size)
 
 
 def _shard_param(p: nn.Parameter, dim: int) -> nn.Parameter:
@@ -31,10 +31,8 @@ def _shard_param(p: nn.Parameter, dim: int) -> nn.Parameter:
     return p
 
 
-def _check_divisible(what: str, n: int, tp: int, module: str) -> None:
-    if n % tp:
-        raise ValueError(f"{module}: {what} {n} is not divisible by tp={tp}; pick a tp that divides {n} "
-                         "or leave this module out of the plan")
+def _check_layer(module: str, what: str, n: int, tp: int) -> None:
+    check_divisible(f"{module}: {what}", n, tp, f"pick a tp that divides {n} or leave this module out of the plan")
 
 
 class ColumnParallelLinear(nn.Module):
@@ -46,7 +44,7 @@ class ColumnParallelLinear(nn.Module):
         super().__init__()
         self.group, self.tp, self.rank = group, tp_size(group), tp_rank(group)
         self.sequence_parallel = sequence_parallel
-        _check_divisible("out_features", out_features, self.tp, "ColumnParallelLinear")
+        _check_layer("ColumnParallelLinear", "out_features", out_features, self.tp)
         self.in_features, self.out_features = in_features, out_features
         self.out_local = out_features // self.tp
         self.gather_output = gather_output
@@ -87,7 +85,7 @@ class RowParallelLinear(nn.Module):
         super().__init__()
         self.group, self.tp, self.rank = group, tp_size(group), tp_rank(group)
         self.sequence_parallel = sequence_parallel
-        _check_divisible("in_features", in_features, self.tp, "RowParallelLinear")
+        _check_layer("RowParallelLinear", "in_features", in_features, self.tp)
         self.in_features, self.out_features = in_features, out_features
         self.in_local = in_features // self.tp
         self.weight = _shard_param(nn.Parameter(torch.empty(out_features, self.in_local, dtype=dtype, device=device)), 1)
@@ -126,7 +124,7 @@ class VocabParallelEmbedding(nn.Module):
                  device=None):
         super().__init__()
         self.group, self.tp, self.rank = group, tp_size(group), tp_rank(group)
-        _check_divisible("num_embeddings (vocabulary)", num_embeddings, self.tp, "VocabParallelEmbedding")
+        _check_layer("VocabParallelEmbedding", "num_embeddings (vocabulary)", num_embeddings, self.tp)
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.vocab_local = num_embeddings // self.tp
         self.vocab_start = self.rank * self.vocab_local

@@ -1,4 +1,4 @@
-"""`parallelize(model, mesh, plan)`: convert chosen nn.Linear / nn.Embedding modules to tensor-parallel ones.
+"""`apply_plan(model, mesh, plan)`: convert chosen nn.Linear / nn.Embedding modules to tensor-parallel ones.
 
     plan = {"blocks.*.attn.qkv": "colwise", "blocks.*.attn.proj": "rowwise",
             "blocks.*.mlp.fc": "colwise",   "blocks.*.mlp.proj": "rowwise",
@@ -111,8 +111,8 @@ def resolve_plan(model: nn.Module, plan: dict[str, str], *, strict: bool = True)
     return chosen
 
 
-def parallelize(model: nn.Module, mesh, plan: dict[str, str] | None = None, *, strict: bool = True,
-                sequence_parallel: bool = False) -> nn.Module:
+def apply_plan(model: nn.Module, mesh, plan: dict[str, str] | None = None, *, strict: bool = True,
+               sequence_parallel: bool = False) -> nn.Module:
     """Replace the planned modules of `model` in place by tensor-parallel ones over mesh.group("tp").
 
     `mesh` is a trainlib Mesh (or None/anything with .group("tp")); plan defaults to GPT_PLAN
@@ -120,12 +120,12 @@ def parallelize(model: nn.Module, mesh, plan: dict[str, str] | None = None, *, s
     parallelism, call sync_sequence_parallel_grads(model, mesh) after each backward."""
     if plan is None:
         plan = GPT_SP_PLAN if sequence_parallel else GPT_PLAN
-    apply_plan(model, mesh.group("tp") if mesh is not None else None, resolve_plan(model, plan, strict=strict),
-               sequence_parallel)
+    convert_modules(model, mesh.group("tp") if mesh is not None else None, resolve_plan(model, plan, strict=strict),
+                    sequence_parallel)
     return model
 
 
-def apply_plan(root: nn.Module, group, chosen: dict[str, str], sequence_parallel: bool = False) -> None:
+def convert_modules(root: nn.Module, group, chosen: dict[str, str], sequence_parallel: bool = False) -> None:
     """Convert `chosen` (module name -> style, from resolve_plan) in place."""
     for name, style in chosen.items():
         parent_name, _, attr = name.rpartition(".")
