@@ -21,6 +21,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from .compression import COMPRESS
+
 
 class ConfigError(ValueError):
     """A bad setting; the message names the key, the value and what would be valid."""
@@ -97,7 +99,6 @@ class MeshConfig:
 
 
 SYNC_KINDS = ("allreduce", "ps", "ddp")
-COMPRESS = ("none", "bf16", "fp16")
 
 
 @dataclass(frozen=True)

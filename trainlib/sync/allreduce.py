@@ -29,11 +29,11 @@ import torch
 import torch.distributed as dist
 
 from .. import comm
+from ..compression import COMPRESS
 
 log = logging.getLogger("trainlib")
 
 TRANSPORTS = ("auto", "torch", "mpi", "shm", "hierarchical")
-COMPRESS = {None: None, "none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class AllReduce:
@@ -46,14 +46,14 @@ class AllReduce:
     reduces_in_backward = True
 
     def __init__(self, bucket_mb: float = 25.0, compress: str | None = None, transport: str = "auto"):
-        if compress not in COMPRESS:
-            raise ValueError(f"compress={compress!r} is not one of None, 'bf16', 'fp16'")
+        if compress is not None and compress not in COMPRESS:
+            raise ValueError(f"compress={compress!r} is not one of None, {', '.join(map(repr, COMPRESS))}")
         if transport not in TRANSPORTS:
             raise ValueError(f"transport={transport!r} is not one of {', '.join(TRANSPORTS)}")
         if bucket_mb <= 0:
             raise ValueError(f"bucket_mb={bucket_mb} must be positive (default 25)")
         self.bucket_mb, self.compress, self.transport = bucket_mb, compress, transport
-        self.comm_dtype = COMPRESS[compress]
+        self.comm_dtype = COMPRESS["none" if compress is None else compress]
         self.resolved_transport: str | None = None
         self._handles: list = []
         self._group = None
