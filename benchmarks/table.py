@@ -102,10 +102,11 @@ def _zero(s: dict) -> str:
            f"ZeRO-1/2 {_x(s['step:trainlib-optimizer/trainlib-none'])}/{_x(s['step:trainlib-gradients/trainlib-none'])} "
            f"of unsharded")
     pred = {k.split(":")[1]: v for k, v in s.items() if k.startswith("scale:") and k.endswith("max_params_pred")}
-    if pred:
-        out += "; PREDICTED largest GPT in 24 GiB: " + ", ".join(
-            f"{n.removeprefix('trainlib-')} {v / 1e9:.2f}B" for n, v in pred.items() if n.startswith("trainlib-")
-            and not n.endswith("bf16"))
+    cal = {k.split(":")[1]: v for k, v in s.items() if k.startswith("scale:") and k.endswith("max_params_calibrated")}
+    if pred:  # a prediction (calibrated by a run of the same width where one ran), not a run of that size
+        out += "; PREDICTED largest GPT in 24 GiB (* calibrated by a smaller run): " + ", ".join(
+            f"{n.removeprefix('trainlib-')} {cal.get(n, v) / 1e9:.2f}B{'*' if n in cal else ''}"
+            for n, v in pred.items() if n.startswith("trainlib-") and not n.endswith("bf16"))
     if "billion:params" in s:
         out += f"; {s['billion:params'] / 1e9:.2f}B-param GPT, ZeRO-3: peak RSS {s['billion:peak_rss_gib_per_rank']} GiB/rank"
     return out

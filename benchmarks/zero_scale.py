@@ -64,8 +64,8 @@ def largest_fitting(row: dict[str, Any], memory: dict[str, Any], per_rank: float
 
 
 def scale(memory: dict[str, Any], budget_gib: float, run_rows: list[str], steps: int) -> dict[str, Any]:
-    """Predict per row the largest GPT for `budget_gib` over 2 ranks; run, for `run_rows`, the largest predicted to
-    fit what is free now (less 6 GiB for the others), each rank's address space capped 15% + 1 GiB above its
+    """Predict per row the largest GPT for `budget_gib` over 2 ranks; run, for `run_rows` in order, the largest
+    predicted to fit what is free at that moment (less 6 GiB for the others), each rank's address space capped 15% + 1 GiB above its
     predicted RSS-view peak: a wrong prediction fails in that rank instead of taking the machine."""
     from trainlib.benchmarks.zero_ranks import gpt_params, scale_rank
 
@@ -78,18 +78,18 @@ def scale(memory: dict[str, Any], budget_gib: float, run_rows: list[str], steps:
         pred[name] = {"gpt": m, "max_params": gpt_params(m) if m else 0,
                       "predicted_peak_gib_per_rank": round(predicted_peak(row, memory, m)[0] / GIB, 2) if m else None}
     out: dict[str, Any] = {"budget_gib": budget_gib, "ranks": N_RANKS, "prediction": pred, "runs": {}}
-    free = available_bytes()
-    run_gib = min(budget_gib, (free - 6 * GIB) / GIB)  # 6 GiB stay free for the others on this machine
-    out.update({"run_budget_gib": round(run_gib, 2), "available_gib_at_start": round(free / GIB, 2)})
+    out["available_gib_at_start"] = round(available_bytes() / GIB, 2)
     from trainlib.benchmarks.bench_zero import row_specs
 
     specs = row_specs(True, True)
     for name in run_rows:
         row = memory["rows"].get(name, {})
+        free = available_bytes()  # again per row: the others on this machine come and go
+        run_gib = min(budget_gib, (free - 6 * GIB) / GIB)  # 6 GiB stay free for them
         m = largest_fitting(row, memory, run_gib * GIB / N_RANKS - margin) if "error" not in row and row else None
-        if m is None or available_bytes() < run_gib * GIB + 2 * GIB:
-            out["runs"][name] = {"skipped": f"{available_bytes() / GIB:.1f} GiB available: no GPT predicted to fit "
-                                            f"a {run_gib:.1f} GiB run"}
+        if m is None:
+            out["runs"][name] = {"skipped": f"{free / GIB:.1f} GiB available: no GPT predicted to fit a "
+                                            f"{run_gib:.1f} GiB run (6 GiB left to the others)"}
             continue
         own, rss_view = predicted_peak(row, memory, m)
         cap = int(1.15 * (rss_view - row["baseline_rss"])) + GIB
