@@ -67,9 +67,9 @@ class _Watched(Pipeline):
 
     held_peak = 0
 
-    def _run_F(self, *args) -> None:
-        super()._run_F(*args)
-        self.held_peak = max(self.held_peak, len(self._st.saved))  # only a forward adds one
+    def _forward(self, *args) -> None:
+        super()._forward(*args)
+        self.held_peak = max(self.held_peak, len(self._state.saved))  # only a forward adds one
 
 
 def _schedules_worker(p: int) -> dict:
@@ -98,7 +98,7 @@ def _schedules_worker(p: int) -> dict:
                     elif any(pipe.holds_stage(s) and mine in list(pipe.stages[s]) for s in pipe.stages):
                         errs.append(float("inf"))  # a layer of mine without a gradient
             out[(name, m)] = {"err": max(errs), "peak": pipe.stats()["peak_inflight"], "held": pipe.held_peak,
-                              "v": pipe.v}
+                              "v": pipe.virtual_stages}
     return out
 
 

@@ -10,6 +10,8 @@
 Every rank calls both (they are collective); each writes and reads its own shard, so tensor and
 pipeline parallel shards need nothing special. RNG states (torch CPU/CUDA, random, numpy) are
 saved and restored per rank. See store.py for the on-disk layout and the crash-consistency recipe.
+This example resumes under the layout it saved with; the trainer goes through resume.py, which
+also saves sharded (ZeRO) models' slices and loads a checkpoint under another layout (reshard.py).
 """
 from __future__ import annotations
 

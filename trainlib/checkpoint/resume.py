@@ -6,9 +6,12 @@ the sampler's position, every RNG on every rank, and the trainer's own counters.
 rate is a pure function of the step, so it needs nothing.
 
     start, counters = resume.restore(cfg.checkpoint, model, opt, sampler, counters)
-    for step in range(start, steps):
+    for step in range(start, cfg.train.steps):
         ...; opt.step()
-        resume.after_step(cfg.checkpoint, step + 1, model, opt, sampler, counters)
+        resume.after_step(cfg.checkpoint, step + 1, cfg.train.steps, model, opt, sampler, counters)
+
+restore() reads a checkpoint saved under another layout (dp, tp, pp or shard stage) through
+reshard.py, from the layout after_step() records in the manifest.
 """
 from __future__ import annotations
 

@@ -3,17 +3,26 @@
     model = tl.DataParallel(model, mesh=mesh, sync=tl.AllReduce(bucket_mb=25, compress=None))
     loss_fn(model(x), y).backward()   # when this returns, every param.grad is the dp-average
 
-How a step flows (picotron's shape, with DDP's in-order launch):
+How a step flows, unsharded (picotron's shape, with DDP's in-order launch):
   forward        sync.on_forward(); buffers broadcast from dp rank 0; per-backward state reset
-  backward       each parameter's post-accumulate-grad hook counts down its bucket; a bucket whose
-                 gradients are all in is packed (scale 1/dp, optional cast) and handed to
-                 sync.start() -- buckets launch strictly in index order on every rank, so the
-                 collectives line up even when ranks finish buckets in different orders
+  backward       each parameter's post-accumulate-grad hook moves its gradient into the bucket
+                 and counts the bucket down; a bucket whose gradients are all in is scaled by 1/dp
+                 (cast to the wire dtype when compressed) and handed to sync.start() -- buckets
+                 launch strictly in index order on every rank, so the collectives line up even
+                 when ranks finish buckets in different orders
   end of backward  (one autograd-engine callback) buckets still waiting (parameters unused this
                  step) launch with zero gradients, sync.wait(), compressed buckets unpack
-param.grad is a view into its bucket's flat buffer, so there is no second copy of the gradients;
-after zero_grad(set_to_none=True) autograd hands us fresh tensors, which the pack kernel gathers
-into the bucket in the same pass that scales them, and the views are re-attached.
+After the hook, param.grad is a view into its bucket's flat buffer, so there is no second copy of
+the gradients: after zero_grad(set_to_none=True) autograd hands the hook a fresh tensor, which it
+copies into the view at once (so it is freed there: one gradient copy at the peak, not a bucket's
+worth). A gradient that is not a view at launch (set by hand) is gathered by the pack kernel in
+the pass that scales it, and the views are re-attached. A sync that does not reduce in backward
+(async parameter server, `reduces_in_backward = False`) gets no hooks: gradients stay local.
+
+Sharded data parallel and mixed precision (`shard=...`, `mixed_precision=...`) take another path,
+in sharded.py: there param.grad is not a view -- each gradient is packed into a bucket's wire as it
+arrives and freed, and full buckets are reduce-scattered (ZeRO-1/2/3; all-reduced when only
+mixed_precision is set).
 """
 from __future__ import annotations
 

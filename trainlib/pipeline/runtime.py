@@ -65,37 +65,45 @@ class Pipeline:
         if loss_fn is None:
             raise PipelineError("Pipeline needs loss_fn(output, target) -> scalar mean loss (the last stage calls it)")
         self.mesh = mesh
-        self.p = mesh.size("pp") if mesh is not None else 1
+        self.pp_size = mesh.size("pp") if mesh is not None else 1
         self.rank = mesh.rank("pp") if mesh is not None else 0
         self.peers = mesh.group_ranks("pp") if mesh is not None else [0]  # global rank of each pp index
-        self.schedule: Schedule = build_schedule(schedule, self.p, microbatches, virtual_stages)
-        self.m, self.v = microbatches, self.schedule.v
-        self.n_stages = self.p * self.v
+        self.schedule: Schedule = build_schedule(schedule, self.pp_size, microbatches, virtual_stages)
+        self.microbatches, self.virtual_stages = microbatches, self.schedule.v
+        self.n_stages = self.pp_size * self.virtual_stages
         bounds = (check_boundaries(boundaries, len(layers), self.n_stages) if boundaries is not None
                   else balance(layer_costs(layers), self.n_stages))
         self.boundaries = bounds
         self.stages: dict[int, nn.Module] = {
-            s: nn.Sequential(*layers[bounds[s]:bounds[s + 1]]) for s in range(self.rank, self.n_stages, self.p)}
+            stage: nn.Sequential(*layers[bounds[stage]:bounds[stage + 1]])
+            for stage in range(self.rank, self.n_stages, self.pp_size)}
         self.loss_fn = loss_fn
-        uses_split = any(a.kind == "W" for acts in self.schedule.actions for a in acts)
-        self._splitter = {s: SplitBackward(mod) for s, mod in self.stages.items()} if uses_split else {}
+        uses_split = any(action.kind == "W" for actions in self.schedule.actions for action in actions)
+        self._splitter = {stage: SplitBackward(module) for stage, module in self.stages.items()} if uses_split else {}
         self.timeout_s = timeout_s
         self.broadcast_loss = broadcast_loss
         self.last_stage = self.n_stages - 1
-        self.peak_inflight: dict[int, int] = {s: 0 for s in self.stages}
+        self.peak_inflight: dict[int, int] = {stage: 0 for stage in self.stages}
         self.action_times: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=4096))  # recent only
-        self._meta: dict[int, tuple[torch.dtype, tuple[int, ...]]] = {}
+        # (dtype, shape) of a stage's output on microbatch 0, keyed by the stage that produced it:
+        # what this rank sent (later microbatches must match), and what a header announced to it.
+        self._sent_meta: dict[int, tuple[torch.dtype, tuple[int, ...]]] = {}
+        self._received_meta: dict[int, tuple[torch.dtype, tuple[int, ...]]] = {}
         self._mailbox: dict[int, torch.Tensor] = {}
+        # action kind -> what runs it (see schedules.py for the kinds); bound here so a subclass's
+        # override of a handler is the one that runs
+        self._handlers: dict[str, Callable[[Action, _StepState, list | None, list | None], None]] = {
+            "F": self._forward, "B": self._backward, "I": self._input_grad, "W": self._weight_grad}
 
     # ---- public ---------------------------------------------------------------------------
     def parameters(self):
-        for s in sorted(self.stages):
-            yield from self.stages[s].parameters()
+        for stage in sorted(self.stages):
+            yield from self.stages[stage].parameters()
 
     def named_parameters(self):
-        for s in sorted(self.stages):
-            for n, p in self.stages[s].named_parameters():
-                yield f"stage{s}.{n}", p
+        for stage in sorted(self.stages):
+            for name, param in self.stages[stage].named_parameters():
+                yield f"stage{stage}.{name}", param
 
     def holds_stage(self, stage: int) -> bool:
         return stage in self.stages
@@ -103,203 +111,212 @@ class Pipeline:
     def step(self, inputs: torch.Tensor | None, targets: torch.Tensor | None) -> torch.Tensor:
         """Forward and backward of one batch; returns the mean microbatch loss on every rank
         (with broadcast_loss=False: on the last stage's rank only, zero elsewhere, one collective less)."""
-        needs_in, needs_tgt = 0 in self.stages, self.last_stage in self.stages
-        mb_in = self._split(inputs, "inputs") if needs_in else None
-        mb_tgt = self._split(targets, "targets") if needs_tgt else None
-        st = self._st = _StepState()
-        acts = self.schedule.actions[self.rank]
-        for k, a in enumerate(acts):
+        needs_inputs, needs_targets = 0 in self.stages, self.last_stage in self.stages
+        mb_inputs = self._split(inputs, "inputs") if needs_inputs else None
+        mb_targets = self._split(targets, "targets") if needs_targets else None
+        state = self._state = _StepState()
+        actions = self.schedule.actions[self.rank]
+        for index, action in enumerate(actions):
             t0 = time.perf_counter()
             try:
-                for nxt in acts[k:k + PREFETCH]:
-                    self._prefetch(nxt, st)
-                getattr(self, f"_run_{a.kind}")(a, st, mb_in, mb_tgt)
+                for upcoming in actions[index:index + PREFETCH]:
+                    self._prefetch(upcoming, state)
+                self._handlers[action.kind](action, state, mb_inputs, mb_targets)
             except CollectiveTimeout as e:
-                raise self._timeout(a, k, str(e)) from e
-            self.action_times[a.kind].append(time.perf_counter() - t0)
-        for a, h in st.sends:
+                raise self._timeout(action, index, str(e)) from e
+            self.action_times[action.kind].append(time.perf_counter() - t0)
+        for action, handle in state.sends:
             try:
-                h.wait(self.timeout_s)
+                handle.wait(self.timeout_s)
             except CollectiveTimeout as e:
-                raise self._timeout(a, None, f"send not delivered: {e}") from e
-        loss = torch.stack(st.losses).mean() if needs_tgt else torch.zeros(())
-        if self.p > 1 and self.broadcast_loss:
+                raise self._timeout(action, None, f"send not delivered: {e}") from e
+        loss = torch.stack(state.losses).mean() if needs_targets else torch.zeros(())
+        if self.pp_size > 1 and self.broadcast_loss:
             loss = loss.detach().clone().float()
-            comm.broadcast(loss, src=self.peers[self.schedule.rank_of(self.last_stage)], group=self.mesh.group("pp"))
+            comm.broadcast(loss, src=self._peer(self.last_stage), group=self.mesh.group("pp"))
         return loss
 
-    # ---- actions ----------------------------------------------------------------------------
-    def _run_F(self, a: Action, st: "_StepState", mb_in, mb_tgt) -> None:
-        s, i = a.stage, a.mb
-        x = mb_in[i] if s == 0 else self._recv_activation(a, st)
-        if s > 0 and x.is_floating_point():
+    # ---- actions: one handler per kind (F, B, I, W) ------------------------------------------
+    def _forward(self, action: Action, state: "_StepState", mb_inputs, mb_targets) -> None:
+        stage, mb = action.stage, action.mb
+        x = mb_inputs[mb] if stage == 0 else self._recv_activation(action, state)
+        if stage > 0 and x.is_floating_point():
             x.requires_grad_(True)
-        if s in self._splitter:
-            with self._splitter[s].record() as rec:
-                y = self.stages[s](x)
-            st.records[(s, i)] = rec
+        if stage in self._splitter:
+            with self._splitter[stage].record() as record:
+                y = self.stages[stage](x)
+            state.records[(stage, mb)] = record
         else:
-            y = self.stages[s](x)
-        if s == self.last_stage:
-            loss = self.loss_fn(y, mb_tgt[i])
+            y = self.stages[stage](x)
+        if stage == self.last_stage:
+            loss = self.loss_fn(y, mb_targets[mb])
             if loss.dim() != 0:
                 raise PipelineError(f"loss_fn returned shape {list(loss.shape)}; it must return a scalar mean loss")
-            st.losses.append(loss.detach())
-            y = loss / self.m  # d(mean over microbatches)/d(loss_i) = 1/m
+            state.losses.append(loss.detach())
+            y = loss / self.microbatches  # d(mean over microbatches)/d(loss_i) = 1/m
         else:
-            self._send_activation(a, y, st)
-        st.saved[(s, i)] = (x, y)
-        st.inflight[s] += 1
-        self.peak_inflight[s] = max(self.peak_inflight[s], st.inflight[s])
+            self._send_activation(action, y, state)
+        state.saved[(stage, mb)] = (x, y)  # the stage's input and what its backward starts from
+        state.inflight[stage] += 1
+        self.peak_inflight[stage] = max(self.peak_inflight[stage], state.inflight[stage])
 
-    def _grad_out(self, a: Action, y: torch.Tensor) -> torch.Tensor | None:
-        if a.stage == self.last_stage:
-            return None
-        return self._take(a, ("grad", a.stage, a.mb), f"gradient from stage {a.stage + 1}")
+    def _grad_of_output(self, action: Action) -> torch.Tensor | None:
+        if action.stage == self.last_stage:
+            return None  # the loss: backward starts from it
+        return self._take(action, ("grad", action.stage, action.mb), f"gradient from stage {action.stage + 1}")
 
-    def _run_B(self, a: Action, st, mb_in, mb_tgt) -> None:
-        x, y = st.saved.pop((a.stage, a.mb))
-        torch.autograd.backward(y, self._grad_out(a, y))
-        self._send_grad(a, x, x.grad if a.stage > 0 and x.requires_grad else None, st)
-        st.inflight[a.stage] -= 1
+    def _backward(self, action: Action, state: "_StepState", mb_inputs, mb_targets) -> None:
+        x, y = state.saved.pop((action.stage, action.mb))
+        torch.autograd.backward(y, self._grad_of_output(action))
+        self._send_grad(action, x, x.grad if action.stage > 0 and x.requires_grad else None, state)
+        state.inflight[action.stage] -= 1
 
-    def _run_I(self, a: Action, st, mb_in, mb_tgt) -> None:
+    def _input_grad(self, action: Action, state: "_StepState", mb_inputs, mb_targets) -> None:
         """Input gradient only, sent at once; module-output gradients are kept for W (zero_bubble.py)."""
-        key = (a.stage, a.mb)
-        x, y = st.saved[key]
-        g = self._grad_out(a, y)
-        gx, captured = SplitBackward.input_grad(x, y, g, st.records[key])
-        st.grad_out[key] = (g, captured)
-        self._send_grad(a, x, gx, st)
+        key = (action.stage, action.mb)
+        x, y = state.saved[key]
+        grad_y = self._grad_of_output(action)
+        grad_x, captured = SplitBackward.input_grad(x, y, grad_y, state.records[key])
+        state.grad_out[key] = (grad_y, captured)
+        self._send_grad(action, x, grad_x, state)
 
-    def _run_W(self, a: Action, st, mb_in, mb_tgt) -> None:
+    def _weight_grad(self, action: Action, state: "_StepState", mb_inputs, mb_targets) -> None:
         """Weight gradients from the gradients I captured: each module's local backward only."""
-        key = (a.stage, a.mb)
-        x, y = st.saved.pop(key)
-        g, captured = st.grad_out.pop(key)
-        self._splitter[a.stage].weight_grad(y, g, st.records.pop(key), captured)
-        st.inflight[a.stage] -= 1
+        key = (action.stage, action.mb)
+        x, y = state.saved.pop(key)
+        grad_y, captured = state.grad_out.pop(key)
+        self._splitter[action.stage].weight_grad(y, grad_y, state.records.pop(key), captured)
+        state.inflight[action.stage] -= 1
 
     # ---- point to point -----------------------------------------------------------------------
     def _peer(self, stage: int) -> int:
         return self.peers[self.schedule.rank_of(stage)]
 
-    def _isend(self, t: torch.Tensor, dst: int, tag: int):
+    def _isend(self, tensor: torch.Tensor, dst: int, tag: int):
         if dst == self.peers[self.rank]:  # next virtual stage on this same rank (pp=1, interleaved)
-            self._mailbox[tag] = t.clone()
+            self._mailbox[tag] = tensor.clone()
             return _Done()
-        return comm.isend(t, dst, tag=tag)
+        return comm.isend(tensor, dst, tag=tag)
 
-    def _irecv(self, t: torch.Tensor, src: int, tag: int):
+    def _irecv(self, tensor: torch.Tensor, src: int, tag: int):
         if src == self.peers[self.rank]:  # the local "send" may not have run yet (prefetch): copy on wait
-            return _Done(lambda: t.copy_(self._mailbox.pop(tag)))
-        return comm.irecv(t, src, tag=tag)
+            return _Done(lambda: tensor.copy_(self._mailbox.pop(tag)))
+        return comm.irecv(tensor, src, tag=tag)
 
-    def _wait(self, h: comm.Handle, a: Action, what: str) -> None:
+    def _wait(self, handle: comm.Handle, what: str) -> None:
         try:
-            h.wait(self.timeout_s)
+            handle.wait(self.timeout_s)
         except CollectiveTimeout as e:
             raise CollectiveTimeout(f"waiting for {what}: {e}") from e
 
-    def _send_activation(self, a: Action, y: torch.Tensor, st) -> None:
+    def _send_activation(self, action: Action, y: torch.Tensor, state: "_StepState") -> None:
+        stage, mb = action.stage, action.mb
         y = y.detach().contiguous()
         meta = (y.dtype, tuple(y.shape))
-        dst = self._peer(a.stage + 1)
-        if a.mb == 0:
+        dst = self._peer(stage + 1)
+        if mb == 0:
             if y.dtype not in _DTYPES or y.dim() > _HEADER - 2:
-                raise PipelineError(f"stage {a.stage} output {y.dtype} with {y.dim()} dims cannot be sent; "
+                raise PipelineError(f"stage {stage} output {y.dtype} with {y.dim()} dims cannot be sent; "
                                     f"use one of {_DTYPES} with at most {_HEADER - 2} dims")
-            self._meta[a.stage] = meta
-            hdr = torch.zeros(_HEADER, dtype=torch.int64)
-            hdr[0], hdr[1] = _DTYPES.index(y.dtype), y.dim()
-            hdr[2:2 + y.dim()] = torch.tensor(y.shape, dtype=torch.int64)
-            st.sends.append((a, self._isend(hdr, dst, tag=_tag("hdr", a.stage, 0))))
-            st.keep.append(hdr)
-        elif self._meta.get(a.stage) != meta:
-            want = self._meta.get(a.stage)
-            raise PipelineError(f"stage {a.stage} microbatch {a.mb} (action {a}): output is {meta[0]} {list(meta[1])} but "
-                                f"microbatch 0 sent {want[0]} {list(want[1])}; every microbatch must produce the same "
-                                "shape and dtype (split the batch evenly, keep dtypes fixed)")
-        st.sends.append((a, self._isend(y, dst, tag=_tag("act", a.stage, a.mb))))
-        st.keep.append(y)  # the buffer must outlive the asynchronous send
+            self._sent_meta[stage] = meta
+            header = torch.zeros(_HEADER, dtype=torch.int64)
+            header[0], header[1] = _DTYPES.index(y.dtype), y.dim()
+            header[2:2 + y.dim()] = torch.tensor(y.shape, dtype=torch.int64)
+            state.sends.append((action, self._isend(header, dst, tag=_tag("hdr", stage, 0))))
+            state.keep.append(header)
+        elif self._sent_meta.get(stage) != meta:
+            want = self._sent_meta.get(stage)
+            raise PipelineError(f"stage {stage} microbatch {mb} (action {action}): output is {meta[0]} "
+                                f"{list(meta[1])} but microbatch 0 sent {want[0]} {list(want[1])}; every microbatch "
+                                "must produce the same shape and dtype (split the batch evenly, keep dtypes fixed)")
+        state.sends.append((action, self._isend(y, dst, tag=_tag("act", stage, mb))))
+        state.keep.append(y)  # the buffer must outlive the asynchronous send
 
-    def _recv_activation(self, a: Action, st) -> torch.Tensor:
-        if a.mb == 0:
-            hdr = self._take(a, ("hdr", a.stage - 1, 0), f"header from stage {a.stage - 1}", st)
-            ndim = int(hdr[1])
-            self._meta[-a.stage - 1] = (_DTYPES[int(hdr[0])], tuple(int(d) for d in hdr[2:2 + ndim]))
-            st.headers.add(a.stage)
-        return self._take(a, ("act", a.stage - 1, a.mb), f"activation from stage {a.stage - 1}", st)
+    def _recv_activation(self, action: Action, state: "_StepState") -> torch.Tensor:
+        sender = action.stage - 1
+        if action.mb == 0:
+            header = self._take(action, ("hdr", sender, 0), f"header from stage {sender}", state)
+            ndim = int(header[1])
+            self._received_meta[sender] = (_DTYPES[int(header[0])], tuple(int(d) for d in header[2:2 + ndim]))
+            state.headers.add(action.stage)
+        return self._take(action, ("act", sender, action.mb), f"activation from stage {sender}", state)
 
-    def _recv_spec(self, kind: str, stage: int, mb: int, st) -> tuple[int, torch.Tensor] | None:
-        """(source rank, empty buffer) for an incoming message, or None while its shape is unknown."""
+    def _recv_spec(self, kind: str, stage: int, mb: int, state: "_StepState") -> tuple[int, torch.Tensor] | None:
+        """(source rank, empty buffer) for an incoming message, or None while its shape is unknown.
+
+        `stage` is the stage whose output the message is about: the sender of "hdr" and "act", the
+        receiver of "grad" (the gradient of its output)."""
         if kind == "hdr":
             return self._peer(stage), torch.empty(_HEADER, dtype=torch.int64)
         if kind == "act":
-            if stage + 1 not in st.headers:  # this step's header not in yet: the shape may have changed
+            if stage + 1 not in state.headers:  # this step's header not in yet: the shape may have changed
                 return None
-            dtype, shape = self._meta[-stage - 2]
+            dtype, shape = self._received_meta[stage]
             return self._peer(stage), torch.empty(shape, dtype=dtype)
-        saved = st.saved.get((stage, mb))
+        saved = state.saved.get((stage, mb))
         if saved is None:
             return None
-        y = saved[1]
+        y = saved[1]  # the gradient has the shape of the output it belongs to
         return self._peer(stage + 1), torch.empty(y.shape, dtype=y.dtype)
 
-    def _post(self, key: tuple[str, int, int], st) -> bool:
-        if key in st.posted:
+    def _post(self, key: tuple[str, int, int], state: "_StepState") -> bool:
+        if key in state.posted:
             return True
-        spec = self._recv_spec(*key, st)
+        spec = self._recv_spec(*key, state)
         if spec is None:
             return False
         src, buf = spec
-        st.posted[key] = (buf, self._irecv(buf, src, tag=_tag(*key)))
+        state.posted[key] = (buf, self._irecv(buf, src, tag=_tag(*key)))
         return True
 
-    def _prefetch(self, a: Action, st) -> None:
+    def _prefetch(self, action: Action, state: "_StepState") -> None:
         """Post the receive an upcoming action needs, so the bytes land while this rank computes."""
-        if a.kind == "F" and a.stage > 0:
-            self._post(("hdr", a.stage - 1, 0) if a.mb == 0 and a.stage not in st.headers
-                       else ("act", a.stage - 1, a.mb), st)
-        elif a.kind in ("B", "I") and a.stage < self.last_stage:
-            self._post(("grad", a.stage, a.mb), st)
+        if action.kind == "F" and action.stage > 0:
+            sender = action.stage - 1
+            self._post(("hdr", sender, 0) if action.mb == 0 and action.stage not in state.headers
+                       else ("act", sender, action.mb), state)
+        elif action.kind in ("B", "I") and action.stage < self.last_stage:
+            self._post(("grad", action.stage, action.mb), state)
 
-    def _take(self, a: Action, key: tuple[str, int, int], what: str, st=None) -> torch.Tensor:
-        st = st if st is not None else self._st
-        if not self._post(key, st):
-            raise AssertionError(f"cannot size the receive {key} for {a}")  # internal: schedule order broken
-        buf, h = st.posted.pop(key)
-        self._wait(h, a, what)
+    def _take(self, action: Action, key: tuple[str, int, int], what: str,
+              state: "_StepState | None" = None) -> torch.Tensor:
+        state = state if state is not None else self._state
+        if not self._post(key, state):
+            raise AssertionError(f"cannot size the receive {key} for {action}")  # internal: schedule order broken
+        buf, handle = state.posted.pop(key)
+        self._wait(handle, what)
         return buf
 
-    def _send_grad(self, a: Action, x: torch.Tensor, gx: torch.Tensor | None, st) -> None:
-        if a.stage == 0:
+    def _send_grad(self, action: Action, x: torch.Tensor, grad_x: torch.Tensor | None,
+                   state: "_StepState") -> None:
+        if action.stage == 0:
             return
-        if gx is None:  # the stage did not use its input: the gradient is zero
-            gx = torch.zeros_like(x)
-        gx = gx.contiguous()
-        st.sends.append((a, self._isend(gx, self._peer(a.stage - 1), tag=_tag("grad", a.stage - 1, a.mb))))
-        st.keep.append(gx)
+        if grad_x is None:  # the stage did not use its input: the gradient is zero
+            grad_x = torch.zeros_like(x)
+        grad_x = grad_x.contiguous()
+        state.sends.append((action, self._isend(grad_x, self._peer(action.stage - 1),
+                                                tag=_tag("grad", action.stage - 1, action.mb))))
+        state.keep.append(grad_x)
 
     # ---- helpers ---------------------------------------------------------------------------------
-    def _split(self, t: torch.Tensor | None, what: str) -> list[torch.Tensor]:
-        if t is None:
+    def _split(self, batch: torch.Tensor | None, what: str) -> list[torch.Tensor]:
+        if batch is None:
             raise PipelineError(f"pp rank {self.rank} runs stage {'0' if what == 'inputs' else self.last_stage} and "
                                 f"needs {what}; pass them on every rank (other ranks may pass None)")
-        if t.shape[0] % self.m:
-            raise PipelineError(f"{what} batch {t.shape[0]} is not divisible by microbatches={self.m}; "
-                                f"use a batch size that is a multiple of {self.m}")
-        return list(t.chunk(self.m, dim=0))
+        if batch.shape[0] % self.microbatches:
+            raise PipelineError(f"{what} batch {batch.shape[0]} is not divisible by microbatches={self.microbatches}; "
+                                f"use a batch size that is a multiple of {self.microbatches}")
+        return list(batch.chunk(self.microbatches, dim=0))
 
-    def _timeout(self, a: Action, index: int | None, detail: str) -> PipelineTimeout:
+    def _timeout(self, action: Action, index: int | None, detail: str) -> PipelineTimeout:
         table = self.schedule.table(mark=(self.rank, index) if index is not None else None)
-        return PipelineTimeout(f"pipeline rank {self.rank} (global {self.peers[self.rank]}), stage {a.stage}, microbatch "
-                               f"{a.mb}, action {a} ({self.schedule.name}): {detail}\n{table}")
+        return PipelineTimeout(f"pipeline rank {self.rank} (global {self.peers[self.rank]}), stage {action.stage}, "
+                               f"microbatch {action.mb}, action {action} ({self.schedule.name}): {detail}\n{table}")
 
     def stats(self) -> dict:
         """Peak in-flight activations per stage and median seconds per action kind."""
-        med = {k: sorted(v)[len(v) // 2] for k, v in self.action_times.items() if v}
-        return {"peak_inflight": dict(self.peak_inflight), "median_action_s": med}
+        median = {kind: sorted(times)[len(times) // 2] for kind, times in self.action_times.items() if times}
+        return {"peak_inflight": dict(self.peak_inflight), "median_action_s": median}
 
 
 class _Done:
