@@ -84,6 +84,8 @@ class ParallelModel:
         return scaler.scale if scaler is not None else 1.0
 
     def _scaled_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if output.is_floating_point() and output.dtype in (torch.bfloat16, torch.float16):
+            output = output.float()   # mixed precision: the loss (softmax over the vocabulary) in fp32
         loss = self.loss_fn(output, target)
         scale = self.loss_scale()
         return loss * scale if scale != 1.0 else loss
@@ -123,12 +125,32 @@ class ParallelModel:
         """This rank's shard: its stages' parameters, tp-sharded ones holding this rank's slice."""
         return self.local.state_dict()
 
+    def _grads(self):
+        """What the gradient norm reads: tl.DataParallel (fused bucket norms, and the only holder of
+        sharded gradients), else the parameters (torch DDP, or no data parallelism)."""
+        from .data_parallel import DataParallel
+
+        return self.dp_model if isinstance(self.dp_model, DataParallel) else [p for p in self.parameters()
+                                                                               if p.requires_grad]
+
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Global-norm clipping over all three axes (see trainlib/data_parallel/clip.py)."""
-        from .data_parallel import DataParallel, clip_grad_norm_
+        from .data_parallel import clip_grad_norm_
 
-        target = self.dp_model if isinstance(self.dp_model, DataParallel) else list(self.parameters())
-        return clip_grad_norm_(target, max_norm, self.mesh)
+        return clip_grad_norm_(self._grads(), max_norm, self.mesh)
+
+    def grad_norm(self) -> torch.Tensor:
+        """The global gradient norm over all three axes, without clipping (NaN if any is non-finite)."""
+        from .data_parallel import grad_norm
+
+        return grad_norm(self._grads(), self.mesh)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """This rank's weights whole over dp (a sharded model gathers them: collective), its own pp
+        stages and tp slices as they are."""
+        if getattr(self.dp_model, "sharded", False):
+            return self.dp_model.full_state_dict()
+        return self.local.state_dict()
 
     def close(self) -> None:
         if self.dp_model is not None and hasattr(self.dp_model, "close"):
@@ -139,13 +161,16 @@ def parallelize(model: nn.Module | list, mesh, *, tp_plan: dict[str, str] | None
                 schedule: str = "1f1b", microbatches: int | None = None, virtual_stages: int | None = None,
                 boundaries: list[int] | None = None, sync=None, bucket_mb: float | None = None,
                 sequence_parallel: bool = False, shard: str | None = None, mixed_precision=None,
-                activation_checkpointing: str | None = None) -> ParallelModel:
+                activation_checkpointing: str | None = None,
+                dp_wrapper: Callable[[nn.Module], nn.Module] | None = None) -> ParallelModel:
     """Apply PP split -> TP -> DP to `model` on `mesh` (see the module docstring).
 
     tp_plan: name-pattern plan (required when tp > 1). loss_fn(output, target) -> scalar mean
     (default: lm_loss_fn(mesh)). microbatches: default 2 * pp. sync: a GradSync for the dp axis
     (default AllReduce()). sequence_parallel: Megatron-SP in the plan's region (a plan with
-    sequence_scatter / sequence_parallel entries, e.g. GPT_SP_PLAN)."""
+    sequence_scatter / sequence_parallel entries, e.g. GPT_SP_PLAN). shard, mixed_precision,
+    activation_checkpointing: see the module docstring. dp_wrapper(module) -> module: wraps this
+    rank's modules instead of tl.DataParallel (pp = 1 only; e.g. torch DDP, the reference)."""
     pp, tp, dp = mesh.size("pp"), mesh.size("tp"), mesh.size("dp")
     if tp > 1 and not tp_plan:
         raise ValueError(f"{mesh}: tp={tp} needs a tensor-parallel plan, e.g. "
@@ -196,7 +221,12 @@ def parallelize(model: nn.Module | list, mesh, *, tp_plan: dict[str, str] | None
         local = model
     # 3. DP over the kept (and sharded) modules
     dp_model = None
-    if dp > 1 or shard is not None or mixed_precision is not None:
+    if dp_wrapper is not None:
+        if pipe is not None or shard is not None or mixed_precision is not None:
+            raise ValueError("dp_wrapper wraps whole models only: no pipeline stages, and its own shard and "
+                             "mixed_precision; pass those to tl.DataParallel inside it")
+        dp_model = dp_wrapper(local)
+    elif dp > 1 or shard is not None or mixed_precision is not None:
         from .data_parallel import DataParallel
         from .sync import AllReduce
 
