@@ -13,14 +13,16 @@ in each system, on CPU gloo ranks (run_ranks):
     DCP        torch.distributed.checkpoint: get_state_dict + dcp.save; loaded by get_state_dict +
                dcp.load + set_state_dict (torch's resume recipe); 2-rank layout FSDP2 (fully_shard on
                every block, then the root); 1 rank is a plain module in a 1-rank group
+    floor      read the old rank files trainlib reads (all of them, in these directions) into memory
+               and sha256 them, as its verified read does: the cost of the bytes alone
 Each direction's candidates run in one process group, alternating rounds, medians of the slowest
 rank's load-call time (reshard_ranks.py says what is timed). Before each load the target is zeroed
 and its optimizer state dropped; after each load every rank's weights, moments and step count must
 equal its cut of S bit for bit (S kept aside in a safetensors file), else `correct` is false.
 read_bytes: what the loading process read through read() during the call (/proc/self/io rchar, page
 cache included). Files are warm in the page cache (a restart on the same node; a cold read from
-disk or S3 would add the same bytes/bandwidth to both). Ratios trainlib/DCP per direction; the
-issue sets no target for them.
+disk or S3 would add the same bytes/bandwidth to both). Ratios trainlib/DCP per direction (the
+issue sets no target for them) and trainlib/floor.
 """
 from __future__ import annotations
 
@@ -42,14 +44,17 @@ TO_TWO = [
     {"name": "trainlib:1->2zero3", "system": "trainlib", "layout": ZERO3, "source": "tl-1", "save_as": "tl-2zero3"},
     {"name": "dcp:1->2fsdp2", "system": "dcp", "layout": [], "source": "dcp-1", "save_as": "dcp-2fsdp2"},
     {"name": "trainlib:1->2tp2", "system": "trainlib", "layout": TP2, "source": "tl-1", "save_as": "tl-2tp2"},
+    {"name": "floor:1->2", "system": "floor", "layout": [], "source": "tl-1"},
 ]
 TO_ONE = [
     {"name": "trainlib:2zero3->1", "system": "trainlib", "layout": [], "source": "tl-2zero3"},
     {"name": "dcp:2fsdp2->1", "system": "dcp", "layout": [], "source": "dcp-2fsdp2"},
     {"name": "trainlib:2tp2->1", "system": "trainlib", "layout": [], "source": "tl-2tp2"},
+    {"name": "floor:2zero3->1", "system": "floor", "layout": [], "source": "tl-2zero3"},
 ]
 PAIRS = {"1->2 sharded": ("trainlib:1->2zero3", "dcp:1->2fsdp2"),
          "2 sharded->1": ("trainlib:2zero3->1", "dcp:2fsdp2->1")}
+FLOORS = {"1->2 sharded": ("trainlib:1->2zero3", "floor:1->2"), "2 sharded->1": ("trainlib:2zero3->1", "floor:2zero3->1")}
 
 
 def _row(per_rank: list[dict], name: str) -> dict:
@@ -77,6 +82,7 @@ def run(quick: bool) -> dict:
     rows = {j["name"]: _row(two, j["name"]) for j in TO_TWO}
     rows.update({j["name"]: _row(one, j["name"]) for j in TO_ONE})
     ratios = {d: round(rows[t]["median_s"] / rows[p]["median_s"], 3) for d, (t, p) in PAIRS.items()}
+    floor_ratios = {d: round(rows[t]["median_s"] / rows[f]["median_s"], 3) for d, (t, f) in FLOORS.items()}
     read_ratios = {d: round(max(rows[t]["read_bytes_per_rank"]) / max(1, max(rows[p]["read_bytes_per_rank"])), 3)
                    for d, (t, p) in PAIRS.items()}
     state_mb = made["params"] * 3 * 4 / MB   # fp32 weights + two AdamW moments
@@ -84,9 +90,11 @@ def run(quick: bool) -> dict:
                "correct": all(r["correct"] for r in rows.values()),
                **{f"load_s:{n}": r["median_s"] for n, r in rows.items()},
                **{f"ratio_trainlib/dcp:{d}": v for d, v in ratios.items()},
-               **{f"read_ratio_trainlib/dcp:{d}": v for d, v in read_ratios.items()}}
+               **{f"read_ratio_trainlib/dcp:{d}": v for d, v in read_ratios.items()},
+               **{f"ratio_trainlib/read_sha256_floor:{d}": v for d, v in floor_ratios.items()}}
     return {"model_overrides": model, "reps": reps, "checkpoint_bytes": ck_bytes, "loads": rows,
             "ratio_trainlib_over_dcp": ratios, "read_bytes_ratio_trainlib_over_dcp": read_ratios,
+            "ratio_trainlib_over_read_sha256_floor": floor_ratios,
             "summary": summary}
 
 
@@ -100,8 +108,8 @@ def plot(result: dict, path: str) -> None:
     loads = result["loads"]
     names = list(loads)
     fig, ax = plt.subplots(figsize=(8, 3.5))
-    ax.bar(names, [loads[n]["median_s"] for n in names],
-           color=["C0" if n.startswith("trainlib") else "C1" for n in names])
+    colors = {"trainlib": "C0", "dcp": "C1", "floor": "C7"}
+    ax.bar(names, [loads[n]["median_s"] for n in names], color=[colors[n.split(":")[0]] for n in names])
     ax.set_ylabel("median load seconds (slowest rank)")
     ax.set_title(f"load under another layout: {result['summary']['state_MB']} MB of state")
     ax.tick_params(axis="x", rotation=30)

@@ -194,6 +194,36 @@ def _dcp_save(model, opt, ck: str) -> None:
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=ck)
 
 
+# ---- the floor: read and hash the old files trainlib reads -------------------------------------
+def _floor(src: str) -> tuple[Callable[[], None], Callable[[], list[str]]]:
+    """Read every old rank's safetensors file of the checkpoint into one buffer and sha256 it, as
+    trainlib's verified read does (stfile.read_verified): the cost of the bytes alone, no parsing or
+    placing. The check: every digest equals the manifest's."""
+    import hashlib
+    import json
+
+    from trainlib.checkpoint import latest_step, step_dir
+    from trainlib.checkpoint.store import MANIFEST
+
+    path = Path(step_dir(src, latest_step(src)))
+    want = {n: e["sha256"] for n, e in json.loads((path / MANIFEST).read_bytes())["body"]["files"].items()
+            if n.endswith(".safetensors")}
+    got: dict[str, str] = {}
+
+    def load() -> None:
+        got.clear()
+        for name in sorted(want):
+            size = (path / name).stat().st_size
+            buf = torch.empty(size, dtype=torch.uint8)
+            with open(path / name, "rb", buffering=0) as f:
+                view, n = memoryview(buf.numpy()), 0
+                while n < size:
+                    n += f.readinto(view[n:])
+            got[name] = hashlib.sha256(view).hexdigest()
+
+    return load, lambda: [n for n in want if got.get(n) != want[n]]
+
+
 # ---- phases ------------------------------------------------------------------------------------
 def make_state(overrides: list[str], work: str) -> dict[str, Any]:
     """1 rank: S = the GPT after one AdamW step, saved by trainlib (unsharded, dp=1) and by DCP."""
@@ -241,7 +271,7 @@ def _candidate(load: Callable[[], None], scrub: Callable[[], None], check: Calla
 
 
 def load_phase(overrides: list[str], work: str, reps: int, jobs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Each job: {"name", "system": "trainlib" | "dcp", "layout": overrides of the target layout,
+    """Each job: {"name", "system": "trainlib" | "dcp" | "floor", "layout": overrides of the target layout,
     "source": checkpoint dir under work, "save_as": dir to save what was loaded (or None)}."""
     from safetensors.torch import load_file
 
@@ -254,7 +284,10 @@ def load_phase(overrides: list[str], work: str, reps: int, jobs: list[dict[str, 
     for job in jobs:
         src = os.path.join(work, job["source"])
         log = logs[job["name"]] = {"read_bytes": [], "rank_s": [], "mismatch": []}
-        if job["system"] == "trainlib":
+        if job["system"] == "floor":
+            load, check = _floor(src)
+            cands[job["name"]] = _candidate(load, lambda: None, check, log)
+        elif job["system"] == "trainlib":
             cfg, model, opt = _trainlib([*overrides, *job["layout"]], src)
             sampler = _sampler(cfg)
 

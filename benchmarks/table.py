@@ -114,10 +114,15 @@ def _zero(s: dict) -> str:
 
 def _reshard(s: dict) -> str:
     dirs = [k.split(":", 1)[1] for k in s if k.startswith("ratio_trainlib/dcp:")]
-    return (f"{s['state_MB']} MB of weights + AdamW state loaded under another layout: trainlib restore "
-            + ", ".join(f"{d} {_x(s[f'ratio_trainlib/dcp:{d}'])}" for d in dirs)
-            + " of DCP's load time (bytes read " + ", ".join(f"{_x(s[f'read_ratio_trainlib/dcp:{d}'])}" for d in dirs)
-            + f"); all loads bit-exact: {s['correct']}")
+    floor = [k.split(":", 1)[1] for k in s if k.startswith("ratio_trainlib/read_sha256_floor:")]
+    out = (f"{s['state_MB']} MB of weights + AdamW state loaded under another layout: trainlib restore "
+           + ", ".join(f"{d} {_x(s[f'ratio_trainlib/dcp:{d}'])}" for d in dirs)
+           + " of DCP's load time (bytes read " + ", ".join(f"{_x(s[f'read_ratio_trainlib/dcp:{d}'])}" for d in dirs)
+           + f"); all loads bit-exact: {s['correct']}")
+    if floor:
+        out += "; vs reading+sha256 of the same files: " + ", ".join(
+            f"{d} {_x(s[f'ratio_trainlib/read_sha256_floor:{d}'])}" for d in floor)
+    return out
 
 
 HEADLINES: dict[str, Callable[[dict], str]] = {
