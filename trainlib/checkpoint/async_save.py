@@ -77,10 +77,9 @@ class _WriterGroup(Collectives):
 
 
 def _timeout_s() -> float:
-    from ..runtime import DEFAULT_TIMEOUT_S, _RUNTIME
+    from ..runtime import timeout_s
 
-    return _RUNTIME.timeout_s if _RUNTIME is not None else float(os.environ.get("TRAINLIB_TIMEOUT_S",
-                                                                                 DEFAULT_TIMEOUT_S))
+    return timeout_s()
 
 
 class CheckpointWriter:
@@ -143,6 +142,7 @@ class CheckpointWriter:
         self.wait()
         t0 = time.perf_counter()
         skeleton, tensors = flatten({"state": state, "rng": rng.capture() if self.save_rng else None})
+        until = _torch_optimizer(until) if until is not None else None
         later = _owned_by(until, tensors) if until is not None else set()
         self._pending = later
         snap = self._snapshot({k: t for k, t in tensors.items() if k not in later})
@@ -235,6 +235,15 @@ class CheckpointWriter:
                 self.close()
             except CheckpointError as e:
                 log.error("%s", e)
+
+
+def _torch_optimizer(opt) -> torch.optim.Optimizer:
+    """The torch optimizer whose step() changes the state (tl.DistributedOptimizer wraps one)."""
+    inner = opt if isinstance(opt, torch.optim.Optimizer) else getattr(opt, "inner", None)
+    if not isinstance(inner, torch.optim.Optimizer):
+        raise CheckpointError(f"save(until={type(opt).__name__}) needs a torch.optim.Optimizer (or a wrapper with "
+                              "one as .inner); pass until=None to copy everything at once")
+    return inner
 
 
 def _owned_by(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> set[str]:
