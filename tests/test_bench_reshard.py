@@ -43,6 +43,9 @@ def test_json_structure_and_every_load_correct(result):
     for d, (t, p) in bench_reshard.PAIRS.items():
         want = result["loads"][t]["median_s"] / result["loads"][p]["median_s"]
         assert s[f"ratio_trainlib/dcp:{d}"] == pytest.approx(want, rel=1e-2, abs=1e-3)
+        rounds = [a / b for a, b in zip(result["loads"][t]["all_s"], result["loads"][p]["all_s"])]
+        assert s[f"paired_ratio_trainlib/dcp:{d}"] == pytest.approx(sorted(rounds)[len(rounds) // 2], rel=1e-2,
+                                                                    abs=1e-3)
 
 
 def test_read_bytes_cover_the_state(result):
