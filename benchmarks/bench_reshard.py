@@ -57,7 +57,8 @@ TO_ONE = [
 ]
 PAIRS = {"1->2 sharded": ("trainlib:1->2zero3", "dcp:1->2fsdp2"),
          "2 sharded->1": ("trainlib:2zero3->1", "dcp:2fsdp2->1")}
-FLOORS = {"1->2 sharded": ("trainlib:1->2zero3", "floor:1->2"), "2 sharded->1": ("trainlib:2zero3->1", "floor:2zero3->1")}
+FLOORS = {"1->2 sharded": ("trainlib:1->2zero3", "floor:1->2"),
+          "2 sharded->1": ("trainlib:2zero3->1", "floor:2zero3->1")}
 
 
 def _row(per_rank: list[dict], name: str) -> dict:
@@ -101,7 +102,8 @@ def run(quick: bool) -> dict:
                **{f"read_ratio_trainlib/dcp:{d}": v for d, v in read_ratios.items()},
                **{f"ratio_trainlib/read_sha256_floor:{d}": v for d, v in floor_ratios.items()}}
     return {"model_overrides": model, "reps": reps, "checkpoint_bytes": ck_bytes, "loads": rows,
-            "ratio_trainlib_over_dcp": ratios, "paired_ratio_trainlib_over_dcp": paired, "read_bytes_ratio_trainlib_over_dcp": read_ratios,
+            "ratio_trainlib_over_dcp": ratios, "paired_ratio_trainlib_over_dcp": paired,
+            "read_bytes_ratio_trainlib_over_dcp": read_ratios,
             "ratio_trainlib_over_read_sha256_floor": floor_ratios,
             "summary": summary}
 

@@ -118,7 +118,8 @@ def _reshard(s: dict) -> str:
     out = (f"{s['state_MB']} MB of weights + AdamW state loaded under another layout: trainlib restore "
            + ", ".join(f"{d} {_x(s[f'ratio_trainlib/dcp:{d}'])}" for d in dirs)
            + " of DCP's load time (paired per round: " + ", ".join(
-               f"{_x(s.get(f'paired_ratio_trainlib/dcp:{d}', 'n/a'))}" for d in dirs) + "; bytes read " + ", ".join(f"{_x(s[f'read_ratio_trainlib/dcp:{d}'])}" for d in dirs)
+               f"{_x(s.get(f'paired_ratio_trainlib/dcp:{d}', 'n/a'))}" for d in dirs)
+           + "; bytes read " + ", ".join(f"{_x(s[f'read_ratio_trainlib/dcp:{d}'])}" for d in dirs)
            + f"); all loads bit-exact: {s['correct']}")
     if floor:
         out += "; vs reading+sha256 of the same files: " + ", ".join(
