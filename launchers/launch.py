@@ -33,7 +33,7 @@ from trainlib.launchers.errors import (EXIT_CONFIG, EXIT_RETRY, LaunchConfigErro
                                        classify_worker_exit)
 from trainlib.launchers.plan import LaunchPlan, build_plan
 from trainlib.rank_errors import ERROR_DIR_ENV, VALIDATED_ENV, first_error
-from trainlib.runtime import DEFAULT_TIMEOUT_S
+from trainlib.runtime import resolve_timeout_s
 
 
 class _Parser(argparse.ArgumentParser):
@@ -112,7 +112,7 @@ def run_torchrun(plan: LaunchPlan) -> int:
 
     os.environ.clear()
     os.environ.update(plan.env)
-    _bound_exit_barrier(float(plan.env.get("TRAINLIB_TIMEOUT_S", DEFAULT_TIMEOUT_S)))
+    _bound_exit_barrier(resolve_timeout_s(env=plan.env))
     try:
         run(parse_args(plan.torchrun_argv))
     except ChildFailedError as e:

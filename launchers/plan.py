@@ -111,17 +111,27 @@ def _bound_static_rendezvous(plan: LaunchPlan) -> None:
     """A static multi-node job waits for every node's agent to join: 600 s in torchrun, and a node
     that died before joining leaves the others waiting that long. When the user has bounded waits
     (TRAINLIB_RDZV_TIMEOUT_S, else TRAINLIB_TIMEOUT_S) the join is bounded by the same figure.
-    Unset, torchrun's 600 s stays: pods of one job can take minutes to pull their images."""
+    Unset, torchrun's 600 s stays: pods of one job can take minutes to pull their images.
+    TRAINLIB_TIMEOUT_S is read with the ranks' own lookup, so a bad value stops every launch here."""
+    from trainlib.runtime import TIMEOUT_ENV, LaunchError, resolve_timeout_s
+
+    try:
+        collective_s = resolve_timeout_s(env=plan.env)
+    except LaunchError as e:
+        raise LaunchConfigError(str(e)) from None
     p = plan.placement
     if plan.mode != "torchrun" or p.elastic or p.nnodes == "1":
         return
-    name = next((n for n in ("TRAINLIB_RDZV_TIMEOUT_S", "TRAINLIB_TIMEOUT_S") if plan.env.get(n)), None)
-    if name is None:
+    name = "TRAINLIB_RDZV_TIMEOUT_S"
+    if plan.env.get(name):
+        try:
+            secs = max(1, int(float(plan.env[name])))
+        except ValueError:
+            raise LaunchConfigError(f"{name}={plan.env[name]!r} is not a number of seconds; e.g. {name}=300") from None
+    elif plan.env.get(TIMEOUT_ENV):
+        name, secs = TIMEOUT_ENV, max(1, int(collective_s))
+    else:
         return
-    try:
-        secs = max(1, int(float(plan.env[name])))
-    except ValueError:
-        raise LaunchConfigError(f"{name}={plan.env[name]!r} is not a number of seconds; e.g. {name}=300") from None
     plan.torchrun_argv[0:0] = ["--rdzv-conf", f"timeout={secs}"]
     plan.net_notes.append(f"every node must join within {secs} s ({name}; torchrun's default is 600 s)")
 

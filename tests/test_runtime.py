@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from trainlib.runtime import DEFAULT_TIMEOUT_S, LaunchError, choose_device_backend, detect_launch, free_port
+from trainlib.runtime import (DEFAULT_TIMEOUT_S, LaunchError, choose_device_backend, detect_launch, free_port,
+                              resolve_timeout_s)
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -66,6 +67,27 @@ def test_detect_single_and_errors():
         detect_launch({"RANK": "5", "WORLD_SIZE": "2", "MASTER_ADDR": "a", "MASTER_PORT": "1"})
     with pytest.raises(LaunchError, match="PMI_SIZE is not"):
         detect_launch({"PMI_RANK": "0"})
+
+
+def test_one_timeout_lookup_precedence():
+    """explicit > TRAINLIB_PS_TIMEOUT_S (PS waits only) > TRAINLIB_TIMEOUT_S > 300 s; tl.init's value
+    sits between the PS variable and TRAINLIB_TIMEOUT_S once a runtime exists (tests/test_errors.py)."""
+    both = {"TRAINLIB_TIMEOUT_S": "7", "TRAINLIB_PS_TIMEOUT_S": "11"}
+    assert resolve_timeout_s(env={}) == DEFAULT_TIMEOUT_S == 300.0
+    assert resolve_timeout_s(env={"TRAINLIB_TIMEOUT_S": ""}) == 300.0   # empty is unset, as for the other vars
+    assert resolve_timeout_s(env=both) == 7.0
+    assert resolve_timeout_s(env=both, ps=True) == 11.0
+    assert resolve_timeout_s(env={"TRAINLIB_TIMEOUT_S": "7"}, ps=True) == 7.0
+    assert resolve_timeout_s(env={"TRAINLIB_PS_TIMEOUT_S": "11"}) == 300.0   # the PS's own figure is the PS's only
+    assert resolve_timeout_s(2.5, env=both, ps=True) == 2.5
+    for raw in ("soon", "-5", "0", "nan", "inf"):
+        with pytest.raises(LaunchError, match=rf"TRAINLIB_TIMEOUT_S='{raw}' is not a positive number of seconds; "
+                                              r"set e\.g\. TRAINLIB_TIMEOUT_S=600, or unset it"):
+            resolve_timeout_s(env={"TRAINLIB_TIMEOUT_S": raw})
+    with pytest.raises(LaunchError, match=r"TRAINLIB_PS_TIMEOUT_S='x' is not a positive number"):
+        resolve_timeout_s(env={**both, "TRAINLIB_PS_TIMEOUT_S": "x"}, ps=True)
+    with pytest.raises(LaunchError, match=r"timeout_s=-1 is not a positive number of seconds; pass e\.g\."):
+        resolve_timeout_s(-1, env=both)
 
 
 def test_backend_choice_and_override():

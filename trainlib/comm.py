@@ -17,17 +17,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from . import liveness
+from . import liveness, runtime
+from .errors import CollectiveError, CollectiveMismatch, CollectiveTimeout  # noqa: F401  (comm.* names stay valid)
 
 log = logging.getLogger("trainlib")
 
 LOG_LENGTH = 64
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN,
         "avg": None}  # avg is sum then divide: gloo has no AVG op
-
-
-class CollectiveTimeout(RuntimeError):
-    """A collective or point-to-point wait did not finish in time (or a peer failed inside it)."""
 
 
 @dataclass
@@ -75,12 +72,6 @@ def probe_peers(ranks: list[int] | None = None, seq: int | None = None) -> liven
     return liveness.probe(ranks, _rank(), seq)
 
 
-def _timeout_s() -> float:
-    from .runtime import _RUNTIME, DEFAULT_TIMEOUT_S
-
-    return _RUNTIME.timeout_s if _RUNTIME is not None else DEFAULT_TIMEOUT_S
-
-
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
@@ -96,10 +87,6 @@ def _record(op: str, t: torch.Tensor | None, group) -> CollectiveRecord:
     if t is not None and not op.startswith(("send", "recv")) and os.environ.get(DEBUG_ENV, "") not in ("", "0"):
         _check_same_everywhere(rec, t, group)
     return rec
-
-
-class CollectiveMismatch(CollectiveTimeout):
-    """Ranks entered the same collective with different ops, shapes or dtypes (TRAINLIB_DEBUG_COLLECTIVES=1)."""
 
 
 DEBUG_ENV = "TRAINLIB_DEBUG_COLLECTIVES"
@@ -148,7 +135,7 @@ class Handle:
         self._work, self.record, self._after = work, rec, after
 
     def wait(self, timeout_s: float | None = None) -> None:
-        timeout_s = _timeout_s() if timeout_s is None else timeout_s
+        timeout_s = runtime.timeout_s(timeout_s)
         if self._work is not None:
             try:
                 ok = self._work.wait(datetime.timedelta(seconds=timeout_s))
@@ -448,7 +435,7 @@ def subgroups(partition: list[list[int]], parent, timeout_s: float | None = None
     hit = _SUBGROUPS.get(key)
     if hit is not None and hit[0] is world:
         return hit[1]
-    timeout = datetime.timedelta(seconds=_timeout_s() if timeout_s is None else timeout_s)
+    timeout = datetime.timedelta(seconds=runtime.timeout_s(timeout_s))
     mine = None
     for ranks in key[1]:
         if everyone or me in ranks:

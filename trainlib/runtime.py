@@ -12,15 +12,19 @@ Override with `init(backend=..., device=...)` or TRAINLIB_BACKEND / TRAINLIB_DEV
 
 Every collective has a timeout: DEFAULT_TIMEOUT_S (5 minutes), overridable by argument or
 TRAINLIB_TIMEOUT_S. torch's own default (30 minutes for gloo, 10 for nccl) is far too long to
-notice a dead peer in a training job that checkpoints every few minutes.
+notice a dead peer in a training job that checkpoints every few minutes. `timeout_s()` is the one
+place that decides it (see its docstring for the order); other modules read this process's
+runtime through `current()`, `get_runtime()`, `device()` and `timeout_s()`, never the global.
 """
 from __future__ import annotations
 
 import atexit
 import datetime
 import logging
+import math
 import os
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +35,8 @@ from . import liveness
 log = logging.getLogger("trainlib")
 
 DEFAULT_TIMEOUT_S = 300.0
+TIMEOUT_ENV = "TRAINLIB_TIMEOUT_S"
+PS_TIMEOUT_ENV = "TRAINLIB_PS_TIMEOUT_S"   # the parameter server's waits only (servers in other pods)
 BACKENDS = ("gloo", "nccl", "xla", "mpi")
 
 
@@ -67,7 +73,65 @@ class Runtime:
         return self.rank == 0
 
 
-_RUNTIME: Runtime | None = None
+_RUNTIME: Runtime | None = None   # set by init(), cleared by shutdown(); read through the accessors below
+
+
+def current() -> Runtime | None:
+    """The Runtime tl.init() returned in this process; None before init() and after shutdown()."""
+    return _RUNTIME
+
+
+def get_runtime() -> Runtime:
+    """The Runtime tl.init() returned; RuntimeError naming the fix before init()."""
+    if _RUNTIME is None:
+        raise RuntimeError("trainlib is not initialised; call tl.init() first")
+    return _RUNTIME
+
+
+def device() -> torch.device:
+    """This process's device as tl.init() chose it; CPU before init() (nothing chose one yet)."""
+    return _RUNTIME.device if _RUNTIME is not None else torch.device("cpu")
+
+
+def timeout_s(explicit: float | None = None, *, ps: bool = False) -> float:
+    """Seconds a distributed wait may block before it raises CollectiveTimeout. The one lookup:
+
+      1. `explicit`: a per-call or per-object timeout_s=... (Handle.wait, ParameterServer, Pipeline)
+      2. ps=True only: TRAINLIB_PS_TIMEOUT_S (the PS's waits may need longer than the collectives')
+      3. tl.init(timeout_s=...)
+      4. TRAINLIB_TIMEOUT_S
+      5. DEFAULT_TIMEOUT_S (300 s)
+
+    3-5 are settled once by tl.init() and kept in the Runtime, so every wait of a job uses the same
+    figure even if the environment changes later; before init() they are read now. A bad value raises
+    LaunchError naming it."""
+    if explicit is None and _RUNTIME is not None and not (ps and os.environ.get(PS_TIMEOUT_ENV)):
+        return _RUNTIME.timeout_s
+    return resolve_timeout_s(explicit, ps=ps)
+
+
+def resolve_timeout_s(explicit: float | None = None, env: Mapping[str, str] | None = None, *,
+                      ps: bool = False) -> float:
+    """timeout_s()'s order without an initialised runtime, over `env` (default os.environ): what a
+    rank started with that environment will use. Launchers and validation call this before any rank
+    starts; LaunchError names a bad value and the fix."""
+    env = os.environ if env is None else env
+    if explicit is not None:
+        value, name = explicit, "timeout_s"
+    else:
+        name = next((n for n in ((PS_TIMEOUT_ENV,) if ps else ()) + (TIMEOUT_ENV,) if env.get(n)), None)
+        if name is None:
+            return DEFAULT_TIMEOUT_S
+        try:
+            value = float(env[name])
+        except ValueError:
+            value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        shown = env[name] if explicit is None else explicit
+        fix = (f"pass e.g. timeout_s=600, or None for {TIMEOUT_ENV} / the default" if explicit is not None
+               else f"set e.g. {name}=600, or unset it for the default")
+        raise LaunchError(f"{name}={shown!r} is not a positive number of seconds; {fix} ({DEFAULT_TIMEOUT_S:.0f})")
+    return float(value)
 
 
 def _int_env(env: dict[str, str], name: str) -> int:
@@ -186,14 +250,7 @@ def init(backend: str | None = None, device: str | None = None, timeout_s: float
     global _RUNTIME
     if _RUNTIME is not None:
         return _RUNTIME
-    if timeout_s is None:
-        try:
-            timeout_s = float(os.environ.get("TRAINLIB_TIMEOUT_S", DEFAULT_TIMEOUT_S))
-        except ValueError:
-            raise LaunchError(f"TRAINLIB_TIMEOUT_S={os.environ['TRAINLIB_TIMEOUT_S']!r} is not a number of seconds; "
-                              f"unset it for the default {DEFAULT_TIMEOUT_S:.0f}") from None
-    if timeout_s <= 0:
-        raise LaunchError(f"timeout_s={timeout_s} must be positive (seconds); unset TRAINLIB_TIMEOUT_S for the default")
+    timeout_s = resolve_timeout_s(timeout_s)
     timeout = datetime.timedelta(seconds=timeout_s)
     if dist.is_available() and dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
@@ -255,7 +312,7 @@ def _start_heartbeat(rank: int, timeout_s: float, addr: str | None, port: int | 
     can name the peer it lost. Its own client to the store at addr:port (torchrun's agent store, or
     rank 0's): a read stuck on a dead store must not block c10d's client, and vice versa. Without an
     address (a group someone else made) it falls back to the default group's store."""
-    from . import comm   # comm reads this module's timeout: import it late
+    from . import comm   # comm imports this module (timeout_s): import it late
 
     if addr is not None and port is not None:
         connect = liveness.tcp_store(addr, port)
@@ -270,12 +327,6 @@ def _start_heartbeat(rank: int, timeout_s: float, addr: str | None, port: int | 
             return default
         name = "the default process group's store"
     liveness.start(rank, timeout_s, connect, name, comm.progress, addr or os.environ.get("MASTER_ADDR"))
-
-
-def get_runtime() -> Runtime:
-    if _RUNTIME is None:
-        raise RuntimeError("trainlib is not initialised; call tl.init() first")
-    return _RUNTIME
 
 
 def _shutdown_at_exit() -> None:

@@ -186,17 +186,13 @@ def check_address(where: str, addr: str, resolve: bool = True) -> None:
 def check_env(env: dict[str, str]) -> None:
     """The TRAINLIB_* variables the ranks read, parsed here with the ranks' own parsers."""
     from .checkpoint import faults
-    from .runtime import LaunchError, choose_device_backend
+    from .runtime import LaunchError, choose_device_backend, resolve_timeout_s
 
-    raw = env.get("TRAINLIB_TIMEOUT_S")
-    if raw is not None:
-        try:
-            ok = float(raw) > 0
-        except ValueError:
-            ok = False
-        if not ok:
-            raise ConfigError(f"TRAINLIB_TIMEOUT_S={raw!r} is not a positive number of seconds; set e.g. 600, or "
-                              "unset it for the default")
+    try:
+        resolve_timeout_s(env=env)
+        resolve_timeout_s(env=env, ps=True)
+    except LaunchError as e:
+        raise ConfigError(str(e)) from None
     if env.get("TRAINLIB_BACKEND") or env.get("TRAINLIB_DEVICE"):
         try:
             choose_device_backend(0, env.get("TRAINLIB_BACKEND") or None, env.get("TRAINLIB_DEVICE") or None)

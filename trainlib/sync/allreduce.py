@@ -28,7 +28,7 @@ import logging
 import torch
 import torch.distributed as dist
 
-from .. import comm
+from .. import comm, runtime
 from ..compression import COMPRESS
 
 log = logging.getLogger("trainlib")
@@ -102,7 +102,7 @@ class AllReduce:
         MPI for a 16-bit float (MPI cannot sum it)."""
         self._group = group
         self._dp, self._dp_index = dist.get_world_size(group), dist.get_rank(group)
-        on_cpu = (device if device is not None else _runtime_device()).type == "cpu"
+        on_cpu = (device if device is not None else runtime.device()).type == "cpu"
         transport, layout = self.transport, None
         if transport == "auto":
             mpi_ok = reduce_dtype not in (torch.float16, torch.bfloat16)
@@ -137,7 +137,7 @@ class AllReduce:
         One all_gather of node facts, so every rank reaches the same decision."""
         if not on_cpu or self.comm_dtype is not None:
             return "torch", None
-        if mpi_ok and _launched_by_mpi() and _mpi_importable():
+        if mpi_ok and (rt := runtime.current()) is not None and rt.source == "mpi" and _mpi_importable():
             return "mpi", None
         from . import hierarchical, shm
 
@@ -161,10 +161,9 @@ class AllReduce:
     def _start_shm(self, group, layout) -> None:
         """shm (layout None) or hierarchical: the node's shared-memory group and the background
         worker that runs its collectives while backward (or forward) goes on."""
-        from ..runtime import _RUNTIME, DEFAULT_TIMEOUT_S
         from .shm import ShmGroup, ShmWorker
 
-        timeout_s = _RUNTIME.timeout_s if _RUNTIME else DEFAULT_TIMEOUT_S
+        timeout_s = runtime.timeout_s()
         if layout is None:
             self._shm = ShmGroup(group, timeout_s)
         else:
@@ -278,18 +277,6 @@ class AllReduce:
             self._worker.stop()
             self._shm.close()
             self._shm = None
-
-
-def _runtime_device() -> torch.device:
-    from ..runtime import _RUNTIME
-
-    return _RUNTIME.device if _RUNTIME is not None else torch.device("cpu")
-
-
-def _launched_by_mpi() -> bool:
-    from ..runtime import _RUNTIME
-
-    return _RUNTIME is not None and _RUNTIME.source == "mpi"
 
 
 def _mpi_importable() -> bool:

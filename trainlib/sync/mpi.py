@@ -11,6 +11,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from .. import runtime
 from ..comm import CollectiveTimeout
 
 # torch dtype -> MPI datatype name (MPI has no 16-bit float sum; 16-bit floats move as INT16_T)
@@ -24,9 +25,7 @@ class MPIRequest:
         self.req, self.what, self.comm, self._after, self._tensor = req, what, comm, after, tensor
 
     def wait(self, timeout_s: float | None = None) -> None:
-        from ..runtime import _RUNTIME, DEFAULT_TIMEOUT_S
-
-        timeout_s = timeout_s or (_RUNTIME.timeout_s if _RUNTIME else DEFAULT_TIMEOUT_S)
+        timeout_s = runtime.timeout_s(timeout_s)
         deadline = time.monotonic() + timeout_s
         # MPI_Wait has no timeout: poll Test() and yield the core between polls
         while not self.req.Test():

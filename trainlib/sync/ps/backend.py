@@ -15,7 +15,8 @@ ahead of the slowest worker.
 
 Servers: `servers`, else TRAINLIB_PS_ADDRS (comma-separated host:port), else colocated (one per
 node, see colocated.py). Token: `token`, else TRAINLIB_PS_TOKEN / TRAINLIB_PS_TOKEN_FILE, else
-(colocated only) generated and shared by the group.
+(colocated only) generated and shared by the group. Timeout of every wait on a server: `timeout_s`,
+else TRAINLIB_PS_TIMEOUT_S, else the job's collective timeout (trainlib.runtime.timeout_s, ps=True).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import os
 import torch
 import torch.distributed as dist
 
+from ... import runtime
 from ..base import GradSync  # noqa: F401  (the protocol this class implements)
 from .client import PSClient, Request
 from .colocated import colocated_servers, shared_token
@@ -36,7 +38,6 @@ from .token import read_token
 log = logging.getLogger("trainlib")
 
 ADDRS_ENV = "TRAINLIB_PS_ADDRS"
-TIMEOUT_ENV = "TRAINLIB_PS_TIMEOUT_S"
 MODES = ("sync", "async")
 # keys already handed out per (servers, group) in this process: a second model synced through the
 # same servers gets the next keys (every rank wraps its models in the same order)
@@ -101,13 +102,10 @@ class ParameterServer:
         return servers, token
 
     def bind(self, buckets: list, group) -> None:
-        from ...runtime import _RUNTIME
-
         self.buckets = buckets
         worker, nworkers = dist.get_rank(group), dist.get_world_size(group)
         ranks = dist.get_process_group_ranks(group) if group is not None else list(range(nworkers))
-        timeout = self._timeout = self.timeout_s or float(os.environ.get(TIMEOUT_ENV, 0) or 0) or (
-            _RUNTIME.timeout_s if _RUNTIME is not None else 300.0)
+        timeout = self._timeout = runtime.timeout_s(self.timeout_s, ps=True)
         servers, token = self._resolve()
         numels = [b.comm.numel() if self.mode == "sync" else b.numel for b in buckets]
         sizes = [(b.comm if self.mode == "sync" else b.grads).element_size() for b in buckets]
@@ -239,10 +237,9 @@ class ParameterServer:
 
     def _stop_colocated(self) -> None:
         from ... import comm
-        from ...runtime import get_runtime
 
         try:  # the other workers on this node may still be using it
-            if get_runtime().world_size > 1:
+            if runtime.get_runtime().world_size > 1:
                 comm.barrier()
         except Exception as e:
             log.warning("ParameterServer.close: barrier before stopping the server failed (%s)", e)

@@ -29,6 +29,8 @@ from typing import Callable
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from ... import runtime
+from ...errors import CollectiveTimeout
 from .connauth import conn_auth_mode, secure_client
 from .protocol import (DEFAULT_MAX_BYTES, EXPECTED_REPLY, DType, Header, Message, Op, ProtocolError, Signer,
                        decode)
@@ -43,8 +45,9 @@ class PSError(RuntimeError):
     """A parameter-server request failed; the message names the server (and the workers) involved."""
 
 
-class PSTimeout(PSError):
-    """A wait on a parameter server passed its deadline."""
+class PSTimeout(PSError, CollectiveTimeout):
+    """A wait on a parameter server passed its deadline, or its server dropped the connection: a
+    lost peer like a collective timeout (trainlib.errors), so the trainer's retry policy covers it."""
 
 
 @dataclass
@@ -85,14 +88,14 @@ class PSClient:
     """Requests to S servers on behalf of one worker (`worker` of `nworkers` in data-parallel group `group`)."""
 
     def __init__(self, servers: list[str], token: str | None, worker: int, nworkers: int, group: int = 0,
-                 timeout_s: float = 300.0, retry_s: float | None = None, worker_names: list[str] | None = None,
+                 timeout_s: float | None = None, retry_s: float | None = None, worker_names: list[str] | None = None,
                  max_bytes: int = DEFAULT_MAX_BYTES, conn_auth: str | None = None):
         if not servers:
             raise PSError("no parameter-server addresses; pass servers=['host:port', ...] or set TRAINLIB_PS_ADDRS")
         self.signer = Signer(token, "client")
         self.conn_auth = conn_auth_mode(conn_auth, token)
         self.worker, self.nworkers, self.group = worker, nworkers, group
-        self.timeout_s = timeout_s
+        self.timeout_s = timeout_s = runtime.timeout_s(timeout_s, ps=True)
         self.retry_s = retry_s if retry_s is not None else max(10.0, timeout_s / 3)
         self.worker_names = worker_names or [f"worker {w}" for w in range(nworkers)]
         self.max_bytes = max_bytes
@@ -221,7 +224,7 @@ class PSClient:
                 link = self.links[link_i]
                 if link.lost_at is not None and now - link.lost_at > DISCONNECT_GRACE_S:
                     n = sum(r.server == link_i for r in waiting)
-                    raise PSError(f"parameter server {link.address} closed the connection (it died or was stopped) "
+                    raise PSTimeout(f"parameter server {link.address} closed the connection (it died or was stopped) "
                                   f"while {n} {what} were outstanding; restart it (and the job from a checkpoint)")
             if now >= deadline:
                 raise self._diagnose(waiting, timeout_s, what)
@@ -289,6 +292,8 @@ class PSClient:
         try:
             self.collect(reqs, got, timeout_s, what="HELLO replies")
         except PSTimeout:
+            if any(self.links[r.server].lost_at is not None for r in reqs if not r.done):
+                raise   # a server that dropped the connection: collect() said so, keep that message
             missing = [self.links[r.server].address for r in reqs if not r.done]
             raise PSTimeout(f"parameter server(s) {', '.join(missing)} did not answer within "
                             f"{self.timeout_s if timeout_s is None else timeout_s:.1f}s: not running, wrong address, "
