@@ -73,7 +73,7 @@ def _row(per_rank: list[dict], name: str) -> dict:
 
 def run(quick: bool) -> dict:
     model = QUICK if quick else FULL
-    reps = 3 if quick else 7
+    reps = 3 if quick else 9
     timeout = 300 if quick else 1800
     work = Path(tempfile.mkdtemp(prefix="bench-reshard-"))
     try:
