@@ -41,7 +41,7 @@ from .compose import ParallelModel, lm_loss_fn, parallelize
 from .precision import MixedPrecision
 from .tensor_parallel import GPT_PLAN
 from .runtime import LaunchError
-from .sync.ps.client import PSTimeout
+from .errors import CollectiveMismatch, CollectiveTimeout
 from .validate import check_run
 
 EXIT_LOST_PEER = 138   # >= 128: retryable for Kubeflow's ExitCode restart policy (launchers/errors.py)
@@ -276,10 +276,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 # a user can fix these: one line naming the value and the fix, exit 1 (permanent for Kubeflow)
-USER_ERRORS = (ConfigError, MeshError, LaunchError, FloatingPointError, resume.CheckpointError, comm.CollectiveMismatch)
+USER_ERRORS = (ConfigError, MeshError, LaunchError, FloatingPointError, resume.CheckpointError, CollectiveMismatch)
 # a peer or a server was lost: infrastructure, so retryable (Kubeflow's ExitCode policy and
 # torchrun's --max-restarts restart the job, which resumes from its last checkpoint)
-LOST_PEER_ERRORS = (comm.CollectiveTimeout, PSTimeout,
+LOST_PEER_ERRORS = (CollectiveTimeout,   # includes PSTimeout and PipelineTimeout (trainlib.errors)
                     # a peer that never joined the process group (its node died before init)
                     *(getattr(torch.distributed, n) for n in ("DistStoreError", "DistNetworkError")
                       if hasattr(torch.distributed, n)))
