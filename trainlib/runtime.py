@@ -127,10 +127,12 @@ def resolve_timeout_s(explicit: float | None = None, env: Mapping[str, str] | No
         except ValueError:
             value = math.nan
     if not (math.isfinite(value) and value > 0):
+        default = f"{TIMEOUT_ENV} or the default {DEFAULT_TIMEOUT_S:.0f}"
+        fix = {"timeout_s": f"pass e.g. timeout_s=600, or None for {default}",
+               PS_TIMEOUT_ENV: f"set e.g. {name}=600, or unset it for the collective timeout ({default})",
+               TIMEOUT_ENV: f"set e.g. {name}=600, or unset it for the default {DEFAULT_TIMEOUT_S:.0f}"}[name]
         shown = env[name] if explicit is None else explicit
-        fix = (f"pass e.g. timeout_s=600, or None for {TIMEOUT_ENV} / the default" if explicit is not None
-               else f"set e.g. {name}=600, or unset it for the default")
-        raise LaunchError(f"{name}={shown!r} is not a positive number of seconds; {fix} ({DEFAULT_TIMEOUT_S:.0f})")
+        raise LaunchError(f"{name}={shown!r} is not a positive number of seconds; {fix}")
     return float(value)
 
 
