@@ -32,10 +32,9 @@ from . import rank_errors
 from .config import Config, ConfigError, describe_flags, load_config
 from .data import DistributedSampler, default_tokens
 from .checkpoint import resume
-from .data_parallel import DataParallel, clip_grad_norm_
-from .data_parallel.clip import grad_norm
+from .data_parallel import DataParallel
 from .mesh import Mesh, MeshError
-from .models.gpt import GPT, GPTConfig, lm_loss
+from .models.gpt import GPT, GPTConfig
 from .optim import DistributedOptimizer
 from .compose import ParallelModel, lm_loss_fn, parallelize
 from .precision import MixedPrecision
@@ -114,6 +113,14 @@ def build_sync(cfg: Config):
                            staleness=s.staleness, partition_mb=s.partition_mb, bucket_mb=s.bucket_mb)
 
 
+def wrap(model: GPT, cfg: Config, mesh: Mesh) -> ParallelModel:
+    """Every layout as one composed model (trainlib/compose.py): the training loop has one interface."""
+    if mesh.size("pp") > 1 or mesh.size("tp") > 1:
+        return wrap_parallel(model, cfg, mesh)  # PP split -> TP -> DP
+    return parallelize(model, mesh, loss_fn=lm_loss_fn(mesh),
+                       dp_wrapper=lambda local: wrap_data_parallel(local, cfg, mesh))
+
+
 def wrap_parallel(model: GPT, cfg: Config, mesh: Mesh) -> ParallelModel:
     """pp > 1 or tp > 1: tl.parallelize with the default GPT plan; sync.kind picks the dp backend."""
     m, s = cfg.mesh, cfg.sync
@@ -150,10 +157,7 @@ def train(cfg: Config) -> dict:
     torch.manual_seed(cfg.train.seed + rt.rank)
     model = build_model(cfg)
     n_params = sum(p.numel() for p in model.parameters())
-    if mesh.size("pp") > 1 or mesh.size("tp") > 1:
-        model = wrap_parallel(model, cfg, mesh)  # PP split -> TP -> DP, see trainlib/compose.py
-    else:
-        model = wrap_data_parallel(model, cfg, mesh)
+    model = wrap(model, cfg, mesh)
     params = [p for p in model.parameters() if p.requires_grad]
     # sharded / mixed precision: AdamW steps this rank's fp32 master slices (a pass-through otherwise)
     opt = DistributedOptimizer(torch.optim.AdamW(params, lr=cfg.train.lr, betas=(0.9, 0.95),
@@ -171,7 +175,6 @@ def train(cfg: Config) -> dict:
     # counters a resumed run must continue from (checkpointed with the weights; see checkpoint/resume.py)
     counters = {"loss_first": float("nan"), "window_loss": 0.0, "window_steps": 0, "nonfinite_skipped": 0}
     start, counters = resume.restore(cfg.checkpoint, model, opt, sampler, counters)
-    grads = _grad_target(model, params)
     loss_first, loss_last = counters["loss_first"], float("nan")
     t_start = window_start = time.perf_counter()
     window_loss, window_steps = counters["window_loss"], counters["window_steps"]
@@ -179,12 +182,8 @@ def train(cfg: Config) -> dict:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
         x, y = sampler.next_batch()
-        if isinstance(model, ParallelModel):
-            loss = model.step(x, y)  # forward + backward: pipeline schedule and/or vocab-parallel loss inside
-        else:
-            loss = lm_loss(model(x).float(), y)
-            opt.scale_loss(loss).backward()
-        norm = clip_grad_norm_(grads, cfg.train.grad_clip, mesh) if cfg.train.grad_clip > 0 else grad_norm(grads, mesh)
+        loss = model.step(x, y)  # forward + backward (pipeline schedule, vocab-parallel loss, loss scale inside)
+        norm = model.clip_grad_norm_(cfg.train.grad_clip) if cfg.train.grad_clip > 0 else model.grad_norm()
         if torch.isfinite(norm):  # dp-averaged gradients: every rank takes the same branch
             opt.step()
         elif opt.dynamic_loss_scale:  # fp16 overflow: the optimizer skips the step and halves the scale
@@ -225,22 +224,14 @@ def train(cfg: Config) -> dict:
         bar.close()
     if metrics:
         metrics.close()
-    state = resume.full_weights(model)
+    state = model.full_state_dict()
     summary = {"steps": cfg.train.steps, "loss_first": round(loss_first, 6), "loss_last": round(loss_last, 6),
                "tokens_per_s": round(cfg.train.steps * tokens_per_step / wall, 1), "wall_s": round(wall, 3),
                "weights_sha256": weights_sha256(state), "world_size": rt.world_size,
                "mesh": mesh.layout.__dict__, "sync": cfg.sync.kind, "params": n_params,
                "nonfinite_skipped": counters["nonfinite_skipped"], "resumed_from": counters.get("resumed_from")}
-    if hasattr(model, "close"):
-        model.close()
+    model.close()
     return summary
-
-
-def _grad_target(model, params: list) -> object:
-    """What clipping reads the gradients from: the DataParallel wrapper (fused bucket norms, and the
-    only holder of sharded gradients), else the parameters."""
-    dp = model.dp_model if isinstance(model, ParallelModel) else model
-    return dp if isinstance(dp, DataParallel) else params
 
 
 def _open_metrics(cfg: Config):
