@@ -22,6 +22,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from .compression import COMPRESS
+from .models.gpt import GPTConfig
 
 
 class ConfigError(ValueError):
@@ -74,7 +75,9 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(GPTConfig):
+    """The default GPT's own config (trainlib.models.gpt.GPTConfig) with the trainer's defaults and
+    --model.* checks: what `trainlib train` builds is `GPT(cfg.model)`."""
     n_layer: int = 4
     n_head: int = 4
     d_model: int = 128

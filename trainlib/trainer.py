@@ -34,7 +34,7 @@ from .data import DistributedSampler, default_tokens
 from .checkpoint import resume
 from .data_parallel import DataParallel
 from .mesh import Mesh, MeshError
-from .models.gpt import GPT, GPTConfig
+from .models.gpt import GPT
 from .optim import DistributedOptimizer
 from .compose import ParallelModel, lm_loss_fn, parallelize
 from .precision import MixedPrecision
@@ -70,9 +70,7 @@ def lr_at(step: int, cfg: Config) -> float:
 
 
 def build_model(cfg: Config) -> GPT:
-    m = cfg.model
-    return GPT(GPTConfig(vocab_size=m.vocab_size, seq_len=m.seq_len, n_layer=m.n_layer, n_head=m.n_head,
-                         d_model=m.d_model), seed=cfg.train.seed)
+    return GPT(cfg.model, seed=cfg.train.seed)   # cfg.model is a GPTConfig
 
 
 def _shard(cfg: Config) -> str | None:

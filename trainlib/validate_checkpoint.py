@@ -92,12 +92,10 @@ def _divisors(n: int) -> list[int]:
 def _meta_model(cfg: Config):
     import torch
 
-    from .models.gpt import GPT, GPTConfig
+    from .models.gpt import GPT
 
-    m = cfg.model
     with torch.device("meta"):  # shapes only: no memory, no init cost for a large model
-        return GPT(GPTConfig(vocab_size=m.vocab_size, seq_len=m.seq_len, n_layer=m.n_layer, n_head=m.n_head,
-                             d_model=m.d_model), seed=0)
+        return GPT(cfg.model, seed=0)
 
 
 def expected_rank0_shapes(model, layout: MeshLayout, virtual_stages: int = 1) -> Shapes:
