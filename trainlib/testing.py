@@ -5,20 +5,35 @@ torch and trainlib, so a rank starts in a fraction of a second instead of ~3 s o
 Each child gets its own RANK/WORLD_SIZE/MASTER_* env, OMP_NUM_THREADS=1, and calls tl.init().
 An exception in any rank is re-raised in the parent with that rank's traceback; a rank that
 does not finish within `timeout_s` is killed and reported.
+
+Fault injection for the reliability tests: a worker SIGKILLs itself at a chosen point.
+
+    TRAINLIB_FAULT_KILL_AT_STEP=RANK:STEP[:PHASE]
+
+PHASE is one of trainlib.checkpoint.hooks.PHASES (default "step"): where in step STEP rank RANK
+dies. SIGKILL, not an exception: nothing gets to clean up, as with the OOM killer or a lost spot
+node. Only the first incarnation dies (torchrun's TORCHELASTIC_RESTART_COUNT is 0 or unset), so a
+restarted worker runs through. The checkpoint hooks install the fault hook when the variable is
+set (hooks.FAULT_ENV says why), so a test only sets it in the rank's env.
 """
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import multiprocessing.forkserver
 import os
 import queue
+import signal
 import time
 import traceback
 from typing import Any, Callable
 
 import torch
 
+from .checkpoint.hooks import FAULT_ENV, PHASES, register
 from .runtime import free_port
+
+log = logging.getLogger("trainlib")
 
 _PRELOAD = ["torch", "torch.distributed", "trainlib"]
 
@@ -144,3 +159,40 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: fl
         raise RankError(f"{len(failures)} of {world_size} ranks failed:\n{detail}")
     return [_from_wire(outcome[r][1]) if outcome[r][0] == "ok" else RankError(f"rank {r}: {outcome[r][1]}")
             for r in range(world_size)]
+
+
+# -- fault injection --------------------------------------------------------------------------------
+
+def parse_fault_spec(spec: str) -> tuple[int, int, str]:
+    """'1:7:save:shard' -> (1, 7, 'save:shard'). Raises ValueError naming the fix."""
+    parts = spec.split(":", 2)
+    try:
+        rank, step = int(parts[0]), int(parts[1])
+    except (ValueError, IndexError):
+        raise ValueError(f"{FAULT_ENV}={spec!r} must look like RANK:STEP[:PHASE], e.g. 1:7 or 0:10:save:manifest; "
+                         f"unset it outside fault tests") from None
+    phase = parts[2] if len(parts) > 2 else "step"
+    if phase not in PHASES:
+        raise ValueError(f"{FAULT_ENV}={spec!r}: phase {phase!r} is not one of {', '.join(PHASES)}")
+    return rank, step, phase
+
+
+def kill_at_fault_spec(phase: str, *, rank: int, step: int) -> None:
+    """The fault hook: SIGKILL this process if the env spec names (rank, step, phase) and this is not a restart."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") not in ("", "0"):
+        return
+    if parse_fault_spec(spec) == (rank, step, phase):
+        log.warning("fault injection: rank %d kills itself at step %d (%s)", rank, step, phase)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+_fault_hook_installed = False
+
+
+def install_fault_hook() -> None:
+    """Register kill_at_fault_spec as a checkpoint phase hook (once per process)."""
+    global _fault_hook_installed
+    if not _fault_hook_installed:
+        _fault_hook_installed = True
+        register(kill_at_fault_spec)

@@ -15,9 +15,9 @@ also saves sharded (ZeRO) models' slices and loads a checkpoint under another la
 """
 from __future__ import annotations
 
-from . import faults, rng
+from . import hooks, rng
 from .store import Checkpoint, CheckpointError, latest_step, list_steps, load, save, step_dir
 from .tree import StateError, flatten, unflatten
 
 __all__ = ["save", "load", "Checkpoint", "CheckpointError", "StateError", "latest_step", "list_steps", "step_dir",
-           "flatten", "unflatten", "rng", "faults"]
+           "flatten", "unflatten", "rng", "hooks"]

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from . import faults
+from . import hooks
 from .store import CheckpointError, load, save
 
 __all__ = ["CheckpointError", "restore", "after_step", "state_of"]
@@ -98,9 +98,9 @@ def restore(ck_cfg, model: torch.nn.Module, opt: torch.optim.Optimizer, sampler,
 
 def after_step(ck_cfg, steps_done: int, total_steps: int, model: torch.nn.Module, opt: torch.optim.Optimizer,
                sampler, counters: dict[str, Any]) -> None:
-    """Fault hook, then a checkpoint every ck_cfg.every steps and at the end of the run."""
+    """The "step" phase hooks, then a checkpoint every ck_cfg.every steps and at the end of the run."""
     rank = _rank()
-    faults.maybe_kill(rank, steps_done, "step")
+    hooks.fire("step", rank=rank, step=steps_done)
     if ck_cfg.dir and (steps_done % ck_cfg.every == 0 or steps_done == total_steps):
         from .layout import layout_of
 

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from . import backends, faults, rng, stfile
+from . import backends, hooks, rng, stfile
 from .backends import LATEST, MANIFEST, Storage, open_storage  # noqa: F401  (LATEST: public name)
 from .tree import flatten, unflatten
 
@@ -216,7 +216,7 @@ def write_flat(storage: Storage, step: int, skeleton: dict, tensors: dict[str, t
         flat = _digest_ints(*mine[0]) + _digest_ints(*mine[1])
     except Exception as e:
         error = e
-    faults.maybe_kill(r, step, "save:shard")
+    hooks.fire("save:shard", rank=r, step=step)
     every = coll.gather_i64(flat + [error is None]) if coll is not None else [flat + [error is None]]
     _agree(None, step, "", error)
     failed = [rr for rr, v in enumerate(every) if not v[10]]
@@ -252,7 +252,7 @@ def _commit(storage: Storage, step: int, every: list[list[int]], w: int, layouts
     if layouts is not None:
         body["layouts"] = {str(rr): lay for rr, lay in enumerate(layouts)}
     manifest = json.dumps({"sha256": hashlib.sha256(_canonical(body)).hexdigest(), "body": body}, indent=1).encode()
-    storage.commit(step, manifest, lambda phase: faults.maybe_kill(r, step, phase))
+    storage.commit(step, manifest, lambda phase: hooks.fire(phase, rank=r, step=step))
     storage.set_latest(step)
     storage.prune(step, keep)
 
