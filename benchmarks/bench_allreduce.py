@@ -402,3 +402,13 @@ if __name__ == "__main__":
         sys.exit(0)
     if "--mpi-child" in sys.argv:
         mpi_child(sizes("--quick" in sys.argv), "--quick" in sys.argv)
+
+
+def table_headline(s: dict) -> str:
+    """This benchmark's line in `trainlib bench table` (benchmarks/README.md), from a result's summary."""
+    mb = s["largest_bytes"] / 2**20
+    mpi = f", MPI {s['mpi_busbw_GBps']:.2f}" if s.get("mpi_busbw_GBps") else ""
+    small = f"; at 4 KB MPI is {s['small_4KB_mpi_over_gloo_speedup']}x faster than gloo" \
+        if s.get("small_4KB_mpi_over_gloo_speedup") else ""
+    return (f"busbw at {mb:g} MB: gloo {s['gloo_busbw_GBps']:.2f}{mpi} GB/s; memcpy {s['memcpy_GBps']:.1f} GB/s "
+            f"(gloo = {s['gloo_fraction_of_memcpy']:.3f} of memcpy){small}")

@@ -296,3 +296,12 @@ def plot(result: dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def table_headline(s: dict) -> str:
+    """This benchmark's line in `trainlib bench table` (benchmarks/README.md), from a result's summary."""
+    from trainlib.benchmarks.harness import ratio_text
+
+    return (f"{s['checkpoint_MB']} MB: save {s['save_s'] * 1e3:.1f} ms = {ratio_text(s['save_ratio_vs_torch_save_fsync'])} of "
+            f"torch.save+fsync, load {ratio_text(s['load_ratio_vs_torch_load'])} of torch.load; "
+            f"{s['save_share_at_every_100'] * 100:.2f}% of step time at every=100")

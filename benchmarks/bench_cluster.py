@@ -344,3 +344,10 @@ if __name__ == "__main__":
     if not ns.worker:
         raise SystemExit("run it as `trainlib bench cluster`")
     sys.exit(worker(ns))
+
+
+def table_headline(s: dict) -> str:
+    """This benchmark's line in `trainlib bench table` (benchmarks/README.md), from a result's summary."""
+    wins = "; ".join(f"{k} {v}" for k, v in s["winners"].items() if "/mlp/" in k)
+    return (f"cost model (calibrated at the first rate) vs measured step time: median error "
+            f"{s['median_error'] * 100:.0f}%, worst {s['worst_error'] * 100:.0f}%; fastest for the wide MLP: {wins}")

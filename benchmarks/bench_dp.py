@@ -266,3 +266,19 @@ def plot(result: dict, path: str) -> None:
 if __name__ == "__main__":
     if "--mpi-child" in sys.argv:
         mpi_child()
+
+
+def table_headline(s: dict) -> str:
+    """This benchmark's line in `trainlib bench table` (benchmarks/README.md), from a result's summary."""
+    from trainlib.benchmarks.harness import ratio_text
+
+    parts = []
+    for w in ("gpt", "wide_mlp"):
+        if f"{w}:best_vs_ddp_best" in s:
+            parts.append(f"{w} step time {ratio_text(s[f'{w}:best_vs_ddp_best'])} of the best DDP config "
+                         f"({s[f'{w}:best_transport']}; {ratio_text(s[f'{w}:trainlib-shm/ddp_default'])} of default DDP with shm)")
+    mem = s.get("memory:trainlib:peak_rss_saving_in_grad_bytes")
+    if mem is not None:
+        parts.append(f"peak RSS below DDP default by {mem:.2f} x grad bytes "
+                     f"(attainable {s['memory:attainable_peak_saving_in_grad_bytes']:.2f})")
+    return "; ".join(parts)

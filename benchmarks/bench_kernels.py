@@ -235,3 +235,16 @@ def plot(result: dict[str, Any], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def table_headline(s: dict) -> str:
+    """This benchmark's line in `trainlib bench table` (benchmarks/README.md), from a result's summary."""
+    out = []
+    for key, r in s.items():
+        if not isinstance(r, dict) or "small_speedup_min" not in r:
+            continue
+        ep = r["epilogue_speedup_vs_torch_ops"]
+        out.append(f"{r['threads']} thread(s): 1000 small tensors >= {r['small_speedup_min']:.1f}x vs per-tensor "
+                   f"copies, large >= {r['large_fraction_min']:.2f} of memcpy, epilogue {ep['small']:.0f}x/"
+                   f"{ep['large']:.0f}x vs torch ops")
+    return "; ".join(out)

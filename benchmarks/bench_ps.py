@@ -470,3 +470,15 @@ def plot(result: dict, path: str) -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     print(run("--quick" in sys.argv, [a for a in sys.argv[1:] if a != "--quick"]))
+
+
+def table_headline(s: dict) -> str:
+    """This benchmark's line in `trainlib bench table` (benchmarks/README.md), from a result's summary."""
+    from trainlib.benchmarks.harness import ratio_text
+
+    if "ps_speedup" in s:  # `bench ps --model`: computed from a formula, nothing was timed
+        return (f"PREDICTION of the cost model, not a measurement: {s['nodes']} nodes x {s['gpus_per_node']} GPUs at {s['nic_gbps']:g} Gb/s: all-reduce "
+                f"{s['allreduce_ms']} ms, PS dedicated {s['ps_dedicated_ms']} ms ({s['winner']} wins)")
+    return (f"authentication costs +{s['auth_cost_at_4MB'] * 100:.0f}% at 4 MB partitions; unauthenticated PS moves "
+            f"{s['ps_insecure_fraction_of_raw_pyzmq']:.2f} of raw pyzmq; step time vs all-reduce: GPT "
+            f"{ratio_text(s['gpt_ps_colocated_over_allreduce'])} colocated, wide MLP {ratio_text(s['wide_mlp_ps_colocated_over_allreduce'])}")

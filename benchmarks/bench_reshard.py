@@ -126,3 +126,21 @@ def plot(result: dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def table_headline(s: dict) -> str:
+    """This benchmark's line in `trainlib bench table` (benchmarks/README.md), from a result's summary."""
+    from trainlib.benchmarks.harness import ratio_text
+
+    dirs = [k.split(":", 1)[1] for k in s if k.startswith("ratio_trainlib/dcp:")]
+    floor = [k.split(":", 1)[1] for k in s if k.startswith("ratio_trainlib/read_sha256_floor:")]
+    out = (f"{s['state_MB']} MB of weights + AdamW state loaded under another layout: trainlib restore "
+           + ", ".join(f"{d} {ratio_text(s[f'ratio_trainlib/dcp:{d}'])}" for d in dirs)
+           + " of DCP's load time (paired per round: " + ", ".join(
+               f"{ratio_text(s.get(f'paired_ratio_trainlib/dcp:{d}', 'n/a'))}" for d in dirs)
+           + "; bytes read " + ", ".join(f"{ratio_text(s[f'read_ratio_trainlib/dcp:{d}'])}" for d in dirs)
+           + f"); all loads bit-exact: {s['correct']}")
+    if floor:
+        out += "; vs reading+sha256 of the same files: " + ", ".join(
+            f"{d} {ratio_text(s[f'ratio_trainlib/read_sha256_floor:{d}'])}" for d in floor)
+    return out

@@ -89,3 +89,11 @@ def run(quick: bool) -> dict:
                "ratio_trainlib_over_dtensor": round(t_ours / t_peer, 3), "loss_abs_diff": diff,
                "sharded_params": r["sharded_params"]}
     return {"model": cfg, "batch": batch, "tp": TP, **r, "summary": summary}
+
+
+def table_headline(s: dict) -> str:
+    """This benchmark's line in `trainlib bench table` (benchmarks/README.md), from a result's summary."""
+    from trainlib.benchmarks.harness import ratio_text
+
+    return (f"step time {ratio_text(s['ratio_trainlib_over_dtensor'])} of torch DTensor TP "
+            f"({s['trainlib_step_ms']} vs {s['torch_dtensor_step_ms']} ms), loss difference {s['loss_abs_diff']}")

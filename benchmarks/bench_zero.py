@@ -347,3 +347,26 @@ def plot(result: dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def table_headline(s: dict) -> str:
+    """This benchmark's line in `trainlib bench table` (benchmarks/README.md), from a result's summary."""
+    from trainlib.benchmarks.harness import ratio_text
+
+    st = ("optimizer", "gradients", "parameters")
+    mem = "/".join(f"{s[f'memory:trainlib-{x}:bytes_per_param']:g}" for x in st)
+    over = max(abs(v - 1) for k, v in s.items() if k.startswith("memory:trainlib") and k.endswith(":over_formula"))
+    out = (f"trainlib ZeRO-1/2/3 fp32 model states {mem} bytes/param/rank at d=2 (formula 12/10/8; worst row "
+           f"{over * 100:.1f}% off); step time ZeRO-3 {ratio_text(s['step:trainlib-parameters/fsdp2-parameters'])} of FSDP2, "
+           f"ZeRO-1/2/3 {'/'.join(ratio_text(s[f'step:trainlib-{x}/deepspeed-zero{i + 1}']) for i, x in enumerate(st) if f'step:trainlib-{x}/deepspeed-zero{i + 1}' in s) or 'n/a'} of DeepSpeed, "
+           f"ZeRO-1/2 {ratio_text(s['step:trainlib-optimizer/trainlib-none'])}/{ratio_text(s['step:trainlib-gradients/trainlib-none'])} "
+           f"of unsharded")
+    pred = {k.split(":")[1]: v for k, v in s.items() if k.startswith("scale:") and k.endswith("max_params_pred")}
+    cal = {k.split(":")[1]: v for k, v in s.items() if k.startswith("scale:") and k.endswith("max_params_calibrated")}
+    if pred:  # a prediction (calibrated by a run of the same width where one ran), not a run of that size
+        out += "; PREDICTED largest GPT in 24 GiB (* calibrated by a smaller run): " + ", ".join(
+            f"{n.removeprefix('trainlib-')} {cal.get(n, v) / 1e9:.2f}B{'*' if n in cal else ''}"
+            for n, v in pred.items() if n.startswith("trainlib-") and not n.endswith("bf16"))
+    if "billion:params" in s:
+        out += f"; {s['billion:params'] / 1e9:.2f}B-param GPT, ZeRO-3: peak RSS {s['billion:peak_rss_gib_per_rank']} GiB/rank"
+    return out

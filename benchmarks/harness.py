@@ -4,12 +4,13 @@ A benchmark is a module `trainlib.benchmarks.bench_NAME` (file benchmarks/bench_
 
     def run(quick: bool) -> dict          # measures trainlib and its peers side by side, returns results
     def plot(result: dict, path: str)     # optional: a PNG
+    def table_headline(summary: dict) -> str   # optional: its line in `trainlib bench table`
 
 `run` returns a JSON-able dict; the harness adds metadata -- the command, the date, the machine
 (host, CPUs, Python, torch, GPU) and the git commit with any tracked files that differed from it,
 so every stored figure can be traced to the code and the machine that produced it -- and writes
 benchmarks/results/NAME.json (or --json), then prints a one-line summary.
-Helpers here: `median`, `alternate` (interleaved repetitions, medians), `results_dir`.
+Helpers here: `median`, `alternate` (interleaved repetitions, medians), `results_dir`, `ratio_text`.
 """
 from __future__ import annotations
 
@@ -29,14 +30,7 @@ from typing import Any, Callable
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-
-
-def results_dir() -> Path:
-    """benchmarks/results in a source checkout; ./benchmark-results elsewhere."""
-    d = HERE / "results" if (HERE.parent / "setup.py").exists() else Path.cwd() / "benchmark-results"
-    d.mkdir(parents=True, exist_ok=True)
-    return d
+from .paths import HERE, results_dir  # noqa: F401  (re-exported: benchmarks import them from here)
 
 
 def available() -> list[str]:
@@ -45,6 +39,11 @@ def available() -> list[str]:
 
 def median(xs: list[float]) -> float:
     return float(statistics.median(xs))
+
+
+def ratio_text(v: Any) -> str:
+    """1.234 -> '1.23x' for the table's headlines; anything else (e.g. 'n/a') as it is."""
+    return f"{v:.2f}x" if isinstance(v, (int, float)) else str(v)
 
 
 def alternate(candidates: dict[str, Callable[[], float]], reps: int) -> dict[str, dict[str, Any]]:

@@ -269,3 +269,8 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def table_headline(s: dict) -> str:
+    """This benchmark's line in `trainlib bench table` (benchmarks/README.md), from a result's summary."""
+    return f"planted bugs: {s['score']} by the tests aimed at them; survived: {', '.join(s['survived']) or 'none'}"
