@@ -196,3 +196,11 @@ def plot(result: dict, path: str) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def table_headline(s: dict) -> str:
+    """This benchmark's line in `trainlib bench table` (benchmarks/README.md), from a result's summary."""
+    bubbles = ", ".join(f"{k.split('_', 1)[1]} {v}" for k, v in s.items() if k.startswith("bubble_") and "m=8" in k)
+    over = ", ".join(f"{k.split('_')[-1]} {v}" for k, v in s.items() if k.startswith("overhead_ratio"))
+    return (f"bubble (p=4): {bubbles}; worst error {s['max_bubble_error_points']} points; per-action overhead "
+            f"vs torch.distributed.pipelining: {over}")
