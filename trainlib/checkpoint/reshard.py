@@ -200,7 +200,16 @@ def restore(root, step: int, body: dict, model, opt, sampler, counters: dict[str
     # each needed parameter's global tensors, filled old file by old file (each file read once)
     wholes: dict[tuple[str, str], torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
+    kept: dict[int, dict] = {}   # the small parts read once, while their file is in memory anyway
+
+    def keep(r: int, tree: dict) -> None:
+        if r == 0:
+            kept[0] = {"sampler": tree["state"]["sampler"], "trainer": tree["state"]["trainer"]}
+        if r == rank:
+            kept.setdefault("rng", tree.get("rng"))
+
     for r in sorted(by_old_rank):
+        keep(r, files.tree(r))
         state = files.tree(r)["state"]
         index = _opt_index(state)
         for name, e in by_old_rank[r]:
@@ -222,12 +231,16 @@ def restore(root, step: int, body: dict, model, opt, sampler, counters: dict[str
             if any(what.startswith("opt:") for n, what in wholes if n == name):
                 slot.update({k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in scalars[name].items()})
     _finish(model, opt, opt_slots)
-    first = files.tree(0)["state"]
+    same_world = body["world_size"] == world
+    for r in {0, rank} if same_world else {0}:
+        if (r == 0 and 0 not in kept) or (r == rank and "rng" not in kept):
+            keep(r, files.tree(r))
+    first = kept[0]
     sampler.load_state_dict(first["sampler"])
-    if body["world_size"] == world and files.tree(rank).get("rng") is not None:
+    if same_world and kept.get("rng") is not None:
         from . import rng
 
-        rng.restore(files.tree(rank)["rng"])
+        rng.restore(kept["rng"])
     return step, {**counters, **first["trainer"], "resumed_from": step}
 
 
