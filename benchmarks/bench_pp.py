@@ -1,6 +1,6 @@
 """Pipeline schedules: measured bubble vs theory, per-action overhead vs torch.distributed.pipelining.
 
-    trainlib bench pp [--quick] [--stage-ms 100] [--reps 3]
+    trainlib bench pp [--quick] [--stage-ms 100] [--reps 3] [--dp-overlap]
 
 1. Bubble. p = 4 ranks, stages that emulate equal compute by sleeping (so the shared 2-core
    machine does not distort it): forward sleeps t, the input-gradient path sleeps t and the
@@ -12,6 +12,10 @@
 2. Overhead. Tiny Linear stages (compute ~ nothing), the same schedule run by trainlib's runtime
    and by torch.distributed.pipelining (PipelineStage + ScheduleGPipe / Schedule1F1B /
    ScheduleInterleaved1F1B) on the same stages, alternating, medians: seconds per compute action.
+3. --dp-overlap (only this): dp2 x pp2 step time of tl.parallelize's composed step, where each
+   stage's gradient buckets start reducing right after that stage's last backward ("per-stage"),
+   against one sync_gradients() after the whole pipeline ("after-flush", the previous behaviour),
+   alternating in the same processes, medians; 1F1B and interleaved (v=2: two stages per rank).
 """
 from __future__ import annotations
 
@@ -156,6 +160,43 @@ def run_overhead(quick: bool) -> dict:
     return run_ranks(_overhead_worker, P, 8, 3 if quick else 15, 3 if quick else 10, timeout_s=900)[0]
 
 
+def _dp_overlap_worker(reps: int, width: int, n_layers: int, m: int) -> dict:
+    import trainlib as tl
+
+    mesh = tl.Mesh(pp=2, dp=2, tp=1)
+    out = {}
+    for name, v in (("1f1b", None), ("interleaved", 2)):
+        torch.manual_seed(0)
+        layers = [nn.Sequential(nn.Linear(width, width), nn.Tanh()) for _ in range(n_layers)]
+        pm = tl.parallelize(layers, mesh, loss_fn=nn.functional.mse_loss, schedule=name, microbatches=m,
+                            virtual_stages=v, bucket_mb=1.0)
+        x, tgt = torch.randn(8 * m, width), torch.randn(8 * m, width)
+
+        def after_flush():  # the previous ParallelModel.step: one sync after the pipeline flush
+            with pm.dp_model.no_sync():
+                pm.pipe.step(x, tgt)
+            pm.dp_model.sync_gradients()
+
+        def timed(fn):
+            return lambda: _timed_step(fn, None)
+
+        pm.step(x, tgt)
+        after_flush()  # warm-up
+        res = alternate({"per-stage": timed(lambda: pm.step(x, tgt)), "after-flush": timed(after_flush)}, reps)
+        out[name] = {"per_stage_s": res["per-stage"]["median_s"], "after_flush_s": res["after-flush"]["median_s"],
+                     "speedup": res["after-flush"]["median_s"] / res["per-stage"]["median_s"],
+                     "all_s": {k: r["all_s"] for k, r in res.items()}, "buckets": len(pm.dp_model.buckets)}
+    return out
+
+
+def run_dp_overlap(quick: bool, reps: int | None = None) -> dict:
+    reps = reps if reps is not None else (7 if quick else 21)
+    res = run_ranks(_dp_overlap_worker, 4, reps, 512, 8, 4, timeout_s=1800)[0]
+    summary = {f"dp2xpp2_{k}": f"per-stage {v['per_stage_s'] * 1e3:.1f} ms, after-flush "
+                               f"{v['after_flush_s'] * 1e3:.1f} ms ({v['speedup']:.3f}x)" for k, v in res.items()}
+    return {"dp_overlap": res, "summary": summary, "result_suffix": "-dp-overlap"}
+
+
 def run(quick: bool, argv: list[str] | None = None) -> dict:
     import argparse
 
@@ -163,7 +204,11 @@ def run(quick: bool, argv: list[str] | None = None) -> dict:
     ap.add_argument("--stage-ms", type=float, default=20.0 if quick else 100.0,
                     help="emulated forward time of one stage (ms); larger hides more of the p2p latency")
     ap.add_argument("--reps", type=int, default=2 if quick else 3, help="timed steps per configuration (median)")
+    ap.add_argument("--dp-overlap", action="store_true",
+                    help="only the dp2 x pp2 step: per-stage gradient reduction vs one sync after the flush")
     opts = ap.parse_args(argv or [])
+    if opts.dp_overlap:
+        return run_dp_overlap(quick)
     t = opts.stage_ms / 1e3
     ms = [8] if quick else [8, 16]
     per_rank = run_ranks(_bubble_worker, P, t, ms, opts.reps, timeout_s=1800)
@@ -184,6 +229,18 @@ def plot(result: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if "dp_overlap" in result:
+        rows = result["dp_overlap"]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        xs = range(len(rows))
+        ax.bar([i - 0.2 for i in xs], [r["after_flush_s"] * 1e3 for r in rows.values()], 0.4, label="after flush")
+        ax.bar([i + 0.2 for i in xs], [r["per_stage_s"] * 1e3 for r in rows.values()], 0.4, label="per stage")
+        ax.set_xticks(list(xs), list(rows))
+        ax.set_ylabel("dp2 x pp2 step (ms, median)")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        return
     rows = list(result["bubble"].values())
     labels = [f"{r['schedule']}\nm={r['m']}" for r in rows]
     xs = range(len(rows))

@@ -264,3 +264,51 @@ def _single_rank_interleaved_worker() -> float:
 def test_virtual_stages_on_one_rank():
     # consecutive stages on the same rank hand tensors over locally (no self-send), prefetch included
     assert run_ranks(_single_rank_interleaved_worker, 1, timeout_s=60)[0] < TOL
+
+
+def _dp_pp_overlap_worker() -> dict:
+    """dp2 x pp2: each stage's buckets start reducing right after its last backward (issue 14 item 10)."""
+    mesh = tl.Mesh(pp=2, dp=2, tp=1)
+    g = torch.Generator().manual_seed(2)
+    x, t = torch.randn(32, 6, generator=g), torch.randn(32, 6, generator=g)
+    ref_layers = make_layers(8)
+    loss_fn(nn.Sequential(*ref_layers)(x), t).backward()   # full batch = the dp average of equal halves
+    ref_norm = torch.cat([p.grad.reshape(-1) for m in ref_layers for p in m.parameters()]).norm().item()
+    half = slice(16 * mesh.rank("dp"), 16 * mesh.rank("dp") + 16)
+    out = {}
+    for schedule, shard in (("interleaved", None), ("zb-h1", None), ("interleaved", "gradients")):
+        layers = make_layers(8)
+        pm = tl.parallelize(layers, mesh, loss_fn=loss_fn, schedule=schedule, microbatches=4,
+                            virtual_stages=2 if schedule == "interleaved" else None, bucket_mb=0.0002, shard=shard)
+        dp, calls = pm.dp_model, []
+        stage_params = [{id(p) for p in stage.parameters()} for stage in pm.local]
+        spans = [b.part for b in dp.buckets if not all(id(p) in stage_params[b.part] for p in b.params)]
+        reduce_part = dp.reduce_part
+
+        def recording(part, reduce_part=reduce_part, dp=dp, calls=calls):
+            reduce_part(part)
+            calls.append((part, all(b.started for b in dp.buckets if b.part == part),
+                          sum(not b.started for b in dp.buckets)))
+        dp.reduce_part = recording
+        loss = pm.step(x[half], t[half]).item()
+        res = {"spans": spans, "calls": calls, "n_parts": len(pm.local), "norm": pm.grad_norm().item(), "ref_norm": ref_norm, "loss": loss}
+        if shard is None:
+            kept = {id(m) for stage in pm.local for m in stage}
+            res["grad_err"] = max((p.grad - r.grad).abs().max().item() for i, m in enumerate(layers) if id(m) in kept
+                                  for p, r in zip(m.parameters(), ref_layers[i].parameters()))
+        out[f"{schedule}/{shard}"] = res
+        pm.close()
+    return out
+
+
+def test_dp_over_pp_reduces_each_stage_when_its_backward_is_done():
+    for res in run_ranks(_dp_pp_overlap_worker, 4, timeout_s=180):
+        for key, r in res.items():
+            assert r["spans"] == [], (key, r)                      # no bucket holds two stages' parameters
+            assert sorted(p for p, _, _ in r["calls"]) == list(range(r["n_parts"])), (key, r)   # each stage once
+            assert all(started for _, started, _ in r["calls"]), (key, r)
+            if key.startswith("interleaved"):   # the first stage done launches while the other still runs
+                assert r["calls"][0][2] > 0, (key, r)
+            assert abs(r["norm"] - r["ref_norm"]) < 1e-4 * max(1.0, r["ref_norm"]), (key, r)
+            if "grad_err" in r:
+                assert r["grad_err"] < TOL, (key, r)

@@ -13,8 +13,9 @@ The order is fixed (torchtitan's, and the only one that keeps each step simple):
   3. DP         the kept modules are wrapped in tl.DataParallel over mesh.group("dp"), sharded over
                 dp when `shard` is set (ZeRO-1/2/3: tp slices stay tp slices, each pipeline stage
                 shards its own parameters), in the `mixed_precision` policy. With pp > 1 the
-                schedule runs its backward passes under no_sync() and the gradients are averaged
-                (or reduce-scattered) once, after the pipeline flush.
+                schedule runs its backward passes under no_sync(); each stage's buckets (planned
+                per stage) start their average (or reduce-scatter) right after that stage's last
+                backward of the step, and are waited for once, after the pipeline flush.
 Activation checkpointing (`activation_checkpointing="full" | "selective"`) wraps this rank's
 blocks after TP and before DP.
 Every rank must build the same full model (same seed) before calling this.
@@ -78,6 +79,10 @@ class ParallelModel:
         self.sequence_parallel = sequence_parallel
         if pipe is not None:
             pipe.loss_fn = self._scaled_loss   # fp16: every microbatch's loss carries the loss scale
+            self._part_index = {s: k for k, s in enumerate(sorted(pipe.stages))}   # DataParallel(parts=...)
+
+    def _reduce_stage(self, stage: int) -> None:
+        self.dp_model.reduce_part(self._part_index[stage])
 
     def loss_scale(self) -> float:
         scaler = getattr(self.dp_model, "scaler", None)
@@ -107,7 +112,7 @@ class ParallelModel:
             loss = self.pipe.step(inputs, targets)
         else:
             with self.dp_model.no_sync():
-                loss = self.pipe.step(inputs, targets)
+                loss = self.pipe.step(inputs, targets, stage_done=self._reduce_stage)
             self.dp_model.sync_gradients()
         if scale != 1.0:
             loss = loss / scale
@@ -230,8 +235,10 @@ def parallelize(model: nn.Module | list, mesh, *, tp_plan: dict[str, str] | None
         from .data_parallel import DataParallel
         from .sync import AllReduce
 
+        # under pp, buckets are planned per stage (parts) so each stage reduces as soon as it is done
         dp_model = DataParallel(local, mesh=mesh, sync=sync if sync is not None else AllReduce(), bucket_mb=bucket_mb,
-                                shard=shard, mixed_precision=mixed_precision)
+                                shard=shard, mixed_precision=mixed_precision,
+                                parts=list(local) if pipe is not None else None)
         dp_model._pipelined = pipe is not None
     pm = ParallelModel(local, mesh, dp_model, pipe, loss_fn, sequence_parallel and tp > 1)
     from .checkpoint.layout import full_model_names

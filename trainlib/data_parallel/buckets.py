@@ -31,6 +31,7 @@ class Bucket:
     pending: int = 0             # parameters whose gradient has not arrived this backward
     started: bool = False
     extra: dict = field(default_factory=dict)  # per-backend state (e.g. the PS partitions)
+    part: int = -1               # the pipeline stage (DataParallel(parts=...)) it belongs to; -1: none/shared
 
     @property
     def nbytes(self) -> int:
@@ -48,12 +49,20 @@ class Bucket:
 
 
 def plan_buckets(named_params: list[tuple[str, nn.Parameter]], bucket_mb: float,
-                 first_bucket_mb: float = FIRST_BUCKET_MB) -> list[list[tuple[str, nn.Parameter]]]:
+                 first_bucket_mb: float = FIRST_BUCKET_MB,
+                 part_of: dict[int, int] | None = None) -> list[list[tuple[str, nn.Parameter]]]:
     """Group trainable parameters into buckets: reverse order, one dtype/device each, size caps.
 
+    part_of: id(param) -> part (a pipeline stage); a bucket never spans two parts, so each stage's
+    buckets can be reduced as soon as that stage's backward is done. Parts are planned last part
+    first (backward order), parameters of no part (-1, e.g. tied across stages) at the end.
     Pure (no allocation); the same on every rank given the same model."""
     if bucket_mb <= 0:
         raise ValueError(f"bucket_mb={bucket_mb} must be positive (MB of gradients per bucket; default 25)")
+    if part_of is not None:
+        parts = sorted({part_of.get(id(p), -1) for _, p in named_params}, key=lambda k: (k < 0, -k))
+        return [b for k in parts for b in plan_buckets(
+            [(n, p) for n, p in named_params if part_of.get(id(p), -1) == k], bucket_mb, first_bucket_mb)]
     open_: dict[tuple, list] = {}
     sizes: dict[tuple, int] = {}
     done: list[list[tuple[str, nn.Parameter]]] = []
@@ -74,9 +83,9 @@ def plan_buckets(named_params: list[tuple[str, nn.Parameter]], bucket_mb: float,
 
 
 def wire_bytes(named_params: list[tuple[str, nn.Parameter]], bucket_mb: float,
-               comm_dtype: torch.dtype | None = None) -> tuple[int, int]:
+               comm_dtype: torch.dtype | None = None, part_of: dict[int, int] | None = None) -> tuple[int, int]:
     """(bytes, count) of the wire buffers build_buckets will ask the sync backend for."""
-    total, groups = 0, plan_buckets(named_params, bucket_mb)
+    total, groups = 0, plan_buckets(named_params, bucket_mb, part_of=part_of)
     for group in groups:
         dtype = comm_dtype or group[0][1].dtype
         total += sum(p.numel() for _, p in group) * torch.empty((), dtype=dtype).element_size()
@@ -91,14 +100,15 @@ def _zeros(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor
 
 
 def build_buckets(named_params: list[tuple[str, nn.Parameter]], bucket_mb: float,
-                  comm_dtype: torch.dtype | None = None, alloc: Alloc | None = None) -> list[Bucket]:
+                  comm_dtype: torch.dtype | None = None, alloc: Alloc | None = None,
+                  part_of: dict[int, int] | None = None) -> list[Bucket]:
     """Allocate the flat buffers and point every param.grad at its view (existing grads are kept).
 
     alloc(numel, dtype, device): where the wire buffers come from -- the sync backend's memory (shared
     memory on its shm transports), so it never has to swap a bucket's tensors afterwards."""
     alloc = alloc or _zeros
     buckets = []
-    for i, group in enumerate(plan_buckets(named_params, bucket_mb)):
+    for i, group in enumerate(plan_buckets(named_params, bucket_mb, part_of=part_of)):
         p0 = group[0][1]
         offsets, n = [], 0
         for _, p in group:
@@ -108,7 +118,8 @@ def build_buckets(named_params: list[tuple[str, nn.Parameter]], bucket_mb: float
             grads = comm = alloc(n, p0.dtype, p0.device)
         else:  # compressed: the full-precision gradients stay private, the wire copy is the backend's
             grads, comm = torch.zeros(n, dtype=p0.dtype, device=p0.device), alloc(n, comm_dtype, p0.device)
-        b = Bucket(i, p0.dtype, p0.device, [p for _, p in group], [nm for nm, _ in group], offsets, n, grads, comm)
+        b = Bucket(i, p0.dtype, p0.device, [p for _, p in group], [nm for nm, _ in group], offsets, n, grads, comm,
+                   part=part_of.get(id(p0), -1) if part_of is not None else -1)
         for j, p in enumerate(b.params):
             if p.grad is not None:
                 b.view(j).copy_(p.grad)

@@ -72,6 +72,7 @@ class FlatBucket:
     stats: tuple | None = None   # (nonfinite, squared norm) of `grad` from the epilogue, until it changes
     in_slot: bool = False        # the wire is a view of one of the transport's shared buffers (stages 2/3)
     gather_slot: torch.Tensor | None = None   # stage 3: the shared buffer this bucket is being gathered in
+    part: int = -1               # pipeline stage (DataParallel(parts=...)); -1: none, or shared by stages
 
     def chunk_of(self, i: int) -> tuple[int, int] | None:
         """The part of parameter i inside this rank's chunk, as (start, end) in the flat buffer."""
@@ -142,7 +143,7 @@ class ShardedDataParallel:
         # stage 3 gathers whole units; other stages take DDP's size caps
         cap = float("inf") if shard == "parameters" else bucket_mb
         plan = [(unit, group) for unit in sorted(groups, key=lambda u: (u < 0, u))   # forward order, root last
-                for group in plan_buckets(groups[unit], cap)]
+                for group in plan_buckets(groups[unit], cap, part_of=self._part_of)]
         if shard is not None:
             # stages 1/2 keep their parameter buffers (and stage 1 its wire) in the transport's memory
             shared = sum(p.numel() * (_size(self._dtypes(p.dtype)[0]) + (_size(self._dtypes(p.dtype)[2])
@@ -152,6 +153,9 @@ class ShardedDataParallel:
             self.sync.bind_group(self.group, named[0][1].device, 0 if shard == "parameters" else shared, len(plan),
                                  reduce_dtype=min(reduce, key=_size))   # the narrowest decides MPI's fitness
         self.buckets: list[FlatBucket] = [self._make_bucket(i, unit, group) for i, (unit, group) in enumerate(plan)]
+        if self._part_of is not None:
+            for b in self.buckets:
+                b.part = self._part_of.get(id(b.params[0]), -1)
         self._slots: dict[torch.dtype, list[torch.Tensor]] = {}
         self._slot_next: dict[torch.dtype, int] = {}
         self._slot_owner: dict[tuple, FlatBucket] = {}
@@ -405,7 +409,8 @@ class ShardedDataParallel:
     def _launch_ready_sharded(self) -> None:
         order = self._launch_order
         while self._next < len(order) and order[self._next].pending <= 0:
-            self._launch_sharded(order[self._next])
+            if not order[self._next].started:   # reduce_part() may have launched it already
+                self._launch_sharded(order[self._next])
             self._next += 1
 
     def _launch_sharded(self, b: FlatBucket) -> None:
@@ -479,18 +484,31 @@ class ShardedDataParallel:
 
     def _sync_sharded(self) -> None:
         """sync_gradients() for the sharded wrapper: gradients accumulated in param.grad (no_sync
-        steps, a pipeline schedule) are packed and reduced now."""
-        self._reset_sharded()
+        steps, a pipeline schedule) are packed and reduced now (what reduce_part() launched: waited for)."""
+        if not self._parts_open:
+            self._reset_sharded()
+        self._parts_open = False
         for b in self._launch_order:
-            for i, p in enumerate(b.params):
-                if p.grad is not None:
-                    self._pack(b, i, p)
-            b.pending = 0
+            if not b.started:
+                self._pack_accumulated(b)
         self._launch_ready_sharded()
         self._drain()
         if self.shard == "parameters":
             for b in self.buckets:
                 self._free(b)
+
+    def _pack_accumulated(self, b: FlatBucket) -> None:
+        for i, p in enumerate(b.params):
+            if p.grad is not None:
+                self._pack(b, i, p)
+        b.pending = 0
+
+    def _reduce_part_sharded(self, part: int) -> None:
+        """reduce_part() for the sharded wrapper: pack and launch the part's buckets, no wait."""
+        for b in self._launch_order:
+            if b.part == part and not b.started:
+                self._pack_accumulated(b)
+                self._launch_sharded(b)
 
     # ---- optimizer side ----------------------------------------------------------------------
     def sharded_grad_stats(self, split_tp: bool = False) -> tuple[bool, float, float]:

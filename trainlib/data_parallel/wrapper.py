@@ -55,11 +55,13 @@ class DataParallel(ShardedDataParallel, nn.Module):
 
     shard: None (replicated, DDP), "optimizer" (ZeRO-1), "gradients" (ZeRO-2), "parameters" (ZeRO-3);
     mixed_precision: a tl.MixedPrecision policy. Either one makes the optimizer's side sharded /
-    fp32-master: wrap the optimizer in tl.DistributedOptimizer (see sharded.py)."""
+    fp32-master: wrap the optimizer in tl.DistributedOptimizer (see sharded.py).
+    parts: submodules of `module` (pipeline stages) whose parameters never share a bucket, so that
+    reduce_part(i) can start reducing part i's gradients while other parts still run backward."""
 
     def __init__(self, module: nn.Module, mesh: Mesh | None = None, sync=None, *, bucket_mb: float | None = None,
                  broadcast_buffers: bool = True, shard: str | None = None,
-                 mixed_precision: MixedPrecision | None = None):
+                 mixed_precision: MixedPrecision | None = None, parts: list[nn.Module] | None = None):
         super().__init__()
         if shard in ("none", "None"):
             shard = None
@@ -86,6 +88,14 @@ class DataParallel(ShardedDataParallel, nn.Module):
         self._next = 0
         self._hooks = []
         self._handles = []
+        self._parts_open = False   # reduce_part() launched buckets this step; sync_gradients() completes them
+        # a parameter in two parts (tied across stages) belongs to none: it is reduced at the end
+        self._part_of: dict[int, int] | None = None
+        if parts is not None:
+            self._part_of = {}
+            for k, m in enumerate(parts):
+                for p in m.parameters():
+                    self._part_of[id(p)] = k if self._part_of.get(id(p), k) == k else -1
         self.sharded = shard is not None or mixed_precision is not None
         if self.sharded:
             if not self.sync.reduces_in_backward or not hasattr(self.sync, "start_reduce_scatter"):
@@ -96,10 +106,11 @@ class DataParallel(ShardedDataParallel, nn.Module):
         self.shard, self.precision = None, None
         alloc = None
         if hasattr(self.sync, "bind_group"):   # the backend chooses its transport first, then gives the memory
-            need, count = wire_bytes(named, bucket_mb, self.sync.comm_dtype)
+            need, count = wire_bytes(named, bucket_mb, self.sync.comm_dtype, part_of=self._part_of)
             self.sync.bind_group(self.group, named[0][1].device, need, count, reduce_dtype=self.sync.comm_dtype)
             alloc = self.sync.alloc
-        self.buckets: list[Bucket] = build_buckets(named, bucket_mb, self.sync.comm_dtype, alloc=alloc)
+        self.buckets: list[Bucket] = build_buckets(named, bucket_mb, self.sync.comm_dtype, alloc=alloc,
+                                                   part_of=self._part_of)
         if self.sync.reduces_in_backward:
             for b in self.buckets:
                 for i, p in enumerate(b.params):
@@ -143,8 +154,30 @@ class DataParallel(ShardedDataParallel, nn.Module):
             return
         if not self.sync.reduces_in_backward:   # async PS: gradients stay local, deltas move in on_forward
             return
-        self._reset()
-        self._finish_backward()
+        if not self._parts_open:
+            self._reset()
+        self._parts_open = False
+        self._finish_backward()   # launches the buckets reduce_part() did not, then waits for all
+
+    def reduce_part(self, part: int) -> None:
+        """Start (without waiting) reducing the gradients of parts[part], accumulated under no_sync():
+        a pipeline stage whose last backward of the step is done (torch pipelining's reduce-grad).
+        sync_gradients() completes them. Every dp rank must call this in the same order (ranks of
+        one dp group run the same pipeline stages, hence the same schedule)."""
+        if self._part_of is None:
+            raise ValueError("DataParallel.reduce_part needs DataParallel(..., parts=[stage modules])")
+        if not self._parts_open:
+            self._parts_open = True
+            self._reset_sharded() if self.sharded else self._reset()
+        if self.sharded:
+            self._reduce_part_sharded(part)
+            return
+        if not self.sync.reduces_in_backward:
+            return
+        for b in self.buckets:
+            if b.part == part and not b.started:
+                b.pending = 0
+                self._launch(b)
 
     # ---- backward ------------------------------------------------------------------------
     def _make_hook(self, bucket: Bucket, i: int):
@@ -168,7 +201,8 @@ class DataParallel(ShardedDataParallel, nn.Module):
 
     def _launch_ready(self) -> None:
         while self._next < len(self.buckets) and self.buckets[self._next].pending <= 0:
-            self._launch(self.buckets[self._next])
+            if not self.buckets[self._next].started:   # reduce_part() may have launched it already
+                self._launch(self.buckets[self._next])
             self._next += 1
 
     def _launch(self, b: Bucket) -> None:

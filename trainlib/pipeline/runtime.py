@@ -94,6 +94,13 @@ class Pipeline:
         # override of a handler is the one that runs
         self._handlers: dict[str, Callable[[Action, _StepState, list | None, list | None], None]] = {
             "F": self._forward, "B": self._backward, "I": self._input_grad, "W": self._weight_grad}
+        # static per schedule, so the hot loop does no key building: the receive each action needs
+        # (prefetched PREFETCH actions ahead), and the stage whose last backward of the step it is
+        actions = self.schedule.actions[self.rank]
+        self._recv_keys = [self._recv_key(a) for a in actions]
+        last_bwd = {a.stage: i for i, a in enumerate(actions) if a.kind in ("B", "W")}
+        self._stage_done_at = {i: stage for stage, i in last_bwd.items()}
+        self._peer_of = {s: self.peers[self.schedule.rank_of(s)] for s in range(self.n_stages)}
 
     # ---- public ---------------------------------------------------------------------------
     def parameters(self):
@@ -108,23 +115,33 @@ class Pipeline:
     def holds_stage(self, stage: int) -> bool:
         return stage in self.stages
 
-    def step(self, inputs: torch.Tensor | None, targets: torch.Tensor | None) -> torch.Tensor:
+    def step(self, inputs: torch.Tensor | None, targets: torch.Tensor | None,
+             stage_done: Callable[[int], None] | None = None) -> torch.Tensor:
         """Forward and backward of one batch; returns the mean microbatch loss on every rank
-        (with broadcast_loss=False: on the last stage's rank only, zero elsewhere, one collective less)."""
+        (with broadcast_loss=False: on the last stage's rank only, zero elsewhere, one collective less).
+
+        stage_done(stage) runs right after a stage's last backward action of the step (B, or W for
+        zero-bubble): its parameters' gradients are final, so data parallel can start reducing
+        them while later actions (other stages, the flush) still run."""
         needs_inputs, needs_targets = 0 in self.stages, self.last_stage in self.stages
         mb_inputs = self._split(inputs, "inputs") if needs_inputs else None
         mb_targets = self._split(targets, "targets") if needs_targets else None
         state = self._state = _StepState()
-        actions = self.schedule.actions[self.rank]
+        actions, keys, handlers = self.schedule.actions[self.rank], self._recv_keys, self._handlers
+        done_at = self._stage_done_at if stage_done is not None else {}
+        posted, clock, times = state.posted, time.perf_counter, self.action_times
         for index, action in enumerate(actions):
-            t0 = time.perf_counter()
+            t0 = clock()
             try:
-                for upcoming in actions[index:index + PREFETCH]:
-                    self._prefetch(upcoming, state)
-                self._handlers[action.kind](action, state, mb_inputs, mb_targets)
+                for key in keys[index:index + PREFETCH]:
+                    if key is not None and key not in posted:
+                        self._post(key, state)
+                handlers[action.kind](action, state, mb_inputs, mb_targets)
             except CollectiveTimeout as e:
                 raise self._timeout(action, index, str(e)) from e
-            self.action_times[action.kind].append(time.perf_counter() - t0)
+            times[action.kind].append(clock() - t0)
+            if index in done_at:
+                stage_done(done_at[index])
         for action, handle in state.sends:
             try:
                 handle.wait(self.timeout_s)
@@ -190,7 +207,7 @@ class Pipeline:
 
     # ---- point to point -----------------------------------------------------------------------
     def _peer(self, stage: int) -> int:
-        return self.peers[self.schedule.rank_of(stage)]
+        return self._peer_of[stage]
 
     def _isend(self, tensor: torch.Tensor, dst: int, tag: int):
         if dst == self.peers[self.rank]:  # next virtual stage on this same rank (pp=1, interleaved)
@@ -269,14 +286,13 @@ class Pipeline:
         state.posted[key] = (buf, self._irecv(buf, src, tag=_tag(*key)))
         return True
 
-    def _prefetch(self, action: Action, state: "_StepState") -> None:
-        """Post the receive an upcoming action needs, so the bytes land while this rank computes."""
+    def _recv_key(self, action: Action) -> tuple[str, int, int] | None:
+        """The receive `action` needs (posted ahead, so the bytes land while this rank computes)."""
         if action.kind == "F" and action.stage > 0:
-            sender = action.stage - 1
-            self._post(("hdr", sender, 0) if action.mb == 0 and action.stage not in state.headers
-                       else ("act", sender, action.mb), state)
-        elif action.kind in ("B", "I") and action.stage < self.last_stage:
-            self._post(("grad", action.stage, action.mb), state)
+            return ("hdr", action.stage - 1, 0) if action.mb == 0 else ("act", action.stage - 1, action.mb)
+        if action.kind in ("B", "I") and action.stage < self.last_stage:
+            return ("grad", action.stage, action.mb)
+        return None
 
     def _take(self, action: Action, key: tuple[str, int, int], what: str,
               state: "_StepState | None" = None) -> torch.Tensor:
