@@ -8,8 +8,11 @@ loss_fn(output, target) per microbatch and back-propagates loss/m, so the gradie
 returned mean loss) equal those of the full-batch mean loss. Every rank returns the loss.
 
 Point to point: on the first microbatch of each step, a stage sends a small header (dtype, shape)
-before the activation, so users never declare shapes; later microbatches must match it (else a
-clear error). Gradients travel back with the shape of the activation they belong to. Sends are
+with the activation, so users never declare shapes; later microbatches must match it (else a
+clear error). On the first step the header is a message of its own; after that both ends know
+the previous step's shape, so the header and microbatch 0's activation travel as ONE message of
+header + that many bytes (one message per microbatch, as torch pipelining's static shapes), and
+only when the shape changed does the activation follow in a second message. Gradients travel back with the shape of the activation they belong to. Sends are
 asynchronous (waited at the end of the step); receives block with a timeout, and a timeout
 raises PipelineTimeout naming the stage, microbatch and action, with the schedule table marked.
 """
@@ -34,6 +37,7 @@ log = logging.getLogger("trainlib")
 _DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.bool,
            torch.uint8, torch.int8, torch.int16]
 _HEADER = 10  # dtype code, ndim, up to 8 dims
+_HEADER_BYTES = _HEADER * 8
 _KIND_TAG = {"hdr": 0, "act": 1, "grad": 2}
 PREFETCH = 2  # receives are posted this many actions ahead
 
@@ -235,12 +239,22 @@ class Pipeline:
             if y.dtype not in _DTYPES or y.dim() > _HEADER - 2:
                 raise PipelineError(f"stage {stage} output {y.dtype} with {y.dim()} dims cannot be sent; "
                                     f"use one of {_DTYPES} with at most {_HEADER - 2} dims")
-            self._sent_meta[stage] = meta
+            prev, self._sent_meta[stage] = self._sent_meta.get(stage), meta
             header = torch.zeros(_HEADER, dtype=torch.int64)
             header[0], header[1] = _DTYPES.index(y.dtype), y.dim()
             header[2:2 + y.dim()] = torch.tensor(y.shape, dtype=torch.int64)
-            state.sends.append((action, self._isend(header, dst, tag=_tag("hdr", stage, 0))))
-            state.keep.append(header)
+            if prev is not None:   # the receiver sized this step's header as header + last step's bytes
+                msg = torch.empty(_HEADER_BYTES + _nbytes(prev), dtype=torch.uint8)
+                msg[:_HEADER_BYTES].copy_(header.view(torch.uint8))
+                if meta == prev:
+                    msg[_HEADER_BYTES:].copy_(y.reshape(-1).view(torch.uint8))
+                state.sends.append((action, self._isend(msg, dst, tag=_tag("hdr", stage, 0))))
+                state.keep.append(msg)
+                if meta == prev:
+                    return   # the activation went with the header
+            else:
+                state.sends.append((action, self._isend(header, dst, tag=_tag("hdr", stage, 0))))
+                state.keep.append(header)
         elif self._sent_meta.get(stage) != meta:
             want = self._sent_meta.get(stage)
             raise PipelineError(f"stage {stage} microbatch {mb} (action {action}): output is {meta[0]} "
@@ -252,10 +266,15 @@ class Pipeline:
     def _recv_activation(self, action: Action, state: "_StepState") -> torch.Tensor:
         sender = action.stage - 1
         if action.mb == 0:
-            header = self._take(action, ("hdr", sender, 0), f"header from stage {sender}", state)
+            msg = self._take(action, ("hdr", sender, 0), f"header from stage {sender}", state)
+            header = msg if msg.dtype == torch.int64 else msg[:_HEADER_BYTES].view(torch.int64)
             ndim = int(header[1])
-            self._received_meta[sender] = (_DTYPES[int(header[0])], tuple(int(d) for d in header[2:2 + ndim]))
+            meta = (_DTYPES[int(header[0])], tuple(int(d) for d in header[2:2 + ndim]))
+            same = msg.dtype == torch.uint8 and meta == self._received_meta.get(sender)
+            self._received_meta[sender] = meta
             state.headers.add(action.stage)
+            if same:   # header + activation in one message (module docstring)
+                return msg[_HEADER_BYTES:].view(meta[0]).view(meta[1])
         return self._take(action, ("act", sender, action.mb), f"activation from stage {sender}", state)
 
     def _recv_spec(self, kind: str, stage: int, mb: int, state: "_StepState") -> tuple[int, torch.Tensor] | None:
@@ -264,7 +283,10 @@ class Pipeline:
         `stage` is the stage whose output the message is about: the sender of "hdr" and "act", the
         receiver of "grad" (the gradient of its output)."""
         if kind == "hdr":
-            return self._peer(stage), torch.empty(_HEADER, dtype=torch.int64)
+            prev = self._received_meta.get(stage)
+            if prev is None:   # first step: the header alone
+                return self._peer(stage), torch.empty(_HEADER, dtype=torch.int64)
+            return self._peer(stage), torch.empty(_HEADER_BYTES + _nbytes(prev), dtype=torch.uint8)
         if kind == "act":
             if stage + 1 not in state.headers:  # this step's header not in yet: the shape may have changed
                 return None
@@ -333,6 +355,13 @@ class Pipeline:
         """Peak in-flight activations per stage and median seconds per action kind."""
         median = {kind: sorted(times)[len(times) // 2] for kind, times in self.action_times.items() if times}
         return {"peak_inflight": dict(self.peak_inflight), "median_action_s": median}
+
+
+def _nbytes(meta: tuple[torch.dtype, tuple[int, ...]]) -> int:
+    numel = 1
+    for d in meta[1]:
+        numel *= d
+    return numel * torch.empty((), dtype=meta[0]).element_size()
 
 
 class _Done:
