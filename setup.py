@@ -27,12 +27,15 @@ EXTRAS = {
     "gpu": ["triton>=3.0", "nvidia-nccl-cu12"],
     "bench": ["matplotlib>=3.7", "psutil>=5.9", "numpy>=1.24"],
     "k8s": ["pyyaml>=6"],
+    "s3": ["boto3>=1.28"],
 }
 EXTRAS["test"] = sorted({
     "pytest>=7", "pytest-timeout>=2", "hypothesis>=6", "jsonschema>=4", "pyyaml>=6", "numpy>=1.24",
     "psutil>=5.9", "triton>=3.0", *EXTRAS["mpi"], *EXTRAS["ps"], *EXTRAS["ray"],
     # a foreign model family for activation checkpointing (built from a config, never downloaded)
     "transformers>=4.40",
+    # a real S3-compatible server on loopback for the checkpoint tests (moto's standalone server)
+    *EXTRAS["s3"], "moto[server]>=5",
     # static checks of the Dockerfiles and manifests (tests/test_static_checks.py); pinned so a new
     # rule cannot fail CI unannounced. checkov is not here: it pins networkx<2.7 and packaging<24,
     # which would downgrade what torch and pytest use, so .ci/run gives it its own venv.

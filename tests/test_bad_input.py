@@ -139,6 +139,9 @@ TRAIN = [
     # --- [checkpoint]
     ("ckpt every", ["train", "--checkpoint.every", "0"], {}, 1, ["checkpoint.every=0", "must be > 0"]),
     ("ckpt keep", ["train", "--checkpoint.keep", "-1"], {}, 1, ["checkpoint.keep=-1", "must be > 0"]),
+    ("ckpt async", ["train", "--checkpoint.async", "maybe"], {}, 1, ["checkpoint.async='maybe'", "not a valid bool"]),
+    ("ckpt s3 no bucket", ["train", "--checkpoint.dir", "s3://"], {}, 1, ["checkpoint.dir='s3://' names no bucket",
+                                                                          "s3://BUCKET/PREFIX"]),
     ("ckpt dir is file", ["train", "--checkpoint.dir", "{a_file}"], {}, 1, ["exists and is not a directory", "directory"]),
     ("ckpt dir nested under a file", ["train", "--checkpoint.dir", "{a_file}/x/y"], {}, 1,
      ["checkpoint.dir=", "a_file' is a file, not a directory"]),
@@ -410,7 +413,7 @@ def test_every_train_option_has_a_row():
     from dataclasses import fields
 
     argv_text = " ".join(" ".join(argv) for _, argv, _, _, _ in TRAIN)
-    keys = [f"--{s}.{f.name}" for s, cls in _sections().items() for f in fields(cls)]
+    keys = [f"--{s}.{f.name.rstrip('_')}" for s, cls in _sections().items() for f in fields(cls)]
     missing = [k for k in keys + ["--nproc-per-node", "--max-restarts", "--debug", "--config"] if k not in argv_text]
     assert not missing, f"no bad-input row for {missing}"
 

@@ -124,7 +124,7 @@ def test_nonfinite_gradients_skip_or_raise(tmp_path):
 
 
 SHARDED = [["--dp.shard", "optimizer"], ["--dp.shard", "gradients", "--train.precision", "bf16"],
-           ["--dp.shard", "parameters"]]
+           ["--dp.shard", "parameters", "--checkpoint.async", "true"]]
 
 
 def test_killed_sharded_run_resumes_bit_identically(tmp_path):
@@ -143,6 +143,8 @@ def test_killed_sharded_run_resumes_bit_identically(tmp_path):
         assert ref_rc == 0, ref_err[-3000:]
         assert rc == 0, err[-3000:]
         assert f"fault injection: rank {rank} kills itself" in err, name
-        assert summary["resumed_from"] == EVERY, (name, summary)
+        # an async save may still be in flight when the kill lands: then the older checkpoint is the one
+        assert summary["resumed_from"] == EVERY or ("--checkpoint.async" in layout and summary["resumed_from"]
+                                                    in (0, None)), (name, summary)
         assert summary["weights_sha256"] == ref_summary["weights_sha256"], f"{layout}: diverged after resume"
         assert summary["loss_last"] == ref_summary["loss_last"], name

@@ -9,6 +9,7 @@ section's __post_init__ so a Config that exists is a Config that makes sense.
 from __future__ import annotations
 
 import dataclasses
+import keyword
 import math
 import os
 import sys
@@ -139,13 +140,17 @@ class DPConfig:
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    dir: str = ""                 # empty: no checkpoints; set: save every `every` steps, resume from the latest
+    dir: str = ""                 # empty: none; a directory or s3://bucket/prefix: save every `every` steps, resume
     every: int = 100
     keep: int = 3
+    async_: bool = False          # --checkpoint.async: copy to host memory, write in the background
 
     def __post_init__(self):
         _positive("checkpoint", every=self.every, keep=self.keep)
-        if self.dir:  # fail before launching ranks, not at the first save an hour in
+        if self.dir.startswith("s3://"):
+            if not self.dir[len("s3://"):].split("/")[0]:
+                raise ConfigError(f"checkpoint.dir={self.dir!r} names no bucket; use s3://BUCKET/PREFIX")
+        elif self.dir:  # fail before launching ranks, not at the first save an hour in
             path = os.path.abspath(self.dir)
             if os.path.exists(path) and not os.path.isdir(path):
                 raise ConfigError(f"checkpoint.dir={self.dir!r} exists and is not a directory; point it at a directory")
@@ -214,9 +219,11 @@ def _apply(values: dict[str, dict], section: str, key: str, raw) -> None:
     if section not in sections:
         raise ConfigError(f"unknown config section {section!r}; sections are {', '.join(sections)}")
     known = typing.get_type_hints(sections[section])
+    if keyword.iskeyword(key):  # --checkpoint.async is the field async_ (a Python keyword)
+        key += "_"
     if key not in known:
         raise ConfigError(f"unknown key {section}.{key}; {section} has {', '.join(known)}")
-    values.setdefault(section, {})[key] = _coerce(section, key, known[key], raw)
+    values.setdefault(section, {})[key] = _coerce(section, key.rstrip("_"), known[key], raw)
 
 
 def parse_overrides(argv: list[str]) -> list[tuple[str, str, str]]:
@@ -269,5 +276,5 @@ def describe_flags() -> str:
     for name, cls in _sections().items():
         for f in fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            lines.append(f"  --{name}.{f.name}={default}")
+            lines.append(f"  --{name}.{f.name.rstrip('_')}={default}")
     return "\n".join(lines)

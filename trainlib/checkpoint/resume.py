@@ -104,5 +104,17 @@ def after_step(ck_cfg, steps_done: int, total_steps: int, model: torch.nn.Module
     if ck_cfg.dir and (steps_done % ck_cfg.every == 0 or steps_done == total_steps):
         from .layout import layout_of
 
-        save(ck_cfg.dir, steps_done, state_of(model, opt, sampler, counters), keep=ck_cfg.keep,
-             layout=layout_of(model))
+        state = state_of(model, opt, sampler, counters)
+        if getattr(ck_cfg, "async_", False):
+            from .async_save import writer_for
+
+            writer = writer_for(ck_cfg.dir, ck_cfg.keep)
+            # the optimizer's tensors are copied during the next forward/backward unless an async
+            # parameter server changes the weights in place before the next step
+            sync = getattr(getattr(model, "dp_model", model), "sync", None)
+            writer.save(steps_done, state, layout=layout_of(model),
+                        until=opt if getattr(sync, "reduces_in_backward", True) else None)
+            if steps_done == total_steps:
+                writer.close()  # the run's last checkpoint is durable before training returns
+        else:
+            save(ck_cfg.dir, steps_done, state, keep=ck_cfg.keep, layout=layout_of(model))

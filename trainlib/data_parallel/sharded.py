@@ -582,6 +582,8 @@ class ShardedDataParallel:
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model's weights on every rank (collective): fp32 masters gathered from every
         chunk, frozen parameters and buffers as they are."""
+        if not self.sharded:   # replicated: every rank holds them whole already
+            return {n: t.detach().clone() for n, t in self.module.state_dict().items()}
         gathered: dict[int, torch.Tensor] = {}
         for b in self.buckets:
             full = torch.zeros(b.padded, dtype=b.master.dtype, device=b.flat.device)
