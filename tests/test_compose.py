@@ -8,6 +8,8 @@ weights (tp slices gathered, every rank's copy of every parameter) with the refe
 """
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -85,6 +87,27 @@ def _reference() -> tuple[list[float], list[float], dict[str, torch.Tensor]]:
     return losses, norms, {k: q.detach().clone() for k, q in model.named_parameters()}
 
 
+def _train_against(pm, opt, mesh, gpt, sl: slice, ref) -> dict:
+    """Train the composed model on this dp rank's slice of every batch; compare with the reference."""
+    ref_losses, ref_norms, ref_weights = ref
+    losses, norms = [], []
+    for x, y in _batches():
+        loss = pm.step(x[sl], y[sl]).reshape(1).double()
+        norms.append(pm.clip_grad_norm_(CLIP).item())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        comm.all_reduce(loss, op="avg", group=mesh.group("dp"))
+        losses.append(loss.item())
+    sharded = getattr(pm.dp_model, "sharded", False)
+    with pm.dp_model.gathered() if sharded else contextlib.nullcontext():  # stage 3 keeps slices between steps
+        weights = _held_weights(gpt, pm.parameters(), mesh)
+    pm.close()
+    return {"loss": max(abs(a - b) for a, b in zip(losses, ref_losses)),
+            "norm": max(abs(a - b) / b for a, b in zip(norms, ref_norms)),
+            "clipped": sum(n > CLIP for n in ref_norms),
+            "weights": _weight_diff(weights, ref_weights), "names": set(weights)}
+
+
 def _compose_worker() -> dict:
     ref_losses, ref_norms, ref_weights = _reference()
     out = {"ref": ref_losses}
@@ -97,20 +120,7 @@ def _compose_worker() -> dict:
         opt = torch.optim.AdamW(pm.parameters(), lr=3e-3)
         per_dp = BATCH // dp
         sl = slice(mesh.rank("dp") * per_dp, (mesh.rank("dp") + 1) * per_dp)
-        losses, norms = [], []
-        for x, y in _batches():
-            loss = pm.step(x[sl], y[sl]).reshape(1).double()
-            norms.append(pm.clip_grad_norm_(CLIP).item())
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            comm.all_reduce(loss, op="avg", group=mesh.group("dp"))
-            losses.append(loss.item())
-        pm.close()
-        weights = _held_weights(gpt, pm.parameters(), mesh)
-        out[name] = {"loss": max(abs(a - b) for a, b in zip(losses, ref_losses)),
-                     "norm": max(abs(a - b) / b for a, b in zip(norms, ref_norms)),
-                     "clipped": sum(n > CLIP for n in ref_norms),
-                     "weights": _weight_diff(weights, ref_weights), "names": set(weights)}
+        out[name] = _train_against(pm, opt, mesh, gpt, sl, (ref_losses, ref_norms, ref_weights))
     out["ref_names"] = set(ref_weights)
     return out
 
@@ -151,21 +161,7 @@ def _sharded_compose_worker() -> dict:
         opt = tl.DistributedOptimizer(torch.optim.AdamW(pm.parameters(), lr=3e-3), pm)
         per_dp = BATCH // dp
         sl = slice(mesh.rank("dp") * per_dp, (mesh.rank("dp") + 1) * per_dp)
-        losses, norms = [], []
-        for x, y in _batches():
-            loss = pm.step(x[sl], y[sl]).reshape(1).double()
-            norms.append(pm.clip_grad_norm_(CLIP).item())
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            comm.all_reduce(loss, op="avg", group=mesh.group("dp"))
-            losses.append(loss.item())
-        with pm.dp_model.gathered():   # stage 3 keeps only slices between steps
-            weights = _held_weights(gpt, pm.parameters(), mesh)
-        pm.close()
-        out[name] = {"loss": max(abs(a - b) for a, b in zip(losses, ref_losses)),
-                     "norm": max(abs(a - b) / b for a, b in zip(norms, ref_norms)),
-                     "clipped": sum(n > CLIP for n in ref_norms),
-                     "weights": _weight_diff(weights, ref_weights), "names": set(weights)}
+        out[name] = _train_against(pm, opt, mesh, gpt, sl, (ref_losses, ref_norms, ref_weights))
     out["ref_names"] = set(ref_weights)
     return out
 

@@ -127,20 +127,9 @@ class _OldFiles:
 
 def _read_manifest_body(path) -> dict:
     """The manifest's body after its own checksum (any world size: that is the point here)."""
-    import hashlib
-    import json
+    from .store import _read_manifest
 
-    from .store import MANIFEST, _canonical
-
-    try:
-        outer = json.loads((path / MANIFEST).read_bytes())
-        body = outer["body"]
-        ok = hashlib.sha256(_canonical(body)).hexdigest() == outer["sha256"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise _Damaged(f"{MANIFEST} unreadable ({type(e).__name__}: {e})") from None
-    if not ok:
-        raise _Damaged(f"{MANIFEST} fails its own sha256")
-    return body
+    return _read_manifest(path, None)
 
 
 def _old_sources(state: dict, key: str, index: dict[str, int]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

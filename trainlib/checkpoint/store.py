@@ -259,7 +259,9 @@ def _commit(storage: Storage, step: int, every: list[list[int]], w: int, layouts
 
 # --- load -----------------------------------------------------------------------------------
 
-def _read_manifest(path, world_size: int) -> dict:
+def _read_manifest(path, world_size: int | None) -> dict:
+    """The manifest's body, checked against its own sha256 and this directory; with world_size,
+    also that it was saved by as many ranks (None: any, for a load under another layout)."""
     try:
         outer = json.loads((path / MANIFEST).read_bytes())
         body = outer["body"]
@@ -270,7 +272,7 @@ def _read_manifest(path, world_size: int) -> dict:
         raise _Damaged(f"{MANIFEST} fails its own sha256")
     if body.get("format") != FORMAT or f"step_{body.get('step', -1):08d}" != path.name:
         raise _Damaged(f"{MANIFEST} describes format {body.get('format')} step {body.get('step')}, not this directory")
-    if body["world_size"] != world_size:
+    if world_size is not None and body["world_size"] != world_size:
         raise CheckpointError(
             f"checkpoint {path} was saved by {body['world_size']} ranks but this job has {world_size}; "
             f"resume with the same world size (and mesh), or point --checkpoint.dir at a new directory")
