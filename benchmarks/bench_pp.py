@@ -145,8 +145,9 @@ def _overhead_worker(m: int, reps: int, steps: int) -> dict:
         def timed(fn):
             return lambda: _timed_step(lambda: [fn() for _ in range(steps)], None) / steps
 
-        ours.step(x, tgt)
-        run_peer()  # warm-up (torch infers shapes on its first step)
+        for _ in range(3):  # warm-up: torch infers shapes on its first step, gloo pairs connect, allocators fill
+            ours.step(x, tgt)
+            run_peer()
         res = alternate({"trainlib": timed(lambda: ours.step(x, tgt)), "torch": timed(run_peer)}, reps)
         n_actions = len(ours.schedule.actions[r])
         out[name] = {"m": m, "v": v, "actions_per_rank": n_actions,
@@ -157,7 +158,8 @@ def _overhead_worker(m: int, reps: int, steps: int) -> dict:
 
 
 def run_overhead(quick: bool) -> dict:
-    return run_ranks(_overhead_worker, P, 8, 3 if quick else 15, 3 if quick else 10, timeout_s=900)[0]
+    # quick: 7 alternating rounds of 3 steps -- fewer gave medians that swung 0.6-1.6x on a loaded 2-core box
+    return run_ranks(_overhead_worker, P, 8, 7 if quick else 15, 3 if quick else 10, timeout_s=900)[0]
 
 
 def _dp_overlap_worker(reps: int, width: int, n_layers: int, m: int) -> dict:
