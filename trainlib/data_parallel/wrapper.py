@@ -19,6 +19,10 @@ worth). A gradient that is not a view at launch (set by hand) is gathered by the
 the pass that scales it, and the views are re-attached. A sync that does not reduce in backward
 (async parameter server, `reduces_in_backward = False`) gets no hooks: gradients stay local.
 
+Under a pipeline (`parts=` the stage modules, set by tl.parallelize) buckets never span two stages;
+the schedule runs under no_sync() and calls reduce_part(stage) right after a stage's last backward,
+which launches that stage's buckets at once, and sync_gradients() launches the rest and waits.
+
 Sharded data parallel and mixed precision (`shard=...`, `mixed_precision=...`) take another path,
 in sharded.py: there param.grad is not a view -- each gradient is packed into a bucket's wire as it
 arrives and freed, and full buckets are reduce-scattered (ZeRO-1/2/3; all-reduced when only
