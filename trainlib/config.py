@@ -101,6 +101,12 @@ class MeshConfig:
     schedule: str = "1f1b"        # pipeline schedule when pp > 1: gpipe | 1f1b | interleaved | zb-h1
     microbatches: int = 0         # per step when pp > 1; 0 = 2 * pp
 
+    @property
+    def virtual_stages(self) -> int:
+        """Stages per pipeline rank the schedule implies (interleaved 1F1B: 2)."""
+        name = self.schedule.lower().replace("_", "-")
+        return 2 if name in ("interleaved", "interleaved-1f1b", "1f1b-interleaved") else 1
+
 
 SYNC_KINDS = ("allreduce", "ps", "ddp")
 

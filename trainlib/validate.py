@@ -17,7 +17,7 @@ import socket
 import tempfile
 from dataclasses import fields
 
-from .config import Config, ConfigError, MeshConfig
+from .config import Config, ConfigError
 from .mesh import MeshError, MeshLayout
 
 
@@ -61,17 +61,12 @@ def check_model_over_mesh(cfg: Config, layout: MeshLayout) -> None:
         raise ConfigError(f"sync.kind=ddp (torch DDP) cannot wrap pipeline or tensor-parallel stages "
                           f"(pp={layout.pp}, tp={tp}); use --sync.kind allreduce")
     if layout.pp > 1:
-        stages = layout.pp * _virtual_stages(cfg.mesh)
+        stages = layout.pp * cfg.mesh.virtual_stages
         layers = m.n_layer + 2  # the GPT's pipeline layers: [embed, *blocks, final]
         if layers < stages:
             raise ConfigError(f"model.n_layer={m.n_layer} gives {layers} pipeline layers (embedding, blocks, head) "
                               f"for {stages} stages (pp={layout.pp}{' x 2 virtual' if stages > layout.pp else ''}); "
                               f"every stage needs a layer: set --model.n_layer >= {stages - 2} or a smaller --mesh.pp")
-
-
-def _virtual_stages(mesh: MeshConfig) -> int:
-    name = mesh.schedule.lower().replace("_", "-")
-    return 2 if name in ("interleaved", "interleaved-1f1b", "1f1b-interleaved") else 1
 
 
 def microbatches(cfg: Config, layout: MeshLayout) -> int:

@@ -54,9 +54,7 @@ def check_checkpoint(cfg: Config, layout: MeshLayout) -> None:
 
 
 def _virtual(cfg: Config) -> int:
-    from .validate import _virtual_stages
-
-    return _virtual_stages(cfg.mesh)
+    return cfg.mesh.virtual_stages
 
 
 def _describe(model, world: int, saved: Shapes, want: Shapes) -> str:
