@@ -152,7 +152,11 @@ class ShardedDataParallel:
             reduce = {self._dtypes(p.dtype)[2] for _, p in named}
             self.sync.bind_group(self.group, named[0][1].device, 0 if shard == "parameters" else shared, len(plan),
                                  reduce_dtype=min(reduce, key=_size))   # the narrowest decides MPI's fitness
-        self.buckets: list[FlatBucket] = [self._make_bucket(i, unit, group) for i, (unit, group) in enumerate(plan)]
+        self.buckets: list[FlatBucket] = []
+        for i, (unit, group) in enumerate(plan):
+            self.buckets.append(self._make_bucket(i, unit, group))
+            if shard == "parameters":   # free as we go: the build peak stays one unit above the model
+                self._free(self.buckets[-1])
         if self._part_of is not None:
             for b in self.buckets:
                 b.part = self._part_of.get(id(b.params[0]), -1)
@@ -165,8 +169,6 @@ class ShardedDataParallel:
         # (within a unit plan_buckets already put the last parameters first; the root goes last)
         self._launch_order = sorted(self.buckets, key=lambda b: (b.unit < 0, -b.unit, b.index))
         if shard == "parameters":
-            for b in self.buckets:
-                self._free(b)
             self._hooks += self._unit_hooks()
         for b in self.buckets:
             for i, p in enumerate(b.params):

@@ -47,6 +47,8 @@ from .sharded import SHARD_STAGES, ShardedDataParallel
 
 log = logging.getLogger("trainlib")
 
+BROADCAST_CHUNK_BYTES = 64 * 2**20
+
 
 def _kernels():
     from trainlib import kernels
@@ -241,20 +243,26 @@ class DataParallel(ShardedDataParallel, nn.Module):
 
     # ---- helpers -------------------------------------------------------------------------
     def _broadcast(self, tensors: list[torch.Tensor]) -> None:
-        """Coalesced broadcast from the dp group's first rank, one flat buffer per dtype."""
+        """Coalesced broadcast from the dp group's first rank: flat buffers of one dtype, at most
+        BROADCAST_CHUNK_BYTES each (one whole-model copy would double a large model's build peak)."""
         if self.dp == 1:
             return
-        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        by_dtype: dict[torch.dtype, list[list[torch.Tensor]]] = {}
         for t in tensors:
-            by_dtype.setdefault(t.dtype, []).append(t)
+            chunks = by_dtype.setdefault(t.dtype, [[]])
+            if chunks[-1] and sum(x.numel() for x in chunks[-1]) * t.element_size() + t.numel() * t.element_size() \
+                    > BROADCAST_CHUNK_BYTES:
+                chunks.append([])
+            chunks[-1].append(t)
         with torch.no_grad():
-            for ts in by_dtype.values():
-                flat = torch.cat([t.detach().reshape(-1) for t in ts])
-                comm.broadcast(flat, src=self.src, group=self.group)
-                off = 0
-                for t in ts:
-                    t.copy_(flat[off: off + t.numel()].view_as(t))
-                    off += t.numel()
+            for chunks in by_dtype.values():
+                for ts in chunks:
+                    flat = torch.cat([t.detach().reshape(-1) for t in ts])
+                    comm.broadcast(flat, src=self.src, group=self.group)
+                    off = 0
+                    for t in ts:
+                        t.copy_(flat[off: off + t.numel()].view_as(t))
+                        off += t.numel()
 
     def grad_stats(self) -> tuple[bool, torch.Tensor]:
         """(any inf/nan, squared L2 norm) of this rank's gradients, from the buckets in one pass each
