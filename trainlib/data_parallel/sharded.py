@@ -297,8 +297,9 @@ class ShardedDataParallel:
             self._drain()
 
     def _free_unit(self, unit: int) -> None:
+        # a reduce-scatter in flight reads the wire, not the parameters: only a gather in flight pins them
         for b in self._unit_buckets(unit):
-            if not any(x is b for _, x in self._inflight):
+            if not any(kind == "gather" and x is b for kind, x in self._inflight):
                 self._free(b)
 
     def _unit_hooks(self) -> list:
