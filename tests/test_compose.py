@@ -87,9 +87,11 @@ def _reference() -> tuple[list[float], list[float], dict[str, torch.Tensor]]:
     return losses, norms, {k: q.detach().clone() for k, q in model.named_parameters()}
 
 
-def _train_against(pm, opt, mesh, gpt, sl: slice, ref) -> dict:
+def _train_against(pm, opt, mesh, gpt, ref) -> dict:
     """Train the composed model on this dp rank's slice of every batch; compare with the reference."""
     ref_losses, ref_norms, ref_weights = ref
+    per_dp = BATCH // mesh.size("dp")
+    sl = slice(mesh.rank("dp") * per_dp, (mesh.rank("dp") + 1) * per_dp)
     losses, norms = [], []
     for x, y in _batches():
         loss = pm.step(x[sl], y[sl]).reshape(1).double()
@@ -118,9 +120,7 @@ def _compose_worker() -> dict:
         pm = tl.parallelize(gpt, mesh, tp_plan=plan, schedule="1f1b", microbatches=2 * pp,
                             sequence_parallel=sp)
         opt = torch.optim.AdamW(pm.parameters(), lr=3e-3)
-        per_dp = BATCH // dp
-        sl = slice(mesh.rank("dp") * per_dp, (mesh.rank("dp") + 1) * per_dp)
-        out[name] = _train_against(pm, opt, mesh, gpt, sl, (ref_losses, ref_norms, ref_weights))
+        out[name] = _train_against(pm, opt, mesh, gpt, (ref_losses, ref_norms, ref_weights))
     out["ref_names"] = set(ref_weights)
     return out
 
@@ -159,9 +159,7 @@ def _sharded_compose_worker() -> dict:
         pm = tl.parallelize(gpt, mesh, tp_plan=GPT_PLAN if tp > 1 else None, schedule=sched, microbatches=2 * pp,
                             shard=stage, bucket_mb=0.01)
         opt = tl.DistributedOptimizer(torch.optim.AdamW(pm.parameters(), lr=3e-3), pm)
-        per_dp = BATCH // dp
-        sl = slice(mesh.rank("dp") * per_dp, (mesh.rank("dp") + 1) * per_dp)
-        out[name] = _train_against(pm, opt, mesh, gpt, sl, (ref_losses, ref_norms, ref_weights))
+        out[name] = _train_against(pm, opt, mesh, gpt, (ref_losses, ref_norms, ref_weights))
     out["ref_names"] = set(ref_weights)
     return out
 

@@ -248,12 +248,15 @@ class DataParallel(ShardedDataParallel, nn.Module):
         if self.dp == 1:
             return
         by_dtype: dict[torch.dtype, list[list[torch.Tensor]]] = {}
+        filled: dict[torch.dtype, int] = {}   # bytes in each dtype's last chunk
         for t in tensors:
             chunks = by_dtype.setdefault(t.dtype, [[]])
-            if chunks[-1] and sum(x.numel() for x in chunks[-1]) * t.element_size() + t.numel() * t.element_size() \
-                    > BROADCAST_CHUNK_BYTES:
+            nbytes = t.numel() * t.element_size()
+            if chunks[-1] and filled[t.dtype] + nbytes > BROADCAST_CHUNK_BYTES:
                 chunks.append([])
+                filled[t.dtype] = 0
             chunks[-1].append(t)
+            filled[t.dtype] = filled.get(t.dtype, 0) + nbytes
         with torch.no_grad():
             for chunks in by_dtype.values():
                 for ts in chunks:
