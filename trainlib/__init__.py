@@ -24,6 +24,7 @@ _LAZY = {
     "pipeline": ("trainlib.pipeline", None),
     "checkpoint": ("trainlib.checkpoint", None),
     "parallelize": ("trainlib.compose", "parallelize"),
+    "Callback": ("trainlib.callbacks", "Callback"),
 }
 
 __all__ = ["init", "Runtime", "Mesh", "MeshLayout", *_LAZY]

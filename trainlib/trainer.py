@@ -31,6 +31,7 @@ from . import comm
 from . import rank_errors
 from .config import Config, ConfigError, describe_flags, load_config
 from .data import DistributedSampler, default_tokens
+from .callbacks import Callback, fire
 from .checkpoint import resume
 from .data_parallel import DataParallel
 from .mesh import Mesh, MeshError
@@ -146,8 +147,11 @@ def _mean_over(value: float, group) -> float:
     return float(t.item())
 
 
-def train(cfg: Config) -> dict:
-    """Run the training loop on this rank; returns the summary (identical on every rank)."""
+def train(cfg: Config, callbacks: list[Callback] | tuple[Callback, ...] = ()) -> dict:
+    """Run the training loop on this rank; returns the summary (identical on every rank).
+
+    `callbacks` (trainlib.Callback) are called on rank 0 only: before the first step, at every log
+    window with the metrics record, after each checkpoint and at the end with the summary."""
     import trainlib as tl
 
     rt = tl.init()
@@ -174,6 +178,9 @@ def train(cfg: Config) -> dict:
     counters = {"loss_first": float("nan"), "window_loss": 0.0, "window_steps": 0, "nonfinite_skipped": 0}
     start, counters = resume.restore(cfg.checkpoint, model, opt, sampler, counters)
     loss_first, loss_last = counters["loss_first"], float("nan")
+    callbacks = tuple(callbacks) if rt.is_main else ()
+    fire(callbacks, "on_train_start", cfg, {"world_size": rt.world_size, "mesh": dict(mesh.layout.__dict__),
+                                            "params": n_params, "start_step": start})
     t_start = window_start = time.perf_counter()
     window_loss, window_steps = counters["window_loss"], counters["window_steps"]
     for step in range(start, cfg.train.steps):
@@ -204,17 +211,20 @@ def train(cfg: Config) -> dict:
             if step == 0:
                 loss_first = mean_loss
             loss_last = mean_loss
+            record = {"step": step + 1, "loss": round(mean_loss, 5), "lr": lr_at(step, cfg),
+                      "tokens_per_s": round(tps, 1), "elapsed_s": round(now - t_start, 3)}
             if metrics:
-                metrics.write(json.dumps({"step": step + 1, "loss": round(mean_loss, 5), "lr": lr_at(step, cfg),
-                                          "tokens_per_s": round(tps, 1), "elapsed_s": round(now - t_start, 3)}) + "\n")
+                metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
+            fire(callbacks, "on_log", record)
             if bar is not None:
                 bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{tps:,.0f}")
             elif rt.is_main:
                 log.info("step %d/%d loss %.4f tokens/s %.0f", step + 1, cfg.train.steps, mean_loss, tps)
             window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
         counters.update(loss_first=loss_first, window_loss=window_loss, window_steps=window_steps)
-        resume.after_step(cfg.checkpoint, step + 1, cfg.train.steps, model, opt, sampler, counters)
+        if resume.after_step(cfg.checkpoint, step + 1, cfg.train.steps, model, opt, sampler, counters):
+            fire(callbacks, "on_checkpoint", step + 1, cfg.checkpoint.dir)
         if bar is not None:
             bar.update(1)
     wall = time.perf_counter() - t_start
@@ -229,6 +239,7 @@ def train(cfg: Config) -> dict:
                "mesh": mesh.layout.__dict__, "sync": cfg.sync.kind, "params": n_params,
                "nonfinite_skipped": counters["nonfinite_skipped"], "resumed_from": counters.get("resumed_from")}
     model.close()
+    fire(callbacks, "on_train_end", summary)
     return summary
 
 

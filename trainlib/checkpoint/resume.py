@@ -97,8 +97,10 @@ def restore(ck_cfg, model: torch.nn.Module, opt: torch.optim.Optimizer, sampler,
 
 
 def after_step(ck_cfg, steps_done: int, total_steps: int, model: torch.nn.Module, opt: torch.optim.Optimizer,
-               sampler, counters: dict[str, Any]) -> None:
-    """The "step" phase hooks, then a checkpoint every ck_cfg.every steps and at the end of the run."""
+               sampler, counters: dict[str, Any]) -> bool:
+    """The "step" phase hooks, then a checkpoint every ck_cfg.every steps and at the end of the run.
+
+    Returns whether this step wrote (or, async, handed off) a checkpoint."""
     rank = _rank()
     hooks.fire("step", rank=rank, step=steps_done)
     if ck_cfg.dir and (steps_done % ck_cfg.every == 0 or steps_done == total_steps):
@@ -118,3 +120,5 @@ def after_step(ck_cfg, steps_done: int, total_steps: int, model: torch.nn.Module
                 writer.close()  # the run's last checkpoint is durable before training returns
         else:
             save(ck_cfg.dir, steps_done, state, keep=ck_cfg.keep, layout=layout_of(model))
+        return True
+    return False
