@@ -28,6 +28,8 @@ EXTRAS = {
     "bench": ["matplotlib>=3.7", "psutil>=5.9", "numpy>=1.24"],
     "k8s": ["pyyaml>=6"],
     "s3": ["boto3>=1.28"],
+    # metric sinks and the run report (trainlib/observe): TensorBoard events, MLflow, Prometheus
+    "observe": ["tensorboard>=2.14", "mlflow-skinny>=2.10", "prometheus-client>=0.17", "matplotlib>=3.7"],
 }
 EXTRAS["test"] = sorted({
     "pytest>=7", "pytest-timeout>=2", "hypothesis>=6", "jsonschema>=4", "pyyaml>=6", "numpy>=1.24",
@@ -35,7 +37,7 @@ EXTRAS["test"] = sorted({
     # a foreign model family for activation checkpointing (built from a config, never downloaded)
     "transformers>=4.40",
     # a real S3-compatible server on loopback for the checkpoint tests (moto's standalone server)
-    *EXTRAS["s3"], "moto[server]>=5",
+    *EXTRAS["s3"], "moto[server]>=5", *EXTRAS["observe"],
     # static checks of the Dockerfiles and manifests (tests/test_static_checks.py); pinned so a new
     # rule cannot fail CI unannounced. checkov is not here: it pins networkx<2.7 and packaging<24,
     # which would downgrade what torch and pytest use, so .ci/run gives it its own venv.
