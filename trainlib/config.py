@@ -172,6 +172,35 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class ObserveConfig:
+    """Where the per-window metrics go besides train.metrics (rank 0 only); empty = off."""
+    breakdown: bool = True        # measure the per-step breakdown (forward/backward/sync wait/...; bytes; memory)
+    tensorboard: str = ""         # a log directory for TensorBoard event files
+    mlflow: str = ""              # an MLflow tracking URI (e.g. sqlite:///runs/mlflow.db or http://mlflow:5000)
+    mlflow_experiment: str = "trainlib"
+    prometheus: str = ""          # HOST:PORT to serve /metrics on (PORT alone binds 127.0.0.1)
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    steps: str = ""               # "A:B": a torch profiler (Chrome) trace of steps A..B (1-based, inclusive) on every rank
+    dir: str = "runs/profile"     # where the per-rank traces go
+
+    @property
+    def window(self) -> tuple[int, int] | None:
+        if not self.steps:
+            return None
+        a, b = self.steps.split(":")
+        return int(a), int(b)
+
+    def __post_init__(self):
+        if self.steps:
+            parts = self.steps.split(":")
+            if len(parts) != 2 or not all(p.strip().isdigit() for p in parts) or not 1 <= int(parts[0]) <= int(parts[1]):
+                raise ConfigError(f"profile.steps={self.steps!r} is not A:B with 1 <= A <= B (e.g. --profile.steps 10:12)")
+
+
+@dataclass(frozen=True)
 class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -179,6 +208,8 @@ class Config:
     sync: SyncConfig = field(default_factory=SyncConfig)
     dp: DPConfig = field(default_factory=DPConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    observe: ObserveConfig = field(default_factory=ObserveConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -178,7 +178,7 @@ def train(cfg: Config, callbacks: list[Callback] | tuple[Callback, ...] = ()) ->
     counters = {"loss_first": float("nan"), "window_loss": 0.0, "window_steps": 0, "nonfinite_skipped": 0}
     start, counters = resume.restore(cfg.checkpoint, model, opt, sampler, counters)
     loss_first, loss_last = counters["loss_first"], float("nan")
-    callbacks = tuple(callbacks) if rt.is_main else ()
+    callbacks = (*_sinks(cfg), *callbacks) if rt.is_main else ()
     fire(callbacks, "on_train_start", cfg, {"world_size": rt.world_size, "mesh": dict(mesh.layout.__dict__),
                                             "params": n_params, "start_step": start})
     t_start = window_start = time.perf_counter()
@@ -241,6 +241,16 @@ def train(cfg: Config, callbacks: list[Callback] | tuple[Callback, ...] = ()) ->
     model.close()
     fire(callbacks, "on_train_end", summary)
     return summary
+
+
+def _sinks(cfg: Config) -> list[Callback]:
+    """The metric sinks --observe.* asks for (TensorBoard, MLflow, Prometheus), as callbacks."""
+    o = cfg.observe
+    if not (o.tensorboard or o.mlflow or o.prometheus):
+        return []
+    from .observe.sinks import sinks_from_config
+
+    return sinks_from_config(cfg)
 
 
 def _open_metrics(cfg: Config):
