@@ -214,3 +214,32 @@ def test_s3_large_shard_goes_multipart(s3_env, monkeypatch):
     head = client.head_object(Bucket=BUCKET, Key="multipart/step_00000001/rank0.safetensors")
     assert head["ETag"].strip('"').endswith("-3")  # a multipart object's ETag counts its parts
     assert torch.equal(tl.checkpoint.load(root).state["w"], w)
+
+
+def _train(argv: list[str]) -> dict:
+    from trainlib import trainer
+    from trainlib.config import load_config
+
+    return trainer.train(load_config(None, argv))
+
+
+def test_s3_resume_under_another_layout(s3_env, tmp_path):
+    """ZeRO-1 on 2 ranks saves to S3; one rank resumes from S3 (a reshard: dp 2 -> 1, optimizer -> none).
+    Reference: the same resume from a local copy of the same objects (the disk path test_reshard.py checks)."""
+    env, client = s3_env
+    small = ["--model.n_layer=1", "--train.log_every=1", "--checkpoint.every=2"]
+    root = f"s3://{BUCKET}/reshard"
+    run_ranks(_train, 2, [*small, "--train.steps=2", "--dp.shard=optimizer", f"--checkpoint.dir={root}",
+                          f"--train.metrics={tmp_path / 'a.jsonl'}"], env=env, timeout_s=120)
+    local = tmp_path / "copy"
+    for key in _keys(client, "reshard/"):
+        (local / key).parent.mkdir(parents=True, exist_ok=True)
+        client.download_file(BUCKET, f"reshard/{key}", str(local / key))
+    tail = [*small, "--train.steps=3"]
+    from_s3, = run_ranks(_train, 1, [*tail, f"--checkpoint.dir={root}", f"--train.metrics={tmp_path / 'b.jsonl'}"],
+                         env=env, timeout_s=120)
+    from_disk, = run_ranks(_train, 1, [*tail, f"--checkpoint.dir={local}", f"--train.metrics={tmp_path / 'c.jsonl'}"],
+                           timeout_s=120)
+    assert from_s3["resumed_from"] == from_disk["resumed_from"] == 2
+    assert from_s3["weights_sha256"] == from_disk["weights_sha256"] and from_s3["loss_last"] == from_disk["loss_last"]
+    assert 3 in list_steps(root)
