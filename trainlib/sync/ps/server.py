@@ -18,6 +18,10 @@ Three gates, in order, before a message reaches the state:
 Anything that fails is dropped and counted under its reason, with no reply and no state change.
 Every step of handling one message, from decode to sending the replies, runs under one error
 handler: the loop never dies on input.
+
+`--metrics HOST:PORT` (PORT alone = 127.0.0.1) serves Prometheus metrics: requests by op, drops by
+reason, bytes in and out, per-op handling-time histograms (trainlib/observe/ps_metrics.py). Off by
+default, and then the loop does not even read the clock for it.
 """
 from __future__ import annotations
 
@@ -70,6 +74,8 @@ class ParameterServerProcess:
         self.dropped: collections.Counter[str] = collections.Counter()
         self.hellos = 0
         self.handshakes_failed = 0  # connections, not messages: kept apart from `dropped`
+        self.metrics = None  # a trainlib.observe.ps_metrics.PSMetrics when --metrics serves them
+        self._op: int | None = None  # the op of the message being handled, once it passed every check
         # a context of its own: the ZAP endpoint is one per context, and tests run servers in-process
         self.ctx = zmq.Context()
         self.zap = ZapHandler(self.ctx, self.conn_auth, token) if self.conn_auth != "none" else None
@@ -109,6 +115,9 @@ class ParameterServerProcess:
 
     def handle_frames(self, frames: list) -> None:
         """Everything one incoming multipart message can do, replies included. Never raises."""
+        m = self.metrics
+        t0 = time.perf_counter() if m is not None else 0.0
+        self._op = None
         try:
             replies = self._replies(frames)
             if replies:
@@ -116,8 +125,13 @@ class ParameterServerProcess:
         except Exception:  # a bug must not take the server (and the job) down
             log.exception("%s: internal error handling a message", self.state.name)
             self.dropped["internal_error"] += 1
+        if m is not None:
+            m.received(frames)
+            if self._op is not None:  # None: dropped, and counted under its reason
+                m.observe(self._op, time.perf_counter() - t0)
 
     def _replies(self, frames: list) -> list:
+        """The replies to one message; sets self._op once the message has passed every check."""
         if len(frames) < 2:
             self._drop("bad_frames")
             return []
@@ -133,6 +147,7 @@ class ParameterServerProcess:
             return []
         if h.op == Op.HELLO:  # stateless: a replayed HELLO gets an unused instance id and changes nothing
             self.hellos += 1
+            self._op = h.op
             return [self.state.reply(ident, h, Op.HELLO_OK, instance=self.replay.issue())]
         if h.session != self.state.session:
             self._drop("bad_session")
@@ -143,6 +158,7 @@ class ParameterServerProcess:
             # a live worker whose instance was forgotten must learn it now, not at its retry timeout;
             # a replayed message gets the same empty notice, and nothing changes
             return [self.state.reply(ident, h, Op.EXPIRED)] if stale == "expired_instance" else []
+        self._op = h.op
         try:
             if h.op == Op.STATS:
                 return [self.state.reply(ident, h, Op.STATS_OK, json.dumps(self.stats()).encode())]
@@ -159,17 +175,21 @@ class ParameterServerProcess:
         return {**self.state.stats(self.dropped), "replay": self.replay.stats(), "connections": conn}
 
     def _send(self, replies: list) -> None:
+        m = self.metrics
         # replies that share a payload (one sum for W workers) are signed with one pass over it
         groups: dict[int, list] = {}
         for reply in replies:
             groups.setdefault(id(reply[2]), []).append(reply)
         for group in groups.values():
             frames = self.signer.encode_many([h for _, h, _ in group], group[0][2])
-            for (peer, _, _), f in zip(group, frames):
+            for (peer, h, _), f in zip(group, frames):
                 try:
                     self.sock.send_multipart([peer, *f], copy=False)
                 except zmq.ZMQError:  # the peer went away; nothing to do
                     self.dropped["unroutable_reply"] += 1
+                    continue
+                if m is not None:
+                    m.sent(h)
 
     def _watch(self) -> None:
         while True:
@@ -237,6 +257,16 @@ def _bad_flag(args) -> str | None:
     return None
 
 
+def _serve_metrics(server: ParameterServerProcess, address: str):
+    """Start counting and serve the counts; prometheus-client is imported only here (an optional extra)."""
+    from ...observe.prometheus import MetricsServer, parse_address
+    from ...observe.ps_metrics import PSCollector, PSMetrics
+
+    host, port = parse_address(address, "--metrics")
+    server.metrics = PSMetrics()  # before the endpoint: a scrape must find it
+    return MetricsServer(PSCollector(server), host, port)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="trainlib ps-server", description="Run one parameter server (ZeroMQ, authenticated).")
     p.add_argument("--bind", default="127.0.0.1:0", help="HOST:PORT to listen on (default 127.0.0.1:0 = a free port)")
@@ -253,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"cost) or curve (also encrypts; several times slower); default ${CONN_AUTH_ENV}")
     p.add_argument("--max-clients", type=int, default=DEFAULT_MAX_CLIENTS, help="client instances whose replay "
                    f"counters are kept (least recently active forgotten first; default {DEFAULT_MAX_CLIENTS})")
+    p.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics on http://HOST:PORT/metrics "
+                   "(PORT alone binds 127.0.0.1; 0.0.0.0:PORT for a pod's scrape); off by default")
     p.add_argument("--exit-with-parent", action="store_true", help="stop when the parent process exits "
                    "(colocated servers started by a worker)")
     args = p.parse_args(argv)
@@ -269,6 +301,14 @@ def main(argv: list[str] | None = None) -> int:
     except (TokenError, ValueError, OSError, zmq.ZMQError) as e:
         print(f"trainlib ps-server: {e}", file=sys.stderr)
         return 1
+    metrics = None
+    if args.metrics:
+        try:
+            metrics = _serve_metrics(server, args.metrics)
+        except (ImportError, ValueError, OSError) as e:
+            server.close()
+            print(f"trainlib ps-server: --metrics={args.metrics!r}: {e}", file=sys.stderr)
+            return 1
 
     def _term(signum, frame):
         server.stop()
@@ -277,7 +317,11 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, _term)
     # the parent (colocated mode, tests) reads this line to learn the port
     print(f"trainlib ps-server listening on {server.address}", flush=True)
+    if metrics is not None:
+        print(f"trainlib ps-server metrics on http://{metrics.address}/metrics", flush=True)
     server.serve_forever(parent_pid=os.getppid() if args.exit_with_parent else None)
+    if metrics is not None:
+        metrics.close()
     if args.state_dir and server.state.params:
         server.state.save(args.state_dir)
     return 0
