@@ -26,6 +26,7 @@ COMMANDS = {
     "env": ("trainlib.launchers.envinfo", "main", "print what trainlib detects in this environment"),
     "cluster": ("trainlib.netcluster_cli", "main", "run a job on N emulated nodes (network namespaces; root)"),
     "ckpt": ("trainlib.ckpt_cli", "main", "list, verify and export checkpoints (one safetensors file)"),
+    "report": ("trainlib.observe.report", "main", "one-page PNG + HTML of a run from its metrics JSONL"),
 }
 
 
