@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from . import liveness, runtime
 from .errors import CollectiveError, CollectiveMismatch, CollectiveTimeout  # noqa: F401  (comm.* names stay valid)
+from .observe import step_stats
 
 log = logging.getLogger("trainlib")
 
@@ -129,14 +130,23 @@ _DTYPES = {zlib.crc32(str(d).encode()): str(d) for d in (
 
 
 class Handle:
-    """An in-flight collective. `wait()` blocks at most `timeout_s`, then raises CollectiveTimeout."""
+    """An in-flight collective. `wait()` blocks at most `timeout_s`, then raises CollectiveTimeout.
+
+    While a step is measured (observe/step_stats.py) it also stamps when the transfer was in
+    flight (launch to the backend's completion callback) and how long the caller blocked in wait()."""
 
     def __init__(self, work, rec: CollectiveRecord, after=None):
         self._work, self.record, self._after = work, rec, after
+        self._obs = obs = step_stats._active
+        if obs is not None and work is not None:
+            self._t0 = time.perf_counter()
+            self._stamped = _stamp_completion(work, obs, self._t0)
 
     def wait(self, timeout_s: float | None = None) -> None:
         timeout_s = runtime.timeout_s(timeout_s)
         if self._work is not None:
+            obs = self._obs
+            t_wait = time.perf_counter() if obs is not None else 0.0
             try:
                 ok = self._work.wait(datetime.timedelta(seconds=timeout_s))
             except Exception as e:  # gloo raises on timeout or on a peer that closed its connection
@@ -144,6 +154,11 @@ class Handle:
             if ok is False:
                 raise _timeout_error(self.record, timeout_s, None)
             self._work = None
+            if obs is not None:
+                t = time.perf_counter()
+                obs.blocked_on(t_wait, t)
+                if not self._stamped:
+                    obs.transfer(self._t0, t)
         self.record.done = True
         if self._after is not None:
             self._after()
@@ -151,6 +166,36 @@ class Handle:
 
     def is_completed(self) -> bool:
         return self._work is None or self._work.is_completed()
+
+
+def _stamp_completion(work, obs, t0: float) -> bool:
+    """Have the backend stamp the transfer's end when it completes (gloo/NCCL futures); False when
+    it cannot (then wait() stamps it: an upper bound)."""
+    works = work.works if isinstance(work, _Works) else [work]
+    try:
+        futures = [w.get_future() for w in works]
+    except (AttributeError, RuntimeError):
+        return False
+    for fut in futures:
+        fut.add_done_callback(lambda _f: obs.transfer(t0, time.perf_counter()))
+    return True
+
+
+def _sent(group, nbytes: float) -> None:
+    """Count bytes this rank sends on `group` toward the step being measured (if any)."""
+    obs = step_stats._active
+    if obs is not None:
+        obs.add_group_bytes(group, nbytes)
+
+
+def _ring(group, t: torch.Tensor, factor_num: int, per_rank: bool) -> None:
+    """Bytes a ring moves per rank: all-reduce 2(n-1)/n x B (factor 2), reduce-scatter and
+    all-gather (n-1)/n x B of the full buffer (factor 1)."""
+    if step_stats._active is None:
+        return
+    n = dist.get_world_size(group)
+    nbytes = t.numel() * t.element_size() * (n if per_rank else 1)
+    _sent(group, factor_num * (n - 1) * nbytes / n)
 
 
 def _timeout_error(rec: CollectiveRecord, timeout_s: float, cause: Exception | None) -> CollectiveTimeout:
@@ -187,6 +232,7 @@ def all_reduce(t: torch.Tensor, op: str = "sum", group=None, async_op: bool = Fa
     if op == "avg":
         n = dist.get_world_size(group)
         after = lambda: t.div_(n)  # noqa: E731
+    _ring(group, t, 2, per_rank=False)
     work = dist.all_reduce(t, op=_OPS[op] or dist.ReduceOp.SUM, group=group, async_op=True)
     h = Handle(work, rec, after)
     if async_op:
@@ -197,6 +243,8 @@ def all_reduce(t: torch.Tensor, op: str = "sum", group=None, async_op: bool = Fa
 
 def broadcast(t: torch.Tensor, src: int, group=None, async_op: bool = False) -> Handle | None:
     """src is a global rank, as in torch.distributed."""
+    if step_stats._active is not None and dist.get_rank() == src:
+        _sent(group, t.numel() * t.element_size())
     h = Handle(dist.broadcast(t, src=src, group=group, async_op=True), _record(f"broadcast[src={src}]", t, group))
     if async_op:
         return h
@@ -205,6 +253,7 @@ def broadcast(t: torch.Tensor, src: int, group=None, async_op: bool = False) -> 
 
 
 def all_gather(out: list[torch.Tensor], t: torch.Tensor, group=None) -> None:
+    _ring(group, t, 1, per_rank=True)
     Handle(dist.all_gather(out, t, group=group, async_op=True), _record("all_gather", t, group)).wait()
 
 
@@ -214,6 +263,7 @@ def reduce_scatter(out: torch.Tensor, parts: list[torch.Tensor], group=None) -> 
     A backend without reduce_scatter (older gloo) gets an all-reduce of the concatenation and keeps
     this rank's slice: same result, twice the traffic."""
     rec = _record("reduce_scatter", out, group)
+    _ring(group, out, 1, per_rank=True)
     try:
         work = dist.reduce_scatter(out, parts, group=group, async_op=True)
     except (RuntimeError, NotImplementedError):  # "does not support reduce_scatter"
@@ -316,6 +366,7 @@ def reduce_scatter_tensor(out: torch.Tensor, inp: torch.Tensor, group=None, asyn
     backend = dist.get_backend(group)
     in_place = _chunk_of(out, inp, n, i)
     impl = _impl("reduce_scatter", backend, inp.numel() * inp.element_size())
+    _ring(group, inp, 2 if impl == "all_reduce" else 1, per_rank=False)   # the all-reduce form moves twice as much
     if impl == "p2p":
         return _finish(_reduce_scatter_p2p(out, inp, group, rec, in_place), async_op)
     if impl == "native":
@@ -373,6 +424,7 @@ def all_gather_into_tensor(out: torch.Tensor, inp: torch.Tensor, group=None, asy
     backend = dist.get_backend(group)
     in_place = _chunk_of(inp, out, n, i)
     impl = _impl("all_gather", backend, out.numel() * out.element_size())
+    _ring(group, out, 1, per_rank=False)
     if impl == "p2p":
         return _finish(_all_gather_p2p(out, inp, group, rec, in_place), async_op)
     src = inp if backend == "nccl" or not in_place else inp.clone()
@@ -455,7 +507,7 @@ def barrier(group=None) -> None:
 
 def isend(t: torch.Tensor, dst: int, group=None, tag: int = 0) -> Handle:
     rec = _record(f"send[to={dst}]", t, group)
-    rec.peer = dst
+    rec.peer = dst   # bytes: counted by the caller, which knows the axis (the pipeline: pp)
     return Handle(dist.isend(t, dst=dst, group=group, tag=tag), rec)
 
 

@@ -30,6 +30,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn as nn
 
+from .observe import step_stats
 from .pipeline import Pipeline
 from .pipeline.partition import balance, check_boundaries, layer_costs
 from .tensor_parallel.layers import vocab_parallel_cross_entropy
@@ -77,6 +78,12 @@ class ParallelModel:
                  sequence_parallel: bool = False):
         self.local, self.mesh, self.dp_model, self.pipe, self.loss_fn = local, mesh, dp_model, pipe, loss_fn
         self.sequence_parallel = sequence_parallel
+        # the step breakdown (observe/step_stats.py): on by default, it costs a few stamps a step
+        self.observe = True
+        self._axes = step_stats.axes_of(mesh)
+        self._last_stats: step_stats.StepStats | None = None
+        if hasattr(dp_model, "observe"):
+            dp_model.observe = False   # tl.DataParallel measures a step of its own only when used alone
         if pipe is not None:
             pipe.loss_fn = self._scaled_loss   # fp16: every microbatch's loss carries the loss scale
             self._part_index = {s: k for k, s in enumerate(sorted(pipe.stages))}   # DataParallel(parts=...)
@@ -100,13 +107,44 @@ class ParallelModel:
         """This rank's modules (what checkpointing and state_dict see)."""
         return self.local
 
+    def last_step_stats(self) -> step_stats.StepStats | None:
+        """Where this rank's last step went: forward, backward, exposed sync wait, pipeline bubble,
+        bytes sent per mesh axis, overlap, peak memory (trainlib/observe/step_stats.py). A step is
+        one step() call, or what the caller measured around it (the trainer adds data and optimizer).
+        None before the first step or with `observe = False`."""
+        return self._last_stats
+
+    def open_step(self) -> step_stats.StepRecorder | None:
+        """Start measuring a step that will include more than step() (the trainer's data fetch and
+        optimizer); pass the result to close_step(). None when observe is off."""
+        return step_stats.open_step(self._axes) if self.observe else None
+
+    def close_step(self, rec: step_stats.StepRecorder) -> step_stats.StepStats:
+        self._last_stats = step_stats.close_step(rec)
+        return self._last_stats
+
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Forward and backward of one batch; returns the loss (same on every rank of the pp/tp group)."""
+        own = self.open_step() if step_stats._active is None else None
+        try:
+            loss = self._step(inputs, targets)
+        except BaseException:
+            if own is not None:
+                step_stats.abandon_step()
+            raise
+        if own is not None:
+            self.close_step(own)
+        return loss
+
+    def _step(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         scale = self.loss_scale()
+        phase = step_stats.phase
         if self.pipe is None:
             model = self.dp_model if self.dp_model is not None else self.local
-            loss = self._scaled_loss(model(inputs), targets)
-            loss.backward()
+            with phase("forward"):
+                loss = self._scaled_loss(model(inputs), targets)
+            with phase("backward"):
+                loss.backward()   # DataParallel's end-of-backward wait inside is the sync_wait phase
             loss = loss.detach()
         elif self.dp_model is None:
             loss = self.pipe.step(inputs, targets)
@@ -117,7 +155,8 @@ class ParallelModel:
         if scale != 1.0:
             loss = loss / scale
         if self.sequence_parallel:  # LayerNorm / row-bias grads saw T/tp tokens: sum over tp
-            sync_sequence_parallel_grads(self.local, self.mesh)
+            with phase("backward"):
+                sync_sequence_parallel_grads(self.local, self.mesh)
         return loss
 
     def parameters(self) -> Iterator[nn.Parameter]:

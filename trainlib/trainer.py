@@ -35,6 +35,8 @@ from .callbacks import Callback, fire
 from .checkpoint import resume
 from .data_parallel import DataParallel
 from .mesh import Mesh, MeshError
+from .observe import step_stats
+from .observe.window import WindowStats, aggregate, totals
 from .models.gpt import GPT
 from .optim import DistributedOptimizer
 from .compose import ParallelModel, lm_loss_fn, parallelize
@@ -181,27 +183,32 @@ def train(cfg: Config, callbacks: list[Callback] | tuple[Callback, ...] = ()) ->
     callbacks = (*_sinks(cfg), *callbacks) if rt.is_main else ()
     fire(callbacks, "on_train_start", cfg, {"world_size": rt.world_size, "mesh": dict(mesh.layout.__dict__),
                                             "params": n_params, "start_step": start})
+    # the step breakdown (observe/step_stats.py): this rank's sums over the log window and the run
+    model.observe = cfg.observe.breakdown
+    window_stats, run_stats = (WindowStats(), WindowStats()) if model.observe else (None, None)
+    if model.observe:
+        step_stats.reset_peak_memory()
+    profiler = _profiler(cfg, rt.rank)
+    phase = step_stats.phase
     t_start = window_start = time.perf_counter()
     window_loss, window_steps = counters["window_loss"], counters["window_steps"]
     for step in range(start, cfg.train.steps):
+        if profiler is not None:
+            profiler.before_step(step + 1)
+        rec = model.open_step()   # None when --observe.breakdown is off
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
-        x, y = sampler.next_batch()
+        with phase("data"):
+            x, y = sampler.next_batch()
         loss = model.step(x, y)  # forward + backward (pipeline schedule, vocab-parallel loss, loss scale inside)
-        norm = model.clip_grad_norm_(cfg.train.grad_clip) if cfg.train.grad_clip > 0 else model.grad_norm()
-        if torch.isfinite(norm):  # dp-averaged gradients: every rank takes the same branch
-            opt.step()
-        elif opt.dynamic_loss_scale:  # fp16 overflow: the optimizer skips the step and halves the scale
-            opt.step()
-        elif cfg.train.nonfinite == "raise":
-            raise FloatingPointError(f"step {step + 1}: gradient norm is {float(norm)}; lower train.lr or set "
-                                     "--train.nonfinite=skip to skip such steps")
-        else:
-            counters["nonfinite_skipped"] += 1
-            log.warning("step %d: non-finite gradient norm (%s); step skipped (%d so far)", step + 1, float(norm),
-                        counters["nonfinite_skipped"])
-        opt.zero_grad(set_to_none=True)
-        window_loss += loss.item()
+        with phase("optimizer"):
+            _optimizer_step(model, opt, cfg, step, counters)
+        window_loss += loss.item()   # inside the step: on GPU this is where the step's kernels finish
+        if rec is not None:
+            stats = model.close_step(rec)
+            window_stats.add(stats)
+        if profiler is not None:
+            profiler.after_step(step + 1)
         window_steps += 1
         last = step == cfg.train.steps - 1
         if step == 0 or last or (step + 1) % cfg.train.log_every == 0:
@@ -213,6 +220,11 @@ def train(cfg: Config, callbacks: list[Callback] | tuple[Callback, ...] = ()) ->
             loss_last = mean_loss
             record = {"step": step + 1, "loss": round(mean_loss, 5), "lr": lr_at(step, cfg),
                       "tokens_per_s": round(tps, 1), "elapsed_s": round(now - t_start, 3)}
+            if window_stats is not None:   # one small all-gather per window, not per step
+                record.update(aggregate(window_stats.gather()))
+                run_stats.merge(window_stats)
+                window_stats.reset()
+                step_stats.reset_peak_memory()
             if metrics:
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
@@ -228,6 +240,8 @@ def train(cfg: Config, callbacks: list[Callback] | tuple[Callback, ...] = ()) ->
         if bar is not None:
             bar.update(1)
     wall = time.perf_counter() - t_start
+    if profiler is not None:
+        profiler.close()   # training ended inside the window: write what was traced
     if bar is not None:
         bar.close()
     if metrics:
@@ -238,9 +252,45 @@ def train(cfg: Config, callbacks: list[Callback] | tuple[Callback, ...] = ()) ->
                "weights_sha256": weights_sha256(state), "world_size": rt.world_size,
                "mesh": mesh.layout.__dict__, "sync": cfg.sync.kind, "params": n_params,
                "nonfinite_skipped": counters["nonfinite_skipped"], "resumed_from": counters.get("resumed_from")}
+    if run_stats is not None:   # this process's steps: per-step means (the record's keys) and totals
+        rows = run_stats.gather()
+        summary["breakdown"] = aggregate(rows)
+        summary["breakdown"]["totals"] = totals(rows, summary["breakdown"])
     model.close()
     fire(callbacks, "on_train_end", summary)
     return summary
+
+
+def _optimizer_step(model: ParallelModel, opt: DistributedOptimizer, cfg: Config, step: int,
+                    counters: dict) -> None:
+    """Clip (or measure) the gradient norm, step unless it is non-finite, zero the gradients."""
+    norm = model.clip_grad_norm_(cfg.train.grad_clip) if cfg.train.grad_clip > 0 else model.grad_norm()
+    if torch.isfinite(norm):  # dp-averaged gradients: every rank takes the same branch
+        opt.step()
+    elif opt.dynamic_loss_scale:  # fp16 overflow: the optimizer skips the step and halves the scale
+        opt.step()
+    elif cfg.train.nonfinite == "raise":
+        raise FloatingPointError(f"step {step + 1}: gradient norm is {float(norm)}; lower train.lr or set "
+                                 "--train.nonfinite=skip to skip such steps")
+    else:
+        counters["nonfinite_skipped"] += 1
+        log.warning("step %d: non-finite gradient norm (%s); step skipped (%d so far)", step + 1, float(norm),
+                    counters["nonfinite_skipped"])
+    opt.zero_grad(set_to_none=True)
+
+
+def _profiler(cfg: Config, rank: int):
+    """--profile.steps A:B: a torch profiler trace of those steps on this rank (observe/profile.py)."""
+    if cfg.profile.window is None:
+        return None
+    from .observe.profile import StepProfiler
+
+    first, last = cfg.profile.window
+    if first > cfg.train.steps:
+        log.warning("profile.steps=%s starts after the last step (train.steps=%d): no trace", cfg.profile.steps,
+                    cfg.train.steps)
+        return None
+    return StepProfiler(first, last, cfg.profile.dir, rank)
 
 
 def _sinks(cfg: Config) -> list[Callback]:

@@ -37,6 +37,7 @@ import torch.nn as nn
 from torch.autograd import Variable
 
 from .. import comm
+from ..observe import step_stats
 from ..precision import LossScaler, MixedPrecision
 from .buckets import plan_buckets
 
@@ -365,6 +366,8 @@ class ShardedDataParallel:
         if not self._callback_queued:
             self._callback_queued = True
             Variable._execution_engine.queue_callback(self._finish_sharded)
+            if self._own_step is not None:   # the first gradient: forward (and the loss) is over
+                self._own_step.switch("backward")
 
     def _make_sharded_hook(self, b: FlatBucket, i: int):
         def hook(param: torch.Tensor) -> None:
@@ -480,10 +483,12 @@ class ShardedDataParallel:
                 if b.pending > 0 and not b.started:
                     b.pending = 0
             self._launch_ready_sharded()
-            self._drain()
+            with step_stats.phase("sync_wait", "trainlib.bucket_wait"):
+                self._drain()
         if self.shard == "parameters" and not self._pipelined:
             for b in self.buckets:
                 self._free(b)
+        self._close_own_step()
 
     def _sync_sharded(self) -> None:
         """sync_gradients() for the sharded wrapper: gradients accumulated in param.grad (no_sync
@@ -495,7 +500,8 @@ class ShardedDataParallel:
             if not b.started:
                 self._pack_accumulated(b)
         self._launch_ready_sharded()
-        self._drain()
+        with step_stats.phase("sync_wait", "trainlib.bucket_wait"):
+            self._drain()
         if self.shard == "parameters":
             for b in self.buckets:
                 self._free(b)

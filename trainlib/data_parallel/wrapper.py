@@ -40,6 +40,7 @@ from torch.autograd import Variable
 
 from .. import comm
 from ..mesh import Mesh
+from ..observe import step_stats
 from ..sync.allreduce import AllReduce
 from ..precision import MixedPrecision
 from .buckets import Bucket, build_buckets, wire_bytes
@@ -95,6 +96,11 @@ class DataParallel(ShardedDataParallel, nn.Module):
         self._hooks = []
         self._handles = []
         self._parts_open = False   # reduce_part() launched buckets this step; sync_gradients() completes them
+        # the step breakdown (observe/step_stats.py): used alone, a step runs from forward() to the
+        # end of the synced backward; inside tl.parallelize / the trainer, they measure the step
+        self.observe = True
+        self._own_step: step_stats.StepRecorder | None = None
+        self._last_stats: step_stats.StepStats | None = None
         # a parameter in two parts (tied across stages) belongs to none: it is reduced at the end
         self._part_of: dict[int, int] | None = None
         if parts is not None:
@@ -126,7 +132,27 @@ class DataParallel(ShardedDataParallel, nn.Module):
                   [round(b.nbytes / 2**20, 2) for b in self.buckets], self.dp)
 
     # ---- forward -------------------------------------------------------------------------
+    def last_step_stats(self) -> step_stats.StepStats | None:
+        """Where the last synced step's time went (forward, backward, exposed sync wait; bytes sent
+        on dp, overlap, peak memory): see trainlib/observe/step_stats.py. Used on its own, a step is
+        forward() to the end of the synced backward; None before the first one or with observe off."""
+        return self._last_stats
+
+    def _open_own_step(self) -> None:
+        if self.observe and self._require_sync and step_stats._active is None:
+            self._own_step = step_stats.open_step(step_stats.axes_of(self.mesh))
+            self._own_step.switch("forward")   # until the first gradient arrives
+
+    def _close_own_step(self) -> None:
+        if self._own_step is not None:
+            rec, self._own_step = self._own_step, None
+            self._last_stats = step_stats.close_step(rec)
+
     def forward(self, *args, **kwargs):
+        if self._own_step is not None:   # the previous forward had no synced backward
+            step_stats.abandon_step()
+            self._own_step = None
+        self._open_own_step()
         if self.sharded:
             return self._sharded_forward(*args, **kwargs)
         self.sync.on_forward(self.module)
@@ -200,6 +226,8 @@ class DataParallel(ShardedDataParallel, nn.Module):
             if not self._callback_queued:
                 self._callback_queued = True
                 Variable._execution_engine.queue_callback(self._finish_backward)
+                if self._own_step is not None:   # the first gradient: forward (and the loss) is over
+                    self._own_step.switch("backward")
             bucket.pending -= 1
             if bucket.pending == 0:
                 self._launch_ready()
@@ -228,18 +256,21 @@ class DataParallel(ShardedDataParallel, nn.Module):
             k.pack(sources, b.comm, 1.0 / self.dp)
         b.attach_views()
         b.started = True
-        self.sync.start(b)
+        with step_stats.traced("trainlib.bucket_launch"):
+            self.sync.start(b)
 
     def _finish_backward(self) -> None:
         self._callback_queued = False
         for b in self.buckets[self._next:]:
             b.pending = 0
         self._launch_ready()
-        self.sync.wait()
+        with step_stats.phase("sync_wait", "trainlib.bucket_wait"):
+            self.sync.wait()
         k = _kernels()
         for b in self.buckets:
             if b.comm is not b.grads:
                 k.scale_cast(b.comm, b.grads, 1.0)
+        self._close_own_step()
 
     # ---- helpers -------------------------------------------------------------------------
     def _broadcast(self, tensors: list[torch.Tensor]) -> None:

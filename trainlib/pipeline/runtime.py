@@ -28,6 +28,7 @@ import torch.nn as nn
 
 from .. import comm
 from ..comm import CollectiveTimeout
+from ..observe import step_stats
 from .partition import balance, check_boundaries, layer_costs
 from .schedules import Action, Schedule, build_schedule
 from .zero_bubble import SplitBackward
@@ -39,6 +40,9 @@ _DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.in
 _HEADER = 10  # dtype code, ndim, up to 8 dims
 _HEADER_BYTES = _HEADER * 8
 _KIND_TAG = {"hdr": 0, "act": 1, "grad": 2}
+# the step breakdown's phase and the trace's range name for each action kind (observe/step_stats.py)
+_PHASE = {"F": "forward", "B": "backward", "I": "backward", "W": "backward"}
+_LABEL = {kind: f"trainlib.pp.{kind}" for kind in _PHASE}
 PREFETCH = 4  # receives are posted this many actions ahead (4 measured faster than 1 or 2 in bench pp)
 
 
@@ -134,27 +138,32 @@ class Pipeline:
         actions, keys, handlers = self.schedule.actions[self.rank], self._recv_keys, self._handlers
         done_at = self._stage_done_at if stage_done is not None else {}
         posted, clock, times = state.posted, time.perf_counter, self.action_times
+        phase = step_stats.phase
         for index, action in enumerate(actions):
             t0 = clock()
-            try:
-                for key in keys[index:index + PREFETCH]:
-                    if key is not None and key not in posted:
-                        self._post(key, state)
-                handlers[action.kind](action, state, mb_inputs, mb_targets)
-            except CollectiveTimeout as e:
-                raise self._timeout(action, index, str(e)) from e
-            times[action.kind].append(clock() - t0)
-            if index in done_at:
-                stage_done(done_at[index])
+            with phase(_PHASE[action.kind], _LABEL[action.kind], action.stage):
+                try:
+                    for key in keys[index:index + PREFETCH]:
+                        if key is not None and key not in posted:
+                            self._post(key, state)
+                    handlers[action.kind](action, state, mb_inputs, mb_targets)
+                except CollectiveTimeout as e:
+                    raise self._timeout(action, index, str(e)) from e
+                times[action.kind].append(clock() - t0)
+                if index in done_at:
+                    stage_done(done_at[index])
+        # the flush: waiting for the last sends and for the loss is pipeline bubble, not compute
         for action, handle in state.sends:
             try:
-                handle.wait(self.timeout_s)
+                with phase("bubble", "trainlib.pp.send_wait", action.stage):
+                    handle.wait(self.timeout_s)
             except CollectiveTimeout as e:
                 raise self._timeout(action, None, f"send not delivered: {e}") from e
         loss = torch.stack(state.losses).mean() if needs_targets else torch.zeros(())
         if self.pp_size > 1 and self.broadcast_loss:
             loss = loss.detach().clone().float()
-            comm.broadcast(loss, src=self._peer(self.last_stage), group=self.mesh.group("pp"))
+            with phase("bubble", "trainlib.pp.loss_broadcast", max(self.stages)):
+                comm.broadcast(loss, src=self._peer(self.last_stage), group=self.mesh.group("pp"))
         return loss
 
     # ---- actions: one handler per kind (F, B, I, W) ------------------------------------------
@@ -217,6 +226,9 @@ class Pipeline:
         if dst == self.peers[self.rank]:  # next virtual stage on this same rank (pp=1, interleaved)
             self._mailbox[tag] = tensor.clone()
             return _Done()
+        obs = step_stats._active
+        if obs is not None:
+            obs.add_bytes("pp", tensor.numel() * tensor.element_size())
         return comm.isend(tensor, dst, tag=tag)
 
     def _irecv(self, tensor: torch.Tensor, src: int, tag: int):
@@ -322,7 +334,8 @@ class Pipeline:
         if not self._post(key, state):
             raise AssertionError(f"cannot size the receive {key} for {action}")  # internal: schedule order broken
         buf, handle = state.posted.pop(key)
-        self._wait(handle, what)
+        with step_stats.phase("bubble", "trainlib.pp.recv_wait", action.stage):   # idle until the peer sends
+            self._wait(handle, what)
         return buf
 
     def _send_grad(self, action: Action, x: torch.Tensor, grad_x: torch.Tensor | None,

@@ -24,12 +24,14 @@ tensor goes through torch for that call).
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 import torch.distributed as dist
 
 from .. import comm, runtime
 from ..compression import COMPRESS
+from ..observe import step_stats
 
 log = logging.getLogger("trainlib")
 
@@ -200,9 +202,11 @@ class AllReduce:
         """Unsharded: all-reduce bucket.comm (sum over the dp group), completed by wait()."""
         key = self._shm_key(bucket.comm)
         if key is not None:
+            self._count(bucket.comm, 2)
             self._handles.append(self._worker.submit(key, "all_reduce"))
         elif self._mpi is not None:
-            self._handles.append(self._mpi.iallreduce(bucket.comm))
+            self._count(bucket.comm, 2)
+            self._handles.append(_timed(self._mpi.iallreduce(bucket.comm)))
         else:
             self._handles.append(comm.all_reduce(bucket.comm, group=self._group, async_op=True))
 
@@ -212,9 +216,11 @@ class AllReduce:
         chunk = self._chunk("start_reduce_scatter", flat)
         key = self._shm_key(flat, prefix=True)
         if key is not None:
+            self._count(flat, 1)
             self._handles.append(self._worker.submit(key, "reduce_scatter", flat.numel()))
         elif self._mpi is not None:
-            self._handles.append(self._mpi.ireduce_scatter(flat))
+            self._count(flat, 1)
+            self._handles.append(_timed(self._mpi.ireduce_scatter(flat)))
         else:
             self._handles.append(comm.reduce_scatter_tensor(chunk, flat, group=self._group, async_op=True))
 
@@ -223,11 +229,20 @@ class AllReduce:
         chunk = self._chunk("start_all_gather", flat)
         key = self._shm_key(flat, prefix=True)
         if key is not None:
+            self._count(flat, 1)
             self._handles.append(self._worker.submit(key, "all_gather", flat.numel()))
         elif self._mpi is not None:
-            self._handles.append(self._mpi.iallgather(flat))
+            self._count(flat, 1)
+            self._handles.append(_timed(self._mpi.iallgather(flat)))
         else:
             self._handles.append(comm.all_gather_into_tensor(flat, chunk, group=self._group, async_op=True))
+
+    def _count(self, flat: torch.Tensor, factor: int) -> None:
+        """The shm and MPI transports move what a ring would (comm.py counts the torch transport):
+        all-reduce 2(n-1)/n x the buffer (factor 2), reduce-scatter / all-gather (n-1)/n x (factor 1)."""
+        obs = step_stats._active
+        if obs is not None:
+            obs.add_group_bytes(self._group, factor * (self._dp - 1) * flat.numel() * flat.element_size() / self._dp)
 
     def _chunk(self, what: str, flat: torch.Tensor) -> torch.Tensor:
         if self.resolved_transport is None:
@@ -277,6 +292,22 @@ class AllReduce:
             self._worker.stop()
             self._shm.close()
             self._shm = None
+
+
+class _Timed:
+    """An MPI request that reports its transfer interval (launch to wait's return) to the measured step."""
+
+    def __init__(self, handle, obs: step_stats.StepRecorder):
+        self.handle, self.obs, self.t0 = handle, obs, time.perf_counter()
+
+    def wait(self) -> None:
+        self.handle.wait()
+        self.obs.transfer(self.t0, time.perf_counter())
+
+
+def _timed(handle):
+    obs = step_stats._active
+    return handle if obs is None else _Timed(handle, obs)
 
 
 def _mpi_importable() -> bool:

@@ -42,6 +42,7 @@ import torch.distributed as dist
 
 from .. import comm
 from ..comm import CollectiveTimeout
+from ..observe import step_stats
 
 SHM_ROOT = "/dev/shm"
 ALIGN = 16  # elements: chunk boundaries on cache-line multiples
@@ -315,15 +316,19 @@ class ShmWorker:
         """Queue collective `op` (all_reduce | reduce_scatter | all_gather) on buffer `key` (reduce-scatter
         and all-gather: on its first `numel` elements if given)."""
         self._submitted += 1
-        self._q.put((op, key, numel))
+        self._q.put((op, key, numel, step_stats._active))
         return ShmHandle(self, key, self._submitted)
 
     def _run(self) -> None:
+        step_stats.register_background_thread()
         while (item := self._q.get()) is not None:
-            op, key, numel = item
+            op, key, numel, obs = item
             try:
                 if self._error is None:
+                    t0 = time.perf_counter()
                     self._ops[op](key) if numel is None else self._ops[op](key, numel)
+                    if obs is not None:   # the step being measured when it was submitted
+                        obs.transfer(t0, time.perf_counter())
             except BaseException as e:  # handed to the training thread by wait_for
                 self._error = e
             with self._cv:

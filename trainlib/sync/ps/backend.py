@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 import torch
 import torch.distributed as dist
 
 from ... import runtime
+from ...observe import step_stats
 from ..base import GradSync  # noqa: F401  (the protocol this class implements)
 from .client import PSClient, Request
 from .colocated import colocated_servers, shared_token
@@ -78,6 +80,7 @@ class ParameterServer:
         self.partitions: list[Partition] = []
         self._by_bucket: dict[int, list[Partition]] = {}
         self._inflight: list[Request] = []
+        self._t_first_push = 0.0   # perf_counter of this step's first push (the step breakdown's transfer start)
         self._staged: dict[int, torch.Tensor] = {}
         self._step = 0
         self._clock = -1   # async: -1 before the first pull
@@ -140,10 +143,16 @@ class ParameterServer:
     def start(self, bucket) -> None:
         host = self._host(bucket, bucket.comm)
         dtype = WIRE_DTYPE[host.dtype]
-        for p in self._by_bucket.get(bucket.index, []):
-            self._inflight.append(self.client.submit(p.server, Op.PUSH, p.key, self._step + 1,
-                                                     wire_bytes(host[p.offset: p.offset + p.numel]), dtype,
-                                                     tag=(bucket, host, p)))
+        obs = step_stats._active
+        if obs is not None:   # the step breakdown: pushed bytes, and the first push starts the transfer
+            obs.add_bytes("ps", host.numel() * host.element_size())
+            if not self._inflight:
+                self._t_first_push = time.perf_counter()
+        with step_stats.traced("trainlib.ps_push"):
+            for p in self._by_bucket.get(bucket.index, []):
+                self._inflight.append(self.client.submit(p.server, Op.PUSH, p.key, self._step + 1,
+                                                         wire_bytes(host[p.offset: p.offset + p.numel]), dtype,
+                                                         tag=(bucket, host, p)))
 
     def wait(self) -> None:
         reqs, self._inflight = self._inflight, []
@@ -156,7 +165,11 @@ class ParameterServer:
             bucket, host, p = req.tag
             host[p.offset: p.offset + p.numel].copy_(as_tensor(payload, DType(h.dtype)))
 
-        self.client.collect(reqs, got, what="partition sums")
+        with step_stats.traced("trainlib.ps_pull"):
+            self.client.collect(reqs, got, what="partition sums")
+        obs = step_stats._active
+        if obs is not None:   # in flight from the first push until the last sum is in
+            obs.transfer(self._t_first_push, time.perf_counter())
         for b in {id(r.tag[0]): r.tag[0] for r in reqs}.values():
             if b.comm.device.type != "cpu":
                 b.comm.copy_(self._staged[b.index])
@@ -203,7 +216,16 @@ class ParameterServer:
             clocks.append(h.step)
 
         clocks: list[int] = []
-        self.client.collect(reqs, got, what="parameter reads")
+        obs = step_stats._active
+        if obs is not None:
+            obs.add_bytes("ps", sum(memoryview(r.payload).nbytes for r in reqs))
+        t0 = time.perf_counter()
+        with step_stats.traced("trainlib.ps_pull"):
+            self.client.collect(reqs, got, what="parameter reads")
+        if obs is not None:   # async: the step waits for the whole exchange (nothing overlaps it)
+            t1 = time.perf_counter()
+            obs.transfer(t0, t1)
+            obs.blocked_on(t0, t1)
         for b in self.buckets:
             flat = self._base[b.index]
             for param, off in zip(b.params, b.offsets):
