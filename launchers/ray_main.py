@@ -1,0 +1,138 @@
+"""`python -m trainlib.launchers.ray_main`: trainlib's default job on a Ray cluster, fault tolerant.
+
+    python -m trainlib.launchers.ray_main --num-workers 4 --max-failures 3 --min-workers 2 \\
+        --checkpoint-dir /shared/ckpt --resources-per-worker '{"CPU": 8, "GPU": 1}' --address auto \\
+        -- --train.steps=1000 --mesh.tp=2
+
+Connects to Ray (--address, else $RAY_ADDRESS, else a local instance), runs `trainlib train`'s
+job on --num-workers gang-scheduled actors through trainlib.launchers.ray.run (restarting from
+the latest checkpoint after a worker or node failure, up to --max-failures times) and prints rank
+0's summary, plus `restarts` and `attempts`, as one JSON object on the last stdout line. This is
+the command a KubeRay RayJob's entrypoint runs. Exit codes follow launchers/errors.py: 0, 1 for a
+bad flag or config value, 138 when the cluster failed the run (retryable).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from trainlib.launchers.errors import EXIT_CONFIG, EXIT_RETRY, LaunchConfigError, LaunchInfraError
+
+PROG = "python -m trainlib.launchers.ray_main"
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage=f"{PROG} --num-workers N [options] -- [trainlib train flags, e.g. --train.steps=100]",
+        description="Run trainlib's default job on N Ray workers (a placement group: all or none), restart it "
+                    "from the latest checkpoint when a worker dies, print the summary JSON as the last line.",
+        epilog="Everything after `--` is passed to the job as `trainlib train` flags (--section.key=value); "
+               "see `trainlib train --help`.")
+    p.add_argument("--num-workers", type=int, required=True, help="ranks to start, one Ray actor each")
+    p.add_argument("--max-failures", type=int, default=0,
+                   help="restarts after a worker/node failure (default 0: fail on the first)")
+    p.add_argument("--min-workers", type=int, default=None,
+                   help="shrink to at least this many workers when --num-workers cannot be placed "
+                        "(default: --num-workers, no shrinking)")
+    p.add_argument("--checkpoint-dir", default=None,
+                   help="where the job checkpoints and resumes from (shared storage or s3:// on a multi-node "
+                        "cluster); sets --checkpoint.dir")
+    p.add_argument("--resources-per-worker", default='{"CPU": 1}',
+                   help='one worker\'s Ray resources as JSON (default \'{"CPU": 1}\')')
+    p.add_argument("--address", default=None,
+                   help="Ray cluster address (e.g. auto or ray://head:10001); default $RAY_ADDRESS, else local")
+    p.add_argument("--timeout-s", type=float, default=24 * 3600.0, help="limit for the whole run (default 1 day)")
+    return p
+
+
+def _split(argv: list[str]) -> tuple[list[str], list[str]]:
+    if "--" in argv:
+        i = argv.index("--")
+        return argv[:i], argv[i + 1:]
+    return argv, []
+
+
+def config_from_flags(flags: list[str]) -> dict[str, str]:
+    """['--train.steps=5', '--model.n_layer', '1'] -> {'train.steps': '5', 'model.n_layer': '1'}; checked
+    against trainlib's config (a bad key or value raises ConfigError naming it)."""
+    from trainlib.config import load_config
+
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(flags):
+        flag = flags[i]
+        if not flag.startswith("--") or "." not in flag.split("=", 1)[0]:
+            raise LaunchConfigError(f"{flag!r} after `--` is not a trainlib train flag; write --section.key=value, "
+                                    "e.g. --train.steps=100")
+        if "=" in flag:
+            key, value = flag[2:].split("=", 1)
+            i += 1
+        elif i + 1 < len(flags):
+            key, value = flag[2:], flags[i + 1]
+            i += 2
+        else:
+            raise LaunchConfigError(f"{flag} has no value; write {flag}=VALUE")
+        out[key] = value
+    load_config(None, [f"--{k}={v}" for k, v in out.items()])  # fail here, not on every worker
+    return out
+
+
+def _resources(text: str) -> dict[str, float]:
+    try:
+        res = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise LaunchConfigError(f"--resources-per-worker={text!r} is not JSON ({e}); e.g. '{{\"CPU\": 2, \"GPU\": 1}}'")
+    if not isinstance(res, dict) or not all(isinstance(v, (int, float)) and v >= 0 for v in res.values()):
+        raise LaunchConfigError(f"--resources-per-worker={text!r} must be a JSON object of non-negative numbers, "
+                                "e.g. '{\"CPU\": 2, \"GPU\": 1}'")
+    return {str(k): float(v) for k, v in res.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ours, train_flags = _split(argv)
+    p = parser()
+    args = p.parse_args(ours)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    from trainlib.config import ConfigError
+
+    try:
+        config = config_from_flags(train_flags)
+        resources = _resources(args.resources_per_worker)
+        if args.num_workers < 1:
+            raise LaunchConfigError(f"--num-workers={args.num_workers} must be >= 1")
+    except (LaunchConfigError, ConfigError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    import ray
+
+    from trainlib.launchers import ray as tl_ray
+
+    address = args.address or os.environ.get("RAY_ADDRESS") or None
+    ray.init(address=address, logging_level="WARNING")
+    try:
+        results = tl_ray.run(tl_ray.train_trainlib, args.num_workers, config, resources_per_worker=resources,
+                             timeout_s=args.timeout_s, max_failures=args.max_failures,
+                             checkpoint_dir=args.checkpoint_dir, min_workers=args.min_workers,
+                             env={"TRAINLIB_NO_PROGRESS": "1"})  # a progress bar per actor is noise in Ray's logs
+    except (LaunchConfigError, ConfigError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except LaunchInfraError as e:
+        print(f"{PROG}: the cluster failed the run: {e}", file=sys.stderr)
+        return EXIT_RETRY
+    except Exception as e:  # a worker's error (max_failures=0): a dead worker is the cluster's, a bug the job's
+        print(f"{PROG}: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_RETRY if tl_ray.is_retryable(e) else EXIT_CONFIG
+    finally:
+        ray.shutdown()
+    print(json.dumps({**results[0], "restarts": results.restarts, "attempts": results.attempts}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
