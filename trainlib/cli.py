@@ -27,6 +27,7 @@ COMMANDS = {
     "cluster": ("trainlib.netcluster_cli", "main", "run a job on N emulated nodes (network namespaces; root)"),
     "ckpt": ("trainlib.ckpt_cli", "main", "list, verify and export checkpoints (one safetensors file)"),
     "report": ("trainlib.observe.report", "main", "one-page PNG + HTML of a run from its metrics JSONL"),
+    "plan": ("trainlib.plan_cli", "main", "pick the layout and sync backend from a calibrated cost model"),
 }
 
 
