@@ -137,6 +137,7 @@ class Handle:
 
     def __init__(self, work, rec: CollectiveRecord, after=None):
         self._work, self.record, self._after = work, rec, after
+        self._blocking = False   # waited right after launch: the caller blocked from the launch on
         self._obs = obs = step_stats._active
         if obs is not None and work is not None:
             self._t0 = time.perf_counter()
@@ -146,7 +147,7 @@ class Handle:
         timeout_s = runtime.timeout_s(timeout_s)
         if self._work is not None:
             obs = self._obs
-            t_wait = time.perf_counter() if obs is not None else 0.0
+            t_wait = (self._t0 if self._blocking else time.perf_counter()) if obs is not None else 0.0
             try:
                 ok = self._work.wait(datetime.timedelta(seconds=timeout_s))
             except Exception as e:  # gloo raises on timeout or on a peer that closed its connection
@@ -166,6 +167,12 @@ class Handle:
 
     def is_completed(self) -> bool:
         return self._work is None or self._work.is_completed()
+
+
+def _block(h: Handle) -> None:
+    """Wait for a collective the caller launched synchronously."""
+    h._blocking = True
+    h.wait()
 
 
 def _stamp_completion(work, obs, t0: float) -> bool:
@@ -237,7 +244,7 @@ def all_reduce(t: torch.Tensor, op: str = "sum", group=None, async_op: bool = Fa
     h = Handle(work, rec, after)
     if async_op:
         return h
-    h.wait()
+    _block(h)
     return None
 
 
@@ -248,13 +255,13 @@ def broadcast(t: torch.Tensor, src: int, group=None, async_op: bool = False) -> 
     h = Handle(dist.broadcast(t, src=src, group=group, async_op=True), _record(f"broadcast[src={src}]", t, group))
     if async_op:
         return h
-    h.wait()
+    _block(h)
     return None
 
 
 def all_gather(out: list[torch.Tensor], t: torch.Tensor, group=None) -> None:
     _ring(group, t, 1, per_rank=True)
-    Handle(dist.all_gather(out, t, group=group, async_op=True), _record("all_gather", t, group)).wait()
+    _block(Handle(dist.all_gather(out, t, group=group, async_op=True), _record("all_gather", t, group)))
 
 
 def reduce_scatter(out: torch.Tensor, parts: list[torch.Tensor], group=None) -> None:
@@ -269,11 +276,11 @@ def reduce_scatter(out: torch.Tensor, parts: list[torch.Tensor], group=None) -> 
     except (RuntimeError, NotImplementedError):  # "does not support reduce_scatter"
         rec.op = "reduce_scatter[via all_reduce]"
         flat = torch.cat([p.reshape(-1) for p in parts])
-        Handle(dist.all_reduce(flat, group=group, async_op=True), rec).wait()
+        _block(Handle(dist.all_reduce(flat, group=group, async_op=True), rec))
         i = dist.get_rank(group)
         out.copy_(flat[i * out.numel():(i + 1) * out.numel()].view_as(out))
         return
-    Handle(work, rec).wait()
+    _block(Handle(work, rec))
 
 
 # torch >= 2.12 renamed the flat-tensor collectives (*_single) and deprecated all_gather_into_tensor
@@ -463,7 +470,7 @@ def _all_gather_via_list(out: torch.Tensor, src: torch.Tensor, group, rec: Colle
 def _finish(h: Handle, async_op: bool) -> Handle | None:
     if async_op:
         return h
-    h.wait()
+    _block(h)
     return None
 
 
