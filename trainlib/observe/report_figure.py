@@ -172,7 +172,9 @@ def headline(records: list[dict[str, Any]], summary: dict[str, Any] | None) -> s
             f"{_num(last.get('elapsed_s', '?'))} s elapsed")
 
 
-def render_png(records: list[dict[str, Any]], summary: dict[str, Any] | None, out: Path, title: str) -> None:
+def build_figure(records: list[dict[str, Any]], summary: dict[str, Any] | None, title: str) -> Any:
+    """The page as a matplotlib Figure (axes[r][c] in reading order: loss, throughput, breakdown /
+    per-rank step time, memory, bytes per axis)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -187,5 +189,9 @@ def render_png(records: list[dict[str, Any]], summary: dict[str, Any] | None, ou
     _communication(axes[1, 2], records)
     fig.suptitle(f"{title}\n{headline(records, summary)}", fontsize=11)
     fig.tight_layout(rect=(0, 0, 1, 0.95))
+    return fig
+
+
+def render_png(records: list[dict[str, Any]], summary: dict[str, Any] | None, out: Path, title: str) -> None:
     # no bbox_inches="tight": the page keeps its fixed size
-    fig.savefig(out, dpi=DPI, format="png")
+    build_figure(records, summary, title).savefig(out, dpi=DPI, format="png")
