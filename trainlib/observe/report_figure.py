@@ -135,9 +135,9 @@ def _memory(ax, records) -> None:
 
 def _communication(ax, records) -> None:
     title = "bytes sent per step, by mesh axis"
-    present = [k for k in AXES_BYTES if series(records, k)[0]]
+    present = [k for k in AXES_BYTES if any(series(records, k)[1])]  # an axis that moved nothing is noise here
     if not present:
-        return _empty(ax, title, "no per-axis byte counts in these records")
+        return _empty(ax, title, "no bytes sent over any mesh axis in these records")
     for k in present:
         xs, ys = series(records, k)
         ax.plot(xs, [v / 2 ** 20 for v in ys], label=k[6:])
@@ -154,7 +154,9 @@ def _communication(ax, records) -> None:
 
 
 def _num(v: Any) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
+    if isinstance(v, float):
+        return f"{v:,.0f}" if abs(v) >= 1e4 else f"{v:.4g}"
+    return str(v)
 
 
 def headline(records: list[dict[str, Any]], summary: dict[str, Any] | None) -> str:
