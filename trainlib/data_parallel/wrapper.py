@@ -139,7 +139,10 @@ class DataParallel(ShardedDataParallel, nn.Module):
         return self._last_stats
 
     def _open_own_step(self) -> None:
-        if self.observe and self._require_sync and step_stats._active is None:
+        # an async parameter server syncs in forward, with no end of backward to close a step at
+        # (and a forward under no_grad, evaluation, has no backward at all)
+        if (self.observe and self._require_sync and self.sync.reduces_in_backward and torch.is_grad_enabled()
+                and step_stats._active is None):
             self._own_step = step_stats.open_step(step_stats.axes_of(self.mesh))
             self._own_step.switch("forward")   # until the first gradient arrives
 
