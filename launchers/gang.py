@@ -23,6 +23,15 @@ VOLCANO_GROUP_ANNOTATION = "scheduling.k8s.io/group-name"
 COSCHED_GROUP_LABEL = "scheduling.x-k8s.io/pod-group"
 
 
+def local_queue(spec: JobSpec) -> list[dict]:
+    """The Kueue LocalQueue named by --queue, pointing at --cluster-queue; none without a ClusterQueue."""
+    if not spec.cluster_queue:
+        return []
+    md = {"name": spec.queue, **({"namespace": spec.namespace} if spec.namespace else {})}
+    return [{"apiVersion": "kueue.x-k8s.io/v1beta1", "kind": "LocalQueue", "metadata": md,
+             "spec": {"clusterQueue": spec.cluster_queue}}]
+
+
 def min_available(job: dict, spec: JobSpec) -> int:
     return spec.elastic[0] if spec.elastic else total_pods(job)
 
@@ -39,10 +48,7 @@ def apply_gang(job: dict, spec: JobSpec) -> list[dict]:
         if not spec.queue:
             raise ValueError("--gang kueue needs --queue NAME (the LocalQueue the job is submitted to)")
         job["metadata"].setdefault("labels", {})[QUEUE_LABEL] = spec.queue
-        if not spec.cluster_queue:
-            return []
-        return [{"apiVersion": "kueue.x-k8s.io/v1beta1", "kind": "LocalQueue",
-                 "metadata": {**md, "name": spec.queue}, "spec": {"clusterQueue": spec.cluster_queue}}]
+        return local_queue(spec)
     policy = {"minAvailable": n}
     for tpl in replica_templates(job):
         tpl["spec"]["schedulerName"] = SCHEDULER_NAMES[spec.gang]

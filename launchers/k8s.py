@@ -1,4 +1,4 @@
-"""`trainlib k8s pytorchjob|mpijob [flags] [-- CMD ...]`: print a ready-to-apply manifest as YAML.
+"""`trainlib k8s pytorchjob|mpijob|rayjob|raycluster|trainjob [flags] [-- CMD ...]`: print a ready-to-apply manifest as YAML.
 
     trainlib k8s pytorchjob --name gpt --image REPO/trainlib-gpu:0.1.0 --nodes 4 --gpus-per-node 8 \
         --efa 32 --gang volcano --queue training | kubectl apply -f -
@@ -6,13 +6,18 @@
     trainlib k8s mpijob --name gpt --image ... --nodes 2 --gpus-per-node 8
     trainlib k8s pytorchjob --name gpt --image ... --nodes 4 --instance-type p5.48xlarge   # 8 GPUs, 32 EFA, memory
     trainlib k8s pytorchjob --from-config run.toml      # [k8s] table + the training sections
+    trainlib k8s rayjob --name gpt --image ... --nodes 2 --gpus-per-node 8 --max-failures 2 --checkpoint-dir s3://b/gpt
+    trainlib k8s trainjob --name gpt --image ... --nodes 4 --instance-type p5.48xlarge --with-runtime --gang volcano
+    trainlib k8s pytorchjob --name gpt --image ... --prometheus-port 9100   # scrape annotations on rank 0's pod
 
 `--from-config` reads the `[k8s]` table (same keys as the flags, with underscores) and turns the
 other tables into `--section.key=value` arguments of `trainlib train`, so the job runs that config.
 Flags given on the command line win over the file. `--instance-type` fills GPUs/NeuronCores, EFA
 interfaces, memory, cpu and /dev/shm from launchers/instances.py; explicit flags still win, and a
 request the instance cannot hold (9 GPUs on a p5) is an error. The objects are checked against the
-operators' admission rules (trainlib.launchers.webhooks) before printing; a violation exits 1.
+operators' admission rules (trainlib.launchers.webhooks, trainlib.launchers.admission) before
+printing; a violation exits 1. RayJob/RayCluster: launchers/rayjob.py; TrainJob and its
+ClusterTrainingRuntime: launchers/trainjob.py.
 """
 from __future__ import annotations
 
@@ -22,17 +27,25 @@ import json
 import re
 import sys
 
+from trainlib.launchers.admission import check
 from trainlib.launchers.errors import EXIT_CONFIG
 from trainlib.launchers.gang import GANGS, apply_gang
 from trainlib.launchers.instances import MAX_NEURON_DEVICES, TABLE, InstanceType, lookup
-from trainlib.launchers.manifests import JobSpec, mpijob, pytorchjob, replica_templates
+from trainlib.launchers.manifests import (JobSpec, annotate, mpijob, prometheus_annotations, pytorchjob,
+                                          replica_templates, with_prometheus)
 from trainlib.launchers.ps import TOKEN_FS_GROUP, ps_objects, token_volume, with_ps_sync, worker_env
-from trainlib.launchers.webhooks import check_all
+from trainlib.launchers.rayjob import raycluster, rayjob
+from trainlib.launchers.trainjob import trainjob_objects
 
-KINDS = ("pytorchjob", "mpijob")
+KINDS = ("pytorchjob", "mpijob", "rayjob", "raycluster", "trainjob")
 FLAG_KEYS = ("name", "image", "namespace", "nodes", "gpus_per_node", "efa", "neuron_cores", "neuron_cores_per_device",
              "gang", "queue", "cluster_queue", "elastic", "max_restarts", "ps_servers", "ps_port", "ps_token_secret",
-             "shm_size", "cpu", "memory", "instance_type", "zone")
+             "shm_size", "cpu", "memory", "instance_type", "zone", "prometheus_port", "max_failures", "checkpoint_dir",
+             "ttl_seconds", "runtime", "with_runtime")
+# flags that only mean something for some kinds: flag -> kinds
+KIND_FLAGS = {"elastic": ("pytorchjob",), "ps_servers": ("pytorchjob", "mpijob"),
+              "max_failures": ("rayjob",), "checkpoint_dir": ("rayjob",), "ttl_seconds": ("rayjob",),
+              "runtime": ("trainjob",), "with_runtime": ("trainjob",)}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -59,6 +72,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--memory")
     p.add_argument("--instance-type", metavar="TYPE", help=f"size pods to this EC2 type ({', '.join(sorted(TABLE))})")
     p.add_argument("--zone", help="availability zone for every pod (EFA does not cross zones)")
+    p.add_argument("--prometheus-port", type=int, metavar="PORT",
+                   help="scrape annotations on rank 0's pod and --observe.prometheus=0.0.0.0:PORT for trainlib train")
+    p.add_argument("--max-failures", type=int, help="rayjob: worker failures to survive (resume from --checkpoint-dir)")
+    p.add_argument("--checkpoint-dir", help="rayjob: checkpoints every pod can reach (s3://... or a shared volume)")
+    p.add_argument("--ttl-seconds", type=int, help="rayjob: keep the finished cluster this long (default 600)")
+    p.add_argument("--runtime", help="trainjob: the ClusterTrainingRuntime it names (default torch-distributed, "
+                   "or trainlib-NAME with --with-runtime)")
+    p.add_argument("--with-runtime", action="store_true", default=None,
+                   help="trainjob: also emit the ClusterTrainingRuntime (JobSet template, gang policy, /dev/shm)")
     p.add_argument("--from-config", metavar="RUN.toml")
     p.add_argument("--json", action="store_true", help="JSON instead of YAML")
     p.epilog = "Everything after `--` is the training command (default: trainlib train)."
@@ -108,13 +130,20 @@ def spec_from_args(args: argparse.Namespace, cmd: list[str]) -> JobSpec:
         values["elastic"] = (int(lo), int(hi))
     if values.get("elastic") and args.kind == "mpijob":
         raise ValueError("--elastic is for pytorchjob (torchrun's c10d rendezvous); an MPIJob has a fixed size")
+    for key, kinds in KIND_FLAGS.items():
+        if values.get(key) and args.kind not in kinds:
+            raise ValueError(f"--{key.replace('_', '-')} is for {' and '.join(kinds)}, not {args.kind}; drop it")
     values["cmd"] = tuple(cmd or ("trainlib", "train"))
     _check_flags(values, args.kind)
     _check_train_cmd(list(values["cmd"]))
     if values.get("instance_type"):
         _fill_from_instance(values, lookup(values["instance_type"]))
     spec = JobSpec(**values)
-    for k in ("nodes", "gpus_per_node", "efa", "neuron_cores", "ps_servers", "max_restarts"):
+    if spec.max_failures and not spec.checkpoint_dir:
+        raise ValueError(f"--max-failures {spec.max_failures} resumes from a checkpoint: add --checkpoint-dir on "
+                         "storage every pod reaches (s3://bucket/run or a shared volume)")
+    for k in ("nodes", "gpus_per_node", "efa", "neuron_cores", "ps_servers", "max_restarts", "max_failures",
+              "ttl_seconds"):
         if getattr(spec, k) < 0 or (k == "nodes" and spec.nodes < 1):
             raise ValueError(f"--{k.replace('_', '-')}={getattr(spec, k)} must be {'>= 1' if k == 'nodes' else '>= 0'}")
     if spec.neuron_cores_per_device < 1:
@@ -164,9 +193,10 @@ def _check_flags(values: dict, kind: str) -> None:
                                  f"{example} or 512Mi") from None
     if values.get("cpu") is not None and not _CPU.match(str(values["cpu"])):
         raise ValueError(f"--cpu={values['cpu']!r} is not a CPU quantity; use e.g. 8 or 500m")
-    port = values.get("ps_port")
-    if port is not None and not 1 <= int(port) <= 65535:
-        raise ValueError(f"--ps-port={port} is not a port in 1..65535; e.g. 5555")
+    for key, example in (("ps_port", 5555), ("prometheus_port", 9100)):
+        port = values.get(key)
+        if port is not None and not 1 <= int(port) <= 65535:
+            raise ValueError(f"--{key.replace('_', '-')}={port} is not a port in 1..65535; e.g. {example}")
     gang = values.get("gang")
     if values.get("queue") and gang not in ("volcano", "kueue"):
         raise ValueError(f"--queue {values['queue']} has no effect without --gang volcano or --gang kueue; add one "
@@ -240,7 +270,17 @@ def _check_shm_fits(spec: JobSpec) -> None:
 
 
 def build(kind: str, spec: JobSpec) -> list[dict]:
-    """All objects of the job, in apply order (Secret, Service, StatefulSet, PodGroup/LocalQueue, job)."""
+    """All objects of the job, in apply order (Secret, Service, StatefulSet, PodGroup/LocalQueue,
+    ClusterTrainingRuntime, job)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}; one of {', '.join(KINDS)}")
+    spec = dataclasses.replace(spec, cmd=tuple(with_prometheus(list(spec.cmd), spec.prometheus_port)))
+    if kind == "rayjob":
+        return rayjob(spec)
+    if kind == "raycluster":
+        return raycluster(spec)
+    if kind == "trainjob":
+        return trainjob_objects(spec)
     env, volumes, mounts = None, None, None
     if spec.ps_servers:
         volume, mount = token_volume(spec)
@@ -250,8 +290,18 @@ def build(kind: str, spec: JobSpec) -> list[dict]:
     if spec.ps_servers:
         for tpl in replica_templates(job):
             tpl["spec"].setdefault("securityContext", {})["fsGroup"] = TOKEN_FS_GROUP
+    _annotate_rank0(job, spec)
     extra = apply_gang(job, spec)
     return ps_objects(spec) + extra + [job]
+
+
+def _annotate_rank0(job: dict, spec: JobSpec) -> None:
+    """Scrape annotations where rank 0 runs: the Master pod, any Worker of an elastic job (the
+    rendezvous decides), an MPIJob's Workers (the launcher runs no rank)."""
+    specs = job["spec"].get("pytorchReplicaSpecs") or job["spec"].get("mpiReplicaSpecs")
+    hosts = [specs["Master"]] if "Master" in specs else [specs["Worker"]]
+    for r in hosts:
+        annotate(r["template"], prometheus_annotations(spec))
 
 
 def dump(docs: list[dict], as_json: bool = False) -> str:
@@ -279,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, TypeError) as e:
         print(f"trainlib k8s: error: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    errs = check_all(docs)
+    errs = check(docs)
     if errs:
         print("trainlib k8s: the manifest would be rejected:\n  " + "\n  ".join(errs), file=sys.stderr)
         return EXIT_CONFIG

@@ -22,6 +22,10 @@ Conventions the operators rely on (training-operator v1.9, mpi-operator v0.8):
   the job label; the first pod matches itself, which Kubernetes allows).
 - runPolicy.cleanPodPolicy is `Running`: when the job ends, pods still running (a hung rank
   holding 8 GPUs) are deleted; finished pods stay for their logs.
+- Prometheus (--prometheus-port): the pods that host rank 0 carry the prometheus.io/scrape, /port
+  and /path annotations that the common `kubernetes-pods` scrape config reads, and `trainlib train`
+  gets --observe.prometheus=0.0.0.0:PORT: its endpoint binds loopback otherwise, which a scraper in
+  another pod cannot reach.
 """
 from __future__ import annotations
 
@@ -64,6 +68,14 @@ class JobSpec:
     zone: str | None = None               # topology.kubernetes.io/zone node selector
     port: int = PYTORCHJOB_PORT
     extra_env: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+    prometheus_port: int | None = None    # scrape annotations + --observe.prometheus=0.0.0.0:PORT
+    # RayJob (launchers/rayjob.py)
+    max_failures: int = 0                 # worker failures the Ray run survives (resume from checkpoint_dir)
+    checkpoint_dir: str | None = None
+    ttl_seconds: int = 600                # RayJob ttlSecondsAfterFinished: the cluster outlives the job this long
+    # TrainJob (launchers/trainjob.py)
+    runtime: str | None = None            # the (Cluster)TrainingRuntime the TrainJob names
+    with_runtime: bool = False            # also emit that ClusterTrainingRuntime
 
     @property
     def nproc_per_node(self) -> int:
@@ -215,6 +227,37 @@ def mpijob(spec: JobSpec, env: list[dict] | None = None, volumes: list[dict] | N
                                       "template": pod_template([launcher], spec, volumes)},
                          "Worker": {"replicas": spec.nodes, "restartPolicy": "OnFailure",
                                     "template": pod_template([worker], spec, volumes)}}}}
+
+
+PROMETHEUS_PATH = "/metrics"
+
+
+def prometheus_annotations(spec: JobSpec) -> dict[str, str]:
+    """The pod annotations Prometheus' `kubernetes-pods` job scrapes by (empty without a port)."""
+    if spec.prometheus_port is None:
+        return {}
+    return {"prometheus.io/scrape": "true", "prometheus.io/port": str(spec.prometheus_port),
+            "prometheus.io/path": PROMETHEUS_PATH}
+
+
+def annotate(template: dict, annotations: dict[str, str]) -> None:
+    if annotations:
+        template.setdefault("metadata", {}).setdefault("annotations", {}).update(annotations)
+
+
+def with_prometheus(cmd: list[str], port: int | None) -> list[str]:
+    """`trainlib train` serving /metrics on every interface of its pod (the scraper is another pod)."""
+    if port is None:
+        return list(cmd)
+    from trainlib.launchers.launch import train_args
+
+    if train_args(cmd) is None:
+        raise ValueError(f"--prometheus-port {port} needs a `trainlib train` command (it adds "
+                         f"--observe.prometheus=0.0.0.0:{port}); the command is {' '.join(cmd)!r}")
+    if any(a.startswith("--observe.prometheus") for a in cmd):
+        raise ValueError("--prometheus-port and --observe.prometheus in the training command both set the endpoint; "
+                         "keep one")
+    return [*cmd, f"--observe.prometheus=0.0.0.0:{port}"]
 
 
 def replica_templates(job: dict) -> list[dict]:

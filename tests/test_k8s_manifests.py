@@ -29,7 +29,11 @@ CRD_FILES = {("kubeflow.org", "PyTorchJob"): "kubeflow.org_pytorchjobs.yaml",
              ("kubeflow.org", "MPIJob"): "kubeflow.org_mpijobs.yaml",
              ("scheduling.volcano.sh", "PodGroup"): "scheduling.volcano.sh_podgroups.yaml",
              ("scheduling.x-k8s.io", "PodGroup"): "scheduling.x-k8s.io_podgroups.yaml",
-             ("kueue.x-k8s.io", "LocalQueue"): "kueue.x-k8s.io_localqueues.yaml"}
+             ("kueue.x-k8s.io", "LocalQueue"): "kueue.x-k8s.io_localqueues.yaml",
+             ("ray.io", "RayJob"): "ray.io_rayjobs.yaml",
+             ("ray.io", "RayCluster"): "ray.io_rayclusters.yaml",
+             ("trainer.kubeflow.org", "TrainJob"): "trainer.kubeflow.org_trainjobs.yaml",
+             ("trainer.kubeflow.org", "ClusterTrainingRuntime"): "trainer.kubeflow.org_clustertrainingruntimes.yaml"}
 NO_CRD_KINDS = {"Secret", "Service", "StatefulSet"}  # core objects; checked by webhooks.check_all
 
 needs_schemas = pytest.mark.skipif(not SCHEMAS.is_dir(), reason=f"CRD schemas not found at {SCHEMAS} "
@@ -94,6 +98,8 @@ VARIANTS = {
     "p4d-mpijob-instance": ("mpijob", *BASE, "--nodes", "2", "--instance-type", "p4d.24xlarge"),
     "g5-elastic-instance": ("pytorchjob", *BASE, "--elastic", "1:4", "--instance-type", "g5.12xlarge"),
     "cpu-instance": ("pytorchjob", *BASE, "--nodes", "2", "--instance-type", "m5.2xlarge"),
+    "prometheus": ("pytorchjob", *BASE, "--nodes", "2", "--prometheus-port", "9100"),
+    "mpijob-prometheus": ("mpijob", *BASE, "--nodes", "2", "--prometheus-port", "9100"),
 }
 
 
