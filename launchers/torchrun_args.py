@@ -24,6 +24,8 @@ RDZV_BACKENDS = ("c10d", "etcd", "etcd-v2")  # what the training operator knows 
 
 def resolve_nproc(placement: Placement, devices: Devices, override: int | None = None) -> tuple[int, str]:
     """(processes per node, why)."""
+    # the job field that sets PET_NPROC_PER_NODE, for the error messages
+    field = "spec.trainer.numProcPerNode in the TrainJob" if placement.kind == "trainjob" else "spec.nprocPerNode"
     if override is not None:
         if override < 1:
             raise LaunchConfigError(f"--nproc-per-node={override} must be >= 1")
@@ -32,7 +34,7 @@ def resolve_nproc(placement: Placement, devices: Devices, override: int | None =
         raw = placement.nproc_per_node
         if not str(raw).isdigit() or int(raw) < 1:
             raise LaunchConfigError(f"PET_NPROC_PER_NODE={raw!r} is not a positive number or auto/gpu/cpu; "
-                                    "fix spec.nprocPerNode in the PyTorchJob (a string such as \"8\")")
+                                    f"fix {field} (in a PyTorchJob a string such as \"8\")")
         n, why = int(raw), f"PET_NPROC_PER_NODE={raw}"
     elif devices.neuron_cores:
         n, why = devices.neuron_cores, f"one per NeuronCore ({devices.neuron_cores})"
@@ -45,7 +47,7 @@ def resolve_nproc(placement: Placement, devices: Devices, override: int | None =
             if count % n:
                 raise LaunchConfigError(
                     f"nproc_per_node {n} ({why}) does not divide the {count} visible {what}: each process needs the "
-                    f"same share; use a divisor of {count} (e.g. {count}) for spec.nprocPerNode or --nproc-per-node")
+                    f"same share; use a divisor of {count} (e.g. {count}) for {field} or --nproc-per-node")
             break
     return n, why
 

@@ -75,13 +75,80 @@ def test_elastic_pytorchjob_uses_c10d_rendezvous():
                                   "--rdzv-endpoint", "gpt-worker-0:23456", "--max-restarts", "3", "--no-python", *CMD]
 
 
-def test_trainjob_v2_env():
-    env = {"PET_NNODES": "2", "PET_NPROC_PER_NODE": "1", "PET_NODE_RANK": "1",
-           "PET_MASTER_ADDR": "gpt-node-0-0.gpt", "PET_MASTER_PORT": "29400"}
-    plan = build_plan(CMD, env, devices=CPU)
-    assert plan.placement.kind == "trainjob"
-    assert plan.torchrun_argv[:10] == ["--nproc-per-node", "1", "--nnodes", "2", "--node-rank", "1",
-                                       "--master-addr", "gpt-node-0-0.gpt", "--master-port", "29400"]
+def trainjob_env(job: dict, index: int) -> dict[str, str]:
+    """What a pod of `job` (a TrainJob) gets from Trainer v2.3 (plugins/torch/torch.go EnforceMLPolicy,
+    plugins/jobset) and the batch Job controller: PET_NNODES = numNodes; PET_NPROC_PER_NODE =
+    numProcPerNode, else "auto" when resourcesPerNode names a resource containing "gpu", else the CPU
+    request (or limit), at least 1; PET_NODE_RANK from the completion-index annotation (= the Job's
+    JOB_COMPLETION_INDEX); PET_MASTER_ADDR `<job>-node-0-0.<job>`, PET_MASTER_PORT 29500; the
+    trainer's env; the JobSet pod's hostname."""
+    t, name = job["spec"]["trainer"], job["metadata"]["name"]
+    res = t.get("resourcesPerNode", {})
+    if "numProcPerNode" in t:
+        nproc = str(t["numProcPerNode"])
+    elif any("gpu" in k.lower() for part in res.values() for k in part):
+        nproc = "auto"
+    else:
+        cpu = res.get("requests", {}).get("cpu") or res.get("limits", {}).get("cpu") or "0"
+        nproc = str(max(1, int(cpu)))   # whole CPUs, as Quantity.Value() rounds (the generator writes integers)
+    env = {e["name"]: e["value"] for e in t.get("env", [])}
+    env.update({"PET_NNODES": str(t.get("numNodes", 1)), "PET_NPROC_PER_NODE": nproc, "PET_NODE_RANK": str(index),
+                "PET_MASTER_ADDR": f"{name}-node-0-0.{name}", "PET_MASTER_PORT": "29500",
+                "JOB_COMPLETION_INDEX": str(index), "HOSTNAME": f"{name}-node-0-{index}"})
+    return env
+
+
+def _trainjob(*flags: str) -> dict:
+    from trainlib.launchers.k8s import build, parser, spec_from_args
+
+    (job,) = [d for d in build("trainjob", spec_from_args(parser().parse_args(["trainjob", *flags]), [])) if d["kind"] == "TrainJob"]
+    return job
+
+
+def test_trainjob_v2_env_from_the_generated_trainjob(tmp_path):
+    """The env Trainer v2's torch runtime gives each pod of a generated TrainJob drives `trainlib launch`
+    to the torchrun command a PyTorchJob pod of the same shape gets (one static rendezvous, ranks in
+    node order)."""
+    base = ("--name", "gpt", "--image", "img:1")
+    job = _trainjob(*base, "--nodes", "3")
+    for index in range(3):
+        plan = build_plan(CMD, trainjob_env(job, index), devices=CPU)
+        assert plan.placement.kind == "trainjob" and plan.mode == "torchrun"
+        assert plan.torchrun_argv == ["--nproc-per-node", "1", "--nnodes", "3", "--node-rank", str(index),
+                                      "--master-addr", "gpt-node-0-0.gpt", "--master-port", "29500", "--no-python", *CMD]
+        assert not [k for k in plan.env if k.startswith("PET_")]
+        ref = build_plan(CMD, pytorchjob_env("master" if index == 0 else "worker", max(0, index - 1), replicas=3),
+                         devices=CPU)
+        assert plan.torchrun_argv[:6] == ref.torchrun_argv[:6]                 # same nproc, nnodes, node rank
+    # GPUs: the generator states numProcPerNode; without it Trainer says "auto" and trainlib counts the GPUs
+    for i in range(8):
+        (tmp_path / "dev").mkdir(exist_ok=True)
+        (tmp_path / "dev" / f"nvidia{i}").touch()
+    gpus = probe({}, root=str(tmp_path), with_nccl=False)
+    job = _trainjob(*base, "--nodes", "2", "--gpus-per-node", "8")
+    assert build_plan(CMD, trainjob_env(job, 1), devices=gpus).torchrun_argv[:6] == [
+        "--nproc-per-node", "8", "--nnodes", "2", "--node-rank", "1"]
+    del job["spec"]["trainer"]["numProcPerNode"]
+    env = trainjob_env(job, 1)
+    assert env["PET_NPROC_PER_NODE"] == "auto"
+    plan = build_plan(CMD, env, devices=gpus)
+    assert plan.nproc_per_node == 8 and "one per GPU" in plan.nproc_reason
+    # one node: torchrun's standalone rendezvous
+    plan = build_plan(CMD, trainjob_env(_trainjob(*base, "--nodes", "1"), 0), devices=CPU)
+    assert plan.torchrun_argv[:5] == ["--nproc-per-node", "1", "--standalone", "--nnodes", "1"]
+    # Neuron: Trainer counts only resources named *gpu*, so a TrainJob without numProcPerNode gets the CPU
+    # count (115 on trn1.32xlarge); trainlib refuses it and names the TrainJob field (the generator sets 32)
+    job = _trainjob(*base, "--nodes", "2", "--instance-type", "trn1.32xlarge")
+    env = trainjob_env(job, 0)
+    assert env["PET_NPROC_PER_NODE"] == "32" and env["TRAINLIB_INSTANCE_TYPE"] == "trn1.32xlarge"
+    neuron_env = {**env, "NEURON_RT_VISIBLE_CORES": "0-31"}
+    plan = build_plan(CMD, neuron_env, devices=probe(neuron_env, root=str(tmp_path / "none"), with_nccl=False))
+    assert plan.nproc_per_node == 32 and plan.profile.name == "neuron"
+    del job["spec"]["trainer"]["numProcPerNode"]
+    env = {**trainjob_env(job, 0), "NEURON_RT_VISIBLE_CORES": "0-31"}
+    assert env["PET_NPROC_PER_NODE"] == "115"
+    with pytest.raises(LaunchConfigError, match="spec.trainer.numProcPerNode"):
+        build_plan(CMD, env, devices=probe(env, root=str(tmp_path / "none"), with_nccl=False))
 
 
 @pytest.mark.parametrize("env,kind,mode", [
