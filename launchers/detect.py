@@ -10,8 +10,10 @@ What each launcher injects (read from the operators' sources, summarised):
 - PyTorchJob with elasticPolicy: PET_RDZV_ENDPOINT (`<job>-worker-0:<port>` unless rdzvHost),
   PET_RDZV_BACKEND (c10d unless set), PET_NNODES as `min:max`, optional PET_MAX_RESTARTS,
   PET_RDZV_ID, PET_RDZV_CONF (`k=v,k=v`), PET_STANDALONE.
-- Kubeflow Trainer v2 TrainJob (torch plugin): PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK
-  (the Indexed Job's completion index), PET_MASTER_ADDR (`<job>-node-0-0.<job>`), PET_MASTER_PORT;
+- Kubeflow Trainer v2 TrainJob (torch plugin, v2.3): PET_NNODES, PET_NPROC_PER_NODE (numProcPerNode;
+  without it "auto" when the pod asks for a resource named *gpu*, else its CPU request — even on
+  a Neuron node), PET_NODE_RANK (the Indexed Job's completion index, also JOB_COMPLETION_INDEX),
+  PET_MASTER_ADDR (`<job>-node-0-0.<job>`, the JobSet pod hostname), PET_MASTER_PORT (29500);
   no MASTER_ADDR and no RANK.
 - MPIJob v2beta1 (mpi-operator): K_MPI_JOB_ROLE=launcher|worker, the hostfile in
   OMPI_MCA_orte_default_hostfile / I_MPI_HYDRA_HOST_FILE / HYDRA_HOST_FILE; processes started by

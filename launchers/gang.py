@@ -10,7 +10,9 @@
 - kueue: the job carries the `kueue.x-k8s.io/queue-name` label; Kueue admits it by toggling
   spec.runPolicy.suspend. With a ClusterQueue name, the LocalQueue is emitted too.
 
-minAvailable is every pod of a static job, and minReplicas for an elastic one.
+minAvailable is every pod of a static job, and minReplicas for an elastic one. RayJob/RayCluster
+and TrainJob reach the same schedulers their operators' way (labels for KubeRay's batch scheduler,
+the runtime's podGroupPolicy): launchers/rayjob.py and launchers/trainjob.py.
 """
 from __future__ import annotations
 
