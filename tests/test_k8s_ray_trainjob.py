@@ -103,6 +103,18 @@ def test_variant_validates_against_crds_and_admission(variant):
     assert admission.check(docs) == []
 
 
+@needs_schemas
+def test_no_field_of_the_older_generators_would_be_pruned():
+    """The PyTorchJob/MPIJob/PodGroup/LocalQueue variants of test_k8s_manifests, held to the same rule."""
+    from tests.test_k8s_manifests import CRD_FILES, VARIANTS
+
+    crd_kinds = {k for _, k in CRD_FILES}
+    for variant, flags in sorted(VARIANTS.items()):
+        for d in manifest(*flags):
+            if d["kind"] in crd_kinds:
+                assert strict_errors(d) == [], (variant, d["kind"])
+
+
 def test_rayjob_pods_match_the_pytorchjob_and_entrypoint():
     for variant, (nodes, workers, per_worker) in {
             "rayjob-p5-efa": (4, 32, {"CPU": 21, "GPU": 1}),       # 8 GPUs per pod; 172 requested CPUs / 8
@@ -123,6 +135,7 @@ def test_rayjob_pods_match_the_pytorchjob_and_entrypoint():
         assert argv[:5] == ["python", "-m", "trainlib.launchers.ray_main", "--num-workers", str(workers)]
         i = argv.index("--resources-per-worker")
         assert json.loads(argv[i + 1]) == per_worker and argv[i + 2:] == ["--", "--train.steps=10"]
+        _parses_with_ray_main(argv, workers)
         head = job["spec"]["rayClusterSpec"]["headGroupSpec"]
         assert head["rayStartParams"] == {"num-cpus": "0"}
         assert not set(head["template"]["spec"]["containers"][0]["resources"]["limits"]) - {"memory"}
@@ -137,8 +150,21 @@ def test_rayjob_pods_match_the_pytorchjob_and_entrypoint():
     assert env["FI_PROVIDER"] == "efa" and env["MALLOC_ARENA_MAX"] == "64" and env["TRAINLIB_INSTANCE_TYPE"] == "trn1.32xlarge"
     ft = one(docs_of("rayjob-fault-tolerant"), "RayJob")
     argv = shlex.split(ft["spec"]["entrypoint"])
+    args = _parses_with_ray_main(argv, 2)
+    assert (args.max_failures, args.checkpoint_dir) == (2, "s3://b/gpt")
     assert argv[argv.index("--max-failures") + 1] == "2" and argv[argv.index("--checkpoint-dir") + 1] == "s3://b/gpt"
     assert ft["spec"]["ttlSecondsAfterFinished"] == 60 and ft["spec"]["backoffLimit"] == 1
+
+
+def _parses_with_ray_main(argv: list[str], workers: int):
+    """The entrypoint is what the driver module accepts: its own parser and its check of the train flags."""
+    from trainlib.launchers import ray_main
+
+    i = argv.index("--")
+    args = ray_main.parser().parse_args(argv[3:i])
+    assert args.num_workers == workers
+    ray_main.config_from_flags(argv[i + 1:])   # raises on a flag trainlib's config does not know
+    return args
 
 
 def test_ray_gang_labels():
@@ -245,6 +271,9 @@ def test_checks_reject_broken_manifests():
     bad = copy.deepcopy(ray)
     bad["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replica"] = 2   # misspelt
     assert any(e.endswith(".replica") for e in strict_errors(bad))
+    bad = copy.deepcopy(ray)
+    bad["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["volumes"][0]["emptyDir"]["sizelimit"] = "1Gi"
+    assert any(e.endswith("emptyDir.sizelimit") for e in strict_errors(bad))   # deep inside the pod template
     bad = copy.deepcopy(ray)
     del bad["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["groupName"]
     assert any("groupName" in e for e in strict_errors(bad))
