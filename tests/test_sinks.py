@@ -6,7 +6,8 @@ metrics file the trainer writes (and the summary train() returns):
 - MLflow: mlflow.MlflowClient on a real local file store (MLFLOW_ALLOW_FILE_STORE=true: mlflow-skinny
   has no database store);
 - Prometheus: scraped over loopback by a rank-0 callback at every log window (the sinks run before
-  user callbacks), parsed with prometheus_client's own parser.
+  user callbacks), parsed with prometheus_client's own parser;
+- and `trainlib report` on the run's directory (issue 20 item 3; one run serves both).
 
 Rank 1 must build no sink: its Prometheus endpoint would collide with rank 0's port.
 """
@@ -133,3 +134,32 @@ def test_prometheus_endpoint_scraped_at_every_window(run):
     host, port = run["prom"].rsplit(":", 1)
     with pytest.raises(OSError), socket.create_connection((host, int(port)), timeout=2):
         pass
+
+
+def test_report_of_this_run(run):
+    """`trainlib report RUN_DIR` on this run's directory (issue 20 item 3): the PNG decodes at the page's
+    fixed size and is drawn on, the HTML shows it with the run's numbers, the panels hold the records."""
+    from collections import Counter
+
+    from PIL import Image
+
+    from trainlib import cli
+    from trainlib.observe.report_figure import DPI, FIGSIZE, build_figure
+
+    d, records, s0 = run["dir"], run["records"], run["summary"]
+    (d / "summary.json").write_text(json.dumps(s0))  # what `trainlib train` prints as its last line
+    assert cli.main(["report", str(d)]) == 0
+    with Image.open(d / "report.png") as img:
+        img.load()  # decodes every pixel
+        assert img.format == "PNG" and img.size == (int(FIGSIZE[0] * DPI), int(FIGSIZE[1] * DPI))
+        assert len(img.convert("L").getcolors(1 << 16)) > 50  # drawn on, not a blank page
+    page = (d / "report.html").read_text()
+    assert "<img src='report.png'" in page and s0["weights_sha256"] in page
+    assert f"last log window (step {records[-1]['step']})" in page
+    fig = build_figure(records, s0, "t")
+    loss = fig.axes[0].lines[0]
+    assert list(loss.get_xdata()) == [1, 2, 4] and list(loss.get_ydata()) == [r["loss"] for r in records]
+    # the trainer's breakdown (observe.breakdown, on by default): one band per part, a line per rank
+    assert len(fig.axes[2].collections) >= 5 and len(fig.axes[3].lines) == 2
+    rank, n = Counter(r["straggler_rank"] for r in records).most_common(1)[0]
+    assert f"straggler: rank {rank} ({n} of {len(records)} windows)" in fig.axes[3].get_title()
