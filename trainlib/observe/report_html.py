@@ -32,6 +32,17 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _flat_rows(tree: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """A nested summary as (dotted key, value) rows; lists stay whole (one row per per-rank list)."""
+    rows: list[tuple[str, Any]] = []
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            rows += _flat_rows(v, f"{prefix}{k}.")
+        else:
+            rows.append((f"{prefix}{k}", v))
+    return rows
+
+
 def _per_rank_rows(records: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
     last = records[-1].get("per_rank") or {}
     n = max((len(v) for v in last.values() if isinstance(v, list)), default=0)
@@ -51,7 +62,7 @@ def render_html(records: list[dict[str, Any]], summary: dict[str, Any] | None, p
              f"<img src='{escape(png_name)}' alt='loss, throughput, step breakdown, per-rank step time, memory "
              f"and bytes per axis over the run' width='1600' height='1000'>"]
     if summary:
-        parts.append(_table("summary (summary.json)", ("key", "value"), sorted(summary.items())))
+        parts.append(_table("summary (summary.json)", ("key", "value"), _flat_rows(summary)))
     last = records[-1]
     window = {k: v for k, v in flatten_numeric(last).items() if not k.startswith("per_rank/")}
     parts.append(_table(f"last log window (step {last['step']})", ("key", "value"), list(window.items())))
