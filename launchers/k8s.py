@@ -45,7 +45,8 @@ FLAG_KEYS = ("name", "image", "namespace", "nodes", "gpus_per_node", "efa", "neu
 # flags that only mean something for some kinds: flag -> kinds
 KIND_FLAGS = {"elastic": ("pytorchjob",), "ps_servers": ("pytorchjob", "mpijob"),
               "max_failures": ("rayjob",), "checkpoint_dir": ("rayjob",), "ttl_seconds": ("rayjob",),
-              "runtime": ("trainjob",), "with_runtime": ("trainjob",)}
+              "runtime": ("trainjob",), "with_runtime": ("trainjob",),
+              "prometheus_port": ("pytorchjob", "mpijob", "rayjob", "trainjob")}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -130,6 +131,10 @@ def spec_from_args(args: argparse.Namespace, cmd: list[str]) -> JobSpec:
         values["elastic"] = (int(lo), int(hi))
     if values.get("elastic") and args.kind == "mpijob":
         raise ValueError("--elastic is for pytorchjob (torchrun's c10d rendezvous); an MPIJob has a fixed size")
+    if args.kind == "raycluster" and cmd:
+        raise ValueError(f"a RayCluster runs no job, so the command {' '.join(cmd)!r} would be dropped; use `trainlib "
+                         "k8s rayjob`, or submit to the cluster with `ray job submit -- python -m "
+                         "trainlib.launchers.ray_main ...`")
     for key, kinds in KIND_FLAGS.items():
         if values.get(key) and args.kind not in kinds:
             raise ValueError(f"--{key.replace('_', '-')} is for {' and '.join(kinds)}, not {args.kind}; drop it")

@@ -79,7 +79,7 @@ def strict_errors(doc: dict) -> list[str]:
 
 
 def docs_of(variant: str) -> list[dict]:
-    return manifest(*NEW_VARIANTS[variant], *TRAIN)
+    return manifest(*NEW_VARIANTS[variant], *(() if variant.startswith("raycluster") else TRAIN))
 
 
 def one(docs: list[dict], kind: str) -> dict:
@@ -312,6 +312,8 @@ def test_cli_errors(capsys):
         (["pytorchjob", *BASE, "--prometheus-port", "70000"], "1..65535"),
         (["raycluster", *BASE, "--elastic", "1:2"], "--elastic is for pytorchjob"),
         (["rayjob", *BASE, "--ps-servers", "1"], "--ps-servers is for"),
+        (["raycluster", *BASE, "--", "trainlib", "train"], "a RayCluster runs no job"),
+        (["raycluster", *BASE, "--prometheus-port", "9100"], "--prometheus-port is for"),
     ]:
         assert main(argv) == 1, argv
         assert needle in capsys.readouterr().err, needle
@@ -356,7 +358,7 @@ def test_pods_validate_against_kubernetes_schemas():
 
     n = 0
     for variant in sorted(NEW_VARIANTS):
-        for p in pods(manifest(*NEW_VARIANTS[variant], "--namespace", "training", *TRAIN)):
+        for p in pods(manifest(*NEW_VARIANTS[variant], "--namespace", "training")):
             for version in K8S_VERSIONS:
                 kv.validate(json.loads(json.dumps(p)), version, strict=True)
             n += 1
@@ -373,7 +375,7 @@ def test_checkov_on_ray_and_trainjob_pods(tmp_path):
     if sc.CHECKOV is None:
         pytest.skip("checkov not found: python3 -m venv .venv-checkov && .venv-checkov/bin/pip install checkov==3.3.30")
     for variant in sorted(NEW_VARIANTS):
-        docs = manifest(*NEW_VARIANTS[variant], "--namespace", "training", *TRAIN)
+        docs = manifest(*NEW_VARIANTS[variant], "--namespace", "training")
         (tmp_path / f"{variant}.yaml").write_text(yaml.safe_dump_all(json.loads(json.dumps(pods(docs))), sort_keys=False))
     (tmp_path / "known-bad.yaml").write_text(yaml.safe_dump(
         {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"},
