@@ -34,8 +34,9 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import logging
-import os
+import math
 import shutil
 import tempfile
 import time
@@ -95,10 +96,13 @@ class _Reporter:
     """Turns the queue's events into tune.report calls: one per log record, each sent once the next
     event shows whether a checkpoint of its step follows (the trainer logs a step before saving it)."""
 
-    def __init__(self, ckdir: str):
+    def __init__(self, ckdir: str, restored: dict | None = None):
         self.ckdir = ckdir
         self.record: dict | None = None
         self.ck_step: int | None = None
+        # the metrics of the checkpoint this start was restored from: a run resumed at its last step
+        # logs nothing, and its final report still needs a loss
+        self.restored = restored
 
     def event(self, ev: tuple) -> None:
         if ev[0] == "checkpoint":
@@ -109,12 +113,17 @@ class _Reporter:
         self.record = ev[1]
 
     def finish(self, summary: dict) -> None:
-        self._send({**(self.record or {}), **summary})
+        last = self.record or self.restored or {}
+        metrics = {**last, **summary}
+        if not math.isfinite(float(metrics.get("loss_last", math.nan))) and "loss_last" in last:
+            metrics["loss_last"] = last["loss_last"]
+        # done: the trial is over, so no scheduler decides on (PBT: restarts) this last report
+        self._send({**metrics, "done": True})
 
     def _send(self, metrics: dict) -> None:
         metrics = {**metrics, "loss_last": metrics.get("loss_last", metrics.get("loss"))}
         step, self.ck_step = self.ck_step, None
-        staged = _stage(self.ckdir, step) if step is not None else None
+        staged = _stage(self.ckdir, step, metrics) if step is not None else None
         if staged is None:
             _report(metrics)
             return
@@ -126,8 +135,12 @@ class _Reporter:
             shutil.rmtree(staged, ignore_errors=True)
 
 
-def _stage(ckdir: str, step: int) -> str | None:
-    """A directory holding only trainlib checkpoint `step` and a `latest` naming it (a Tune checkpoint)."""
+RECORD = "tune_record.json"
+
+
+def _stage(ckdir: str, step: int, metrics: dict) -> str | None:
+    """A directory holding only trainlib checkpoint `step`, a `latest` naming it and the metrics
+    reported with it (RECORD): a Tune checkpoint."""
     from trainlib.checkpoint.backends import LATEST, is_s3, step_name
 
     if is_s3(ckdir):
@@ -140,6 +153,7 @@ def _stage(ckdir: str, step: int) -> str | None:
         log.warning("trial: checkpoint step %d under %s is gone (pruned); reported without it", step, ckdir)
         return None
     (Path(staged) / LATEST).write_text(step_name(step) + "\n")
+    (Path(staged) / RECORD).write_text(json.dumps({k: v for k, v in metrics.items() if k != "done"}, default=str))
     return staged
 
 
@@ -166,12 +180,14 @@ def _trial(fn: Callable[[dict], dict], workers: int, timeout_s: float,
             return
         trial_id = tune.get_context().get_trial_id() or "trial"
         ckdir, temporary = _trial_checkpoint_dir(config, trial_id)
-        restored = tune.get_checkpoint()
+        restored, record = tune.get_checkpoint(), None
         if restored is not None:  # PBT exploit or a trial restart: trainlib resumes from it
             with restored.as_directory() as d:
                 shutil.copytree(d, ckdir, dirs_exist_ok=True)
+            path = Path(ckdir) / RECORD
+            record = json.loads(path.read_text()) if path.exists() else None
         try:
-            _run_trial(step_fn, workers, {**config, "checkpoint.dir": ckdir}, pg, bundle, timeout_s)
+            _run_trial(step_fn, workers, {**config, "checkpoint.dir": ckdir}, pg, bundle, timeout_s, record)
         finally:
             if temporary:
                 shutil.rmtree(ckdir, ignore_errors=True)
@@ -180,7 +196,7 @@ def _trial(fn: Callable[[dict], dict], workers: int, timeout_s: float,
 
 
 def _run_trial(fn: Callable[..., dict], workers: int, config: dict, pg: Any, bundle: dict[str, float],
-               timeout_s: float) -> None:
+               timeout_s: float, restored: dict | None) -> None:
     import ray
     from ray.util.queue import Empty, Queue
 
@@ -190,7 +206,7 @@ def _run_trial(fn: Callable[..., dict], workers: int, config: dict, pg: Any, bun
     try:
         group = tl_ray.start_group(functools.partial(_train_reporting, fn, queue), pg, False, workers, config,
                                    bundle, {}, timeout_s)
-        reporter, deadline = _Reporter(config["checkpoint.dir"]), time.monotonic() + timeout_s
+        reporter, deadline = _Reporter(config["checkpoint.dir"], restored), time.monotonic() + timeout_s
         pending = list(group.refs)
         while True:
             try:  # a short wait, so that a finished (or failed) group is noticed
@@ -219,17 +235,24 @@ def _run_trial(fn: Callable[..., dict], workers: int, config: dict, pg: Any, bun
 def search(param_space: dict[str, Any], num_samples: int = 1, workers_per_trial: int = 1,
            fn: Callable[[dict], dict] = tl_ray.train_trainlib, metric: str = "loss_last", mode: str = "min",
            resources_per_worker: dict[str, float] | None = None, max_concurrent: int | None = None,
-           timeout_s: float = 3600.0, storage_path: str | None = None, scheduler: Any = None) -> list[dict]:
+           timeout_s: float = 3600.0, storage_path: str | None = None, scheduler: Any = None,
+           max_failures: int = 0, verbose: int | None = None) -> list[dict]:
     """Run the search; return every trial's final report, best first. A failed trial raises.
 
     `scheduler`: a Tune trial scheduler (ASHAScheduler, PopulationBasedTraining, ...) that decides on
-    the per-step reports; its metric and mode come from `metric` and `mode` here."""
+    the per-step reports; its metric and mode come from `metric` and `mode` here. `max_failures`:
+    Tune restarts a failed trial this often, from its last reported checkpoint. `verbose`: Tune's
+    console output (0 silent, 1 status tables; default Tune's)."""
     from ray import tune
 
     bundle = dict(resources_per_worker or {"CPU": 1})
     pgf = tune.PlacementGroupFactory([{}] + [dict(bundle) for _ in range(workers_per_trial)])
     trainable = tune.with_resources(_trial(fn, workers_per_trial, timeout_s, bundle), pgf)
-    run_config = {"storage_path": storage_path} if storage_path else {}
+    run_config: dict[str, Any] = {"storage_path": storage_path} if storage_path else {}
+    if max_failures:
+        run_config["failure_config"] = tune.FailureConfig(max_failures=max_failures)
+    if verbose is not None:
+        run_config["verbose"] = verbose
     tuner = tune.Tuner(trainable, param_space=param_space,
                        tune_config=tune.TuneConfig(num_samples=num_samples, metric=metric, mode=mode,
                                                    scheduler=scheduler, max_concurrent_trials=max_concurrent,

@@ -1,11 +1,18 @@
-"""Ray: a 2-worker gang-scheduled trainlib job and a 2-trial Tune search on a local Ray instance.
+"""Ray: a 2-worker gang-scheduled trainlib job on a local Ray instance; a worker SIGKILLed mid-run and
+the run restarted from its checkpoint; shrinking when the full group cannot be placed; the
+`python -m trainlib.launchers.ray_main` entrypoint. (Tune: tests/test_tune_schedulers.py.)
 
 References: the same training run on 2 (and 1) plain gloo ranks through trainlib.testing.run_ranks
-— the Ray path must end with bitwise-identical weights and the same losses.
+— the Ray path, killed and resumed or not, must end with bitwise-identical weights.
 """
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -51,17 +58,96 @@ def test_run_errors(local_ray):
         tl_ray.run(tl_ray.train_trainlib, 3, resources_per_worker={"CPU": 1}, timeout_s=1)
 
 
-def test_tune_two_trials(local_ray, tmp_path):
-    from ray import tune
+FAULT = {**SMALL, "train.steps": 4, "checkpoint.every": 1, "train.log_every": 1}
+QUIET = {"TRAINLIB_NO_PROGRESS": "1"}
 
-    from trainlib.launchers.tune import search
 
-    lrs = [1e-3, 1e-2]
-    results = search({**SMALL, "train.lr": tune.grid_search(lrs)}, workers_per_trial=1, storage_path=str(tmp_path),
-                     timeout_s=300)
-    assert len(results) == 2 and results[0]["loss_last"] <= results[1]["loss_last"]
-    by_lr = {r["config"]["train.lr"]: r for r in results}
-    assert sorted(by_lr) == lrs
-    for lr in lrs:  # each trial reproduces a plain one-rank run with its learning rate
-        ref = run_ranks(reference_rank, 1, {**SMALL, "train.lr": lr, "train.metrics": str(tmp_path / "r.jsonl")})[0]
-        assert by_lr[lr]["weights_sha256"] == ref["weights_sha256"] and by_lr[lr]["loss_last"] == ref["loss_last"]
+def test_worker_killed_mid_run_resumes_exactly(local_ray, tmp_path):
+    # rank 1's actor process SIGKILLs itself after step 3's optimizer step, before step 3 is saved
+    # (trainlib.testing's fault hook; a restarted worker has TORCHELASTIC_RESTART_COUNT=1 and runs through)
+    config = {**FAULT, "train.metrics": str(tmp_path / "m.jsonl")}
+    results = tl_ray.run(tl_ray.train_trainlib, 2, config, timeout_s=240, max_failures=1,
+                         checkpoint_dir=str(tmp_path / "ck"), env={**QUIET, "TRAINLIB_FAULT_KILL_AT_STEP": "1:3"})
+    assert results.restarts == 1
+    assert [a["world_size"] for a in results.attempts] == [2, 2]
+    assert results.attempts[0]["outcome"].startswith(("ActorDiedError", "RayActorError"))
+    assert results.attempts[1]["resumed_from"] == 2 and results[0]["resumed_from"] == 2
+    ref = run_ranks(reference_rank, 2, {**config, "train.metrics": str(tmp_path / "ref.jsonl")}, timeout_s=240)[0]
+    assert ref["resumed_from"] is None
+    assert results[0]["weights_sha256"] == ref["weights_sha256"] == results[1]["weights_sha256"]
+
+
+def test_failures_that_are_not_retried(local_ray, tmp_path, caplog):
+    # max_failures=0: the dead worker's error is the run's
+    with pytest.raises(ray.exceptions.RayActorError):
+        tl_ray.run(tl_ray.train_trainlib, 2, {**FAULT, "train.metrics": str(tmp_path / "m.jsonl")}, timeout_s=240,
+                   checkpoint_dir=str(tmp_path / "ck"), env={**QUIET, "TRAINLIB_FAULT_KILL_AT_STEP": "0:1"})
+    # a user error is raised at once, whatever max_failures says: a restart would repeat it
+    from trainlib.config import ConfigError
+
+    caplog.set_level("WARNING", logger="trainlib")
+    with pytest.raises(ConfigError, match="train.nonfinite='bogus'"):
+        tl_ray.run(tl_ray.train_trainlib, 1, {**SMALL, "train.nonfinite": "bogus"}, timeout_s=240, max_failures=3)
+    assert not [r for r in caplog.records if r.getMessage().startswith("Ray run: restart")]
+
+
+def test_shrinks_when_the_full_group_cannot_be_placed(local_ray, tmp_path):
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    blocker = placement_group([{"CPU": 1}])  # one of the instance's 2 CPUs is taken
+    ray.get(blocker.ready(), timeout=60)
+    try:
+        config = {**SMALL, "train.metrics": str(tmp_path / "m.jsonl")}
+        results = tl_ray.run(tl_ray.train_trainlib, 2, config, timeout_s=240, min_workers=1, place_timeout_s=2,
+                             env=QUIET)
+    finally:
+        remove_placement_group(blocker)
+    assert len(results) == 1 and results[0]["world_size"] == 1 and results.attempts[0]["world_size"] == 1
+    ref = run_ranks(reference_rank, 1, {**config, "train.metrics": str(tmp_path / "ref.jsonl")}, timeout_s=240)[0]
+    assert results[0]["weights_sha256"] == ref["weights_sha256"]
+
+
+def test_run_argument_errors(local_ray):
+    with pytest.raises(LaunchConfigError, match="max_failures=-1"):
+        tl_ray.run(tl_ray.train_trainlib, 2, max_failures=-1)
+    with pytest.raises(LaunchConfigError, match="min_workers=3 must be between 1 and num_workers=2"):
+        tl_ray.run(tl_ray.train_trainlib, 2, min_workers=3)
+
+
+def test_ray_main_entrypoint(local_ray, tmp_path):
+    """The RayJob entrypoint: joins the running instance (RAY_ADDRESS), last stdout line is the summary."""
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "OMP_NUM_THREADS": "1"}
+    flags = ["--train.steps=3", "--model.n_layer=1", f"--train.metrics={tmp_path / 'm.jsonl'}"]
+    t0 = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "trainlib.launchers.ray_main", "--num-workers", "1",
+                          "--checkpoint-dir", str(tmp_path / "ck"), "--max-failures", "1", "--", *flags],
+                         capture_output=True, text=True, env=env, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["restarts"] == 0 and summary["attempts"][0]["outcome"] == "ok", time.monotonic() - t0
+    ref = run_ranks(reference_rank, 1, {"train.steps": 3, "model.n_layer": 1,
+                                        "train.metrics": str(tmp_path / "r.jsonl")}, timeout_s=240)[0]
+    assert summary["weights_sha256"] == ref["weights_sha256"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--num-workers", "2", "--", "--train.nonfinite=bogus"], "train.nonfinite='bogus' is not one of"),
+    (["--num-workers", "2", "--", "steps=3"], "'steps=3' after `--` is not a trainlib train flag"),
+    (["--num-workers", "2", "--resources-per-worker", "CPU=1"], "--resources-per-worker='CPU=1' is not JSON"),
+    (["--num-workers", "0"], "--num-workers=0 must be >= 1"),
+])
+def test_ray_main_errors(argv, message, capsys):
+    from trainlib.launchers import ray_main
+
+    assert ray_main.main(argv) == 1  # before Ray is touched
+    err = capsys.readouterr().err
+    assert message in err and err.startswith("python -m trainlib.launchers.ray_main: error:")
+
+
+def test_ray_main_help(capsys):
+    from trainlib.launchers import ray_main
+
+    with pytest.raises(SystemExit) as exit_:
+        ray_main.main(["--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0 and "--num-workers N" in out and "--max-failures" in out and "--address" in out
