@@ -35,6 +35,7 @@ def check_run(cfg: Config, world_size: int, nodes: int = 1, env: dict[str, str] 
     check_sync(cfg, layout, nodes, env, resolve)
     check_env(env)
     check_paths(cfg)
+    check_observe(cfg)
     from .validate_checkpoint import check_checkpoint
 
     check_checkpoint(cfg, layout)
@@ -213,6 +214,30 @@ def check_paths(cfg: Config) -> None:
         raise ConfigError(f"train.metrics={metrics!r} is a directory; give a file path, e.g. {metrics.rstrip('/')}"
                           "/metrics.jsonl")
     _writable_dir("train.metrics", metrics, os.path.dirname(os.path.abspath(metrics)))
+
+
+def check_observe(cfg: Config) -> None:
+    """The sinks and the trace directory, before launch: a bad --observe.* value should not wait for
+    rank 0's first step (or a profiler window an hour in) to fail."""
+    o = cfg.observe
+    if o.prometheus:
+        from .observe.prometheus import parse_address
+
+        try:
+            parse_address(o.prometheus, "observe.prometheus")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    if o.mlflow:
+        from .observe.mlflow_sink import check_tracking_uri
+
+        check_tracking_uri(o.mlflow)
+        if not o.mlflow_experiment.strip():
+            raise ConfigError(f"observe.mlflow_experiment={o.mlflow_experiment!r} is empty; name the MLflow experiment "
+                              "(--observe.mlflow_experiment NAME), or leave it at its default, trainlib")
+    if o.tensorboard:
+        _writable_dir("observe.tensorboard", o.tensorboard, o.tensorboard)
+    if cfg.profile.window is not None:
+        _writable_dir("profile.dir", cfg.profile.dir, cfg.profile.dir)
 
 
 def _writable_dir(key: str, value: str, path: str) -> None:
