@@ -236,13 +236,15 @@ def search(param_space: dict[str, Any], num_samples: int = 1, workers_per_trial:
            fn: Callable[[dict], dict] = tl_ray.train_trainlib, metric: str = "loss_last", mode: str = "min",
            resources_per_worker: dict[str, float] | None = None, max_concurrent: int | None = None,
            timeout_s: float = 3600.0, storage_path: str | None = None, scheduler: Any = None,
-           max_failures: int = 0, verbose: int | None = None) -> list[dict]:
+           max_failures: int = 0, verbose: int | None = None, reuse_actors: bool = True) -> list[dict]:
     """Run the search; return every trial's final report, best first. A failed trial raises.
 
     `scheduler`: a Tune trial scheduler (ASHAScheduler, PopulationBasedTraining, ...) that decides on
     the per-step reports; its metric and mode come from `metric` and `mode` here. `max_failures`:
     Tune restarts a failed trial this often, from its last reported checkpoint. `verbose`: Tune's
-    console output (0 silent, 1 status tables; default Tune's)."""
+    console output (0 silent, 1 status tables; default Tune's). `reuse_actors`: a trial's
+    coordinating actor serves the next trial (or PBT's restart of the same one) instead of a fresh
+    process importing torch again; its workers are always new."""
     from ray import tune
 
     bundle = dict(resources_per_worker or {"CPU": 1})
@@ -256,6 +258,7 @@ def search(param_space: dict[str, Any], num_samples: int = 1, workers_per_trial:
     tuner = tune.Tuner(trainable, param_space=param_space,
                        tune_config=tune.TuneConfig(num_samples=num_samples, metric=metric, mode=mode,
                                                    scheduler=scheduler, max_concurrent_trials=max_concurrent,
+                                                   reuse_actors=reuse_actors,
                                                    time_budget_s=timeout_s),
                        run_config=tune.RunConfig(**run_config) if hasattr(tune, "RunConfig") else None)
     grid = tuner.fit()

@@ -1,0 +1,93 @@
+"""Ray Tune over trainlib runs, reported step by step: ASHA stops bad trials early and keeps the best
+one; PBT clones a better trial's trainlib checkpoint into a worse one with a new learning rate.
+
+References: plain one-rank runs of every trial's config through trainlib.testing.run_ranks — their
+per-step losses (metrics JSONL), final losses and weights_sha256 — i.e. the same search without a
+scheduler, trial by trial.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+ray = pytest.importorskip("ray")
+pytest.importorskip("ray.tune")
+
+from ray import tune  # noqa: E402
+
+from trainlib.launchers import ray as tl_ray  # noqa: E402
+from trainlib.launchers.tune import search  # noqa: E402
+from trainlib.testing import run_ranks  # noqa: E402
+
+# warmup 0: the learning rate matters from the first update, so trials differ from step 2 on
+BASE = {"train.steps": 4, "model.n_layer": 1, "train.log_every": 1, "train.warmup_steps": 0}
+
+
+def reference_rank(config: dict) -> dict:
+    return tl_ray.train_trainlib(config)
+
+
+@pytest.fixture(scope="module")
+def local_ray(tmp_path_factory):
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
+             _temp_dir=str(tmp_path_factory.mktemp("ray")))
+    yield
+    ray.shutdown()
+
+
+def plain_run(config: dict, metrics: str) -> tuple[dict, list[dict]]:
+    summary = run_ranks(reference_rank, 1, {**config, "train.metrics": metrics}, timeout_s=120)[0]
+    with open(metrics) as f:
+        return summary, [json.loads(line) for line in f]
+
+
+def wait_all_released(timeout_s: float = 60.0) -> None:
+    """Every CPU back: no trial's worker actor, queue or placement group outlived the search."""
+    deadline = time.monotonic() + timeout_s
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"]:
+        assert time.monotonic() < deadline, f"resources still held: {ray.available_resources()}"
+        time.sleep(0.5)
+
+
+def test_asha_stops_bad_trials_early_and_keeps_the_best(local_ray, tmp_path):
+    lrs = [3e-3, 1e-3, 1e-5, 1e-6]  # grid order: the good trials reach each rung first
+    scheduler = tune.schedulers.ASHAScheduler(time_attr="training_iteration", max_t=4, grace_period=1,
+                                              reduction_factor=2)
+    rows = search({**BASE, "train.metrics": str(tmp_path / "m.jsonl"), "train.lr": tune.grid_search(lrs)},
+                  storage_path=str(tmp_path / "tune"), timeout_s=300, scheduler=scheduler, verbose=0)
+    wait_all_released()
+    by_lr = {r["config"]["train.lr"]: r for r in rows}
+    assert sorted(by_lr) == sorted(lrs)
+    iterations = {lr: r["training_iteration"] for lr, r in by_lr.items()}
+    assert iterations[3e-3] == 4 and min(iterations.values()) < 4, iterations  # stopped early
+    refs = {lr: plain_run({**BASE, "train.lr": lr}, str(tmp_path / f"ref{lr}.jsonl")) for lr in lrs}
+    for lr, row in by_lr.items():
+        summary, records = refs[lr]
+        # one report per log record: the last one a trial made is the plain run's loss at that step
+        assert row["step"] == iterations[lr] and row["loss"] == records[iterations[lr] - 1]["loss"]
+        if iterations[lr] == 4:  # a completed trial reproduces the plain run and reports its summary
+            assert row["weights_sha256"] == summary["weights_sha256"] and row["loss_last"] == summary["loss_last"]
+    best = min(lrs, key=lambda lr: refs[lr][0]["loss_last"])  # the search without a scheduler
+    assert rows[0]["config"]["train.lr"] == best and rows[0]["weights_sha256"] == refs[best][0]["weights_sha256"]
+
+
+def test_pbt_clones_a_better_trials_checkpoint_with_a_new_lr(local_ray, tmp_path):
+    config = {**BASE, "train.steps": 6, "checkpoint.every": 2}
+    # exploiting always sets train.lr to 3e-3 (a one-value list), so a clone continues exactly as its donor
+    scheduler = tune.schedulers.PopulationBasedTraining(time_attr="training_iteration", perturbation_interval=2,
+                                                        hyperparam_mutations={"train.lr": [3e-3]},
+                                                        quantile_fraction=0.5)
+    rows = search({**config, "train.metrics": str(tmp_path / "m.jsonl"), "train.lr": tune.grid_search([3e-3, 1e-6])},
+                  storage_path=str(tmp_path / "tune"), timeout_s=300, scheduler=scheduler, verbose=0)
+    wait_all_released()
+    good, _ = plain_run({**config, "train.lr": 3e-3}, str(tmp_path / "good.jsonl"))
+    poor, _ = plain_run({**config, "train.lr": 1e-6}, str(tmp_path / "poor.jsonl"))
+    assert good["weights_sha256"] != poor["weights_sha256"]
+    assert len(rows) == 2 and all(r["steps"] == 6 and r["training_iteration"] == 6 for r in rows)
+    # the trial that started at lr 1e-6 resumed from the other's checkpoint with lr 3e-3: it ends with
+    # the weights of an uninterrupted lr-3e-3 run, which lr 1e-6 alone cannot reach
+    assert [r["weights_sha256"] for r in rows] == [good["weights_sha256"]] * 2
+    assert any(r["resumed_from"] in (2, 4) for r in rows)
+    assert all(r["config"]["train.lr"] == 3e-3 for r in rows)
