@@ -1,0 +1,373 @@
+"""Does `trainlib plan` predict what it ranks? Every layout it ranks, run and measured.
+
+    trainlib bench plan [--quick] [--no-cluster] [--rate 1gbit]      (the cluster part needs root)
+
+1. Calibrate (trainlib.planner.calibrate: the same 2 ranks, right before, so both see the same load).
+2. For the default GPT, a GPT with 4x the matmul work (d_model 256) and the wide MLP (3 x Linear(2048, 2048)),
+   rank every valid layout on 1 node x 2 ranks (this machine) and on 2 emulated nodes x 1 rank
+   (trainlib.netcluster, tbf-shaped links; the planner gets the link's measured goodput as the NIC rate).
+3. Run each ranked layout the way `trainlib train` builds it (trainer.wrap: PP split -> TP -> DP with its
+   sync backend, DistributedOptimizer over AdamW, clipping) in one spawned group per model and place:
+   one warm-up step, then timed steps (each step's time is the slowest rank's; median), and the peak
+   RSS over the layout's steps minus the RSS before its model was built (VmHWM reset per layout;
+   glibc's mmap threshold pinned so that freed tensors leave RSS), max over ranks.
+4. Report predicted vs measured step time and peak memory per layout: median and worst relative error,
+   whether the planner's first choice is the measured best (or within 5% of it), Spearman's rank
+   correlation; the load average is recorded with every measurement (a shared 2-core machine).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+N_RANKS = 2
+TARGETS = {"median_time_error": 0.10, "worst_time_error": 0.25, "memory_error": 0.10, "top1_within": 0.05,
+           "spearman": 0.9}
+MODELS = {   # name -> (kind, shapes, global batch)
+    "gpt-default": ("gpt", {}, 8),
+    "gpt-4x256": ("gpt", {"n_layer": 4, "d_model": 256, "n_head": 4, "seq_len": 128}, 8),
+    "wide-mlp": ("mlp", {"width": 2048, "depth": 3}, 16),
+}
+
+
+# -- the model side ------------------------------------------------------------------------------------
+def model_spec(name: str):
+    from trainlib.config import ModelConfig
+    from trainlib.planner.spec import ModelSpec
+
+    kind, shapes, _ = MODELS[name]
+    if kind == "mlp":
+        return ModelSpec.mlp(shapes["width"], shapes["depth"], name=name)
+    return ModelSpec.gpt(ModelConfig(**shapes), name=name)
+
+
+def rank_layouts(name: str, cluster, prof) -> list:
+    from trainlib.planner.rank import rank
+
+    return [p for p in rank(model_spec(name), cluster, prof, MODELS[name][2]) if p.fits]
+
+
+def spearman(xs: list[float], ys: list[float]) -> float | None:
+    """Spearman's rho (average ranks for ties)."""
+    def ranks(v: list[float]) -> list[float]:
+        order = sorted(range(len(v)), key=v.__getitem__)
+        r = [0.0] * len(v)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2
+            i = j + 1
+        return r
+
+    if len(xs) < 3:
+        return None
+    rx, ry = ranks(xs), ranks(ys)
+    mx, my = statistics.mean(rx), statistics.mean(ry)
+    num = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    den = (sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry)) ** 0.5
+    return num / den if den else None
+
+
+# -- the rank side: run a list of layouts, return measurements ----------------------------------------
+def _status_kb(key: str) -> int:
+    from trainlib.benchmarks.dp_workloads import status_kb
+
+    return status_kb(key)
+
+
+def _build(name: str, flags: list[str]):
+    """(model, optimizer, next_batch) for one layout, as trainlib train builds it."""
+    import torch
+
+    import trainlib as tl
+    from trainlib.config import load_config
+    from trainlib.optim import DistributedOptimizer
+    from trainlib.trainer import build_model, wrap, wrap_data_parallel
+
+    kind, shapes, _ = MODELS[name]
+    extra = [f"--model.{k}={v}" for k, v in shapes.items()] if kind == "gpt" else []
+    cfg = load_config(None, [*flags, *extra])
+    mesh = tl.Mesh(pp=cfg.mesh.pp, dp=cfg.mesh.dp, tp=cfg.mesh.tp)
+    if kind == "gpt":
+        from trainlib.data import DistributedSampler, default_tokens
+
+        model = wrap(build_model(cfg), cfg, mesh)
+        sampler = DistributedSampler(default_tokens(1 << 18), cfg.model.seq_len, cfg.train.batch_size,
+                                     mesh.rank("dp"), mesh.size("dp"), seed=0)
+        next_batch = sampler.next_batch
+    else:
+        from trainlib.benchmarks.dp_workloads import WideMLP
+        from trainlib.compose import parallelize
+
+        model = parallelize(WideMLP(shapes["width"], shapes["depth"]), mesh,
+                            loss_fn=torch.nn.functional.mse_loss,
+                            dp_wrapper=lambda local: wrap_data_parallel(local, cfg, mesh))
+        g = torch.Generator().manual_seed(100 + mesh.rank("dp"))
+        local = cfg.train.batch_size // mesh.size("dp")
+        batch = (torch.randn(local, shapes["width"], generator=g), torch.randn(local, shapes["width"], generator=g))
+        next_batch = lambda: batch  # noqa: E731
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = DistributedOptimizer(torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95)), model)
+    return model, opt, next_batch
+
+
+def measure_layouts(name: str, items: list[dict], steps: int) -> list[dict]:
+    """On every rank: build and step each layout; rank 0 returns one row per layout."""
+    import gc
+
+    import torch
+
+    import trainlib as tl
+    from trainlib import comm
+    from trainlib.benchmarks.dp_workloads import fix_malloc_threshold, reset_peak_rss
+
+    tl.init()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    fix_malloc_threshold()
+    rows = []
+    # the first layout built in a process also pays one-time allocations (gloo buffers, lazy library
+    # state) that no later layout sees: build and step it once, unmeasured
+    for k, item in enumerate([items[0], *items]):
+        gc.collect()
+        comm.barrier()
+        base_kb = _status_kb("VmRSS")
+        reset_peak_rss()
+        model, opt, next_batch = _build(name, item["flags"])
+        times = []
+        for s in range(1 + steps):
+            comm.barrier()
+            t0 = time.perf_counter()
+            x, y = next_batch()
+            model.step(x, y)
+            model.clip_grad_norm_(1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+            comm.all_reduce(dt, op="max")     # a synchronous step is as slow as its slowest rank
+            if s:
+                times.append(float(dt))
+        peak = torch.tensor([(_status_kb("VmHWM") - base_kb) * 1024.0], dtype=torch.float64)
+        comm.all_reduce(peak, op="max")
+        model.close()
+        del model, opt, next_batch
+        if k == 0:
+            continue
+        rows.append({"layout": item["layout"], "measured_s": statistics.median(times), "all_s": times,
+                     "measured_bytes": float(peak), "loadavg": [round(v, 2) for v in os.getloadavg()]})
+    return rows
+
+
+def worker(argv: list[str]) -> int:
+    """Entry point on each emulated node (started by `trainlib launch`, PyTorchJob env)."""
+    p = argparse.ArgumentParser()
+    p.add_argument("--spec")
+    p.add_argument("--out")
+    a = p.parse_args(argv)
+    spec = json.loads(Path(a.spec).read_text())
+    rows = measure_layouts(spec["model"], spec["items"], spec["steps"])
+    if int(os.environ.get("RANK", "0")) == 0:
+        tmp = Path(a.out + ".tmp")
+        tmp.write_text(json.dumps(rows))
+        tmp.rename(a.out)
+    from trainlib.runtime import shutdown
+
+    shutdown()
+    return 0
+
+
+# -- the driver -----------------------------------------------------------------------------------------
+def _items(plans: list, global_batch: int) -> list[dict]:
+    return [{"layout": p.layout.label(), "flags": p.layout.train_flags(global_batch)} for p in plans]
+
+
+def _rows(place: str, name: str, plans: list, measured: list[dict]) -> list[dict]:
+    out = []
+    for i, (p, m) in enumerate(zip(plans, measured)):
+        assert p.layout.label() == m["layout"]
+        out.append({"place": place, "model": name, "planner_rank": i + 1, "layout": m["layout"],
+                    "flags": p.layout.train_flags(MODELS[name][2]),
+                    "predicted_s": p.step_s, "measured_s": m["measured_s"], "all_s": m["all_s"],
+                    "time_error": abs(p.step_s - m["measured_s"]) / m["measured_s"],
+                    "predicted_bytes": p.peak_bytes, "measured_bytes": m["measured_bytes"],
+                    "memory_error": abs(p.peak_bytes - m["measured_bytes"]) / max(1.0, m["measured_bytes"]),
+                    "predicted_breakdown": p.time.as_dict(), "loadavg": m["loadavg"]})
+    return out
+
+
+def run_local(names: list[str], prof, steps: int, log) -> list[dict]:
+    from trainlib.planner.spec import ClusterSpec
+    from trainlib.testing import run_ranks
+
+    cluster = ClusterSpec(1, N_RANKS, "cpu", 10.0, 8.0)
+    rows = []
+    for name in names:
+        plans = rank_layouts(name, cluster, prof)
+        log(f"local {name}: {len(plans)} layouts, load {os.getloadavg()[0]:.1f}")
+        threads = str(max(1, (os.cpu_count() or 1) // N_RANKS))
+        res = run_ranks(measure_layouts, N_RANKS, name, _items(plans, MODELS[name][2]), steps, timeout_s=3600,
+                        env={"OMP_NUM_THREADS": threads})
+        rows += _rows("local 1x2", name, plans, res[0])
+    return rows
+
+
+def run_cluster(names: list[str], prof, steps: int, rate: str, log) -> tuple[list[dict], float]:
+    from trainlib.netcluster import NetCluster
+    from trainlib.planner.spec import ClusterSpec
+
+    rows: list[dict] = []
+    with NetCluster(N_RANKS, rate=rate) as c, tempfile.TemporaryDirectory() as tmp:
+        goodput = statistics.median(c.goodput(seconds=1.0) for _ in range(3))
+        log(f"cluster: {N_RANKS} nodes at {rate}, measured goodput {goodput * 8 / 1e9:.3f} Gbit/s")
+        cluster = ClusterSpec(N_RANKS, 1, "cpu", goodput * 8 / 1e9, 8.0)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PET_", "TORCHELASTIC_"))}
+        env.update(OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // N_RANKS)), TRAINLIB_TIMEOUT_S="600")
+        for name in names:
+            plans = rank_layouts(name, cluster, prof)
+            log(f"cluster {name}: {len(plans)} layouts, load {os.getloadavg()[0]:.1f}")
+            spec, out = Path(tmp, f"{name}.json"), Path(tmp, f"{name}-out.json")
+            spec.write_text(json.dumps({"model": name, "items": _items(plans, MODELS[name][2]), "steps": steps}))
+            cmd = [sys.executable, "-m", "trainlib.benchmarks.bench_plan", "--worker", "--spec", str(spec),
+                   "--out", str(out)]
+            logs = [tempfile.TemporaryFile(mode="w+") for _ in range(N_RANKS)]
+            procs = [c.launch(i, cmd, nproc_per_node=1, env=env, nnodes=N_RANKS, stdout=logs[i],
+                              stderr=subprocess.STDOUT) for i in range(N_RANKS)]
+            codes = c.wait_all(procs, 3600)
+            if any(code != 0 for code in codes) or not out.exists():
+                logs[0].seek(0)
+                raise RuntimeError(f"bench plan cluster/{name}: exit codes {codes}\n{logs[0].read()[-3000:]}")
+            rows += _rows(f"cluster 2x1 {rate}", name, plans, json.loads(out.read_text()))
+    return rows, goodput
+
+
+def summarize(rows: list[dict]) -> dict[str, Any]:
+    t_err = [r["time_error"] for r in rows]
+    m_err = [r["memory_error"] for r in rows]
+    groups: dict[str, Any] = {}
+    for key in sorted({(r["place"], r["model"]) for r in rows}):
+        g = [r for r in rows if (r["place"], r["model"]) == key]
+        best = min(g, key=lambda r: r["measured_s"])
+        first = next(r for r in g if r["planner_rank"] == 1)
+        rho = spearman([r["predicted_s"] for r in g], [r["measured_s"] for r in g])
+        groups[f"{key[0]} / {key[1]}"] = {
+            "layouts": len(g), "planner_first": first["layout"], "measured_best": best["layout"],
+            "first_over_best": round(first["measured_s"] / best["measured_s"], 4),
+            "spearman": None if rho is None else round(rho, 3),
+            "median_time_error": round(statistics.median(r["time_error"] for r in g), 4),
+            "median_memory_error": round(statistics.median(r["memory_error"] for r in g), 4)}
+    rhos = [g["spearman"] for g in groups.values() if g["spearman"] is not None]
+    return {"configurations": len(rows),
+            "median_time_error": round(statistics.median(t_err), 4), "worst_time_error": round(max(t_err), 4),
+            "median_memory_error": round(statistics.median(m_err), 4), "worst_memory_error": round(max(m_err), 4),
+            "memory_within_10pct": round(sum(e <= 0.10 for e in m_err) / len(m_err), 3),
+            "top1_ok": {k: g["first_over_best"] <= 1 + TARGETS["top1_within"] for k, g in groups.items()},
+            "spearman_min": min(rhos) if rhos else None,
+            "spearman_median": round(statistics.median(rhos), 3) if rhos else None,
+            "spearman_all": round(spearman([r["predicted_s"] for r in rows], [r["measured_s"] for r in rows]) or 0, 3),
+            "groups": groups, "targets": TARGETS}
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="trainlib bench plan")
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--steps", type=int, default=3, help="timed steps per layout (after one warm-up)")
+    p.add_argument("--rate", default="1gbit", help="the emulated NICs' rate (tc syntax)")
+    p.add_argument("--no-cluster", action="store_true", help="this machine only (the cluster needs root)")
+    p.add_argument("--profile", help="use this profile instead of calibrating now")
+    return p.parse_args(argv)
+
+
+def run(quick: bool, argv: list[str] | None = None) -> dict:
+    from trainlib import netcluster
+    from trainlib.planner.calibrate import calibrate
+    from trainlib.planner.profile import load
+
+    args = _parse(argv or [])
+    names = args.models.split(",")
+    unknown = [n for n in names if n not in MODELS]
+    if unknown:
+        raise SystemExit(f"trainlib bench plan: --models {unknown} unknown; choose from {', '.join(MODELS)}")
+    if quick:
+        names, args.no_cluster, args.steps = names[:1], True, 2
+
+    def log(msg: str) -> None:
+        print(f"bench plan: {msg}", file=sys.stderr, flush=True)
+
+    t0 = time.time()
+    prof = load(args.profile) if args.profile else calibrate(N_RANKS)
+    log(f"profile {prof.name}: " + ", ".join(f"{k} {v:.3g}" for k, v in prof.values.items()))
+    rows = run_local(names, prof, args.steps, log)
+    goodput = None
+    cluster_skipped = None
+    if not args.no_cluster:
+        cluster_skipped = netcluster.unavailable_reason()
+        if cluster_skipped is None:
+            crow, goodput = run_cluster(names, prof, args.steps, args.rate, log)
+            rows += crow
+        else:
+            log(f"cluster part skipped: {cluster_skipped}")
+    summary = summarize(rows)
+    log(f"done in {time.time() - t0:.0f} s: " + json.dumps({k: v for k, v in summary.items() if k != "groups"}))
+    return {"profile": prof.to_json(), "rows": rows, "summary": summary,
+            "cluster": {"rate": args.rate, "goodput_Bps": goodput, "skipped": cluster_skipped},
+            "result_suffix": "-validation" if not quick else ""}
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.5))
+    keys = sorted({(r["place"], r["model"]) for r in rows})
+    markers = {"local": "o", "cluster": "s"}
+    for k in keys:
+        g = [r for r in rows if (r["place"], r["model"]) == k]
+        m = markers["cluster" if k[0].startswith("cluster") else "local"]
+        axes[0].scatter([r["predicted_s"] * 1e3 for r in g], [r["measured_s"] * 1e3 for r in g], marker=m, s=18,
+                        label=f"{k[0]} / {k[1]}")
+        axes[1].scatter([r["predicted_bytes"] / 2**20 for r in g], [r["measured_bytes"] / 2**20 for r in g],
+                        marker=m, s=18, label=f"{k[0]} / {k[1]}")
+    s = result["summary"]
+    for ax, title, unit in ((axes[0], f"step time: median error {s['median_time_error']:.0%}, worst "
+                                      f"{s['worst_time_error']:.0%}", "ms"),
+                            (axes[1], f"peak memory: median error {s['median_memory_error']:.0%}", "MiB")):
+        lo = min(min(ax.get_xlim()), min(ax.get_ylim()))
+        hi = max(max(ax.get_xlim()), max(ax.get_ylim()))
+        ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(f"predicted ({unit})")
+        ax.set_ylabel(f"measured ({unit})")
+        ax.set_title(title, fontsize=10)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("trainlib plan: predicted vs measured, every ranked layout (2 ranks, shared 2-core machine)",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def table_headline(s: dict) -> str:
+    top1 = sum(s["top1_ok"].values())
+    return (f"{s['configurations']} layouts run: step time median error {s['median_time_error']:.0%}, worst "
+            f"{s['worst_time_error']:.0%}; memory median error {s['median_memory_error']:.0%}; first choice within "
+            f"5% of the measured best in {top1}/{len(s['top1_ok'])} groups; Spearman median "
+            f"{s['spearman_median']}")
+
+
+if __name__ == "__main__":
+    if "--worker" in sys.argv:
+        sys.exit(worker([a for a in sys.argv[1:] if a != "--worker"]))

@@ -1,0 +1,251 @@
+"""trainlib plan: the cost model's formulas against hand-computed cases and a real model, the layout
+enumeration against a brute force over trainlib's own validator, the profile round trip, and the CLI."""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import pytest
+import torch
+
+from trainlib.benchmarks.bench_ps import t_allreduce
+from trainlib.config import ConfigError, ModelConfig, load_config
+from trainlib.pipeline.schedules import theory_bubble
+from trainlib.plan_cli import main
+from trainlib.planner.layouts import MICROBATCH_FACTORS, SCHEDULES, SHARDS, Layout, enumerate_layouts
+from trainlib.planner.memory import peak_memory, stages_of
+from trainlib.planner.profile import KEYS, Profile, load, shipped_names
+from trainlib.planner.spec import ClusterSpec, ModelSpec, PlanError
+from trainlib.planner.timing import dp_sync_time, step_time
+from trainlib.validate import check_batch, check_model_over_mesh, check_pipeline, mesh_layout, not_applicable
+
+GPT = ModelSpec.gpt(ModelConfig())        # 4 blocks, d 128, seq 128, vocab 256: 875,264 parameters
+ONE_NODE = ClusterSpec(1, 2, "cpu", 10.0, 8.0)
+
+
+def profile(**over: float) -> Profile:
+    values = dict(matmul_fp32_flops=1e9, matmul_bf16_flops=2e9, mem_Bps=1e9, op_s=0.0, intra_alpha_s=1e-4,
+                  intra_Bps=1e9, sync_alpha_s=1e-5, sync_Bps=4e9, inter_alpha_s=1e-4, inter_efficiency=0.5,
+                  rs_ag_over_ar=2.0, ps_msg_s=1e-3, ps_Bps=5e8, pp_action_s=1e-3, overlap=0.0, runtime_bytes=0.0,
+                  compute_efficiency=1.0)
+    values.update(over)
+    return Profile("test", "cpu", False, values, {k: "test" for k in values})
+
+
+# -- shapes --------------------------------------------------------------------------------------------
+def test_parameter_counts_match_the_models():
+    from trainlib.models.gpt import GPT as GPTModel
+
+    for cfg in (ModelConfig(), ModelConfig(n_layer=2, d_model=64, n_head=2, seq_len=32, vocab_size=512)):
+        real = [sum(p.numel() for p in layer.parameters()) for layer in GPTModel(cfg).as_layers()]
+        assert ModelSpec.gpt(cfg).layer_params() == real
+
+
+def test_hf_llama_config_counts_llama2_7b(tmp_path):
+    cfg = {"architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "intermediate_size": 11008,
+           "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 32, "vocab_size": 32000,
+           "max_position_embeddings": 4096, "tie_word_embeddings": False}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    spec = ModelSpec.from_hf_config(str(tmp_path / "config.json"))
+    assert spec.kind == "llama" and spec.params == 6_738_415_616   # Llama-2-7B's published count
+
+
+# -- memory --------------------------------------------------------------------------------------------
+def test_memory_hand_computed():
+    # dp2, ZeRO-1, fp32 + AdamW: 4 + 4 + 8/2 = 12 bytes per parameter
+    m = peak_memory(GPT, Layout(1, 2, 1, shard="optimizer"), global_batch=8)
+    assert m.states == 875_264 * 12
+    # 4 sequences x 128 tokens per rank; per block 16 d fp32 = 8192 B/token; logits 256 x 4; embed 2 d x 4
+    assert m.activations == 512 * (4 * 8192 + 256 * 4 + 2 * 128 * 4)
+    # pp2: [embed, b0, b1] | [b2, b3, final] by parameter count; the larger stage holds 445,696 params
+    assert stages_of(GPT, Layout(2, 1, 1, microbatches=2)) == [[[0, 1, 2]], [[3, 4, 5]]]
+    assert peak_memory(GPT, Layout(2, 1, 1, microbatches=2), 8).states == 445_696 * 16
+    # tp2 splits the matrices and the vocabulary, not the LayerNorms, row biases or positions
+    tp2 = peak_memory(GPT, Layout(1, 1, 2), 8).params
+    d, v = 128, 256
+    assert tp2 == (v * d / 2 + 128 * d) + 4 * (6 * d + (198_272 - 6 * d) / 2) + (2 * d + d * v / 2)
+
+
+def test_in_flight_microbatches_follow_the_schedule():
+    base = peak_memory(GPT, Layout(2, 1, 1, schedule="1f1b", microbatches=8), 16).activations
+    gpipe = peak_memory(GPT, Layout(2, 1, 1, schedule="gpipe", microbatches=8), 16).activations
+    # 1F1B holds at most pp = 2 microbatches on rank 0, GPipe all 8
+    assert gpipe / base == pytest.approx(4.0, rel=0.05)
+
+
+@pytest.mark.parametrize("ac", ["none", "selective", "full"])
+def test_activation_counts_against_a_real_gpt(ac):
+    """The per-block counts equal what autograd keeps in trainlib's GPT (storage tracker), within 3%."""
+    from trainlib.activation_checkpointing import apply_activation_checkpointing
+    from trainlib.benchmarks.ac_memory import retained_activation_bytes
+    from trainlib.models.gpt import GPT as GPTModel, GPTConfig
+
+    cfg = GPTConfig(vocab_size=256, seq_len=32, n_layer=2, n_head=4, d_model=64)
+    model = GPTModel(cfg)
+    if ac != "none":
+        apply_activation_checkpointing(model, ac)
+    x = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    retained, _ = retained_activation_bytes(model, (x, x))
+    predicted = peak_memory(ModelSpec.gpt(cfg), Layout(1, 1, 1, ac=ac), global_batch=4).activations
+    assert predicted == pytest.approx(retained, rel=0.03)
+
+
+# -- time ----------------------------------------------------------------------------------------------
+def test_step_time_hand_computed():
+    mlp = ModelSpec.mlp(1000, 2)
+    t = step_time(mlp, Layout(1, 1, 1), ClusterSpec(1, 1, "cpu", 10, 8), profile(), global_batch=10)
+    fwd = 2 * 2 * 1000 ** 2 * 10 / 1e9 + 2 * (2 * 1000) * 10 * 4 / 1e9   # matmuls + ReLU/bias bytes
+    assert t.compute == pytest.approx(3 * fwd)
+    assert t.optimizer == pytest.approx(2 * 1_001_000 * 28 / 1e9)
+    assert t.dp_sync == t.tp == t.bubble == 0
+
+
+def test_dp_sync_ring_and_across_nodes():
+    prof = profile()
+    m = 875_264 * 4
+    one = dp_sync_time(GPT, Layout(1, 2, 1), ONE_NODE, prof, 875_264, backward_s=0.0)
+    assert one == pytest.approx(t_allreduce(m, 2, 4e9, 1e-5))           # shm link inside the node
+    two_nodes = ClusterSpec(2, 1, "cpu", 8.0, 8.0)                      # 1 GB/s NICs at 50% efficiency
+    across = dp_sync_time(GPT, Layout(1, 2, 1), two_nodes, prof, 875_264, backward_s=0.0)
+    assert across == pytest.approx(2 * (2 - 1) / 2 * m / (1e9 * 0.5) + 2 * 1e-4)
+    zero1 = dp_sync_time(GPT, Layout(1, 2, 1, shard="optimizer"), ONE_NODE, prof, 875_264, 0.0)
+    assert zero1 == pytest.approx(2.0 * one)                            # rs_ag_over_ar
+    hidden = dp_sync_time(GPT, Layout(1, 2, 1), ONE_NODE, profile(overlap=1.0), 875_264, backward_s=1.0)
+    assert hidden == 0.0
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "zb-h1"])
+def test_bubble_is_the_schedules_own(schedule):
+    lay = Layout(2, 1, 1, schedule=schedule, microbatches=4)
+    t = step_time(GPT, lay, ONE_NODE, profile(), global_batch=8)
+    assert t.bubble == pytest.approx((t.compute + t.tp) * theory_bubble(schedule, 2, 4), rel=1e-9)
+
+
+# -- enumeration ---------------------------------------------------------------------------------------
+def _reference(model_cfg: dict, world: int, batch: int, precision: str) -> set[tuple]:
+    """Brute force: every combination trainlib's validator accepts without a warning, with the choices a
+    layout ignores (sync with dp = 1, schedule with pp = 1) folded into one canonical entry."""
+    out = set()
+    acs = ("none", "selective", "full")
+    for pp, dp, tp in itertools.product(range(1, world + 1), repeat=3):
+        if pp * dp * tp != world:
+            continue
+        pipes = [("1f1b", 0)] if pp == 1 else [(s, k * pp) for s in SCHEDULES for k in MICROBATCH_FACTORS]
+        for (schedule, m), shard, kind, compress, ac in itertools.product(
+                pipes, SHARDS, ("allreduce", "ps"), ("none", "bf16"), acs):
+            flags = [f"--mesh.pp={pp}", f"--mesh.dp={dp}", f"--mesh.tp={tp}", f"--mesh.schedule={schedule}",
+                     f"--mesh.microbatches={m}", f"--dp.shard={shard}", f"--sync.kind={kind}",
+                     f"--sync.compress={compress}", f"--train.activation_checkpointing={ac}",
+                     f"--train.precision={precision}", f"--train.batch_size={batch}",
+                     *(f"--model.{k}={v}" for k, v in model_cfg.items())]
+            try:
+                cfg = load_config(None, flags)
+                layout = mesh_layout(cfg, world)
+                check_model_over_mesh(cfg, layout)
+                check_batch(cfg, layout)
+                check_pipeline(cfg, layout)
+                if not_applicable(cfg, layout):
+                    continue          # a warning: a value this layout ignores
+            except ConfigError:
+                continue
+            if dp == 1:
+                shard, kind, compress = "none", "allreduce", "none"
+            out.add((pp, dp, tp, shard, schedule if pp > 1 else "-", m if pp > 1 else 0, ac, kind, compress))
+    return out
+
+
+@pytest.mark.parametrize("model_cfg,world,batch,precision", [
+    ({}, 4, 16, "fp32"),                                                  # the default GPT on 4 ranks
+    ({"n_layer": 2, "n_head": 6, "d_model": 192}, 4, 8, "bf16"),          # 6 heads: no tp 4; 4 layers: pp 4 only
+])
+def test_enumeration_equals_brute_force_over_the_validator(model_cfg, world, batch, precision):
+    spec = ModelSpec.gpt(ModelConfig(**model_cfg))
+    got = {(l.pp, l.dp, l.tp, l.shard, l.schedule if l.pp > 1 else "-", l.microbatches if l.pp > 1 else 0, l.ac,
+            l.sync, l.compress)
+           for l in enumerate_layouts(spec, ClusterSpec(1, world, "cpu", 10, 8), batch, precision)}
+    assert got == _reference(model_cfg, world, batch, precision)
+    assert len(got) == len(enumerate_layouts(spec, ClusterSpec(1, world, "cpu", 10, 8), batch, precision))
+
+
+# -- profiles ------------------------------------------------------------------------------------------
+def test_profile_round_trips(tmp_path):
+    p = profile(matmul_fp32_flops=1.5e10)
+    p.measured = {"loadavg_before": [1.0, 2.0, 3.0]}
+    p.save(tmp_path / "p.json")
+    q = load(str(tmp_path / "p.json"))
+    assert (q.values, q.sources, q.validated, q.measured, q.name) == (p.values, p.sources, p.validated, p.measured,
+                                                                       p.name)
+
+
+def test_shipped_profiles_name_a_source_for_every_value():
+    assert {"h100", "h200", "trn1", "trn2", "cpu"} <= set(shipped_names())
+    for name in ("h100", "h200", "trn1", "trn2"):
+        p = load(name)
+        assert not p.validated and set(p.values) == set(KEYS)
+        assert all(p.sources[k].strip() for k in KEYS), name
+
+
+def test_profile_missing_key_is_an_error(tmp_path):
+    data = profile().to_json()
+    del data["values"]["ps_Bps"]
+    (tmp_path / "bad.json").write_text(json.dumps(data))
+    with pytest.raises(PlanError, match="lacks ps_Bps"):
+        load(str(tmp_path / "bad.json"))
+
+
+# -- the command ---------------------------------------------------------------------------------------
+def test_json_ranks_and_the_winner_runs_as_trainlib_train(capsys, tmp_path):
+    from trainlib.trainer import config_from_argv
+    from trainlib.validate import check_run
+
+    assert main(["--json", "--global-batch", "8"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    plans = out["plans"]
+    fit = [p["step_s"] for p in plans if p["fits"]]
+    assert fit == sorted(fit) and all(p["peak_bytes"] > 0 for p in plans)
+    assert all(p["reason"] for p in plans[1:])
+    for nodes, per_node in ((1, 2), (2, 4)):
+        assert main(["--emit", "train", "--nodes", str(nodes), "--devices-per-node", str(per_node),
+                     "--global-batch", "16", "--model.n_layer", "6"]) == 0
+        argv = capsys.readouterr().out.split()
+        assert argv[:2] == ["trainlib", "train"]
+        rest = [a for a in argv[2:] if not a.startswith("--nproc-per-node")]
+        cfg = config_from_argv(rest)
+        assert cfg.model.n_layer == 6 or "--model.n_layer" not in " ".join(rest)
+        assert check_run(cfg, nodes * per_node, nodes, env={}) == []     # accepted, and nothing ignored
+
+
+def test_does_not_fit_is_listed(capsys):
+    assert main(["--device-memory-gb", "0.01", "--global-batch", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "0 fit" in out and "does not fit" in out
+    assert main(["--device-memory-gb", "0.01", "--global-batch", "8", "--emit", "train"]) == 1
+    assert "no layout fits" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--nodes", "0"], "--nodes=0 must be >= 1"),
+    (["--device", "tpu9"], "--device 'tpu9' is not one of"),
+    (["--global-batch", "0"], "--global-batch=0 must be >= 1"),
+    (["--params", "7e9", "--layers", "32"], "add --hidden --vocab --seq"),
+    (["--model", "/nonexistent/config.json"], "no such file"),
+    (["--nic-gbps", "0"], "--nic-gbps=0.0 must be > 0"),
+    (["--model.n_head", "3"], "model.d_model=128 is not divisible by model.n_head=3"),
+    (["--bogus", "1"], "unknown argument '--bogus'"),
+    (["--emit", "helmchart"], "--emit helmchart"),
+    (["--profile", "/nonexistent.json"], "neither a shipped profile"),
+])
+def test_bad_flags_name_the_value_and_the_fix(argv, needle, capsys):
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("trainlib plan: error: ") and needle in err, err
+
+
+def test_projection_7b_on_h200_picks_a_fitting_sharded_or_split_layout(capsys):
+    assert main(["--params", "6.74e9", "--layers", "32", "--hidden", "4096", "--seq", "4096", "--vocab", "32000",
+                 "--nodes", "16", "--devices-per-node", "8", "--device", "h200", "--global-batch", "512", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    best = out["plans"][0]
+    assert best["fits"] and best["peak_bytes"] <= 141 * 2**30 and not out["validated"]
+    assert math.isfinite(best["step_s"]) and best["step_s"] > 0

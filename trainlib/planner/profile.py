@@ -1,0 +1,102 @@
+"""A calibration profile: the handful of machine figures the cost model needs, as a small JSON file.
+
+    {"name": "...", "device": "cpu", "validated": true, "measured": {...conditions...},
+     "values": {"matmul_fp32_flops": {"value": 9.1e10, "source": "measured: torch.mm ..."}, ...}}
+
+Every value carries its source. Shipped profiles (trainlib/planner/profiles/*.json: h100, h200,
+trn1, trn2) come from published figures and are marked "validated": false until a run on the
+device replaces them; `trainlib plan --calibrate` writes a measured one for this machine.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .spec import PlanError
+
+SHIPPED = Path(__file__).resolve().parent / "profiles"
+
+# key -> what it means (the unit is in the name)
+KEYS = {
+    "matmul_fp32_flops": "dense matmul FLOP/s per device in fp32 (on model-sized shapes)",
+    "matmul_bf16_flops": "dense matmul FLOP/s per device in bf16",
+    "mem_Bps": "memory copy bandwidth per device (bytes read + written / s): elementwise ops, the optimizer",
+    "op_s": "fixed cost of one framework op (dispatch, kernel launch)",
+    "intra_alpha_s": "per-step latency of a collective inside a node (ring step; also a p2p message)",
+    "intra_Bps": "link bandwidth inside a node per rank (bytes/s; a ring all-reduce takes 2(n-1)(a + M/(nB)))",
+    "sync_alpha_s": "per-step latency of the data-parallel all-reduce inside a node (its transport: shm on CPU)",
+    "sync_Bps": "link bandwidth of the data-parallel all-reduce inside a node per rank",
+    "inter_alpha_s": "per-step latency of a collective across nodes",
+    "inter_efficiency": "share of the NIC's line rate a collective reaches across nodes (1/kappa of bench cluster)",
+    "rs_ag_over_ar": "reduce-scatter + all-gather time over one all-reduce of the same bytes (ZeRO's sync)",
+    "ps_msg_s": "parameter server: fixed cost per partition message (push + pull)",
+    "ps_Bps": "parameter server: bytes/s one worker's push + pull moves when the network is not the limit",
+    "pp_action_s": "pipeline runtime: fixed cost per schedule action (bookkeeping, tags, posting receives)",
+    "overlap": "share of the data-parallel sync that hides behind the backward (0: none, 1: all but nothing)",
+    "runtime_bytes": "bytes per device the runtime itself holds (CUDA context, NCCL/EFA buffers; 0 on CPU: "
+                     "measured as a delta)",
+    "compute_efficiency": "share of the matmul throughput a model's matmuls reach (shapes, fusion, launch gaps)",
+}
+
+
+@dataclass
+class Profile:
+    name: str
+    device: str
+    validated: bool
+    values: dict[str, float]
+    sources: dict[str, str]
+    measured: dict = field(default_factory=dict)   # conditions of a measured profile: date, load, host
+
+    def __post_init__(self):
+        missing = sorted(set(KEYS) - set(self.values))
+        if missing:
+            raise PlanError(f"profile {self.name!r} lacks {', '.join(missing)}; re-run trainlib plan --calibrate "
+                            "or add them (trainlib/planner/profile.py lists each key)")
+        bad = {k: v for k, v in self.values.items() if not (isinstance(v, (int, float)) and v >= 0)}
+        if bad:
+            raise PlanError(f"profile {self.name!r}: values must be numbers >= 0, got {bad}")
+
+    def __getitem__(self, key: str) -> float:
+        return float(self.values[key])
+
+    def matmul_flops(self, precision: str) -> float:
+        return self["matmul_fp32_flops" if precision == "fp32" else "matmul_bf16_flops"] * self["compute_efficiency"]
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "device": self.device, "validated": self.validated, "measured": self.measured,
+                "values": {k: {"value": self.values[k], "source": self.sources.get(k, "")} for k in KEYS}}
+
+    @staticmethod
+    def from_json(data: dict, where: str = "profile") -> "Profile":
+        try:
+            values = {k: float(v["value"]) for k, v in data["values"].items()}
+            sources = {k: str(v.get("source", "")) for k, v in data["values"].items()}
+            return Profile(str(data["name"]), str(data["device"]), bool(data["validated"]), values, sources,
+                           dict(data.get("measured", {})))
+        except (KeyError, TypeError, ValueError) as e:
+            raise PlanError(f"{where} is not a planner profile ({type(e).__name__}: {e}); write one with "
+                            "`trainlib plan --calibrate --out PROFILE.json`") from None
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=2) + "\n")
+
+
+def shipped_names() -> list[str]:
+    return sorted(p.stem for p in SHIPPED.glob("*.json"))
+
+
+def load(name_or_path: str) -> Profile:
+    """A shipped profile by name (h100, h200, trn1, trn2, cpu) or a JSON file by path."""
+    p = Path(name_or_path)
+    if not p.suffix and (SHIPPED / f"{name_or_path}.json").exists():
+        p = SHIPPED / f"{name_or_path}.json"
+    if not p.exists():
+        raise PlanError(f"--device {name_or_path!r} is neither a shipped profile ({', '.join(shipped_names())}) nor a "
+                        "profile file; run `trainlib plan --calibrate --out PROFILE.json` and pass --profile PROFILE.json")
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise PlanError(f"profile {str(p)!r} cannot be read as JSON: {e}") from None
+    return Profile.from_json(data, str(p))

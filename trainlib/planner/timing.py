@@ -1,0 +1,174 @@
+"""Predicted seconds per optimizer step for a layout, as a breakdown.
+
+    compute      matmul FLOPs / (matmul throughput x efficiency) + elementwise bytes / memory bandwidth
+                 + framework ops x op cost; backward = 2 x forward matmuls; full recompute adds a
+                 forward, selective adds the elementwise part of one (Korthikanti et al. 2022, sec. 5)
+    tp           Megatron f/g: 2 all-reduces of the microbatch's activations per block in forward and 2
+                 in backward (Shoeybi et al. 2019), on the critical path; ring time 2(n-1)(a + M/(nB))
+                 (trainlib.benchmarks.bench_ps.t_allreduce)
+    bubble       the pipeline runs the slowest rank's work stretched by makespan / busy of the schedule's
+                 own unit-cost replay (trainlib.pipeline.schedules: (p-1)/m for GPipe/1F1B, (p-1)/(vm)
+                 interleaved, (p-1)/(3m) ZB-H1), plus a fixed cost and a p2p message per action
+    dp sync      gradient bytes over the dp group: ring inside a node; across nodes the bytes on the busiest
+                 NIC (trainlib.benchmarks.bench_cluster.wire_bytes: hierarchical, each byte crosses once per
+                 node) over the NIC's line rate x efficiency; ZeRO 1/2 = reduce-scatter + all-gather
+                 (x rs_ag_over_ar), ZeRO-3 adds a second all-gather (x 1.5); bf16 compression halves the
+                 bytes and costs a cast; the parameter server pays a fixed cost per 4 MB partition and the
+                 busiest server's bytes (BytePS: max(M, n M / k), bench_ps.t_ps). Only the part that does
+                 not hide behind the backward (profile "overlap") is added.
+    optimizer    AdamW reads and writes ~28 bytes per owned parameter (p, g, m, v in; p, m, v out)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from trainlib.benchmarks.bench_cluster import wire_bytes
+from trainlib.benchmarks.bench_ps import t_allreduce
+from trainlib.pipeline.schedules import build_schedule
+
+from .layouts import Layout
+from .memory import STAGE, act_bytes, local_layer_params, stages_of
+from .profile import Profile
+from .spec import ClusterSpec, ModelSpec
+
+PARTITION_BYTES = 4 * 2**20      # the parameter server's partition (config.SyncConfig.partition_mb)
+OPS_PER_BLOCK = 14               # forward ops of one GPT block (norms, linears, attention, views, adds)
+OPT_BYTES_PER_PARAM = 28
+
+
+@dataclass(frozen=True)
+class TimeBreakdown:
+    compute: float
+    tp: float
+    bubble: float
+    pp_actions: float
+    dp_sync: float
+    optimizer: float
+
+    @property
+    def total(self) -> float:
+        return self.compute + self.tp + self.bubble + self.pp_actions + self.dp_sync + self.optimizer
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: round(v, 6) for k, v in asdict(self).items()}
+
+
+def _elementwise_elements(model: ModelSpec, tp: int) -> float:
+    """Elements read + written per token per block by the non-matmul ops of a forward."""
+    d, f = model.d_model, model.ffn
+    if model.kind == "mlp":
+        return 2.0 * d
+    return 10 * d + 2 * f / tp
+
+
+def _ring(nbytes: float, n: int, alpha: float, bw: float) -> float:
+    return t_allreduce(nbytes, n, bw, alpha)
+
+
+def _group_span(cluster: ClusterSpec, size: int, stride: int) -> tuple[int, int]:
+    """(nodes, ranks per node) of a mesh group of `size` ranks `stride` apart (tp innermost, then dp, pp)."""
+    per_node = max(1, min(size, cluster.devices_per_node // stride)) if stride <= cluster.devices_per_node else 1
+    return max(1, math.ceil(size / per_node)), per_node
+
+
+def allreduce_time(nbytes: float, size: int, stride: int, cluster: ClusterSpec, prof: Profile,
+                   link: str = "intra") -> float:
+    """One all-reduce of nbytes over a group (see the module docstring); link: "intra" (the
+    collectives TP and PP use) or "sync" (the data-parallel transport inside a node)."""
+    if size <= 1 or nbytes <= 0:
+        return 0.0
+    nodes, per_node = _group_span(cluster, size, stride)
+    if nodes == 1:
+        return _ring(nbytes, size, prof[f"{link}_alpha_s"], prof[f"{link}_Bps"])
+    groups_per_node = max(1, cluster.devices_per_node // per_node)   # the other groups share the NIC
+    backend = "hierarchical" if per_node > 1 else "allreduce"
+    wire = wire_bytes(backend, nbytes, nodes, per_node, 1) * groups_per_node
+    t = wire / (cluster.nic_Bps * prof["inter_efficiency"]) + 2 * (nodes - 1) * prof["inter_alpha_s"]
+    if per_node > 1:
+        t += _ring(nbytes, per_node, prof[f"{link}_alpha_s"], prof[f"{link}_Bps"])
+    return t
+
+
+def dp_sync_time(model: ModelSpec, layout: Layout, cluster: ClusterSpec, prof: Profile, params: float,
+                 backward_s: float) -> float:
+    if layout.dp == 1:
+        return 0.0
+    m = params * 4                      # gradients are reduced in fp32 (MixedPrecision's reduce_dtype)
+    stride = layout.tp
+    if layout.sync == "ps":
+        nodes, per_node = _group_span(cluster, layout.dp, stride)
+        servers = nodes                 # colocated: one server per node
+        msgs = math.ceil(m / PARTITION_BYTES)
+        cpu = msgs * prof["ps_msg_s"] + max(m, layout.dp * m / servers) / prof["ps_Bps"]
+        wire = 0.0
+        if nodes > 1:
+            wire = (wire_bytes("ps_colocated", m, nodes, per_node, servers)
+                    / (cluster.nic_Bps * prof["inter_efficiency"]))
+        t = max(cpu, wire)
+    else:
+        wire_m = m / 2 if layout.compress == "bf16" else m
+        # on CPU, compressed buckets and ZeRO-2/3's transient gradient wires go through torch (gloo),
+        # whole fp32 buckets through the node's own transport (shm): README "Gradient sync", "ZeRO"
+        link = "intra" if layout.compress == "bf16" or STAGE[layout.shard] >= 2 else "sync"
+        t = allreduce_time(wire_m, layout.dp, stride, cluster, prof, link)
+        if STAGE[layout.shard] >= 1:
+            t *= prof["rs_ag_over_ar"] * (1.5 if layout.shard == "parameters" else 1.0)
+        if layout.compress == "bf16":
+            t += 2 * (m + m / 2) / prof["mem_Bps"]   # cast to bf16 and back, both ways
+    return max(0.0, t - prof["overlap"] * backward_s)
+
+
+def step_time(model: ModelSpec, layout: Layout, cluster: ClusterSpec, prof: Profile, global_batch: int) -> TimeBreakdown:
+    ab = act_bytes(layout.precision)
+    per_rank = global_batch // layout.dp
+    m = layout.microbatches if layout.pp > 1 else 1
+    tok_per_seq = model.seq_len if model.kind != "mlp" else 1
+    tokens = per_rank * tok_per_seq
+    mb_tokens = tokens / m
+    flops_s = prof.matmul_flops(layout.precision)
+    last = model.pipeline_layers() - 1
+    recompute = {"none": 0.0, "selective": 0.0, "full": 1.0}[layout.ac]
+    worst: tuple[float, float, float] | None = None
+    sync_max = opt_max = 0.0
+    for stages in stages_of(model, layout):
+        layers = [lay for s in stages for lay in s]
+        blocks = sum(1 for lay in layers if model.kind == "mlp" or 0 < lay < last)
+        fwd_flops = sum(model.matmul_flops_per_token(lay) for lay in layers) / layout.tp * tokens
+        elem = blocks * _elementwise_elements(model, layout.tp) * tokens * ab
+        if model.kind != "mlp" and last in layers:
+            elem += 4 * tokens * model.vocab_size / layout.tp * 4     # softmax + loss + their gradients
+        ops = blocks * OPS_PER_BLOCK * m
+        fwd = fwd_flops / flops_s + elem / prof["mem_Bps"] + ops * prof["op_s"]
+        elem_fwd = elem / prof["mem_Bps"] + ops * prof["op_s"]
+        compute = fwd * (3 + recompute) + (elem_fwd if layout.ac == "selective" else 0.0)
+        tp_t = 0.0
+        if layout.tp > 1:
+            per_mb = allreduce_time(mb_tokens * model.d_model * ab, layout.tp, 1, cluster, prof)
+            tp_t = per_mb * m * (blocks * (4 + 2 * recompute) + 3)
+        params = sum(local_layer_params(model, lay, layout.tp) for lay in layers) * model.param_scale
+        backward_s = compute * 2 / 3
+        sync = dp_sync_time(model, layout, cluster, prof, params, backward_s)
+        owned = params / layout.dp if STAGE[layout.shard] >= 1 else params
+        opt = owned * OPT_BYTES_PER_PARAM / prof["mem_Bps"]
+        if worst is None or compute + tp_t > worst[0]:
+            worst = (compute + tp_t, compute, tp_t)
+        sync_max, opt_max = max(sync_max, sync), max(opt_max, opt)
+    assert worst is not None
+    _, compute, tp_t = worst
+    sync, opt = sync_max, opt_max
+    bubble = actions = 0.0
+    if layout.pp > 1:
+        sched = build_schedule(layout.schedule, layout.pp, m, 2 if layout.schedule == "interleaved" else None)
+        sim = sched.simulate()
+        bubble = (compute + tp_t) * (sim["makespan"] / sim["busy_per_rank"] - 1)
+        n_actions = max(len(a) for a in sched.actions)
+        stage_nodes, _ = _group_span(cluster, layout.pp, layout.tp * layout.dp)
+        msg = mb_tokens * model.d_model * ab
+        if stage_nodes > 1:
+            p2p = prof["inter_alpha_s"] + msg / (cluster.nic_Bps * prof["inter_efficiency"] /
+                                                 max(1, cluster.devices_per_node))
+        else:
+            p2p = prof["intra_alpha_s"] + msg / prof["intra_Bps"]
+        actions = n_actions * (prof["pp_action_s"] + p2p)
+    return TimeBreakdown(compute, tp_t, bubble, actions, sync, opt)
