@@ -184,12 +184,18 @@ def run(fn: Callable[[dict], Any], num_workers: int, config: dict | None = None,
                                  min(place_timeout_s, _left(deadline)))
         attempt = {"attempt": len(attempts), "world_size": world, "resumed_from": resumed}
         attempts.append(attempt)
-        group = start_group(fn, pg, placement_group is None, world, config, bundle, {**(env or {}), **restart_env},
-                            _left(deadline))
         try:
-            results, failure = _wait(group, deadline, timeout_s)
-        finally:
-            group.shutdown()
+            group = start_group(fn, pg, placement_group is None, world, config, bundle,
+                                {**(env or {}), **restart_env}, _left(deadline))
+        except Exception as e:  # an actor (or its node) died while starting: the same policy as later on
+            if not is_retryable(e):
+                raise
+            results, failure = [], e
+        else:
+            try:
+                results, failure = _wait(group, deadline, timeout_s)
+            finally:
+                group.shutdown()
         if failure is None:
             attempt["outcome"] = "ok"
             return RunResults(results, attempts)
