@@ -13,7 +13,8 @@ Installed as `trainlib.launchers` (never import a bare `launchers`). One concept
     mpi.py           mpiexec ranks -> torch.distributed env; MPIJob launcher -> mpirun command
     envinfo.py       `trainlib env`: print the plan without running anything
     manifests.py     PyTorchJob / MPIJob objects; gang.py PodGroups and queues; ps.py servers
-    webhooks.py      the operators' admission rules, re-implemented as checks
+    rayjob.py        KubeRay RayJob / RayCluster objects; trainjob.py Trainer v2 TrainJob + runtime
+    webhooks.py      the operators' admission rules, re-implemented as checks (admission.py: KubeRay, Trainer v2)
     k8s.py           `trainlib k8s`: print manifests as YAML
     ray.py           N Ray workers in one placement group running a torch.distributed function
     tune.py          hyper-parameter search with Ray Tune over trainlib runs
