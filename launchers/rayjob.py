@@ -104,8 +104,10 @@ def _head(spec: JobSpec) -> dict:
     head_spec = dataclasses.replace(spec, gpus_per_node=0, neuron_cores=0, efa=0, instance_type=None,
                                     cpu=HEAD_CPU, memory=HEAD_MEMORY, shm_size=HEAD_SHM)
     tpl = pod_template([_ray_container(head_spec, "ray-head", [])], head_spec)
-    tpl["metadata"]["labels"].pop(JOB_LABEL)   # the workers' one-zone affinity must not follow the head
-    # the head holds no accelerator and needs the API token for nothing; `num-cpus: 0` keeps actors off it
+    # the workers' one-zone affinity selects this label: a head scheduled first in a zone without
+    # accelerator capacity must not pin the workers there
+    tpl["metadata"]["labels"].pop(JOB_LABEL)
+    # `num-cpus: 0`: no training actor is placed on the head (the driver needs none)
     return {"rayStartParams": {"num-cpus": "0"}, "template": tpl}
 
 
