@@ -12,17 +12,22 @@ from the operators' sources:
 - Trainer v2.3 (pkg/webhooks, plugins/torch, plugins/jobset, trainjob_types.go): a TrainJob name
   is at most 63 characters and its pods' hostnames `<name>-node-0-<i>` must be DNS labels; the
   trainer env must not set PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK, PET_MASTER_ADDR or
-  PET_MASTER_PORT; runtime patches may not set env on the `node` container. A runtime's replicated
+  PET_MASTER_PORT; a runtime patch's manager is a domain-prefixed path (`example.com/name`) and
+  may not set env on the `node` container. A runtime's replicated
   job labelled as the trainer ancestor has 1 replica and a container named `node`.
 - Pods everywhere: webhooks.check_pod_spec (huge pages, extended resources, mounted volumes).
 """
 from __future__ import annotations
+
+import re
 
 from trainlib.launchers.rayjob import MAX_RAYCLUSTER_NAME, MAX_RAYJOB_NAME
 from trainlib.launchers.trainjob import ANCESTOR_LABEL, NODE, RESERVED_ENV
 from trainlib.launchers.webhooks import DNS1035, _label_ok, check_all, check_pod_spec
 
 RAY_START_RESOURCE_KEYS = ("num-cpus", "num-gpus", "memory", "resources")
+_DNS1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_HTTP_PATH = re.compile(r"[A-Za-z0-9/\-._~%!$&'()*+,;=:]+")   # apimachinery's httpPathRegexp
 
 
 def _ray_cluster_spec(spec: dict, where: str) -> list[str]:
@@ -95,6 +100,10 @@ def check_trainjob(doc: dict) -> list[str]:
     if reserved:
         errs.append(f"TrainJob spec.trainer.env must not set {reserved}: the torch plugin sets them")
     for patch in doc["spec"].get("runtimePatches", []):
+        host, _, path = patch.get("manager", "").partition("/")
+        if not (_DNS1123_SUBDOMAIN.fullmatch(host) and len(host) <= 253 and _HTTP_PATH.fullmatch(path)):
+            errs.append(f"TrainJob runtimePatches manager {patch.get('manager')!r} must be a domain-prefixed path "
+                        "such as example.com/tool")
         rjobs = patch.get("trainingRuntimeSpec", {}).get("template", {}).get("spec", {}).get("replicatedJobs", [])
         for rj in rjobs:
             pod = rj.get("template", {}).get("spec", {}).get("template", {}).get("spec", {})

@@ -41,7 +41,7 @@ NODE = "node"                     # the trainer's replicated job and container n
 TRAINER_PORT = 29500              # PET_MASTER_PORT (Trainer constants.ContainerTrainerPort)
 RESERVED_ENV = ("PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT")
 VOLCANO_QUEUE_ANNOTATION = "scheduling.volcano.sh/queue-name"
-PATCH_MANAGER = "trainlib"
+PATCH_MANAGER = "trainlib/k8s"   # the jobset plugin requires a domain-prefixed path (IsDomainPrefixedPath)
 LAUNCH = ["trainlib", "launch", "--"]
 
 

@@ -262,6 +262,7 @@ def test_prometheus_annotations_and_endpoint():
 def test_checks_reject_broken_manifests():
     rt, job = [one(docs_of("trainjob-runtime-p5-volcano"), k) for k in ("ClusterTrainingRuntime", "TrainJob")]
     (ray,) = docs_of("rayjob-cpu")
+    patched = one(docs_of("trainjob-p5-efa"), "TrainJob")
     bad = copy.deepcopy(job)
     bad["spec"]["trainer"]["numProcPerNode"] = "8"               # an int in v2.3 (a string was v2.0's IntOrString)
     assert any("numProcPerNode" in e for e in strict_errors(bad))
@@ -279,6 +280,10 @@ def test_checks_reject_broken_manifests():
     assert any("groupName" in e for e in strict_errors(bad))
     cases = [
         (job, lambda d: d["metadata"].update(name="g" * 60), "hostname"),
+        (patched, lambda d: d["spec"]["runtimePatches"][0].update(manager="trainlib"), "domain-prefixed path"),
+        (patched, lambda d: d["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
+         ["template"]["spec"]["template"]["spec"]["containers"][0].update(env=[{"name": "A", "value": "1"}]),
+         "no env on the node container"),
         (job, lambda d: d["spec"]["trainer"].setdefault("env", []).append({"name": "PET_NNODES", "value": "2"}),
          "PET_NNODES"),
         (rt, lambda d: d["spec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
