@@ -9,6 +9,9 @@ from the operators' sources:
   it needs rayClusterSpec (or a clusterSelector); backoffLimit >= 0; head and every worker group
   have a container; without autoscaling every group sets minReplicas <= maxReplicas, both >= 0;
   a group's `resources` and rayStartParams num-cpus/num-gpus/memory/resources exclude each other.
+- Kueue's RayJob/RayCluster webhooks (pkg/controller/jobs/rayjob, raycluster), for objects with
+  the queue label: no autoscaling, at most 7 worker groups, none named `head`, and a RayJob
+  deletes its cluster when it ends (shutdownAfterJobFinishes).
 - Trainer v2.3 (pkg/webhooks, plugins/torch, plugins/jobset, trainjob_types.go): a TrainJob name
   is at most 63 characters and its pods' hostnames `<name>-node-0-<i>` must be DNS labels; the
   trainer env must not set PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK, PET_MASTER_ADDR or
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import re
 
+from trainlib.launchers.gang import QUEUE_LABEL
 from trainlib.launchers.rayjob import MAX_RAYCLUSTER_NAME, MAX_RAYJOB_NAME
 from trainlib.launchers.trainjob import ANCESTOR_LABEL, NODE, RESERVED_ENV
 from trainlib.launchers.webhooks import DNS1035, _label_ok, check_all, check_pod_spec
@@ -66,8 +70,20 @@ def _name(doc: dict, limit: int) -> list[str]:
     return []
 
 
+def _kueue_ray(doc: dict, spec: dict) -> list[str]:
+    if QUEUE_LABEL not in doc["metadata"].get("labels", {}):
+        return []
+    errs, groups = [], spec.get("workerGroupSpecs", [])
+    if spec.get("enableInTreeAutoscaling"):
+        errs.append(f"{doc['kind']} for Kueue: no autoscaling (the queue reserved a fixed set of resources)")
+    if len(groups) > 7 or any(g.get("groupName") == "head" for g in groups):
+        errs.append(f"{doc['kind']} for Kueue: at most 7 worker groups, none named 'head'")
+    return errs
+
+
 def check_raycluster(doc: dict) -> list[str]:
-    return _name(doc, MAX_RAYCLUSTER_NAME) + _ray_cluster_spec(doc["spec"], "RayCluster.spec")
+    return (_name(doc, MAX_RAYCLUSTER_NAME) + _ray_cluster_spec(doc["spec"], "RayCluster.spec")
+            + _kueue_ray(doc, doc["spec"]))
 
 
 def check_rayjob(doc: dict) -> list[str]:
@@ -84,6 +100,9 @@ def check_rayjob(doc: dict) -> list[str]:
         errs.append("RayJob: one of rayClusterSpec or clusterSelector must be set")
     if "rayClusterSpec" in spec:
         errs += _ray_cluster_spec(spec["rayClusterSpec"], "RayJob.spec.rayClusterSpec")
+        errs += _kueue_ray(doc, spec["rayClusterSpec"])
+        if QUEUE_LABEL in doc["metadata"].get("labels", {}) and not shutdown:
+            errs.append("RayJob for Kueue: shutdownAfterJobFinishes must be true (the cluster holds the queue's quota)")
     return errs
 
 

@@ -263,6 +263,7 @@ def test_checks_reject_broken_manifests():
     rt, job = [one(docs_of("trainjob-runtime-p5-volcano"), k) for k in ("ClusterTrainingRuntime", "TrainJob")]
     (ray,) = docs_of("rayjob-cpu")
     patched = one(docs_of("trainjob-p5-efa"), "TrainJob")
+    kueue_ray = one(docs_of("rayjob-kueue"), "RayJob")
     bad = copy.deepcopy(job)
     bad["spec"]["trainer"]["numProcPerNode"] = "8"               # an int in v2.3 (a string was v2.0's IntOrString)
     assert any("numProcPerNode" in e for e in strict_errors(bad))
@@ -291,6 +292,11 @@ def test_checks_reject_broken_manifests():
         (rt, lambda d: d["spec"]["template"]["spec"]["replicatedJobs"][0].update(replicas=2), "replicas 1"),
         (rt, lambda d: d["spec"].update(podGroupPolicy={"volcano": {}, "coscheduling": {}}), "only one"),
         (ray, lambda d: d["metadata"].update(name="r" * 48), "at most 47"),
+        (kueue_ray, lambda d: d["spec"]["rayClusterSpec"].update(enableInTreeAutoscaling=True), "no autoscaling"),
+        (kueue_ray, lambda d: d["spec"].update(shutdownAfterJobFinishes=False, ttlSecondsAfterFinished=0),
+         "RayJob for Kueue: shutdownAfterJobFinishes"),
+        (kueue_ray, lambda d: d["spec"]["rayClusterSpec"]["workerGroupSpecs"][0].update(groupName="head"),
+         "none named 'head'"),
         (ray, lambda d: d["spec"].update(shutdownAfterJobFinishes=False), "ttlSecondsAfterFinished needs"),
         (ray, lambda d: d["spec"]["rayClusterSpec"]["workerGroupSpecs"][0].update(minReplicas=3), "need 0 <= min <= max"),
         (ray, lambda d: d["spec"]["rayClusterSpec"]["headGroupSpec"].update(resources={"cpu": "1"}), "accepts only one"),
