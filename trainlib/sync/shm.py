@@ -291,7 +291,13 @@ class ShmHandle:
         self.worker, self.key, self.seq = worker, key, seq
 
     def wait(self, timeout_s: float | None = None) -> None:
+        obs = step_stats._active
+        if obs is None:
+            self.worker.wait_for(self.seq)
+            return
+        t0 = time.perf_counter()   # the step breakdown: a wait outside sync_wait (ZeRO-3's gathers) is exposed
         self.worker.wait_for(self.seq)
+        obs.blocked_on(t0, time.perf_counter())
 
 
 class ShmWorker:
