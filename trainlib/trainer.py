@@ -185,6 +185,7 @@ def train(cfg: Config, callbacks: list[Callback] | tuple[Callback, ...] = ()) ->
                                             "params": n_params, "start_step": start})
     # the step breakdown (observe/step_stats.py): this rank's sums over the log window and the run
     model.observe = cfg.observe.breakdown
+    step_stats.abandon_step()   # a step left open by an earlier train() in this process that raised
     window_stats, run_stats = (WindowStats(), WindowStats()) if model.observe else (None, None)
     if model.observe:
         step_stats.reset_peak_memory()
