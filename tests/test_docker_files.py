@@ -188,3 +188,17 @@ def test_neuron_image_pins_and_host_memory_setting():
     assert (2, 29, 0) <= sdk < (2, 30, 0) and torch_version.startswith("2.9."), base
     env = " ".join(rest for op, rest in ins if op == "ENV")
     assert "MALLOC_ARENA_MAX=64" in env
+
+
+@pytest.mark.parametrize("name", ["Dockerfile.gpu", "Dockerfile.neuron"])
+def test_images_carry_ray_and_the_prometheus_client(name):
+    """KubeRay runs `ray start` in the trainlib image (trainlib k8s rayjob), which needs ray[default];
+    the scrape annotations the generators add need --observe.prometheus's client in the image."""
+    ins = instructions(ROOT / name)
+    args = dict(rest.split("=", 1) for op, rest in ins if op == "ARG" and "=" in rest)
+    run = " ".join(rest for op, rest in ins if op == "RUN")
+    assert re.fullmatch(r"\d+\.\d+\.\d+", args["RAY_VERSION"]), args
+    assert '"ray[default,tune]==${RAY_VERSION}"' in run
+    assert "observe]" in run or '"prometheus-client' in run
+    if name == "Dockerfile.neuron":  # never moves the Neuron SDK's own packages
+        assert "pip list --format=freeze > /tmp/neuron-pins.txt" in run and "-c /tmp/neuron-pins.txt" in run
