@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from trainlib.callbacks import Callback
 from trainlib.testing import run_ranks
 
@@ -25,6 +27,9 @@ class Recorder(Callback):
 
     def on_train_end(self, summary):
         self.events.append(("end", summary))
+
+    def on_train_error(self, error):
+        self.events.append(("error", error))
 
 
 def recorded_run(argv: list[str]) -> tuple[dict, list]:
@@ -48,3 +53,44 @@ def test_callbacks_on_rank0_match_metrics_file_and_summary(tmp_path):
     assert [r["step"] for r in logs] == [1, 2, 4]
     assert [e[1:] for e in ev0 if e[0] == "ckpt"] == [(3, str(ck)), (4, str(ck))]
     assert ev0[-1] == ("end", s0) and logs[-1]["loss"] == round(s0["loss_last"], 5)
+
+
+class Boom(Callback):
+    def on_log(self, record):
+        if record["step"] == 2:
+            raise RuntimeError("sink down at step 2")
+
+
+def failing_run(argv: list[str], mlflow_uri: str) -> dict:
+    """train() raising on rank 0: every started callback (a real MLflow sink among them) sees the error."""
+    from trainlib import trainer
+    from trainlib.config import load_config
+    from trainlib.observe.mlflow_sink import MLflowSink
+
+    rec, sink = Recorder(), MLflowSink(mlflow_uri, "errors")
+    try:
+        trainer.train(load_config(None, argv), callbacks=[rec, Boom(), sink])
+    except RuntimeError as e:
+        errors = [ev for ev in rec.events if ev[0] == "error"]
+        return {"raised": str(e), "seen": [str(ev[1]) for ev in errors], "run_id": sink.run_id,
+                "logs": [ev[1]["step"] for ev in rec.events if ev[0] == "log"]}
+    return {"raised": None}
+
+
+def test_an_error_reaches_every_callback_and_marks_the_mlflow_run_failed(tmp_path, monkeypatch):
+    mlflow = pytest.importorskip("mlflow")
+    uri = tmp_path.joinpath("mlruns").as_uri()
+    argv = ["--train.steps=4", "--train.log_every=1", "--model.n_layer=1", f"--train.metrics={tmp_path / 'm.jsonl'}"]
+    out, = run_ranks(failing_run, 1, argv, uri, env={"MLFLOW_ALLOW_FILE_STORE": "true"}, timeout_s=120)
+    assert out["raised"] == "sink down at step 2" and out["seen"] == ["sink down at step 2"]
+    assert out["logs"] == [1, 2]
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    run = mlflow.MlflowClient(uri).get_run(out["run_id"])
+    assert run.info.status == "FAILED" and run.data.tags["trainlib.error"] == "RuntimeError: sink down at step 2"
+    assert not (tmp_path / "summary.json").exists()   # a failed run writes no summary
+
+
+def test_rank0_writes_the_summary_beside_the_metrics(tmp_path):
+    argv = ["--train.steps=2", "--model.n_layer=1", f"--train.metrics={tmp_path / 'm.jsonl'}"]
+    (s0, _), (s1, _) = run_ranks(recorded_run, 2, argv, timeout_s=180)
+    assert json.loads((tmp_path / "summary.json").read_text()) == json.loads(json.dumps(s0, default=str))

@@ -11,7 +11,10 @@ run inline in the loop: a slow one slows training, so keep them cheap or hand wo
 """
 from __future__ import annotations
 
+import logging
 from typing import Any
+
+log = logging.getLogger("trainlib")
 
 
 class Callback:
@@ -29,7 +32,21 @@ class Callback:
     def on_train_end(self, summary: dict[str, Any]) -> None:
         """After the last step, with the run's summary (the JSON `trainlib train` prints)."""
 
+    def on_train_error(self, error: BaseException) -> None:
+        """train() is raising `error` (a lost peer, a bad step, Ctrl-C): mark the run failed, release
+        what you hold. The error is re-raised after every callback has seen it."""
+
 
 def fire(callbacks: list[Callback] | tuple[Callback, ...], event: str, *args: Any) -> None:
     for cb in callbacks:
         getattr(cb, event)(*args)
+
+
+def fire_error(callbacks: list[Callback] | tuple[Callback, ...], error: BaseException) -> None:
+    """on_train_error on every callback; one that fails is logged, so the others and the original
+    error still get through."""
+    for cb in callbacks:
+        try:
+            cb.on_train_error(error)
+        except Exception:  # noqa: BLE001 - the run's own error is the one to raise
+            log.exception("%s.on_train_error failed", type(cb).__name__)

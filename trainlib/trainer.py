@@ -31,7 +31,7 @@ from . import comm
 from . import rank_errors
 from .config import Config, ConfigError, describe_flags, load_config
 from .data import DistributedSampler, default_tokens
-from .callbacks import Callback, fire
+from .callbacks import Callback, fire, fire_error
 from .checkpoint import resume
 from .data_parallel import DataParallel
 from .mesh import Mesh, MeshError
@@ -42,7 +42,7 @@ from .optim import DistributedOptimizer
 from .compose import ParallelModel, lm_loss_fn, parallelize
 from .precision import MixedPrecision
 from .tensor_parallel import GPT_PLAN
-from .runtime import LaunchError
+from .runtime import LaunchError, current
 from .errors import CollectiveMismatch, CollectiveTimeout
 from .validate import check_run
 
@@ -153,7 +153,29 @@ def train(cfg: Config, callbacks: list[Callback] | tuple[Callback, ...] = ()) ->
     """Run the training loop on this rank; returns the summary (identical on every rank).
 
     `callbacks` (trainlib.Callback) are called on rank 0 only: before the first step, at every log
-    window with the metrics record, after each checkpoint and at the end with the summary."""
+    window with the metrics record, after each checkpoint, at the end with the summary, and with
+    the error if training raises. Rank 0 also writes the summary as summary.json beside
+    train.metrics (what `trainlib report` reads)."""
+    live: list[Callback] = []   # the callbacks actually started (rank 0's, sinks included)
+    try:
+        summary = _train(cfg, callbacks, live)
+    except BaseException as e:
+        fire_error(live, e)
+        raise
+    rt = current()
+    if rt is not None and rt.is_main:
+        _write_summary(cfg, summary)
+    return summary
+
+
+def _write_summary(cfg: Config, summary: dict) -> None:
+    path = Path(cfg.train.metrics).with_name("summary.json")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(summary, indent=1, default=str))
+    os.replace(tmp, path)   # a report never reads half a summary
+
+
+def _train(cfg: Config, callbacks: list[Callback] | tuple[Callback, ...], live: list[Callback]) -> dict:
     import trainlib as tl
 
     rt = tl.init()
@@ -181,6 +203,7 @@ def train(cfg: Config, callbacks: list[Callback] | tuple[Callback, ...] = ()) ->
     start, counters = resume.restore(cfg.checkpoint, model, opt, sampler, counters)
     loss_first, loss_last = counters["loss_first"], float("nan")
     callbacks = (*_sinks(cfg), *callbacks) if rt.is_main else ()
+    live.extend(callbacks)
     fire(callbacks, "on_train_start", cfg, {"world_size": rt.world_size, "mesh": dict(mesh.layout.__dict__),
                                             "params": n_params, "start_step": start})
     # the step breakdown (observe/step_stats.py): this rank's sums over the log window and the run

@@ -101,3 +101,8 @@ class MLflowSink(Callback):
         self._batch(metrics={f"summary/{k}": v for k, v in flatten_numeric(summary).items()}, step=step)
         self.client.log_dict(self.run_id, summary, "summary.json")
         self.client.set_terminated(self.run_id, "FINISHED")
+
+    def on_train_error(self, error: BaseException) -> None:
+        if self.run_id is not None:   # a run left RUNNING would look alive in the MLflow UI forever
+            self.client.set_tag(self.run_id, "trainlib.error", f"{type(error).__name__}: {error}"[:5000])
+            self.client.set_terminated(self.run_id, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")

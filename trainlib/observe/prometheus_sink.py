@@ -69,3 +69,6 @@ class PrometheusSink(Callback):
 
     def on_train_end(self, summary: dict[str, Any]) -> None:
         self.server.close()
+
+    def on_train_error(self, error: BaseException) -> None:
+        self.server.close()   # free the port: a restarted rank 0 in this pod binds it again

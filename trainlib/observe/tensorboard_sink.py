@@ -53,3 +53,6 @@ class TensorBoardSink(Callback):
         self.writer.add_text("summary", "```\n" + json.dumps(summary, indent=2, default=str) + "\n```", step)
         self.writer.close()
         log.info("TensorBoard events in %s", self.log_dir)
+
+    def on_train_error(self, error: BaseException) -> None:
+        self.writer.close()   # what was logged before the failure stays readable
