@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import secrets
 
-from trainlib.launchers.manifests import JobSpec
+from trainlib.launchers.manifests import JobSpec, prometheus_annotations
 
 TOKEN_DIR = "/var/run/trainlib-ps"
 
@@ -57,16 +57,22 @@ def ps_objects(spec: JobSpec) -> list[dict]:
     objs.append({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "labels": labels, **md},
                  "spec": {"clusterIP": "None", "publishNotReadyAddresses": True, "selector": labels,
                           "ports": [{"name": "ps", "port": port, "targetPort": port, "protocol": "TCP"}]}})
+    command = ["trainlib", "ps-server", "--bind", f"0.0.0.0:{port}"]
+    ports = [{"name": "ps", "containerPort": port, "protocol": "TCP"}]
+    template_md: dict = {"labels": labels}
+    if spec.prometheus_port is not None:  # requests, drops by reason, bytes, latency (ps-server --metrics)
+        command += ["--metrics", f"0.0.0.0:{spec.prometheus_port}"]
+        ports.append({"name": "metrics", "containerPort": spec.prometheus_port, "protocol": "TCP"})
+        template_md["annotations"] = prometheus_annotations(spec)
     server = {"name": "ps", "image": spec.image, "imagePullPolicy": "IfNotPresent",
-              "command": ["trainlib", "ps-server", "--bind", f"0.0.0.0:{port}"],
-              "ports": [{"name": "ps", "containerPort": port, "protocol": "TCP"}],
+              "command": command, "ports": ports,
               "env": [{"name": "TRAINLIB_PS_TOKEN_FILE", "value": f"{TOKEN_DIR}/token"}],
               "volumeMounts": [mount],
               "resources": {"requests": {"cpu": spec.cpu or "4", "memory": spec.memory or "16Gi"}}}
     objs.append({"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": name, "labels": labels, **md},
                  "spec": {"serviceName": name, "replicas": spec.ps_servers, "podManagementPolicy": "Parallel",
                           "selector": {"matchLabels": labels},
-                          "template": {"metadata": {"labels": labels},
+                          "template": {"metadata": template_md,
                                        "spec": {"securityContext": {"fsGroup": TOKEN_FS_GROUP},
                                                 "containers": [server], "volumes": [volume]}}}})
     return objs

@@ -100,6 +100,7 @@ VARIANTS = {
     "cpu-instance": ("pytorchjob", *BASE, "--nodes", "2", "--instance-type", "m5.2xlarge"),
     "prometheus": ("pytorchjob", *BASE, "--nodes", "2", "--prometheus-port", "9100"),
     "mpijob-prometheus": ("mpijob", *BASE, "--nodes", "2", "--prometheus-port", "9100"),
+    "ps-prometheus": ("pytorchjob", *BASE, "--nodes", "2", "--ps-servers", "2", "--prometheus-port", "9100"),
 }
 
 
@@ -168,6 +169,17 @@ def test_parameter_server_objects():
     from trainlib.sync.ps.token import TOKEN_FILE_ENV
 
     assert {ADDRS_ENV, TOKEN_FILE_ENV} <= set(env) and server["env"][0]["name"] == TOKEN_FILE_ENV
+    assert "annotations" not in ss["spec"]["template"]["metadata"]
+
+
+def test_parameter_servers_are_scraped_with_a_prometheus_port():
+    secret, svc, ss, job = manifest(*VARIANTS["ps-prometheus"])
+    pod = ss["spec"]["template"]
+    server = pod["spec"]["containers"][0]
+    assert pod["metadata"]["annotations"] == {"prometheus.io/scrape": "true", "prometheus.io/port": "9100",
+                                              "prometheus.io/path": "/metrics"}
+    assert {"name": "metrics", "containerPort": 9100, "protocol": "TCP"} in server["ports"]
+    assert server["command"] == ["trainlib", "ps-server", "--bind", "0.0.0.0:5555", "--metrics", "0.0.0.0:9100"]
     svc2, ss2, job2 = manifest(*VARIANTS["ps-existing-secret"])
     assert ss2["spec"]["template"]["spec"]["volumes"][0]["secret"]["secretName"] == "mytoken"
 
