@@ -4,8 +4,8 @@
 
 The same grid search over train.lr of the default job (a 1-layer GPT, one Ray worker per trial,
 on a local Ray instance with this machine's CPUs) runs twice per round: with no scheduler (every
-trial trains all its steps) and with ASHAScheduler (grace period 1/8 of the steps, reduction
-factor 2), which stops a trial at a rung when its per-step loss (trainlib reports every
+trial trains all its steps) and with ASHAScheduler (time in steps, grace period 1/8 of the steps,
+reduction factor 2), which stops a trial at a rung when its per-step loss (trainlib reports every
 train.log_every steps through trainlib.launchers.tune) is worse than the rung's better half.
 Rounds alternate the order; figures are medians over rounds. Reported per search: wall time of the
 whole search, the steps all trials trained together, how many trials stopped early, and the best
@@ -31,18 +31,18 @@ def _search(kind: str, p: dict, tmp: str) -> dict:
 
     scheduler = None
     if kind == "asha":
-        scheduler = tune.schedulers.ASHAScheduler(time_attr="training_iteration", max_t=p["steps"] // p["log_every"],
-                                                  grace_period=max(1, p["steps"] // (8 * p["log_every"])),
-                                                  reduction_factor=2)
+        # time in training steps (the reports' "step"), not reports: a run reports at step 1 and every
+        # log_every steps, so counting reports would put max_t short of the last step
+        scheduler = tune.schedulers.ASHAScheduler(time_attr="step", max_t=p["steps"],
+                                                  grace_period=max(1, p["steps"] // 8), reduction_factor=2)
     space = {"train.steps": p["steps"], "model.n_layer": 1, "train.log_every": p["log_every"],
              "train.warmup_steps": 0, "train.metrics": f"{tmp}/metrics.jsonl", "train.lr": tune.grid_search(p["lrs"])}
     t0 = time.perf_counter()
     rows = search(space, storage_path=f"{tmp}/{kind}", timeout_s=1800, scheduler=scheduler, verbose=0)
     wall = time.perf_counter() - t0
-    full = p["steps"] // p["log_every"]
     best = rows[0]
     return {"wall_s": round(wall, 2), "trials": len(rows),
-            "stopped_early": sum(r["training_iteration"] < full for r in rows),
+            "stopped_early": sum(r["step"] < p["steps"] for r in rows),
             "steps_trained": sum(r["step"] for r in rows),
             "best": {"lr": best["config"]["train.lr"], "loss_last": best["loss_last"],
                      "weights_sha256": best.get("weights_sha256")}}

@@ -113,7 +113,12 @@ def main(argv: list[str] | None = None) -> int:
     from trainlib.launchers import ray as tl_ray
 
     address = args.address or os.environ.get("RAY_ADDRESS") or None
-    ray.init(address=address, logging_level="WARNING")
+    try:
+        ray.init(address=address, logging_level="WARNING")
+    except ConnectionError as e:  # the cluster may still be coming up (a RayJob's head): retryable
+        print(f"{PROG}: no Ray cluster at {address!r} ({e}); start one (`ray start --head`), fix --address or "
+              "$RAY_ADDRESS, or drop both for a local instance", file=sys.stderr)
+        return EXIT_RETRY
     try:
         results = tl_ray.run(tl_ray.train_trainlib, args.num_workers, config, resources_per_worker=resources,
                              timeout_s=args.timeout_s, max_failures=args.max_failures,

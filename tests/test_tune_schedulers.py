@@ -43,7 +43,7 @@ def plain_run(config: dict, metrics: str) -> tuple[dict, list[dict]]:
         return summary, [json.loads(line) for line in f]
 
 
-def wait_all_released(timeout_s: float = 60.0) -> None:
+def wait_all_released(timeout_s: float = 20.0) -> None:
     """Every CPU back: no trial's worker actor, queue or placement group outlived the search."""
     deadline = time.monotonic() + timeout_s
     while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"]:
