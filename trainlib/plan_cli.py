@@ -126,16 +126,16 @@ def _table(plans, global_batch: int, top: int, model: ModelSpec, cluster: Cluste
              f"global batch {global_batch}; profile {profile.name}"
              f"{'' if profile.validated else ' (UNVALIDATED: published figures, not measured on the device)'}",
              f"{len(plans)} layouts: {len(fit)} fit, {len(nofit)} do not. PREDICTIONS of the cost model.", "",
-             f"{'#':>3}  {'layout':<42} {'step ms':>10} {'peak GiB':>9}  why below the one above"]
+             f"{'#':>3}  {'layout':<50} {'step ms':>10} {'peak GiB':>9}  why below the one above"]
     for i, p in enumerate(fit[:top], 1):
-        lines.append(f"{i:>3}  {p.layout.label():<42} {p.step_s * 1e3:>10.3f} {p.peak_bytes / 2**30:>9.3f}  "
+        lines.append(f"{i:>3}  {p.layout.label():<50} {p.step_s * 1e3:>10.3f} {p.peak_bytes / 2**30:>9.3f}  "
                      f"{p.reason}")
     if len(fit) > top:
         lines.append(f"     ... {len(fit) - top} more that fit (--top N, or --json)")
     if nofit:
         lines += ["", f"do not fit ({len(nofit)}), smallest first:"]
         for p in nofit[:max(3, top // 3)]:
-            lines.append(f"     {p.layout.label():<42} {'-':>10} {p.peak_bytes / 2**30:>9.3f}  {p.reason}")
+            lines.append(f"     {p.layout.label():<50} {'-':>10} {p.peak_bytes / 2**30:>9.3f}  {p.reason}")
     if fit:
         lines += ["", "winner: " + " ".join(fit[0].layout.train_flags(global_batch))]
     return "\n".join(lines)

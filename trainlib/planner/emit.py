@@ -14,11 +14,14 @@ INSTANCE_FOR = {"h100": "p5.48xlarge", "h200": "p5e.48xlarge", "trn1": "trn1.32x
 IMAGE_FOR = {"trn1": "trainlib-neuron:latest", "trn2": "trainlib-neuron:latest", "cpu": "trainlib-cpu:latest"}
 
 
+JOB_KINDS = ("pytorchjob", "mpijob", "rayjob", "trainjob")   # kinds that run a job (a RayCluster does not)
+
+
 def k8s_kinds() -> tuple[str, ...]:
-    """The manifest kinds `trainlib k8s` can print here (pytorchjob, mpijob, and rayjob/trainjob where present)."""
+    """The job kinds `trainlib k8s` can print here (pytorchjob, mpijob, and rayjob/trainjob where present)."""
     from trainlib.launchers.k8s import KINDS
 
-    return tuple(KINDS)
+    return tuple(k for k in JOB_KINDS if k in KINDS)
 
 
 def train_argv(layout: Layout, global_batch: int) -> list[str]:

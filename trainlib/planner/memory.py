@@ -19,14 +19,16 @@ gathered unit plus the one prefetched, the bf16 pack buffer, and the runtime's o
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from trainlib.benchmarks.bench_zero import formula as zero_bytes_per_param
-from ..pipeline.partition import balance
-from ..pipeline.schedules import build_schedule
+from trainlib.pipeline.partition import balance
+from trainlib.pipeline.schedules import SCHEDULES, build_schedule, theory_bubble
 from .layouts import Layout
 from .spec import ModelSpec
 
+SIMULATE_UP_TO = 256   # pp * microbatches * virtual stages replayed exactly; above, (p-1)/m and kin
 STAGE = {"none": 0, "optimizer": 1, "gradients": 2, "parameters": 3}
 
 
@@ -77,13 +79,31 @@ def stages_of(model: ModelSpec, layout: Layout) -> list[list[list[int]]]:
     return [[stages[s] for s in range(r, parts, layout.pp)] for r in range(layout.pp)]
 
 
+@functools.lru_cache(maxsize=512)
+def schedule_facts(name: str, pp: int, m: int) -> tuple[tuple[tuple[tuple[int, int], ...], ...], float, int]:
+    """(in-flight peaks per rank as ((stage, count), ...), makespan / busy, most actions on a rank) of a
+    schedule: built and replayed once per (name, pp, m), however many layouts share it."""
+    v = 2 if name == "interleaved" else 1
+    if pp * m * v <= SIMULATE_UP_TO:
+        sched = build_schedule(name, pp, m, v if v > 1 else None)   # validated and replayed
+        sim = sched.simulate()
+        stretch = sim["makespan"] / sim["busy_per_rank"]
+    else:   # the replay is quadratic in the actions: past a few hundred, the closed form it matches
+        sched = SCHEDULES[name](pp, m, v) if v > 1 else SCHEDULES[name](pp, m)
+        stretch = 1 + theory_bubble(name, pp, m, v)
+    flights = tuple(tuple(sorted(d.items())) for d in _in_flight(sched))
+    return flights, stretch, max(len(a) for a in sched.actions)
+
+
 def in_flight(layout: Layout) -> list[dict[int, int]]:
     """Per pp rank: the most microbatches each of its stages holds activations for at once, from the
     schedule's action order (a forward adds one; its backward, or W for a split backward, frees it)."""
     if layout.pp == 1:
         return [{0: 1}]
-    sched = build_schedule(layout.schedule, layout.pp, layout.microbatches,
-                           layout.virtual_stages if layout.schedule == "interleaved" else None)
+    return [dict(r) for r in schedule_facts(layout.schedule, layout.pp, layout.microbatches)[0]]
+
+
+def _in_flight(sched) -> list[dict[int, int]]:
     out = []
     for acts in sched.actions:
         split = any(a.kind == "W" for a in acts)

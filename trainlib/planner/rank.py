@@ -62,11 +62,14 @@ def _differences(a: Layout, b: Layout) -> str:
 def explain(better: Plan, worse: Plan) -> str:
     """'+3.1 ms (+4%): pipeline bubble +2.9 ms [pp 1->2, ...]': the component that grew the most."""
     dt = worse.step_s - better.step_s
+    diff = _differences(better.layout, worse.layout)
+    if dt <= 1e-9 * max(better.step_s, 1e-12):   # a tie on time: ranked by memory
+        return f"same predicted time, +{(worse.peak_bytes - better.peak_bytes) / 2**20:.4g} MiB per device [{diff}]"
     deltas = {k: getattr(worse.time, k) - getattr(better.time, k) for k in COMPONENT_WORDS}
     key = max(deltas, key=deltas.get)
     pct = 100 * dt / better.step_s if better.step_s else 0.0
     return (f"+{dt * 1e3:.3g} ms (+{pct:.0f}%): {COMPONENT_WORDS[key]} +{deltas[key] * 1e3:.3g} ms "
-            f"[{_differences(better.layout, worse.layout)}]")
+            f"[{diff}]")
 
 
 def rank(model: ModelSpec, cluster: ClusterSpec, prof: Profile, global_batch: int,

@@ -25,10 +25,9 @@ from dataclasses import asdict, dataclass
 
 from trainlib.benchmarks.bench_cluster import wire_bytes
 from trainlib.benchmarks.bench_ps import t_allreduce
-from trainlib.pipeline.schedules import build_schedule
 
 from .layouts import Layout
-from .memory import STAGE, act_bytes, local_layer_params, stages_of
+from .memory import STAGE, act_bytes, local_layer_params, schedule_facts, stages_of
 from .profile import Profile
 from .spec import ClusterSpec, ModelSpec
 
@@ -159,10 +158,8 @@ def step_time(model: ModelSpec, layout: Layout, cluster: ClusterSpec, prof: Prof
     sync, opt = sync_max, opt_max
     bubble = actions = 0.0
     if layout.pp > 1:
-        sched = build_schedule(layout.schedule, layout.pp, m, 2 if layout.schedule == "interleaved" else None)
-        sim = sched.simulate()
-        bubble = (compute + tp_t) * (sim["makespan"] / sim["busy_per_rank"] - 1)
-        n_actions = max(len(a) for a in sched.actions)
+        _, stretch, n_actions = schedule_facts(layout.schedule, layout.pp, m)
+        bubble = (compute + tp_t) * (stretch - 1)
         stage_nodes, _ = _group_span(cluster, layout.pp, layout.tp * layout.dp)
         msg = mb_tokens * model.d_model * ab
         if stage_nodes > 1:
