@@ -3,14 +3,15 @@
     trainlib bench plan [--quick] [--no-cluster] [--rate 1gbit]      (the cluster part needs root)
 
 1. Calibrate (trainlib.planner.calibrate: the same 2 ranks, right before, so both see the same load).
-2. For the default GPT, a GPT with 4x the matmul work (d_model 256) and the wide MLP (3 x Linear(2048, 2048)),
+2. For the default GPT, a wider GPT (d_model 192: 2.25x the matmul work) and the wide MLP (3 x Linear(2048, 2048)),
    rank every valid layout on 1 node x 2 ranks (this machine) and on 2 emulated nodes x 1 rank
    (trainlib.netcluster, tbf-shaped links; the planner gets the link's measured goodput as the NIC rate).
 3. Run each ranked layout the way `trainlib train` builds it (trainer.wrap: PP split -> TP -> DP with its
-   sync backend, DistributedOptimizer over AdamW, clipping) in one spawned group per model and place:
-   one warm-up step, then timed steps (each step's time is the slowest rank's; median), and the peak
-   RSS over the layout's steps minus the RSS before its model was built (VmHWM reset per layout;
-   glibc's mmap threshold pinned so that freed tensors leave RSS), max over ranks.
+   sync backend, DistributedOptimizer over AdamW, clipping) in one spawned group per model and place.
+   Memory: one layout at a time, the peak RSS over two steps minus the RSS before its model was built
+   (VmHWM reset per layout; glibc's mmap threshold pinned and malloc_trim first, so that freed tensors
+   leave RSS), max over ranks. Time: with every layout built, rounds of one step each in rotating order
+   (harness.alternate); each step's time is the slowest rank's; the median per layout.
 4. Report predicted vs measured step time and peak memory per layout: median and worst relative error,
    whether the planner's first choice is the measured best (or within 5% of it), Spearman's rank
    correlation; the load average is recorded with every measurement (a shared 2-core machine).
@@ -29,11 +30,12 @@ from pathlib import Path
 from typing import Any
 
 N_RANKS = 2
+PROBE = "calibration probe"
 TARGETS = {"median_time_error": 0.10, "worst_time_error": 0.25, "memory_error": 0.10, "top1_within": 0.05,
            "spearman": 0.9}
 MODELS = {   # name -> (kind, shapes, global batch)
     "gpt-default": ("gpt", {}, 8),
-    "gpt-4x256": ("gpt", {"n_layer": 4, "d_model": 256, "n_head": 4, "seq_len": 128}, 8),
+    "gpt-4x192": ("gpt", {"n_layer": 4, "d_model": 192, "n_head": 4, "seq_len": 128}, 8),
     "wide-mlp": ("mlp", {"width": 2048, "depth": 3}, 16),
 }
 
@@ -122,8 +124,32 @@ def _build(name: str, flags: list[str]):
     return model, opt, next_batch
 
 
+def _one_step(model, opt, next_batch, fn=None) -> float:
+    """One training step as the trainer runs it (or fn()); the slowest rank's seconds."""
+    import torch
+
+    from trainlib import comm
+
+    comm.barrier()
+    t0 = time.perf_counter()
+    if fn is not None:
+        fn()
+    else:
+        x, y = next_batch()
+        model.step(x, y)
+        model.clip_grad_norm_(1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+    comm.all_reduce(dt, op="max")     # a synchronous step is as slow as its slowest rank
+    return float(dt)
+
+
 def measure_layouts(name: str, items: list[dict], steps: int) -> list[dict]:
-    """On every rank: build and step each layout; rank 0 returns one row per layout."""
+    """On every rank: memory, one layout at a time (each built, stepped twice, its peak RSS over the RSS
+    before it was built); then time, all layouts alive, in rounds of rotating order (harness.alternate) so
+    that a slow phase of the shared machine lands on every layout, not on the few that ran during it."""
+    import ctypes
     import gc
 
     import torch
@@ -131,41 +157,46 @@ def measure_layouts(name: str, items: list[dict], steps: int) -> list[dict]:
     import trainlib as tl
     from trainlib import comm
     from trainlib.benchmarks.dp_workloads import fix_malloc_threshold, reset_peak_rss
+    from trainlib.benchmarks.harness import alternate
+    from trainlib.planner.calibrate import probe_step_fn
 
     tl.init()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     fix_malloc_threshold()
-    rows = []
+    libc = ctypes.CDLL("libc.so.6")
+    built, peaks, loads = [], [], []
     # the first layout built in a process also pays one-time allocations (gloo buffers, lazy library
     # state) that no later layout sees: build and step it once, unmeasured
     for k, item in enumerate([items[0], *items]):
         gc.collect()
+        libc.malloc_trim(0)           # freed heap pages back to the OS: the baseline is what is live
         comm.barrier()
         base_kb = _status_kb("VmRSS")
         reset_peak_rss()
-        model, opt, next_batch = _build(name, item["flags"])
-        times = []
-        for s in range(1 + steps):
-            comm.barrier()
-            t0 = time.perf_counter()
-            x, y = next_batch()
-            model.step(x, y)
-            model.clip_grad_norm_(1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
-            comm.all_reduce(dt, op="max")     # a synchronous step is as slow as its slowest rank
-            if s:
-                times.append(float(dt))
+        parts = _build(name, item["flags"])
+        for _ in range(2):            # the second step is the steady state (optimizer state exists)
+            _one_step(*parts)
         peak = torch.tensor([(_status_kb("VmHWM") - base_kb) * 1024.0], dtype=torch.float64)
         comm.all_reduce(peak, op="max")
-        model.close()
-        del model, opt, next_batch
         if k == 0:
+            parts[0].close()
+            del parts
             continue
-        rows.append({"layout": item["layout"], "measured_s": statistics.median(times), "all_s": times,
-                     "measured_bytes": float(peak), "loadavg": [round(v, 2) for v in os.getloadavg()]})
-    return rows
+        built.append(parts)
+        peaks.append(float(peak))
+    cands = {item["layout"]: (lambda parts=parts: _one_step(*parts)) for item, parts in zip(items, built)}
+    # the calibration probe steps in the same rounds: its time re-fits compute_efficiency under the same load
+    probe = probe_step_fn()
+    cands[PROBE] = lambda: _one_step(None, None, None, fn=probe)
+    t0 = os.getloadavg()
+    res = alternate(cands, steps)
+    loads = [round(v, 2) for v in t0] + [round(v, 2) for v in os.getloadavg()]
+    for parts in built:
+        parts[0].close()
+    return [{"layout": item["layout"], "measured_s": res[item["layout"]]["median_s"],
+             "all_s": res[item["layout"]]["all_s"], "measured_bytes": peak, "loadavg": loads}
+            for item, peak in zip(items, peaks)] + [{"layout": PROBE, "measured_s": res[PROBE]["median_s"],
+                                                    "all_s": res[PROBE]["all_s"], "loadavg": loads}]
 
 
 def worker(argv: list[str]) -> int:
@@ -191,10 +222,18 @@ def _items(plans: list, global_batch: int) -> list[dict]:
     return [{"layout": p.layout.label(), "flags": p.layout.train_flags(global_batch)} for p in plans]
 
 
-def _rows(place: str, name: str, plans: list, measured: list[dict]) -> list[dict]:
+def _rows(place: str, name: str, plans: list, measured: list[dict], prof, cluster) -> tuple[list[dict], float]:
+    """Rows of predicted vs measured, predicted with compute_efficiency re-fitted to the probe measured in
+    the same rounds (the layouts are the ones ranked before; their order is the re-fitted ranking's)."""
+    from trainlib.planner.calibrate import with_probe
+
+    probe = next(m for m in measured if m["layout"] == PROBE)
+    refit = with_probe(prof, probe["measured_s"], f"re-fitted to the probe timed with {place} / {name}")
+    plans = [p for p in rank_layouts(name, cluster, refit) if p.layout.label() in {q.layout.label() for q in plans}]
+    by_label = {m["layout"]: m for m in measured}
     out = []
-    for i, (p, m) in enumerate(zip(plans, measured)):
-        assert p.layout.label() == m["layout"]
+    for i, p in enumerate(plans):
+        m = by_label[p.layout.label()]
         out.append({"place": place, "model": name, "planner_rank": i + 1, "layout": m["layout"],
                     "flags": p.layout.train_flags(MODELS[name][2]),
                     "predicted_s": p.step_s, "measured_s": m["measured_s"], "all_s": m["all_s"],
@@ -202,7 +241,7 @@ def _rows(place: str, name: str, plans: list, measured: list[dict]) -> list[dict
                     "predicted_bytes": p.peak_bytes, "measured_bytes": m["measured_bytes"],
                     "memory_error": abs(p.peak_bytes - m["measured_bytes"]) / max(1.0, m["measured_bytes"]),
                     "predicted_breakdown": p.time.as_dict(), "loadavg": m["loadavg"]})
-    return out
+    return out, refit["compute_efficiency"]
 
 
 def run_local(names: list[str], prof, steps: int, log) -> list[dict]:
@@ -217,7 +256,9 @@ def run_local(names: list[str], prof, steps: int, log) -> list[dict]:
         threads = str(max(1, (os.cpu_count() or 1) // N_RANKS))
         res = run_ranks(measure_layouts, N_RANKS, name, _items(plans, MODELS[name][2]), steps, timeout_s=3600,
                         env={"OMP_NUM_THREADS": threads})
-        rows += _rows("local 1x2", name, plans, res[0])
+        got, eff = _rows("local 1x2", name, plans, res[0], prof, cluster)
+        log(f"local {name}: compute_efficiency re-fitted {eff:.3f} (calibration {prof['compute_efficiency']:.3f})")
+        rows += got
     return rows
 
 
@@ -246,7 +287,9 @@ def run_cluster(names: list[str], prof, steps: int, rate: str, log) -> tuple[lis
             if any(code != 0 for code in codes) or not out.exists():
                 logs[0].seek(0)
                 raise RuntimeError(f"bench plan cluster/{name}: exit codes {codes}\n{logs[0].read()[-3000:]}")
-            rows += _rows(f"cluster 2x1 {rate}", name, plans, json.loads(out.read_text()))
+            got, eff = _rows(f"cluster 2x1 {rate}", name, plans, json.loads(out.read_text()), prof, cluster)
+            log(f"cluster {name}: compute_efficiency re-fitted {eff:.3f}")
+            rows += got
     return rows, goodput
 
 
@@ -280,7 +323,7 @@ def summarize(rows: list[dict]) -> dict[str, Any]:
 def _parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="trainlib bench plan")
     p.add_argument("--models", default=",".join(MODELS))
-    p.add_argument("--steps", type=int, default=3, help="timed steps per layout (after one warm-up)")
+    p.add_argument("--steps", type=int, default=5, help="timed rounds (one step of every layout each)")
     p.add_argument("--rate", default="1gbit", help="the emulated NICs' rate (tc syntax)")
     p.add_argument("--no-cluster", action="store_true", help="this machine only (the cluster needs root)")
     p.add_argument("--profile", help="use this profile instead of calibrating now")
@@ -298,7 +341,7 @@ def run(quick: bool, argv: list[str] | None = None) -> dict:
     if unknown:
         raise SystemExit(f"trainlib bench plan: --models {unknown} unknown; choose from {', '.join(MODELS)}")
     if quick:
-        names, args.no_cluster, args.steps = names[:1], True, 2
+        names, args.no_cluster, args.steps = names[:1], True, 3
 
     def log(msg: str) -> None:
         print(f"bench plan: {msg}", file=sys.stderr, flush=True)

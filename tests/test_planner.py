@@ -25,7 +25,7 @@ ONE_NODE = ClusterSpec(1, 2, "cpu", 10.0, 8.0)
 
 
 def profile(**over: float) -> Profile:
-    values = dict(matmul_fp32_flops=1e9, matmul_bf16_flops=2e9, mem_Bps=1e9, op_s=0.0, intra_alpha_s=1e-4,
+    values = dict(matmul_fp32_flops=1e9, matmul_bf16_flops=2e9, matmul_half_rows=0.0, mem_Bps=1e9, op_s=0.0, intra_alpha_s=1e-4,
                   intra_Bps=1e9, sync_alpha_s=1e-5, sync_Bps=4e9, inter_alpha_s=1e-4, inter_efficiency=0.5,
                   rs_ag_over_ar=2.0, ps_msg_s=1e-3, ps_Bps=5e8, pp_action_s=1e-3, overlap=0.0, runtime_bytes=0.0,
                   compute_efficiency=1.0)

@@ -46,14 +46,60 @@ def _fit(points: list[tuple[float, float]]) -> tuple[float, float]:
     return max(0.0, my - b * mx), b
 
 
-def _matmul(dtype: torch.dtype) -> float:
-    rates = []
-    for d in (128, 256, 512):
-        a, w = torch.randn(2048, d, dtype=dtype), torch.randn(d, 4 * d, dtype=dtype)
-        a @ w
-        t = _median_time(lambda: a @ w, 5, 3)
-        rates.append(2 * 2048 * d * 4 * d / t)
-    return statistics.median(rates)
+def _matmul(dtype: torch.dtype) -> tuple[float, float]:
+    """(peak FLOP/s, half-rate rows): rate(r) = peak * r / (r + h), fitted to GPT-block shapes at 128 and
+    2048 rows (1/rate is linear in 1/r: 1/rate = 1/peak + h / (peak r))."""
+    inv = {}
+    for rows in (128, 2048):
+        rates = []
+        for d in (128, 256, 512):
+            a, w = torch.randn(rows, d, dtype=dtype), torch.randn(d, 4 * d, dtype=dtype)
+            a @ w
+            t = _median_time(lambda: a @ w, 5, max(3, 6144 // rows))
+            rates.append(2 * rows * d * 4 * d / t)
+        inv[rows] = 1 / statistics.median(rates)
+    slope = max(0.0, (inv[128] - inv[2048]) / (1 / 128 - 1 / 2048))
+    peak = 1 / max(1e-30, inv[2048] - slope / 2048)
+    return peak, slope * peak
+
+
+def _op_cost() -> float:
+    """A forward op with its backward: a chain of 64 tiny Linear layers, forward + backward, per layer."""
+    torch.manual_seed(0)
+    layers = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(64)])
+    x = torch.randn(2, 4)
+
+    def fwd_bwd():
+        layers(x).sum().backward()
+
+    fwd_bwd()
+    return _median_time(fwd_bwd, 7, 3) / 64
+
+
+def _sync_point_cost() -> float:
+    """What one tiny all-reduce costs between two pieces of compute, as TP and pipeline steps meet it:
+    back-to-back collectives keep both processes running, but in a step a rank that arrives first sleeps
+    and must be scheduled again (on a loaded machine, a scheduler slice). Loop of (2 ms of matmul, 4-byte
+    all-reduce) minus the same loop without the all-reduce."""
+    from trainlib import comm
+
+    a, w = torch.randn(256, 256), torch.randn(256, 256)
+    reps = max(1, int(2e-3 / _median_time(lambda: a @ w, 5, 5)))
+    tiny = torch.zeros(1)
+
+    def work():
+        for _ in range(reps):
+            a @ w
+
+    def work_sync():
+        work()
+        comm.all_reduce(tiny)
+
+    comm.barrier()
+    t_sync = _median_time(work_sync, 5, 10)
+    comm.barrier()
+    t_work = _median_time(work, 5, 10)
+    return max(0.0, t_sync - t_work)
 
 
 def _collectives() -> dict[str, float]:
@@ -70,7 +116,8 @@ def _collectives() -> dict[str, float]:
         gloo.append((s, _median_time(lambda: comm.all_reduce(flats[s]), 5, 3)))
     out = {}
     a, b = _fit(gloo)
-    out["intra_alpha_s"], out["intra_Bps"] = a / 2, 1 / b          # n = 2: t = 2 alpha + M / B
+    out["intra_Bps"] = 1 / b                                           # n = 2: t = 2 alpha + M / B
+    out["intra_alpha_s"] = _sync_point_cost() / 2
     try:
         g = shm.ShmGroup(group, timeout_s)
         for i, s in enumerate(SIZES):
@@ -156,18 +203,77 @@ def _rank_measure() -> dict:
     out: dict = {}
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     comm.barrier()
-    out["matmul_fp32_flops"] = _matmul(torch.float32)
+    out["matmul_fp32_flops"], out["matmul_half_rows"] = _matmul(torch.float32)
     comm.barrier()
-    out["matmul_bf16_flops"] = _matmul(torch.bfloat16)
+    out["matmul_bf16_flops"], _ = _matmul(torch.bfloat16)
     src, dst = torch.randn(8 << 20), torch.empty(8 << 20)
     comm.barrier()
     out["mem_Bps"] = 2 * src.numel() * 4 / _median_time(lambda: dst.copy_(src), 7)
-    tiny = torch.zeros(1)
-    out["op_s"] = _median_time(lambda: tiny.add_(1.0), 5, 2000)
+    out["op_s"] = _op_cost()
     out.update(_collectives())
     out["pp_action_s"] = max(0.0, _pipeline_action() - out["intra_alpha_s"])
     out["ps_msg_s"], out["ps_Bps"] = _parameter_server()
+    comm.barrier()
+    out["probe_s"] = _probe_step()
     return out
+
+
+PROBE = {"n_layer": 2, "d_model": 96, "n_head": 4, "seq_len": 64, "vocab_size": 256, "batch": 8}
+
+
+def probe_step_fn():
+    """A step function of the probe: forward + backward + AdamW of a small GPT (2 blocks, d_model 96,
+    8 x 64 tokens) on this rank alone, no communication."""
+    from trainlib.models.gpt import GPT, GPTConfig, lm_loss
+
+    cfg = GPTConfig(**{k: v for k, v in PROBE.items() if k != "batch"})
+    model = GPT(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randint(0, cfg.vocab_size, (PROBE["batch"], cfg.seq_len), generator=torch.Generator().manual_seed(0))
+
+    def step():
+        lm_loss(model(x), x).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    return step
+
+
+def _probe_step() -> float:
+    """The probe's step time on each rank at once: what the compute model is scaled to (compute_efficiency)."""
+    return _median_time(probe_step_fn(), 7, 2)
+
+
+def with_probe(prof: Profile, probe_s: float, note: str) -> Profile:
+    """prof with compute_efficiency re-fitted to a probe step measured elsewhere (e.g. alongside the runs a
+    validation times, so that both see the same share of a shared machine)."""
+    values = dict(prof.values)
+    values["compute_efficiency"] = efficiency({**values, "probe_s": probe_s, "compute_efficiency": 1.0})
+    sources = {**prof.sources, "compute_efficiency": f"{prof.sources.get('compute_efficiency', '')}; {note}"}
+    return Profile(prof.name, prof.device, prof.validated, values, sources,
+                   {**prof.measured, "probe_s_refit": round(probe_s, 6)})
+
+
+def efficiency(values: dict) -> float:
+    """compute_efficiency such that the time model reproduces the probe's measured step."""
+    from trainlib.config import ModelConfig
+
+    from .layouts import Layout
+    from .spec import ClusterSpec, ModelSpec
+    from .timing import step_time
+
+    spec = ModelSpec.gpt(ModelConfig(**{k: v for k, v in PROBE.items() if k != "batch"}))
+    cluster = ClusterSpec(1, 1, "cpu", 10.0, 8.0)
+    probe = dict(values)
+    full = step_time(spec, Layout(1, 1, 1), cluster, Profile("probe", "cpu", True, {**probe, "compute_efficiency": 1.0}, {}),
+                     PROBE["batch"])
+    no_mm = step_time(spec, Layout(1, 1, 1), cluster,
+                      Profile("probe", "cpu", True, {**probe, "compute_efficiency": 1.0, "matmul_fp32_flops": 1e30}, {}),
+                      PROBE["batch"])
+    matmul_t = full.total - no_mm.total
+    rest = no_mm.total
+    return min(1.0, max(0.05, matmul_t / max(1e-9, values["probe_s"] - rest)))
 
 
 def _inter_node() -> tuple[float, str]:
@@ -191,17 +297,22 @@ def calibrate(ranks: int = 2) -> Profile:
     keys = per_rank[0].keys()
     # per-rank rates: the slower rank sets the pace of a synchronous step
     values = {k: (min if k.endswith(("flops", "Bps")) else max)(r[k] for r in per_rank) for k in keys}
+    values["matmul_half_rows"] = statistics.median(r["matmul_half_rows"] for r in per_rank)
     eff, eff_src = _inter_node()
-    values.update(inter_alpha_s=values["intra_alpha_s"], inter_efficiency=eff, overlap=0.0, runtime_bytes=0.0,
-                  compute_efficiency=1.0)
+    values.update(inter_alpha_s=values["intra_alpha_s"], inter_efficiency=eff, overlap=0.0, runtime_bytes=0.0)
+    probe_s = values.pop("probe_s")
+    values["compute_efficiency"] = efficiency({**values, "probe_s": probe_s, "compute_efficiency": 1.0})
     how = f"measured on {ranks} ranks at once, OMP_NUM_THREADS={threads}"
     sources = {
-        "matmul_fp32_flops": f"measured: torch.mm (2048 x d) @ (d x 4d), d in 128/256/512, median; {how}",
+        "matmul_fp32_flops": f"measured: torch.mm (r x d) @ (d x 4d), d in 128/256/512, r in 128/2048, median "
+                             f"per r, fit rate = peak r / (r + h); {how}",
+        "matmul_half_rows": "measured: h of the fit above (fp32)",
         "matmul_bf16_flops": f"measured: as fp32, bfloat16 tensors; {how}",
         "mem_Bps": f"measured: copy_ of 32 MiB, 2 x bytes / time; {how}",
-        "op_s": "measured: 1-element add_ in a loop",
-        "intra_alpha_s": "measured: gloo all-reduce 64 KiB..8 MiB, fit t = 2a + M/B (n = 2)",
-        "intra_Bps": "measured: as intra_alpha_s",
+        "op_s": "measured: forward + backward of 64 chained Linear(4, 4), per layer",
+        "intra_alpha_s": "measured: a 4-byte gloo all-reduce between 2 ms pieces of matmul, minus the matmul "
+                         "alone, / 2 (the cost of meeting the other rank, scheduling included)",
+        "intra_Bps": "measured: gloo all-reduce 64 KiB..8 MiB, fit t = 2a + M/B (n = 2)",
         "sync_alpha_s": "measured: shared-memory all-reduce (trainlib.sync.shm) 64 KiB..8 MiB, same fit",
         "sync_Bps": "measured: as sync_alpha_s",
         "rs_ag_over_ar": "measured: gloo reduce-scatter + all-gather over all-reduce, 8 MiB",
@@ -213,11 +324,13 @@ def calibrate(ranks: int = 2) -> Profile:
         "inter_efficiency": eff_src,
         "overlap": "assumed 0: on CPU the sync's copies and sums run on the cores the backward uses",
         "runtime_bytes": "0: the validation measures memory as a delta over the process before the model",
-        "compute_efficiency": "1: the matmuls above are measured on model-sized shapes",
+        "compute_efficiency": "measured: a probe GPT (2 blocks, d_model 96, 8 x 64 tokens; not a validated shape) "
+                              "steps with AdamW on each rank at once; the share of the fitted matmul rate that "
+                              "makes the time model reproduce it",
     }
     measured = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "host": platform.node(), "cpus": os.cpu_count(), "torch": torch.__version__, "ranks": ranks,
                 "loadavg_before": [round(x, 2) for x in load_before],
                 "loadavg_after": [round(x, 2) for x in os.getloadavg()], "wall_s": round(time.time() - t0, 1),
-                "per_rank": per_rank}
+                "per_rank": per_rank, "probe_s": probe_s}
     return Profile(f"cpu measured {measured['date'][:16]}", "cpu", True, values, sources, measured)

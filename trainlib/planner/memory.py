@@ -10,7 +10,8 @@ tracker (benchmarks/ac_memory.py; tests/test_planner_memory.py checks the counts
     full        d (the block input), plus one block's "none" set while it is recomputed
 
 (Korthikanti et al. 2022 count 34 s b h bytes per layer in fp16 with dropout masks, i.e. 17 h elements;
-trainlib's GPT has no dropout: 16 d.) Llama blocks (SwiGLU): 4d + (2d + 2 kv + 4f)/tp.
+trainlib's GPT has no dropout: 16 d.) Llama blocks (SwiGLU): 4d + (2d + 2 kv + 4f)/tp. ZB-H1 also holds
+the gradients of the matmul outputs between a block's I and W (2d + (3d + f)/tp) and what recompute rebuilt.
 A pipeline rank holds the activations of every microbatch it has run forward and not yet backward;
 that count comes from the schedule itself (trainlib.pipeline.schedules), not a rule of thumb.
 Transients: the largest gradient autograd makes before a bucket hook moves it, the optimizer's
@@ -65,6 +66,18 @@ def block_act_elements(model: ModelSpec, tp: int, ac: str) -> float:
     if model.kind == "llama":
         return 4 * d + (2 * d + 2 * kv + 4 * f) / tp if ac == "none" else 3 * d + (2 * d + 2 * kv + 2 * f) / tp
     return 4 * d + (4 * d + 2 * f) / tp if ac == "none" else 3 * d + (4 * d + f) / tp
+
+
+def _held_elements(model: ModelSpec, layout: Layout) -> float:
+    """Elements a microbatch in flight holds per token per block. ZB-H1 splits the backward: between
+    I and W a block keeps the gradients of its matmul outputs for W, and what recomputation rebuilt for I
+    (so checkpointing saves nothing there); counted for every microbatch in flight, an upper bound."""
+    if layout.pp == 1 or layout.schedule != "zb-h1" or model.kind == "mlp":
+        return block_act_elements(model, layout.tp, layout.ac)
+    d, f, tp = model.d_model, model.ffn, layout.tp
+    kv = model.kv_heads * (d // model.n_head)
+    grad_out = 2 * d + ((3 * d + f) / tp if model.kind == "gpt" else (d + 2 * kv + 2 * f) / tp)
+    return block_act_elements(model, tp, "none") + grad_out
 
 
 def stages_of(model: ModelSpec, layout: Layout) -> list[list[list[int]]]:
@@ -150,7 +163,7 @@ def peak_memory(model: ModelSpec, layout: Layout, global_batch: int, runtime_byt
         for s_index, s_layers in enumerate(stages):
             stage_id = rank + s_index * layout.pp
             n_blocks = sum(1 for lay in s_layers if model.kind == "mlp" or 0 < lay < last)
-            per_mb = n_blocks * block_act_elements(model, layout.tp, layout.ac) * tokens * ab
+            per_mb = n_blocks * _held_elements(model, layout) * tokens * ab
             if model.kind != "mlp" and last in s_layers:   # retained logits (log-softmax output), fp32
                 per_mb += tokens * model.vocab_size / layout.tp * 4
             if model.kind != "mlp" and 0 in s_layers:

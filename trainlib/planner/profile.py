@@ -21,8 +21,9 @@ SHIPPED = Path(__file__).resolve().parent / "profiles"
 KEYS = {
     "matmul_fp32_flops": "dense matmul FLOP/s per device in fp32 (on model-sized shapes)",
     "matmul_bf16_flops": "dense matmul FLOP/s per device in bf16",
+    "matmul_half_rows": "rows (tokens) at which a matmul reaches half its peak rate: rate(r) = peak * r / (r + this)",
     "mem_Bps": "memory copy bandwidth per device (bytes read + written / s): elementwise ops, the optimizer",
-    "op_s": "fixed cost of one framework op (dispatch, kernel launch)",
+    "op_s": "fixed cost of one forward op with its backward (dispatch, autograd node, kernel launches)",
     "intra_alpha_s": "per-step latency of a collective inside a node (ring step; also a p2p message)",
     "intra_Bps": "link bandwidth inside a node per rank (bytes/s; a ring all-reduce takes 2(n-1)(a + M/(nB)))",
     "sync_alpha_s": "per-step latency of the data-parallel all-reduce inside a node (its transport: shm on CPU)",
@@ -61,8 +62,10 @@ class Profile:
     def __getitem__(self, key: str) -> float:
         return float(self.values[key])
 
-    def matmul_flops(self, precision: str) -> float:
-        return self["matmul_fp32_flops" if precision == "fp32" else "matmul_bf16_flops"] * self["compute_efficiency"]
+    def matmul_flops(self, precision: str, rows: float = float("inf")) -> float:
+        """FLOP/s of a model's matmuls with `rows` tokens per call: small calls do not fill the machine."""
+        peak = self["matmul_fp32_flops" if precision == "fp32" else "matmul_bf16_flops"] * self["compute_efficiency"]
+        return peak if rows == float("inf") else peak * rows / (rows + self["matmul_half_rows"])
 
     def to_json(self) -> dict:
         return {"name": self.name, "device": self.device, "validated": self.validated, "measured": self.measured,

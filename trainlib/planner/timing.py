@@ -125,9 +125,13 @@ def step_time(model: ModelSpec, layout: Layout, cluster: ClusterSpec, prof: Prof
     tok_per_seq = model.seq_len if model.kind != "mlp" else 1
     tokens = per_rank * tok_per_seq
     mb_tokens = tokens / m
-    flops_s = prof.matmul_flops(layout.precision)
+    # matmuls run one microbatch at a time: tokens per call set how well they fill the machine
+    flops_s = prof.matmul_flops(layout.precision, rows=mb_tokens)
     last = model.pipeline_layers() - 1
     recompute = {"none": 0.0, "selective": 0.0, "full": 1.0}[layout.ac]
+    # ZB-H1's split backward recomputes a checkpointed block for I and again for W
+    redo = 2.0 if layout.pp > 1 and layout.schedule == "zb-h1" and layout.ac != "none" else 1.0
+    recompute *= redo
     worst: tuple[float, float, float] | None = None
     sync_max = opt_max = 0.0
     for stages in stages_of(model, layout):
@@ -138,9 +142,11 @@ def step_time(model: ModelSpec, layout: Layout, cluster: ClusterSpec, prof: Prof
         if model.kind != "mlp" and last in layers:
             elem += 4 * tokens * model.vocab_size / layout.tp * 4     # softmax + loss + their gradients
         ops = blocks * OPS_PER_BLOCK * m
-        fwd = fwd_flops / flops_s + elem / prof["mem_Bps"] + ops * prof["op_s"]
-        elem_fwd = elem / prof["mem_Bps"] + ops * prof["op_s"]
-        compute = fwd * (3 + recompute) + (elem_fwd if layout.ac == "selective" else 0.0)
+        fwd = fwd_flops / flops_s + elem / prof["mem_Bps"]
+        elem_fwd = elem / prof["mem_Bps"]
+        # op_s already holds an op's backward; recomputation runs the forward ops again
+        op_t = ops * prof["op_s"] * (1 + (0.5 if layout.ac != "none" else 0.0))
+        compute = fwd * (3 + recompute) + (redo * elem_fwd if layout.ac == "selective" else 0.0) + op_t
         tp_t = 0.0
         if layout.tp > 1:
             per_mb = allreduce_time(mb_tokens * model.d_model * ab, layout.tp, 1, cluster, prof)
