@@ -2,16 +2,17 @@
 
     trainlib bench tune [--quick]
 
-The same grid search over train.lr of the default job (a 1-layer GPT, one Ray worker per trial,
-on a local Ray instance with this machine's CPUs) runs twice per round: with no scheduler (every
-trial trains all its steps) and with ASHAScheduler (time in steps, grace period 1/8 of the steps,
-reduction factor 2), which stops a trial at a rung when its per-step loss (trainlib reports every
-train.log_every steps through trainlib.launchers.tune) is worse than the rung's better half.
-Rounds alternate the order; figures are medians over rounds. Reported per search: wall time of the
-whole search, the steps all trials trained together, how many trials stopped early, and the best
-trial (its lr, final loss and weights_sha256: same_best_trial says whether the same trial won both,
-with the same weights; a trial that starts slowly and would have won can be stopped at an early rung). The ratio is the median of per-round paired ratios
-asha/none wall time. Absolute times on a shared 2-core machine are noise; the ratio is the figure.
+The same grid search over train.lr of the default job (a 1-layer GPT, one Ray worker per trial, on a
+local Ray instance with this machine's CPUs) runs twice per round: with no scheduler (every trial trains
+all its steps) and with ASHAScheduler (time in steps, grace period 1/8 of the steps, reduction factor
+2), which stops a trial at a rung when its per-step loss (trainlib reports every train.log_every steps
+through trainlib.launchers.tune) is worse than the rung's better half. Rounds alternate the order;
+figures are medians over rounds. Reported per search: wall time of the whole search, the steps all
+trials trained together, how many trials stopped early, and the best trial (its lr, final loss and
+weights_sha256: same_best_trial says whether the same trial won both, with the same weights; a trial
+that starts slowly and would have won can be stopped at an early rung). The ratio is the median of
+per-round paired ratios asha/none wall time. Absolute times on a shared 2-core machine are noise; the
+ratio is the figure.
 """
 from __future__ import annotations
 

@@ -311,7 +311,8 @@ def _failures(refs: list) -> list[BaseException]:
 
 
 def is_retryable(err: BaseException) -> bool:
-    """Whether a worker failure is worth a restart. Infrastructure (a dead process or node, a lost peer): yes. A user error or a bug: no."""
+    """Whether a worker failure is worth a restart. Infrastructure (a dead process or node, a lost
+    peer): yes. A user error or a bug: no, a restart would repeat it."""
     import ray.exceptions as rex
 
     infra = tuple(getattr(rex, n) for n in ("RayActorError", "WorkerCrashedError", "NodeDiedError",
