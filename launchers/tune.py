@@ -6,7 +6,7 @@
     ray.init()
     results = search({"train.lr": tune.loguniform(1e-4, 1e-2), "train.steps": 200, "train.log_every": 10},
                      num_samples=8, workers_per_trial=2,
-                     scheduler=tune.schedulers.ASHAScheduler(max_t=20, grace_period=2))
+                     scheduler=tune.schedulers.ASHAScheduler(time_attr="step", max_t=200, grace_period=20))
     best = results[0]      # sorted by `metric` (default: the run's last loss), best first
 
 Each trial is a complete trainlib run on `workers_per_trial` Ray actors: Tune reserves one
@@ -19,7 +19,9 @@ train.log_every steps) and every checkpoint it writes into a Ray queue (trainlib
 trial drains it and calls tune.report once per record — `loss_last` is the record's loss, so
 schedulers compare trials on the metric the final ranking uses — with a Tune Checkpoint of the
 trainlib checkpoint written since the previous record (checkpoint_step says which). The last report
-also carries the run's summary (weights_sha256, resumed_from, ...). A trial restored from a Tune
+also carries the run's summary (weights_sha256, resumed_from, ...) and done=True. Give schedulers
+time in steps (time_attr="step", max_t=train.steps): a run reports at step 1 and then every
+log_every steps, so a max_t counted in reports (training_iteration) can stop it one report short. A trial restored from a Tune
 checkpoint (PopulationBasedTraining's exploit, a trial restart) copies it into a fresh trainlib
 checkpoint directory, and trainlib resumes from it with the trial's (possibly new) config: the
 learning rate is recomputed from train.lr every step. When Tune stops a trial (ASHA), the trial's
