@@ -97,7 +97,7 @@ def test_step_time_hand_computed():
     t = step_time(mlp, Layout(1, 1, 1), ClusterSpec(1, 1, "cpu", 10, 8), profile(), global_batch=10)
     fwd = 2 * 2 * 1000 ** 2 * 10 / 1e9 + 2 * (2 * 1000) * 10 * 4 / 1e9   # matmuls + ReLU/bias bytes
     assert t.compute == pytest.approx(3 * fwd)
-    assert t.optimizer == pytest.approx(2 * 1_001_000 * 28 / 1e9)
+    assert t.optimizer == pytest.approx(2 * 1_001_000 * 84 / 1e9)
     assert t.dp_sync == t.tp == t.bubble == 0
 
 

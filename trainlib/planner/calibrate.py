@@ -2,7 +2,7 @@
 
 Each figure is taken the way training uses it, with both ranks busy at once (OMP_NUM_THREADS =
 cores / 2, as `trainlib train` sets it): matmul FLOP/s per dtype on the shapes of GPT blocks (d 128 to
-512, 2048 tokens), memcpy bandwidth, the cost of one tiny op, the gloo all-reduce (TP, PP, compressed
+512, 16 and 2048 rows), memcpy bandwidth, the cost of one tiny op, the gloo all-reduce (TP, PP, compressed
 and ZeRO-2/3 gradients) and shared-memory all-reduce (whole fp32 buckets) as alpha-beta fits over
 64 KiB..8 MiB, reduce-scatter + all-gather over all-reduce at 8 MiB, the pipeline runtime's cost per
 action (tiny layers, 1F1B, m = 8) and the colocated parameter server's cost per message and per byte
@@ -47,10 +47,10 @@ def _fit(points: list[tuple[float, float]]) -> tuple[float, float]:
 
 
 def _matmul(dtype: torch.dtype) -> tuple[float, float]:
-    """(peak FLOP/s, half-rate rows): rate(r) = peak * r / (r + h), fitted to GPT-block shapes at 128 and
+    """(peak FLOP/s, half-rate rows): rate(r) = peak * r / (r + h), fitted to GPT-block shapes at 16 and
     2048 rows (1/rate is linear in 1/r: 1/rate = 1/peak + h / (peak r))."""
     inv = {}
-    for rows in (128, 2048):
+    for rows in (16, 2048):
         rates = []
         for d in (128, 256, 512):
             a, w = torch.randn(rows, d, dtype=dtype), torch.randn(d, 4 * d, dtype=dtype)
@@ -58,7 +58,7 @@ def _matmul(dtype: torch.dtype) -> tuple[float, float]:
             t = _median_time(lambda: a @ w, 5, max(3, 6144 // rows))
             rates.append(2 * rows * d * 4 * d / t)
         inv[rows] = 1 / statistics.median(rates)
-    slope = max(0.0, (inv[128] - inv[2048]) / (1 / 128 - 1 / 2048))
+    slope = max(0.0, (inv[16] - inv[2048]) / (1 / 16 - 1 / 2048))
     peak = 1 / max(1e-30, inv[2048] - slope / 2048)
     return peak, slope * peak
 
@@ -206,7 +206,7 @@ def _rank_measure() -> dict:
     out["matmul_fp32_flops"], out["matmul_half_rows"] = _matmul(torch.float32)
     comm.barrier()
     out["matmul_bf16_flops"], _ = _matmul(torch.bfloat16)
-    src, dst = torch.randn(8 << 20), torch.empty(8 << 20)
+    src, dst = torch.randn(64 << 20), torch.empty(64 << 20)      # 256 MiB: past any cache
     comm.barrier()
     out["mem_Bps"] = 2 * src.numel() * 4 / _median_time(lambda: dst.copy_(src), 7)
     out["op_s"] = _op_cost()
@@ -304,11 +304,11 @@ def calibrate(ranks: int = 2) -> Profile:
     values["compute_efficiency"] = efficiency({**values, "probe_s": probe_s, "compute_efficiency": 1.0})
     how = f"measured on {ranks} ranks at once, OMP_NUM_THREADS={threads}"
     sources = {
-        "matmul_fp32_flops": f"measured: torch.mm (r x d) @ (d x 4d), d in 128/256/512, r in 128/2048, median "
+        "matmul_fp32_flops": f"measured: torch.mm (r x d) @ (d x 4d), d in 128/256/512, r in 16/2048, median "
                              f"per r, fit rate = peak r / (r + h); {how}",
         "matmul_half_rows": "measured: h of the fit above (fp32)",
         "matmul_bf16_flops": f"measured: as fp32, bfloat16 tensors; {how}",
-        "mem_Bps": f"measured: copy_ of 32 MiB, 2 x bytes / time; {how}",
+        "mem_Bps": f"measured: copy_ of 256 MiB, 2 x bytes / time; {how}",
         "op_s": "measured: forward + backward of 64 chained Linear(4, 4), per layer",
         "intra_alpha_s": "measured: a 4-byte gloo all-reduce between 2 ms pieces of matmul, minus the matmul "
                          "alone, / 2 (the cost of meeting the other rank, scheduling included)",

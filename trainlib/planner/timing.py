@@ -16,7 +16,7 @@
                  bytes and costs a cast; the parameter server pays a fixed cost per 4 MB partition and the
                  busiest server's bytes (BytePS: max(M, n M / k), bench_ps.t_ps). Only the part that does
                  not hide behind the backward (profile "overlap") is added.
-    optimizer    AdamW reads and writes ~28 bytes per owned parameter (p, g, m, v in; p, m, v out)
+    optimizer    torch's foreach AdamW + clipping: ~84 bytes moved per owned parameter (OPT_BYTES_PER_PARAM)
 """
 from __future__ import annotations
 
@@ -33,7 +33,9 @@ from .spec import ClusterSpec, ModelSpec
 
 PARTITION_BYTES = 4 * 2**20      # the parameter server's partition (config.SyncConfig.partition_mb)
 OPS_PER_BLOCK = 14               # forward ops of one GPT block (norms, linears, attention, views, adds)
-OPT_BYTES_PER_PARAM = 28
+# torch's foreach AdamW makes ~10 passes over parameter-sized fp32 arrays per step (lerp, mul, addcmul,
+# sqrt, div, add, addcdiv, weight decay; 2 arrays each on average) and clipping reads the gradients: 84 B
+OPT_BYTES_PER_PARAM = 84
 
 
 @dataclass(frozen=True)
