@@ -69,11 +69,28 @@ class _Worker:
     def run(self, fn: Callable[[dict], Any], config: dict, env: dict[str, str]) -> Any:
         from trainlib.runtime import shutdown
 
+        os.environ.update(device_env(int(env.get("LOCAL_WORLD_SIZE", "1"))))
         os.environ.update(env)
         try:
             return fn(dict(config))
         finally:
             shutdown()
+
+
+def device_env(nproc_per_node: int, devices: Any = None, env: dict[str, str] | None = None) -> dict[str, str]:
+    """What `trainlib launch` would add for this node's devices (the EFA/NCCL plugin settings, the
+    Neuron compiler cache): no `trainlib launch` runs in a Ray pod, so the actor sets them itself,
+    before fn initialises NCCL. Values the user set win, as with `trainlib launch`. LD_LIBRARY_PATH
+    is left out: the dynamic loader read it when the process started (the images set it in ENV);
+    so is the CPU profile: Ray already gives each actor its OMP_NUM_THREADS."""
+    from trainlib.launchers.devices import probe
+    from trainlib.launchers.profiles import select_profile
+
+    env = dict(os.environ if env is None else env)
+    profile = select_profile(devices if devices is not None else probe(env), nproc_per_node, env)
+    if profile.name == "cpu":
+        return {}
+    return {k: v for k, v in profile.env.items() if k != "LD_LIBRARY_PATH" and k not in env}
 
 
 def train_trainlib(config: dict) -> dict:

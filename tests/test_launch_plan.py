@@ -330,3 +330,21 @@ def test_trainlib_env_reports_nccl_plugin_and_efa(monkeypatch, capsys):
     assert {"nccl_version", "ofi_plugin", "efa_devices", "torchrun_argv", "profile"} <= set(d)
     monkeypatch.setenv("TRAINLIB_BACKEND", "nope")
     assert envinfo.main([]) == 1 and "'nope' is not a known backend" in capsys.readouterr().err
+
+
+def test_ray_actors_get_the_launch_profile_env(tmp_path):
+    """A Ray worker pod runs no `trainlib launch`: its actors take the same device settings themselves."""
+    from trainlib.launchers.ray import device_env
+
+    root = _efa_tree(tmp_path)
+    dev = probe({}, root=str(root), with_nccl=False)
+    efa = Devices(gpus=8, efa=dev.efa, ofi_plugin=dev.ofi_plugin)
+    want = {k: v for k, v in select_profile(efa, 8, {"TRAINLIB_OFI_NCCL_VERSION": "1.5.0"}).env.items()
+            if k != "LD_LIBRARY_PATH"}
+    assert want["NCCL_NET_PLUGIN"] == "ofi" and want["FI_PROVIDER"] == "efa"
+    assert device_env(8, efa, {"TRAINLIB_OFI_NCCL_VERSION": "1.5.0"}) == want
+    # a value the user set wins; the CPU profile adds nothing (Ray sets OMP_NUM_THREADS per actor)
+    assert "FI_PROVIDER" not in device_env(8, efa, {"TRAINLIB_OFI_NCCL_VERSION": "1.5.0", "FI_PROVIDER": "tcp"})
+    assert device_env(2, Devices(), {}) == {}
+    neuron = device_env(32, Devices(neuron_cores=32), {})
+    assert neuron["MALLOC_ARENA_MAX"] and neuron["NEURON_COMPILE_CACHE_URL"]
