@@ -45,14 +45,6 @@ def one_rank_reference(tmp_path_factory) -> dict:
     return run_ranks(reference_rank, 1, {**SMALL, "train.metrics": str(path)}, timeout_s=240)[0]
 
 
-@pytest.fixture(scope="module")
-def local_ray(tmp_path_factory):
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
-             _temp_dir=str(tmp_path_factory.mktemp("ray")))
-    yield
-    ray.shutdown()
-
-
 def test_run_errors(local_ray):
     with pytest.raises(LaunchConfigError, match="num_workers=0"):
         tl_ray.run(tl_ray.train_trainlib, 0)

@@ -30,14 +30,6 @@ def reference_runs(configs: list[dict]) -> list[dict]:
     return [tl_ray.train_trainlib(c) for c in configs]
 
 
-@pytest.fixture(scope="module")
-def local_ray(tmp_path_factory):
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
-             _temp_dir=str(tmp_path_factory.mktemp("ray")))
-    yield
-    ray.shutdown()
-
-
 def plain_runs(configs: list[dict], tmp_path) -> list[tuple[dict, list[dict]]]:
     """(summary, per-step metrics records) of a plain one-rank run of each config."""
     paths = [str(tmp_path / f"plain{i}.jsonl") for i in range(len(configs))]
