@@ -288,12 +288,13 @@ def _inter_node() -> tuple[float, str]:
 
 
 def calibrate(ranks: int = 2) -> Profile:
-    from trainlib.testing import run_ranks
+    # spawning local ranks is test machinery, which the library does not import: the benchmarks hold it
+    from trainlib.benchmarks.plan_ranks import spawn_ranks
 
     load_before = os.getloadavg()
     t0 = time.time()
     threads = str(max(1, (os.cpu_count() or 1) // ranks))
-    per_rank = run_ranks(_rank_measure, ranks, timeout_s=600, env={"OMP_NUM_THREADS": threads})
+    per_rank = spawn_ranks(_rank_measure, ranks, threads)
     keys = per_rank[0].keys()
     # per-rank rates: the slower rank sets the pace of a synchronous step
     values = {k: (min if k.endswith(("flops", "Bps")) else max)(r[k] for r in per_rank) for k in keys}
