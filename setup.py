@@ -51,7 +51,7 @@ setup(
     python_requires=">=3.10",
     packages=_packages(),
     package_dir=package_dir,
-    package_data={"trainlib": ["data/*.txt"], "trainlib.kernels": ["csrc/*.cpp"]},
+    package_data={"trainlib.kernels": ["csrc/*.cpp"], "trainlib.planner": ["profiles/*.json"]},
     # torch is not pinned here: install torch==2.13.0 (CPU) first, or the image's own torch (>= 2.5).
     install_requires=["torch>=2.5", "tqdm>=4.60", "safetensors>=0.4", "pyzmq>=25", "cryptography>=41", "numpy>=1.24", "ninja>=1.11",
                       "tomli>=2; python_version<'3.11'"],

@@ -51,3 +51,19 @@ def test_console_script_is_installed_and_runs(tmp_path):
     for flag in ("--train.steps", "--train.batch_size", "--train.seed", "--mesh.dp", "--mesh.tp", "--mesh.pp",
                  "--sync.kind", "--model.d_model", "--nproc-per-node"):
         assert flag in out.stdout, flag
+
+
+def test_wheel_carries_the_data_files_the_library_reads(tmp_path):
+    """A non-editable install gets only what package_data names: the kernels' C++ source and the
+    planner's shipped profiles must be in the wheel (an editable install would hide their absence)."""
+    import zipfile
+
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                          str(tmp_path), str(ROOT)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    shutil.rmtree(ROOT / "build", ignore_errors=True)  # setuptools' scratch copy
+    (wheel,) = tmp_path.glob("trainlib-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    want = {f"trainlib/planner/profiles/{p.name}" for p in (ROOT / "trainlib/planner/profiles").glob("*.json")}
+    want |= {f"trainlib/kernels/csrc/{p.name}" for p in (ROOT / "kernels/csrc").glob("*.cpp")}
+    assert len(want) >= 6 and want <= names, sorted(want - names)
