@@ -58,9 +58,12 @@ def render(folder: Path | None = None) -> str:
             "|---|---|---|---|---|"]
     for path in sorted(folder.glob("*.json")):
         d = json.loads(path.read_text())
-        meta = d.get("meta", {})
-        name = meta.get("benchmark", path.stem.split("-")[0])
-        line = _headline(name, d.get("summary", {})).replace("|", "/")
+        # a tool run as `python -m trainlib.benchmarks.NAME` keeps its command and git state at the
+        # top level and its whole result is the summary (e.g. zero_billion)
+        meta = d.get("meta") or {k: d[k] for k in ("command", "git", "date") if k in d}
+        tool = meta.get("command", "").split("-m trainlib.benchmarks.")[-1].split()[0] if "meta" not in d else ""
+        name = meta.get("benchmark", tool or path.stem.split("-")[0])
+        line = _headline(name, d.get("summary", {} if "meta" in d else d)).replace("|", "/")
         rows.append(f"| `{path.name}` | {line} | `{meta.get('command', '?')}` | {meta.get('date', '?')[:16]} "
                     f"| {_commit(meta)} |")
     return "\n".join(rows) + "\n"

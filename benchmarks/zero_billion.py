@@ -79,5 +79,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def table_headline(result: dict) -> str:
+    """The results table's line (benchmarks/table.py) for a zero-billion-run.json."""
+    r = result["ranks"]
+    steps = [s for rank in r for s in rank["step_s"]]
+    return (f"{r[0]['params'] / 1e9:.3f}B-param GPT, ZeRO-3 {result['precision']} on {result['world']} gloo ranks: "
+            f"peak {max(x['peak_gib'] for x in r):.2f} GiB/rank ({max(x['peak_bytes_per_param'] for x in r)} B/param), "
+            f"{min(steps):.0f}-{max(steps):.0f} s/step, loss {r[0]['losses'][0]:.2f} -> {r[0]['losses'][-1]:.2f}")
+
+
 if __name__ == "__main__":
     raise SystemExit(main())
