@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import sys
+import time
 
 from trainlib.launchers.errors import EXIT_CONFIG, EXIT_RETRY, LaunchConfigError, LaunchInfraError
 
@@ -46,7 +47,35 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None,
                    help="Ray cluster address (e.g. auto or ray://head:10001); default $RAY_ADDRESS, else local")
     p.add_argument("--timeout-s", type=float, default=24 * 3600.0, help="limit for the whole run (default 1 day)")
+    p.add_argument("--connect-timeout-s", type=float, default=120.0,
+                   help="how long to wait for an explicit --address to accept connections (default 120 s)")
     return p
+
+
+def wait_reachable(address: str | None, timeout_s: float) -> str | None:
+    """For an explicit HOST:PORT or ray://HOST:PORT: None once it accepts a TCP connection within
+    timeout_s, else why not. ray.init itself retries an unreachable GCS for minutes with no word;
+    a pod whose head is gone should fail (retryably) and say so. `auto`/local need no check."""
+    import socket
+
+    if not address or address in ("auto", "local"):
+        return None
+    hostport = address.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        return None  # not HOST:PORT: let Ray parse (and reject) it
+    deadline = time.monotonic() + timeout_s
+    last = ""
+    for _ in range(100000):  # bounded by the deadline; one attempt per second at most
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=min(5.0, max(timeout_s, 0.1))).close()
+            return None
+        except OSError as e:
+            last = str(e)
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+    return f"{address!r} accepted no connection within {timeout_s:.0f}s ({last})"
 
 
 def _split(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -113,6 +142,11 @@ def main(argv: list[str] | None = None) -> int:
     from trainlib.launchers import ray as tl_ray
 
     address = args.address or os.environ.get("RAY_ADDRESS") or None
+    unreachable = wait_reachable(address, args.connect_timeout_s)
+    if unreachable:  # the head may be restarting (a RayJob): retryable
+        print(f"{PROG}: no Ray cluster: {unreachable}; check that the head runs, fix --address or $RAY_ADDRESS, "
+              "or raise --connect-timeout-s", file=sys.stderr)
+        return EXIT_RETRY
     try:
         ray.init(address=address, logging_level="WARNING")
     except ConnectionError as e:  # the cluster may still be coming up (a RayJob's head): retryable

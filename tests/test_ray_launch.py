@@ -141,3 +141,20 @@ def test_ray_main_help(capsys):
         ray_main.main(["--help"])
     out = capsys.readouterr().out
     assert exit_.value.code == 0 and "--num-workers N" in out and "--max-failures" in out and "--address" in out
+
+
+def test_ray_main_unreachable_address_fails_retryably_and_says_so(capsys):
+    import socket
+    import time
+
+    from trainlib.launchers import ray_main
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.monotonic()
+    code = ray_main.main(["--num-workers", "1", "--address", f"127.0.0.1:{port}", "--connect-timeout-s", "1", "--",
+                          "--train.steps=1"])
+    err = capsys.readouterr().err
+    assert code == 138 and time.monotonic() - t0 < 30
+    assert f"'127.0.0.1:{port}' accepted no connection within 1s" in err and "--connect-timeout-s" in err
