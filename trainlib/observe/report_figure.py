@@ -147,8 +147,8 @@ def _communication(ax, records) -> None:
     bx, bw = series(records, "bw_gbps")
     if bx:
         twin = ax.twinx()
-        twin.plot(bx, bw, "k:", label="achieved GB/s")
-        twin.set_ylabel("GB/s (dotted)")
+        twin.plot(bx, bw, "k:", label="achieved Gbit/s")
+        twin.set_ylabel("Gbit/s achieved (dotted)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
 
