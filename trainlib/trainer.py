@@ -36,6 +36,7 @@ from .checkpoint import resume
 from .data_parallel import DataParallel
 from .mesh import Mesh, MeshError
 from .observe import step_stats
+from .observe.sinks import sinks_from_config
 from .observe.window import WindowStats, aggregate, totals
 from .models.gpt import GPT
 from .optim import DistributedOptimizer
@@ -202,7 +203,7 @@ def _train(cfg: Config, callbacks: list[Callback] | tuple[Callback, ...], live: 
     counters = {"loss_first": float("nan"), "window_loss": 0.0, "window_steps": 0, "nonfinite_skipped": 0}
     start, counters = resume.restore(cfg.checkpoint, model, opt, sampler, counters)
     loss_first, loss_last = counters["loss_first"], float("nan")
-    callbacks = (*_sinks(cfg), *callbacks) if rt.is_main else ()
+    callbacks = (*sinks_from_config(cfg), *callbacks) if rt.is_main else ()   # --observe.* sinks
     live.extend(callbacks)
     fire(callbacks, "on_train_start", cfg, {"world_size": rt.world_size, "mesh": dict(mesh.layout.__dict__),
                                             "params": n_params, "start_step": start})
@@ -315,16 +316,6 @@ def _profiler(cfg: Config, rank: int):
                     cfg.train.steps)
         return None
     return StepProfiler(first, last, cfg.profile.dir, rank)
-
-
-def _sinks(cfg: Config) -> list[Callback]:
-    """The metric sinks --observe.* asks for (TensorBoard, MLflow, Prometheus), as callbacks."""
-    o = cfg.observe
-    if not (o.tensorboard or o.mlflow or o.prometheus):
-        return []
-    from .observe.sinks import sinks_from_config
-
-    return sinks_from_config(cfg)
 
 
 def _open_metrics(cfg: Config):
