@@ -7,11 +7,11 @@
    rank every valid layout on 1 node x 2 ranks (this machine) and on 2 emulated nodes x 1 rank
    (trainlib.netcluster, tbf-shaped links; the planner gets the link's measured goodput as the NIC rate).
 3. Run each ranked layout the way `trainlib train` builds it (trainer.wrap: PP split -> TP -> DP with its
-   sync backend, DistributedOptimizer over AdamW, clipping) in one spawned group per model and place.
-   Memory: one layout at a time, the peak RSS over two steps minus the RSS before its model was built
-   (VmHWM reset per layout; glibc's mmap threshold pinned and malloc_trim first, so that freed tensors
-   leave RSS), max over ranks. Time: with every layout built, rounds of one step each in rotating order
-   (harness.alternate); each step's time is the slowest rank's; the median per layout.
+   sync backend, DistributedOptimizer over AdamW, clipping) in one spawned group per model and place,
+   one layout alive at a time. Memory: the peak RSS over two steps minus the RSS before its model was
+   built (VmHWM reset per layout; glibc's mmap threshold pinned and malloc_trim first, so that freed
+   tensors leave RSS), max over ranks. Time: `--steps` steps right after, in two passes of opposite
+   order; each step's time is the slowest rank's; the median per layout.
 4. Report predicted vs measured step time and peak memory per layout: median and worst relative error,
    whether the planner's first choice is the measured best (or within 5% of it), Spearman's rank
    correlation; the load average is recorded with every measurement (a shared 2-core machine).
@@ -146,9 +146,12 @@ def _one_step(model, opt, next_batch, fn=None) -> float:
 
 
 def measure_layouts(name: str, items: list[dict], steps: int) -> list[dict]:
-    """On every rank: memory, one layout at a time (each built, stepped twice, its peak RSS over the RSS
-    before it was built); then time, all layouts alive, in rounds of rotating order (harness.alternate) so
-    that a slow phase of the shared machine lands on every layout, not on the few that ran during it."""
+    """On every rank, each layout alone in the process, as `trainlib train` would run it: built, stepped
+    twice (memory: its peak RSS over the RSS before it was built), stepped `steps` times (time), closed.
+    Two passes in opposite orders, so that a slow phase of the shared machine lands on different layouts
+    each time; the median of both passes' steps. The calibration probe steps every few layouts in between:
+    its median re-fits compute_efficiency under the same conditions. (Keeping every layout alive and
+    stepping them in rotation, as an earlier version did, made each step ~2x slower than a lone run.)"""
     import ctypes
     import gc
 
@@ -157,46 +160,42 @@ def measure_layouts(name: str, items: list[dict], steps: int) -> list[dict]:
     import trainlib as tl
     from trainlib import comm
     from trainlib.benchmarks.dp_workloads import fix_malloc_threshold, reset_peak_rss
-    from trainlib.benchmarks.harness import alternate
     from trainlib.planner.calibrate import probe_step_fn
 
     tl.init()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     fix_malloc_threshold()
     libc = ctypes.CDLL("libc.so.6")
-    built, peaks, loads = [], [], []
+    probe = probe_step_fn()
+    peaks: dict[int, float] = {}
+    times: dict[int, list[float]] = {k: [] for k in range(len(items))}
+    probe_s: list[float] = []
+    load0 = os.getloadavg()
     # the first layout built in a process also pays one-time allocations (gloo buffers, lazy library
     # state) that no later layout sees: build and step it once, unmeasured
-    for k, item in enumerate([items[0], *items]):
+    order = [-1, *range(len(items)), *reversed(range(len(items)))]
+    for j, k in enumerate(order):
         gc.collect()
         libc.malloc_trim(0)           # freed heap pages back to the OS: the baseline is what is live
         comm.barrier()
         base_kb = _status_kb("VmRSS")
         reset_peak_rss()
-        parts = _build(name, item["flags"])
+        parts = _build(name, items[max(k, 0)]["flags"])
         for _ in range(2):            # the second step is the steady state (optimizer state exists)
             _one_step(*parts)
         peak = torch.tensor([(_status_kb("VmHWM") - base_kb) * 1024.0], dtype=torch.float64)
         comm.all_reduce(peak, op="max")
-        if k == 0:
-            parts[0].close()
-            del parts
-            continue
-        built.append(parts)
-        peaks.append(float(peak))
-    cands = {item["layout"]: (lambda parts=parts: _one_step(*parts)) for item, parts in zip(items, built)}
-    # the calibration probe steps in the same rounds: its time re-fits compute_efficiency under the same load
-    probe = probe_step_fn()
-    cands[PROBE] = lambda: _one_step(None, None, None, fn=probe)
-    t0 = os.getloadavg()
-    res = alternate(cands, steps)
-    loads = [round(v, 2) for v in t0] + [round(v, 2) for v in os.getloadavg()]
-    for parts in built:
+        if k >= 0:
+            peaks.setdefault(k, float(peak))
+            times[k] += [_one_step(*parts) for _ in range(steps)]
         parts[0].close()
-    return [{"layout": item["layout"], "measured_s": res[item["layout"]]["median_s"],
-             "all_s": res[item["layout"]]["all_s"], "measured_bytes": peak, "loadavg": loads}
-            for item, peak in zip(items, peaks)] + [{"layout": PROBE, "measured_s": res[PROBE]["median_s"],
-                                                    "all_s": res[PROBE]["all_s"], "loadavg": loads}]
+        del parts
+        if j % 6 == 0:
+            probe_s += [_one_step(None, None, None, fn=probe) for _ in range(3)]
+    loads = [round(v, 2) for v in load0] + [round(v, 2) for v in os.getloadavg()]
+    return [{"layout": item["layout"], "measured_s": statistics.median(times[k]), "all_s": times[k],
+             "measured_bytes": peaks[k], "loadavg": loads} for k, item in enumerate(items)] + [
+        {"layout": PROBE, "measured_s": statistics.median(probe_s), "all_s": probe_s, "loadavg": loads}]
 
 
 def worker(argv: list[str]) -> int:

@@ -8,7 +8,9 @@
                   first candidate's (a fast wrong answer is not a result)
     scale_rank    a few steps of one (large) GPT under an address-space cap: does it fit?
 
-Candidates are specs {"kind": "tl" | "fsdp2" | "ds", "stage": 0-3, "precision": "fp32" | "bf16"}.
+Candidates are specs {"kind": "tl" | "fsdp2" | "ds", "stage": 0-3, "precision": "fp32" | "bf16"}, and
+"floor": the bare model and AdamW with no wrapper and no communication (each rank steps its own batch),
+the step time no data-parallel runtime can beat (zero_floor.py).
 """
 from __future__ import annotations
 
@@ -108,8 +110,10 @@ def build(name: str, spec: dict[str, Any], m: dict[str, int]) -> Candidate:
         model, step, roots = zero_peers.deepspeed(inner, stage, m["batch"], block_params(m), make_optimizer,
                                                     loss_fn)
         return Candidate(name, kind, model, step, roots)
+    if kind == "floor":
+        return _floor(name, inner)
     if kind != "tl":
-        raise ValueError(f"unknown candidate kind {kind!r}; use tl, fsdp2 or ds")
+        raise ValueError(f"unknown candidate kind {kind!r}; use tl, fsdp2, ds or floor")
     return _trainlib(name, inner, stage, precision)
 
 
@@ -153,6 +157,21 @@ def _trainlib(name: str, inner: nn.Module, stage: int, precision: str) -> Candid
     return Candidate(name, "tl", model, step, [model, opt], model.close, state_roots=states)
 
 
+def _floor(name: str, inner: nn.Module) -> Candidate:
+    """Forward, backward and AdamW on this rank's batch, nothing else: no sync, no wrapper."""
+    opt = make_optimizer([p for p in inner.parameters() if p.requires_grad])
+
+    def step(batch, probe=None) -> torch.Tensor:
+        x, y = batch
+        loss = loss_fn(inner(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return Candidate(name, "floor", inner, step, [inner, opt], state_roots=lambda: model_states(inner, opt))
+
+
 def model_states(module: nn.Module, opt: torch.optim.Optimizer) -> list[Any]:
     """The module's current parameters (with their grads and tensor attributes) and the optimizer's state and
     parameters -- not the module object itself: its hooks lead to the wrapper and its buffers."""
@@ -161,6 +180,8 @@ def model_states(module: nn.Module, opt: torch.optim.Optimizer) -> list[Any]:
 
 def final_params(c: Candidate) -> torch.Tensor:
     """The full fp32 weights in module order (collective for sharded candidates)."""
+    if c.kind == "floor":
+        return wl.flat_params(c.model)
     if c.kind == "tl":
         if getattr(c.model, "sharded", False):  # the replicated wrapper's own params are the full weights
             sd = c.model.full_state_dict()

@@ -304,3 +304,42 @@ def test_benchmark_measure_and_compare():
     one = measure(_gpt, batch, "full", repeats=1, track_rss=False)
     assert one["retained_activation_bytes"] == full["retained_activation_bytes"]  # same model, same measure
     assert one["autograd_saved_bytes"] == full["autograd_saved_bytes"] < none["autograd_saved_bytes"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_split_backward_recomputes_each_block_once_per_pass(mode, monkeypatch):
+    """ZB-H1's split backward (pipeline/zero_bubble.py) on checkpointed blocks: I and W together give the
+    gradients of one plain backward, bitwise, and each block's forward is re-run once for I and once for
+    W (W as one backward per module re-ran a block once per module in it: 3x the time)."""
+    from trainlib.pipeline.zero_bubble import SplitBackward
+
+    model = _gpt()
+    layers = model.as_layers()
+    apply_activation_checkpointing(layers, mode)
+    stage = nn.Sequential(*layers[1:-1])
+    split = SplitBackward(stage)
+    runs = {id(b.mlp): 0 for b in stage}
+    mlp_forward = type(stage[0].mlp).forward
+
+    def counted(self, *args):   # every (re)computation of a block runs its MLP's forward
+        runs[id(self)] += 1
+        return mlp_forward(self, *args)
+
+    monkeypatch.setattr(type(stage[0].mlp), "forward", counted)
+    x0 = torch.randn(2, CFG.seq_len, CFG.d_model, generator=torch.Generator().manual_seed(3))
+    g = torch.randn(2, CFG.seq_len, CFG.d_model, generator=torch.Generator().manual_seed(4))
+
+    x = x0.clone().requires_grad_(True)
+    stage(x).backward(g)
+    want = [x.grad] + [p.grad.clone() for p in stage.parameters()]
+    stage.zero_grad(set_to_none=True)
+    runs.update({k: 0 for k in runs})
+
+    x = x0.clone().requires_grad_(True)
+    with split.record() as records:
+        y = stage(x)
+    gx, captured = split.input_grad(x, y, g, records)
+    split.weight_grad(y, g, records, captured)
+    got = [gx] + [p.grad for p in stage.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(want, got))
+    assert set(runs.values()) == {3}, runs   # forward + recompute for I + recompute for W

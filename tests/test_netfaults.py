@@ -89,6 +89,9 @@ def test_link_down_longer_than_the_timeout(cluster, tmp_path):
     assert after_cut <= timeout_s + SLACK_S, after_cut
 
 
+# minutes-long tier (`pytest -m long`): a blip shorter than the timeout is the outage test below without
+# the checkpoint; the default suite keeps the outage, loss, delay and partition cases
+@pytest.mark.long
 def test_short_blip_does_not_kill_the_job(cluster, tmp_path, uninterrupted):
     metrics = tmp_path / "m.jsonl"
 

@@ -249,3 +249,59 @@ def test_projection_7b_on_h200_picks_a_fitting_sharded_or_split_layout(capsys):
     best = out["plans"][0]
     assert best["fits"] and best["peak_bytes"] <= 141 * 2**30 and not out["validated"]
     assert math.isfinite(best["step_s"]) and best["step_s"] > 0
+
+
+# -- feature costs (calibrated on the probe GPT) ---------------------------------------------------------
+def test_feature_costs_enter_the_step_time_where_the_feature_pays():
+    base = profile()
+    lay3 = Layout(1, 2, 1, shard="parameters")
+    units = GPT.pipeline_layers()                     # one ZeRO-3 unit per pipeline layer, gathered twice
+    assert (step_time(GPT, lay3, ONE_NODE, profile(zero3_unit_s=1e-3), 8).dp_sync
+            - step_time(GPT, lay3, ONE_NODE, base, 8).dp_sync) == pytest.approx(2 * units * 1e-3)
+    sel = Layout(1, 1, 1, ac="selective")
+    ops = GPT.n_layer * 14                            # timing.OPS_PER_BLOCK per block
+    assert (step_time(GPT, sel, ONE_NODE, profile(selective_op_s=1e-4), 8).compute
+            - step_time(GPT, sel, ONE_NODE, base, 8).compute) == pytest.approx(ops * 1e-4)
+    tp = Layout(1, 1, 2)
+    assert (step_time(GPT, tp, ONE_NODE, profile(tp_collective_s=1e-3), 8).tp
+            - step_time(GPT, tp, ONE_NODE, base, 8).tp) == pytest.approx((4 * GPT.n_layer + 3) * 1e-3)
+    pp = Layout(2, 1, 1, schedule="1f1b", microbatches=4)
+    assert (step_time(GPT, pp, ONE_NODE, profile(solo_speedup=2.0), 8).bubble
+            == pytest.approx(step_time(GPT, pp, ONE_NODE, base, 8).bubble / 2))
+    full = Layout(1, 1, 1, ac="full")
+    none = step_time(GPT, Layout(1, 1, 1), ONE_NODE, base, 8).compute
+    extra = step_time(GPT, full, ONE_NODE, base, 8).compute - none
+    assert (step_time(GPT, full, ONE_NODE, profile(recompute_share=0.5), 8).compute - none
+            == pytest.approx(extra - 0.5 * (extra - GPT.n_layer * 14 * 0.5 * base["op_s"])))
+
+
+def test_feature_costs_fit_recovers_the_costs_that_made_the_measurements():
+    """Probe 'measurements' made by the model itself with known feature costs: the fit returns those costs."""
+    from trainlib.config import ModelConfig as MC
+    from trainlib.planner.calibrate import FEATURE_LAYOUTS, PROBE, feature_costs
+
+    truth = dict(recompute_share=0.7, selective_op_s=2e-4, solo_speedup=1.3, zero3_unit_s=5e-4, tp_collective_s=1e-3)
+    values = profile(op_s=1e-5).values
+    spec = ModelSpec.gpt(MC(**{k: v for k, v in PROBE.items() if k != "batch"}))
+    alone = ClusterSpec(1, 1, "cpu", 10.0, 8.0)
+
+    def t(layout, cluster) -> float:
+        return step_time(spec, layout, cluster, profile(op_s=1e-5, **truth), PROBE["batch"]).total
+
+    probe = t(Layout(1, 1, 1), alone)
+    measured = {"probe_s": probe, "probe_full_s": t(Layout(1, 1, 1, ac="full"), alone),
+                "probe_selective_s": t(Layout(1, 1, 1, ac="selective"), alone), "probe_solo_s": probe / 1.3,
+                **{k: t(lay, ONE_NODE) for k, lay in FEATURE_LAYOUTS.items()}}
+    got = feature_costs(values, measured)
+    assert got == pytest.approx(truth, rel=1e-6)
+
+
+def test_a_profile_from_before_the_feature_costs_loads_with_neutral_values(tmp_path):
+    data = profile().to_json()
+    for k in ("recompute_share", "selective_op_s", "solo_speedup", "zero3_unit_s", "tp_collective_s"):
+        del data["values"][k]
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    p = load(str(tmp_path / "old.json"))
+    assert (p["recompute_share"], p["selective_op_s"], p["solo_speedup"], p["zero3_unit_s"], p["tp_collective_s"]) \
+        == (1.0, 0.0, 1.0, 0.0, 0.0)
+    assert "not measured" in p.sources["solo_speedup"]

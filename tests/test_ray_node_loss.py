@@ -37,6 +37,9 @@ def _remove_when_training(cluster, node, metrics, removed: list) -> None:
         threading.Event().wait(0.05)
 
 
+# minutes-long tier (`pytest -m long`): a second Ray node in-process is ~30 s here, and the retry/resume path
+# it shares with a lost worker runs in the default suite (test_ray_launch.py::test_worker_killed_mid_run_resumes_exactly)
+@pytest.mark.long
 def test_node_loss_resumes_on_the_workers_left(tmp_path):
     from ray.cluster_utils import Cluster
 

@@ -72,6 +72,9 @@ def test_asha_stops_bad_trials_early_and_keeps_the_best(local_ray, tmp_path):
     assert rows[0]["config"]["train.lr"] == best and rows[0]["weights_sha256"] == refs[best][0]["weights_sha256"]
 
 
+# minutes-long tier (`pytest -m long`, ~20 s here): per-step reports and checkpoints under a scheduler run
+# in the default suite through ASHA above
+@pytest.mark.long
 def test_pbt_clones_a_better_trials_checkpoint_with_a_new_lr(local_ray, tmp_path):
     config = {**BASE, "checkpoint.every": 2}
     # exploiting always sets train.lr to 3e-3 (a one-value list), so a clone continues exactly as its donor;

@@ -215,19 +215,86 @@ def _rank_measure() -> dict:
     out["ps_msg_s"], out["ps_Bps"] = _parameter_server()
     comm.barrier()
     out["probe_s"] = _probe_step()
+    out.update(_feature_probes())
     return out
+
+
+def _feature_probes() -> dict[str, float]:
+    """The probe GPT under the features whose cost is not a FLOP or a byte: checkpointing (each rank on its
+    own), a rank alone (the other waits at a barrier, as in a pipeline bubble), ZeRO-1 vs ZeRO-3 at dp=2 and
+    tp=2, each as `trainlib train` builds it. calibrate() turns them into the profile's feature costs."""
+    import torch.distributed as dist
+
+    from trainlib import comm
+
+    out = {}
+    for ac in ("full", "selective"):
+        comm.barrier()
+        out[f"probe_{ac}_s"] = _median_time(probe_step_fn(ac), 7, 2)
+    step, solo = probe_step_fn(), []
+    for r in range(dist.get_world_size()):
+        comm.barrier()
+        if dist.get_rank() == r:
+            solo.append(_median_time(step, 5, 2))
+        comm.barrier()
+    out["probe_solo_s"] = solo[0]
+    for key, layout in FEATURE_LAYOUTS.items():
+        out[key] = _layout_probe(layout)
+    return out
+
+
+def _layout_probe(layout) -> float:
+    """Median step time of the probe GPT under `layout` (its `trainlib train` flags), both ranks in it."""
+    import trainlib as tl
+    from trainlib import comm
+    from trainlib.config import load_config
+    from trainlib.optim import DistributedOptimizer
+    from trainlib.trainer import build_model, wrap
+
+    shapes = [f"--model.{k}={v}" for k, v in PROBE.items() if k != "batch"]
+    cfg = load_config(None, [*layout.train_flags(PROBE["batch"]), *shapes])
+    mesh = tl.Mesh(pp=cfg.mesh.pp, dp=cfg.mesh.dp, tp=cfg.mesh.tp)
+    model = wrap(build_model(cfg), cfg, mesh)
+    opt = DistributedOptimizer(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4), model)
+    rows = PROBE["batch"] // mesh.size("dp")
+    g = torch.Generator().manual_seed(mesh.rank("dp"))
+    x = torch.randint(0, PROBE["vocab_size"], (rows, PROBE["seq_len"]), generator=g)
+
+    def step():
+        model.step(x, x)
+        model.clip_grad_norm_(1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    comm.barrier()
+    t = _median_time(step, 7)
+    model.close()
+    return t
 
 
 PROBE = {"n_layer": 2, "d_model": 96, "n_head": 4, "seq_len": 64, "vocab_size": 256, "batch": 8}
 
 
-def probe_step_fn():
+def _feature_layouts() -> dict:
+    from .layouts import Layout
+
+    return {"zero1_s": Layout(1, 2, 1, shard="optimizer"), "zero3_s": Layout(1, 2, 1, shard="parameters"),
+            "tp2_s": Layout(1, 1, 2)}
+
+
+FEATURE_LAYOUTS = _feature_layouts()
+
+
+def probe_step_fn(ac: str | None = None):
     """A step function of the probe: forward + backward + AdamW of a small GPT (2 blocks, d_model 96,
-    8 x 64 tokens) on this rank alone, no communication."""
+    8 x 64 tokens) on this rank alone, no communication; ac: its blocks checkpointed that way."""
+    from trainlib.activation_checkpointing import apply_activation_checkpointing
     from trainlib.models.gpt import GPT, GPTConfig, lm_loss
 
     cfg = GPTConfig(**{k: v for k, v in PROBE.items() if k != "batch"})
     model = GPT(cfg)
+    apply_activation_checkpointing(model, ac)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randint(0, cfg.vocab_size, (PROBE["batch"], cfg.seq_len), generator=torch.Generator().manual_seed(0))
 
@@ -276,6 +343,40 @@ def efficiency(values: dict) -> float:
     return min(1.0, max(0.05, matmul_t / max(1e-9, values["probe_s"] - rest)))
 
 
+def feature_costs(values: dict, measured: dict) -> dict[str, float]:
+    """The feature costs (profile keys recompute_share, selective_op_s, solo_speedup, zero3_unit_s,
+    tp_collective_s) that make the time model reproduce the probe's measured steps under each feature:
+    each is the measured difference to the plain probe (or ZeRO-3 to ZeRO-1) less what the model already
+    predicts for it, per unit of what the feature pays per step."""
+    from trainlib.config import ModelConfig
+
+    from .layouts import Layout
+    from .spec import ClusterSpec, ModelSpec
+    from .timing import OPS_PER_BLOCK, step_time
+
+    spec = ModelSpec.gpt(ModelConfig(**{k: v for k, v in PROBE.items() if k != "batch"}))
+    alone, pair = ClusterSpec(1, 1, "cpu", 10.0, 8.0), ClusterSpec(1, 2, "cpu", 10.0, 8.0)
+
+    def t(layout, cluster, **override) -> float:
+        prof = Profile("probe", "cpu", True, {**values, **override}, {})
+        return step_time(spec, layout, cluster, prof, PROBE["batch"]).total
+
+    base, n = t(Layout(1, 1, 1), alone), PROBE["n_layer"]
+    probe = measured["probe_s"]
+    full_fixed = t(Layout(1, 1, 1, ac="full"), alone, recompute_share=0.0) - base   # the op costs
+    full = t(Layout(1, 1, 1, ac="full"), alone, recompute_share=1.0) - base - full_fixed
+    sel = t(Layout(1, 1, 1, ac="selective"), alone, selective_op_s=0.0) - base
+    z3 = (t(FEATURE_LAYOUTS["zero3_s"], pair, zero3_unit_s=0.0) - t(FEATURE_LAYOUTS["zero1_s"], pair))
+    tp = t(FEATURE_LAYOUTS["tp2_s"], pair, tp_collective_s=0.0) - base
+    return {
+        "recompute_share": min(3.0, max(0.1, (measured["probe_full_s"] - probe - full_fixed) / max(1e-9, full))),
+        "selective_op_s": max(0.0, (measured["probe_selective_s"] - probe - sel) / (n * OPS_PER_BLOCK)),
+        "solo_speedup": min(4.0, max(1.0, probe / measured["probe_solo_s"])),
+        "zero3_unit_s": max(0.0, (measured["zero3_s"] - measured["zero1_s"] - z3) / (2 * (n + 2))),
+        "tp_collective_s": max(0.0, (measured["tp2_s"] - probe - tp) / (4 * n + 3)),
+    }
+
+
 def _inter_node() -> tuple[float, str]:
     from trainlib.benchmarks.paths import results_dir
 
@@ -302,7 +403,9 @@ def calibrate(ranks: int = 2) -> Profile:
     eff, eff_src = _inter_node()
     values.update(inter_alpha_s=values["intra_alpha_s"], inter_efficiency=eff, overlap=0.0, runtime_bytes=0.0)
     probe_s = values.pop("probe_s")
+    features = {k: values.pop(k) for k in (*FEATURE_LAYOUTS, "probe_full_s", "probe_selective_s", "probe_solo_s")}
     values["compute_efficiency"] = efficiency({**values, "probe_s": probe_s, "compute_efficiency": 1.0})
+    values.update(feature_costs(values, {**features, "probe_s": probe_s}))
     how = f"measured on {ranks} ranks at once, OMP_NUM_THREADS={threads}"
     sources = {
         "matmul_fp32_flops": f"measured: torch.mm (r x d) @ (d x 4d), d in 128/256/512, r in 16/2048, median "
@@ -328,10 +431,19 @@ def calibrate(ranks: int = 2) -> Profile:
         "compute_efficiency": "measured: a probe GPT (2 blocks, d_model 96, 8 x 64 tokens; not a validated shape) "
                               "steps with AdamW on each rank at once; the share of the fitted matmul rate that "
                               "makes the time model reproduce it",
+        "recompute_share": "measured: the probe with full checkpointing minus without, over the modelled forward",
+        "selective_op_s": "measured: the probe with selective checkpointing minus without, less the modelled "
+                          "elementwise recompute, per block op",
+        "solo_speedup": "measured: the probe on both ranks at once over the probe on one rank while the other "
+                        "waits (the slower rank's)",
+        "zero3_unit_s": "measured: the probe at dp=2 with ZeRO-3 minus ZeRO-1 (as trainlib train builds them), "
+                        "less the modelled difference, per unit gather (2 per layer per microbatch)",
+        "tp_collective_s": "measured: the probe at tp=2 minus the plain probe, less the modelled difference, per "
+                           "tensor-parallel all-reduce",
     }
     measured = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "host": platform.node(), "cpus": os.cpu_count(), "torch": torch.__version__, "ranks": ranks,
                 "loadavg_before": [round(x, 2) for x in load_before],
                 "loadavg_after": [round(x, 2) for x in os.getloadavg()], "wall_s": round(time.time() - t0, 1),
-                "per_rank": per_rank, "probe_s": probe_s}
+                "per_rank": per_rank, "probe_s": probe_s, "feature_probes_s": features}
     return Profile(f"cpu measured {measured['date'][:16]}", "cpu", True, values, sources, measured)

@@ -38,7 +38,18 @@ KEYS = {
     "runtime_bytes": "bytes per device the runtime itself holds (CUDA context, NCCL/EFA buffers; 0 on CPU: "
                      "measured as a delta)",
     "compute_efficiency": "share of the matmul throughput a model's matmuls reach (shapes, fusion, launch gaps)",
+    "recompute_share": "what full activation checkpointing's recomputation costs, as a share of the modelled forward",
+    "selective_op_s": "extra seconds per block op under selective checkpointing (its dispatch modes record the "
+                      "forward and replay the recomputation, op by op)",
+    "solo_speedup": "how much faster a rank computes while the others on its node idle (a pipeline bubble) than "
+                    "when all compute at once (shared memory bandwidth and caches on CPU; 1 on accelerators)",
+    "zero3_unit_s": "fixed cost of one ZeRO-3 unit's all-gather (forward and again backward, per microbatch)",
+    "tp_collective_s": "fixed cost of one tensor-parallel all-reduce beyond the alpha-beta ring time",
 }
+# Keys added after profiles were first shipped: a profile without them gets these values (what the cost
+# model assumed before it had them), labelled so, instead of failing to load.
+DEFAULTS = {"recompute_share": 1.0, "selective_op_s": 0.0, "solo_speedup": 1.0, "zero3_unit_s": 0.0,
+            "tp_collective_s": 0.0}
 
 
 @dataclass
@@ -51,6 +62,10 @@ class Profile:
     measured: dict = field(default_factory=dict)   # conditions of a measured profile: date, load, host
 
     def __post_init__(self):
+        for k, v in DEFAULTS.items():
+            if k not in self.values:
+                self.values[k] = v
+                self.sources.setdefault(k, "default: not measured in this profile")
         missing = sorted(set(KEYS) - set(self.values))
         if missing:
             raise PlanError(f"profile {self.name!r} lacks {', '.join(missing)}; re-run trainlib plan --calibrate "

@@ -2,17 +2,22 @@
 
     compute      matmul FLOPs / (matmul throughput x efficiency) + elementwise bytes / memory bandwidth
                  + framework ops x op cost; backward = 2 x forward matmuls; full recompute adds a
-                 forward, selective adds the elementwise part of one (Korthikanti et al. 2022, sec. 5)
+                 forward (x recompute_share, calibrated), selective the elementwise part of one plus its
+                 dispatch modes' cost per op (selective_op_s) (Korthikanti et al. 2022, sec. 5); ZB-H1's
+                 split backward under checkpointing recomputes twice and walks the activation gradients
+                 twice (trainlib.pipeline.zero_bubble)
     tp           Megatron f/g: 2 all-reduces of the microbatch's activations per block in forward and 2
                  in backward (Shoeybi et al. 2019), on the critical path; ring time 2(n-1)(a + M/(nB))
-                 (trainlib.benchmarks.bench_ps.t_allreduce)
+                 (trainlib.benchmarks.bench_ps.t_allreduce) plus a calibrated fixed cost per all-reduce
     bubble       the pipeline runs the slowest rank's work stretched by makespan / busy of the schedule's
                  own unit-cost replay (trainlib.pipeline.schedules: (p-1)/m for GPipe/1F1B, (p-1)/(vm)
-                 interleaved, (p-1)/(3m) ZB-H1), plus a fixed cost and a p2p message per action
+                 interleaved, (p-1)/(3m) ZB-H1), plus a fixed cost and a p2p message per action; a rank
+                 alone in a bubble computes solo_speedup x faster (CPU ranks share memory bandwidth)
     dp sync      gradient bytes over the dp group: ring inside a node; across nodes the bytes on the busiest
                  NIC (trainlib.benchmarks.bench_cluster.wire_bytes: hierarchical, each byte crosses once per
                  node) over the NIC's line rate x efficiency; ZeRO 1/2 = reduce-scatter + all-gather
-                 (x rs_ag_over_ar), ZeRO-3 adds a second all-gather (x 1.5); bf16 compression halves the
+                 (x rs_ag_over_ar), ZeRO-3 adds a second all-gather (x 1.5) and a fixed cost per unit
+                 gathered (zero3_unit_s: one unit per pipeline layer, twice per microbatch); bf16 compression halves the
                  bytes and costs a cast; the parameter server pays a fixed cost per 4 MB partition and the
                  busiest server's bytes (BytePS: max(M, n M / k), bench_ps.t_ps). Only the part that does
                  not hide behind the backward (profile "overlap") is added.
@@ -92,7 +97,7 @@ def allreduce_time(nbytes: float, size: int, stride: int, cluster: ClusterSpec, 
 
 
 def dp_sync_time(model: ModelSpec, layout: Layout, cluster: ClusterSpec, prof: Profile, params: float,
-                 backward_s: float) -> float:
+                 backward_s: float, units: int = 0) -> float:
     if layout.dp == 1:
         return 0.0
     m = params * 4                      # gradients are reduced in fp32 (MixedPrecision's reduce_dtype)
@@ -115,6 +120,9 @@ def dp_sync_time(model: ModelSpec, layout: Layout, cluster: ClusterSpec, prof: P
         t = allreduce_time(wire_m, layout.dp, stride, cluster, prof, link)
         if STAGE[layout.shard] >= 1:
             t *= prof["rs_ag_over_ar"] * (1.5 if layout.shard == "parameters" else 1.0)
+        if layout.shard == "parameters":
+            m_mb = layout.microbatches if layout.pp > 1 else 1
+            t += 2 * units * m_mb * prof["zero3_unit_s"]
         if layout.compress == "bf16":
             t += 2 * (m + m / 2) / prof["mem_Bps"]   # cast to bf16 and back, both ways
     return max(0.0, t - prof["overlap"] * backward_s)
@@ -148,14 +156,20 @@ def step_time(model: ModelSpec, layout: Layout, cluster: ClusterSpec, prof: Prof
         elem_fwd = elem / prof["mem_Bps"]
         # op_s already holds an op's backward; recomputation runs the forward ops again
         op_t = ops * prof["op_s"] * (1 + (0.5 if layout.ac != "none" else 0.0))
-        compute = fwd * (3 + recompute) + (redo * elem_fwd if layout.ac == "selective" else 0.0) + op_t
+        if layout.ac == "selective":
+            op_t += redo * ops * prof["selective_op_s"]
+        # ZB-H1's W under checkpointing is one backward from every module output: the activation
+        # gradients (about a forward's work) are walked again
+        walk = fwd if redo > 1 else 0.0
+        compute = (fwd * (3 + recompute * prof["recompute_share"]) + walk
+                   + (redo * elem_fwd if layout.ac == "selective" else 0.0) + op_t)
         tp_t = 0.0
         if layout.tp > 1:
             per_mb = allreduce_time(mb_tokens * model.d_model * ab, layout.tp, 1, cluster, prof)
-            tp_t = per_mb * m * (blocks * (4 + 2 * recompute) + 3)
+            tp_t = (per_mb + prof["tp_collective_s"]) * m * (blocks * (4 + 2 * recompute) + 3)
         params = sum(local_layer_params(model, lay, layout.tp) for lay in layers) * model.param_scale
         backward_s = compute * 2 / 3
-        sync = dp_sync_time(model, layout, cluster, prof, params, backward_s)
+        sync = dp_sync_time(model, layout, cluster, prof, params, backward_s, units=len(layers))
         owned = params / layout.dp if STAGE[layout.shard] >= 1 else params
         opt = owned * OPT_BYTES_PER_PARAM / prof["mem_Bps"]
         if worst is None or compute + tp_t > worst[0]:
@@ -167,7 +181,7 @@ def step_time(model: ModelSpec, layout: Layout, cluster: ClusterSpec, prof: Prof
     bubble = actions = 0.0
     if layout.pp > 1:
         _, stretch, n_actions = schedule_facts(layout.schedule, layout.pp, m)
-        bubble = (compute + tp_t) * (stretch - 1)
+        bubble = (compute + tp_t) * (stretch - 1) / prof["solo_speedup"]
         stage_nodes, _ = _group_span(cluster, layout.pp, layout.tp * layout.dp)
         msg = mb_tokens * model.d_model * ab
         if stage_nodes > 1:
