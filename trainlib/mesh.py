@@ -94,6 +94,24 @@ def _check_axis(axis: str) -> None:
         raise MeshError(f"unknown mesh axis {axis!r}; the axes are {', '.join(AXES)}")
 
 
+_GROUPS: dict[tuple[str, tuple[int, ...]], tuple[object, object]] = {}   # (backend, ranks) -> (WORLD, group)
+
+
+def _axis_group(ranks: list[int], backend: str):
+    """The process group of `ranks`, made once per process group world: a group holds sockets (gloo)
+    or communicators (NCCL) until the world is destroyed, so a process that builds many meshes (a
+    sweep, a benchmark, Ray actors reused across trials) would run out of file descriptors. new_group
+    must be called by all ranks for every group in the same order; every rank builds the same meshes in
+    the same order, so all hit or all miss this cache together."""
+    world = dist.group.WORLD
+    hit = _GROUPS.get((backend, tuple(ranks)))
+    if hit is not None and hit[0] is world:
+        return hit[1]
+    g = dist.new_group(ranks, backend=backend)
+    _GROUPS[(backend, tuple(ranks))] = (world, g)
+    return g
+
+
 class Mesh:
     """`tl.Mesh(pp=1, dp=-1, tp=1)`: the layout plus one process group per axis for this rank.
 
@@ -114,8 +132,7 @@ class Mesh:
             backend = dist.get_backend()
             for axis in AXES:
                 for ranks in self.layout.groups(axis):
-                    # new_group must be called by all ranks for every group, in the same order
-                    g = dist.new_group(ranks, backend=backend) if len(ranks) < world_size else dist.group.WORLD
+                    g = _axis_group(ranks, backend) if len(ranks) < world_size else dist.group.WORLD
                     if rank in ranks:
                         self._groups[axis] = g
 

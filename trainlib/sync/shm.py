@@ -211,9 +211,13 @@ class ShmGroup:
         for fd in self._tx.values():
             os.write(fd, msg)
         deadline = time.monotonic() + self.timeout_s
+        # poll, not select: select() cannot watch a descriptor numbered 1024 or above, which a process
+        # with many sockets (or a long-lived one that built many groups) reaches
+        poller = select.poll()
+        poller.register(self._rx, select.POLLIN)
         while min(c for k, c in enumerate(self._arrived) if k != self.me) < target:
             left = deadline - time.monotonic()
-            if left <= 0 or not select.select([self._rx], [], [], left)[0]:
+            if left <= 0 or not poller.poll(left * 1000):
                 late = [self.ranks[k] for k, c in enumerate(self._arrived) if k != self.me and c < target]
                 raise CollectiveTimeout(f"rank {dist.get_rank()}: shm {what} barrier #{target} did not complete within "
                                         f"{self.timeout_s:.0f}s; waiting for rank(s) {late} (died, stopped or "
