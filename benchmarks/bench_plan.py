@@ -7,11 +7,12 @@
    rank every valid layout on 1 node x 2 ranks (this machine) and on 2 emulated nodes x 1 rank
    (trainlib.netcluster, tbf-shaped links; the planner gets the link's measured goodput as the NIC rate).
 3. Run each ranked layout the way `trainlib train` builds it (trainer.wrap: PP split -> TP -> DP with its
-   sync backend, DistributedOptimizer over AdamW, clipping) in one spawned group per model and place,
-   one layout alive at a time. Memory: the peak RSS over two steps minus the RSS before its model was
+   sync backend, DistributedOptimizer over AdamW, clipping), one layout alive at a time, in two spawned
+   groups per model and place. Memory: the peak RSS over two steps minus the RSS before its model was
    built (VmHWM reset per layout; glibc's mmap threshold pinned and malloc_trim first, so that freed
-   tensors leave RSS), max over ranks. Time: `--steps` steps right after, in two passes of opposite
-   order; each step's time is the slowest rank's; the median per layout.
+   tensors leave RSS), max over ranks. Time, in a group with the allocator as training has it: `--steps`
+   steps after two warm-up steps, in two passes of opposite order; each step's time is the slowest
+   rank's; the median per layout.
 4. Report predicted vs measured step time and peak memory per layout: median and worst relative error,
    whether the planner's first choice is the measured best (or within 5% of it), Spearman's rank
    correlation; the load average is recorded with every measurement (a shared 2-core machine).
@@ -145,13 +146,17 @@ def _one_step(model, opt, next_batch, fn=None) -> float:
     return float(dt)
 
 
-def measure_layouts(name: str, items: list[dict], steps: int) -> list[dict]:
-    """On every rank, each layout alone in the process, as `trainlib train` would run it: built, stepped
-    twice (memory: its peak RSS over the RSS before it was built), stepped `steps` times (time), closed.
-    Two passes in opposite orders, so that a slow phase of the shared machine lands on different layouts
-    each time; the median of both passes' steps. The calibration probe steps every few layouts in between:
-    its median re-fits compute_efficiency under the same conditions. (Keeping every layout alive and
-    stepping them in rotation, as an earlier version did, made each step ~2x slower than a lone run.)"""
+def measure_layouts(name: str, items: list[dict], steps: int, phase: str = "time") -> list[dict]:
+    """On every rank, each layout alone in the process, as `trainlib train` would run it.
+
+    phase "memory": built, stepped twice, its peak RSS over the RSS before it was built, closed; glibc's
+    mmap threshold is pinned first so that freed tensors leave RSS (dp_workloads.fix_malloc_threshold).
+    phase "time": in a fresh group with the allocator left as training runs it (a pinned threshold makes
+    every large tensor a fresh mmap: page faults in every step), built, stepped twice, stepped `steps`
+    times, closed; two passes in opposite orders so that a slow phase of the shared machine lands on
+    different layouts each time; the median of both passes' steps. The calibration probe steps every few
+    layouts in between: its median re-fits compute_efficiency under the same conditions. (Keeping every
+    layout alive and stepping them in rotation, as an earlier version did, made each step ~2x slower.)"""
     import ctypes
     import gc
 
@@ -164,16 +169,18 @@ def measure_layouts(name: str, items: list[dict], steps: int) -> list[dict]:
 
     tl.init()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    fix_malloc_threshold()
+    memory = phase == "memory"
+    if memory:
+        fix_malloc_threshold()
     libc = ctypes.CDLL("libc.so.6")
-    probe = probe_step_fn()
+    probe = None if memory else probe_step_fn()
     peaks: dict[int, float] = {}
     times: dict[int, list[float]] = {k: [] for k in range(len(items))}
     probe_s: list[float] = []
     load0 = os.getloadavg()
     # the first layout built in a process also pays one-time allocations (gloo buffers, lazy library
     # state) that no later layout sees: build and step it once, unmeasured
-    order = [-1, *range(len(items)), *reversed(range(len(items)))]
+    order = [-1, *range(len(items))] + ([] if memory else list(reversed(range(len(items)))))
     for j, k in enumerate(order):
         gc.collect()
         libc.malloc_trim(0)           # freed heap pages back to the OS: the baseline is what is live
@@ -183,19 +190,29 @@ def measure_layouts(name: str, items: list[dict], steps: int) -> list[dict]:
         parts = _build(name, items[max(k, 0)]["flags"])
         for _ in range(2):            # the second step is the steady state (optimizer state exists)
             _one_step(*parts)
-        peak = torch.tensor([(_status_kb("VmHWM") - base_kb) * 1024.0], dtype=torch.float64)
-        comm.all_reduce(peak, op="max")
-        if k >= 0:
-            peaks.setdefault(k, float(peak))
+        if memory:
+            peak = torch.tensor([(_status_kb("VmHWM") - base_kb) * 1024.0], dtype=torch.float64)
+            comm.all_reduce(peak, op="max")
+            if k >= 0:
+                peaks[k] = float(peak)
+        elif k >= 0:
             times[k] += [_one_step(*parts) for _ in range(steps)]
         parts[0].close()
         del parts
-        if j % 6 == 0:
+        if probe is not None and j % 6 == 0:
             probe_s += [_one_step(None, None, None, fn=probe) for _ in range(3)]
     loads = [round(v, 2) for v in load0] + [round(v, 2) for v in os.getloadavg()]
+    if memory:
+        return [{"layout": item["layout"], "measured_bytes": peaks[k]} for k, item in enumerate(items)]
     return [{"layout": item["layout"], "measured_s": statistics.median(times[k]), "all_s": times[k],
-             "measured_bytes": peaks[k], "loadavg": loads} for k, item in enumerate(items)] + [
+             "loadavg": loads} for k, item in enumerate(items)] + [
         {"layout": PROBE, "measured_s": statistics.median(probe_s), "all_s": probe_s, "loadavg": loads}]
+
+
+def measure_both(name: str, items: list[dict], steps: int, run) -> list[dict]:
+    """run(phase) -> rows of measure_layouts for that phase, each in its own process group; merged per layout."""
+    mem = {r["layout"]: r["measured_bytes"] for r in run("memory")}
+    return [{**r, **({"measured_bytes": mem[r["layout"]]} if r["layout"] in mem else {})} for r in run("time")]
 
 
 def worker(argv: list[str]) -> int:
@@ -205,7 +222,7 @@ def worker(argv: list[str]) -> int:
     p.add_argument("--out")
     a = p.parse_args(argv)
     spec = json.loads(Path(a.spec).read_text())
-    rows = measure_layouts(spec["model"], spec["items"], spec["steps"])
+    rows = measure_layouts(spec["model"], spec["items"], spec["steps"], spec["phase"])
     if int(os.environ.get("RANK", "0")) == 0:
         tmp = Path(a.out + ".tmp")
         tmp.write_text(json.dumps(rows))
@@ -253,9 +270,10 @@ def run_local(names: list[str], prof, steps: int, log) -> list[dict]:
         plans = rank_layouts(name, cluster, prof)
         log(f"local {name}: {len(plans)} layouts, load {os.getloadavg()[0]:.1f}")
         threads = str(max(1, (os.cpu_count() or 1) // N_RANKS))
-        res = run_ranks(measure_layouts, N_RANKS, name, _items(plans, MODELS[name][2]), steps, timeout_s=3600,
-                        env={"OMP_NUM_THREADS": threads})
-        got, eff = _rows("local 1x2", name, plans, res[0], prof, cluster)
+        items = _items(plans, MODELS[name][2])
+        res = measure_both(name, items, steps, lambda phase: run_ranks(
+            measure_layouts, N_RANKS, name, items, steps, phase, timeout_s=3600, env={"OMP_NUM_THREADS": threads})[0])
+        got, eff = _rows("local 1x2", name, plans, res, prof, cluster)
         log(f"local {name}: compute_efficiency re-fitted {eff:.3f} (calibration {prof['compute_efficiency']:.3f})")
         rows += got
     return rows
@@ -275,18 +293,24 @@ def run_cluster(names: list[str], prof, steps: int, rate: str, log) -> tuple[lis
         for name in names:
             plans = rank_layouts(name, cluster, prof)
             log(f"cluster {name}: {len(plans)} layouts, load {os.getloadavg()[0]:.1f}")
-            spec, out = Path(tmp, f"{name}.json"), Path(tmp, f"{name}-out.json")
-            spec.write_text(json.dumps({"model": name, "items": _items(plans, MODELS[name][2]), "steps": steps}))
-            cmd = [sys.executable, "-m", "trainlib.benchmarks.bench_plan", "--worker", "--spec", str(spec),
-                   "--out", str(out)]
-            logs = [tempfile.TemporaryFile(mode="w+") for _ in range(N_RANKS)]
-            procs = [c.launch(i, cmd, nproc_per_node=1, env=env, nnodes=N_RANKS, stdout=logs[i],
-                              stderr=subprocess.STDOUT) for i in range(N_RANKS)]
-            codes = c.wait_all(procs, 3600)
-            if any(code != 0 for code in codes) or not out.exists():
-                logs[0].seek(0)
-                raise RuntimeError(f"bench plan cluster/{name}: exit codes {codes}\n{logs[0].read()[-3000:]}")
-            got, eff = _rows(f"cluster 2x1 {rate}", name, plans, json.loads(out.read_text()), prof, cluster)
+            items = _items(plans, MODELS[name][2])
+
+            def run(phase: str) -> list[dict]:
+                spec, out = Path(tmp, f"{name}-{phase}.json"), Path(tmp, f"{name}-{phase}-out.json")
+                spec.write_text(json.dumps({"model": name, "items": items, "steps": steps, "phase": phase}))
+                cmd = [sys.executable, "-m", "trainlib.benchmarks.bench_plan", "--worker", "--spec", str(spec),
+                       "--out", str(out)]
+                logs = [tempfile.TemporaryFile(mode="w+") for _ in range(N_RANKS)]
+                procs = [c.launch(i, cmd, nproc_per_node=1, env=env, nnodes=N_RANKS, stdout=logs[i],
+                                  stderr=subprocess.STDOUT) for i in range(N_RANKS)]
+                codes = c.wait_all(procs, 3600)
+                if any(code != 0 for code in codes) or not out.exists():
+                    logs[0].seek(0)
+                    raise RuntimeError(f"bench plan cluster/{name} ({phase}): exit codes {codes}\n"
+                                       f"{logs[0].read()[-3000:]}")
+                return json.loads(out.read_text())
+
+            got, eff = _rows(f"cluster 2x1 {rate}", name, plans, measure_both(name, items, steps, run), prof, cluster)
             log(f"cluster {name}: compute_efficiency re-fitted {eff:.3f}")
             rows += got
     return rows, goodput

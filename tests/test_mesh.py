@@ -58,7 +58,16 @@ def _mesh_on_ranks():
     comm.all_reduce(t, group=mesh.group("tp"))
     u = torch.tensor([float(mesh.rank_global)])
     comm.all_reduce(u, group=mesh.group("dp"))
-    return mesh.coords(), t.item(), u.item()
+    # building meshes again (a sweep, a benchmark, a reused Ray actor) opens no new sockets
+    import os
+
+    fds = []
+    for _ in range(3):
+        for kw in ({"pp": 1, "dp": 2, "tp": 2}, {"pp": 2, "dp": 2, "tp": 1}, {"pp": 4, "dp": 1, "tp": 1}):
+            again = tl.Mesh(**kw)
+            comm.barrier(again.group("dp"))
+        fds.append(len(os.listdir("/proc/self/fd")))
+    return mesh.coords(), t.item(), u.item(), fds
 
 
 def test_process_groups_on_four_ranks():
@@ -67,3 +76,4 @@ def test_process_groups_on_four_ranks():
     assert [o[1] for o in out] == [1, 1, 5, 5]
     assert [o[2] for o in out] == [2, 4, 2, 4]
     assert [o[0]["dp"] for o in out] == [0, 0, 1, 1]
+    assert all(len(set(o[3][1:])) == 1 and o[3][1] == o[3][0] for o in out), [o[3] for o in out]

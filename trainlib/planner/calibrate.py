@@ -118,6 +118,13 @@ def _collectives() -> dict[str, float]:
     a, b = _fit(gloo)
     out["intra_Bps"] = 1 / b                                           # n = 2: t = 2 alpha + M / B
     out["intra_alpha_s"] = _sync_point_cost() / 2
+    halves = {s: torch.zeros(s // 2, dtype=torch.bfloat16) for s in SIZES}   # the same bytes in bf16
+    pts16 = []
+    for s in SIZES:
+        comm.barrier()
+        pts16.append((s, _median_time(lambda: comm.all_reduce(halves[s]), 5, 3)))
+    a16, b16 = _fit(pts16)
+    out["compress_alpha_s"], out["compress_Bps"] = a16 / 2, 1 / b16
     try:
         g = shm.ShmGroup(group, timeout_s)
         for i, s in enumerate(SIZES):
@@ -418,6 +425,8 @@ def calibrate(ranks: int = 2) -> Profile:
                          "alone, / 2 (the cost of meeting the other rank, scheduling included)",
         "intra_Bps": "measured: gloo all-reduce 64 KiB..8 MiB, fit t = 2a + M/B (n = 2)",
         "sync_alpha_s": "measured: shared-memory all-reduce (trainlib.sync.shm) 64 KiB..8 MiB, same fit",
+        "compress_alpha_s": "measured: gloo all-reduce of bfloat16 tensors, 64 KiB..8 MiB, same fit",
+        "compress_Bps": "measured: as compress_alpha_s",
         "sync_Bps": "measured: as sync_alpha_s",
         "rs_ag_over_ar": "measured: gloo reduce-scatter + all-gather over all-reduce, 8 MiB",
         "pp_action_s": "measured: trainlib Pipeline, 2 tiny stages, 1F1B m=8, step time / actions minus intra_alpha",

@@ -45,6 +45,9 @@ KEYS = {
                     "when all compute at once (shared memory bandwidth and caches on CPU; 1 on accelerators)",
     "zero3_unit_s": "fixed cost of one ZeRO-3 unit's all-gather (forward and again backward, per microbatch)",
     "tp_collective_s": "fixed cost of one tensor-parallel all-reduce beyond the alpha-beta ring time",
+    "compress_alpha_s": "per-step latency of a bf16-compressed gradient all-reduce (the collective library's own "
+                        "16-bit path; gloo on CPU)",
+    "compress_Bps": "link bandwidth of a bf16-compressed gradient all-reduce per rank (bytes on the wire / s)",
 }
 # Keys added after profiles were first shipped: a profile without them gets these values (what the cost
 # model assumed before it had them), labelled so, instead of failing to load.
@@ -62,8 +65,10 @@ class Profile:
     measured: dict = field(default_factory=dict)   # conditions of a measured profile: date, load, host
 
     def __post_init__(self):
-        for k, v in DEFAULTS.items():
-            if k not in self.values:
+        # a profile from before the compressed link was measured: the link's fp32 figures
+        fallback = {**DEFAULTS, **{f"compress_{x}": self.values.get(f"intra_{x}") for x in ("alpha_s", "Bps")}}
+        for k, v in fallback.items():
+            if k not in self.values and v is not None:
                 self.values[k] = v
                 self.sources.setdefault(k, "default: not measured in this profile")
         missing = sorted(set(KEYS) - set(self.values))

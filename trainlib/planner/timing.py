@@ -81,7 +81,8 @@ def _group_span(cluster: ClusterSpec, size: int, stride: int) -> tuple[int, int]
 def allreduce_time(nbytes: float, size: int, stride: int, cluster: ClusterSpec, prof: Profile,
                    link: str = "intra") -> float:
     """One all-reduce of nbytes over a group (see the module docstring); link: "intra" (the
-    collectives TP and PP use) or "sync" (the data-parallel transport inside a node)."""
+    collectives TP and PP use), "sync" (the data-parallel transport inside a node) or "compress" (a
+    bf16 gradient all-reduce: the collective library's 16-bit path)."""
     if size <= 1 or nbytes <= 0:
         return 0.0
     nodes, per_node = _group_span(cluster, size, stride)
@@ -116,7 +117,7 @@ def dp_sync_time(model: ModelSpec, layout: Layout, cluster: ClusterSpec, prof: P
         wire_m = m / 2 if layout.compress == "bf16" else m
         # on CPU, compressed buckets and ZeRO-2/3's transient gradient wires go through torch (gloo),
         # whole fp32 buckets through the node's own transport (shm): README "Gradient sync", "ZeRO"
-        link = "intra" if layout.compress == "bf16" or STAGE[layout.shard] >= 2 else "sync"
+        link = "compress" if layout.compress == "bf16" else ("intra" if STAGE[layout.shard] >= 2 else "sync")
         t = allreduce_time(wire_m, layout.dp, stride, cluster, prof, link)
         if STAGE[layout.shard] >= 1:
             t *= prof["rs_ag_over_ar"] * (1.5 if layout.shard == "parameters" else 1.0)
