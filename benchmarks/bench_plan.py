@@ -183,7 +183,8 @@ def measure_layouts(name: str, items: list[dict], steps: int, phase: str = "time
     order = [-1, *range(len(items))] + ([] if memory else list(reversed(range(len(items)))))
     for j, k in enumerate(order):
         gc.collect()
-        libc.malloc_trim(0)           # freed heap pages back to the OS: the baseline is what is live
+        if memory:
+            libc.malloc_trim(0)       # freed heap pages back to the OS: the baseline is what is live
         comm.barrier()
         base_kb = _status_kb("VmRSS")
         reset_peak_rss()
@@ -200,6 +201,7 @@ def measure_layouts(name: str, items: list[dict], steps: int, phase: str = "time
         parts[0].close()
         del parts
         if probe is not None and j % 6 == 0:
+            _one_step(None, None, None, fn=probe)     # warm: its gradients were freed a layout ago
             probe_s += [_one_step(None, None, None, fn=probe) for _ in range(3)]
     loads = [round(v, 2) for v in load0] + [round(v, 2) for v in os.getloadavg()]
     if memory:

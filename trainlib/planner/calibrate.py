@@ -46,21 +46,27 @@ def _fit(points: list[tuple[float, float]]) -> tuple[float, float]:
     return max(0.0, my - b * mx), b
 
 
-def _matmul(dtype: torch.dtype) -> tuple[float, float]:
-    """(peak FLOP/s, half-rate rows): rate(r) = peak * r / (r + h), fitted to GPT-block shapes at 16 and
-    2048 rows (1/rate is linear in 1/r: 1/rate = 1/peak + h / (peak r))."""
-    inv = {}
+WIDTHS = (96, 128, 256, 512)
+
+
+def _matmul(dtype: torch.dtype) -> tuple[float, float, float]:
+    """(peak FLOP/s, half-rate rows, half-rate width): rate(r, d) = peak * r / (r + h) * d / (d + w), fitted
+    to GPT-block shapes (r x d) @ (d x 4d): 1/rate is linear in 1/r at the median width, and in 1/d at
+    2048 rows (small widths fill the vector units and caches worse: d 96 runs well below d 512 here)."""
+    rate: dict[tuple[int, int], float] = {}
     for rows in (16, 2048):
-        rates = []
-        for d in (128, 256, 512):
+        for d in WIDTHS:
             a, w = torch.randn(rows, d, dtype=dtype), torch.randn(d, 4 * d, dtype=dtype)
             a @ w
             t = _median_time(lambda: a @ w, 5, max(3, 6144 // rows))
-            rates.append(2 * rows * d * 4 * d / t)
-        inv[rows] = 1 / statistics.median(rates)
+            rate[rows, d] = 2 * rows * d * 4 * d / t
+    inv = {rows: 1 / statistics.median(rate[rows, d] for d in WIDTHS) for rows in (16, 2048)}
     slope = max(0.0, (inv[16] - inv[2048]) / (1 / 16 - 1 / 2048))
-    peak = 1 / max(1e-30, inv[2048] - slope / 2048)
-    return peak, slope * peak
+    # 1/rate(2048, d) = 1/P + w / (P d): least squares in x = 1/d
+    a, b = _fit([(1 / d, 1 / rate[2048, d]) for d in WIDTHS])
+    peak_wide = 1 / max(1e-30, a)                   # at 2048 rows, infinitely wide
+    peak = 1 / max(1e-30, 1 / peak_wide - slope / 2048)
+    return peak, slope * peak, b * peak_wide
 
 
 def _op_cost() -> float:
@@ -210,9 +216,9 @@ def _rank_measure() -> dict:
     out: dict = {}
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     comm.barrier()
-    out["matmul_fp32_flops"], out["matmul_half_rows"] = _matmul(torch.float32)
+    out["matmul_fp32_flops"], out["matmul_half_rows"], out["matmul_half_width"] = _matmul(torch.float32)
     comm.barrier()
-    out["matmul_bf16_flops"], _ = _matmul(torch.bfloat16)
+    out["matmul_bf16_flops"], _, _ = _matmul(torch.bfloat16)
     src, dst = torch.randn(64 << 20), torch.empty(64 << 20)      # 256 MiB: past any cache
     comm.barrier()
     out["mem_Bps"] = 2 * src.numel() * 4 / _median_time(lambda: dst.copy_(src), 7)
@@ -223,7 +229,43 @@ def _rank_measure() -> dict:
     comm.barrier()
     out["probe_s"] = _probe_step()
     out.update(_feature_probes())
+    out["probe_peak_bytes"] = _memory_probe()   # last: it pins the allocator's mmap threshold
     return out
+
+
+def _memory_probe() -> float:
+    """Peak RSS of the probe GPT at dp=2 (as `trainlib train` builds it) over the RSS before it was built,
+    two steps, largest rank: what the memory model misses of it is the runtime's own bytes per device
+    (gloo and transport buffers, allocator slack). Pins glibc's mmap threshold so freed tensors leave RSS."""
+    import ctypes
+    import gc
+
+    import torch.distributed as dist
+
+    from trainlib import comm
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-3, 128 * 1024)                  # M_MMAP_THRESHOLD, as the validation measures
+    gc.collect()
+    libc.malloc_trim(0)
+    comm.barrier()
+    base = _status_bytes("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:  # VmHWM := RSS now
+        f.write("5")
+    from .layouts import Layout
+
+    _layout_probe(Layout(1, dist.get_world_size(), 1), steps=2)
+    peak = torch.tensor([float(_status_bytes("VmHWM") - base)], dtype=torch.float64)
+    comm.all_reduce(peak, op="max")
+    return float(peak)
+
+
+def _status_bytes(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 def _feature_probes() -> dict[str, float]:
@@ -250,8 +292,9 @@ def _feature_probes() -> dict[str, float]:
     return out
 
 
-def _layout_probe(layout) -> float:
-    """Median step time of the probe GPT under `layout` (its `trainlib train` flags), both ranks in it."""
+def _layout_probe(layout, steps: int | None = None) -> float:
+    """Median step time of the probe GPT under `layout` (its `trainlib train` flags), both ranks in it;
+    with `steps`, just that many steps (the memory probe), returning 0."""
     import trainlib as tl
     from trainlib import comm
     from trainlib.config import load_config
@@ -274,6 +317,11 @@ def _layout_probe(layout) -> float:
         opt.zero_grad(set_to_none=True)
 
     step()
+    if steps is not None:
+        for _ in range(steps - 1):
+            step()
+        model.close()
+        return 0.0
     comm.barrier()
     t = _median_time(step, 7)
     model.close()
@@ -384,6 +432,18 @@ def feature_costs(values: dict, measured: dict) -> dict[str, float]:
     }
 
 
+def runtime_bytes(measured_peak: float, ranks: int) -> float:
+    """The probe's measured peak less what the memory model predicts for it (>= 0)."""
+    from trainlib.config import ModelConfig
+
+    from .layouts import Layout
+    from .memory import peak_memory
+    from .spec import ModelSpec
+
+    spec = ModelSpec.gpt(ModelConfig(**{k: v for k, v in PROBE.items() if k != "batch"}))
+    return max(0.0, measured_peak - peak_memory(spec, Layout(1, ranks, 1), PROBE["batch"]).peak)
+
+
 def _inter_node() -> tuple[float, str]:
     from trainlib.benchmarks.paths import results_dir
 
@@ -407,17 +467,20 @@ def calibrate(ranks: int = 2) -> Profile:
     # per-rank rates: the slower rank sets the pace of a synchronous step
     values = {k: (min if k.endswith(("flops", "Bps")) else max)(r[k] for r in per_rank) for k in keys}
     values["matmul_half_rows"] = statistics.median(r["matmul_half_rows"] for r in per_rank)
+    values["matmul_half_width"] = statistics.median(r["matmul_half_width"] for r in per_rank)
     eff, eff_src = _inter_node()
     values.update(inter_alpha_s=values["intra_alpha_s"], inter_efficiency=eff, overlap=0.0, runtime_bytes=0.0)
     probe_s = values.pop("probe_s")
     features = {k: values.pop(k) for k in (*FEATURE_LAYOUTS, "probe_full_s", "probe_selective_s", "probe_solo_s")}
     values["compute_efficiency"] = efficiency({**values, "probe_s": probe_s, "compute_efficiency": 1.0})
     values.update(feature_costs(values, {**features, "probe_s": probe_s}))
+    values["runtime_bytes"] = runtime_bytes(values.pop("probe_peak_bytes"), ranks)
     how = f"measured on {ranks} ranks at once, OMP_NUM_THREADS={threads}"
     sources = {
-        "matmul_fp32_flops": f"measured: torch.mm (r x d) @ (d x 4d), d in 128/256/512, r in 16/2048, median "
-                             f"per r, fit rate = peak r / (r + h); {how}",
+        "matmul_fp32_flops": f"measured: torch.mm (r x d) @ (d x 4d), d in 96/128/256/512, r in 16/2048, fit "
+                             f"rate = peak r / (r + h) d / (d + w); {how}",
         "matmul_half_rows": "measured: h of the fit above (fp32)",
+        "matmul_half_width": "measured: w of rate = peak d / (d + w), d in 96/128/256/512 at 2048 rows (fp32)",
         "matmul_bf16_flops": f"measured: as fp32, bfloat16 tensors; {how}",
         "mem_Bps": f"measured: copy_ of 256 MiB, 2 x bytes / time; {how}",
         "op_s": "measured: forward + backward of 64 chained Linear(4, 4), per layer",
@@ -436,7 +499,8 @@ def calibrate(ranks: int = 2) -> Profile:
         "inter_alpha_s": "assumed = intra_alpha_s (TCP over the emulated cluster's veth links)",
         "inter_efficiency": eff_src,
         "overlap": "assumed 0: on CPU the sync's copies and sums run on the cores the backward uses",
-        "runtime_bytes": "0: the validation measures memory as a delta over the process before the model",
+        "runtime_bytes": "measured: the probe GPT's peak RSS at dp=2 over the RSS before it was built (2 steps, "
+                         "mmap threshold pinned) less the memory model's peak for it: the runtime's own buffers",
         "compute_efficiency": "measured: a probe GPT (2 blocks, d_model 96, 8 x 64 tokens; not a validated shape) "
                               "steps with AdamW on each rank at once; the share of the fitted matmul rate that "
                               "makes the time model reproduce it",

@@ -22,6 +22,7 @@ KEYS = {
     "matmul_fp32_flops": "dense matmul FLOP/s per device in fp32 (on model-sized shapes)",
     "matmul_bf16_flops": "dense matmul FLOP/s per device in bf16",
     "matmul_half_rows": "rows (tokens) at which a matmul reaches half its peak rate: rate(r) = peak * r / (r + this)",
+    "matmul_half_width": "the model width at which a block's matmuls reach half the peak rate: rate x d / (d + this)",
     "mem_Bps": "memory copy bandwidth per device (bytes read + written / s): elementwise ops, the optimizer",
     "op_s": "fixed cost of one forward op with its backward (dispatch, autograd node, kernel launches)",
     "intra_alpha_s": "per-step latency of a collective inside a node (ring step; also a p2p message)",
@@ -51,7 +52,7 @@ KEYS = {
 }
 # Keys added after profiles were first shipped: a profile without them gets these values (what the cost
 # model assumed before it had them), labelled so, instead of failing to load.
-DEFAULTS = {"recompute_share": 1.0, "selective_op_s": 0.0, "solo_speedup": 1.0, "zero3_unit_s": 0.0,
+DEFAULTS = {"matmul_half_width": 0.0, "recompute_share": 1.0, "selective_op_s": 0.0, "solo_speedup": 1.0, "zero3_unit_s": 0.0,
             "tp_collective_s": 0.0}
 
 
@@ -82,10 +83,15 @@ class Profile:
     def __getitem__(self, key: str) -> float:
         return float(self.values[key])
 
-    def matmul_flops(self, precision: str, rows: float = float("inf")) -> float:
-        """FLOP/s of a model's matmuls with `rows` tokens per call: small calls do not fill the machine."""
+    def matmul_flops(self, precision: str, rows: float = float("inf"), width: float = float("inf")) -> float:
+        """FLOP/s of a model's matmuls with `rows` tokens per call and inner width `width` (d_model / tp):
+        small calls and narrow matrices do not fill the machine."""
         peak = self["matmul_fp32_flops" if precision == "fp32" else "matmul_bf16_flops"] * self["compute_efficiency"]
-        return peak if rows == float("inf") else peak * rows / (rows + self["matmul_half_rows"])
+        if rows != float("inf"):
+            peak *= rows / (rows + self["matmul_half_rows"])
+        if width != float("inf"):
+            peak *= width / (width + self["matmul_half_width"])
+        return peak
 
     def to_json(self) -> dict:
         return {"name": self.name, "device": self.device, "validated": self.validated, "measured": self.measured,

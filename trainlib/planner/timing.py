@@ -137,7 +137,7 @@ def step_time(model: ModelSpec, layout: Layout, cluster: ClusterSpec, prof: Prof
     tokens = per_rank * tok_per_seq
     mb_tokens = tokens / m
     # matmuls run one microbatch at a time: tokens per call set how well they fill the machine
-    flops_s = prof.matmul_flops(layout.precision, rows=mb_tokens)
+    flops_s = prof.matmul_flops(layout.precision, rows=mb_tokens, width=model.d_model / layout.tp)
     last = model.pipeline_layers() - 1
     recompute = {"none": 0.0, "selective": 0.0, "full": 1.0}[layout.ac]
     # ZB-H1's split backward recomputes a checkpointed block for I and again for W
