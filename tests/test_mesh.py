@@ -76,4 +76,6 @@ def test_process_groups_on_four_ranks():
     assert [o[1] for o in out] == [1, 1, 5, 5]
     assert [o[2] for o in out] == [2, 4, 2, 4]
     assert [o[0]["dp"] for o in out] == [0, 0, 1, 1]
-    assert all(len(set(o[3][1:])) == 1 and o[3][1] == o[3][0] for o in out), [o[3] for o in out]
+    # without the per-world cache each round opened 36 more descriptors per rank; a helper thread may hold
+    # one or two for a moment
+    assert all(o[3][-1] - o[3][0] <= 3 for o in out), [o[3] for o in out]
