@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from .layouts import Layout
 from .profile import Profile
 
 SIZES = (64 * 1024, 1 << 20, 8 << 20)
@@ -236,36 +237,29 @@ def _rank_measure() -> dict:
 def _memory_probe() -> float:
     """Peak RSS of the probe GPT at dp=2 (as `trainlib train` builds it) over the RSS before it was built,
     two steps, largest rank: what the memory model misses of it is the runtime's own bytes per device
-    (gloo and transport buffers, allocator slack). Pins glibc's mmap threshold so freed tensors leave RSS."""
+    (gloo and transport buffers, allocator slack). Pins glibc's mmap threshold so freed tensors leave RSS,
+    as the validation measures (benchmarks/bench_plan.py)."""
     import ctypes
     import gc
 
     import torch.distributed as dist
 
     from trainlib import comm
+    from trainlib.benchmarks.dp_workloads import fix_malloc_threshold, reset_peak_rss, status_kb
 
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallopt(-3, 128 * 1024)                  # M_MMAP_THRESHOLD, as the validation measures
+    fix_malloc_threshold()
     gc.collect()
-    libc.malloc_trim(0)
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     comm.barrier()
-    base = _status_bytes("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:  # VmHWM := RSS now
-        f.write("5")
-    from .layouts import Layout
-
-    _layout_probe(Layout(1, dist.get_world_size(), 1), steps=2)
-    peak = torch.tensor([float(_status_bytes("VmHWM") - base)], dtype=torch.float64)
+    base_kb = status_kb("VmRSS")
+    reset_peak_rss()
+    step, close = _build_layout_probe(Layout(1, dist.get_world_size(), 1))
+    for _ in range(2):
+        step()
+    close()
+    peak = torch.tensor([(status_kb("VmHWM") - base_kb) * 1024.0], dtype=torch.float64)
     comm.all_reduce(peak, op="max")
     return float(peak)
-
-
-def _status_bytes(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def _feature_probes() -> dict[str, float]:
@@ -292,11 +286,9 @@ def _feature_probes() -> dict[str, float]:
     return out
 
 
-def _layout_probe(layout, steps: int | None = None) -> float:
-    """Median step time of the probe GPT under `layout` (its `trainlib train` flags), both ranks in it;
-    with `steps`, just that many steps (the memory probe), returning 0."""
+def _build_layout_probe(layout):
+    """(step, close) of the probe GPT under `layout`, built from its `trainlib train` flags as the trainer does."""
     import trainlib as tl
-    from trainlib import comm
     from trainlib.config import load_config
     from trainlib.optim import DistributedOptimizer
     from trainlib.trainer import build_model, wrap
@@ -316,29 +308,35 @@ def _layout_probe(layout, steps: int | None = None) -> float:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    return step, model.close
+
+
+def _layout_probe(layout) -> float:
+    """Median step time of the probe GPT under `layout`, both ranks in it."""
+    from trainlib import comm
+
+    step, close = _build_layout_probe(layout)
     step()
-    if steps is not None:
-        for _ in range(steps - 1):
-            step()
-        model.close()
-        return 0.0
     comm.barrier()
     t = _median_time(step, 7)
-    model.close()
+    close()
     return t
 
 
 PROBE = {"n_layer": 2, "d_model": 96, "n_head": 4, "seq_len": 64, "vocab_size": 256, "batch": 8}
 
 
-def _feature_layouts() -> dict:
-    from .layouts import Layout
-
-    return {"zero1_s": Layout(1, 2, 1, shard="optimizer"), "zero3_s": Layout(1, 2, 1, shard="parameters"),
-            "tp2_s": Layout(1, 1, 2)}
+FEATURE_LAYOUTS = {"zero1_s": Layout(1, 2, 1, shard="optimizer"), "zero3_s": Layout(1, 2, 1, shard="parameters"),
+                   "tp2_s": Layout(1, 1, 2)}
 
 
-FEATURE_LAYOUTS = _feature_layouts()
+def probe_spec():
+    """The probe GPT as the cost model sees it."""
+    from trainlib.config import ModelConfig
+
+    from .spec import ModelSpec
+
+    return ModelSpec.gpt(ModelConfig(**{k: v for k, v in PROBE.items() if k != "batch"}))
 
 
 def probe_step_fn(ac: str | None = None):
@@ -379,13 +377,10 @@ def with_probe(prof: Profile, probe_s: float, note: str) -> Profile:
 
 def efficiency(values: dict) -> float:
     """compute_efficiency such that the time model reproduces the probe's measured step."""
-    from trainlib.config import ModelConfig
-
-    from .layouts import Layout
-    from .spec import ClusterSpec, ModelSpec
+    from .spec import ClusterSpec
     from .timing import step_time
 
-    spec = ModelSpec.gpt(ModelConfig(**{k: v for k, v in PROBE.items() if k != "batch"}))
+    spec = probe_spec()
     cluster = ClusterSpec(1, 1, "cpu", 10.0, 8.0)
     probe = dict(values)
     full = step_time(spec, Layout(1, 1, 1), cluster, Profile("probe", "cpu", True, {**probe, "compute_efficiency": 1.0}, {}),
@@ -403,13 +398,10 @@ def feature_costs(values: dict, measured: dict) -> dict[str, float]:
     tp_collective_s) that make the time model reproduce the probe's measured steps under each feature:
     each is the measured difference to the plain probe (or ZeRO-3 to ZeRO-1) less what the model already
     predicts for it, per unit of what the feature pays per step."""
-    from trainlib.config import ModelConfig
-
-    from .layouts import Layout
-    from .spec import ClusterSpec, ModelSpec
+    from .spec import ClusterSpec
     from .timing import OPS_PER_BLOCK, step_time
 
-    spec = ModelSpec.gpt(ModelConfig(**{k: v for k, v in PROBE.items() if k != "batch"}))
+    spec = probe_spec()
     alone, pair = ClusterSpec(1, 1, "cpu", 10.0, 8.0), ClusterSpec(1, 2, "cpu", 10.0, 8.0)
 
     def t(layout, cluster, **override) -> float:
@@ -434,14 +426,9 @@ def feature_costs(values: dict, measured: dict) -> dict[str, float]:
 
 def runtime_bytes(measured_peak: float, ranks: int) -> float:
     """The probe's measured peak less what the memory model predicts for it (>= 0)."""
-    from trainlib.config import ModelConfig
-
-    from .layouts import Layout
     from .memory import peak_memory
-    from .spec import ModelSpec
 
-    spec = ModelSpec.gpt(ModelConfig(**{k: v for k, v in PROBE.items() if k != "batch"}))
-    return max(0.0, measured_peak - peak_memory(spec, Layout(1, ranks, 1), PROBE["batch"]).peak)
+    return max(0.0, measured_peak - peak_memory(probe_spec(), Layout(1, ranks, 1), PROBE["batch"]).peak)
 
 
 def _inter_node() -> tuple[float, str]:
