@@ -94,3 +94,29 @@ def test_rank0_writes_the_summary_beside_the_metrics(tmp_path):
     argv = ["--train.steps=2", "--model.n_layer=1", f"--train.metrics={tmp_path / 'm.jsonl'}"]
     (s0, _), (s1, _) = run_ranks(recorded_run, 2, argv, timeout_s=180)
     assert json.loads((tmp_path / "summary.json").read_text()) == json.loads(json.dumps(s0, default=str))
+
+
+def test_summary_writers_sharing_a_directory_never_collide(tmp_path):
+    # two jobs pointed at one metrics directory (CI's concurrent resume runs did this): each
+    # process's temporary file is its own, so neither rename finds the file gone
+    import multiprocessing as mp
+
+    from trainlib.config import load_config
+
+    cfg = load_config(None, [f"--train.metrics={tmp_path / 'm.jsonl'}"])
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_write_summaries, args=(cfg, k)) for k in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert json.loads((tmp_path / "summary.json").read_text())["writer"] in (0, 1)
+    assert not list(tmp_path.glob(".summary.json*"))
+
+
+def _write_summaries(cfg, k: int) -> None:
+    from trainlib.trainer import _write_summary
+
+    for i in range(300):
+        _write_summary(cfg, {"writer": k, "i": i})

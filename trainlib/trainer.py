@@ -171,7 +171,9 @@ def train(cfg: Config, callbacks: list[Callback] | tuple[Callback, ...] = ()) ->
 
 def _write_summary(cfg: Config, summary: dict) -> None:
     path = Path(cfg.train.metrics).with_name("summary.json")
-    tmp = path.with_name(f".{path.name}.tmp")
+    # the temporary name is this process's own: two runs sharing a metrics directory must not
+    # rename each other's file away (the later one wins summary.json, neither crashes)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(summary, indent=1, default=str))
     os.replace(tmp, path)   # a report never reads half a summary
 
