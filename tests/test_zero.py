@@ -38,6 +38,15 @@ def test_stage_equals_unsharded(equivalence, family, stage):
     assert _diff(equivalence[0][key]["weights"], equivalence[1][key]["weights"]) == 0  # every rank holds the same
 
 
+def test_stage3_gathers_each_unit_once_per_pass_and_the_last_one_once(equivalence):
+    """ZeRO-3 gathers the root once and each unit for its forward and again for its backward, but
+    the unit whose forward ran last stays gathered into backward (FSDP's root): one gather less."""
+    for rank in equivalence:
+        for family in ("gpt", "shm"):
+            run = rank[f"{family}/parameters"]
+            assert run["gathers_expected"] > 0 and run["gathers_per_step"] == run["gathers_expected"], (family, run)
+
+
 def test_training_moves_the_weights(equivalence):
     """Guard against a vacuous equality: the compared runs really trained."""
     r = equivalence[0]

@@ -61,6 +61,7 @@ def _train(model_fn, stage, *, steps: int = 3, precision=None, clip: float = 0.0
     params = [p for p in dp.parameters() if p.requires_grad]
     opt = tl.DistributedOptimizer(torch.optim.AdamW(params, lr=lr, weight_decay=0.1), dp)
     r = mesh.rank("dp")
+    gathers = _count_calls(dp.sync, "start_all_gather") if stage == "parameters" else [0]
     losses, skipped, scales = [], 0, []
     for step in range(steps):
         for micro in range(accumulate):
@@ -88,9 +89,25 @@ def _train(model_fn, stage, *, steps: int = 3, precision=None, clip: float = 0.0
     full = dp.full_state_dict() if dp.sharded else {k: v.detach().clone() for k, v in model.state_dict().items()}
     stats = {"stage": stage, "losses": losses, "skipped": skipped, "scales": scales,
              "weights": {k: v.float() for k, v in full.items()},
-             "param_dtypes": sorted({str(p.dtype) for p in model.parameters() if p.requires_grad})}
+             "param_dtypes": sorted({str(p.dtype) for p in model.parameters() if p.requires_grad}),
+             "gathers_per_step": gathers[0] / steps,
+             # stage 3: the root's buckets and every unit's, once for forward and again for backward,
+             # except the unit that ran last, which backward finds still gathered
+             "gathers_expected": (sum(b.unit < 0 for b in dp.buckets) + 2 * sum(b.unit >= 0 for b in dp.buckets)
+                                  - sum(b.unit == max(x.unit for x in dp.buckets) for b in dp.buckets)
+                                  if stage == "parameters" else 0)}
     dp.close()
     return stats
+
+
+def _count_calls(obj, name: str) -> list[int]:
+    count, original = [0], getattr(obj, name)
+
+    def counted(*args, **kwargs):
+        count[0] += 1
+        return original(*args, **kwargs)
+    setattr(obj, name, counted)
+    return count
 
 
 class _null:

@@ -133,6 +133,7 @@ class ShardedDataParallel:
         self.scaler = LossScaler(precision)
         self._pipelined = False       # set by tl.parallelize when a pipeline schedule drives the stages
         self._in_backward = False
+        self._held: int | None = None  # stage 3: the unit whose forward ran last, kept gathered (below)
         self._inflight: list[tuple[str, FlatBucket]] = []
         self._wire_pool: dict[torch.dtype, list[torch.Tensor]] = {}
         self.grads_ready = False   # a synced backward reduced gradients since the last zero_grad
@@ -314,8 +315,15 @@ class ShardedDataParallel:
     def _make_pre_forward(self, unit: int):
         def pre_forward(module, args):
             self._gather_root()
+            if not self._in_backward:
+                self._release_held(keep=unit)
             self._gather_unit(unit, prefetch=None if self._in_backward else unit + 1)
         return pre_forward
+
+    def _release_held(self, keep: int | None = None) -> None:
+        if self._held is not None and self._held != keep:
+            self._free_unit(self._held)
+        self._held = None
 
     def _make_post_forward(self, unit: int):
         def post_forward(module, args, output):
@@ -326,7 +334,11 @@ class ShardedDataParallel:
                     self._free_unit(unit)
                 return output
             if not self._pipelined:
-                self._free_unit(unit)
+                # kept gathered until the next unit's forward starts: the unit that ran last is the
+                # first one backward needs, so it is not freed and gathered straight back (as FSDP
+                # keeps its root unsharded); one unit's parameters, the peak is unchanged
+                self._release_held(keep=unit)
+                self._held = unit
             return _wrap_outputs(output, self, unit)
         return post_forward
 
@@ -486,6 +498,7 @@ class ShardedDataParallel:
             with step_stats.phase("sync_wait", "trainlib.bucket_wait"):
                 self._drain()
         if self.shard == "parameters" and not self._pipelined:
+            self._held = None
             for b in self.buckets:
                 self._free(b)
         self._close_own_step()
