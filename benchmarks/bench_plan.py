@@ -342,7 +342,23 @@ def summarize(rows: list[dict]) -> dict[str, Any]:
             "spearman_min": min(rhos) if rhos else None,
             "spearman_median": round(statistics.median(rhos), 3) if rhos else None,
             "spearman_all": round(spearman([r["predicted_s"] for r in rows], [r["measured_s"] for r in rows]) or 0, 3),
-            "groups": groups, "targets": TARGETS}
+            **pass_disagreement(rows), "groups": groups, "targets": TARGETS}
+
+
+def pass_disagreement(rows: list[dict]) -> dict[str, float | None]:
+    """How far the two timing passes of one layout disagree, |median(pass 1) - median(pass 2)| over the
+    smaller: the measurement's own noise, the floor under any prediction error read from it."""
+    d = []
+    for r in rows:
+        a, h = r.get("all_s") or [], len(r.get("all_s") or []) // 2
+        if h:
+            m1, m2 = statistics.median(a[:h]), statistics.median(a[h:])
+            d.append(abs(m1 - m2) / min(m1, m2))
+    if not d:
+        return {"pass_disagreement_median": None, "pass_disagreement_p90": None}
+    d.sort()
+    return {"pass_disagreement_median": round(statistics.median(d), 4),
+            "pass_disagreement_p90": round(d[min(len(d) - 1, int(0.9 * len(d)))], 4)}
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -433,7 +449,9 @@ def table_headline(s: dict) -> str:
     return (f"{s['configurations']} layouts run: step time median error {s['median_time_error']:.0%}, worst "
             f"{s['worst_time_error']:.0%}; memory median error {s['median_memory_error']:.0%}; first choice within "
             f"5% of the measured best in {top1}/{len(s['top1_ok'])} groups; Spearman median "
-            f"{s['spearman_median']}")
+            f"{s['spearman_median']}" + (f"; a layout's two timing passes disagree by a median "
+                                         f"{s['pass_disagreement_median']:.0%}"
+                                         if s.get("pass_disagreement_median") is not None else ""))
 
 
 if __name__ == "__main__":

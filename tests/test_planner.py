@@ -305,3 +305,13 @@ def test_a_profile_from_before_the_feature_costs_loads_with_neutral_values(tmp_p
     assert (p["recompute_share"], p["selective_op_s"], p["solo_speedup"], p["zero3_unit_s"], p["tp_collective_s"]) \
         == (1.0, 0.0, 1.0, 0.0, 0.0)
     assert "not measured" in p.sources["solo_speedup"]
+
+
+def test_bench_plan_reports_its_own_measurement_noise():
+    # the two timing passes of a layout (all_s: pass 1's steps, then pass 2's): |1.0 - 1.5| / 1.0, |2 - 2| / 2
+    from trainlib.benchmarks.bench_plan import pass_disagreement
+
+    rows = [{"all_s": [1.0, 1.0, 1.0, 1.5, 1.5, 1.5]}, {"all_s": [2.0, 2.0, 2.0, 2.0]}, {"all_s": []}]
+    got = pass_disagreement(rows)
+    assert got["pass_disagreement_median"] == pytest.approx(0.25) and got["pass_disagreement_p90"] == pytest.approx(0.5)
+    assert pass_disagreement([{"all_s": []}]) == {"pass_disagreement_median": None, "pass_disagreement_p90": None}
