@@ -315,3 +315,32 @@ def test_bench_plan_reports_its_own_measurement_noise():
     got = pass_disagreement(rows)
     assert got["pass_disagreement_median"] == pytest.approx(0.25) and got["pass_disagreement_p90"] == pytest.approx(0.5)
     assert pass_disagreement([{"all_s": []}]) == {"pass_disagreement_median": None, "pass_disagreement_p90": None}
+
+
+def test_plan_rescore_gives_back_a_validation_the_same_model_made():
+    # rows "measured" as a known multiple of what the planner predicted at a known efficiency: the
+    # rescorer must back that efficiency out, give the predictions back, and score the multiples
+    import copy
+
+    from trainlib.benchmarks import bench_plan, plan_rescore
+    from trainlib.planner.profile import load
+
+    prof = load("cpu")
+    run_prof = copy.deepcopy(prof)
+    run_prof.values["compute_efficiency"] = 0.37
+    rows = []
+    for place, cluster in (("local 1x2", plan_rescore._cluster("local 1x2", None)),
+                           ("cluster 2x1 1gbit", plan_rescore._cluster("cluster 2x1 1gbit", 1.2e8))):
+        for i, p in enumerate(bench_plan.rank_layouts("gpt-default", cluster, run_prof)[:6]):
+            rows.append({"place": place, "model": "gpt-default", "planner_rank": i + 1, "layout": p.layout.label(),
+                         "predicted_s": p.step_s, "measured_s": p.step_s * (1 + 0.04 * i), "all_s": [],
+                         "time_error": 0.0, "memory_error": 0.0})
+    out = plan_rescore.rescore({"profile": prof.to_json(), "rows": rows, "cluster": {"goodput_Bps": 1.2e8}})
+    assert out["drift"] < 1e-6
+    errors = sorted(0.04 * i / (1 + 0.04 * i) for i in range(6))
+    assert out["summary"]["median_time_error"] == pytest.approx((errors[2] + errors[3]) / 2, abs=1e-4)
+    assert out["summary"]["spearman_all"] > 0.5
+    slower = copy.deepcopy(prof)
+    slower.values["op_s"] *= 3    # another model (profile): other predictions
+    assert plan_rescore.rescore({"profile": prof.to_json(), "rows": rows, "cluster": {"goodput_Bps": 1.2e8}},
+                                slower)["drift"] > 0.01

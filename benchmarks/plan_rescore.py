@@ -1,0 +1,114 @@
+"""Re-predict a stored `trainlib bench plan` validation with the planner as it is now, without re-running it.
+
+    python -m trainlib.benchmarks.plan_rescore [benchmarks/results/plan-validation.json] [--profile P.json]
+
+A validation run takes ~22 minutes on 2 cores; its measurements do not depend on the cost model. This
+takes the stored rows (layout, measured time), re-ranks every (place, model) group with today's
+trainlib.planner and the run's own profile (or --profile), and prints the summary the run would have
+had: a change to the step-time model is scored in seconds. Each group's compute_efficiency is the one
+the run re-fitted to its probe (backed out from the stored prediction of the group's first row), so
+with an unchanged model the predictions come back exactly (`drift` 0). A model change chosen by this
+score is fitted to these measurements: confirm it with a fresh `trainlib bench plan` before trusting it.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from typing import Any
+
+from trainlib.benchmarks.paths import results_dir
+
+CLUSTER_PLACE = "cluster 2x1 "   # bench_plan's place label for the emulated cluster, then the link rate
+
+
+def _cluster(place: str, goodput_Bps: float | None):
+    from trainlib.benchmarks.bench_plan import N_RANKS
+    from trainlib.planner.spec import ClusterSpec
+
+    if place.startswith(CLUSTER_PLACE):
+        if not goodput_Bps:
+            raise ValueError(f"rows of {place!r} but the file records no cluster goodput")
+        return ClusterSpec(N_RANKS, 1, "cpu", goodput_Bps * 8 / 1e9, 8.0)
+    return ClusterSpec(1, N_RANKS, "cpu", 10.0, 8.0)   # as bench_plan.run_local
+
+
+def _with_efficiency(prof, eff: float):
+    p = copy.deepcopy(prof)
+    p.values["compute_efficiency"] = eff
+    return p
+
+
+def _predict(prof, place: str, model: str, labels: set[str], goodput: float | None) -> dict[str, Any]:
+    from trainlib.benchmarks.bench_plan import rank_layouts
+
+    return {p.layout.label(): p for p in rank_layouts(model, _cluster(place, goodput), prof)
+            if p.layout.label() in labels}
+
+
+def _run_efficiency(prof, place: str, model: str, row: dict, goodput: float | None) -> float:
+    """The compute_efficiency at which the model (as now) gives `row`'s stored prediction: bisection
+    (step time falls as efficiency rises)."""
+    lo, hi = 1e-3, 10.0
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        got = _predict(_with_efficiency(prof, mid), place, model, {row["layout"]}, goodput)[row["layout"]].step_s
+        lo, hi = (mid, hi) if got > row["predicted_s"] else (lo, mid)
+    return (lo + hi) / 2
+
+
+def rescore(result: dict, profile=None) -> dict[str, Any]:
+    """{"summary": bench_plan.summarize of the re-predicted rows, "rows": them, "drift": the largest
+    relative change of a prediction against the stored one}."""
+    from trainlib.benchmarks.bench_plan import summarize
+    from trainlib.planner.profile import Profile
+
+    run_prof = Profile.from_json(result["profile"], "the validation's profile")
+    prof = profile or run_prof
+    goodput = (result.get("cluster") or {}).get("goodput_Bps")
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in result["rows"]:
+        groups.setdefault((r["place"], r["model"]), []).append(r)
+    rows, drift = [], 0.0
+    for (place, model), g in groups.items():
+        # the efficiency the run re-fitted, found under the run's own profile, then carried to `prof`
+        eff = _run_efficiency(run_prof, place, model, g[0], goodput)
+        plans = _predict(_with_efficiency(prof, eff), place, model, {r["layout"] for r in g}, goodput)
+        missing = sorted({r["layout"] for r in g} - plans.keys())
+        if missing:
+            raise ValueError(f"{place} / {model}: the planner no longer ranks {missing}; rescoring needs the same layouts")
+        rank = {label: i + 1 for i, label in enumerate(sorted(plans, key=lambda k: plans[k].step_s))}
+        for r in g:
+            p = plans[r["layout"]]
+            drift = max(drift, abs(p.step_s - r["predicted_s"]) / r["predicted_s"])
+            rows.append({**r, "predicted_s": p.step_s, "planner_rank": rank[r["layout"]],
+                         "time_error": abs(p.step_s - r["measured_s"]) / r["measured_s"],
+                         "predicted_breakdown": p.time.as_dict()})
+    return {"summary": summarize(rows), "rows": rows, "drift": drift}
+
+
+def _brief(s: dict) -> dict[str, Any]:
+    keys = ("median_time_error", "worst_time_error", "spearman_all", "spearman_min", "spearman_median")
+    return {**{k: s.get(k) for k in keys}, "top1_ok": sum(s["top1_ok"].values()), "groups": len(s["top1_ok"])}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m trainlib.benchmarks.plan_rescore", description=__doc__.split("\n\n")[0])
+    p.add_argument("result", nargs="?", default=str(results_dir() / "plan-validation.json"))
+    p.add_argument("--profile", help="a planner profile to use instead of the run's own")
+    args = p.parse_args(argv)
+    from trainlib.planner.profile import load
+
+    with open(args.result) as f:
+        result = json.load(f)
+    out = rescore(result, load(args.profile) if args.profile else None)
+    print(json.dumps({"stored": _brief(result["summary"]), "now": _brief(out["summary"]),
+                      "max_prediction_drift": round(out["drift"], 4),
+                      "groups_now": {k: {"first_over_best": g["first_over_best"], "median_time_error":
+                                         g["median_time_error"], "spearman": g["spearman"]}
+                                     for k, g in out["summary"]["groups"].items()}}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
