@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 
 import pytest
 import torch
@@ -184,13 +185,15 @@ class _Drifting(nn.Module):
 
 def _failure_worker(mode: str) -> str:
     mesh = tl.Mesh(pp=2, dp=1, tp=1)
-    layers = [_Drifting(mode if mode != "kill" else "none"), nn.Linear(6, 6)]
+    layers = [_Drifting(mode if not mode.startswith("kill") else "none"), nn.Linear(6, 6)]
     pipe = Pipeline(layers, mesh, schedule="1f1b", microbatches=4, loss_fn=loss_fn)
     pipe.step(torch.randn(8, 6), torch.randn(8, 6))
-    if mode == "kill":
+    if mode.startswith("kill"):
         tl.comm.barrier()  # step 1 is fully received everywhere
-        if mesh.rank("pp") == 0:
-            os._exit(1)  # the first stage dies between steps, as a crashed process would
+        if mesh.rank("pp") == (0 if mode == "kill" else 1):
+            os._exit(1)  # a stage dies between steps, as a crashed process would
+        if mode == "kill_last":
+            time.sleep(1.0)  # its connection is closed before the survivor posts its next transfer
     pipe.step(torch.randn(8, 6), torch.randn(8, 6))
     return "finished"
 
@@ -209,6 +212,16 @@ def test_failures_raise_named_timeout(mode):
         # the receiver fails at microbatch 1, or at 0 if the sender's process exited before its
         # asynchronous send of microbatch 0 was delivered
         assert re.search(r"stage 1, microbatch [01], action F1\.[01] ", receiver) and "*" in receiver, receiver
+
+
+def test_transfer_posted_to_a_dead_stage_raises_named_timeout():
+    # gloo refuses the post itself (not the wait) once the peer's connection is closed: the pipeline
+    # must still name the stage, microbatch and action (CI once saw the bare gloo RuntimeError)
+    res = run_ranks(_failure_worker, 2, "kill_last", env={"TRAINLIB_TIMEOUT_S": "3"}, expect_failure=True,
+                    timeout_s=60)
+    survivor = str(res[0])
+    assert "PipelineTimeout" in survivor and "stage 0, microbatch 0, action F0.0" in survivor, survivor
+    assert "closed by peer" in survivor or "reset by peer" in survivor, survivor
 
 
 class _CountBackward(torch.autograd.Function):

@@ -398,8 +398,8 @@ def _reduce_scatter_p2p(out: torch.Tensor, inp: torch.Tensor, group, rec: Collec
     rows = inp.view(len(ranks), -1)
     peers = [k for k in range(len(ranks)) if k != i]
     got = {k: torch.empty_like(rows[i]) for k in peers}
-    works = [dist.irecv(got[k], src=ranks[k], group=group, tag=tag) for k in peers]
-    works += [dist.isend(rows[k], dst=ranks[k], group=group, tag=tag) for k in peers]
+    works = [_p2p(rec, dist.irecv, got[k], src=ranks[k], group=group, tag=tag) for k in peers]
+    works += [_p2p(rec, dist.isend, rows[k], dst=ranks[k], group=group, tag=tag) for k in peers]
 
     def after() -> None:
         acc = rows[i] if in_place else out.copy_(rows[i].view_as(out))
@@ -454,8 +454,8 @@ def _all_gather_p2p(out: torch.Tensor, inp: torch.Tensor, group, rec: Collective
     if not in_place:
         rows[i].copy_(inp.reshape(-1))
     peers = [k for k in range(len(ranks)) if k != i]
-    works = [dist.irecv(rows[k], src=ranks[k], group=group, tag=tag) for k in peers]
-    works += [dist.isend(rows[i], dst=ranks[k], group=group, tag=tag) for k in peers]
+    works = [_p2p(rec, dist.irecv, rows[k], src=ranks[k], group=group, tag=tag) for k in peers]
+    works += [_p2p(rec, dist.isend, rows[i], dst=ranks[k], group=group, tag=tag) for k in peers]
     return Handle(_Works(works), rec)
 
 
@@ -515,13 +515,22 @@ def barrier(group=None) -> None:
 def isend(t: torch.Tensor, dst: int, group=None, tag: int = 0) -> Handle:
     rec = _record(f"send[to={dst}]", t, group)
     rec.peer = dst   # bytes: counted by the caller, which knows the axis (the pipeline: pp)
-    return Handle(dist.isend(t, dst=dst, group=group, tag=tag), rec)
+    return Handle(_p2p(rec, dist.isend, t, dst=dst, group=group, tag=tag), rec)
 
 
 def irecv(t: torch.Tensor, src: int, group=None, tag: int = 0) -> Handle:
     rec = _record(f"recv[from={src}]", t, group)
     rec.peer = src
-    return Handle(dist.irecv(t, src=src, group=group, tag=tag), rec)
+    return Handle(_p2p(rec, dist.irecv, t, src=src, group=group, tag=tag), rec)
+
+
+def _p2p(rec: CollectiveRecord, launch, *args, **kwargs):
+    """Post a point-to-point transfer. gloo raises at the post itself, not at wait(), when the peer
+    already closed its connection: that is the same lost peer a wait() reports, so the same error."""
+    try:
+        return launch(*args, **kwargs)
+    except RuntimeError as e:
+        raise _timeout_error(rec, runtime.timeout_s(None), e) from e
 
 
 def send(t: torch.Tensor, dst: int, group=None, tag: int = 0) -> None:
