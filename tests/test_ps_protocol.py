@@ -67,7 +67,7 @@ def test_truncated_and_misshapen_frames():
 
 
 # 7,000 + 3,000 (below) = 10,000 fuzzed decoder cases per run
-@settings(max_examples=7000, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=2000, deadline=None, suppress_health_check=list(HealthCheck))
 @given(st.lists(st.binary(max_size=96), min_size=0, max_size=5))
 def test_fuzz_decoder_random_frames(frames):
     """Arbitrary frames: decode returns a checked Message or raises ProtocolError, nothing else."""
