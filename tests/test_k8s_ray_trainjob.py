@@ -383,8 +383,7 @@ def test_pods_validate_against_kubernetes_schemas():
 def test_checkov_on_ray_and_trainjob_pods(tmp_path):
     from tests import test_static_checks as sc
 
-    if sc.CHECKOV is None:
-        pytest.skip("checkov not found: python3 -m venv .venv-checkov && .venv-checkov/bin/pip install checkov==3.3.30")
+    checkov = sc.find_checkov()
     for variant in sorted(NEW_VARIANTS):
         docs = manifest(*NEW_VARIANTS[variant], "--namespace", "training")
         (tmp_path / f"{variant}.yaml").write_text(yaml.safe_dump_all(json.loads(json.dumps(pods(docs))), sort_keys=False))
@@ -392,7 +391,7 @@ def test_checkov_on_ray_and_trainjob_pods(tmp_path):
         {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"},
          "spec": {"hostNetwork": True, "containers": [{"name": "c", "image": "x:latest",
                                                       "securityContext": {"privileged": True}}]}}))
-    reports = sc._checkov(tmp_path)
+    reports = sc._checkov(checkov, tmp_path)
     failed = sc._failed(reports)
     assert {"CKV_K8S_16", "CKV_K8S_19"} <= {c for c, _, res in failed if res.endswith(".x")}
     unexpected = sorted({(c, k, res) for c, k, res in failed if not res.endswith(".x")

