@@ -262,11 +262,24 @@ def _rows(place: str, name: str, plans: list, measured: list[dict], prof, cluste
     return out, refit["compute_efficiency"]
 
 
-def run_local(names: list[str], prof, steps: int, log) -> list[dict]:
+def local_cluster():
+    """What the planner is told about this machine: one node of N_RANKS CPU ranks."""
     from trainlib.planner.spec import ClusterSpec
+
+    return ClusterSpec(1, N_RANKS, "cpu", 10.0, 8.0)
+
+
+def emulated_cluster(goodput_Bps: float):
+    """What the planner is told about the emulated cluster: N_RANKS nodes of one rank, NICs at the measured goodput."""
+    from trainlib.planner.spec import ClusterSpec
+
+    return ClusterSpec(N_RANKS, 1, "cpu", goodput_Bps * 8 / 1e9, 8.0)
+
+
+def run_local(names: list[str], prof, steps: int, log) -> list[dict]:
     from trainlib.testing import run_ranks
 
-    cluster = ClusterSpec(1, N_RANKS, "cpu", 10.0, 8.0)
+    cluster = local_cluster()
     rows = []
     for name in names:
         plans = rank_layouts(name, cluster, prof)
@@ -283,13 +296,12 @@ def run_local(names: list[str], prof, steps: int, log) -> list[dict]:
 
 def run_cluster(names: list[str], prof, steps: int, rate: str, log) -> tuple[list[dict], float]:
     from trainlib.netcluster import NetCluster
-    from trainlib.planner.spec import ClusterSpec
 
     rows: list[dict] = []
     with NetCluster(N_RANKS, rate=rate) as c, tempfile.TemporaryDirectory() as tmp:
         goodput = statistics.median(c.goodput(seconds=1.0) for _ in range(3))
         log(f"cluster: {N_RANKS} nodes at {rate}, measured goodput {goodput * 8 / 1e9:.3f} Gbit/s")
-        cluster = ClusterSpec(N_RANKS, 1, "cpu", goodput * 8 / 1e9, 8.0)
+        cluster = emulated_cluster(goodput)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PET_", "TORCHELASTIC_"))}
         env.update(OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // N_RANKS)), TRAINLIB_TIMEOUT_S="600")
         for name in names:
@@ -350,7 +362,8 @@ def pass_disagreement(rows: list[dict]) -> dict[str, float | None]:
     smaller: the measurement's own noise, the floor under any prediction error read from it."""
     d = []
     for r in rows:
-        a, h = r.get("all_s") or [], len(r.get("all_s") or []) // 2
+        a = r.get("all_s") or []
+        h = len(a) // 2
         if h:
             m1, m2 = statistics.median(a[:h]), statistics.median(a[h:])
             d.append(abs(m1 - m2) / min(m1, m2))

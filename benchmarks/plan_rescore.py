@@ -23,14 +23,13 @@ CLUSTER_PLACE = "cluster 2x1 "   # bench_plan's place label for the emulated clu
 
 
 def _cluster(place: str, goodput_Bps: float | None):
-    from trainlib.benchmarks.bench_plan import N_RANKS
-    from trainlib.planner.spec import ClusterSpec
+    from trainlib.benchmarks.bench_plan import emulated_cluster, local_cluster
 
     if place.startswith(CLUSTER_PLACE):
         if not goodput_Bps:
             raise ValueError(f"rows of {place!r} but the file records no cluster goodput")
-        return ClusterSpec(N_RANKS, 1, "cpu", goodput_Bps * 8 / 1e9, 8.0)
-    return ClusterSpec(1, N_RANKS, "cpu", 10.0, 8.0)   # as bench_plan.run_local
+        return emulated_cluster(goodput_Bps)
+    return local_cluster()
 
 
 def _with_efficiency(prof, eff: float):

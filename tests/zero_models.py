@@ -91,13 +91,16 @@ def _train(model_fn, stage, *, steps: int = 3, precision=None, clip: float = 0.0
              "weights": {k: v.float() for k, v in full.items()},
              "param_dtypes": sorted({str(p.dtype) for p in model.parameters() if p.requires_grad}),
              "gathers_per_step": gathers[0] / steps,
-             # stage 3: the root's buckets and every unit's, once for forward and again for backward,
-             # except the unit that ran last, which backward finds still gathered
-             "gathers_expected": (sum(b.unit < 0 for b in dp.buckets) + 2 * sum(b.unit >= 0 for b in dp.buckets)
-                                  - sum(b.unit == max(x.unit for x in dp.buckets) for b in dp.buckets)
-                                  if stage == "parameters" else 0)}
+             "gathers_expected": _stage3_gathers([b.unit for b in dp.buckets]) if stage == "parameters" else 0}
     dp.close()
     return stats
+
+
+def _stage3_gathers(units: list[int]) -> int:
+    """Per step: the root's buckets (unit -1) once, every unit's for forward and again for backward,
+    except the last unit's, which backward finds still gathered."""
+    last = max(units)
+    return sum(u < 0 for u in units) + 2 * sum(u >= 0 for u in units) - sum(u == last for u in units)
 
 
 def _count_calls(obj, name: str) -> list[int]:

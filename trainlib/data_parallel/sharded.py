@@ -336,7 +336,7 @@ class ShardedDataParallel:
             if not self._pipelined:
                 # kept gathered until the next unit's forward starts: the unit that ran last is the
                 # first one backward needs, so it is not freed and gathered straight back (as FSDP
-                # keeps its root unsharded); one unit's parameters, the peak is unchanged
+                # keeps its root unsharded); backward's first gather would re-create it at once anyway
                 self._release_held(keep=unit)
                 self._held = unit
             return _wrap_outputs(output, self, unit)
