@@ -528,3 +528,26 @@ def test_triton_on_gpu_matches_reference(monkeypatch):
         torch.testing.assert_close(sq, ref_sq, rtol=2e-5, atol=0)
     src[777] = float("inf")
     assert bool(K.unscale_epilogue(src, dst, 0.5)[0])
+
+
+def test_single_fp32_pack_takes_torch_and_matches_the_reference(monkeypatch):
+    """Sharded DP packs one gradient per call; that call skips the fused kernel's set-up (torch's own
+    multiply) and must stay bit-identical to the reference, in place and out of place."""
+    monkeypatch.delenv("TRAINLIB_KERNELS", raising=False)
+    calls = []
+    monkeypatch.setattr(cpu, "pack", lambda *a: calls.append(a))
+    x = torch.randn(1000)
+    for scale in (1 / 3, 1.0):
+        out = K.pack([x], torch.empty(1000), scale)
+        assert_bitwise(out, R.pack([x], torch.empty(1000), scale))
+    flat = torch.randn(1000)
+    expected = flat * (1 / 3)
+    K.pack([flat], flat, 1 / 3)
+    assert_bitwise(flat, expected)
+    assert calls == []
+    # anything else still reaches the fused kernel, and a partial overlap is still an error
+    K.pack([x[:500], x[500:]], torch.empty(1000), 0.5)
+    K.pack([x.to(torch.bfloat16)], torch.empty(1000), 0.5)
+    assert len(calls) == 2 or not cpu.available()
+    with pytest.raises(ValueError, match="overlaps the flat buffer outside its own slot"):
+        K.pack([flat[1:]], flat[:999], 0.5)

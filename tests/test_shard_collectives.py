@@ -64,6 +64,21 @@ def _all_gather_case(sync, dp: int, me: int, numel: int, dtype: torch.dtype, fro
     return torch.equal(flat, want)
 
 
+def _all_gather_into_case(sync, dp: int, me: int, numel: int, dtype: torch.dtype, from_alloc: bool) -> bool:
+    """start_all_gather_into(out, chunk): ZeRO-3's gather of a shard (from alloc(): read out of the peers'
+    shared memory on shm) into private memory; twice, the shard changed in between, as between two steps."""
+    per = numel // dp
+    chunk = sync.alloc(per, dtype, "cpu") if from_alloc else torch.zeros(per, dtype=dtype)
+    ok = True
+    for salt in (0, 9):
+        chunk.copy_(_ints(me, numel, dtype, salt).view(dp, -1)[me])
+        out = torch.full((numel,), float("nan"), dtype=dtype)
+        sync.start_all_gather_into(out, chunk)
+        sync.wait()
+        ok &= torch.equal(out, torch.cat([_ints(k, numel, dtype, salt).view(dp, -1)[k] for k in range(dp)]))
+    return ok
+
+
 def _overlapped_case(sync, dp: int, me: int) -> bool:
     """Four collectives in flight at once (as the wrapper starts them during backward), one wait();
     one buffer is not from alloc(), so on the shm transports it runs on torch beside their worker."""
@@ -164,6 +179,8 @@ def _one_config(rank: int, part: str, transport: str, nodes: list[str] | None) -
         # a buffer not from alloc(): the shm transports send it through torch (same result)
         res[f"rs_{name}_not_alloc"] = _reduce_scatter_case(sync, dp, me, dp * C, dtype, from_alloc=False)
         res[f"ag_{name}_not_alloc"] = _all_gather_case(sync, dp, me, dp * C, dtype, from_alloc=False)
+        res[f"agi_{name}"] = _all_gather_into_case(sync, dp, me, dp * C, dtype, from_alloc=True)
+        res[f"agi_{name}_not_alloc"] = _all_gather_into_case(sync, dp, me, dp * C, dtype, from_alloc=False)
     res["overlapped"] = _overlapped_case(sync, dp, me)
     res["start_s"] = _start_returns_at_once(sync, dp, me) if part == "dp2" else -1.0
     res["random_fp32_err"] = _random_fp32_case(sync, dp, me)
@@ -342,6 +359,7 @@ def _mpi_main() -> None:
         res[f"rs_{dtype}"] = _reduce_scatter_case(sync, dp, me, dp * C, dtype, from_alloc=True)
     for dtype in DTYPES:
         res[f"ag_{dtype}"] = _all_gather_case(sync, dp, me, dp * C, dtype, from_alloc=True)
+        res[f"agi_{dtype}"] = _all_gather_into_case(sync, dp, me, dp * C, dtype, from_alloc=True)
     res["overlapped"] = _overlapped_case(sync, dp, me)
     res["start_at_once"] = _start_returns_at_once(sync, dp, me) < 0.3
     res["random_fp32_small_err"] = _random_fp32_case(sync, dp, me) <= 1e-6

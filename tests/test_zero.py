@@ -23,7 +23,7 @@ def precision():
     return run_ranks(zero_models.precision_cases, 2)
 
 
-@pytest.mark.parametrize("family", ["gpt", "zeronet", "accumulate", "clip", "compress", "shm", "shm-zeronet"])
+@pytest.mark.parametrize("family", ["gpt", "zeronet", "accumulate", "clip", "compress", "shm", "shm-zeronet", "hier"])
 @pytest.mark.parametrize("stage", ["optimizer", "gradients", "parameters"])
 def test_stage_equals_unsharded(equivalence, family, stage):
     """AdamW steps on dp-sharded slices give the unsharded weights (1e-6): GPT; tied, frozen and
@@ -32,7 +32,8 @@ def test_stage_equals_unsharded(equivalence, family, stage):
     for rank in equivalence:
         if key not in rank:
             pytest.skip(f"{family} does not run with shard={stage}")
-        ref = rank.get(f"{family}/none") or rank[{"shm": "gpt/none", "shm-zeronet": "zeronet/none"}[family]]
+        ref = rank.get(f"{family}/none") or rank[{"shm": "gpt/none", "shm-zeronet": "zeronet/none",
+                                                  "hier": "gpt/none"}[family]]
         assert _diff(rank[key]["weights"], ref["weights"]) <= 1e-6, key
         assert rank[key]["losses"] == pytest.approx(ref["losses"], rel=1e-6, abs=1e-6)
     assert _diff(equivalence[0][key]["weights"], equivalence[1][key]["weights"]) == 0  # every rank holds the same
@@ -42,7 +43,7 @@ def test_stage3_gathers_each_unit_once_per_pass_and_the_last_one_once(equivalenc
     """ZeRO-3 gathers the root once and each unit for its forward and again for its backward, but
     the unit whose forward ran last stays gathered into backward (FSDP's root): one gather less."""
     for rank in equivalence:
-        for family in ("gpt", "shm"):
+        for family in ("gpt", "shm", "hier"):
             run = rank[f"{family}/parameters"]
             assert run["gathers_expected"] > 0 and run["gathers_per_step"] == run["gathers_expected"], (family, run)
 

@@ -5,6 +5,8 @@ on this machine) and returns, per configuration, the losses and the full weights
 the test compares every shard stage against the unsharded DataParallel of the same run."""
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn as nn
 
@@ -61,7 +63,7 @@ def _train(model_fn, stage, *, steps: int = 3, precision=None, clip: float = 0.0
     params = [p for p in dp.parameters() if p.requires_grad]
     opt = tl.DistributedOptimizer(torch.optim.AdamW(params, lr=lr, weight_decay=0.1), dp)
     r = mesh.rank("dp")
-    gathers = _count_calls(dp.sync, "start_all_gather") if stage == "parameters" else [0]
+    gathers = _count_gathers(dp.sync) if stage == "parameters" else [0]
     losses, skipped, scales = [], 0, []
     for step in range(steps):
         for micro in range(accumulate):
@@ -103,13 +105,23 @@ def _stage3_gathers(units: list[int]) -> int:
     return sum(u < 0 for u in units) + 2 * sum(u >= 0 for u in units) - sum(u == last for u in units)
 
 
-def _count_calls(obj, name: str) -> list[int]:
-    count, original = [0], getattr(obj, name)
+def _count_gathers(sync) -> list[int]:
+    """All-gathers the wrapper starts: start_all_gather_into (which may call start_all_gather itself:
+    counted once) and start_all_gather (the hierarchical transport's staging buffers)."""
+    count, into, plain, inside = [0], sync.start_all_gather_into, sync.start_all_gather, [False]
 
-    def counted(*args, **kwargs):
+    def counted_into(*args, **kwargs):
         count[0] += 1
-        return original(*args, **kwargs)
-    setattr(obj, name, counted)
+        inside[0] = True
+        try:
+            return into(*args, **kwargs)
+        finally:
+            inside[0] = False
+
+    def counted_plain(*args, **kwargs):
+        count[0] += 0 if inside[0] else 1
+        return plain(*args, **kwargs)
+    sync.start_all_gather_into, sync.start_all_gather = counted_into, counted_plain
     return count
 
 
@@ -123,7 +135,11 @@ class _null:
 
 def equivalence_cases() -> dict:
     """Every stage against the unsharded wrapper: GPT fp32, ZeroNet (tied/frozen/unused), no_sync
-    accumulation, clipping, bf16 wire compression, the shm transport."""
+    accumulation, clipping, bf16 wire compression, the shm and hierarchical transports."""
+    import torch.distributed as dist
+
+    from trainlib.sync.shm import NODE_ID_ENV
+
     tl.init()
     torch.manual_seed(0)
     out: dict[str, dict] = {}
@@ -138,6 +154,13 @@ def equivalence_cases() -> dict:
             out[f"shm/{key}"] = _train(_gpt, stage, transport="shm")
             out[f"shm-zeronet/{key}"] = _train(ZeroNet, stage, steps=4, zeronet=True, bucket_mb=0.0005,
                                                transport="shm")
+            # each rank an emulated node of its own: stage 3 gathers through the hierarchical transport's
+            # shared staging buffers instead of reading the shards out of shared memory
+            os.environ[NODE_ID_ENV] = f"node{dist.get_rank()}"
+            try:
+                out[f"hier/{key}"] = _train(_gpt, stage, transport="hierarchical")
+            finally:
+                os.environ.pop(NODE_ID_ENV, None)
     return out
 
 

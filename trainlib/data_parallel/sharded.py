@@ -19,7 +19,9 @@ optimizer steps on its slices only; stages 1/2 then all-gather the updated param
 buckets. Stage 3 keeps only chunk r between uses: a unit (a layer from `as_layers()`, or a child
 of the model's ModuleLists) is all-gathered just before its forward, the next unit prefetched,
 freed after its forward (storage resized to 0, so saved activations keep their tensors), and
-gathered again when the gradient reaches its output. Under a pipeline (pp > 1) a unit stays
+gathered again when the gradient reaches its output. On the shm transport the shards themselves live
+in shared memory, so a gather is one copy of every rank's shard into the unit's parameters, and a
+gradient is packed straight into the shared buffer it is reduce-scattered in. Under a pipeline (pp > 1) a unit stays
 gathered from its first forward until the gradients are synced after the flush, as torchtitan does
 with FSDP and pipelining, instead of gathering once per microbatch.
 
@@ -142,18 +144,25 @@ class ShardedDataParallel:
         groups: dict[int, list[tuple[str, nn.Parameter]]] = {}
         for n, p in named:
             groups.setdefault(unit_of[id(p)], []).append((n, p))
-        # stage 3 gathers whole units; other stages take DDP's size caps
+        # stage 3 gathers whole units, one bucket each (DDP's small first bucket would only double the
+        # collectives: a unit's gradients all arrive within its own backward); other stages take DDP's caps
         cap = float("inf") if shard == "parameters" else bucket_mb
+        first = {"first_bucket_mb": cap} if shard == "parameters" else {}
         plan = [(unit, group) for unit in sorted(groups, key=lambda u: (u < 0, u))   # forward order, root last
-                for group in plan_buckets(groups[unit], cap, part_of=self._part_of)]
+                for group in plan_buckets(groups[unit], cap, part_of=self._part_of, **first)]
         if shard is not None:
-            # stages 1/2 keep their parameter buffers (and stage 1 its wire) in the transport's memory
+            # stages 1/2 keep their parameter buffers (and stage 1 its wire) in the transport's memory,
+            # stage 3 its parameter shards
             shared = sum(p.numel() * (_size(self._dtypes(p.dtype)[0]) + (_size(self._dtypes(p.dtype)[2])
                                                                          if shard == "optimizer" else 0))
                          for _, g in plan for _, p in g)
             reduce = {self._dtypes(p.dtype)[2] for _, p in named}
-            self.sync.bind_group(self.group, named[0][1].device, 0 if shard == "parameters" else shared, len(plan),
+            self.sync.bind_group(self.group, named[0][1].device,
+                                 shared // self.owners if shard == "parameters" else shared, len(plan),
                                  reduce_dtype=min(reduce, key=_size))   # the narrowest decides MPI's fitness
+        # stage 3 on the shm transport: each shard lives in shared memory, so a unit is gathered by
+        # copying every rank's shard straight into the parameters (one copy, no staging buffer)
+        self._shards_shared = shard == "parameters" and getattr(self.sync, "resolved_transport", None) == "shm"
         self.buckets: list[FlatBucket] = []
         for i, (unit, group) in enumerate(plan):
             self.buckets.append(self._make_bucket(i, unit, group))
@@ -170,6 +179,7 @@ class ShardedDataParallel:
         # backward produces the last layers' gradients first: launch buckets in that order
         # (within a unit plan_buckets already put the last parameters first; the root goes last)
         self._launch_order = sorted(self.buckets, key=lambda b: (b.unit < 0, -b.unit, b.index))
+        self._launch_pos = {b.index: j for j, b in enumerate(self._launch_order)}
         if shard == "parameters":
             self._hooks += self._unit_hooks()
         for b in self.buckets:
@@ -194,7 +204,7 @@ class ShardedDataParallel:
         largest: dict[tuple[str, torch.dtype], int] = {}
         for b in self.buckets:
             kinds = [("reduce", self._dtypes(b.params[0].dtype)[2])]
-            if self.shard == "parameters":
+            if self.shard == "parameters" and not self._shards_shared:
                 kinds.append(("gather", b.flat.dtype))
             for key in kinds:
                 largest[key] = max(largest.get(key, 0), b.padded)
@@ -204,18 +214,37 @@ class ShardedDataParallel:
             self._slot_next[key] = 0
 
     def _take_slot(self, key: tuple[str, torch.dtype], b: FlatBucket) -> torch.Tensor | None:
-        """The next shared buffer of `key` (in launch order, the same on every rank), once its previous
-        user is done; None without shared buffers (the torch transport)."""
+        """A shared buffer of `key` for bucket b, once its previous user is done; None without shared
+        buffers (the torch transport). Every rank must give a bucket the same buffer: a reduce wire takes
+        the one of its launch position (buckets launch in one order), a gather the next in turn (gathers
+        start in one order)."""
         slots = self._slots.get(key)
         if not slots:
             return None
-        k = self._slot_next[key]
-        self._slot_next[key] = (k + 1) % len(slots)
+        if key[0] == "reduce":
+            k = self._launch_pos[b.index] % len(slots)
+        else:
+            k = self._slot_next[key]
+            self._slot_next[key] = (k + 1) % len(slots)
         owner = self._slot_owner.get((key, k))
         if owner is not None and any(x is owner for _, x in self._inflight):
             self._drain(upto=owner)
         self._slot_owner[(key, k)] = b
         return slots[k][:b.padded]
+
+    def _early_slot(self, b: FlatBucket, dtype: torch.dtype) -> torch.Tensor | None:
+        """Bucket b's reduce buffer at its first gradient, so gradients are packed where they are
+        reduced (no private wire copied in at launch) -- when it is safe: in backward's own launch
+        order (no pipeline), and once the bucket that used that buffer before b in this step has
+        launched (buckets launch in order, so no earlier one can still claim it). None: pack into a
+        private wire, copied into the buffer at launch."""
+        slots = self._slots.get(("reduce", dtype))
+        if not slots or self._pipelined or self.shard not in ("gradients", "parameters"):
+            return None
+        j = self._launch_pos[b.index]
+        if j >= len(slots) and not self._launch_order[j - len(slots)].started:
+            return None
+        return self._take_slot(("reduce", dtype), b)
 
     def _dtypes(self, dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype, torch.dtype]:
         """(stored/compute, master, reduce) dtypes for parameters of `dtype` under this policy."""
@@ -245,7 +274,10 @@ class ShardedDataParallel:
             flat.copy_(full32)
         else:
             flat = full32 if stored == master_dtype else full32.to(stored)
-        shard = flat[lo:hi].clone() if stage3 else None
+        shard = None
+        if stage3:
+            shard = self.sync.alloc(chunk, stored, device) if self._shards_shared else torch.empty_like(flat[lo:hi])
+            shard.copy_(flat[lo:hi])
         if stored == master_dtype:
             master = shard if stage3 else flat[lo:hi]      # the optimizer updates the parameters themselves
         else:
@@ -279,13 +311,13 @@ class ShardedDataParallel:
         if b.gathered or any(kind == "gather" and x is b for kind, x in self._inflight):
             return
         view = self._take_slot(("gather", b.flat.dtype), b)
-        if view is not None:
+        if view is not None:   # hierarchical: gathered in a shared buffer, copied into the parameters after
             view[b.lo:b.hi].copy_(b.shard)
             b.gather_slot = view
+            self.sync.start_all_gather(view)
         else:
             b.flat.untyped_storage().resize_(b.padded * b.flat.element_size())
-            b.flat[b.lo:b.hi].copy_(b.shard)
-        self.sync.start_all_gather(view if view is not None else b.flat)
+            self.sync.start_all_gather_into(b.flat, b.shard)
         self._inflight.append(("gather", b))
 
     def _gather_unit(self, unit: int, prefetch: int | None = None) -> None:
@@ -400,6 +432,10 @@ class ShardedDataParallel:
         fresh large buffers cost page faults (a memset's worth) on every backward."""
         if b.wire is None:
             dtype = self._dtypes(b.params[0].dtype)[2]
+            view = self._early_slot(b, dtype) if self._require_sync else None
+            if view is not None:
+                b.wire, b.in_slot = view, True
+                return view
             pool = self._wire_pool.setdefault(dtype, [])
             fits = [i for i, t in enumerate(pool) if t.numel() >= b.padded]
             base = pool.pop(min(fits, key=lambda i: pool[i].numel())) if fits else \
@@ -444,14 +480,14 @@ class ShardedDataParallel:
             return
         # shared-memory transports reduce in place only in their own buffers: hand the bucket over
         # through one of a few reused ones
-        view = self._take_slot(("reduce", wire.dtype), b) if self.shard != "optimizer" else None
+        view = self._take_slot(("reduce", wire.dtype), b) if self.shard != "optimizer" and not b.in_slot else None
         if view is not None:
             view.copy_(wire)
             self._release_wire(b)
             b.wire, b.in_slot, wire = view, True, view
         self.sync.start_reduce_scatter(wire)
         self._inflight.append(("reduce", b))
-        if self.shard != "optimizer" and view is None and \
+        if self.shard != "optimizer" and not b.in_slot and \
                 sum(k == "reduce" for k, _ in self._inflight) > MAX_INFLIGHT_WIRES:
             self._drain()
 

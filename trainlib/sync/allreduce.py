@@ -237,6 +237,20 @@ class AllReduce:
         else:
             self._handles.append(comm.all_gather_into_tensor(flat, chunk, group=self._group, async_op=True))
 
+    def start_all_gather_into(self, out: torch.Tensor, chunk: torch.Tensor) -> None:
+        """After wait(): out.view(dp, -1)[k] holds dp rank k's `chunk`, for every k; `out` may be any
+        memory. On the shm transport a `chunk` from alloc() is read straight out of every rank's
+        shared memory into `out` (one copy of the whole; no staging buffer); elsewhere the chunk is
+        copied into its row of `out` and gathered there in place."""
+        row = self._chunk("start_all_gather_into", out)
+        key = self._shm_key(chunk, log_fallback=False) if self.resolved_transport == "shm" else None
+        if key is not None and chunk.numel() == row.numel():
+            self._count(out, 1)
+            self._handles.append(self._worker.submit(key, "gather_out", out))
+            return
+        row.copy_(chunk)
+        self.start_all_gather(out)
+
     def _count(self, flat: torch.Tensor, factor: int) -> None:
         """The shm and MPI transports move what a ring would (comm.py counts the torch transport):
         all-reduce 2(n-1)/n x the buffer (factor 2), reduce-scatter / all-gather (n-1)/n x (factor 1)."""

@@ -27,6 +27,9 @@ owns flat buffers of dp equal chunks, chunk r = flat.view(dp, -1)[r] belonging t
     start_reduce_scatter(flat)         after wait(): chunk r = SUM over the dp group of chunk r; the
                                        other chunks unspecified
     start_all_gather(flat)             after wait(): every chunk k holds dp rank k's chunk k
+    start_all_gather_into(out, chunk)  after wait(): out.view(dp, -1)[k] = dp rank k's `chunk`; out is
+                                       any memory (ZeRO-3 gathers into private parameter buffers); the
+                                       shm transport reads a chunk from alloc() out of the peers' memory
     wait()                             completes everything started, in start order
 Both starts return at once, so they overlap backward (reduce-scatter) and forward (all-gather).
 """
@@ -72,6 +75,8 @@ class ShardSync(Protocol):
     def start_reduce_scatter(self, flat: "torch.Tensor") -> None: ...
 
     def start_all_gather(self, flat: "torch.Tensor") -> None: ...
+
+    def start_all_gather_into(self, out: "torch.Tensor", chunk: "torch.Tensor") -> None: ...
 
     def wait(self) -> None: ...
 

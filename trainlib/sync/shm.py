@@ -19,6 +19,9 @@ flat.view(dp, -1)[i] of the data-parallel group:
 
     reduce_scatter   barrier; rank i: buf_i[c_i] += sum_{k != i} buf_k[c_i]; barrier
     all_gather       barrier; rank i: buf_k[c_i] = buf_i[c_i] for k != i;     barrier
+    gather_out       barrier; rank i: out[c_k] = chunk_k for every k;          barrier
+                     (each rank's chunk is a whole shared buffer, `out` private memory: ZeRO-3
+                     keeps its parameter shards in shared memory and gathers a unit with one copy)
 
 (the exit barrier of reduce_scatter keeps a rank from reusing its buffer while a peer still reads it).
 
@@ -281,6 +284,19 @@ class ShmGroup:
                     rows[k][d].copy_(rows[self.me][d])
         self.barrier(f"all_gather[buffer {key}] exit")
 
+    def gather_out(self, key: int, out: torch.Tensor) -> None:
+        """out.view(n, -1)[k] := member k's whole buffer `key`, for every k (plain shm only: one
+        member per dp rank). The entry barrier: every member's buffer holds its value for this
+        collective (no optimizer step still writing it); the exit barrier: nobody changes its buffer
+        while a peer still reads it."""
+        if self.cross is not None or self.n != self.dp:
+            raise RuntimeError("gather_out needs every dp rank in this shared-memory group (transport='shm')")
+        rows = out.view(self.n, -1)
+        self.barrier(f"gather_out[buffer {key}] enter")
+        for k, buf in enumerate(self.buffers[key]):
+            rows[k].copy_(buf)
+        self.barrier(f"gather_out[buffer {key}] exit")
+
     def close(self) -> None:
         for fd in [self._rx, *self._tx.values()]:
             try:
@@ -313,7 +329,8 @@ class ShmWorker:
         import threading
 
         self.shm = shm
-        self._ops = {"all_reduce": shm.allreduce, "reduce_scatter": shm.reduce_scatter, "all_gather": shm.all_gather}
+        self._ops = {"all_reduce": shm.allreduce, "reduce_scatter": shm.reduce_scatter, "all_gather": shm.all_gather,
+                     "gather_out": shm.gather_out}
         self._q: "queue.Queue[tuple[str, int] | None]" = queue.Queue()
         self._done = 0
         self._submitted = 0
@@ -322,21 +339,21 @@ class ShmWorker:
         self._thread = threading.Thread(target=self._run, name="trainlib-shm", daemon=True)
         self._thread.start()
 
-    def submit(self, key: int, op: str = "all_reduce", numel: int | None = None) -> ShmHandle:
-        """Queue collective `op` (all_reduce | reduce_scatter | all_gather) on buffer `key` (reduce-scatter
-        and all-gather: on its first `numel` elements if given)."""
+    def submit(self, key: int, op: str = "all_reduce", arg: "int | torch.Tensor | None" = None) -> ShmHandle:
+        """Queue collective `op` (all_reduce | reduce_scatter | all_gather | gather_out) on buffer `key`
+        (reduce-scatter and all-gather: on its first `arg` elements if given; gather_out: into `arg`)."""
         self._submitted += 1
-        self._q.put((op, key, numel, step_stats._active))
+        self._q.put((op, key, arg, step_stats._active))
         return ShmHandle(self, key, self._submitted)
 
     def _run(self) -> None:
         step_stats.register_background_thread()
         while (item := self._q.get()) is not None:
-            op, key, numel, obs = item
+            op, key, arg, obs = item
             try:
                 if self._error is None:
                     t0 = time.perf_counter()
-                    self._ops[op](key) if numel is None else self._ops[op](key, numel)
+                    self._ops[op](key) if arg is None else self._ops[op](key, arg)
                     if obs is not None:   # the step being measured when it was submitted
                         obs.transfer(t0, time.perf_counter())
             except BaseException as e:  # handed to the training thread by wait_for
