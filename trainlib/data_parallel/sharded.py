@@ -327,8 +327,14 @@ class ShardedDataParallel:
         if prefetch is not None and 0 <= prefetch < len(self.units):
             for b in self._unit_buckets(prefetch):
                 self._start_gather(b)
-        if any(not b.gathered for b in self._unit_buckets(unit)):
-            self._drain()
+        self._await_gathered(self._unit_buckets(unit))
+
+    def _await_gathered(self, buckets: list[FlatBucket]) -> None:
+        """Complete what is in flight up to the last of these buckets' gathers, and no further: the
+        prefetched next unit and the reduce-scatters launched since go on in the background."""
+        waiting = [i for i, (kind, x) in enumerate(self._inflight) if kind == "gather" and any(x is b for b in buckets)]
+        if waiting:
+            self._drain(upto=self._inflight[waiting[-1]][1])
 
     def _free_unit(self, unit: int) -> None:
         # a reduce-scatter in flight reads the wire, not the parameters: only a gather in flight pins them
@@ -382,8 +388,7 @@ class ShardedDataParallel:
     def _gather_root(self) -> None:
         for b in self._unit_buckets(-1):
             self._start_gather(b)
-        if any(not b.gathered for b in self._unit_buckets(-1)):
-            self._drain()
+        self._await_gathered(self._unit_buckets(-1))
 
     # ---- forward ---------------------------------------------------------------------------
     def _sharded_forward(self, *args, **kwargs):
