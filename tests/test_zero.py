@@ -48,6 +48,15 @@ def test_stage3_gathers_each_unit_once_per_pass_and_the_last_one_once(equivalenc
             assert run["gathers_expected"] > 0 and run["gathers_per_step"] == run["gathers_expected"], (family, run)
 
 
+def test_stage3_waits_for_its_unit_only_and_leaves_the_prefetch_in_flight():
+    """While unit u's forward runs, unit u+1's gather (started as u's forward began) is still in
+    flight: the wait before u's forward drained u's gather and nothing after it."""
+    for rank in run_ranks(zero_models.prefetch_cases, 2):
+        for transport, r in rank.items():
+            n = r["units"]
+            assert r["seen"] == [[u + 1] if u + 1 < n else [] for u in range(n)], (transport, r)
+
+
 def test_training_moves_the_weights(equivalence):
     """Guard against a vacuous equality: the compared runs really trained."""
     r = equivalence[0]

@@ -164,6 +164,25 @@ def equivalence_cases() -> dict:
     return out
 
 
+def prefetch_cases() -> dict:
+    """Stage 3, every transport: which units' gathers are still in flight when each unit's forward ends.
+    Waiting for a unit's own gather must leave the next unit's prefetch running (not drain it too)."""
+    tl.init()
+    out = {}
+    for transport in ("torch", "shm"):
+        mesh = tl.Mesh(dp=-1)
+        dp = tl.DataParallel(_gpt(), mesh, sync=tl.AllReduce(bucket_mb=0.01, transport=transport), shard="parameters")
+        seen: list[list[int]] = []
+        for u, m in enumerate(dp.units):
+            m.register_forward_hook(lambda mod, args, o, u=u: seen.append(
+                sorted({b.unit for kind, b in dp._inflight if kind == "gather"})))
+        x, y = _gpt_batch(0, mesh.rank("dp"))
+        lm_loss(dp(x).float(), y).backward()
+        out[transport] = {"seen": seen, "units": len(dp.units)}
+        dp.close()
+    return out
+
+
 def precision_cases() -> dict:
     """bf16 policy per stage against fp32; fp16 with dynamic loss scaling from a scale that overflows."""
     tl.init()
