@@ -19,6 +19,9 @@ deepspeed-zero{1,2,3} (DS_ACCELERATOR=cpu, gloo).
    side from the same weights, stepped in rotating order
    (medians of alternating repetitions); ratios trainlib/FSDP2, trainlib/DeepSpeed at the same stage and
    trainlib stage k / trainlib unsharded; each row's losses and final weights vs trainlib-none's.
+   The full run repeats the trainlib/DeepSpeed rows on the same GPT with one sequence per rank, where
+   communication is a larger share of the step ("step_comm"), beside the floor: the bare model and AdamW
+   with no wrapper and no communication (zero_floor.py), the lowest step time any runtime could reach.
 3. --scale (zero_scale.py): the largest GPT predicted to train on 2 ranks in 24 GiB per row, from the measured
    memory rows; per trainlib stage the largest predicted to fit the memory free now is run a few steps with
    each rank's address space capped (RLIMIT_AS), so a wrong prediction fails in that rank, not on the
@@ -53,6 +56,8 @@ MODELS = {
     "memory_quick": {"vocab": 256, "seq": 32, "layers": 2, "heads": 4, "d_model": 256, "batch": 2},
     "step": {"vocab": 256, "seq": 128, "layers": 4, "heads": 4, "d_model": 256, "batch": 8},
     "step_quick": {"vocab": 256, "seq": 32, "layers": 2, "heads": 4, "d_model": 128, "batch": 4},
+    # the step model with one sequence per rank: a third of the compute, the same bytes to communicate
+    "step_comm": {"vocab": 256, "seq": 128, "layers": 4, "heads": 4, "d_model": 256, "batch": 1},
 }
 
 
@@ -115,8 +120,15 @@ def measure(quick: bool, specs: dict[str, dict[str, Any]], reps: int, k: int, me
     step_specs = {n: s for n, s in specs.items() if s["precision"] == "fp32" or (not quick and n in BF16_STEP_ROWS)}
     ranks = run_ranks(group, N_RANKS, mem_model, specs, 3, mem_reps, step_model, step_specs, reps, k, warm,
                       timeout_s=1800, env=ENV)
-    return {"memory": memory_rows(mem_model, specs, [r["memory"] for r in ranks]),
-            "step_time": step_rows(ranks[0]["steps"])}
+    out = {"memory": memory_rows(mem_model, specs, [r["memory"] for r in ranks]),
+           "step_time": step_rows(ranks[0]["steps"])}
+    if not quick:
+        comm_specs = {n: s for n, s in specs.items() if s["precision"] == "fp32" and s["kind"] in ("tl", "ds")}
+        comm_specs["floor"] = {"kind": "floor", "stage": 0, "precision": "fp32"}
+        ranks = run_ranks(group, N_RANKS, None, {}, 0, 0, MODELS["step_comm"], comm_specs, reps, k, warm,
+                          timeout_s=1800, env=ENV)
+        out["step_time_comm"] = step_rows(ranks[0]["steps"])
+    return out
 
 
 def memory_rows(m: dict[str, int], specs: dict[str, dict], per_rank: list[dict[str, dict]]) -> dict[str, Any]:
@@ -178,6 +190,10 @@ def step_rows(res: dict[str, Any]) -> dict[str, Any]:
             ratios[key] = round(med[a] / med[b], 4)
             # stage 3 pays its all-gathers: no target against unsharded (the issue sets one at stage 1/2)
             checks[key] = None if (peer == "unsharded" and a.endswith("parameters")) else ratios[key] <= TARGETS[peer]
+    if "floor" in med:   # how low any runtime could go: the target is out of reach where floor/peer > target
+        for s in (1, 2, 3):
+            if f"deepspeed-zero{s}" in med:
+                ratios[f"floor/deepspeed-zero{s}"] = round(med["floor"] / med[f"deepspeed-zero{s}"], 4)
     res["ratios"], res["meets_target"] = ratios, checks
     return res
 
@@ -296,6 +312,11 @@ def headline(out: dict[str, Any]) -> dict[str, Any]:
     for key, v in st["ratios"].items():
         s[f"step:{key}"] = v
     s["step:targets_met"] = {k_: v for k_, v in st["meets_target"].items() if v is not None}
+    if "step_time_comm" in out:
+        for key, v in out["step_time_comm"]["ratios"].items():
+            s[f"step_comm:{key}"] = v
+        s["step_comm:targets_met"] = {k_: v for k_, v in out["step_time_comm"]["meets_target"].items()
+                                      if v is not None}
     diffs = st["max_loss_diff_vs_reference"]
     s["step:max_loss_diff_fp32_vs_trainlib-none"] = max(v for n, v in diffs.items() if not n.endswith("-bf16"))
     if any(n.endswith("-bf16") for n in diffs):
@@ -361,6 +382,9 @@ def table_headline(s: dict) -> str:
            f"ZeRO-1/2/3 {'/'.join(ratio_text(s[f'step:trainlib-{x}/deepspeed-zero{i + 1}']) for i, x in enumerate(st) if f'step:trainlib-{x}/deepspeed-zero{i + 1}' in s) or 'n/a'} of DeepSpeed, "
            f"ZeRO-1/2 {ratio_text(s['step:trainlib-optimizer/trainlib-none'])}/{ratio_text(s['step:trainlib-gradients/trainlib-none'])} "
            f"of unsharded")
+    comm = [s.get(f"step_comm:trainlib-{x}/deepspeed-zero{i + 1}") for i, x in enumerate(st)]
+    if all(v is not None for v in comm):
+        out += f"; one sequence per rank: ZeRO-1/2/3 {'/'.join(ratio_text(v) for v in comm)} of DeepSpeed"
     pred = {k.split(":")[1]: v for k, v in s.items() if k.startswith("scale:") and k.endswith("max_params_pred")}
     cal = {k.split(":")[1]: v for k, v in s.items() if k.startswith("scale:") and k.endswith("max_params_calibrated")}
     if pred:  # a prediction (calibrated by a run of the same width where one ran), not a run of that size
