@@ -175,7 +175,9 @@ def _pack_one_fast(t: torch.Tensor, out: torch.Tensor, scale: float) -> bool:
     ctypes) costs ~40 us, and sharded data parallel packs each gradient alone as it arrives. Returns
     False (the caller takes the general path, with its errors) for anything else, and whenever
     TRAINLIB_KERNELS forces an implementation."""
-    if os.environ.get("TRAINLIB_KERNELS") or not (t.dtype == out.dtype == torch.float32 and t.is_cpu and out.is_cpu and t.numel() == out.numel()
+    if os.environ.get("TRAINLIB_KERNELS"):
+        return False
+    if not (t.dtype == out.dtype == torch.float32 and t.is_cpu and out.is_cpu and t.numel() == out.numel()
             and t.is_contiguous() and out.dim() == 1 and out.is_contiguous()):
         return False
     a, b, n = t.data_ptr(), out.data_ptr(), 4 * t.numel()

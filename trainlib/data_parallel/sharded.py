@@ -237,9 +237,9 @@ class ShardedDataParallel:
         reduced (no private wire copied in at launch) -- when it is safe: in backward's own launch
         order (no pipeline), and once the bucket that used that buffer before b in this step has
         launched (buckets launch in order, so no earlier one can still claim it). None: pack into a
-        private wire, copied into the buffer at launch."""
+        private wire, copied into the buffer at launch. (Only stages 2/3 have transient wires and slots.)"""
         slots = self._slots.get(("reduce", dtype))
-        if not slots or self._pipelined or self.shard not in ("gradients", "parameters"):
+        if not slots or self._pipelined:
             return None
         j = self._launch_pos[b.index]
         if j >= len(slots) and not self._launch_order[j - len(slots)].started:
