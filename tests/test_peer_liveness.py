@@ -198,3 +198,32 @@ def test_beat_round_trip_and_garbage():
 def test_no_heartbeat_no_probe():
     # this pytest process runs no heartbeat (no tl.init()): nothing to read, and it says so at once
     assert liveness.probe([0, 1], 0, 1) is None
+
+
+class _SlowStore:
+    """A real HashStore whose sets take `delay_s` once asked to: a loaded machine's slow store call."""
+
+    def __init__(self, delay_s: float):
+        self.inner, self.delay_s, self.slow = dist.HashStore(), delay_s, False
+
+    def set(self, key: str, value: bytes) -> None:
+        if self.slow:
+            time.sleep(self.delay_s)
+        self.inner.set(key, value)
+
+
+def test_stop_waits_for_the_last_beat_of_a_slow_store():
+    # A heartbeat thread still inside a store call when the interpreter finalizes aborts the process
+    # (pthread_exit through pybind11's noexcept guard): stop() must outwait one call, here 1.5 s,
+    # longer than the 1 s it used to give up after.
+    store = _SlowStore(1.5)
+    progress = lambda: {"seq": 0, "op": None, "pending_seq": None, "pending_op": None}   # noqa: E731
+    hb = liveness.Heartbeat(0, 0.5, lambda t: store, "a slow store", progress, None, "test/hb")
+    hb.start()
+    assert liveness.Beat.decode(store.inner.get(hb.key(0))).state == "alive"
+    store.slow = True
+    t0 = time.monotonic()
+    hb.stop()
+    assert not hb._thread.is_alive(), f"stop() returned after {time.monotonic() - t0:.2f} s with the beat in flight"
+    assert liveness.Beat.decode(store.inner.get(hb.key(0))).state == "exited"
+    assert hb.store_timeout_s + 2.0 > time.monotonic() - t0 >= 1.5

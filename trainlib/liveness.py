@@ -159,6 +159,9 @@ def tcp_store(addr: str, port: int) -> Callable[[float], Any]:
     return connect
 
 
+_ABANDONED: list[threading.Thread] = []   # store reads given up on, maybe still inside the store client
+
+
 def _bounded(fn: Callable[[], Any], deadline_s: float) -> tuple[str, Any]:
     """("ok", result) | ("error", exception) | ("timeout", None); the helper thread is abandoned
     on timeout (a daemon, blocked in the store client: it cannot be interrupted)."""
@@ -174,6 +177,7 @@ def _bounded(fn: Callable[[], Any], deadline_s: float) -> tuple[str, Any]:
     t.start()
     t.join(deadline_s)
     if t.is_alive():
+        _ABANDONED.append(t)   # stop() outwaits it: see Heartbeat.stop
         return "timeout", None
     return ("ok", box["ok"]) if "ok" in box else ("error", box.get("error"))
 
@@ -186,6 +190,7 @@ class Heartbeat:
         self.rank, self.every_s, self.store_name = rank, every_s, store_name
         self._connect, self._progress, self._master_addr = connect, progress, master_addr
         self._prefix = key_prefix
+        self.store_timeout_s = max(5.0, 4 * every_s)   # the beat client's timeout: bounds each store call
         self._stop = threading.Event()
         self._first = threading.Event()   # set once the first beat is out (or cannot be)
         self._reader: Any = None     # a second store client: a read stuck on a dead store never blocks a beat
@@ -201,10 +206,17 @@ class Heartbeat:
         self._thread.start()
         self._first.wait(wait_s)
 
-    def stop(self, deadline_s: float = 1.0) -> None:
-        """Publish state "exited" and end the thread; gives up after deadline_s (a dead store)."""
+    def stop(self, deadline_s: float | None = None) -> None:
+        """Publish state "exited" and end the thread. Waits as long as one store call can take (the
+        client's timeout, plus slack) by default: a thread still inside the store's C++ call when the
+        interpreter finalizes is killed by pthread_exit on its way back to the GIL, and that forced
+        unwind through pybind11's noexcept guard aborts the process ("terminate called without an
+        active exception") after a run that succeeded. Bounded: the call times out on a dead store."""
         self._stop.set()
-        self._thread.join(deadline_s)
+        self._thread.join(self.store_timeout_s + 2.0 if deadline_s is None else deadline_s)
+        if self._thread.is_alive():
+            log.warning("rank %d: the heartbeat thread did not end within %.0f s of stop (%s does not answer)",
+                        self.rank, self.store_timeout_s + 2.0, self.store_name)
 
     def _address(self) -> str:
         from .netif import RouteError, source_address, resolve
@@ -226,7 +238,7 @@ class Heartbeat:
         store = None
         for _ in range(3):      # the store answered init a moment ago; allow a slow start
             try:
-                store = self._connect(max(5.0, 4 * self.every_s))
+                store = self._connect(self.store_timeout_s)
                 break
             except Exception as e:  # DistStoreError, DistNetworkError, RuntimeError: any means "not now"
                 log.debug("rank %d: heartbeat cannot reach %s (%s)", self.rank, self.store_name, e)
@@ -300,6 +312,10 @@ def stop() -> None:
     hb, _HEARTBEAT = _HEARTBEAT, None
     if hb is not None:
         hb.stop()
+    # an abandoned read ends within its client's timeout (READ_DEADLINE_S, the connect included)
+    deadline = time.monotonic() + 2 * READ_DEADLINE_S + 1.0
+    while _ABANDONED:
+        _ABANDONED.pop().join(max(0.0, deadline - time.monotonic()))
 
 
 def probe(ranks: list[int], me: int, seq: int | None = None) -> Probe | None:
