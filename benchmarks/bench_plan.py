@@ -12,7 +12,8 @@
    built (VmHWM reset per layout; glibc's mmap threshold pinned and malloc_trim first, so that freed
    tensors leave RSS), max over ranks. Time, in a group with the allocator as training has it: `--steps`
    steps after two warm-up steps, in two passes of opposite order; each step's time is the slowest
-   rank's; the median per layout.
+   rank's, scaled to the host's speed at that moment (the calibration probe, timed every three layouts;
+   the raw times are reported beside); the median per layout.
 4. Report predicted vs measured step time and peak memory per layout: median and worst relative error,
    whether the planner's first choice is the measured best (or within 5% of it), Spearman's rank
    correlation; the load average is recorded with every measurement (a shared 2-core machine).
@@ -28,7 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 N_RANKS = 2
 PROBE = "calibration probe"
@@ -154,9 +155,11 @@ def measure_layouts(name: str, items: list[dict], steps: int, phase: str = "time
     phase "time": in a fresh group with the allocator left as training runs it (a pinned threshold makes
     every large tensor a fresh mmap: page faults in every step), built, stepped twice, stepped `steps`
     times, closed; two passes in opposite orders so that a slow phase of the shared machine lands on
-    different layouts each time; the median of both passes' steps. The calibration probe steps every few
-    layouts in between: its median re-fits compute_efficiency under the same conditions. (Keeping every
-    layout alive and stepping them in rotation, as an earlier version did, made each step ~2x slower.)"""
+    different layouts each time; the median of both passes' steps, each scaled to the host's speed at the
+    time (host_speed; the raw times are kept too). The calibration probe steps every three layouts in
+    between: its median re-fits compute_efficiency under the same conditions, its soundings give the
+    host's speed. (Keeping every layout alive and stepping them in rotation, as an earlier version did,
+    made each step ~2x slower.)"""
     import ctypes
     import gc
 
@@ -175,8 +178,12 @@ def measure_layouts(name: str, items: list[dict], steps: int, phase: str = "time
     libc = ctypes.CDLL("libc.so.6")
     probe = None if memory else probe_step_fn()
     peaks: dict[int, float] = {}
-    times: dict[int, list[float]] = {k: [] for k in range(len(items))}
-    probe_s: list[float] = []
+    times: dict[int, list[tuple[float, float]]] = {k: [] for k in range(len(items))}   # (when, seconds)
+    probe_s: list[tuple[float, float]] = []
+
+    def time_probe() -> None:
+        _one_step(None, None, None, fn=probe)     # warm: its gradients were freed a layout ago
+        probe_s.extend((time.monotonic(), _one_step(None, None, None, fn=probe)) for _ in range(3))
     load0 = os.getloadavg()
     # the first layout built in a process also pays one-time allocations (gloo buffers, lazy library
     # state) that no later layout sees: build and step it once, unmeasured
@@ -197,18 +204,46 @@ def measure_layouts(name: str, items: list[dict], steps: int, phase: str = "time
             if k >= 0:
                 peaks[k] = float(peak)
         elif k >= 0:
-            times[k] += [_one_step(*parts) for _ in range(steps)]
+            times[k] += [(time.monotonic(), _one_step(*parts)) for _ in range(steps)]
         parts[0].close()
         del parts
-        if probe is not None and j % 6 == 0:
-            _one_step(None, None, None, fn=probe)     # warm: its gradients were freed a layout ago
-            probe_s += [_one_step(None, None, None, fn=probe) for _ in range(3)]
+        if probe is not None and j % 3 == 0:
+            time_probe()
     loads = [round(v, 2) for v in load0] + [round(v, 2) for v in os.getloadavg()]
     if memory:
         return [{"layout": item["layout"], "measured_bytes": peaks[k]} for k, item in enumerate(items)]
-    return [{"layout": item["layout"], "measured_s": statistics.median(times[k]), "all_s": times[k],
-             "loadavg": loads} for k, item in enumerate(items)] + [
-        {"layout": PROBE, "measured_s": statistics.median(probe_s), "all_s": probe_s, "loadavg": loads}]
+    time_probe()
+    speed = host_speed(probe_s)
+    rows = []
+    for k, item in enumerate(items):
+        raw = [t for _, t in times[k]]
+        norm = [t * speed(when) for when, t in times[k]]
+        rows.append({"layout": item["layout"], "measured_s": statistics.median(norm), "all_s": norm,
+                     "raw_measured_s": statistics.median(raw), "raw_all_s": raw, "loadavg": loads})
+    probe_times = [t for _, t in probe_s]
+    return rows + [{"layout": PROBE, "measured_s": statistics.median(probe_times), "all_s": probe_times,
+                    "loadavg": loads}]
+
+
+def host_speed(probe: list[tuple[float, float]]) -> Callable[[float], float]:
+    """The shared host's speed over a timing run, from the calibration probe stepped every few layouts:
+    a step taken at `when` is scaled by median(probe) / probe(when) (the probe's step time then, linear
+    between its soundings, each the median of 3 steps). A slow phase of the host (a neighbour's load:
+    two timing passes of one layout have disagreed by up to 2x) then moves the probe as much as the
+    layouts measured beside it, and the prediction, fitted to median(probe), is compared with what the
+    layout takes at that speed. Raw times are kept beside (raw_measured_s)."""
+    soundings = [(statistics.median(w for w, _ in probe[i:i + 3]), statistics.median(t for _, t in probe[i:i + 3]))
+                 for i in range(0, len(probe) - len(probe) % 3, 3)]
+    ref = statistics.median(t for _, t in probe)
+
+    def at(when: float) -> float:
+        if when <= soundings[0][0]:
+            return ref / soundings[0][1]
+        for (w0, p0), (w1, p1) in zip(soundings, soundings[1:]):
+            if when <= w1:
+                return ref / (p0 + (p1 - p0) * (when - w0) / max(w1 - w0, 1e-9))
+        return ref / soundings[-1][1]
+    return at
 
 
 def measure_both(name: str, items: list[dict], steps: int, run) -> list[dict]:
@@ -256,6 +291,9 @@ def _rows(place: str, name: str, plans: list, measured: list[dict], prof, cluste
                     "flags": p.layout.train_flags(MODELS[name][2]),
                     "predicted_s": p.step_s, "measured_s": m["measured_s"], "all_s": m["all_s"],
                     "time_error": abs(p.step_s - m["measured_s"]) / m["measured_s"],
+                    **({"raw_measured_s": m["raw_measured_s"], "raw_all_s": m["raw_all_s"],
+                        "raw_time_error": abs(p.step_s - m["raw_measured_s"]) / m["raw_measured_s"]}
+                       if "raw_measured_s" in m else {}),
                     "predicted_bytes": p.peak_bytes, "measured_bytes": m["measured_bytes"],
                     "memory_error": abs(p.peak_bytes - m["measured_bytes"]) / max(1.0, m["measured_bytes"]),
                     "predicted_breakdown": p.time.as_dict(), "loadavg": m["loadavg"]})
@@ -346,7 +384,12 @@ def summarize(rows: list[dict]) -> dict[str, Any]:
             "median_time_error": round(statistics.median(r["time_error"] for r in g), 4),
             "median_memory_error": round(statistics.median(r["memory_error"] for r in g), 4)}
     rhos = [g["spearman"] for g in groups.values() if g["spearman"] is not None]
+    raw = [r["raw_time_error"] for r in rows if "raw_time_error" in r]
     return {"configurations": len(rows),
+            **({"raw_median_time_error": round(statistics.median(raw), 4), "raw_worst_time_error": round(max(raw), 4),
+                "raw_spearman_all": round(spearman([r["predicted_s"] for r in rows],
+                                                   [r["raw_measured_s"] for r in rows]) or 0, 3),
+                **{f"raw_{k}": v for k, v in pass_disagreement(rows, "raw_all_s").items()}} if raw else {}),
             "median_time_error": round(statistics.median(t_err), 4), "worst_time_error": round(max(t_err), 4),
             "median_memory_error": round(statistics.median(m_err), 4), "worst_memory_error": round(max(m_err), 4),
             "memory_within_10pct": round(sum(e <= 0.10 for e in m_err) / len(m_err), 3),
@@ -357,12 +400,12 @@ def summarize(rows: list[dict]) -> dict[str, Any]:
             **pass_disagreement(rows), "groups": groups, "targets": TARGETS}
 
 
-def pass_disagreement(rows: list[dict]) -> dict[str, float | None]:
+def pass_disagreement(rows: list[dict], key: str = "all_s") -> dict[str, float | None]:
     """How far the two timing passes of one layout disagree, |median(pass 1) - median(pass 2)| over the
     smaller: the measurement's own noise, the floor under any prediction error read from it."""
     d = []
     for r in rows:
-        a = r.get("all_s") or []
+        a = r.get(key) or []
         h = len(a) // 2
         if h:
             m1, m2 = statistics.median(a[:h]), statistics.median(a[h:])

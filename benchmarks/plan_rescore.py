@@ -3,7 +3,7 @@
     python -m trainlib.benchmarks.plan_rescore [benchmarks/results/plan-validation.json] [--profile P.json]
 
 A validation run takes ~22 minutes on 2 cores; its measurements do not depend on the cost model. This
-takes the stored rows (layout, measured time), re-ranks every (place, model) group with today's
+takes the stored rows (layout, measured time and peak memory), re-ranks every (place, model) group with today's
 trainlib.planner and the run's own profile (or --profile), and prints the summary the run would have
 had: a change to the step-time model is scored in seconds. Each group's compute_efficiency is the one
 the run re-fitted to its probe (backed out from the stored prediction of the group's first row), so
@@ -82,12 +82,14 @@ def rescore(result: dict, profile=None) -> dict[str, Any]:
             drift = max(drift, abs(p.step_s - r["predicted_s"]) / r["predicted_s"])
             rows.append({**r, "predicted_s": p.step_s, "planner_rank": rank[r["layout"]],
                          "time_error": abs(p.step_s - r["measured_s"]) / r["measured_s"],
-                         "predicted_breakdown": p.time.as_dict()})
+                         "predicted_breakdown": p.time.as_dict(), "predicted_bytes": p.peak_bytes,
+                         "memory_error": abs(p.peak_bytes - r["measured_bytes"]) / max(1.0, r["measured_bytes"])})
     return {"summary": summarize(rows), "rows": rows, "drift": drift}
 
 
 def _brief(s: dict) -> dict[str, Any]:
-    keys = ("median_time_error", "worst_time_error", "spearman_all", "spearman_min", "spearman_median")
+    keys = ("median_time_error", "worst_time_error", "spearman_all", "spearman_min", "spearman_median",
+            "median_memory_error", "worst_memory_error", "memory_within_10pct")
     return {**{k: s.get(k) for k in keys}, "top1_ok": sum(s["top1_ok"].values()), "groups": len(s["top1_ok"])}
 
 

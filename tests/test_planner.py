@@ -317,6 +317,19 @@ def test_bench_plan_reports_its_own_measurement_noise():
     assert pass_disagreement([{"all_s": []}]) == {"pass_disagreement_median": None, "pass_disagreement_p90": None}
 
 
+def test_bench_plan_scales_each_step_to_the_host_speed_of_its_moment():
+    # probe soundings (3 steps each) at t ~ 0, 10, 20 s: 1 s, 2 s (the host half as fast), 1 s; all
+    # probe steps' median is 1 s. A 4 s step at t = 10 was taken at half speed: it counts 2 s; at t = 5
+    # the probe reads 1.5 s (linear between soundings); before the first / after the last, the nearest.
+    from trainlib.benchmarks.bench_plan import host_speed
+
+    probe = [(w + d, t) for w, t in ((0.0, 1.0), (10.0, 2.0), (20.0, 1.0)) for d in (-0.1, 0.0, 0.1)]
+    speed = host_speed(probe)
+    assert 4.0 * speed(10.0) == pytest.approx(2.0)
+    assert speed(5.0) == pytest.approx(1.0 / 1.5) and speed(15.0) == pytest.approx(1.0 / 1.5)
+    assert speed(-3.0) == pytest.approx(1.0) and speed(99.0) == pytest.approx(1.0)
+
+
 def test_plan_rescore_gives_back_a_validation_the_same_model_made():
     # rows "measured" as a known multiple of what the planner predicted at a known efficiency: the
     # rescorer must back that efficiency out, give the predictions back, and score the multiples
@@ -334,12 +347,13 @@ def test_plan_rescore_gives_back_a_validation_the_same_model_made():
         for i, p in enumerate(bench_plan.rank_layouts("gpt-default", cluster, run_prof)[:6]):
             rows.append({"place": place, "model": "gpt-default", "planner_rank": i + 1, "layout": p.layout.label(),
                          "predicted_s": p.step_s, "measured_s": p.step_s * (1 + 0.04 * i), "all_s": [],
-                         "time_error": 0.0, "memory_error": 0.0})
+                         "measured_bytes": p.peak_bytes / (1 + 0.05 * i), "time_error": 0.0, "memory_error": 0.0})
     out = plan_rescore.rescore({"profile": prof.to_json(), "rows": rows, "cluster": {"goodput_Bps": 1.2e8}})
     assert out["drift"] < 1e-6
     errors = sorted(0.04 * i / (1 + 0.04 * i) for i in range(6))
     assert out["summary"]["median_time_error"] == pytest.approx((errors[2] + errors[3]) / 2, abs=1e-4)
     assert out["summary"]["spearman_all"] > 0.5
+    assert out["summary"]["median_memory_error"] == pytest.approx((0.10 + 0.15) / 2, abs=1e-4)   # 0.05 i, i = 0..5 twice
     slower = copy.deepcopy(prof)
     slower.values["op_s"] *= 3    # another model (profile): other predictions
     assert plan_rescore.rescore({"profile": prof.to_json(), "rows": rows, "cluster": {"goodput_Bps": 1.2e8}},
