@@ -46,13 +46,16 @@ def _predict(prof, place: str, model: str, labels: set[str], goodput: float | No
 
 
 def _run_efficiency(prof, place: str, model: str, row: dict, goodput: float | None) -> float:
-    """The compute_efficiency at which the model (as now) gives `row`'s stored prediction: bisection
-    (step time falls as efficiency rises)."""
+    """The compute_efficiency at which the model (as now) gives `row`'s stored compute seconds (its
+    whole prediction for an older file without a breakdown): bisection, both fall as efficiency rises.
+    The compute part alone, so that a change to the communication terms is not absorbed into it."""
+    stored = (row.get("predicted_breakdown") or {}).get("compute")
     lo, hi = 1e-3, 10.0
     for _ in range(50):
         mid = (lo + hi) / 2
-        got = _predict(_with_efficiency(prof, mid), place, model, {row["layout"]}, goodput)[row["layout"]].step_s
-        lo, hi = (mid, hi) if got > row["predicted_s"] else (lo, mid)
+        p = _predict(_with_efficiency(prof, mid), place, model, {row["layout"]}, goodput)[row["layout"]]
+        got, want = (p.time.compute, stored) if stored else (p.step_s, row["predicted_s"])
+        lo, hi = (mid, hi) if got > want else (lo, mid)
     return (lo + hi) / 2
 
 

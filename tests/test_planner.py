@@ -111,6 +111,16 @@ def test_dp_sync_ring_and_across_nodes():
     assert across == pytest.approx(2 * (2 - 1) / 2 * m / (1e9 * 0.5) + 2 * 1e-4)
     zero1 = dp_sync_time(GPT, Layout(1, 2, 1, shard="optimizer"), ONE_NODE, prof, 875_264, 0.0)
     assert zero1 == pytest.approx(2.0 * one)                            # rs_ag_over_ar
+    # ZeRO-3: the reduce-scatter, the forward's all-gather, and backward's of all but the held unit
+    n = 875_264
+    zero3 = dp_sync_time(GPT, Layout(1, 2, 1, shard="parameters"), ONE_NODE, prof, n, 0.0, held_params=n / 4)
+    assert zero3 == pytest.approx(2.0 * (t_allreduce(m, 2, 4e9, 1e-5) + t_allreduce(m * 7 / 4, 2, 4e9, 1e-5)) / 2)
+    # compressed: gradients reduce-scattered in bf16 over gloo's 16-bit path, fp32 parameters gathered
+    # over gloo (a compressed sync takes torch's transport), plus the casts both ways
+    comp = profile(compress_alpha_s=2e-4, compress_Bps=5e8)
+    z1c = dp_sync_time(GPT, Layout(1, 2, 1, shard="optimizer", compress="bf16"), ONE_NODE, comp, n, 0.0)
+    assert z1c == pytest.approx(2.0 * (t_allreduce(m / 2, 2, 5e8, 2e-4) + t_allreduce(m, 2, 1e9, 1e-4)) / 2
+                                + 2 * (m + m / 2) / 1e9)
     hidden = dp_sync_time(GPT, Layout(1, 2, 1), ONE_NODE, profile(overlap=1.0), 875_264, backward_s=1.0)
     assert hidden == 0.0
 

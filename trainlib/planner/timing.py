@@ -15,10 +15,12 @@
                  alone in a bubble computes solo_speedup x faster (CPU ranks share memory bandwidth)
     dp sync      gradient bytes over the dp group: ring inside a node; across nodes the bytes on the busiest
                  NIC (trainlib.benchmarks.bench_cluster.wire_bytes: hierarchical, each byte crosses once per
-                 node) over the NIC's line rate x efficiency; ZeRO 1/2 = reduce-scatter + all-gather
-                 (x rs_ag_over_ar), ZeRO-3 adds a second all-gather (x 1.5) and a fixed cost per unit
-                 gathered (zero3_unit_s: one unit per pipeline layer, twice per microbatch); bf16 compression halves the
-                 bytes and costs a cast; the parameter server pays a fixed cost per 4 MB partition and the
+                 node) over the NIC's line rate x efficiency; ZeRO 1/2 = reduce-scatter of the gradients +
+                 all-gather of the parameters, each half an all-reduce of its bytes (x rs_ag_over_ar);
+                 ZeRO-3 gathers again in backward, all but the unit kept from the forward, and pays a fixed
+                 cost per unit gathered (zero3_unit_s: one unit per pipeline layer, twice per microbatch);
+                 bf16 compression halves the gradient bytes (not the parameters a sharded sync gathers),
+                 goes through gloo on CPU, and costs a cast; the parameter server pays a fixed cost per 4 MB partition and the
                  busiest server's bytes (BytePS: max(M, n M / k), bench_ps.t_ps). Only the part that does
                  not hide behind the backward (profile "overlap") is added.
     optimizer    torch's foreach AdamW + clipping: ~84 bytes moved per owned parameter (OPT_BYTES_PER_PARAM)
@@ -98,7 +100,7 @@ def allreduce_time(nbytes: float, size: int, stride: int, cluster: ClusterSpec, 
 
 
 def dp_sync_time(model: ModelSpec, layout: Layout, cluster: ClusterSpec, prof: Profile, params: float,
-                 backward_s: float, units: int = 0) -> float:
+                 backward_s: float, units: int = 0, held_params: float = 0.0) -> float:
     if layout.dp == 1:
         return 0.0
     m = params * 4                      # gradients are reduced in fp32 (MixedPrecision's reduce_dtype)
@@ -114,13 +116,22 @@ def dp_sync_time(model: ModelSpec, layout: Layout, cluster: ClusterSpec, prof: P
                     / (cluster.nic_Bps * prof["inter_efficiency"]))
         t = max(cpu, wire)
     else:
-        wire_m = m / 2 if layout.compress == "bf16" else m
-        # on CPU, compressed buckets and ZeRO-2/3's transient gradient wires go through torch (gloo),
-        # whole fp32 buckets through the node's own transport (shm): README "Gradient sync", "ZeRO"
-        link = "compress" if layout.compress == "bf16" else ("intra" if STAGE[layout.shard] >= 2 else "sync")
-        t = allreduce_time(wire_m, layout.dp, stride, cluster, prof, link)
-        if STAGE[layout.shard] >= 1:
-            t *= prof["rs_ag_over_ar"] * (1.5 if layout.shard == "parameters" else 1.0)
+        compress = layout.compress == "bf16"
+        wire_m = m / 2 if compress else m
+        # on CPU a compressed sync goes through torch (gloo), gradients in bf16 and, sharded, parameters
+        # gathered in their own dtype; uncompressed, every collective takes the node's transport (shm,
+        # ZeRO-2/3 included: their gradients are packed into its buffers): README "Gradient sync", "ZeRO"
+        link = "compress" if compress else "sync"
+        if STAGE[layout.shard] == 0:
+            t = allreduce_time(wire_m, layout.dp, stride, cluster, prof, link)
+        else:
+            # reduce-scatter + all-gather(s), each half an all-reduce's bytes; ZeRO-3 gathers again in
+            # backward, all but the unit that ran last (held_params: kept gathered for its backward)
+            gathered = params + (params - held_params if layout.shard == "parameters" else 0.0)
+            ag_link = "intra" if compress else "sync"
+            t = (allreduce_time(wire_m, layout.dp, stride, cluster, prof, link)
+                 + allreduce_time(gathered * act_bytes(layout.precision), layout.dp, stride, cluster, prof, ag_link)) / 2
+            t *= prof["rs_ag_over_ar"]
         if layout.shard == "parameters":
             m_mb = layout.microbatches if layout.pp > 1 else 1
             t += 2 * units * m_mb * prof["zero3_unit_s"]
@@ -170,7 +181,8 @@ def step_time(model: ModelSpec, layout: Layout, cluster: ClusterSpec, prof: Prof
             tp_t = (per_mb + prof["tp_collective_s"]) * m * (blocks * (4 + 2 * recompute) + 3)
         params = sum(local_layer_params(model, lay, layout.tp) for lay in layers) * model.param_scale
         backward_s = compute * 2 / 3
-        sync = dp_sync_time(model, layout, cluster, prof, params, backward_s, units=len(layers))
+        held = local_layer_params(model, layers[-1], layout.tp) * model.param_scale if layout.pp == 1 else 0.0
+        sync = dp_sync_time(model, layout, cluster, prof, params, backward_s, units=len(layers), held_params=held)
         owned = params / layout.dp if STAGE[layout.shard] >= 1 else params
         opt = owned * OPT_BYTES_PER_PARAM / prof["mem_Bps"]
         if worst is None or compute + tp_t > worst[0]:
