@@ -67,6 +67,23 @@ def test_memory_hand_computed():
     assert tp2 == (v * d / 2 + 128 * d) + 4 * (6 * d + (198_272 - 6 * d) / 2) + (2 * d + d * v / 2)
 
 
+def test_zero_on_shared_memory_counts_its_reduce_buffers():
+    # ZeRO-2/3 on one CPU node reduce-scatter in 2 shared buffers: a rank fills its own (as far as the
+    # buckets reach: here all 875,264 fp32 gradients fit in 2 x 25 MB) and reads half of its peer's
+    from trainlib.planner.rank import shm_ranks
+
+    n = 875_264
+    for shard, touched in (("gradients", n), ("parameters", 2 * 198_272)):   # ZeRO-3: 2 slots of one block
+        lay = Layout(1, 2, 1, shard=shard)
+        extra = peak_memory(GPT, lay, 8, shm_ranks=2).transient - peak_memory(GPT, lay, 8).transient
+        assert extra == pytest.approx(touched * 4 * 1.5)
+    assert shm_ranks(Layout(1, 2, 1, shard="gradients"), ONE_NODE) == 2
+    assert shm_ranks(Layout(1, 2, 1, shard="gradients", compress="bf16"), ONE_NODE) == 1     # gloo then
+    assert shm_ranks(Layout(1, 2, 1, shard="gradients"), ClusterSpec(2, 1, "cpu", 8.0, 8.0)) == 1
+    assert peak_memory(GPT, Layout(1, 2, 1, shard="optimizer"), 8, shm_ranks=2).transient == \
+        peak_memory(GPT, Layout(1, 2, 1, shard="optimizer"), 8).transient                     # ZeRO-1: no slots
+
+
 def test_in_flight_microbatches_follow_the_schedule():
     base = peak_memory(GPT, Layout(2, 1, 1, schedule="1f1b", microbatches=8), 16).activations
     gpipe = peak_memory(GPT, Layout(2, 1, 1, schedule="gpipe", microbatches=8), 16).activations

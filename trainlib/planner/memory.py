@@ -16,7 +16,9 @@ A pipeline rank holds the activations of every microbatch it has run forward and
 that count comes from the schedule itself (trainlib.pipeline.schedules), not a rule of thumb.
 Transients: the largest gradient autograd makes before a bucket hook moves it, the optimizer's
 temporaries (one parameter-sized buffer for torch's foreach AdamW), the logits' gradient, ZeRO-3's
-gathered unit plus the one prefetched, the bf16 pack buffer, and the runtime's own bytes (profile).
+gathered unit plus the one prefetched, the bf16 pack buffer, ZeRO-2/3's shared reduce buffers on a CPU
+node's shm transport (a rank's own, and its chunk of each peer's, count in its RSS), and the runtime's
+own bytes (profile).
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from .spec import ModelSpec
 
 SIMULATE_UP_TO = 256   # pp * microbatches * virtual stages replayed exactly; above, (p-1)/m and kin
 STAGE = {"none": 0, "optimizer": 1, "gradients": 2, "parameters": 3}
+BUCKET_BYTES = 25 * 2**20   # DataParallel's default bucket (AllReduce(bucket_mb=25))
 
 
 def act_bytes(precision: str) -> int:
@@ -145,8 +148,10 @@ class MemoryBreakdown:
         return self.states + self.activations + self.transient + self.runtime
 
 
-def peak_memory(model: ModelSpec, layout: Layout, global_batch: int, runtime_bytes: float = 0.0) -> MemoryBreakdown:
-    """The largest per-device peak over the pipeline ranks."""
+def peak_memory(model: ModelSpec, layout: Layout, global_batch: int, runtime_bytes: float = 0.0,
+                shm_ranks: int = 1) -> MemoryBreakdown:
+    """The largest per-device peak over the pipeline ranks. shm_ranks: how many ranks of the dp group
+    share a node's shared-memory transport (1: none; CPU only)."""
     best: MemoryBreakdown | None = None
     ab = act_bytes(layout.precision)
     stage = STAGE[layout.shard]
@@ -169,12 +174,28 @@ def peak_memory(model: ModelSpec, layout: Layout, global_batch: int, runtime_byt
             if model.kind != "mlp" and 0 in s_layers:
                 per_mb += tokens * 2 * model.d_model * ab
             acts += per_mb * flights[rank].get(stage_id, 1)
-        transient = _transients(model, layout, layers, tokens, params, ab)
+        transient = _transients(model, layout, layers, tokens, params, ab) + _shm_slots(model, layout, layers,
+                                                                                      params, shm_ranks)
         m = MemoryBreakdown(params, states, acts, transient, runtime_bytes)
         if best is None or m.peak > best.peak:
             best = m
     assert best is not None
     return best
+
+
+def _shm_slots(model: ModelSpec, layout: Layout, layers: list[int], params: float, shm_ranks: int) -> float:
+    """ZeRO-2/3 on a shared-memory transport reduce-scatter each bucket in one of WIRE_SLOTS shared
+    buffers (trainlib.data_parallel.sharded): a rank writes whole buckets into its own and reads its
+    chunk of every peer's, and both count in its RSS. Touched bytes: as much of the slots as the
+    buckets fill -- ZeRO-2's 25 MB buckets, ZeRO-3's one per unit -- at most all the gradients."""
+    from trainlib.data_parallel.sharded import WIRE_SLOTS
+
+    if shm_ranks <= 1 or STAGE[layout.shard] < 2 or layout.compress != "none":
+        return 0.0
+    sizes = [local_layer_params(model, lay, layout.tp) * model.param_scale for lay in layers]
+    bucket = max(sizes) if layout.shard == "parameters" else BUCKET_BYTES / 4
+    own = min(params, WIRE_SLOTS * bucket) * 4             # fp32 gradients (MixedPrecision's reduce_dtype)
+    return own * (1 + (shm_ranks - 1) / shm_ranks)
 
 
 def _transients(model: ModelSpec, layout: Layout, layers: list[int], tokens: int, params: float, ab: int) -> float:

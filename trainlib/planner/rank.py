@@ -11,7 +11,7 @@ from .layouts import Layout, enumerate_layouts
 from .memory import MemoryBreakdown, peak_memory
 from .profile import Profile
 from .spec import ClusterSpec, ModelSpec
-from .timing import TimeBreakdown, step_time
+from .timing import TimeBreakdown, _group_span, step_time
 
 COMPONENT_WORDS = {"compute": "compute", "tp": "tensor-parallel all-reduces", "bubble": "pipeline bubble",
                    "pp_actions": "pipeline per-action cost", "dp_sync": "exposed gradient sync",
@@ -43,9 +43,17 @@ class Plan:
                 "reason": self.reason}
 
 
+def shm_ranks(layout: Layout, cluster: ClusterSpec) -> int:
+    """Ranks of a dp group that share one node's shared-memory transport: CPU, uncompressed all-reduce
+    sync (compression and the parameter server take other paths); 1 when there is none."""
+    if cluster.device != "cpu" or layout.sync != "allreduce" or layout.compress != "none" or layout.dp == 1:
+        return 1
+    return _group_span(cluster, layout.dp, layout.tp)[1]
+
+
 def predict(model: ModelSpec, layout: Layout, cluster: ClusterSpec, prof: Profile, global_batch: int) -> Plan:
     t = step_time(model, layout, cluster, prof, global_batch)
-    m = peak_memory(model, layout, global_batch, prof["runtime_bytes"])
+    m = peak_memory(model, layout, global_batch, prof["runtime_bytes"], shm_ranks(layout, cluster))
     return Plan(layout, t, m, m.peak <= cluster.memory_bytes)
 
 
