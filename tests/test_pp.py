@@ -187,6 +187,9 @@ def _failure_worker(mode: str) -> str:
     mesh = tl.Mesh(pp=2, dp=1, tp=1)
     layers = [_Drifting(mode if not mode.startswith("kill") else "none"), nn.Linear(6, 6)]
     pipe = Pipeline(layers, mesh, schedule="1f1b", microbatches=4, loss_fn=loss_fn)
+    # both stages set up before the faulty step: a sender that fails at once and exits would
+    # otherwise take the store (rank 0 hosts it) from a receiver still building its groups
+    tl.comm.barrier()
     pipe.step(torch.randn(8, 6), torch.randn(8, 6))
     if mode.startswith("kill"):
         tl.comm.barrier()  # step 1 is fully received everywhere

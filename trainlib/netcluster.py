@@ -120,13 +120,22 @@ def _list_netns() -> list[str]:
     return [line.split()[0] for line in out.splitlines() if line.strip()]
 
 
-def _kill_netns_pids(ns: str) -> None:
-    pids = _sh("ip", "netns", "pids", ns, check=False).stdout.split()
-    for p in pids:
-        try:
-            os.kill(int(p), signal.SIGKILL)
-        except (ProcessLookupError, ValueError):
-            pass
+def _kill_netns_pids(ns: str, rounds: int = 20, settle_s: float = 0.05) -> None:
+    """SIGKILL every process in namespace ns, and again until none is left: one pass over a snapshot
+    misses a child forked between the snapshot and its parent's death (a launcher starting torchrun's
+    worker survived a node kill that way and trained on). Bounded: `rounds` passes. A killed process
+    leaves the list at once (a zombie has no namespace), so a quiet node ends in one or two."""
+    for _ in range(rounds):
+        pids = _sh("ip", "netns", "pids", ns, check=False).stdout.split()
+        if not pids:
+            return
+        for p in pids:
+            try:
+                os.kill(int(p), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
+        time.sleep(settle_s)
+    log.warning("netcluster: processes still in %s after %d kill passes", ns, rounds)
 
 
 def sweep_stale() -> list[str]:
