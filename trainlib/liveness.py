@@ -212,11 +212,12 @@ class Heartbeat:
         interpreter finalizes is killed by pthread_exit on its way back to the GIL, and that forced
         unwind through pybind11's noexcept guard aborts the process ("terminate called without an
         active exception") after a run that succeeded. Bounded: the call times out on a dead store."""
+        wait = self.store_timeout_s + 2.0 if deadline_s is None else deadline_s
         self._stop.set()
-        self._thread.join(self.store_timeout_s + 2.0 if deadline_s is None else deadline_s)
+        self._thread.join(wait)
         if self._thread.is_alive():
             log.warning("rank %d: the heartbeat thread did not end within %.0f s of stop (%s does not answer)",
-                        self.rank, self.store_timeout_s + 2.0, self.store_name)
+                        self.rank, wait, self.store_name)
 
     def _address(self) -> str:
         from .netif import RouteError, source_address, resolve

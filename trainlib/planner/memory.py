@@ -26,6 +26,7 @@ import functools
 from dataclasses import dataclass
 
 from trainlib.benchmarks.bench_zero import formula as zero_bytes_per_param
+from trainlib.config import SyncConfig
 from trainlib.pipeline.partition import balance
 from trainlib.pipeline.schedules import SCHEDULES, build_schedule, theory_bubble
 from .layouts import Layout
@@ -33,7 +34,7 @@ from .spec import ModelSpec
 
 SIMULATE_UP_TO = 256   # pp * microbatches * virtual stages replayed exactly; above, (p-1)/m and kin
 STAGE = {"none": 0, "optimizer": 1, "gradients": 2, "parameters": 3}
-BUCKET_BYTES = 25 * 2**20   # DataParallel's default bucket (AllReduce(bucket_mb=25))
+BUCKET_BYTES = SyncConfig().bucket_mb * 2**20   # the bucket `trainlib train` builds (--sync.bucket_mb)
 
 
 def act_bytes(precision: str) -> int:
