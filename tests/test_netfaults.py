@@ -9,6 +9,7 @@ same weights. The timeout is short here (TRAINLIB_TIMEOUT_S) so each case takes 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -79,8 +80,10 @@ def test_link_down_longer_than_the_timeout(cluster, tmp_path):
     finally:
         cluster.link_up(1)
     assert res.codes == [138, 138], (res.codes, res.outputs[0][-2000:])
+    # each survivor names the collective it was blocked in: the gradient all_reduce or, when the cut lands
+    # between backward and the step's logging, the metrics all_gather
     for out in res.outputs:
-        assert "lost a peer" in out and "all_reduce" in out, out[-3000:]
+        assert re.search(r"lost a peer: rank \d: (all_reduce|all_gather)\S* #\d+ ", out), out[-3000:]
     # the heartbeats name the other side: node 0 sees rank 1 stop; node 1 cannot reach node 0's store
     n0, n1 = cluster.nodes[0], cluster.nodes[1]
     assert f"rank 1 ({n1.hostname}, {n1.ip}) stopped answering" in res.outputs[0], res.outputs[0][-3000:]
