@@ -163,9 +163,16 @@ def _floor(name: str, inner: nn.Module) -> Candidate:
 
     def step(batch, probe=None) -> torch.Tensor:
         x, y = batch
-        loss = loss_fn(inner(x), y)
+        out = inner(x)
+        if probe is not None:
+            probe("forward")
+        loss = loss_fn(out, y)
         loss.backward()
+        if probe is not None:
+            probe("backward")
         opt.step()
+        if probe is not None:
+            probe("step")
         opt.zero_grad(set_to_none=True)
         return loss.detach()
 

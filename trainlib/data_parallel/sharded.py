@@ -399,6 +399,10 @@ class ShardedDataParallel:
                 self._broadcast(bufs)
         self._reset_sharded()
         if self.shard == "parameters":
+            if not self._pipelined and not self._in_backward:
+                # the first unit's gather is not hidden behind anything: start it beside the root's
+                for b in self._unit_buckets(-1) + self._unit_buckets(0):
+                    self._start_gather(b)
             self._gather_root()
         args = tuple(_cast_floating(a, self.param_dtype) for a in args)
         return self.module(*args, **kwargs)
