@@ -26,6 +26,7 @@ import queue
 import signal
 import time
 import traceback
+from datetime import timedelta
 from typing import Any, Callable
 
 import torch
@@ -53,6 +54,7 @@ def _child(fn, args, kwargs, rank, world_size, port, env, results, init) -> None
                        "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                        "OMP_NUM_THREADS": "1", **env})
     torch.set_num_threads(1)
+    ok = False
     try:
         if init:
             from . import runtime
@@ -60,16 +62,36 @@ def _child(fn, args, kwargs, rank, world_size, port, env, results, init) -> None
             runtime.init(backend="gloo", device="cpu")
         out = fn(*args, **kwargs)
         results.put((rank, "ok", _to_cpu(out)))
+        ok = True
     except BaseException:  # report everything, including SystemExit from a CLI entry
         results.put((rank, "error", traceback.format_exc()))
     finally:
         if init:
             from . import runtime
 
+            _wait_for_peers(rank, world_size, wait=ok)
             try:
                 runtime.shutdown()
             except Exception:
                 pass
+
+
+def _wait_for_peers(rank: int, world_size: int, wait: bool, timeout_s: float = 20.0) -> None:
+    """Rank 0 hosts the job's store: having succeeded (wait), it stays until every rank has finished
+    (or the timeout), so a rank that returns early does not take the store from a peer still building
+    its groups ("Broken pipe" in new_group). A rank that failed leaves at once, as before (its peers'
+    fault paths expect that); one that died never checks in, and the parent stops waiting on it."""
+    import torch.distributed as dist
+
+    try:
+        if not dist.is_initialized():
+            return
+        store = dist.distributed_c10d._get_default_store()
+        store.set(f"trainlib.testing/finished/{rank}", "1")
+        if rank == 0 and wait:
+            store.wait([f"trainlib.testing/finished/{r}" for r in range(world_size)], timedelta(seconds=timeout_s))
+    except Exception:   # a peer gone or the store closed: nothing left to protect
+        pass
 
 
 class _TensorBytes:
