@@ -307,11 +307,13 @@ def local_cluster():
     return ClusterSpec(1, N_RANKS, "cpu", 10.0, 8.0)
 
 
-def emulated_cluster(goodput_Bps: float):
-    """What the planner is told about the emulated cluster: N_RANKS nodes of one rank, NICs at the measured goodput."""
+def emulated_cluster(goodput_Bps: float, rate: str):
+    """What the planner is told about the emulated cluster: N_RANKS nodes of one rank, NICs at the measured
+    goodput, with the burst their tbf shaping lets through after an idle gap."""
+    from trainlib.netcluster import tbf_burst_bytes
     from trainlib.planner.spec import ClusterSpec
 
-    return ClusterSpec(N_RANKS, 1, "cpu", goodput_Bps * 8 / 1e9, 8.0)
+    return ClusterSpec(N_RANKS, 1, "cpu", goodput_Bps * 8 / 1e9, 8.0, nic_burst_bytes=tbf_burst_bytes(rate))
 
 
 def run_local(names: list[str], prof, steps: int, log) -> list[dict]:
@@ -339,7 +341,7 @@ def run_cluster(names: list[str], prof, steps: int, rate: str, log) -> tuple[lis
     with NetCluster(N_RANKS, rate=rate) as c, tempfile.TemporaryDirectory() as tmp:
         goodput = statistics.median(c.goodput(seconds=1.0) for _ in range(3))
         log(f"cluster: {N_RANKS} nodes at {rate}, measured goodput {goodput * 8 / 1e9:.3f} Gbit/s")
-        cluster = emulated_cluster(goodput)
+        cluster = emulated_cluster(goodput, rate)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PET_", "TORCHELASTIC_"))}
         env.update(OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // N_RANKS)), TRAINLIB_TIMEOUT_S="600")
         for name in names:

@@ -28,7 +28,7 @@ def _cluster(place: str, goodput_Bps: float | None):
     if place.startswith(CLUSTER_PLACE):
         if not goodput_Bps:
             raise ValueError(f"rows of {place!r} but the file records no cluster goodput")
-        return emulated_cluster(goodput_Bps)
+        return emulated_cluster(goodput_Bps, place.removeprefix(CLUSTER_PLACE))
     return local_cluster()
 
 
@@ -100,12 +100,16 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m trainlib.benchmarks.plan_rescore", description=__doc__.split("\n\n")[0])
     p.add_argument("result", nargs="?", default=str(results_dir() / "plan-validation.json"))
     p.add_argument("--profile", help="a planner profile to use instead of the run's own")
+    p.add_argument("--json", help="also write the re-predicted validation (the result's format) to this path")
     args = p.parse_args(argv)
     from trainlib.planner.profile import load
 
     with open(args.result) as f:
         result = json.load(f)
     out = rescore(result, load(args.profile) if args.profile else None)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({**result, "rows": out["rows"], "summary": out["summary"]}, f, indent=1)
     print(json.dumps({"stored": _brief(result["summary"]), "now": _brief(out["summary"]),
                       "max_prediction_drift": round(out["drift"], 4),
                       "groups_now": {k: {"first_over_best": g["first_over_best"], "median_time_error":

@@ -142,6 +142,48 @@ def test_dp_sync_ring_and_across_nodes():
     assert hidden == 0.0
 
 
+def test_token_bucket_nic_lets_its_refilled_burst_through():
+    """The emulated cluster's NICs are tbf token buckets: after gap_s of compute, up to the burst of
+    bytes leaves at once; a real NIC (burst 0) sends everything at line rate."""
+    from trainlib.netcluster import tbf_burst_bytes
+    from trainlib.planner.timing import allreduce_time, nic_time
+
+    prof = profile()                                                   # inter_efficiency 0.5
+    line = ClusterSpec(2, 1, "cpu", 8.0, 8.0)                          # 1 GB/s -> 0.5 GB/s effective
+    bucket = ClusterSpec(2, 1, "cpu", 8.0, 8.0, nic_burst_bytes=300_000)
+    assert nic_time(1e6, line, prof, gap_s=1.0) == pytest.approx(1e6 / 5e8)
+    assert nic_time(1e6, bucket, prof, gap_s=1.0) == pytest.approx(7e5 / 5e8)           # the whole burst
+    assert nic_time(1e6, bucket, prof, gap_s=2e-4) == pytest.approx((1e6 - 1e5) / 5e8)  # refilled 2e-4 x 5e8
+    assert nic_time(2e5, bucket, prof, gap_s=1.0) == 0.0
+    # a TP-sized all-reduce across the two nodes: the ring's bytes on the NIC, less the refill, + 2 alphas
+    assert allreduce_time(524_288, 2, 1, bucket, prof, gap_s=1e-3) == pytest.approx(
+        (524_288 - 300_000) / 5e8 + 2 * 1e-4)
+    assert tbf_burst_bytes("1gbit") == 500_000 and tbf_burst_bytes("100mbit") == 64 * 1024
+    with pytest.raises(PlanError, match="nic_burst_bytes"):
+        ClusterSpec(2, 1, "cpu", 8.0, 8.0, nic_burst_bytes=-1)
+
+
+def test_zero_across_nodes_moves_an_allreduce_and_hides_prefetched_gathers():
+    """Across nodes the NIC sets a sharded sync's pace: a reduce-scatter and an all-gather are half an
+    all-reduce each (no local rs_ag_over_ar); ZeRO-3's per-unit gathers hide behind the compute of the unit
+    before them, all but the first forward one."""
+    prof = profile()
+    two = ClusterSpec(2, 1, "cpu", 8.0, 8.0)
+    n, m = 875_264, 875_264 * 4
+    ar = lambda nbytes: nbytes / 5e8 + 2 * 1e-4                        # one all-reduce across the 2 nodes
+    z1 = dp_sync_time(GPT, Layout(1, 2, 1, shard="optimizer"), two, prof, n, backward_s=0.0)
+    assert z1 == pytest.approx(ar(m) / 2 + ar(m) / 2)
+    units = 6                                                          # embed, 4 blocks, final
+    hidden = dp_sync_time(GPT, Layout(1, 2, 1, shard="parameters"), two, prof, n, backward_s=10.0, units=units,
+                          held_params=n / units)
+    # the gradients, the first gather, and each later gather's latency (alpha: its rendezvous)
+    assert hidden == pytest.approx(ar(m) / 2 + ar(m / units) / 2 + (2 * units - 2) * 1e-4)
+    bare = dp_sync_time(GPT, Layout(1, 2, 1, shard="parameters"), two, prof, n, backward_s=0.0, units=units,
+                        held_params=n / units)
+    assert bare == pytest.approx(ar(m) / 2 + ar(m / units) / 2 + (units - 1) * ar(m / units) / 2
+                                 + (units - 1) * ar(m / units) / 2)
+
+
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "zb-h1"])
 def test_bubble_is_the_schedules_own(schedule):
     lay = Layout(2, 1, 1, schedule=schedule, microbatches=4)

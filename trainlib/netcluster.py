@@ -152,13 +152,17 @@ def sweep_stale() -> list[str]:
     return gone
 
 
+def tbf_burst_bytes(rate: str) -> int:
+    """The burst of a shaped NIC of `rate`: ~4 ms of traffic (at least 64 KiB so a GSO segment fits).
+    After an idle gap this many bytes leave at once, faster than the rate (the planner models it:
+    trainlib.planner.spec.ClusterSpec.nic_burst_bytes)."""
+    return max(64 * 1024, _rate_bps(rate) // 8 // 250)
+
+
 def _tbf_args(rate: str) -> list[str]:
-    """tbf for a NIC of `rate`: a burst of ~4 ms of traffic (at least 64 KiB so a GSO segment fits)
-    and a queue of ~50 ms, as a switch port buffers."""
-    bps = _rate_bps(rate)
-    burst = max(64 * 1024, bps // 8 // 250)
-    limit = max(256 * 1024, bps // 8 // 20)
-    return ["tbf", "rate", rate, "burst", str(burst), "limit", str(limit)]
+    """tbf for a NIC of `rate`: tbf_burst_bytes(rate) and a queue of ~50 ms, as a switch port buffers."""
+    limit = max(256 * 1024, _rate_bps(rate) // 8 // 20)
+    return ["tbf", "rate", rate, "burst", str(tbf_burst_bytes(rate)), "limit", str(limit)]
 
 
 def _rate_bps(rate: str) -> int:

@@ -179,6 +179,9 @@ class ClusterSpec:
     device: str                   # a profile name: cpu | h100 | h200 | trn1 | trn2 | a path
     nic_gbps: float               # per node
     device_memory_gb: float       # per device (GiB)
+    # a token-bucket NIC (the emulated cluster's tbf): bytes that leave at once after an idle gap long
+    # enough to refill them; 0 for a real NIC, which sends everything at line rate
+    nic_burst_bytes: float = 0.0
 
     def __post_init__(self):
         for key in ("nodes", "devices_per_node"):
@@ -186,6 +189,8 @@ class ClusterSpec:
                 raise PlanError(f"--{key.replace('_', '-')}={getattr(self, key)} must be >= 1")
         if not self.nic_gbps > 0:
             raise PlanError(f"--nic-gbps={self.nic_gbps} must be > 0 (Gbit/s per node, e.g. 3200 for p5's EFA)")
+        if self.nic_burst_bytes < 0:
+            raise PlanError(f"nic_burst_bytes={self.nic_burst_bytes} must be >= 0 (0: a NIC at line rate)")
         if not self.device_memory_gb > 0:
             raise PlanError(f"--device-memory-gb={self.device_memory_gb} must be > 0 (GiB per device, e.g. 141 "
                             "for an H200)")

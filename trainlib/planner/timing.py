@@ -8,7 +8,10 @@
                  twice (trainlib.pipeline.zero_bubble)
     tp           Megatron f/g: 2 all-reduces of the microbatch's activations per block in forward and 2
                  in backward (Shoeybi et al. 2019), on the critical path; ring time 2(n-1)(a + M/(nB))
-                 (trainlib.benchmarks.bench_ps.t_allreduce) plus a calibrated fixed cost per all-reduce
+                 (trainlib.benchmarks.bench_ps.t_allreduce) plus a calibrated fixed cost per all-reduce;
+                 across nodes the ring's bytes on the NIC at its rate, less what a token-bucket NIC (the
+                 emulated cluster's tbf, ClusterSpec.nic_burst_bytes) refilled during the compute between
+                 two collectives
     bubble       the pipeline runs the slowest rank's work stretched by makespan / busy of the schedule's
                  own unit-cost replay (trainlib.pipeline.schedules: (p-1)/m for GPipe/1F1B, (p-1)/(vm)
                  interleaved, (p-1)/(3m) ZB-H1), plus a fixed cost and a p2p message per action; a rank
@@ -19,6 +22,8 @@
                  all-gather of the parameters, each half an all-reduce of its bytes (x rs_ag_over_ar);
                  ZeRO-3 gathers again in backward, all but the unit kept from the forward, and pays a fixed
                  cost per unit gathered (zero3_unit_s: one unit per pipeline layer, twice per microbatch);
+                 across nodes the NIC sets the pace: reduce-scatter + all-gather move an all-reduce's bytes
+                 (no rs_ag_over_ar) and ZeRO-3's prefetched unit gathers hide behind the unit before them;
                  bf16 compression halves the gradient bytes (not the parameters a sharded sync gathers),
                  goes through gloo on CPU, and costs a cast; the parameter server pays a fixed cost per 4 MB partition and the
                  busiest server's bytes (BytePS: max(M, n M / k), bench_ps.t_ps). Only the part that does
@@ -80,11 +85,18 @@ def _group_span(cluster: ClusterSpec, size: int, stride: int) -> tuple[int, int]
     return max(1, math.ceil(size / per_node)), per_node
 
 
+def nic_time(nbytes: float, cluster: ClusterSpec, prof: Profile, gap_s: float = 0.0) -> float:
+    """Seconds for nbytes to leave a node's NIC. A token-bucket NIC (cluster.nic_burst_bytes) lets what it
+    refilled during the gap_s of compute before the transfer, up to its burst, through at once."""
+    rate = cluster.nic_Bps * prof["inter_efficiency"]
+    return max(0.0, nbytes - min(cluster.nic_burst_bytes, gap_s * rate)) / rate
+
+
 def allreduce_time(nbytes: float, size: int, stride: int, cluster: ClusterSpec, prof: Profile,
-                   link: str = "intra") -> float:
+                   link: str = "intra", gap_s: float = 0.0) -> float:
     """One all-reduce of nbytes over a group (see the module docstring); link: "intra" (the
     collectives TP and PP use), "sync" (the data-parallel transport inside a node) or "compress" (a
-    bf16 gradient all-reduce: the collective library's 16-bit path)."""
+    bf16 gradient all-reduce: the collective library's 16-bit path); gap_s: compute before it (nic_time)."""
     if size <= 1 or nbytes <= 0:
         return 0.0
     nodes, per_node = _group_span(cluster, size, stride)
@@ -93,7 +105,7 @@ def allreduce_time(nbytes: float, size: int, stride: int, cluster: ClusterSpec, 
     groups_per_node = max(1, cluster.devices_per_node // per_node)   # the other groups share the NIC
     backend = "hierarchical" if per_node > 1 else "allreduce"
     wire = wire_bytes(backend, nbytes, nodes, per_node, 1) * groups_per_node
-    t = wire / (cluster.nic_Bps * prof["inter_efficiency"]) + 2 * (nodes - 1) * prof["inter_alpha_s"]
+    t = nic_time(wire, cluster, prof, gap_s) + 2 * (nodes - 1) * prof["inter_alpha_s"]
     if per_node > 1:
         t += _ring(nbytes, per_node, prof[f"{link}_alpha_s"], prof[f"{link}_Bps"])
     return t
@@ -127,17 +139,51 @@ def dp_sync_time(model: ModelSpec, layout: Layout, cluster: ClusterSpec, prof: P
         else:
             # reduce-scatter + all-gather(s), each half an all-reduce's bytes; ZeRO-3 gathers again in
             # backward, all but the unit that ran last (held_params: kept gathered for its backward)
-            gathered = params + (params - held_params if layout.shard == "parameters" else 0.0)
             ag_link = "intra" if compress else "sync"
-            t = (allreduce_time(wire_m, layout.dp, stride, cluster, prof, link)
-                 + allreduce_time(gathered * act_bytes(layout.precision), layout.dp, stride, cluster, prof, ag_link)) / 2
-            t *= prof["rs_ag_over_ar"]
+            ab = act_bytes(layout.precision)
+            nodes, _ = _group_span(cluster, layout.dp, stride)
+            if nodes == 1:
+                gathered = params + (params - held_params if layout.shard == "parameters" else 0.0)
+                t = (allreduce_time(wire_m, layout.dp, stride, cluster, prof, link)
+                     + allreduce_time(gathered * ab, layout.dp, stride, cluster, prof, ag_link)) / 2
+                t *= prof["rs_ag_over_ar"]
+            else:
+                t = _sharded_across_nodes(layout, cluster, prof, wire_m, params * ab, held_params * ab,
+                                          units, backward_s, link, ag_link)
         if layout.shard == "parameters":
             m_mb = layout.microbatches if layout.pp > 1 else 1
             t += 2 * units * m_mb * prof["zero3_unit_s"]
         if layout.compress == "bf16":
             t += 2 * (m + m / 2) / prof["mem_Bps"]   # cast to bf16 and back, both ways
     return max(0.0, t - prof["overlap"] * backward_s)
+
+
+def _sharded_across_nodes(layout: Layout, cluster: ClusterSpec, prof: Profile, grad_bytes: float,
+                          param_bytes: float, held_bytes: float, units: int, backward_s: float,
+                          link: str, ag_link: str) -> float:
+    """A ZeRO sync whose dp group spans nodes, where the NIC sets the pace: the reduce-scatter and the
+    all-gather move exactly an all-reduce's bytes (rs_ag_over_ar is a local collective's overhead).
+    ZeRO-3 gathers one unit at a time, the next one prefetched: a gather's wire time hides behind the
+    compute of the unit before it (forward: a third of a unit's step, backward: two thirds), and the NIC
+    idles (refills its burst) meanwhile; only what is left over is exposed."""
+    def half(nbytes: float, ln: str, gap: float = 0.0) -> float:   # a reduce-scatter or an all-gather
+        return allreduce_time(nbytes, layout.dp, layout.tp, cluster, prof, ln, gap) / 2
+
+    if layout.shard != "parameters" or units < 1:
+        return half(grad_bytes, link) + half(param_bytes, ag_link)
+    unit_bytes = param_bytes / units
+    fwd_s, bwd_s = backward_s / 2 / units, backward_s / units
+    # a gather's latency (its rendezvous with the other nodes) is paid where it is waited for; its bytes
+    # move while the unit before it computes
+    latency = (_group_span(cluster, layout.dp, layout.tp)[0] - 1) * prof["inter_alpha_s"]
+
+    def exposed(window: float) -> float:
+        return latency + max(0.0, half(unit_bytes, ag_link, window) - latency - window)
+
+    first = half(unit_bytes, ag_link)          # nothing to hide the first forward gather behind
+    # backward gathers every unit but the one kept from the forward, each behind the unit after it
+    return (half(grad_bytes, link) + first + (units - 1) * exposed(fwd_s)
+            + (param_bytes - held_bytes) / unit_bytes * exposed(bwd_s))
 
 
 def step_time(model: ModelSpec, layout: Layout, cluster: ClusterSpec, prof: Profile, global_batch: int) -> TimeBreakdown:
@@ -177,8 +223,10 @@ def step_time(model: ModelSpec, layout: Layout, cluster: ClusterSpec, prof: Prof
                    + (redo * elem_fwd if layout.ac == "selective" else 0.0) + op_t)
         tp_t = 0.0
         if layout.tp > 1:
-            per_mb = allreduce_time(mb_tokens * model.d_model * ab, layout.tp, 1, cluster, prof)
-            tp_t = (per_mb + prof["tp_collective_s"]) * m * (blocks * (4 + 2 * recompute) + 3)
+            n_coll = m * (blocks * (4 + 2 * recompute) + 3)
+            per_mb = allreduce_time(mb_tokens * model.d_model * ab, layout.tp, 1, cluster, prof,
+                                    gap_s=compute / n_coll)
+            tp_t = (per_mb + prof["tp_collective_s"]) * n_coll
         params = sum(local_layer_params(model, lay, layout.tp) for lay in layers) * model.param_scale
         backward_s = compute * 2 / 3
         held = local_layer_params(model, layers[-1], layout.tp) * model.param_scale if layout.pp == 1 else 0.0
@@ -197,9 +245,9 @@ def step_time(model: ModelSpec, layout: Layout, cluster: ClusterSpec, prof: Prof
         bubble = (compute + tp_t) * (stretch - 1) / prof["solo_speedup"]
         stage_nodes, _ = _group_span(cluster, layout.pp, layout.tp * layout.dp)
         msg = mb_tokens * model.d_model * ab
-        if stage_nodes > 1:
-            p2p = prof["inter_alpha_s"] + msg / (cluster.nic_Bps * prof["inter_efficiency"] /
-                                                 max(1, cluster.devices_per_node))
+        if stage_nodes > 1:   # the node's devices send their stage's messages through one NIC at once
+            p2p = prof["inter_alpha_s"] + nic_time(msg * max(1, cluster.devices_per_node), cluster, prof,
+                                                   gap_s=compute / n_actions)
         else:
             p2p = prof["intra_alpha_s"] + msg / prof["intra_Bps"]
         actions = n_actions * (prof["pp_action_s"] + p2p)
