@@ -281,8 +281,13 @@ def _feature_probes() -> dict[str, float]:
             solo.append(_median_time(step, 5, 2))
         comm.barrier()
     out["probe_solo_s"] = solo[0]
-    for key, layout in FEATURE_LAYOUTS.items():
-        out[key] = _layout_probe(layout)
+    # the feature costs are differences of these (ZeRO-3 - ZeRO-1 is a few ms): each layout is timed twice,
+    # in the order A B C A B C, so a host that speeds up or slows down over the probes moves them alike
+    times: dict[str, list[float]] = {key: [] for key in FEATURE_LAYOUTS}
+    for _ in range(2):
+        for key, layout in FEATURE_LAYOUTS.items():
+            times[key].append(_layout_probe(layout))
+    out.update({key: statistics.mean(ts) for key, ts in times.items()})
     return out
 
 
