@@ -385,10 +385,11 @@ class ShardedDataParallel:
         self._queue_finish()
         self._gather_unit(unit, prefetch=unit - 1)
 
-    def _gather_root(self) -> None:
-        for b in self._unit_buckets(-1):
+    def _gather_root(self, prefetch: int | None = None) -> None:
+        root = self._unit_buckets(-1)
+        for b in root + (self._unit_buckets(prefetch) if prefetch is not None else []):
             self._start_gather(b)
-        self._await_gathered(self._unit_buckets(-1))
+        self._await_gathered(root)
 
     # ---- forward ---------------------------------------------------------------------------
     def _sharded_forward(self, *args, **kwargs):
@@ -399,11 +400,8 @@ class ShardedDataParallel:
                 self._broadcast(bufs)
         self._reset_sharded()
         if self.shard == "parameters":
-            if not self._pipelined and not self._in_backward:
-                # the first unit's gather is not hidden behind anything: start it beside the root's
-                for b in self._unit_buckets(-1) + self._unit_buckets(0):
-                    self._start_gather(b)
-            self._gather_root()
+            # the first unit's gather is not hidden behind anything: start it beside the root's
+            self._gather_root(prefetch=0 if not self._pipelined and not self._in_backward else None)
         args = tuple(_cast_floating(a, self.param_dtype) for a in args)
         return self.module(*args, **kwargs)
 

@@ -148,7 +148,7 @@ def dp_sync_time(model: ModelSpec, layout: Layout, cluster: ClusterSpec, prof: P
                      + allreduce_time(gathered * ab, layout.dp, stride, cluster, prof, ag_link)) / 2
                 t *= prof["rs_ag_over_ar"]
             else:
-                t = _sharded_across_nodes(layout, cluster, prof, wire_m, params * ab, held_params * ab,
+                t = _sharded_across_nodes(layout, cluster, prof, nodes, wire_m, params * ab, held_params * ab,
                                           units, backward_s, link, ag_link)
         if layout.shard == "parameters":
             m_mb = layout.microbatches if layout.pp > 1 else 1
@@ -158,7 +158,7 @@ def dp_sync_time(model: ModelSpec, layout: Layout, cluster: ClusterSpec, prof: P
     return max(0.0, t - prof["overlap"] * backward_s)
 
 
-def _sharded_across_nodes(layout: Layout, cluster: ClusterSpec, prof: Profile, grad_bytes: float,
+def _sharded_across_nodes(layout: Layout, cluster: ClusterSpec, prof: Profile, nodes: int, grad_bytes: float,
                           param_bytes: float, held_bytes: float, units: int, backward_s: float,
                           link: str, ag_link: str) -> float:
     """A ZeRO sync whose dp group spans nodes, where the NIC sets the pace: the reduce-scatter and the
@@ -175,7 +175,7 @@ def _sharded_across_nodes(layout: Layout, cluster: ClusterSpec, prof: Profile, g
     fwd_s, bwd_s = backward_s / 2 / units, backward_s / units
     # a gather's latency (its rendezvous with the other nodes) is paid where it is waited for; its bytes
     # move while the unit before it computes
-    latency = (_group_span(cluster, layout.dp, layout.tp)[0] - 1) * prof["inter_alpha_s"]
+    latency = (nodes - 1) * prof["inter_alpha_s"]
 
     def exposed(window: float) -> float:
         return latency + max(0.0, half(unit_bytes, ag_link, window) - latency - window)
