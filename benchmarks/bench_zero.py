@@ -15,8 +15,9 @@ deepspeed-zero{1,2,3} (DS_ACCELERATOR=cpu, gloo).
    (after forward, after backward, after the update), vs the ZeRO formula (see `formula`); and the peak
    RSS above the pre-build baseline (VmHWM), which adds activations, transient buffers and the full model
    every row builds before sharding it.
-2. Step time: every fp32 row (and, in the full run, trainlib's and FSDP2's bf16 stage 2/3 rows) built side by
-   side from the same weights, stepped in rotating order
+2. Step time, in a fresh group (glibc's allocator as a training process has it): every fp32 row (and, in the
+   full run, trainlib's and FSDP2's bf16 stage 2/3 rows) built side by side from the same weights, stepped in
+   rotating order
    (medians of alternating repetitions); ratios trainlib/FSDP2, trainlib/DeepSpeed at the same stage and
    trainlib stage k / trainlib unsharded; each row's losses and final weights vs trainlib-none's.
    The full run repeats the trainlib/DeepSpeed rows on the same GPT with one sequence per rank, where
@@ -110,7 +111,7 @@ def deepspeed_status() -> str | None:
     return status()
 
 
-# ---- 1 + 2: one spawned group -----------------------------------------------------------------------------
+# ---- 1 + 2: spawned groups -----------------------------------------------------------------------------------
 def measure(quick: bool, specs: dict[str, dict[str, Any]], reps: int, k: int, mem_reps: int,
             warm: bool) -> dict[str, Any]:
     from trainlib.benchmarks.zero_ranks import group
@@ -118,10 +119,14 @@ def measure(quick: bool, specs: dict[str, dict[str, Any]], reps: int, k: int, me
     mem_model = MODELS["memory_quick" if quick else "memory"]
     step_model = MODELS["step_quick" if quick else "step"]
     step_specs = {n: s for n, s in specs.items() if s["precision"] == "fp32" or (not quick and n in BF16_STEP_ROWS)}
-    ranks = run_ranks(group, N_RANKS, mem_model, specs, 3, mem_reps, step_model, step_specs, reps, k, warm,
-                      timeout_s=1800, env=ENV)
-    out = {"memory": memory_rows(mem_model, specs, [r["memory"] for r in ranks]),
-           "step_time": step_rows(ranks[0]["steps"])}
+    ranks = run_ranks(group, N_RANKS, mem_model, specs, 3, mem_reps, None, {}, 0, 0, warm, timeout_s=1800, env=ENV)
+    out = {"memory": memory_rows(mem_model, specs, [r["memory"] for r in ranks])}
+    # step times in a group of their own: the memory phase pins glibc's mmap threshold (so that freed
+    # tensors leave RSS), and a process so pinned page-faults every large allocation in again -- every
+    # candidate's step measured 25-35% slower that way (benchmarks/zero_phases.py --pin), which no
+    # training process pays
+    ranks = run_ranks(group, N_RANKS, None, {}, 0, 0, step_model, step_specs, reps, k, warm, timeout_s=1800, env=ENV)
+    out["step_time"] = step_rows(ranks[0]["steps"])
     if not quick:
         comm_specs = {n: s for n, s in specs.items() if s["precision"] == "fp32" and s["kind"] in ("tl", "ds")}
         comm_specs["floor"] = {"kind": "floor", "stage": 0, "precision": "fp32"}

@@ -248,6 +248,10 @@ def _storages(roots: list[Any], max_objects: int) -> dict[tuple[int, int], int]:
         if isinstance(o, torch.Tensor):
             _tensor(o, storages, stack)
             continue
+        if isinstance(o, torch.UntypedStorage):   # memory held without a tensor (a pool of freed units)
+            if o.device.type != "meta" and o.nbytes():
+                storages[(o.data_ptr(), o.nbytes())] = o.nbytes()
+            continue
         if isinstance(o, dict):
             stack.extend(o.keys())
             stack.extend(o.values())

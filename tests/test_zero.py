@@ -48,6 +48,21 @@ def test_stage3_gathers_each_unit_once_per_pass_and_the_last_one_once(equivalenc
             assert run["gathers_expected"] > 0 and run["gathers_per_step"] == run["gathers_expected"], (family, run)
 
 
+def test_stage3_pools_freed_units_and_stays_exact(equivalence):
+    """With every unit's memory pooled: no gather allocates after the first step (a freed unit's memory
+    is handed to the next gather of its size), and training equals the unsharded wrapper's to 1e-6 on
+    every transport. Without the pool (these small units are below its 32 MiB floor) every gather allocates."""
+    for rank in equivalence:
+        ref = rank["gpt/none"]
+        for transport in ("torch", "shm", "hierarchical"):
+            run = rank[f"pool-{transport}/parameters"]
+            assert run["allocations_per_step"][0] > 0 and run["allocations_per_step"][1:] == [0, 0], (transport, run)
+            assert _diff(run["weights"], ref["weights"]) <= 1e-6, transport
+            assert run["losses"] == pytest.approx(ref["losses"], rel=1e-6, abs=1e-6)
+        unpooled = rank["gpt/parameters"]["allocations_per_step"]
+        assert min(unpooled) >= rank["gpt/parameters"]["gathers_expected"], unpooled
+
+
 def test_stage3_waits_for_its_unit_only_and_leaves_the_prefetch_in_flight():
     """While unit u's forward runs, unit u+1's gather (started as u's forward began) is still in
     flight: the wait before u's forward drained u's gather and nothing after it."""

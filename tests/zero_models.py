@@ -64,8 +64,9 @@ def _train(model_fn, stage, *, steps: int = 3, precision=None, clip: float = 0.0
     opt = tl.DistributedOptimizer(torch.optim.AdamW(params, lr=lr, weight_decay=0.1), dp)
     r = mesh.rank("dp")
     gathers = _count_gathers(dp.sync) if stage == "parameters" else [0]
-    losses, skipped, scales = [], 0, []
+    losses, skipped, scales, allocations = [], 0, [], []
     for step in range(steps):
+        allocations.append(getattr(dp, "gather_allocations", 0))
         for micro in range(accumulate):
             last = micro == accumulate - 1
             if zeronet:
@@ -93,6 +94,8 @@ def _train(model_fn, stage, *, steps: int = 3, precision=None, clip: float = 0.0
              "weights": {k: v.float() for k, v in full.items()},
              "param_dtypes": sorted({str(p.dtype) for p in model.parameters() if p.requires_grad}),
              "gathers_per_step": gathers[0] / steps,
+             "allocations_per_step": [b - a for a, b in zip(allocations, allocations[1:] + [dp.gather_allocations])]
+             if stage == "parameters" else [],
              "gathers_expected": _stage3_gathers([b.unit for b in dp.buckets]) if stage == "parameters" else 0}
     dp.close()
     return stats
@@ -161,6 +164,20 @@ def equivalence_cases() -> dict:
                 out[f"hier/{key}"] = _train(_gpt, stage, transport="hierarchical")
             finally:
                 os.environ.pop(NODE_ID_ENV, None)
+    # stage 3 with every unit's memory pooled (the pool's floor is 32 MiB: these units are far smaller)
+    from trainlib.data_parallel import sharded
+
+    floor, sharded.POOL_MIN_BYTES = sharded.POOL_MIN_BYTES, 0
+    try:
+        for transport in ("torch", "shm", "hierarchical"):
+            if transport == "hierarchical":
+                os.environ[NODE_ID_ENV] = f"node{dist.get_rank()}"
+            try:
+                out[f"pool-{transport}/parameters"] = _train(_gpt, "parameters", transport=transport)
+            finally:
+                os.environ.pop(NODE_ID_ENV, None)
+    finally:
+        sharded.POOL_MIN_BYTES = floor
     return out
 
 
