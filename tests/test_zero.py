@@ -64,12 +64,25 @@ def test_stage3_pools_freed_units_and_stays_exact(equivalence):
 
 
 def test_stage3_waits_for_its_unit_only_and_leaves_the_prefetch_in_flight():
-    """While unit u's forward runs, unit u+1's gather (started as u's forward began) is still in
-    flight: the wait before u's forward drained u's gather and nothing after it."""
+    """torch transport: while unit u's forward runs, unit u+1's gather (started as u's forward began)
+    is still in flight: the wait before u's forward drained u's gather and nothing after it. shm: the
+    first forward's collective gathers settle the shards, and every unit is then read when needed
+    (a copy in the training thread: nothing in flight to overlap)."""
     for rank in run_ranks(zero_models.prefetch_cases, 2):
-        for transport, r in rank.items():
-            n = r["units"]
-            assert r["seen"] == [[u + 1] if u + 1 < n else [] for u in range(n)], (transport, r)
+        n = rank["torch"]["units"]
+        assert rank["torch"]["seen"] == [[u + 1] if u + 1 < n else [] for u in range(n)], rank["torch"]
+        assert rank["shm"]["seen"] == [[] for _ in range(n)], rank["shm"]
+
+
+def test_stage3_settled_reads_wait_for_a_slow_peer_before_a_write():
+    """A rank loading a checkpoint while its peer still reads its shard (an evaluation forward, no
+    collective in it) waits for the peer: the peer's output is the one of the weights it started
+    with (exactly). Without that wait the peer reads the newly loaded weights mid-forward."""
+    for rank in run_ranks(zero_models.settled_read_cases, 2):
+        assert rank["settled_reads"] >= rank["units"], rank   # the forward did read without collectives
+        assert rank["eval_diff"] == 0.0, rank
+    racy = run_ranks(zero_models.settled_read_cases, 2, False)
+    assert racy[1]["eval_diff"] > 1e-4, racy   # the test can tell: rank 1 saw rank 0's older chunk
 
 
 def test_training_moves_the_weights(equivalence):

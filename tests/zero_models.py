@@ -110,8 +110,16 @@ def _stage3_gathers(units: list[int]) -> int:
 
 def _count_gathers(sync) -> list[int]:
     """All-gathers the wrapper starts: start_all_gather_into (which may call start_all_gather itself:
-    counted once) and start_all_gather (the hierarchical transport's staging buffers)."""
+    counted once), start_all_gather (the hierarchical transport's staging buffers) and the shm
+    transport's settled reads (read_shards_into that succeeded)."""
     count, into, plain, inside = [0], sync.start_all_gather_into, sync.start_all_gather, [False]
+    read = sync.read_shards_into
+
+    def counted_read(*args, **kwargs):
+        done = read(*args, **kwargs)
+        count[0] += 1 if done else 0
+        return done
+    sync.read_shards_into = counted_read
 
     def counted_into(*args, **kwargs):
         count[0] += 1
@@ -197,6 +205,48 @@ def prefetch_cases() -> dict:
         lm_loss(dp(x).float(), y).backward()
         out[transport] = {"seen": seen, "units": len(dp.units)}
         dp.close()
+    return out
+
+
+def settled_read_cases(release: bool = True) -> dict:
+    """Stage 3 on shm: once every rank is in a forward after the last write, gathers read the peers'
+    shards with no collective. A rank that then writes its shard (a checkpoint load) while a slow peer
+    still reads it must wait for that peer (release_shards). Rank 1 sleeps inside an evaluation
+    forward between its units' gathers while rank 0 loads older weights; rank 1's output must be the
+    one of the weights it started the forward with. release=False: the load skips that wait."""
+    import time
+
+    tl.init()
+    mesh = tl.Mesh(dp=-1)
+    torch.manual_seed(0)
+    dp = tl.DataParallel(_gpt(), mesh, sync=tl.AllReduce(bucket_mb=0.01, transport="shm"), shard="parameters")
+    opt = tl.DistributedOptimizer(torch.optim.AdamW(list(dp.parameters()), lr=1e-2), dp)
+    if not release:
+        dp.release_shards = lambda: setattr(dp, "_settled", False)
+    r = mesh.rank("dp")
+    out: dict = {}
+    for step in range(2):
+        x, y = _gpt_batch(step, r)
+        lm_loss(dp(x).float(), y).backward()
+        opt.step()
+        opt.zero_grad()
+        if step == 0:
+            older = dp.shard_state_dict()
+    xe, _ = _gpt_batch(7, 0)
+    with torch.no_grad():
+        ref = dp(xe).float()
+        reads = dp.sync.read_shards_into
+        counted = [0]
+        dp.sync.read_shards_into = lambda *a: counted.__setitem__(0, counted[0] + 1) or reads(*a)
+        slow = dp.units[0].register_forward_hook(lambda *a: time.sleep(0.5)) if r == 1 else None
+        got = dp(xe).float()
+    dp.load_shard_state_dict(older)
+    if slow is not None:
+        slow.remove()
+    out["eval_diff"] = float((got - ref).abs().max())
+    out["settled_reads"] = counted[0]
+    out["units"] = len(dp.units)
+    dp.close()
     return out
 
 

@@ -126,6 +126,7 @@ class DistributedOptimizer:
                 if t.grad is None:
                     raise RuntimeError("DistributedOptimizer: a slice lost its gradient; call zero_grad() on the "
                                        "DistributedOptimizer, not on the optimizer it wraps")
+        m.release_shards()   # stage 3 reads peers' parameter chunks directly: they must be done first
         self.inner.step()
         m.publish_params()
         return True
@@ -154,6 +155,8 @@ class DistributedOptimizer:
 
             raise CheckpointError("the checkpoint's optimizer slices do not match this rank's (another dp size, "
                                   "shard stage or bucket size); resume with the layout it was saved with")
+        if self.model is not None:
+            self.model.release_shards()   # the masters may be the parameter chunks peers read
         self.inner.load_state_dict(state["optimizer"])   # keeps our slice tensors (and their .grad)
         if self.model is not None and self.model.precision is not None:
             with torch.no_grad():

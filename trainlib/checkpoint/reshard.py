@@ -244,6 +244,7 @@ def _targets(model, opt, new: dict) -> tuple[dict[str, list[Callable]], dict[str
     setters: dict[str, list[Callable]] = {}
     slots: dict[str, dict] = {}
     if sharded is not None:
+        sharded.release_shards()   # its setters write the parameter chunks peers may still read
         positions = {sl["name"]: j for j, sl in enumerate(opt.slices)}   # DistributedOptimizer's inner order
         masters = sharded.param_slices("master")
         for key, t in sharded.param_slices().items():

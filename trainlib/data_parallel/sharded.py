@@ -143,6 +143,7 @@ class ShardedDataParallel:
         self._pipelined = False       # set by tl.parallelize when a pipeline schedule drives the stages
         self._in_backward = False
         self._held: int | None = None  # stage 3: the unit whose forward ran last, kept gathered (below)
+        self._settled = False   # stage 3, shm: every rank's shard is final until release_shards()
         self._inflight: list[tuple[str, FlatBucket]] = []
         self._wire_pool: dict[torch.dtype, list[torch.Tensor]] = {}
         # stage 3: memory of freed units, by size, reused by the next gathers (at most what was gathered at once)
@@ -344,9 +345,20 @@ class ShardedDataParallel:
             storage.resize_(nbytes)
             self.gather_allocations += 1
 
+    def _reads_settled(self) -> bool:
+        """Gather by reading the peers' shards now, with no collective? Only on the shm transport
+        between the first gather after the shards last changed (a barrier every rank passed after
+        writing) and the next write (release_shards(): a barrier every rank passes after reading)."""
+        return self._settled and self._shards_shared and not self._pipelined
+
     def _start_gather(self, b: FlatBucket) -> None:
         if b.gathered or any(kind == "gather" and x is b for kind, x in self._inflight):
             return
+        if self._reads_settled():
+            self._materialize(b)
+            if self.sync.read_shards_into(b.flat, b.shard):
+                b.gathered = True
+                return
         view = self._take_slot(("gather", b.flat.dtype), b)
         if view is not None:   # hierarchical: gathered in a shared buffer, copied into the parameters after
             view[b.lo:b.hi].copy_(b.shard)
@@ -361,7 +373,8 @@ class ShardedDataParallel:
         need = [b for b in self._unit_buckets(unit) if not b.gathered]
         for b in need:
             self._start_gather(b)
-        if prefetch is not None and 0 <= prefetch < len(self.units):
+        # a settled gather is a copy in this thread: made when needed, not ahead (nothing to overlap)
+        if prefetch is not None and 0 <= prefetch < len(self.units) and not self._reads_settled():
             for b in self._unit_buckets(prefetch):
                 self._start_gather(b)
         self._await_gathered(self._unit_buckets(unit))
@@ -438,7 +451,14 @@ class ShardedDataParallel:
         self._reset_sharded()
         if self.shard == "parameters":
             # the first unit's gather is not hidden behind anything: start it beside the root's
+            settling = not self._settled
             self._gather_root(prefetch=0 if not self._pipelined and not self._in_backward else None)
+            if settling and self._shards_shared and not self._pipelined:
+                # a collective gather: every rank has reached its forward, so every shard holds its
+                # last write (the optimizer step comes before). Until the next write, gathers read them.
+                first = self._unit_buckets(-1) or self._unit_buckets(0)
+                self._await_gathered(first)
+                self._settled = bool(first)
         args = tuple(_cast_floating(a, self.param_dtype) for a in args)
         return self.module(*args, **kwargs)
 
@@ -645,9 +665,19 @@ class ShardedDataParallel:
             if b.stats is not None:
                 b.stats = (b.stats[0], b.stats[1] * coef * coef)
 
+    def release_shards(self) -> None:
+        """Call before this rank's parameter chunks change (an optimizer step, a load): stage 3 on the
+        shm transport waits until every rank has finished reading them (collective, when any rank may
+        have read them since they last changed; every rank decides alike, from the same calls)."""
+        if self._settled:
+            self._drain()
+            self.sync.barrier()
+            self._settled = False
+
     def publish_params(self) -> None:
         """After the optimizer stepped on the masters: cast them into this rank's chunk and, for
         stages 1/2 (and unsharded mixed precision), all-gather the updated buckets."""
+        self.release_shards()
         for b in self.buckets:
             target = b.shard if b.shard is not None else b.flat[b.lo:b.hi]
             if target.data_ptr() != b.master.data_ptr():
@@ -730,6 +760,7 @@ class ShardedDataParallel:
 
             raise CheckpointError(f"this checkpoint holds sharded slices for {saved}, but this rank is {mine}; "
                                   "resume with the same dp size, --dp.shard and bucket size")
+        self.release_shards()
         with torch.no_grad():
             for name, t in targets.items():
                 t.copy_(state["slices"][name])

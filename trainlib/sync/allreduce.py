@@ -251,6 +251,28 @@ class AllReduce:
         row.copy_(chunk)
         self.start_all_gather(out)
 
+    def read_shards_into(self, out: torch.Tensor, chunk: torch.Tensor) -> bool:
+        """out.view(dp, -1)[k] := dp rank k's `chunk` now, read by this thread out of shared memory with
+        no barrier (shm transport, `chunk` from alloc()); False where that is not possible (then call
+        start_all_gather_into). The caller guarantees that no rank writes its chunk between a barrier
+        this rank passed before the call and one every rank passes after it (see barrier())."""
+        row = self._chunk("read_shards_into", out)
+        key = self._shm_key(chunk, log_fallback=False) if self.resolved_transport == "shm" else None
+        if key is None or chunk.numel() != row.numel():
+            return False
+        self._count(out, 1)
+        self._shm.read_out(key, out)
+        return True
+
+    def barrier(self) -> None:
+        """Every rank of the group reaches this point (after what it started before, which completes
+        first); on the shm transports through the worker's queue, else torch.distributed's barrier."""
+        self.wait()
+        if self._worker is not None:
+            self._worker.submit(0, "barrier").wait()
+        else:
+            comm.barrier(self._group)
+
     def _count(self, flat: torch.Tensor, factor: int) -> None:
         """The shm and MPI transports move what a ring would (comm.py counts the torch transport):
         all-reduce 2(n-1)/n x the buffer (factor 2), reduce-scatter / all-gather (n-1)/n x (factor 1)."""

@@ -297,6 +297,14 @@ class ShmGroup:
             rows[k].copy_(buf)
         self.barrier(f"gather_out[buffer {key}] exit")
 
+    def read_out(self, key: int, out: torch.Tensor) -> None:
+        """gather_out without its barriers, in the calling thread: only for buffers that no member writes
+        until every member has passed a barrier after this call, and that every member finished writing
+        before a barrier this member passed (the caller's contract: sharded DP's settled shards)."""
+        rows = out.view(self.n, -1)
+        for k, buf in enumerate(self.buffers[key]):
+            rows[k].copy_(buf)
+
     def close(self) -> None:
         for fd in [self._rx, *self._tx.values()]:
             try:
@@ -330,7 +338,7 @@ class ShmWorker:
 
         self.shm = shm
         self._ops = {"all_reduce": shm.allreduce, "reduce_scatter": shm.reduce_scatter, "all_gather": shm.all_gather,
-                     "gather_out": shm.gather_out}
+                     "gather_out": shm.gather_out, "barrier": lambda key: shm.barrier(f"barrier #{key}")}
         self._q: "queue.Queue[tuple[str, int] | None]" = queue.Queue()
         self._done = 0
         self._submitted = 0
