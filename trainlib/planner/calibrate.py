@@ -271,9 +271,19 @@ def _feature_probes() -> dict[str, float]:
     from trainlib import comm
 
     out = {}
+    # checkpointing's cost is a difference of two step times: each is timed in turn with a plain probe,
+    # plain full selective x 3, so that a host that speeds up or slows down meanwhile moves them alike (a
+    # plain probe timed once, apart from the others, read 13.3 ms against a full one timed later at 23.0:
+    # a recompute costing 2.6 forwards)
+    steps = {ac: probe_step_fn(ac) for ac in ("none", "full", "selective")}
+    rounds: dict[str, list[float]] = {ac: [] for ac in steps}
+    for _ in range(3):
+        for ac, fn in steps.items():
+            comm.barrier()
+            rounds[ac].append(_median_time(fn, 5, 2))
+    out["probe_plain_s"] = statistics.median(rounds["none"])
     for ac in ("full", "selective"):
-        comm.barrier()
-        out[f"probe_{ac}_s"] = _median_time(probe_step_fn(ac), 7, 2)
+        out[f"probe_{ac}_s"] = statistics.median(rounds[ac])
     step, solo = probe_step_fn(), []
     for r in range(dist.get_world_size()):
         comm.barrier()
@@ -331,8 +341,9 @@ def _layout_probe(layout) -> float:
 PROBE = {"n_layer": 2, "d_model": 96, "n_head": 4, "seq_len": 64, "vocab_size": 256, "batch": 8}
 
 
-FEATURE_LAYOUTS = {"zero1_s": Layout(1, 2, 1, shard="optimizer"), "zero3_s": Layout(1, 2, 1, shard="parameters"),
-                   "tp2_s": Layout(1, 1, 2)}
+FEATURE_LAYOUTS = {"dp2_s": Layout(1, 2, 1), "zero1_s": Layout(1, 2, 1, shard="optimizer"),
+                   "zero3_s": Layout(1, 2, 1, shard="parameters"),
+                   "zero3_bf16_s": Layout(1, 2, 1, shard="parameters", compress="bf16"), "tp2_s": Layout(1, 1, 2)}
 
 
 def probe_spec():
@@ -404,7 +415,7 @@ def feature_costs(values: dict, measured: dict) -> dict[str, float]:
     each is the measured difference to the plain probe (or ZeRO-3 to ZeRO-1) less what the model already
     predicts for it, per unit of what the feature pays per step."""
     from .spec import ClusterSpec
-    from .timing import OPS_PER_BLOCK, step_time
+    from .timing import OPS_PER_BLOCK, sharded_collectives, step_time
 
     spec = probe_spec()
     alone, pair = ClusterSpec(1, 1, "cpu", 10.0, 8.0), ClusterSpec(1, 2, "cpu", 10.0, 8.0)
@@ -415,18 +426,29 @@ def feature_costs(values: dict, measured: dict) -> dict[str, float]:
 
     base, n = t(Layout(1, 1, 1), alone), PROBE["n_layer"]
     probe = measured["probe_s"]
+    plain = measured.get("probe_plain_s", probe)   # timed in turn with the checkpointed probes
     full_fixed = t(Layout(1, 1, 1, ac="full"), alone, recompute_share=0.0) - base   # the op costs
     full = t(Layout(1, 1, 1, ac="full"), alone, recompute_share=1.0) - base - full_fixed
     sel = t(Layout(1, 1, 1, ac="selective"), alone, selective_op_s=0.0) - base
     z3 = (t(FEATURE_LAYOUTS["zero3_s"], pair, zero3_unit_s=0.0) - t(FEATURE_LAYOUTS["zero1_s"], pair))
     tp = t(FEATURE_LAYOUTS["tp2_s"], pair, tp_collective_s=0.0) - base
-    return {
-        "recompute_share": min(3.0, max(0.1, (measured["probe_full_s"] - probe - full_fixed) / max(1e-9, full))),
-        "selective_op_s": max(0.0, (measured["probe_selective_s"] - probe - sel) / (n * OPS_PER_BLOCK)),
+    z3c = FEATURE_LAYOUTS["zero3_bf16_s"]
+    zc = t(z3c, pair, compress_collective_s=0.0, zero3_unit_s=0.0) - t(FEATURE_LAYOUTS["zero3_s"], pair, zero3_unit_s=0.0)
+    units = n + 2   # the planner's pipeline layers: embedding, blocks, head
+    out = {
+        "recompute_share": min(3.0, max(0.1, (measured["probe_full_s"] - plain - full_fixed) / max(1e-9, full))),
+        "selective_op_s": max(0.0, (measured["probe_selective_s"] - plain - sel) / (n * OPS_PER_BLOCK)),
         "solo_speedup": min(4.0, max(1.0, probe / measured["probe_solo_s"])),
         "zero3_unit_s": max(0.0, (measured["zero3_s"] - measured["zero1_s"] - z3) / (2 * (n + 2))),
         "tp_collective_s": max(0.0, (measured["tp2_s"] - probe - tp) / (4 * n + 3)),
     }
+    if "dp2_s" in measured:   # profiles measured before these probes existed keep 0
+        z1 = t(FEATURE_LAYOUTS["zero1_s"], pair, zero_step_s=0.0) - t(FEATURE_LAYOUTS["dp2_s"], pair)
+        out["zero_step_s"] = max(0.0, measured["zero1_s"] - measured["dp2_s"] - z1)
+    if "zero3_bf16_s" in measured:
+        per = sharded_collectives(z3c, 0.0, units)   # ZeRO-3: per unit, whatever the bytes
+        out["compress_collective_s"] = max(0.0, (measured["zero3_bf16_s"] - measured["zero3_s"] - zc) / per)
+    return out
 
 
 def runtime_bytes(measured_peak: float, ranks: int) -> float:
@@ -463,7 +485,8 @@ def calibrate(ranks: int = 2) -> Profile:
     eff, eff_src = _inter_node()
     values.update(inter_alpha_s=values["intra_alpha_s"], inter_efficiency=eff, overlap=0.0, runtime_bytes=0.0)
     probe_s = values.pop("probe_s")
-    features = {k: values.pop(k) for k in (*FEATURE_LAYOUTS, "probe_full_s", "probe_selective_s", "probe_solo_s")}
+    features = {k: values.pop(k) for k in (*FEATURE_LAYOUTS, "probe_plain_s", "probe_full_s", "probe_selective_s",
+                                           "probe_solo_s")}
     values["compute_efficiency"] = efficiency({**values, "probe_s": probe_s, "compute_efficiency": 1.0})
     values.update(feature_costs(values, {**features, "probe_s": probe_s}))
     values["runtime_bytes"] = runtime_bytes(values.pop("probe_peak_bytes"), ranks)
@@ -496,15 +519,20 @@ def calibrate(ranks: int = 2) -> Profile:
         "compute_efficiency": "measured: a probe GPT (2 blocks, d_model 96, 8 x 64 tokens; not a validated shape) "
                               "steps with AdamW on each rank at once; the share of the fitted matmul rate that "
                               "makes the time model reproduce it",
-        "recompute_share": "measured: the probe with full checkpointing minus without, over the modelled forward",
-        "selective_op_s": "measured: the probe with selective checkpointing minus without, less the modelled "
-                          "elementwise recompute, per block op",
+        "recompute_share": "measured: the probe with full checkpointing minus without (timed in turn, 3 rounds), "
+                           "over the modelled forward",
+        "selective_op_s": "measured: the probe with selective checkpointing minus without (timed in turn), less "
+                          "the modelled elementwise recompute, per block op",
         "solo_speedup": "measured: the probe on both ranks at once over the probe on one rank while the other "
                         "waits (the slower rank's)",
         "zero3_unit_s": "measured: the probe at dp=2 with ZeRO-3 minus ZeRO-1 (as trainlib train builds them), "
                         "less the modelled difference, per unit gather (2 per layer per microbatch)",
         "tp_collective_s": "measured: the probe at tp=2 minus the plain probe, less the modelled difference, per "
                            "tensor-parallel all-reduce",
+        "zero_step_s": "measured: the probe at dp=2 with ZeRO-1 minus plain data parallel (as trainlib train builds "
+                       "them), less the modelled difference",
+        "compress_collective_s": "measured: the probe at dp=2 with ZeRO-3 and bf16 compression minus ZeRO-3, less "
+                                 "the modelled difference, per collective the compressed sync starts",
     }
     measured = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "host": platform.node(), "cpus": os.cpu_count(), "torch": torch.__version__, "ranks": ranks,

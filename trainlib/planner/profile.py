@@ -46,6 +46,11 @@ KEYS = {
                     "when all compute at once (shared memory bandwidth and caches on CPU; 1 on accelerators)",
     "zero3_unit_s": "fixed cost of one ZeRO-3 unit's all-gather (forward and again backward, per microbatch)",
     "tp_collective_s": "fixed cost of one tensor-parallel all-reduce beyond the alpha-beta ring time",
+    "zero_step_s": "fixed cost per step of a sharded (ZeRO) data-parallel sync over a plain one: its slices, "
+                   "master copies, epilogue and bookkeeping, beyond the bytes the model counts",
+    "compress_collective_s": "fixed cost of one collective of a bf16-compressed ZeRO sync inside a node (each "
+                             "bucket's reduce-scatter and all-gather, each ZeRO-3 unit's gathers: torch's "
+                             "collectives, not the node's transport) beyond the alpha-beta time",
     "compress_alpha_s": "per-step latency of a bf16-compressed gradient all-reduce (the collective library's own "
                         "16-bit path; gloo on CPU)",
     "compress_Bps": "link bandwidth of a bf16-compressed gradient all-reduce per rank (bytes on the wire / s)",
@@ -53,7 +58,7 @@ KEYS = {
 # Keys added after profiles were first shipped: a profile without them gets these values (what the cost
 # model assumed before it had them), labelled so, instead of failing to load.
 DEFAULTS = {"matmul_half_width": 0.0, "recompute_share": 1.0, "selective_op_s": 0.0, "solo_speedup": 1.0, "zero3_unit_s": 0.0,
-            "tp_collective_s": 0.0}
+            "tp_collective_s": 0.0, "compress_collective_s": 0.0, "zero_step_s": 0.0}
 
 
 @dataclass

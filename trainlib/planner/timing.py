@@ -22,10 +22,12 @@
                  all-gather of the parameters, each half an all-reduce of its bytes (x rs_ag_over_ar);
                  ZeRO-3 gathers again in backward, all but the unit kept from the forward, and pays a fixed
                  cost per unit gathered (zero3_unit_s: one unit per pipeline layer, twice per microbatch);
+                 every stage a calibrated fixed cost per step over plain data parallel (zero_step_s);
                  across nodes the NIC sets the pace: reduce-scatter + all-gather move an all-reduce's bytes
                  (no rs_ag_over_ar) and ZeRO-3's prefetched unit gathers hide behind the unit before them;
                  bf16 compression halves the gradient bytes (not the parameters a sharded sync gathers),
-                 goes through gloo on CPU, and costs a cast; the parameter server pays a fixed cost per 4 MB partition and the
+                 goes through gloo on CPU, and costs a cast (sharded, inside a node: a calibrated fixed
+                 cost per collective it starts, compress_collective_s); the parameter server pays a fixed cost per 4 MB partition and the
                  busiest server's bytes (BytePS: max(M, n M / k), bench_ps.t_ps). Only the part that does
                  not hide behind the backward (profile "overlap") is added.
     optimizer    torch's foreach AdamW + clipping: ~84 bytes moved per owned parameter (OPT_BYTES_PER_PARAM)
@@ -44,6 +46,7 @@ from .profile import Profile
 from .spec import ClusterSpec, ModelSpec
 
 PARTITION_BYTES = 4 * 2**20      # the parameter server's partition (config.SyncConfig.partition_mb)
+BUCKET0_BYTES, BUCKET_BYTES = 2**20, 25 * 2**20   # DataParallel's first and later buckets (AllReduce.bucket_mb)
 OPS_PER_BLOCK = 14               # forward ops of one GPT block (norms, linears, attention, views, adds)
 # torch's foreach AdamW makes ~10 passes over parameter-sized fp32 arrays per step (lerp, mul, addcmul,
 # sqrt, div, add, addcdiv, weight decay; 2 arrays each on average) and clipping reads the gradients: 84 B
@@ -147,9 +150,13 @@ def dp_sync_time(model: ModelSpec, layout: Layout, cluster: ClusterSpec, prof: P
                 t = (allreduce_time(wire_m, layout.dp, stride, cluster, prof, link)
                      + allreduce_time(gathered * ab, layout.dp, stride, cluster, prof, ag_link)) / 2
                 t *= prof["rs_ag_over_ar"]
+                if compress:   # torch's collectives, one wait for the slower rank each
+                    t += sharded_collectives(layout, m, units) * prof["compress_collective_s"]
             else:
                 t = _sharded_across_nodes(layout, cluster, prof, nodes, wire_m, params * ab, held_params * ab,
                                           units, backward_s, link, ag_link)
+        if STAGE[layout.shard] >= 1:
+            t += prof["zero_step_s"]
         if layout.shard == "parameters":
             m_mb = layout.microbatches if layout.pp > 1 else 1
             t += 2 * units * m_mb * prof["zero3_unit_s"]
@@ -184,6 +191,15 @@ def _sharded_across_nodes(layout: Layout, cluster: ClusterSpec, prof: Profile, n
     # backward gathers every unit but the one kept from the forward, each behind the unit after it
     return (half(grad_bytes, link) + first + (units - 1) * exposed(fwd_s)
             + (param_bytes - held_bytes) / unit_bytes * exposed(bwd_s))
+
+
+def sharded_collectives(layout: Layout, grad_bytes: float, units: int) -> int:
+    """Collectives a ZeRO sync starts per step: stages 1/2 a reduce-scatter and an all-gather per bucket
+    (DDP's 1 MB first bucket, then 25 MB ones); ZeRO-3 per unit a reduce-scatter and two gathers (forward,
+    backward) but the backward one of the unit kept from the forward."""
+    if layout.shard == "parameters":
+        return max(1, 3 * units - 1)
+    return 2 * (1 + math.ceil(max(0.0, grad_bytes - BUCKET0_BYTES) / BUCKET_BYTES))
 
 
 def step_time(model: ModelSpec, layout: Layout, cluster: ClusterSpec, prof: Profile, global_batch: int) -> TimeBreakdown:
