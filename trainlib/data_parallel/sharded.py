@@ -336,8 +336,11 @@ class ShardedDataParallel:
                 and self.pool_gathered and len(self._gather_pool.get(storage.nbytes(), ())) < POOL_DEPTH)
 
     def _materialize(self, b: FlatBucket) -> None:
-        """Give a freed bucket's flat storage memory again: a pooled buffer of its size, or a new one."""
+        """Give a freed bucket's flat storage memory again: a pooled buffer of its size, or a new one
+        (nothing when it has its memory already)."""
         storage, nbytes = b.flat.untyped_storage(), b.padded * b.flat.element_size()
+        if storage.nbytes() >= nbytes:
+            return
         spares = self._gather_pool.get(nbytes)
         if spares:
             storage._swap_data_ptr_(spares.pop())
@@ -676,8 +679,8 @@ class ShardedDataParallel:
 
     def publish_params(self) -> None:
         """After the optimizer stepped on the masters: cast them into this rank's chunk and, for
-        stages 1/2 (and unsharded mixed precision), all-gather the updated buckets."""
-        self.release_shards()
+        stages 1/2 (and unsharded mixed precision), all-gather the updated buckets (stage 3: the
+        optimizer step called release_shards() before writing)."""
         for b in self.buckets:
             target = b.shard if b.shard is not None else b.flat[b.lo:b.hi]
             if target.data_ptr() != b.master.data_ptr():

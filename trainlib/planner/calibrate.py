@@ -439,7 +439,7 @@ def feature_costs(values: dict, measured: dict) -> dict[str, float]:
         "recompute_share": min(3.0, max(0.1, (measured["probe_full_s"] - plain - full_fixed) / max(1e-9, full))),
         "selective_op_s": max(0.0, (measured["probe_selective_s"] - plain - sel) / (n * OPS_PER_BLOCK)),
         "solo_speedup": min(4.0, max(1.0, probe / measured["probe_solo_s"])),
-        "zero3_unit_s": max(0.0, (measured["zero3_s"] - measured["zero1_s"] - z3) / (2 * (n + 2))),
+        "zero3_unit_s": max(0.0, (measured["zero3_s"] - measured["zero1_s"] - z3) / (2 * units)),
         "tp_collective_s": max(0.0, (measured["tp2_s"] - probe - tp) / (4 * n + 3)),
     }
     if "dp2_s" in measured:   # profiles measured before these probes existed keep 0

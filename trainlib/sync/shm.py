@@ -291,10 +291,8 @@ class ShmGroup:
         while a peer still reads it."""
         if self.cross is not None or self.n != self.dp:
             raise RuntimeError("gather_out needs every dp rank in this shared-memory group (transport='shm')")
-        rows = out.view(self.n, -1)
         self.barrier(f"gather_out[buffer {key}] enter")
-        for k, buf in enumerate(self.buffers[key]):
-            rows[k].copy_(buf)
+        self.read_out(key, out)
         self.barrier(f"gather_out[buffer {key}] exit")
 
     def read_out(self, key: int, out: torch.Tensor) -> None:
