@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from trainlib import comm
 from trainlib.activation_checkpointing import apply_activation_checkpointing, checkpoint_mode, find_blocks, wrap_blocks
 from trainlib.benchmarks.ac_memory import compare, gpt_loss, measure, retained_activation_bytes
 from trainlib.models.gpt import GPT, Block, GPTConfig
@@ -68,7 +69,13 @@ def test_loss_and_gradients_equal_unwrapped(name, mode):
     assert torch.equal(loss, ref_loss), (loss.item(), ref_loss.item())
     assert grads.keys() == ref_grads.keys() and len(grads) == len(list(model.parameters()))
     diff = {n: (grads[n] - ref_grads[n]).abs().max().item() for n in grads if not torch.equal(grads[n], ref_grads[n])}
-    assert not diff, diff
+    if name == "gpt":
+        assert not diff, diff
+    else:
+        # transformers >= 5 sums a checkpointed block's gradient contributions in another order than the
+        # plain graph (~1e-9 apart here); a wrong dropout mask in the recomputation is ~1e-2 off
+        scale = max(g.abs().max().item() for g in ref_grads.values())
+        assert max(diff.values(), default=0.0) <= 1e-6 * scale, (scale, diff)
 
 
 def test_gpt_blocks_are_the_transformer_blocks_and_checkpoints_load_both_ways():
@@ -185,11 +192,13 @@ def _layout_step(kind: str, schedule: str | None, mode: str | None) -> tuple[flo
     x, y = _batch(vocab=64, b=8)
     if kind == "dp":  # each rank its half of the batch; grads are the dp average on return
         x, y = x.chunk(2)[mesh.rank("dp")], y.chunk(2)[mesh.rank("dp")]
+    seq0 = comm._seq
     loss = pm.step(x, y)
+    collectives = comm._seq - seq0
     grads = {n: p.grad.clone() for n, p in gpt.named_parameters() if p.grad is not None}
     wrapped = sum(checkpoint_mode(m) == mode for m in pm.local.modules()) if mode else 0
     pm.close()
-    return loss.item(), grads, wrapped
+    return loss.item(), grads, wrapped, collectives
 
 
 def _zero_steps(shard: str, mode: str | None, bf16: bool) -> tuple[list[float], dict[str, torch.Tensor]]:
@@ -229,9 +238,10 @@ def _compose_worker() -> list[dict]:
                     "same_names": w.keys() == ref_w.keys(),
                     "diff": max((w[k].double() - ref_w[k].double()).abs().max().item() for k in ref_w)})
     for kind, schedule, mode in CASES:
-        ref_loss, ref_grads, _ = _layout_step(kind, schedule, None)
-        loss, grads, wrapped = _layout_step(kind, schedule, mode)
+        ref_loss, ref_grads, _, ref_coll = _layout_step(kind, schedule, None)
+        loss, grads, wrapped, coll = _layout_step(kind, schedule, mode)
         out.append({"case": (kind, schedule, mode), "loss": (loss, ref_loss), "n": len(ref_grads), "wrapped": wrapped,
+                    "extra_collectives": coll - ref_coll,
                     "same_names": grads.keys() == ref_grads.keys(),
                     "diff": max((grads[n] - ref_grads[n]).abs().max().item() for n in ref_grads)})
     return out
@@ -246,6 +256,15 @@ def test_composes_with_pipeline_and_tensor_parallel():
             assert r["wrapped"] == (2 if r["case"][0] == "pp" else 4), (rank, r)
             assert r["loss"][0] == r["loss"][1], (rank, r)
             assert r["diff"] == 0.0, (rank, r)
+            # recomputing a block's forward: full redoes its attention's all-reduce, selective replays the
+            # reductions (kept_collective) and redoes only sequence parallelism's 2 all-gathers
+            # (torch's checkpoint stops recomputing after the last tensor backward needs: the MLP's reduction
+            # at the end of a block is never redone)
+            kind, _, mode = r["case"]
+            blocks = PCFG.n_layer
+            extra = {("tp", "full"): blocks, ("tp", "selective"): 0, ("tp+sp", "selective"): 2 * blocks}
+            if kind.startswith("tp"):
+                assert r["extra_collectives"] == extra[kind, mode], (rank, r)
 
 
 class _Tower(nn.Module):

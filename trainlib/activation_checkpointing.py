@@ -9,7 +9,8 @@ Large Transformer Models", sec. 5).
 block drops from ~34·s·b·h bytes (Korthikanti's count, fp16) to s·b·h·2, for one more forward.
 "selective": what torchtitan's op-level SAC and Megatron's selective recompute do: the outputs of
 matmuls and fused attention (the FLOPs) are saved, the elementwise/normalisation ops between them
-(GELU, LayerNorm, softmax, dropout, adds: memory, few FLOPs) are recomputed. It is torch's
+(GELU, LayerNorm, softmax, dropout, adds: memory, few FLOPs) are recomputed, and so are no
+tensor-parallel reductions: their outputs are kept too (kept_collective). It is torch's
 selective checkpointing (create_selective_checkpoint_contexts) re-done in two small dispatch modes
 so that a region can be backed up more than once, as zero-bubble pipelining's split backward does.
 Needs checkpoint's context_fn (torch >= 2.1); without it every other block is fully checkpointed
@@ -42,8 +43,9 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import threading
 from collections import Counter
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -94,7 +96,43 @@ def _detach(x: Any) -> Any:
         return x.detach()
 
 
-class _KeepCostlyOutputs(TorchDispatchMode):
+_modes = threading.local()   # the keep / replay mode of the selectively checkpointed region running now
+
+
+def _current_mode() -> Any:
+    stack = getattr(_modes, "stack", None)
+    return stack[-1] if stack else None
+
+
+class _Tracked(TorchDispatchMode):
+    """A dispatch mode that also says it is running (kept_collective asks), per thread."""
+
+    def __enter__(self):
+        if not hasattr(_modes, "stack"):
+            _modes.stack = []
+        _modes.stack.append(self)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        _modes.stack.pop()
+        return super().__exit__(*exc)
+
+
+def kept_collective(run: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """The output of a forward collective that reduces (tensor parallelism's all-reduce, sequence
+    parallelism's reduce-scatter): run() outside selective checkpointing; inside it the forward keeps
+    the output and the recomputation replays it instead of communicating again -- Megatron's selective
+    recompute and torchtitan's save list never redo the communication, only the cheap ops around it.
+    (Full checkpointing recomputes everything, collectives included.)"""
+    mode = _current_mode()
+    return run() if mode is None else mode.collective(run)
+
+
+def _versions(kept: Any) -> list[int]:
+    return [t._version for t in tree_leaves(kept) if isinstance(t, torch.Tensor)]
+
+
+class _KeepCostlyOutputs(_Tracked):
     """Forward half of selective checkpointing: keeps the outputs of the matmul/attention ops, by (op, call index).
 
     torch's own create_selective_checkpoint_contexts hands each kept output out once and then refuses
@@ -110,13 +148,19 @@ class _KeepCostlyOutputs(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         if func in _save_ops():
             kept = tree_map(_detach, out)
-            self.cache[(func, self.calls[func])] = (kept, [t._version for t in tree_leaves(kept)
-                                                           if isinstance(t, torch.Tensor)])
+            self.cache[(func, self.calls[func])] = (kept, _versions(kept))
             self.calls[func] += 1
         return out
 
+    def collective(self, run: Callable[[], torch.Tensor]) -> torch.Tensor:
+        out = run()
+        kept = _detach(out)
+        self.cache[("collective", self.calls["collective"])] = (kept, _versions(kept))
+        self.calls["collective"] += 1
+        return out
 
-class _ReplayCostlyOutputs(TorchDispatchMode):
+
+class _ReplayCostlyOutputs(_Tracked):
     """Recompute half: the kept ops return their forward outputs, every other op runs again."""
 
     def __init__(self, cache: dict):
@@ -130,15 +174,21 @@ class _ReplayCostlyOutputs(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func not in _save_ops():
             return func(*args, **(kwargs or {}))
-        key = (func, self.calls[func])
-        self.calls[func] += 1
+        return self._replay(func)
+
+    def collective(self, run: Callable[[], torch.Tensor]) -> torch.Tensor:
+        return self._replay("collective")
+
+    def _replay(self, what: Any) -> Any:
+        key = (what, self.calls[what])
+        self.calls[what] += 1
         if key not in self.cache:
-            raise RuntimeError(f"selective activation checkpointing: call {key[1]} of {func} in the recomputation "
+            raise RuntimeError(f"selective activation checkpointing: call {key[1]} of {what} in the recomputation "
                                "has no counterpart in the forward; the block's forward must run the same ops "
                                "each time (no data-dependent control flow), or use mode 'full'")
         kept, versions = self.cache[key]
-        if [t._version for t in tree_leaves(kept) if isinstance(t, torch.Tensor)] != versions:
-            raise RuntimeError(f"selective activation checkpointing: the output of {func} was modified in place "
+        if _versions(kept) != versions:
+            raise RuntimeError(f"selective activation checkpointing: the output of {what} was modified in place "
                                "after the forward kept it, so replaying it would be wrong; make that op "
                                "out-of-place or use mode 'full'")
         return tree_map(_detach, kept)

@@ -6,7 +6,8 @@ Activations: what autograd keeps per token per block, counted on trainlib's GPT 
 tracker (benchmarks/ac_memory.py; tests/test_planner_memory.py checks the counts on a real model):
 
     none        4d replicated + (4d + 2f)/tp       (LayerNorm in/out x2; qkv, attention out, fc, GELU out)
-    selective   3d replicated + (4d + f)/tp        (matmul and attention outputs kept, elementwise recomputed)
+    selective   3d replicated + (4d + f)/tp        (matmul and attention outputs kept, elementwise recomputed;
+                + 2d at tp > 1                      the 2 all-reduced outputs kept too: kept_collective)
     full        d (the block input), plus one block's "none" set while it is recomputed
 
 (Korthikanti et al. 2022 count 34 s b h bytes per layer in fp16 with dropout masks, i.e. 17 h elements;
@@ -67,9 +68,11 @@ def block_act_elements(model: ModelSpec, tp: int, ac: str) -> float:
     kv = model.kv_heads * (d // model.n_head)
     if ac == "full":
         return float(d)
+    kept_reductions = 2 * d if tp > 1 else 0.0   # selective: the tensor-parallel all-reduces' outputs
     if model.kind == "llama":
-        return 4 * d + (2 * d + 2 * kv + 4 * f) / tp if ac == "none" else 3 * d + (2 * d + 2 * kv + 2 * f) / tp
-    return 4 * d + (4 * d + 2 * f) / tp if ac == "none" else 3 * d + (4 * d + f) / tp
+        return (4 * d + (2 * d + 2 * kv + 4 * f) / tp if ac == "none"
+                else 3 * d + kept_reductions + (2 * d + 2 * kv + 2 * f) / tp)
+    return 4 * d + (4 * d + 2 * f) / tp if ac == "none" else 3 * d + kept_reductions + (4 * d + f) / tp
 
 
 def _held_elements(model: ModelSpec, layout: Layout) -> float:

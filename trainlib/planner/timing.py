@@ -7,7 +7,7 @@
                  split backward under checkpointing recomputes twice and walks the activation gradients
                  twice (trainlib.pipeline.zero_bubble)
     tp           Megatron f/g: 2 all-reduces of the microbatch's activations per block in forward and 2
-                 in backward (Shoeybi et al. 2019), on the critical path; ring time 2(n-1)(a + M/(nB))
+                 in backward (Shoeybi et al. 2019), 1 more per full recomputation, on the critical path; ring time 2(n-1)(a + M/(nB))
                  (trainlib.benchmarks.bench_ps.t_allreduce) plus a calibrated fixed cost per all-reduce;
                  across nodes the ring's bytes on the NIC at its rate, less what a token-bucket NIC (the
                  emulated cluster's tbf, ClusterSpec.nic_burst_bytes) refilled during the compute between
@@ -239,7 +239,10 @@ def step_time(model: ModelSpec, layout: Layout, cluster: ClusterSpec, prof: Prof
                    + (redo * elem_fwd if layout.ac == "selective" else 0.0) + op_t)
         tp_t = 0.0
         if layout.tp > 1:
-            n_coll = m * (blocks * (4 + 2 * recompute) + 3)
+            # recomputing a block redoes only its attention's all-reduce: torch's checkpoint stops after the
+            # last tensor backward needs (the MLP's reduction ends the block), and selective checkpointing
+            # replays the reductions (activation_checkpointing.kept_collective)
+            n_coll = m * (blocks * (4 + recompute) + 3)
             per_mb = allreduce_time(mb_tokens * model.d_model * ab, layout.tp, 1, cluster, prof,
                                     gap_s=compute / n_coll)
             tp_t = (per_mb + prof["tp_collective_s"]) * n_coll

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from .. import comm
+from ..activation_checkpointing import kept_collective
 
 
 def tp_size(group) -> int:
@@ -30,10 +31,12 @@ def tp_rank(group) -> int:
 def _all_reduce(t: torch.Tensor, group) -> torch.Tensor:
     if tp_size(group) == 1:
         return t
-    # a fresh buffer: autograd may still hold `t` (and all-reduce works in place)
-    out = t.contiguous().clone()
-    comm.all_reduce(out, group=group)
-    return out
+    def run() -> torch.Tensor:
+        # a fresh buffer: autograd may still hold `t` (and all-reduce works in place)
+        out = t.contiguous().clone()
+        comm.all_reduce(out, group=group)
+        return out
+    return kept_collective(run)
 
 
 def check_divisible(what: str, n: int, tp: int, fix: str) -> None:
@@ -138,10 +141,13 @@ def _reduce_scatter_seq(t: torch.Tensor, group) -> torch.Tensor:
     if n == 1:
         return t
     _check_splits(t, n, SEQ_DIM, _SEQ_HINT)
-    parts = [p.contiguous() for p in t.chunk(n, dim=SEQ_DIM)]
-    out = torch.empty_like(parts[0])
-    comm.reduce_scatter(out, parts, group=group)
-    return out
+
+    def run() -> torch.Tensor:
+        parts = [p.contiguous() for p in t.chunk(n, dim=SEQ_DIM)]
+        out = torch.empty_like(parts[0])
+        comm.reduce_scatter(out, parts, group=group)
+        return out
+    return kept_collective(run)
 
 
 _GatherSeq = _conjugate("_GatherSeq", _gather_seq, _reduce_scatter_seq,
