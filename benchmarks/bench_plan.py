@@ -33,6 +33,7 @@ from typing import Any, Callable
 
 N_RANKS = 2
 PROBE = "calibration probe"
+RETIME_OVER = 0.15   # a layout whose two passes' medians differ by more is timed in a third pass
 TARGETS = {"median_time_error": 0.10, "worst_time_error": 0.25, "memory_error": 0.10, "top1_within": 0.05,
            "spearman": 0.9}
 MODELS = {   # name -> (kind, shapes, global batch)
@@ -155,8 +156,9 @@ def measure_layouts(name: str, items: list[dict], steps: int, phase: str = "time
     phase "time": in a fresh group with the allocator left as training runs it (a pinned threshold makes
     every large tensor a fresh mmap: page faults in every step), built, stepped twice, stepped `steps`
     times, closed; two passes in opposite orders so that a slow phase of the shared machine lands on
-    different layouts each time; the median of both passes' steps, each scaled to the host's speed at the
-    time (host_speed; the raw times are kept too). The calibration probe steps every three layouts in
+    different layouts each time, and a third for a layout whose two passes disagree by more than
+    RETIME_OVER (a slow spell of the shared host); the median of all its passes' steps, each scaled to the
+    host's speed at the time (host_speed; the raw times are kept too). The calibration probe steps every three layouts in
     between: its median re-fits compute_efficiency under the same conditions, its soundings give the
     host's speed. (Keeping every layout alive and stepping them in rotation, as an earlier version did,
     made each step ~2x slower.)"""
@@ -188,7 +190,16 @@ def measure_layouts(name: str, items: list[dict], steps: int, phase: str = "time
     # the first layout built in a process also pays one-time allocations (gloo buffers, lazy library
     # state) that no later layout sees: build and step it once, unmeasured
     order = [-1, *range(len(items))] + ([] if memory else list(reversed(range(len(items)))))
-    for j, k in enumerate(order):
+
+    j, retimed = 0, memory
+    while j < len(order) or not retimed:
+        if j == len(order):   # both passes done: a third pass of the layouts whose two disagree
+            retimed = True
+            # every rank reads the same (max) times, so every rank retimes the same layouts
+            order += unsettled({k: [t for _, t in v] for k, v in times.items()}, steps)
+            continue
+        k = order[j]
+        j += 1
         gc.collect()
         if memory:
             libc.malloc_trim(0)       # freed heap pages back to the OS: the baseline is what is live
@@ -207,7 +218,7 @@ def measure_layouts(name: str, items: list[dict], steps: int, phase: str = "time
             times[k] += [(time.monotonic(), _one_step(*parts)) for _ in range(steps)]
         parts[0].close()
         del parts
-        if probe is not None and j % 3 == 0:
+        if probe is not None and (j - 1) % 3 == 0:
             time_probe()
     loads = [round(v, 2) for v in load0] + [round(v, 2) for v in os.getloadavg()]
     if memory:
@@ -219,10 +230,18 @@ def measure_layouts(name: str, items: list[dict], steps: int, phase: str = "time
         raw = [t for _, t in times[k]]
         norm = [t * speed(when) for when, t in times[k]]
         rows.append({"layout": item["layout"], "measured_s": statistics.median(norm), "all_s": norm,
-                     "raw_measured_s": statistics.median(raw), "raw_all_s": raw, "loadavg": loads})
+                     "raw_measured_s": statistics.median(raw), "raw_all_s": raw, "pass_steps": steps,
+                     "loadavg": loads})
     probe_times = [t for _, t in probe_s]
     return rows + [{"layout": PROBE, "measured_s": statistics.median(probe_times), "all_s": probe_times,
                     "loadavg": loads}]
+
+
+def unsettled(times: dict[int, list[float]], steps: int) -> list[int]:
+    """The layouts whose two timing passes (steps each, in order) have medians more than RETIME_OVER apart."""
+    def med(k: int, p: int) -> float:
+        return statistics.median(times[k][p * steps:(p + 1) * steps])
+    return [k for k in sorted(times) if abs(med(k, 0) - med(k, 1)) / min(med(k, 0), med(k, 1)) > RETIME_OVER]
 
 
 def host_speed(probe: list[tuple[float, float]]) -> Callable[[float], float]:
@@ -408,9 +427,9 @@ def pass_disagreement(rows: list[dict], key: str = "all_s") -> dict[str, float |
     d = []
     for r in rows:
         a = r.get(key) or []
-        h = len(a) // 2
-        if h:
-            m1, m2 = statistics.median(a[:h]), statistics.median(a[h:])
+        h = r.get("pass_steps", len(a) // 2)   # a third pass (RETIME_OVER) follows the first two
+        if h and len(a) >= 2 * h:
+            m1, m2 = statistics.median(a[:h]), statistics.median(a[h:2 * h])
             d.append(abs(m1 - m2) / min(m1, m2))
     if not d:
         return {"pass_disagreement_median": None, "pass_disagreement_p90": None}

@@ -384,6 +384,51 @@ def test_feature_costs_fit_recovers_the_costs_that_made_the_measurements():
         (truth["recompute_share"], truth["selective_op_s"]), rel=1e-6)
 
 
+def test_pipeline_overhead_counts_transfers_and_split_backward_calls():
+    """Per rank: actions x pp_action_s + transfers x p2p + ZB-H1's W calls x grad_call_s (hand-counted)."""
+    from trainlib.planner.memory import schedule_facts
+
+    # 1F1B on 2 ranks: each action has one transfer; interleaved adds one at every chunk boundary; W has none
+    assert schedule_facts("1f1b", 2, 8)[2] == ((16, 16), (16, 16))
+    assert schedule_facts("interleaved", 2, 8)[2] == ((32, 48), (32, 48))
+    assert schedule_facts("zb-h1", 2, 8)[2] == ((24, 16), (24, 16))
+    assert schedule_facts("1f1b", 4, 8)[2][1] == (16, 32)          # a middle rank receives and sends both ways
+    p2p = 1e-4 + 128 * 128 * 4 / 1e9          # intra alpha + a microbatch's activations (1 x 128 tokens x d 128)
+    prof = profile(pp_action_s=0.0)
+    for sched, msgs in (("1f1b", 16), ("interleaved", 48), ("zb-h1", 16)):
+        lay = Layout(2, 1, 1, schedule=sched, microbatches=8)
+        assert step_time(GPT, lay, ONE_NODE, prof, 8).pp_actions == pytest.approx(msgs * p2p, rel=1e-6), sched
+    # ZB-H1's W: one autograd call per parameter-owning module per microbatch, the worse of the two ranks
+    # (GPT's 6 layers split [embed, 2 blocks] + [2 blocks, final]: 1 + 6 + 6 = 13 and 6 + 6 + 2 = 14)
+    zb = Layout(2, 1, 1, schedule="zb-h1", microbatches=8)
+    extra = (step_time(GPT, zb, ONE_NODE, profile(pp_action_s=0.0, grad_call_s=1e-3), 8).pp_actions
+             - step_time(GPT, zb, ONE_NODE, prof, 8).pp_actions)
+    assert extra == pytest.approx(8 * 14 * 1e-3)
+    ckpt = Layout(2, 1, 1, schedule="zb-h1", microbatches=8, ac="full")   # W is one call per stage then
+    assert step_time(GPT, ckpt, ONE_NODE, profile(pp_action_s=0.0, grad_call_s=1e-3), 8).pp_actions \
+        == pytest.approx(step_time(GPT, ckpt, ONE_NODE, prof, 8).pp_actions)
+
+
+def test_parameter_server_fit_separates_sync_message_and_byte_costs():
+    """Syncs timed by t = a + msgs c + 2M/B with known a, c, B (the calibration's three probes): the fit
+    returns them; a sync whose cost is all per message is not read as per-sync or per-byte cost."""
+    from trainlib.planner.calibrate import PS_PROBES, fit_parameter_server
+
+    def points(a, c, bps):
+        return [(mib * 2**20, int(mib / part), a + mib / part * c + 2 * mib * 2**20 / bps) for mib, part in PS_PROBES]
+
+    assert fit_parameter_server(points(2e-3, 5e-4, 8e8)) == pytest.approx((2e-3, 5e-4, 8e8), rel=1e-6)
+    a, c, _ = fit_parameter_server(points(0.0, 3e-3, 1e12))
+    assert a == pytest.approx(0.0, abs=1e-9) and c == pytest.approx(3e-3, rel=1e-6)
+    with pytest.raises(ValueError, match="same bytes"):
+        fit_parameter_server([(1, 1, 1.0), (4, 4, 2.0), (8, 16, 3.0)])
+    # the time model adds the per-sync cost once per step, the message cost per 4 MB partition
+    layout = Layout(1, 2, 1, sync="ps")
+    base = dp_sync_time(GPT, layout, ONE_NODE, profile(), 4_000_000, backward_s=0.0)
+    assert dp_sync_time(GPT, layout, ONE_NODE, profile(ps_sync_s=0.01), 4_000_000, backward_s=0.0) \
+        == pytest.approx(base + 0.01)
+
+
 def test_a_profile_from_before_the_feature_costs_loads_with_neutral_values(tmp_path):
     data = profile().to_json()
     for k in ("recompute_share", "selective_op_s", "solo_speedup", "zero3_unit_s", "tp_collective_s"):
@@ -403,6 +448,17 @@ def test_bench_plan_reports_its_own_measurement_noise():
     got = pass_disagreement(rows)
     assert got["pass_disagreement_median"] == pytest.approx(0.25) and got["pass_disagreement_p90"] == pytest.approx(0.5)
     assert pass_disagreement([{"all_s": []}]) == {"pass_disagreement_median": None, "pass_disagreement_p90": None}
+
+
+def test_bench_plan_retimes_the_layouts_whose_passes_disagree():
+    from trainlib.benchmarks.bench_plan import RETIME_OVER, pass_disagreement, unsettled
+
+    slow = 1 + 2 * RETIME_OVER
+    times = {0: [1.0, 1.0, 1.0, 1.0], 1: [1.0, 1.1, slow, slow], 2: [slow, slow, 1.0, 1.0], 3: [1.0, 1.0, 1.05, 1.1]}
+    assert unsettled(times, 2) == [1, 2]
+    # a third pass appended to all_s: the noise figure still compares the first two passes
+    row = {"all_s": times[1] + [1.0, 1.0], "pass_steps": 2}
+    assert pass_disagreement([row])["pass_disagreement_median"] == pytest.approx((slow - 1.05) / 1.05, rel=1e-3)
 
 
 def test_bench_plan_scales_each_step_to_the_host_speed_of_its_moment():

@@ -6,7 +6,7 @@ cores / 2, as `trainlib train` sets it): matmul FLOP/s per dtype on the shapes o
 and ZeRO-2/3 gradients) and shared-memory all-reduce (whole fp32 buckets) as alpha-beta fits over
 64 KiB..8 MiB, reduce-scatter + all-gather over all-reduce at 8 MiB, the pipeline runtime's cost per
 action (tiny layers, 1F1B, m = 8) and the colocated parameter server's cost per message and per byte
-(a gradient sync of 1 and 4 partitions). Inter-node efficiency is not measurable without a second
+(gradient syncs of 4 MiB in one partition, 16 MiB in 4 and in 16). Inter-node efficiency is not measurable without a second
 node: it comes from `trainlib bench cluster` (benchmarks/results/cluster.json) when present.
 The load average is recorded with the profile: a calibration is only as good as its conditions.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import platform
 import statistics
@@ -81,6 +82,32 @@ def _op_cost() -> float:
 
     fwd_bwd()
     return _median_time(fwd_bwd, 7, 3) / 64
+
+
+def _grad_call() -> float:
+    """What ZB-H1's split backward costs per parameter-owning module beyond one plain backward: a stage of
+    16 tiny Linear + Tanh layers, forward recorded, I then W (trainlib.pipeline.zero_bubble: W makes one
+    autograd call per module) minus forward + backward, per module."""
+    from trainlib.pipeline.zero_bubble import SplitBackward
+
+    k = 16
+    torch.manual_seed(0)
+    stage = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh()) for _ in range(k)])
+    split, x0 = SplitBackward(stage), torch.randn(4, 16)
+
+    def plain():
+        stage(x0.clone().requires_grad_()).sum().backward()
+
+    def split_step():
+        x = x0.clone().requires_grad_()
+        with split.record() as rec:
+            y = stage(x)
+        g = torch.ones_like(y)
+        _, captured = SplitBackward.input_grad(x, y, g, rec)
+        split.weight_grad(y, g, rec, captured)
+
+    plain(), split_step()
+    return max(0.0, _median_time(split_step, 7, 5) - _median_time(plain, 7, 5)) / k
 
 
 def _sync_point_cost() -> float:
@@ -179,19 +206,37 @@ def _pipeline_action() -> float:
     return t / len(pipe.schedule.actions[mesh.rank("pp")])
 
 
-def _parameter_server() -> tuple[float, float]:
-    """(seconds per partition message, bytes/s) of the colocated PS for 2 workers, from syncs of 1 and 4
-    partitions minus the same backward without a sync."""
+PS_PROBES = ((4, 4.0), (16, 4.0), (16, 1.0))   # (MiB synced, partition MiB): 1, 4 and 16 messages
+
+
+def fit_parameter_server(points: list[tuple[float, int, float]]) -> tuple[float, float, float]:
+    """(fixed seconds per sync, seconds per partition message, bytes/s) from syncs given as (bytes, messages,
+    seconds): t = a + msgs x c + 2M / B (both workers' pushes go through the one server). Two syncs of the
+    same bytes in different partition sizes separate the per-message cost from the per-byte one."""
+    (m1, n1, t1), (m2, n2, t2), (m3, n3, t3) = points
+    if m2 != m3 or n2 == n3 or m1 == m2:
+        raise ValueError(f"parameter server probes {points}: need two of the same bytes in different partitions")
+    c = max(0.0, (t3 - t2) / (n3 - n2))
+    per_byte = max(1e-15, ((t2 - t1) - c * (n2 - n1)) / (2 * (m2 - m1)))
+    a = max(0.0, t1 - c * n1 - 2 * m1 * per_byte)
+    return a, c, 1 / per_byte
+
+
+def _parameter_server() -> tuple[float, float, float]:
+    """fit_parameter_server on the colocated PS for 2 workers: each probe's sync time is its step minus
+    the same backward without a sync."""
     import torch.nn as nn
 
     import trainlib as tl
 
     pts = []
-    for n_floats in (1 << 20, 4 << 20):          # 4 MiB = 1 partition, 16 MiB = 4 partitions
+    for mib, part_mib in PS_PROBES:
+        n_floats = mib << 18
         torch.manual_seed(0)
         plain = nn.Linear(1024, n_floats // 1024, bias=False)
         torch.manual_seed(0)
-        ps = tl.DataParallel(nn.Linear(1024, n_floats // 1024, bias=False), sync=tl.ParameterServer(timeout_s=120))
+        ps = tl.DataParallel(nn.Linear(1024, n_floats // 1024, bias=False),
+                             sync=tl.ParameterServer(timeout_s=120, partition_mb=part_mib))
         x = torch.randn(2, 1024)
 
         def step(m):
@@ -202,13 +247,9 @@ def _parameter_server() -> tuple[float, float]:
             step(plain), step(ps)
         t_plain = _median_time(lambda: step(plain), 5)
         t_ps = _median_time(lambda: step(ps), 5)
-        pts.append((n_floats * 4, max(1e-6, t_ps - t_plain)))
+        pts.append((n_floats * 4, math.ceil(mib / part_mib), max(1e-6, t_ps - t_plain)))
         ps.close()
-    # t = msgs * c + load / B with load = 2 M (both workers' pushes through the one server)
-    (m1, t1), (m4, t4) = pts
-    per_byte = max(1e-15, (t4 - t1) / (2 * (m4 - m1)) - 0.0)
-    c = max(0.0, t1 - 2 * m1 * per_byte)
-    return c, 1 / per_byte
+    return fit_parameter_server(pts)
 
 
 def _rank_measure() -> dict:
@@ -224,9 +265,10 @@ def _rank_measure() -> dict:
     comm.barrier()
     out["mem_Bps"] = 2 * src.numel() * 4 / _median_time(lambda: dst.copy_(src), 7)
     out["op_s"] = _op_cost()
+    out["grad_call_s"] = _grad_call()
     out.update(_collectives())
     out["pp_action_s"] = max(0.0, _pipeline_action() - out["intra_alpha_s"])
-    out["ps_msg_s"], out["ps_Bps"] = _parameter_server()
+    out["ps_sync_s"], out["ps_msg_s"], out["ps_Bps"] = _parameter_server()
     comm.barrier()
     out["probe_s"] = _probe_step()
     out.update(_feature_probes())
@@ -508,9 +550,12 @@ def calibrate(ranks: int = 2) -> Profile:
         "sync_Bps": "measured: as sync_alpha_s",
         "rs_ag_over_ar": "measured: gloo reduce-scatter + all-gather over all-reduce, 8 MiB",
         "pp_action_s": "measured: trainlib Pipeline, 2 tiny stages, 1F1B m=8, step time / actions minus intra_alpha",
-        "ps_msg_s": "measured: colocated ParameterServer sync of 1 and 4 partitions (4 MiB) minus the backward, "
-                    "2 workers; fit t = msgs * c + 2M / B",
+        "ps_msg_s": "measured: colocated ParameterServer syncs of 4 MiB in 1 partition and 16 MiB in 4 and in 16 "
+                    "minus the backward, 2 workers; fit t = a + msgs * c + 2M / B",
         "ps_Bps": "measured: as ps_msg_s",
+        "ps_sync_s": "measured: as ps_msg_s (a)",
+        "grad_call_s": "measured: a 16-layer stage of Linear(16, 16) + Tanh, ZB-H1's split backward (I, then W "
+                       "per module) minus a plain backward, per module",
         "inter_alpha_s": "assumed = intra_alpha_s (TCP over the emulated cluster's veth links)",
         "inter_efficiency": eff_src,
         "overlap": "assumed 0: on CPU the sync's copies and sums run on the cores the backward uses",

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from trainlib.benchmarks.bench_zero import formula as zero_bytes_per_param
 from trainlib.config import SyncConfig
 from trainlib.pipeline.partition import balance
-from trainlib.pipeline.schedules import SCHEDULES, build_schedule, theory_bubble
+from trainlib.pipeline.schedules import SCHEDULES, Action, build_schedule, theory_bubble
 from .layouts import Layout
 from .spec import ModelSpec
 
@@ -100,9 +100,10 @@ def stages_of(model: ModelSpec, layout: Layout) -> list[list[list[int]]]:
 
 
 @functools.lru_cache(maxsize=512)
-def schedule_facts(name: str, pp: int, m: int) -> tuple[tuple[tuple[tuple[int, int], ...], ...], float, int]:
-    """(in-flight peaks per rank as ((stage, count), ...), makespan / busy, most actions on a rank) of a
-    schedule: built and replayed once per (name, pp, m), however many layouts share it."""
+def schedule_facts(name: str, pp: int, m: int) -> tuple[tuple[tuple[tuple[int, int], ...], ...], float,
+                                                        tuple[tuple[int, int], ...]]:
+    """(in-flight peaks per rank as ((stage, count), ...), makespan / busy, (actions, messages) per rank)
+    of a schedule: built and replayed once per (name, pp, m), however many layouts share it."""
     v = 2 if name == "interleaved" else 1
     if pp * m * v <= SIMULATE_UP_TO:
         sched = build_schedule(name, pp, m, v if v > 1 else None)   # validated and replayed
@@ -112,7 +113,23 @@ def schedule_facts(name: str, pp: int, m: int) -> tuple[tuple[tuple[tuple[int, i
         sched = SCHEDULES[name](pp, m, v) if v > 1 else SCHEDULES[name](pp, m)
         stretch = 1 + theory_bubble(name, pp, m, v)
     flights = tuple(tuple(sorted(d.items())) for d in _in_flight(sched))
-    return flights, stretch, max(len(a) for a in sched.actions)
+    return flights, stretch, tuple(zip((len(a) for a in sched.actions), _messages(sched)))
+
+
+def _messages(sched) -> list[int]:
+    """Per rank, the point-to-point transfers it takes part in (sends + receives): one per dependency of
+    an action on another rank's (an activation forward, a gradient backward). 1F1B's end ranks have one
+    per action; interleaved's chunks add a transfer at every chunk boundary, ZB-H1's W has none."""
+    kinds = {a for acts in sched.actions for a in acts}
+    count = [0] * sched.p
+    for r, acts in enumerate(sched.actions):
+        for a in acts:
+            for d in sched.deps(a):
+                d = d if d in kinds else Action("B", d.stage, d.mb)
+                if sched.rank_of(d.stage) != r:
+                    count[r] += 1
+                    count[sched.rank_of(d.stage)] += 1
+    return count
 
 
 def in_flight(layout: Layout) -> list[dict[int, int]]:

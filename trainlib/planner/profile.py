@@ -33,8 +33,11 @@ KEYS = {
     "inter_efficiency": "share of the NIC's line rate a collective reaches across nodes (1/kappa of bench cluster)",
     "rs_ag_over_ar": "reduce-scatter + all-gather time over one all-reduce of the same bytes (ZeRO's sync)",
     "ps_msg_s": "parameter server: fixed cost per partition message (push + pull)",
+    "ps_sync_s": "parameter server: fixed cost per sync beyond its messages (the step's barrier, bookkeeping)",
     "ps_Bps": "parameter server: bytes/s one worker's push + pull moves when the network is not the limit",
     "pp_action_s": "pipeline runtime: fixed cost per schedule action (bookkeeping, tags, posting receives)",
+    "grad_call_s": "fixed cost of one autograd call (ZB-H1's W makes one per parameter-owning module and "
+                   "microbatch without checkpointing)",
     "overlap": "share of the data-parallel sync that hides behind the backward (0: none, 1: all but nothing)",
     "runtime_bytes": "bytes per device the runtime itself holds (CUDA context, NCCL/EFA buffers; 0 on CPU: "
                      "measured as a delta)",
@@ -58,7 +61,8 @@ KEYS = {
 # Keys added after profiles were first shipped: a profile without them gets these values (what the cost
 # model assumed before it had them), labelled so, instead of failing to load.
 DEFAULTS = {"matmul_half_width": 0.0, "recompute_share": 1.0, "selective_op_s": 0.0, "solo_speedup": 1.0, "zero3_unit_s": 0.0,
-            "tp_collective_s": 0.0, "compress_collective_s": 0.0, "zero_step_s": 0.0}
+            "tp_collective_s": 0.0, "compress_collective_s": 0.0, "zero_step_s": 0.0, "ps_sync_s": 0.0,
+            "grad_call_s": 0.0}
 
 
 @dataclass

@@ -14,7 +14,8 @@
                  two collectives
     bubble       the pipeline runs the slowest rank's work stretched by makespan / busy of the schedule's
                  own unit-cost replay (trainlib.pipeline.schedules: (p-1)/m for GPipe/1F1B, (p-1)/(vm)
-                 interleaved, (p-1)/(3m) ZB-H1), plus a fixed cost and a p2p message per action; a rank
+                 interleaved, (p-1)/(3m) ZB-H1), plus a fixed cost per action, per p2p transfer a rank
+                 sends or receives (the schedule's own count) and per extra autograd call of ZB-H1's W; a rank
                  alone in a bubble computes solo_speedup x faster (CPU ranks share memory bandwidth)
     dp sync      gradient bytes over the dp group: ring inside a node; across nodes the bytes on the busiest
                  NIC (trainlib.benchmarks.bench_cluster.wire_bytes: hierarchical, each byte crosses once per
@@ -27,7 +28,7 @@
                  (no rs_ag_over_ar) and ZeRO-3's prefetched unit gathers hide behind the unit before them;
                  bf16 compression halves the gradient bytes (not the parameters a sharded sync gathers),
                  goes through gloo on CPU, and costs a cast (sharded, inside a node: a calibrated fixed
-                 cost per collective it starts, compress_collective_s); the parameter server pays a fixed cost per 4 MB partition and the
+                 cost per collective it starts, compress_collective_s); the parameter server pays a fixed cost per sync and per 4 MB partition and the
                  busiest server's bytes (BytePS: max(M, n M / k), bench_ps.t_ps). Only the part that does
                  not hide behind the backward (profile "overlap") is added.
     optimizer    torch's foreach AdamW + clipping: ~84 bytes moved per owned parameter (OPT_BYTES_PER_PARAM)
@@ -124,7 +125,7 @@ def dp_sync_time(model: ModelSpec, layout: Layout, cluster: ClusterSpec, prof: P
         nodes, per_node = _group_span(cluster, layout.dp, stride)
         servers = nodes                 # colocated: one server per node
         msgs = math.ceil(m / PARTITION_BYTES)
-        cpu = msgs * prof["ps_msg_s"] + max(m, layout.dp * m / servers) / prof["ps_Bps"]
+        cpu = prof["ps_sync_s"] + msgs * prof["ps_msg_s"] + max(m, layout.dp * m / servers) / prof["ps_Bps"]
         wire = 0.0
         if nodes > 1:
             wire = (wire_bytes("ps_colocated", m, nodes, per_node, servers)
@@ -191,6 +192,17 @@ def _sharded_across_nodes(layout: Layout, cluster: ClusterSpec, prof: Profile, n
     # backward gathers every unit but the one kept from the forward, each behind the unit after it
     return (half(grad_bytes, link) + first + (units - 1) * exposed(fwd_s)
             + (param_bytes - held_bytes) / unit_bytes * exposed(bwd_s))
+
+
+def _autograd_modules(model: ModelSpec, layer: int, last: int) -> int:
+    """Parameter-owning modules of a pipeline layer that ZB-H1's W backs up one at a time: a GPT block's 2
+    LayerNorms and 4 Linears, a Llama block's 2 norms and 7 projections, the final norm and head; the
+    embeddings get one backward together."""
+    if model.kind == "mlp" or layer == 0:
+        return 1
+    if layer == last:
+        return 2
+    return 6 if model.kind == "gpt" else 9
 
 
 def sharded_collectives(layout: Layout, grad_bytes: float, units: int) -> int:
@@ -260,7 +272,8 @@ def step_time(model: ModelSpec, layout: Layout, cluster: ClusterSpec, prof: Prof
     sync, opt = sync_max, opt_max
     bubble = actions = 0.0
     if layout.pp > 1:
-        _, stretch, n_actions = schedule_facts(layout.schedule, layout.pp, m)
+        _, stretch, per_rank = schedule_facts(layout.schedule, layout.pp, m)
+        n_actions = max(a for a, _ in per_rank)
         bubble = (compute + tp_t) * (stretch - 1) / prof["solo_speedup"]
         stage_nodes, _ = _group_span(cluster, layout.pp, layout.tp * layout.dp)
         msg = mb_tokens * model.d_model * ab
@@ -269,5 +282,12 @@ def step_time(model: ModelSpec, layout: Layout, cluster: ClusterSpec, prof: Prof
                                                    gap_s=compute / n_actions)
         else:
             p2p = prof["intra_alpha_s"] + msg / prof["intra_Bps"]
-        actions = n_actions * (prof["pp_action_s"] + p2p)
+        # per rank: a fixed cost per action, per transfer it sends or receives, and per extra autograd
+        # call of ZB-H1's W (one per parameter-owning module; one for the whole stage when checkpointed)
+        w_calls = [0] * layout.pp
+        if layout.schedule == "zb-h1" and layout.ac == "none":
+            w_calls = [m * sum(_autograd_modules(model, lay, last) for s in stages for lay in s)
+                       for stages in stages_of(model, layout)]
+        actions = max(a * prof["pp_action_s"] + msgs * p2p + w * prof["grad_call_s"]
+                      for (a, msgs), w in zip(per_rank, w_calls))
     return TimeBreakdown(compute, tp_t, bubble, actions, sync, opt)
