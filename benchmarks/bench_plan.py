@@ -247,12 +247,15 @@ def unsettled(times: dict[int, list[float]], steps: int) -> list[int]:
 def host_speed(probe: list[tuple[float, float]]) -> Callable[[float], float]:
     """The shared host's speed over a timing run, from the calibration probe stepped every few layouts:
     a step taken at `when` is scaled by median(probe) / probe(when) (the probe's step time then, linear
-    between its soundings, each the median of 3 steps). A slow phase of the host (a neighbour's load:
+    between its soundings, each the median of 3 steps, then of itself and its two neighbours). A slow phase of the host (a neighbour's load:
     two timing passes of one layout have disagreed by up to 2x) then moves the probe as much as the
     layouts measured beside it, and the prediction, fitted to median(probe), is compared with what the
     layout takes at that speed. Raw times are kept beside (raw_measured_s)."""
-    soundings = [(statistics.median(w for w, _ in probe[i:i + 3]), statistics.median(t for _, t in probe[i:i + 3]))
-                 for i in range(0, len(probe) - len(probe) % 3, 3)]
+    raw = [(statistics.median(w for w, _ in probe[i:i + 3]), statistics.median(t for _, t in probe[i:i + 3]))
+           for i in range(0, len(probe) - len(probe) % 3, 3)]
+    # each sounding the median of it and its neighbours: a slow phase lasts over several soundings, while
+    # one slow sounding alone (the probe's own blip) would otherwise rescale the ~3 layouts on either side
+    soundings = [(w, statistics.median(t for _, t in raw[max(0, i - 1):i + 2])) for i, (w, _) in enumerate(raw)]
     ref = statistics.median(t for _, t in probe)
 
     def at(when: float) -> float:

@@ -462,16 +462,21 @@ def test_bench_plan_retimes_the_layouts_whose_passes_disagree():
 
 
 def test_bench_plan_scales_each_step_to_the_host_speed_of_its_moment():
-    # probe soundings (3 steps each) at t ~ 0, 10, 20 s: 1 s, 2 s (the host half as fast), 1 s; all
-    # probe steps' median is 1 s. A 4 s step at t = 10 was taken at half speed: it counts 2 s; at t = 5
-    # the probe reads 1.5 s (linear between soundings); before the first / after the last, the nearest.
+    # probe soundings (3 steps each) every 10 s: 1 s, then 2 s twice (the host half as fast), then 1 s; all
+    # probe steps' median is 1 s. A 4 s step at t = 10 was taken at half speed: it counts 2 s; at t = 25
+    # the probe reads 1.5 s (linear between soundings); after the last, the nearest.
     from trainlib.benchmarks.bench_plan import host_speed
 
-    probe = [(w + d, t) for w, t in ((0.0, 1.0), (10.0, 2.0), (20.0, 1.0)) for d in (-0.1, 0.0, 0.1)]
-    speed = host_speed(probe)
-    assert 4.0 * speed(10.0) == pytest.approx(2.0)
-    assert speed(5.0) == pytest.approx(1.0 / 1.5) and speed(15.0) == pytest.approx(1.0 / 1.5)
-    assert speed(-3.0) == pytest.approx(1.0) and speed(99.0) == pytest.approx(1.0)
+    def soundings(*ts):
+        return [(10.0 * i + d, t) for i, t in enumerate(ts) for d in (-0.1, 0.0, 0.1)]
+
+    speed = host_speed(soundings(1.0, 2.0, 2.0, 1.0, 1.0))
+    assert 4.0 * speed(10.0) == pytest.approx(2.0) and 4.0 * speed(20.0) == pytest.approx(2.0)
+    assert speed(25.0) == pytest.approx(1.0 / 1.5)
+    assert speed(99.0) == pytest.approx(1.0)
+    # one slow sounding alone is the probe's blip, not the host's: nothing is rescaled by it
+    blip = host_speed(soundings(1.0, 1.0, 3.0, 1.0, 1.0))
+    assert blip(20.0) == pytest.approx(1.0) and blip(15.0) == pytest.approx(1.0)
 
 
 def test_plan_rescore_gives_back_a_validation_the_same_model_made():
