@@ -384,6 +384,19 @@ def test_feature_costs_fit_recovers_the_costs_that_made_the_measurements():
         (truth["recompute_share"], truth["selective_op_s"]), rel=1e-6)
 
 
+def test_width_fit_recovers_the_efficiency_and_width_that_timed_both_probes():
+    from trainlib.planner.calibrate import PROBE, WIDE_PROBE, _probe_time, width_fit
+
+    values = profile(op_s=1e-5, matmul_half_rows=4.0).values
+    truth = {**values, "compute_efficiency": 0.9, "matmul_half_width": 80.0}
+    narrow, wide = _probe_time(truth, PROBE), _probe_time(truth, WIDE_PROBE)
+    assert width_fit(values, narrow, wide) == pytest.approx((0.9, 80.0), rel=1e-4)
+    # a wide probe no faster than no width effect says: w = 0, the narrow probe's efficiency
+    eff, w = width_fit(values, narrow, 10 * wide)
+    assert w == 0.0 and _probe_time({**values, "compute_efficiency": eff, "matmul_half_width": 0.0}, PROBE) \
+        == pytest.approx(narrow, rel=1e-6)
+
+
 def test_pipeline_overhead_counts_transfers_and_split_backward_calls():
     """Per rank: actions x pp_action_s + transfers x p2p + ZB-H1's W calls x grad_call_s (hand-counted)."""
     from trainlib.planner.memory import schedule_facts

@@ -271,6 +271,7 @@ def _rank_measure() -> dict:
     out["ps_sync_s"], out["ps_msg_s"], out["ps_Bps"] = _parameter_server()
     comm.barrier()
     out["probe_s"] = _probe_step()
+    out["probe_wide_s"] = _median_time(probe_step_fn(shape=WIDE_PROBE), 7, 2)
     out.update(_feature_probes())
     out["probe_peak_bytes"] = _memory_probe()   # last: it pins the allocator's mmap threshold
     return out
@@ -381,6 +382,8 @@ def _layout_probe(layout) -> float:
 
 
 PROBE = {"n_layer": 2, "d_model": 96, "n_head": 4, "seq_len": 64, "vocab_size": 256, "batch": 8}
+WIDE_PROBE = {**PROBE, "d_model": 256}
+MAX_EFFICIENCY = 2.0   # the same probe wider: how efficiency grows with the model's width
 
 
 FEATURE_LAYOUTS = {"dp2_s": Layout(1, 2, 1), "zero1_s": Layout(1, 2, 1, shard="optimizer"),
@@ -388,22 +391,22 @@ FEATURE_LAYOUTS = {"dp2_s": Layout(1, 2, 1), "zero1_s": Layout(1, 2, 1, shard="o
                    "zero3_bf16_s": Layout(1, 2, 1, shard="parameters", compress="bf16"), "tp2_s": Layout(1, 1, 2)}
 
 
-def probe_spec():
+def probe_spec(shape: dict = PROBE):
     """The probe GPT as the cost model sees it."""
     from trainlib.config import ModelConfig
 
     from .spec import ModelSpec
 
-    return ModelSpec.gpt(ModelConfig(**{k: v for k, v in PROBE.items() if k != "batch"}))
+    return ModelSpec.gpt(ModelConfig(**{k: v for k, v in shape.items() if k != "batch"}))
 
 
-def probe_step_fn(ac: str | None = None):
+def probe_step_fn(ac: str | None = None, shape: dict = PROBE):
     """A step function of the probe: forward + backward + AdamW of a small GPT (2 blocks, d_model 96,
     8 x 64 tokens) on this rank alone, no communication; ac: its blocks checkpointed that way."""
     from trainlib.activation_checkpointing import apply_activation_checkpointing
     from trainlib.models.gpt import GPT, GPTConfig, lm_loss
 
-    cfg = GPTConfig(**{k: v for k, v in PROBE.items() if k != "batch"})
+    cfg = GPTConfig(**{k: v for k, v in shape.items() if k != "batch"})
     model = GPT(cfg)
     apply_activation_checkpointing(model, ac)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -433,6 +436,34 @@ def with_probe(prof: Profile, probe_s: float, note: str) -> Profile:
                    {**prof.measured, "probe_s_refit": round(probe_s, 6)})
 
 
+def width_fit(values: dict, probe_s: float, probe_wide_s: float) -> tuple[float, float]:
+    """(compute_efficiency, matmul_half_width) with which the time model reproduces both the probe and the
+    same probe at d_model 256: a wider model's matmuls run nearer the peak (rate x d / (d + w)), by what the
+    two measured steps say rather than by bare torch.mm shapes. w in [0, 4096], found by bisection (a larger
+    w slows the narrow probe more than the wide one, so the wide one's prediction falls as w grows)."""
+    def predicted_wide(w: float) -> tuple[float, float]:
+        v = {**values, "matmul_half_width": w}
+        eff = efficiency({**v, "probe_s": probe_s, "compute_efficiency": 1.0})
+        return eff, _probe_time({**v, "compute_efficiency": eff}, WIDE_PROBE)
+
+    lo, hi = 0.0, 4096.0
+    if predicted_wide(lo)[1] <= probe_wide_s:      # the wide probe is no faster than w = 0 says
+        return predicted_wide(lo)[0], lo
+    for _ in range(40):   # past the w where the efficiency reaches its cap the narrow probe no longer fits
+        mid = (lo + hi) / 2
+        eff, t = predicted_wide(mid)
+        lo, hi = (mid, hi) if eff < MAX_EFFICIENCY and t > probe_wide_s else (lo, mid)
+    return predicted_wide(lo)[0], lo
+
+
+def _probe_time(values: dict, shape: dict) -> float:
+    from .spec import ClusterSpec
+    from .timing import step_time
+
+    return step_time(probe_spec(shape), Layout(1, 1, 1), ClusterSpec(1, 1, "cpu", 10.0, 8.0),
+                     Profile("probe", "cpu", True, values, {}), shape["batch"]).total
+
+
 def efficiency(values: dict) -> float:
     """compute_efficiency such that the time model reproduces the probe's measured step."""
     from .spec import ClusterSpec
@@ -448,7 +479,8 @@ def efficiency(values: dict) -> float:
                       PROBE["batch"])
     matmul_t = full.total - no_mm.total
     rest = no_mm.total
-    return min(1.0, max(0.05, matmul_t / max(1e-9, values["probe_s"] - rest)))
+    # above 1 when the width term (matmul_half_width) holds the narrow probe's matmuls well under the peak
+    return min(MAX_EFFICIENCY, max(0.05, matmul_t / max(1e-9, values["probe_s"] - rest)))
 
 
 def feature_costs(values: dict, measured: dict) -> dict[str, float]:
@@ -526,10 +558,11 @@ def calibrate(ranks: int = 2) -> Profile:
     values["matmul_half_width"] = statistics.median(r["matmul_half_width"] for r in per_rank)
     eff, eff_src = _inter_node()
     values.update(inter_alpha_s=values["intra_alpha_s"], inter_efficiency=eff, overlap=0.0, runtime_bytes=0.0)
-    probe_s = values.pop("probe_s")
+    probe_s, probe_wide_s = values.pop("probe_s"), values.pop("probe_wide_s")
     features = {k: values.pop(k) for k in (*FEATURE_LAYOUTS, "probe_plain_s", "probe_full_s", "probe_selective_s",
                                            "probe_solo_s")}
-    values["compute_efficiency"] = efficiency({**values, "probe_s": probe_s, "compute_efficiency": 1.0})
+    mm_half_width = values["matmul_half_width"]
+    values["compute_efficiency"], values["matmul_half_width"] = width_fit(values, probe_s, probe_wide_s)
     values.update(feature_costs(values, {**features, "probe_s": probe_s}))
     values["runtime_bytes"] = runtime_bytes(values.pop("probe_peak_bytes"), ranks)
     how = f"measured on {ranks} ranks at once, OMP_NUM_THREADS={threads}"
@@ -537,7 +570,9 @@ def calibrate(ranks: int = 2) -> Profile:
         "matmul_fp32_flops": f"measured: torch.mm (r x d) @ (d x 4d), d in 96/128/256/512, r in 16/2048, fit "
                              f"rate = peak r / (r + h) d / (d + w); {how}",
         "matmul_half_rows": "measured: h of the fit above (fp32)",
-        "matmul_half_width": "measured: w of rate = peak d / (d + w), d in 96/128/256/512 at 2048 rows (fp32)",
+        "matmul_half_width": "fitted: w of rate = peak d / (d + w) with which the probe GPT at d_model 96 and at "
+                             f"256 both come out as measured (torch.mm alone, d in 96..512 at 2048 rows: "
+                             f"{mm_half_width:.3g})",
         "matmul_bf16_flops": f"measured: as fp32, bfloat16 tensors; {how}",
         "mem_Bps": f"measured: copy_ of 256 MiB, 2 x bytes / time; {how}",
         "op_s": "measured: forward + backward of 64 chained Linear(4, 4), per layer",
@@ -583,5 +618,5 @@ def calibrate(ranks: int = 2) -> Profile:
                 "host": platform.node(), "cpus": os.cpu_count(), "torch": torch.__version__, "ranks": ranks,
                 "loadavg_before": [round(x, 2) for x in load_before],
                 "loadavg_after": [round(x, 2) for x in os.getloadavg()], "wall_s": round(time.time() - t0, 1),
-                "per_rank": per_rank, "probe_s": probe_s, "feature_probes_s": features}
+                "per_rank": per_rank, "probe_s": probe_s, "probe_wide_s": probe_wide_s, "feature_probes_s": features}
     return Profile(f"cpu measured {measured['date'][:16]}", "cpu", True, values, sources, measured)
