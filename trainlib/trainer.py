@@ -25,6 +25,7 @@ import traceback
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from . import comm
@@ -435,6 +436,14 @@ def _run_rank(cfg: Config) -> int:
             print(json.dumps(summary), flush=True)
     from .runtime import shutdown
 
+    # every rank leaves the group only once all are done with it: a rank that destroyed its group while
+    # a slower one was still in the run's last collectives (the final gathers, a sync's close) gave that
+    # one a lost peer (exit 138) and itself a C++ "terminate called" from the group's threads
+    if dist.is_available() and dist.is_initialized():
+        try:
+            comm.barrier()
+        except LOST_PEER_ERRORS as e:
+            log.warning("trainlib train: a peer left before the final barrier (%s); the run itself finished", e)
     shutdown()
     return 0
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from trainlib.benchmarks.bench_zero import formula as zero_bytes_per_param
 from trainlib.config import SyncConfig
 from trainlib.pipeline.partition import balance
-from trainlib.pipeline.schedules import SCHEDULES, Action, build_schedule, theory_bubble
+from trainlib.pipeline.schedules import SCHEDULES, build_schedule, theory_bubble
 from .layouts import Layout
 from .spec import ModelSpec
 
@@ -120,15 +120,17 @@ def _messages(sched) -> list[int]:
     """Per rank, the point-to-point transfers it takes part in (sends + receives): one per dependency of
     an action on another rank's (an activation forward, a gradient backward). 1F1B's end ranks have one
     per action; interleaved's chunks add a transfer at every chunk boundary, ZB-H1's W has none."""
-    kinds = {a for acts in sched.actions for a in acts}
+    last = sched.n_stages - 1
     count = [0] * sched.p
     for r, acts in enumerate(sched.actions):
         for a in acts:
-            for d in sched.deps(a):
-                d = d if d in kinds else Action("B", d.stage, d.mb)
-                if sched.rank_of(d.stage) != r:
-                    count[r] += 1
-                    count[sched.rank_of(d.stage)] += 1
+            # the only dependencies that can cross ranks (Schedule.deps, without its per-call index):
+            # a forward on the previous stage's, a backward (B or I) on the next stage's backward
+            src = a.stage - 1 if a.kind == "F" else a.stage + 1 if a.kind in ("B", "I") else None
+            if src is None or src < 0 or src > last or sched.rank_of(src) == r:
+                continue
+            count[r] += 1
+            count[sched.rank_of(src)] += 1
     return count
 
 
