@@ -382,8 +382,8 @@ def _layout_probe(layout) -> float:
 
 
 PROBE = {"n_layer": 2, "d_model": 96, "n_head": 4, "seq_len": 64, "vocab_size": 256, "batch": 8}
-WIDE_PROBE = {**PROBE, "d_model": 256}
-MAX_EFFICIENCY = 2.0   # the same probe wider: how efficiency grows with the model's width
+WIDE_PROBE = {**PROBE, "d_model": 256}   # the same probe wider: how efficiency grows with the model's width
+MAX_EFFICIENCY = 2.0
 
 
 FEATURE_LAYOUTS = {"dp2_s": Layout(1, 2, 1), "zero1_s": Layout(1, 2, 1, shard="optimizer"),
@@ -447,8 +447,9 @@ def width_fit(values: dict, probe_s: float, probe_wide_s: float) -> tuple[float,
         return eff, _probe_time({**v, "compute_efficiency": eff}, WIDE_PROBE)
 
     lo, hi = 0.0, 4096.0
-    if predicted_wide(lo)[1] <= probe_wide_s:      # the wide probe is no faster than w = 0 says
-        return predicted_wide(lo)[0], lo
+    eff, t = predicted_wide(lo)
+    if t <= probe_wide_s:      # the wide probe is no faster than w = 0 says
+        return eff, lo
     for _ in range(40):   # past the w where the efficiency reaches its cap the narrow probe no longer fits
         mid = (lo + hi) / 2
         eff, t = predicted_wide(mid)
@@ -466,19 +467,8 @@ def _probe_time(values: dict, shape: dict) -> float:
 
 def efficiency(values: dict) -> float:
     """compute_efficiency such that the time model reproduces the probe's measured step."""
-    from .spec import ClusterSpec
-    from .timing import step_time
-
-    spec = probe_spec()
-    cluster = ClusterSpec(1, 1, "cpu", 10.0, 8.0)
-    probe = dict(values)
-    full = step_time(spec, Layout(1, 1, 1), cluster, Profile("probe", "cpu", True, {**probe, "compute_efficiency": 1.0}, {}),
-                     PROBE["batch"])
-    no_mm = step_time(spec, Layout(1, 1, 1), cluster,
-                      Profile("probe", "cpu", True, {**probe, "compute_efficiency": 1.0, "matmul_fp32_flops": 1e30}, {}),
-                      PROBE["batch"])
-    matmul_t = full.total - no_mm.total
-    rest = no_mm.total
+    rest = _probe_time({**values, "compute_efficiency": 1.0, "matmul_fp32_flops": 1e30}, PROBE)
+    matmul_t = _probe_time({**values, "compute_efficiency": 1.0}, PROBE) - rest
     # above 1 when the width term (matmul_half_width) holds the narrow probe's matmuls well under the peak
     return min(MAX_EFFICIENCY, max(0.05, matmul_t / max(1e-9, values["probe_s"] - rest)))
 

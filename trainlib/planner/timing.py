@@ -230,8 +230,10 @@ def step_time(model: ModelSpec, layout: Layout, cluster: ClusterSpec, prof: Prof
     recompute *= redo
     worst: tuple[float, float, float] | None = None
     sync_max = opt_max = 0.0
+    w_calls: list[int] = []   # per pp rank: ZB-H1's W calls, one per parameter-owning module and microbatch
     for stages in stages_of(model, layout):
         layers = [lay for s in stages for lay in s]
+        w_calls.append(m * sum(_autograd_modules(model, lay, last) for lay in layers))
         blocks = sum(1 for lay in layers if model.kind == "mlp" or 0 < lay < last)
         fwd_flops = sum(model.matmul_flops_per_token(lay) for lay in layers) / layout.tp * tokens
         elem = blocks * _elementwise_elements(model, layout.tp) * tokens * ab
@@ -284,10 +286,7 @@ def step_time(model: ModelSpec, layout: Layout, cluster: ClusterSpec, prof: Prof
             p2p = prof["intra_alpha_s"] + msg / prof["intra_Bps"]
         # per rank: a fixed cost per action, per transfer it sends or receives, and per extra autograd
         # call of ZB-H1's W (one per parameter-owning module; one for the whole stage when checkpointed)
-        w_calls = [0] * layout.pp
-        if layout.schedule == "zb-h1" and layout.ac == "none":
-            w_calls = [m * sum(_autograd_modules(model, lay, last) for s in stages for lay in s)
-                       for stages in stages_of(model, layout)]
-        actions = max(a * prof["pp_action_s"] + msgs * p2p + w * prof["grad_call_s"]
+        per_call = prof["grad_call_s"] if layout.schedule == "zb-h1" and layout.ac == "none" else 0.0
+        actions = max(a * prof["pp_action_s"] + msgs * p2p + w * per_call
                       for (a, msgs), w in zip(per_rank, w_calls))
     return TimeBreakdown(compute, tp_t, bubble, actions, sync, opt)
