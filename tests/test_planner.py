@@ -118,20 +118,39 @@ def test_step_time_hand_computed():
     assert t.dp_sync == t.tp == t.bubble == 0
 
 
+def test_few_rows_on_a_wide_layer_stream_the_weight():
+    """A matmul call takes its FLOPs' time or its weight's streaming time, whichever is longer: 2 rows
+    through a 1000 x 1000 layer (4 MB) at 1e9 B/s take 4 ms a call against 4 us of FLOPs; 4,000 rows
+    per call keep the FLOP time (16 ms > 4 ms)."""
+    mlp = ModelSpec.mlp(1000, 2)
+    prof = profile(matmul_weight_Bps=1e9)
+    elem = 2 * (2 * 1000) * 4 / 1e9                                        # ReLU/bias bytes per row
+    few = step_time(mlp, Layout(1, 1, 1), ClusterSpec(1, 1, "cpu", 10, 8), prof, global_batch=2)
+    assert few.compute == pytest.approx(3 * (2 * 1000 ** 2 * 4 / 1e9 + 2 * elem))
+    many = step_time(mlp, Layout(1, 1, 1), ClusterSpec(1, 1, "cpu", 10, 8), prof, global_batch=4000)
+    assert many.compute == pytest.approx(3 * (2 * 2 * 1000 ** 2 * 4000 / 1e9 + 4000 * elem))
+    # a pipeline's microbatches each stream the weight again
+    piped = step_time(mlp, Layout(2, 1, 1, schedule="1f1b", microbatches=2), ClusterSpec(1, 2, "cpu", 10, 8), prof,
+                      global_batch=4)
+    assert piped.compute == pytest.approx(3 * (2 * 1000 ** 2 * 4 / 1e9 + 4 * elem / 2))
+
+
 def test_dp_sync_ring_and_across_nodes():
     prof = profile()
     m = 875_264 * 4
+    copy = 2 * m / 1e9                                                  # AccumulateGrad into the bucket
     one = dp_sync_time(GPT, Layout(1, 2, 1), ONE_NODE, prof, 875_264, backward_s=0.0)
-    assert one == pytest.approx(t_allreduce(m, 2, 4e9, 1e-5))           # shm link inside the node
+    assert one == pytest.approx(t_allreduce(m, 2, 4e9, 1e-5) + copy)    # shm link inside the node
     two_nodes = ClusterSpec(2, 1, "cpu", 8.0, 8.0)                      # 1 GB/s NICs at 50% efficiency
     across = dp_sync_time(GPT, Layout(1, 2, 1), two_nodes, prof, 875_264, backward_s=0.0)
-    assert across == pytest.approx(2 * (2 - 1) / 2 * m / (1e9 * 0.5) + 2 * 1e-4)
+    assert across == pytest.approx(2 * (2 - 1) / 2 * m / (1e9 * 0.5) + 2 * 1e-4 + copy)
     zero1 = dp_sync_time(GPT, Layout(1, 2, 1, shard="optimizer"), ONE_NODE, prof, 875_264, 0.0)
-    assert zero1 == pytest.approx(2.0 * one)                            # rs_ag_over_ar
+    assert zero1 == pytest.approx(2.0 * (one - copy) + copy)            # rs_ag_over_ar
     # ZeRO-3: the reduce-scatter, the forward's all-gather, and backward's of all but the held unit
     n = 875_264
     zero3 = dp_sync_time(GPT, Layout(1, 2, 1, shard="parameters"), ONE_NODE, prof, n, 0.0, held_params=n / 4)
-    assert zero3 == pytest.approx(2.0 * (t_allreduce(m, 2, 4e9, 1e-5) + t_allreduce(m * 7 / 4, 2, 4e9, 1e-5)) / 2)
+    assert zero3 == pytest.approx(2.0 * (t_allreduce(m, 2, 4e9, 1e-5) + t_allreduce(m * 7 / 4, 2, 4e9, 1e-5)) / 2
+                                  + copy)
     # compressed: gradients reduce-scattered in bf16 over gloo's 16-bit path, fp32 parameters gathered
     # over gloo (a compressed sync takes torch's transport), plus the casts both ways
     comp = profile(compress_alpha_s=2e-4, compress_Bps=5e8)
@@ -140,6 +159,23 @@ def test_dp_sync_ring_and_across_nodes():
                                 + 2 * (m + m / 2) / 1e9)
     hidden = dp_sync_time(GPT, Layout(1, 2, 1), ONE_NODE, profile(overlap=1.0), 875_264, backward_s=1.0)
     assert hidden == 0.0
+
+
+def test_node_sync_past_the_caches_runs_at_the_dram_rate():
+    """The shm all-reduce's bytes past SYNC_CACHE_BYTES move at sync_dram_Bps (n = 2: each byte once more
+    than its in-cache time); gloo's links and a gradient that fits the caches are unchanged."""
+    from trainlib.planner.timing import SYNC_CACHE_BYTES, allreduce_time
+
+    prof = profile(sync_dram_Bps=1e9)
+    big = 48 * 2**20
+    assert allreduce_time(big, 2, 1, ONE_NODE, prof, "sync") == pytest.approx(
+        t_allreduce(big, 2, 4e9, 1e-5) + (big - SYNC_CACHE_BYTES) * (1 / 1e9 - 1 / 4e9))
+    assert allreduce_time(4 * 2**20, 2, 1, ONE_NODE, prof, "sync") == pytest.approx(t_allreduce(4 * 2**20, 2, 4e9, 1e-5))
+    assert allreduce_time(big, 2, 1, ONE_NODE, prof, "intra") == pytest.approx(t_allreduce(big, 2, 1e9, 1e-4))
+    # 4 ranks: the ring's 2(n-1)/n share of the bytes
+    four = ClusterSpec(1, 4, "cpu", 10.0, 8.0)
+    assert allreduce_time(big, 4, 1, four, prof, "sync") == pytest.approx(
+        t_allreduce(big, 4, 4e9, 1e-5) + 1.5 * (big - SYNC_CACHE_BYTES) * (1 / 1e9 - 1 / 4e9))
 
 
 def test_token_bucket_nic_lets_its_refilled_burst_through():
@@ -171,17 +207,18 @@ def test_zero_across_nodes_moves_an_allreduce_and_hides_prefetched_gathers():
     two = ClusterSpec(2, 1, "cpu", 8.0, 8.0)
     n, m = 875_264, 875_264 * 4
     ar = lambda nbytes: nbytes / 5e8 + 2 * 1e-4                        # one all-reduce across the 2 nodes
+    copy = 2 * m / 1e9                                                  # the gradients into their buckets
     z1 = dp_sync_time(GPT, Layout(1, 2, 1, shard="optimizer"), two, prof, n, backward_s=0.0)
-    assert z1 == pytest.approx(ar(m) / 2 + ar(m) / 2)
+    assert z1 == pytest.approx(ar(m) / 2 + ar(m) / 2 + copy)
     units = 6                                                          # embed, 4 blocks, final
     hidden = dp_sync_time(GPT, Layout(1, 2, 1, shard="parameters"), two, prof, n, backward_s=10.0, units=units,
                           held_params=n / units)
     # the gradients, the first gather, and each later gather's latency (alpha: its rendezvous)
-    assert hidden == pytest.approx(ar(m) / 2 + ar(m / units) / 2 + (2 * units - 2) * 1e-4)
+    assert hidden == pytest.approx(ar(m) / 2 + ar(m / units) / 2 + (2 * units - 2) * 1e-4 + copy)
     bare = dp_sync_time(GPT, Layout(1, 2, 1, shard="parameters"), two, prof, n, backward_s=0.0, units=units,
                         held_params=n / units)
     assert bare == pytest.approx(ar(m) / 2 + ar(m / units) / 2 + (units - 1) * ar(m / units) / 2
-                                 + (units - 1) * ar(m / units) / 2)
+                                 + (units - 1) * ar(m / units) / 2 + copy)
 
 
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "zb-h1"])

@@ -4,7 +4,8 @@ Each figure is taken the way training uses it, with both ranks busy at once (OMP
 cores / 2, as `trainlib train` sets it): matmul FLOP/s per dtype on the shapes of GPT blocks (d 128 to
 512, 16 and 2048 rows), memcpy bandwidth, the cost of one tiny op, the gloo all-reduce (TP, PP, compressed
 and ZeRO-2/3 gradients) and shared-memory all-reduce (whole fp32 buckets) as alpha-beta fits over
-64 KiB..8 MiB, reduce-scatter + all-gather over all-reduce at 8 MiB, the pipeline runtime's cost per
+64 KiB..8 MiB (the shm one also at 64 MiB: past the caches), reduce-scatter + all-gather over all-reduce at
+8 and 64 MiB, a few-row matmul streaming a 16 MiB weight, the pipeline runtime's cost per
 action (tiny layers, 1F1B, m = 8) and the colocated parameter server's cost per message and per byte
 (gradient syncs of 4 MiB in one partition, 16 MiB in 4 and in 16). Inter-node efficiency is not measurable without a second
 node: it comes from `trainlib bench cluster` (benchmarks/results/cluster.json) when present.
@@ -25,7 +26,8 @@ import torch
 from .layouts import Layout
 from .profile import Profile
 
-SIZES = (64 * 1024, 1 << 20, 8 << 20)
+SIZES = (64 * 1024, 1 << 20, 8 << 20)   # in the caches (timing.SYNC_CACHE_BYTES is the largest)
+DRAM_SIZE = 64 << 20                    # past them
 
 
 def _median_time(fn, reps: int, inner: int = 1) -> float:
@@ -69,6 +71,15 @@ def _matmul(dtype: torch.dtype) -> tuple[float, float, float]:
     peak_wide = 1 / max(1e-30, a)                   # at 2048 rows, infinitely wide
     peak = 1 / max(1e-30, 1 / peak_wide - slope / 2048)
     return peak, slope * peak, b * peak_wide
+
+
+def _weight_stream(dtype: torch.dtype = torch.float32, d: int = 2048, rows: int = 8) -> float:
+    """Bytes/s at which a few-row matmul streams a weight past the caches (d x d: 16 MiB in fp32): the
+    median of its forward (x W^T), input-gradient (dy W) and weight-gradient (dy^T x) calls."""
+    w, x, dy = torch.randn(d, d, dtype=dtype), torch.randn(rows, d, dtype=dtype), torch.randn(rows, d, dtype=dtype)
+    calls = (lambda: x @ w.t(), lambda: dy @ w, lambda: dy.t() @ x)
+    t = statistics.median(_median_time(c, 7) for c in calls)
+    return w.numel() * w.element_size() / t
 
 
 def _op_cost() -> float:
@@ -161,30 +172,40 @@ def _collectives() -> dict[str, float]:
     out["compress_alpha_s"], out["compress_Bps"] = a16 / 2, 1 / b16
     try:
         g = shm.ShmGroup(group, timeout_s)
-        for i, s in enumerate(SIZES):
+        sizes = (*SIZES, DRAM_SIZE)
+        for i, s in enumerate(sizes):
             g.alloc(i, s // 4, torch.float32)
         g.map_peers()
         pts = []
-        for i, s in enumerate(SIZES):
+        for i, s in enumerate(sizes):
             comm.barrier()
             pts.append((s, _median_time(lambda: g.allreduce(i), 5, 3)))
         g.close()
-        a, b = _fit(pts)
+        a, b = _fit(pts[:len(SIZES)])
         out["sync_alpha_s"], out["sync_Bps"] = a / 2, 1 / b
+        # past the caches: the slope from the largest in-cache size to DRAM_SIZE
+        out["sync_dram_Bps"] = (DRAM_SIZE - SIZES[-1]) / max(1e-9, pts[-1][1] - pts[-2][1])
     except Exception:   # no /dev/shm room: the dp sync falls back to gloo, and so does the profile
         out["sync_alpha_s"], out["sync_Bps"] = out["intra_alpha_s"], out["intra_Bps"]
-    big = flats[SIZES[-1]]
+        out["sync_dram_Bps"] = 0.0
+    out["rs_ag_over_ar"] = statistics.mean((_rs_ag_over_ar(flats[SIZES[-1]]), _rs_ag_over_ar(torch.zeros(DRAM_SIZE // 4))))
+    return out
+
+
+def _rs_ag_over_ar(big: torch.Tensor) -> float:
+    """gloo reduce-scatter + all-gather of a tensor over its all-reduce (ZeRO's sync against DDP's)."""
+    from trainlib import comm
+
     half = torch.zeros(big.numel() // 2)
-    comm.barrier()
-    ar = _median_time(lambda: comm.all_reduce(big), 5)
 
     def rs_ag():
         comm.reduce_scatter_tensor(half, big)
         comm.all_gather_into_tensor(big, half)
 
     comm.barrier()
-    out["rs_ag_over_ar"] = _median_time(rs_ag, 5) / ar
-    return out
+    ar = _median_time(lambda: comm.all_reduce(big), 5)
+    comm.barrier()
+    return _median_time(rs_ag, 5) / ar
 
 
 def _pipeline_action() -> float:
@@ -261,6 +282,8 @@ def _rank_measure() -> dict:
     out["matmul_fp32_flops"], out["matmul_half_rows"], out["matmul_half_width"] = _matmul(torch.float32)
     comm.barrier()
     out["matmul_bf16_flops"], _, _ = _matmul(torch.bfloat16)
+    comm.barrier()
+    out["matmul_weight_Bps"] = _weight_stream()
     src, dst = torch.randn(64 << 20), torch.empty(64 << 20)      # 256 MiB: past any cache
     comm.barrier()
     out["mem_Bps"] = 2 * src.numel() * 4 / _median_time(lambda: dst.copy_(src), 7)
@@ -573,7 +596,10 @@ def calibrate(ranks: int = 2) -> Profile:
         "compress_alpha_s": "measured: gloo all-reduce of bfloat16 tensors, 64 KiB..8 MiB, same fit",
         "compress_Bps": "measured: as compress_alpha_s",
         "sync_Bps": "measured: as sync_alpha_s",
-        "rs_ag_over_ar": "measured: gloo reduce-scatter + all-gather over all-reduce, 8 MiB",
+        "sync_dram_Bps": "measured: the same all-reduce at 64 MiB minus at 8 MiB, per byte (past the caches)",
+        "matmul_weight_Bps": f"measured: 16 MiB fp32 weight / the median of x W^T, dy W and dy^T x with 8 rows, "
+                             f"d = 2048; {how}",
+        "rs_ag_over_ar": "measured: gloo reduce-scatter + all-gather over all-reduce, mean of 8 and 64 MiB",
         "pp_action_s": "measured: trainlib Pipeline, 2 tiny stages, 1F1B m=8, step time / actions minus intra_alpha",
         "ps_msg_s": "measured: colocated ParameterServer syncs of 4 MiB in 1 partition and 16 MiB in 4 and in 16 "
                     "minus the backward, 2 workers; fit t = a + msgs * c + 2M / B",

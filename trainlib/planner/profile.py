@@ -23,12 +23,16 @@ KEYS = {
     "matmul_bf16_flops": "dense matmul FLOP/s per device in bf16",
     "matmul_half_rows": "rows (tokens) at which a matmul reaches half its peak rate: rate(r) = peak * r / (r + this)",
     "matmul_half_width": "the model width at which a block's matmuls reach half the peak rate: rate x d / (d + this)",
+    "matmul_weight_Bps": "bytes/s at which a matmul call streams its weight when the weight, not the FLOPs, sets "
+                         "the pace (few rows on a wide layer: the GEMM packs the whole weight every call); 0: never",
     "mem_Bps": "memory copy bandwidth per device (bytes read + written / s): elementwise ops, the optimizer",
     "op_s": "fixed cost of one forward op with its backward (dispatch, autograd node, kernel launches)",
     "intra_alpha_s": "per-step latency of a collective inside a node (ring step; also a p2p message)",
     "intra_Bps": "link bandwidth inside a node per rank (bytes/s; a ring all-reduce takes 2(n-1)(a + M/(nB)))",
     "sync_alpha_s": "per-step latency of the data-parallel all-reduce inside a node (its transport: shm on CPU)",
     "sync_Bps": "link bandwidth of the data-parallel all-reduce inside a node per rank",
+    "sync_dram_Bps": "the same all-reduce's bandwidth for the bytes past its first SYNC_CACHE_BYTES (8 MiB: they no "
+                     "longer stay in the caches); 0: as sync_Bps",
     "inter_alpha_s": "per-step latency of a collective across nodes",
     "inter_efficiency": "share of the NIC's line rate a collective reaches across nodes (1/kappa of bench cluster)",
     "rs_ag_over_ar": "reduce-scatter + all-gather time over one all-reduce of the same bytes (ZeRO's sync)",
@@ -62,7 +66,7 @@ KEYS = {
 # model assumed before it had them), labelled so, instead of failing to load.
 DEFAULTS = {"matmul_half_width": 0.0, "recompute_share": 1.0, "selective_op_s": 0.0, "solo_speedup": 1.0, "zero3_unit_s": 0.0,
             "tp_collective_s": 0.0, "compress_collective_s": 0.0, "zero_step_s": 0.0, "ps_sync_s": 0.0,
-            "grad_call_s": 0.0}
+            "grad_call_s": 0.0, "matmul_weight_Bps": 0.0, "sync_dram_Bps": 0.0}
 
 
 @dataclass

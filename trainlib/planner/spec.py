@@ -152,8 +152,18 @@ class ModelSpec:
             return 0.0
         if layer == last:
             return 2.0 * d * self.vocab_size
-        dense = self.block_params() - (2 * d if self.kind == "llama" else 9 * d + f)
-        return 2.0 * dense + 2.0 * t * d    # QK^T and AV over a causal window: 2 * (2 t d) / 2
+        return 2.0 * self.matmul_weights(layer) + 2.0 * t * d    # QK^T and AV over a causal window: 2 * (2 t d) / 2
+
+    def matmul_weights(self, layer: int) -> int:
+        """Weight elements the matmuls of pipeline layer `layer` multiply by (biases and norms aside)."""
+        d = self.d_model
+        if self.kind == "mlp":
+            return d * d
+        if layer == 0:
+            return 0
+        if layer == self.n_layer + 1:
+            return d * self.vocab_size
+        return self.block_params() - (2 * d if self.kind == "llama" else 9 * d + self.ffn)
 
     def tp_divisors_ok(self, tp: int) -> str | None:
         """Why tensor parallelism of size tp cannot split this model, or None."""

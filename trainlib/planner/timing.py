@@ -1,6 +1,7 @@
 """Predicted seconds per optimizer step for a layout, as a breakdown.
 
-    compute      matmul FLOPs / (matmul throughput x efficiency) + elementwise bytes / memory bandwidth
+    compute      matmul FLOPs / (matmul throughput x efficiency), per layer and call at least its weight's bytes
+                 / matmul_weight_Bps (few rows on a wide layer stream the weight), + elementwise bytes / memory bandwidth
                  + framework ops x op cost; backward = 2 x forward matmuls; full recompute adds a
                  forward (x recompute_share, calibrated), selective the elementwise part of one plus its
                  dispatch modes' cost per op (selective_op_s) (Korthikanti et al. 2022, sec. 5); ZB-H1's
@@ -17,7 +18,8 @@
                  interleaved, (p-1)/(3m) ZB-H1), plus a fixed cost per action, per p2p transfer a rank
                  sends or receives (the schedule's own count) and per extra autograd call of ZB-H1's W; a rank
                  alone in a bubble computes solo_speedup x faster (CPU ranks share memory bandwidth)
-    dp sync      gradient bytes over the dp group: ring inside a node; across nodes the bytes on the busiest
+    dp sync      gradient bytes over the dp group: ring inside a node (the shm transport's bytes past 8 MiB at
+                 its DRAM rate), plus AccumulateGrad's copy of each gradient into its bucket; across nodes the bytes on the busiest
                  NIC (trainlib.benchmarks.bench_cluster.wire_bytes: hierarchical, each byte crosses once per
                  node) over the NIC's line rate x efficiency; ZeRO 1/2 = reduce-scatter of the gradients +
                  all-gather of the parameters, each half an all-reduce of its bytes (x rs_ag_over_ar);
@@ -52,6 +54,7 @@ OPS_PER_BLOCK = 14               # forward ops of one GPT block (norms, linears,
 # torch's foreach AdamW makes ~10 passes over parameter-sized fp32 arrays per step (lerp, mul, addcmul,
 # sqrt, div, add, addcdiv, weight decay; 2 arrays each on average) and clipping reads the gradients: 84 B
 OPT_BYTES_PER_PARAM = 84
+SYNC_CACHE_BYTES = 8 * 2**20     # the largest all-reduce of the calibration's in-cache fit (calibrate.SIZES)
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,31 @@ def _ring(nbytes: float, n: int, alpha: float, bw: float) -> float:
     return t_allreduce(nbytes, n, bw, alpha)
 
 
+def _node_sync(nbytes: float, n: int, prof: Profile, link: str) -> float:
+    """The node's all-reduce; the shm transport's bytes past SYNC_CACHE_BYTES leave the caches and move at
+    sync_dram_Bps (a 50 MB gradient reduces ~4x slower per byte than an 8 MB one: trainlib plan --calibrate)."""
+    t = _ring(nbytes, n, prof[f"{link}_alpha_s"], prof[f"{link}_Bps"])
+    dram = prof["sync_dram_Bps"] if link == "sync" else 0.0
+    if dram > 0 and nbytes > SYNC_CACHE_BYTES:
+        t += 2 * (n - 1) / n * (nbytes - SYNC_CACHE_BYTES) * max(0.0, 1 / dram - 1 / prof["sync_Bps"])
+    return t
+
+
+def matmul_seconds(model: ModelSpec, layers: list[int], tp: int, mb_tokens: float, flops_s: float,
+                   prof: Profile, weight_bytes: int) -> float:
+    """Forward matmul seconds of one microbatch through these layers: each layer's calls at the FLOP rate,
+    unless streaming its weight takes longer (a few rows on a wide layer: the wide MLP's 8 rows by a 16 MB
+    weight run at a quarter of their FLOP rate's time bound here; the GEMM packs the weight every call).
+    Its backward's two calls per weight (dX, dW) are bound alike: backward = 2 x forward."""
+    w_bps = prof["matmul_weight_Bps"]
+    t = 0.0
+    for lay in layers:
+        flop_t = model.matmul_flops_per_token(lay) / tp * mb_tokens / flops_s
+        stream_t = model.matmul_weights(lay) / tp * weight_bytes / w_bps if w_bps > 0 else 0.0
+        t += max(flop_t, stream_t)
+    return t
+
+
 def _group_span(cluster: ClusterSpec, size: int, stride: int) -> tuple[int, int]:
     """(nodes, ranks per node) of a mesh group of `size` ranks `stride` apart (tp innermost, then dp, pp)."""
     per_node = max(1, min(size, cluster.devices_per_node // stride)) if stride <= cluster.devices_per_node else 1
@@ -105,13 +133,13 @@ def allreduce_time(nbytes: float, size: int, stride: int, cluster: ClusterSpec, 
         return 0.0
     nodes, per_node = _group_span(cluster, size, stride)
     if nodes == 1:
-        return _ring(nbytes, size, prof[f"{link}_alpha_s"], prof[f"{link}_Bps"])
+        return _node_sync(nbytes, size, prof, link)
     groups_per_node = max(1, cluster.devices_per_node // per_node)   # the other groups share the NIC
     backend = "hierarchical" if per_node > 1 else "allreduce"
     wire = wire_bytes(backend, nbytes, nodes, per_node, 1) * groups_per_node
     t = nic_time(wire, cluster, prof, gap_s) + 2 * (nodes - 1) * prof["inter_alpha_s"]
     if per_node > 1:
-        t += _ring(nbytes, per_node, prof[f"{link}_alpha_s"], prof[f"{link}_Bps"])
+        t += _node_sync(nbytes, per_node, prof, link)
     return t
 
 
@@ -163,6 +191,8 @@ def dp_sync_time(model: ModelSpec, layout: Layout, cluster: ClusterSpec, prof: P
             t += 2 * units * m_mb * prof["zero3_unit_s"]
         if layout.compress == "bf16":
             t += 2 * (m + m / 2) / prof["mem_Bps"]   # cast to bf16 and back, both ways
+        else:   # AccumulateGrad copies each gradient into its bucket (the cast does, compressed)
+            t += 2 * m / prof["mem_Bps"]
     return max(0.0, t - prof["overlap"] * backward_s)
 
 
@@ -235,12 +265,11 @@ def step_time(model: ModelSpec, layout: Layout, cluster: ClusterSpec, prof: Prof
         layers = [lay for s in stages for lay in s]
         w_calls.append(m * sum(_autograd_modules(model, lay, last) for lay in layers))
         blocks = sum(1 for lay in layers if model.kind == "mlp" or 0 < lay < last)
-        fwd_flops = sum(model.matmul_flops_per_token(lay) for lay in layers) / layout.tp * tokens
         elem = blocks * _elementwise_elements(model, layout.tp) * tokens * ab
         if model.kind != "mlp" and last in layers:
             elem += 4 * tokens * model.vocab_size / layout.tp * 4     # softmax + loss + their gradients
         ops = blocks * OPS_PER_BLOCK * m
-        fwd = fwd_flops / flops_s + elem / prof["mem_Bps"]
+        fwd = m * matmul_seconds(model, layers, layout.tp, mb_tokens, flops_s, prof, ab) + elem / prof["mem_Bps"]
         elem_fwd = elem / prof["mem_Bps"]
         # op_s already holds an op's backward; recomputation runs the forward ops again
         op_t = ops * prof["op_s"] * (1 + (0.5 if layout.ac != "none" else 0.0))
