@@ -13,7 +13,8 @@
    tensors leave RSS), max over ranks. Time, in a group with the allocator as training has it: `--steps`
    steps after two warm-up steps, in two passes of opposite order; each step's time is the slowest
    rank's, scaled to the host's speed at that moment (the calibration probe, timed every three layouts;
-   the raw times are reported beside); the median per layout.
+   the raw times are reported beside); the median per layout. The host's memory bandwidth is sounded with
+   the probe: the profile's memory-bound figures are scaled to its median (calibrate.with_memory).
 4. Report predicted vs measured step time and peak memory per layout: median and worst relative error,
    whether the planner's first choice is the measured best (or within 5% of it), Spearman's rank
    correlation; the load average is recorded with every measurement (a shared 2-core machine).
@@ -170,7 +171,7 @@ def measure_layouts(name: str, items: list[dict], steps: int, phase: str = "time
     import trainlib as tl
     from trainlib import comm
     from trainlib.benchmarks.dp_workloads import fix_malloc_threshold, reset_peak_rss
-    from trainlib.planner.calibrate import probe_step_fn
+    from trainlib.planner.calibrate import memory_sounding, probe_step_fn
 
     tl.init()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -179,13 +180,17 @@ def measure_layouts(name: str, items: list[dict], steps: int, phase: str = "time
         fix_malloc_threshold()
     libc = ctypes.CDLL("libc.so.6")
     probe = None if memory else probe_step_fn()
+    sound_memory = None if memory else memory_sounding()
     peaks: dict[int, float] = {}
     times: dict[int, list[tuple[float, float]]] = {k: [] for k in range(len(items))}   # (when, seconds)
     probe_s: list[tuple[float, float]] = []
+    mem_Bps: list[float] = []
 
     def time_probe() -> None:
         _one_step(None, None, None, fn=probe)     # warm: its gradients were freed a layout ago
         probe_s.extend((time.monotonic(), _one_step(None, None, None, fn=probe)) for _ in range(3))
+        comm.barrier()
+        mem_Bps.append(sound_memory(3))
     load0 = os.getloadavg()
     # the first layout built in a process also pays one-time allocations (gloo buffers, lazy library
     # state) that no later layout sees: build and step it once, unmeasured
@@ -233,8 +238,11 @@ def measure_layouts(name: str, items: list[dict], steps: int, phase: str = "time
                      "raw_measured_s": statistics.median(raw), "raw_all_s": raw, "pass_steps": steps,
                      "loadavg": loads})
     probe_times = [t for _, t in probe_s]
+    # the slower rank's memory speed, as calibrate takes mem_Bps
+    mem = torch.tensor([statistics.median(mem_Bps)], dtype=torch.float64)
+    comm.all_reduce(mem, op="min")
     return rows + [{"layout": PROBE, "measured_s": statistics.median(probe_times), "all_s": probe_times,
-                    "loadavg": loads}]
+                    "mem_Bps": float(mem), "loadavg": loads}]
 
 
 def unsettled(times: dict[int, list[float]], steps: int) -> list[int]:
@@ -298,12 +306,16 @@ def _items(plans: list, global_batch: int) -> list[dict]:
 
 
 def _rows(place: str, name: str, plans: list, measured: list[dict], prof, cluster) -> tuple[list[dict], float]:
-    """Rows of predicted vs measured, predicted with compute_efficiency re-fitted to the probe measured in
-    the same rounds (the layouts are the ones ranked before; their order is the re-fitted ranking's)."""
-    from trainlib.planner.calibrate import with_probe
+    """Rows of predicted vs measured, predicted with the memory-bound figures scaled to the memory bandwidth
+    sounded and compute_efficiency re-fitted to the probe measured in the same rounds (the layouts are the
+    ones ranked before; their order is the re-fitted ranking's)."""
+    from trainlib.planner.calibrate import MEMORY_BOUND, with_memory, with_probe
 
     probe = next(m for m in measured if m["layout"] == PROBE)
-    refit = with_probe(prof, probe["measured_s"], f"re-fitted to the probe timed with {place} / {name}")
+    note = f"re-fitted to the soundings taken with {place} / {name}"
+    refit = with_probe(with_memory(prof, probe["mem_Bps"], note) if "mem_Bps" in probe else prof,
+                       probe["measured_s"], note)
+    refit_values = {k: refit[k] for k in ("compute_efficiency", *MEMORY_BOUND)}
     plans = [p for p in rank_layouts(name, cluster, refit) if p.layout.label() in {q.layout.label() for q in plans}]
     by_label = {m["layout"]: m for m in measured}
     out = []
@@ -318,8 +330,13 @@ def _rows(place: str, name: str, plans: list, measured: list[dict], prof, cluste
                        if "raw_measured_s" in m else {}),
                     "predicted_bytes": p.peak_bytes, "measured_bytes": m["measured_bytes"],
                     "memory_error": abs(p.peak_bytes - m["measured_bytes"]) / max(1.0, m["measured_bytes"]),
-                    "predicted_breakdown": p.time.as_dict(), "loadavg": m["loadavg"]})
-    return out, refit["compute_efficiency"]
+                    "predicted_breakdown": p.time.as_dict(), "refit": refit_values, "loadavg": m["loadavg"]})
+    return out, refit
+
+
+def _refit_note(prof, refit) -> str:
+    return (f"compute_efficiency re-fitted {refit['compute_efficiency']:.3f} (calibration "
+            f"{prof['compute_efficiency']:.3f}), memory bandwidth {refit['mem_Bps']:.3g} B/s ({prof['mem_Bps']:.3g})")
 
 
 def local_cluster():
@@ -350,8 +367,8 @@ def run_local(names: list[str], prof, steps: int, log) -> list[dict]:
         items = _items(plans, MODELS[name][2])
         res = measure_both(name, items, steps, lambda phase: run_ranks(
             measure_layouts, N_RANKS, name, items, steps, phase, timeout_s=3600, env={"OMP_NUM_THREADS": threads})[0])
-        got, eff = _rows("local 1x2", name, plans, res, prof, cluster)
-        log(f"local {name}: compute_efficiency re-fitted {eff:.3f} (calibration {prof['compute_efficiency']:.3f})")
+        got, refit = _rows("local 1x2", name, plans, res, prof, cluster)
+        log(f"local {name}: {_refit_note(prof, refit)}")
         rows += got
     return rows
 
@@ -386,8 +403,8 @@ def run_cluster(names: list[str], prof, steps: int, rate: str, log) -> tuple[lis
                                        f"{logs[0].read()[-3000:]}")
                 return json.loads(out.read_text())
 
-            got, eff = _rows(f"cluster 2x1 {rate}", name, plans, measure_both(name, items, steps, run), prof, cluster)
-            log(f"cluster {name}: compute_efficiency re-fitted {eff:.3f}")
+            got, refit = _rows(f"cluster 2x1 {rate}", name, plans, measure_both(name, items, steps, run), prof, cluster)
+            log(f"cluster {name}: {_refit_note(prof, refit)}")
             rows += got
     return rows, goodput
 

@@ -6,7 +6,8 @@ A validation run takes ~22 minutes on 2 cores; its measurements do not depend on
 takes the stored rows (layout, measured time and peak memory), re-ranks every (place, model) group with today's
 trainlib.planner and the run's own profile (or --profile), and prints the summary the run would have
 had: a change to the step-time model is scored in seconds. Each group's compute_efficiency is the one
-the run re-fitted to its probe (backed out from the stored prediction of the group's first row), so
+the run re-fitted to its probe (backed out from the stored prediction of the group's first row), its
+memory-bound figures scaled by the memory bandwidth the run sounded beside it (where recorded), so
 with an unchanged model the predictions come back exactly (`drift` 0). A model change chosen by this
 score is fitted to these measurements: confirm it with a fresh `trainlib bench plan` before trusting it.
 """
@@ -63,6 +64,7 @@ def rescore(result: dict, profile=None) -> dict[str, Any]:
     """{"summary": bench_plan.summarize of the re-predicted rows, "rows": them, "drift": the largest
     relative change of a prediction against the stored one}."""
     from trainlib.benchmarks.bench_plan import summarize
+    from trainlib.planner.calibrate import with_memory
     from trainlib.planner.profile import Profile
 
     run_prof = Profile.from_json(result["profile"], "the validation's profile")
@@ -73,9 +75,15 @@ def rescore(result: dict, profile=None) -> dict[str, Any]:
         groups.setdefault((r["place"], r["model"]), []).append(r)
     rows, drift = [], 0.0
     for (place, model), g in groups.items():
+        run_g, prof_g = run_prof, prof
+        mem = (g[0].get("refit") or {}).get("mem_Bps")
+        if mem:   # the memory bandwidth the run sounded beside this group, as a ratio carried to `prof`
+            ratio = mem / run_prof["mem_Bps"]
+            run_g = with_memory(run_prof, mem, "the validation's sounding")
+            prof_g = with_memory(prof, prof["mem_Bps"] * ratio, "the validation's sounding")
         # the efficiency the run re-fitted, found under the run's own profile, then carried to `prof`
-        eff = _run_efficiency(run_prof, place, model, g[0], goodput)
-        plans = _predict(_with_efficiency(prof, eff), place, model, {r["layout"] for r in g}, goodput)
+        eff = _run_efficiency(run_g, place, model, g[0], goodput)
+        plans = _predict(_with_efficiency(prof_g, eff), place, model, {r["layout"] for r in g}, goodput)
         missing = sorted({r["layout"] for r in g} - plans.keys())
         if missing:
             raise ValueError(f"{place} / {model}: the planner no longer ranks {missing}; rescoring needs the same layouts")

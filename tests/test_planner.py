@@ -557,3 +557,34 @@ def test_plan_rescore_gives_back_a_validation_the_same_model_made():
     slower.values["op_s"] *= 3    # another model (profile): other predictions
     assert plan_rescore.rescore({"profile": prof.to_json(), "rows": rows, "cluster": {"goodput_Bps": 1.2e8}},
                                 slower)["drift"] > 0.01
+
+
+def test_memory_refit_scales_the_memory_bound_figures_and_rescore_carries_it():
+    """A validation sounds the host's memory bandwidth beside its runs: with_memory scales every
+    memory-bound figure by it (nothing else), and plan_rescore reproduces predictions made that way."""
+    import copy
+
+    from trainlib.benchmarks import bench_plan, plan_rescore
+    from trainlib.planner.calibrate import MEMORY_BOUND, with_memory
+    from trainlib.planner.profile import load
+
+    prof = load("cpu")
+    slow = with_memory(prof, 0.6 * prof["mem_Bps"], "test")
+    for k in prof.values:
+        assert slow[k] == pytest.approx(prof[k] * (0.6 if k in MEMORY_BOUND else 1.0))
+    cluster = plan_rescore._cluster("local 1x2", None)
+    fast_plans = {p.layout.label(): p for p in bench_plan.rank_layouts("wide-mlp", cluster, prof)}
+    rows = []
+    for i, p in enumerate(bench_plan.rank_layouts("wide-mlp", cluster, slow)):
+        assert p.step_s > fast_plans[p.layout.label()].step_s      # the wide MLP is memory-bound here
+        rows.append({"place": "local 1x2", "model": "wide-mlp", "planner_rank": i + 1, "layout": p.layout.label(),
+                     "predicted_s": p.step_s, "measured_s": p.step_s, "all_s": [], "measured_bytes": p.peak_bytes,
+                     "time_error": 0.0, "memory_error": 0.0, "predicted_breakdown": p.time.as_dict(),
+                     "refit": {"compute_efficiency": slow["compute_efficiency"],
+                               **{k: slow[k] for k in MEMORY_BOUND}}})
+    result = {"profile": prof.to_json(), "rows": rows, "cluster": {}}
+    assert plan_rescore.rescore(result)["drift"] < 1e-4      # efficiency is backed out by bisection
+    bare = copy.deepcopy(rows)
+    for r in bare:
+        del r["refit"]
+    assert plan_rescore.rescore({**result, "rows": bare})["drift"] > 0.01

@@ -82,6 +82,14 @@ def _weight_stream(dtype: torch.dtype = torch.float32, d: int = 2048, rows: int 
     return w.numel() * w.element_size() / t
 
 
+def memory_sounding():
+    """A function reps -> memory bandwidth (bytes read + written / s: the median copy_ of 256 MiB, past any
+    cache), its tensors allocated once: mem_Bps, and how a validation re-sounds the host's memory speed."""
+    src, dst = torch.randn(64 << 20), torch.empty(64 << 20)
+    dst.copy_(src)
+    return lambda reps: 2 * src.numel() * 4 / _median_time(lambda: dst.copy_(src), reps)
+
+
 def _op_cost() -> float:
     """A forward op with its backward: a chain of 64 tiny Linear layers, forward + backward, per layer."""
     torch.manual_seed(0)
@@ -284,9 +292,8 @@ def _rank_measure() -> dict:
     out["matmul_bf16_flops"], _, _ = _matmul(torch.bfloat16)
     comm.barrier()
     out["matmul_weight_Bps"] = _weight_stream()
-    src, dst = torch.randn(64 << 20), torch.empty(64 << 20)      # 256 MiB: past any cache
     comm.barrier()
-    out["mem_Bps"] = 2 * src.numel() * 4 / _median_time(lambda: dst.copy_(src), 7)
+    out["mem_Bps"] = memory_sounding()(7)
     out["op_s"] = _op_cost()
     out["grad_call_s"] = _grad_call()
     out.update(_collectives())
@@ -457,6 +464,20 @@ def with_probe(prof: Profile, probe_s: float, note: str) -> Profile:
     sources = {**prof.sources, "compute_efficiency": f"{prof.sources.get('compute_efficiency', '')}; {note}"}
     return Profile(prof.name, prof.device, prof.validated, values, sources,
                    {**prof.measured, "probe_s_refit": round(probe_s, 6)})
+
+
+MEMORY_BOUND = ("mem_Bps", "matmul_weight_Bps", "sync_dram_Bps")   # figures the DRAM's bandwidth sets
+
+
+def with_memory(prof: Profile, mem_Bps: float, note: str) -> Profile:
+    """prof with its memory-bound figures scaled to a memory bandwidth measured elsewhere (memory_sounding,
+    e.g. alongside the runs a validation times: a neighbour's memory traffic on a shared host moved this
+    machine's copy bandwidth between 1.6e10 and 2.6e10 B/s from one calibration to the next)."""
+    ratio = mem_Bps / prof["mem_Bps"]
+    values = {**prof.values, **{k: prof[k] * ratio for k in MEMORY_BOUND if k in prof.values}}
+    sources = {**prof.sources, **{k: f"{prof.sources.get(k, '')}; x {ratio:.3g}: {note}" for k in MEMORY_BOUND}}
+    return Profile(prof.name, prof.device, prof.validated, values, sources,
+                   {**prof.measured, "mem_Bps_refit": round(mem_Bps)})
 
 
 def width_fit(values: dict, probe_s: float, probe_wide_s: float) -> tuple[float, float]:
