@@ -144,15 +144,10 @@ class ModelSpec:
 
     def matmul_flops_per_token(self, layer: int) -> float:
         """Forward FLOPs per token of pipeline layer `layer` (2 per multiply-add, attention included)."""
-        d, f, t = self.d_model, self.ffn, self.seq_len
-        if self.kind == "mlp":
-            return 2.0 * d * d
-        first, last = 0, self.n_layer + 1
-        if layer == first:
-            return 0.0
-        if layer == last:
-            return 2.0 * d * self.vocab_size
-        return 2.0 * self.matmul_weights(layer) + 2.0 * t * d    # QK^T and AV over a causal window: 2 * (2 t d) / 2
+        flops = 2.0 * self.matmul_weights(layer)
+        if self.kind == "mlp" or layer in (0, self.n_layer + 1):
+            return flops
+        return flops + 2.0 * self.seq_len * self.d_model    # QK^T and AV over a causal window: 2 * (2 t d) / 2
 
     def matmul_weights(self, layer: int) -> int:
         """Weight elements the matmuls of pipeline layer `layer` multiply by (biases and norms aside)."""

@@ -270,8 +270,8 @@ def step_time(model: ModelSpec, layout: Layout, cluster: ClusterSpec, prof: Prof
         if model.kind != "mlp" and last in layers:
             elem += 4 * tokens * model.vocab_size / layout.tp * 4     # softmax + loss + their gradients
         ops = blocks * OPS_PER_BLOCK * m
-        fwd = m * matmul_seconds(model, layers, layout.tp, mb_tokens, flops_s, prof, ab) + elem / prof["mem_Bps"]
         elem_fwd = elem / prof["mem_Bps"]
+        fwd = m * matmul_seconds(model, layers, layout.tp, mb_tokens, flops_s, prof, ab) + elem_fwd
         # op_s already holds an op's backward; recomputation runs the forward ops again
         op_t = ops * prof["op_s"] * (1 + (0.5 if layout.ac != "none" else 0.0))
         if layout.ac == "selective":
