@@ -145,7 +145,11 @@ def test_dp_sync_ring_and_across_nodes():
     across = dp_sync_time(GPT, Layout(1, 2, 1), two_nodes, prof, 875_264, backward_s=0.0)
     assert across == pytest.approx(2 * (2 - 1) / 2 * m / (1e9 * 0.5) + 2 * 1e-4 + copy)
     zero1 = dp_sync_time(GPT, Layout(1, 2, 1, shard="optimizer"), ONE_NODE, prof, 875_264, 0.0)
-    assert zero1 == pytest.approx(2.0 * (one - copy) + copy)            # rs_ag_over_ar
+    assert zero1 == pytest.approx(2.0 * (one - copy) + copy)            # rs_ag_over_ar (an old profile's)
+    # the node's shm transport has its own ratio: rs + ag in place cost what its all-reduce does
+    shm1 = dp_sync_time(GPT, Layout(1, 2, 1, shard="optimizer"), ONE_NODE, profile(sync_rs_ag_over_ar=1.0),
+                        875_264, 0.0)
+    assert shm1 == pytest.approx(one)
     # ZeRO-3: the reduce-scatter, the forward's all-gather, and backward's of all but the held unit
     n = 875_264
     zero3 = dp_sync_time(GPT, Layout(1, 2, 1, shard="parameters"), ONE_NODE, prof, n, 0.0, held_params=n / 4)
@@ -153,7 +157,7 @@ def test_dp_sync_ring_and_across_nodes():
                                   + copy)
     # compressed: gradients reduce-scattered in bf16 over gloo's 16-bit path, fp32 parameters gathered
     # over gloo (a compressed sync takes torch's transport), plus the casts both ways
-    comp = profile(compress_alpha_s=2e-4, compress_Bps=5e8)
+    comp = profile(compress_alpha_s=2e-4, compress_Bps=5e8, sync_rs_ag_over_ar=1.0)   # gloo's 2.0 applies
     z1c = dp_sync_time(GPT, Layout(1, 2, 1, shard="optimizer", compress="bf16"), ONE_NODE, comp, n, 0.0)
     assert z1c == pytest.approx(2.0 * (t_allreduce(m / 2, 2, 5e8, 2e-4) + t_allreduce(m, 2, 1e9, 1e-4)) / 2
                                 + 2 * (m + m / 2) / 1e9)
@@ -527,6 +531,47 @@ def test_bench_plan_scales_each_step_to_the_host_speed_of_its_moment():
     # one slow sounding alone is the probe's blip, not the host's: nothing is rescaled by it
     blip = host_speed(soundings(1.0, 1.0, 3.0, 1.0, 1.0))
     assert blip(20.0) == pytest.approx(1.0) and blip(15.0) == pytest.approx(1.0)
+
+
+def test_bench_plan_decides_the_first_choice_head_to_head():
+    """When the passes' best is another layout than the planner's first choice, the duel's medians (the two
+    timed in turn) decide whether the first choice is within 5%; the passes' ratio is kept beside."""
+    from trainlib.benchmarks.bench_plan import summarize
+
+    def row(layout, rank, measured, **extra):
+        return {"place": "local 1x2", "model": "wide-mlp", "planner_rank": rank, "layout": layout,
+                "predicted_s": 1.0 + rank / 10, "measured_s": measured, "all_s": [], "time_error": 0.0,
+                "memory_error": 0.0, **extra}
+
+    rows = [row("zero1", 1, 1.10), row("zero2", 2, 1.00), row("ar", 3, 1.30)]
+    g = summarize(rows)["groups"]["local 1x2 / wide-mlp"]
+    assert g["first_over_best"] == pytest.approx(1.10) and "first_over_best_passes" not in g
+    rows[0]["duel_s"], rows[1]["duel_s"] = 1.02, 1.00
+    s = summarize(rows)
+    g = s["groups"]["local 1x2 / wide-mlp"]
+    assert g["first_over_best"] == pytest.approx(1.02) and g["first_over_best_passes"] == pytest.approx(1.10)
+    assert s["top1_ok"]["local 1x2 / wide-mlp"]
+    rows[0]["duel_s"] = 1.08                                    # the duel confirms the gap: a miss
+    assert not summarize(rows)["top1_ok"]["local 1x2 / wide-mlp"]
+
+
+def test_bench_plan_duels_only_when_the_passes_best_is_another_layout():
+    from trainlib.benchmarks.bench_plan import duel
+
+    calls = []
+
+    def run(phase, items):   # what measure_layouts' "duel" phase returns: a median per layout, then the probe's
+        calls.append((phase, [i["layout"] for i in items]))
+        return [{"layout": i["layout"], "measured_s": 2.0 + k, "all_s": [2.0 + k]} for k, i in enumerate(items)]
+
+    rows = [{"layout": "a", "flags": ["--x"], "planner_rank": 1, "measured_s": 1.2},
+            {"layout": "b", "flags": ["--y"], "planner_rank": 2, "measured_s": 1.0}]
+    duel(rows, run)
+    assert calls == [("duel", ["a", "b"])] and (rows[0]["duel_s"], rows[1]["duel_s"]) == (2.0, 3.0)
+    settled = [{"layout": "a", "flags": [], "planner_rank": 1, "measured_s": 1.0},
+               {"layout": "b", "flags": [], "planner_rank": 2, "measured_s": 1.1}]
+    duel(settled, run)
+    assert len(calls) == 1 and "duel_s" not in settled[0]
 
 
 def test_plan_rescore_gives_back_a_validation_the_same_model_made():

@@ -188,15 +188,23 @@ def _collectives() -> dict[str, float]:
         for i, s in enumerate(sizes):
             comm.barrier()
             pts.append((s, _median_time(lambda: g.allreduce(i), 5, 3)))
+        # ZeRO's sync on this transport: reduce-scatter + all-gather of the same buffers in place
+        ratios = []
+        for i in (len(SIZES) - 1, len(SIZES)):
+            comm.barrier()
+            rs_ag = _median_time(lambda: (g.reduce_scatter(i), g.all_gather(i)), 5, 3)
+            ratios.append(rs_ag / pts[i][1])
         g.close()
         a, b = _fit(pts[:len(SIZES)])
         out["sync_alpha_s"], out["sync_Bps"] = a / 2, 1 / b
         # past the caches: the slope from the largest in-cache size to DRAM_SIZE
         out["sync_dram_Bps"] = (DRAM_SIZE - SIZES[-1]) / max(1e-9, pts[-1][1] - pts[-2][1])
+        out["sync_rs_ag_over_ar"] = statistics.mean(ratios)
     except Exception:   # no /dev/shm room: the dp sync falls back to gloo, and so does the profile
         out["sync_alpha_s"], out["sync_Bps"] = out["intra_alpha_s"], out["intra_Bps"]
         out["sync_dram_Bps"] = 0.0
     out["rs_ag_over_ar"] = statistics.mean((_rs_ag_over_ar(flats[SIZES[-1]]), _rs_ag_over_ar(torch.zeros(DRAM_SIZE // 4))))
+    out.setdefault("sync_rs_ag_over_ar", out["rs_ag_over_ar"])   # the fallback above: gloo's
     return out
 
 
@@ -621,6 +629,8 @@ def calibrate(ranks: int = 2) -> Profile:
         "matmul_weight_Bps": f"measured: 16 MiB fp32 weight / the median of x W^T, dy W and dy^T x with 8 rows, "
                              f"d = 2048; {how}",
         "rs_ag_over_ar": "measured: gloo reduce-scatter + all-gather over all-reduce, mean of 8 and 64 MiB",
+        "sync_rs_ag_over_ar": "measured: shared-memory (trainlib.sync.shm) reduce-scatter + all-gather over its "
+                              "all-reduce, in place, mean of 8 and 64 MiB",
         "pp_action_s": "measured: trainlib Pipeline, 2 tiny stages, 1F1B m=8, step time / actions minus intra_alpha",
         "ps_msg_s": "measured: colocated ParameterServer syncs of 4 MiB in 1 partition and 16 MiB in 4 and in 16 "
                     "minus the backward, 2 workers; fit t = a + msgs * c + 2M / B",

@@ -35,7 +35,10 @@ KEYS = {
                      "longer stay in the caches); 0: as sync_Bps",
     "inter_alpha_s": "per-step latency of a collective across nodes",
     "inter_efficiency": "share of the NIC's line rate a collective reaches across nodes (1/kappa of bench cluster)",
-    "rs_ag_over_ar": "reduce-scatter + all-gather time over one all-reduce of the same bytes (ZeRO's sync)",
+    "rs_ag_over_ar": "reduce-scatter + all-gather time over one all-reduce of the same bytes (ZeRO's sync) on the "
+                     "collective library (gloo on CPU: ZeRO inside a node when compressed, TP/PP links)",
+    "sync_rs_ag_over_ar": "the same ratio on the data-parallel transport inside a node (shm on CPU: uncompressed "
+                          "ZeRO)",
     "ps_msg_s": "parameter server: fixed cost per partition message (push + pull)",
     "ps_sync_s": "parameter server: fixed cost per sync beyond its messages (the step's barrier, bookkeeping)",
     "ps_Bps": "parameter server: bytes/s one worker's push + pull moves when the network is not the limit",
@@ -80,7 +83,9 @@ class Profile:
 
     def __post_init__(self):
         # a profile from before the compressed link was measured: the link's fp32 figures
-        fallback = {**DEFAULTS, **{f"compress_{x}": self.values.get(f"intra_{x}") for x in ("alpha_s", "Bps")}}
+        fallback = {**DEFAULTS, **{f"compress_{x}": self.values.get(f"intra_{x}") for x in ("alpha_s", "Bps")},
+                    # before the transport's own ratio was measured the model applied the library's to it
+                    "sync_rs_ag_over_ar": self.values.get("rs_ag_over_ar")}
         for k, v in fallback.items():
             if k not in self.values and v is not None:
                 self.values[k] = v

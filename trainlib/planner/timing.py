@@ -22,7 +22,8 @@
                  its DRAM rate), plus AccumulateGrad's copy of each gradient into its bucket; across nodes the bytes on the busiest
                  NIC (trainlib.benchmarks.bench_cluster.wire_bytes: hierarchical, each byte crosses once per
                  node) over the NIC's line rate x efficiency; ZeRO 1/2 = reduce-scatter of the gradients +
-                 all-gather of the parameters, each half an all-reduce of its bytes (x rs_ag_over_ar);
+                 all-gather of the parameters, each half an all-reduce of its bytes (x the measured
+                 rs_ag_over_ar of the transport that carries it: the node's shm, or gloo when compressed);
                  ZeRO-3 gathers again in backward, all but the unit kept from the forward, and pays a fixed
                  cost per unit gathered (zero3_unit_s: one unit per pipeline layer, twice per microbatch);
                  every stage a calibrated fixed cost per step over plain data parallel (zero_step_s);
@@ -177,9 +178,9 @@ def dp_sync_time(model: ModelSpec, layout: Layout, cluster: ClusterSpec, prof: P
             nodes, _ = _group_span(cluster, layout.dp, stride)
             if nodes == 1:
                 gathered = params + (params - held_params if layout.shard == "parameters" else 0.0)
-                t = (allreduce_time(wire_m, layout.dp, stride, cluster, prof, link)
-                     + allreduce_time(gathered * ab, layout.dp, stride, cluster, prof, ag_link)) / 2
-                t *= prof["rs_ag_over_ar"]
+                t = (allreduce_time(wire_m, layout.dp, stride, cluster, prof, link) * _rs_ag_factor(link, prof)
+                     + allreduce_time(gathered * ab, layout.dp, stride, cluster, prof, ag_link)
+                     * _rs_ag_factor(ag_link, prof)) / 2
                 if compress:   # torch's collectives, one wait for the slower rank each
                     t += sharded_collectives(layout, m, units) * prof["compress_collective_s"]
             else:
@@ -195,6 +196,13 @@ def dp_sync_time(model: ModelSpec, layout: Layout, cluster: ClusterSpec, prof: P
         else:   # AccumulateGrad copies each gradient into its bucket (the cast does, compressed)
             t += 2 * m / prof["mem_Bps"]
     return max(0.0, t - prof["overlap"] * backward_s)
+
+
+def _rs_ag_factor(link: str, prof: Profile) -> float:
+    """Reduce-scatter + all-gather over an all-reduce of the same bytes, on the transport that carries
+    `link`: the node's own ("sync": shm on CPU, ~1: each half moves half the bytes) or the collective
+    library's (gloo's reduce-scatter took 2x its all-reduce here)."""
+    return prof["sync_rs_ag_over_ar" if link == "sync" else "rs_ag_over_ar"]
 
 
 def _sharded_across_nodes(layout: Layout, cluster: ClusterSpec, prof: Profile, nodes: int, grad_bytes: float,
