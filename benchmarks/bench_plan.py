@@ -36,6 +36,7 @@ from typing import Any, Callable
 
 N_RANKS = 2
 PROBE = "calibration probe"
+MODEL_PROBE = "model probe"   # the group's model alone on each rank: its compute, no parallelism
 RETIME_OVER = 0.15   # a layout whose two passes' medians differ by more is timed in a third pass
 DUEL_ROUNDS = 4      # the planner's first choice and the measured best, timed in turn this many times each
 TARGETS = {"median_time_error": 0.10, "worst_time_error": 0.25, "memory_error": 0.10, "top1_within": 0.05,
@@ -131,6 +132,40 @@ def _build(name: str, flags: list[str]):
     return model, opt, next_batch
 
 
+def model_probe_fn(name: str):
+    """A step of the group's model on this rank alone (forward, backward, AdamW; no communication) on the
+    batch one rank of a dp=N_RANKS layout takes: the compute the planner's layouts split and sync."""
+    import torch
+    import torch.nn.functional as F
+
+    kind, shapes, batch = MODELS[name]
+    local = batch // N_RANKS
+    g = torch.Generator().manual_seed(7)
+    if kind == "gpt":
+        from trainlib.config import ModelConfig
+        from trainlib.models.gpt import GPT, lm_loss
+
+        cfg = ModelConfig(**shapes)
+        model = GPT(cfg)
+        x = torch.randint(0, cfg.vocab_size, (local, cfg.seq_len), generator=g)
+        loss = lambda: lm_loss(model(x), x)   # noqa: E731
+    else:
+        from trainlib.benchmarks.dp_workloads import WideMLP
+
+        model = WideMLP(shapes["width"], shapes["depth"])
+        x, y = (torch.randn(local, shapes["width"], generator=g) for _ in range(2))
+        loss = lambda: F.mse_loss(model(x), y)   # noqa: E731
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95))
+
+    def step():
+        loss().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    return step
+
+
 def _one_step(model, opt, next_batch, fn=None) -> float:
     """One training step as the trainer runs it (or fn()); the slowest rank's seconds."""
     import torch
@@ -184,15 +219,19 @@ def measure_layouts(name: str, items: list[dict], steps: int, phase: str = "time
         fix_malloc_threshold()
     libc = ctypes.CDLL("libc.so.6")
     probe = None if memory else probe_step_fn()
+    own = None if memory else model_probe_fn(name)
     sound_memory = None if memory else memory_sounding()
     peaks: dict[int, float] = {}
     times: dict[int, list[tuple[float, float]]] = {k: [] for k in range(len(items))}   # (when, seconds)
     probe_s: list[tuple[float, float]] = []
+    own_s: list[tuple[float, float]] = []
     mem_Bps: list[float] = []
 
     def time_probe() -> None:
         _one_step(None, None, None, fn=probe)     # warm: its gradients were freed a layout ago
         probe_s.extend((time.monotonic(), _one_step(None, None, None, fn=probe)) for _ in range(3))
+        _one_step(None, None, None, fn=own)
+        own_s.extend((time.monotonic(), _one_step(None, None, None, fn=own)) for _ in range(3))
         comm.barrier()
         mem_Bps.append(sound_memory(3))
     load0 = os.getloadavg()
@@ -247,8 +286,11 @@ def measure_layouts(name: str, items: list[dict], steps: int, phase: str = "time
     # the slower rank's memory speed, as calibrate takes mem_Bps
     mem = torch.tensor([statistics.median(mem_Bps)], dtype=torch.float64)
     comm.all_reduce(mem, op="min")
+    own_norm = [t * speed(when) for when, t in own_s]   # scaled to the host's speed as the layouts are
     return rows + [{"layout": PROBE, "measured_s": statistics.median(probe_times), "all_s": probe_times,
-                    "mem_Bps": float(mem), "loadavg": loads}]
+                    "mem_Bps": float(mem), "loadavg": loads},
+                   {"layout": MODEL_PROBE, "measured_s": statistics.median(own_norm), "all_s": own_norm,
+                    "raw_all_s": [t for _, t in own_s], "loadavg": loads}]
 
 
 def unsettled(times: dict[int, list[float]], steps: int) -> list[int]:
@@ -327,21 +369,28 @@ def _items(plans: list, global_batch: int) -> list[dict]:
 
 def _rows(place: str, name: str, plans: list, measured: list[dict], prof, cluster) -> tuple[list[dict], float]:
     """Rows of predicted vs measured, predicted with the memory-bound figures scaled to the memory bandwidth
-    sounded and compute_efficiency re-fitted to the probe measured in the same rounds (the layouts are the
-    ones ranked before; their order is the re-fitted ranking's)."""
-    from trainlib.planner.calibrate import MEMORY_BOUND, with_memory, with_probe
+    sounded and compute_efficiency re-fitted to the model's own single-device step measured in the same
+    rounds (MODEL_PROBE; the calibration probe's re-fit, as runs before it had, is kept beside as
+    "predicted_probe_refit_s"). The layouts are the ones ranked before; their order is the re-fitted ranking's."""
+    from trainlib.planner.calibrate import MEMORY_BOUND, with_memory, with_model_probe, with_probe
 
     probe = next(m for m in measured if m["layout"] == PROBE)
     note = f"re-fitted to the soundings taken with {place} / {name}"
-    refit = with_probe(with_memory(prof, probe["mem_Bps"], note) if "mem_Bps" in probe else prof,
-                       probe["measured_s"], note)
-    refit_values = {k: refit[k] for k in ("compute_efficiency", *MEMORY_BOUND)}
-    plans = [p for p in rank_layouts(name, cluster, refit) if p.layout.label() in {q.layout.label() for q in plans}]
+    probe_refit = with_probe(with_memory(prof, probe["mem_Bps"], note) if "mem_Bps" in probe else prof,
+                             probe["measured_s"], note)
+    own = next((m for m in measured if m["layout"] == MODEL_PROBE), None)
+    refit = probe_refit if own is None else with_model_probe(
+        probe_refit, model_spec(name), MODELS[name][2] // N_RANKS, own["measured_s"],
+        f"re-fitted to {name}'s own step on one rank, timed with {place}")
+    refit_values = {k: refit[k] for k in ("compute_efficiency", *MEMORY_BOUND, "op_s")}
+    labels = {q.layout.label() for q in plans}
+    plans = [p for p in rank_layouts(name, cluster, refit) if p.layout.label() in labels]
+    by_probe = {p.layout.label(): p.step_s for p in rank_layouts(name, cluster, probe_refit) if p.layout.label() in labels}
     by_label = {m["layout"]: m for m in measured}
     out = []
     for i, p in enumerate(plans):
         m = by_label[p.layout.label()]
-        out.append({"place": place, "model": name, "planner_rank": i + 1, "layout": m["layout"],
+        out.append({"predicted_probe_refit_s": by_probe[p.layout.label()], "place": place, "model": name, "planner_rank": i + 1, "layout": m["layout"],
                     "flags": p.layout.train_flags(MODELS[name][2]),
                     "predicted_s": p.step_s, "measured_s": m["measured_s"], "all_s": m["all_s"],
                     "time_error": abs(p.step_s - m["measured_s"]) / m["measured_s"],
@@ -350,13 +399,17 @@ def _rows(place: str, name: str, plans: list, measured: list[dict], prof, cluste
                        if "raw_measured_s" in m else {}),
                     "predicted_bytes": p.peak_bytes, "measured_bytes": m["measured_bytes"],
                     "memory_error": abs(p.peak_bytes - m["measured_bytes"]) / max(1.0, m["measured_bytes"]),
-                    "predicted_breakdown": p.time.as_dict(), "refit": refit_values, "loadavg": m["loadavg"]})
+                    "predicted_breakdown": p.time.as_dict(), "refit": refit_values, "loadavg": m["loadavg"],
+                    **({"model_probe_s": own["measured_s"], "probe_refit_efficiency": probe_refit["compute_efficiency"]}
+                       if own is not None else {})})
     return out, refit
 
 
 def _refit_note(prof, refit) -> str:
+    probe = refit.measured.get("model_probe_s")
     return (f"compute_efficiency re-fitted {refit['compute_efficiency']:.3f} (calibration "
-            f"{prof['compute_efficiency']:.3f}), memory bandwidth {refit['mem_Bps']:.3g} B/s ({prof['mem_Bps']:.3g})")
+            f"{prof['compute_efficiency']:.3f}{f'; model probe {probe * 1e3:.1f} ms' if probe else ''}), "
+            f"memory bandwidth {refit['mem_Bps']:.3g} B/s ({prof['mem_Bps']:.3g})")
 
 
 def local_cluster():
@@ -459,6 +512,7 @@ def summarize(rows: list[dict]) -> dict[str, Any]:
                 "raw_spearman_all": round(spearman([r["predicted_s"] for r in rows],
                                                    [r["raw_measured_s"] for r in rows]) or 0, 3),
                 **{f"raw_{k}": v for k, v in pass_disagreement(rows, "raw_all_s").items()}} if raw else {}),
+            **_probe_refit_figures(rows),
             "median_time_error": round(statistics.median(t_err), 4), "worst_time_error": round(max(t_err), 4),
             "median_memory_error": round(statistics.median(m_err), 4), "worst_memory_error": round(max(m_err), 4),
             "memory_within_10pct": round(sum(e <= 0.10 for e in m_err) / len(m_err), 3),
@@ -467,6 +521,18 @@ def summarize(rows: list[dict]) -> dict[str, Any]:
             "spearman_median": round(statistics.median(rhos), 3) if rhos else None,
             "spearman_all": round(spearman([r["predicted_s"] for r in rows], [r["measured_s"] for r in rows]) or 0, 3),
             **pass_disagreement(rows), "groups": groups, "targets": TARGETS}
+
+
+def _probe_refit_figures(rows: list[dict]) -> dict[str, float]:
+    """The step-time figures with compute re-fitted to the calibration probe instead of each model's own
+    step (how runs before the model probe were scored), where the rows carry both."""
+    alt = [(r["predicted_probe_refit_s"], r["measured_s"]) for r in rows if "predicted_probe_refit_s" in r]
+    if len(alt) != len(rows) or not rows:
+        return {}
+    err = [abs(p - m) / m for p, m in alt]
+    return {"probe_refit_median_time_error": round(statistics.median(err), 4),
+            "probe_refit_worst_time_error": round(max(err), 4),
+            "probe_refit_spearman_all": round(spearman(*zip(*alt)) or 0, 3)}
 
 
 def pass_disagreement(rows: list[dict], key: str = "all_s") -> dict[str, float | None]:

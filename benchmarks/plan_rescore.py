@@ -76,13 +76,21 @@ def rescore(result: dict, profile=None) -> dict[str, Any]:
     rows, drift = [], 0.0
     for (place, model), g in groups.items():
         run_g, prof_g = run_prof, prof
-        mem = (g[0].get("refit") or {}).get("mem_Bps")
-        if mem:   # the memory bandwidth the run sounded beside this group, as a ratio carried to `prof`
-            ratio = mem / run_prof["mem_Bps"]
-            run_g = with_memory(run_prof, mem, "the validation's sounding")
-            prof_g = with_memory(prof, prof["mem_Bps"] * ratio, "the validation's sounding")
-        # the efficiency the run re-fitted, found under the run's own profile, then carried to `prof`
-        eff = _run_efficiency(run_g, place, model, g[0], goodput)
+        refit = g[0].get("refit") or {}
+        if "op_s" in refit:   # every figure the run re-fitted is recorded: each carried to `prof` as a ratio
+            prof_g = copy.deepcopy(prof)
+            for k, v in refit.items():
+                if k != "compute_efficiency":
+                    prof_g.values[k] = prof[k] * v / run_prof[k]
+            eff = refit["compute_efficiency"]
+        else:
+            mem = refit.get("mem_Bps")
+            if mem:   # the memory bandwidth the run sounded beside this group, as a ratio carried to `prof`
+                ratio = mem / run_prof["mem_Bps"]
+                run_g = with_memory(run_prof, mem, "the validation's sounding")
+                prof_g = with_memory(prof, prof["mem_Bps"] * ratio, "the validation's sounding")
+            # the efficiency the run re-fitted, found under the run's own profile, then carried to `prof`
+            eff = _run_efficiency(run_g, place, model, g[0], goodput)
         plans = _predict(_with_efficiency(prof_g, eff), place, model, {r["layout"] for r in g}, goodput)
         missing = sorted({r["layout"] for r in g} - plans.keys())
         if missing:
@@ -91,7 +99,8 @@ def rescore(result: dict, profile=None) -> dict[str, Any]:
         for r in g:
             p = plans[r["layout"]]
             drift = max(drift, abs(p.step_s - r["predicted_s"]) / r["predicted_s"])
-            rows.append({**r, "predicted_s": p.step_s, "planner_rank": rank[r["layout"]],
+            kept = {k: v for k, v in r.items() if k != "predicted_probe_refit_s"}   # the run's, not this model's
+            rows.append({**kept, "predicted_s": p.step_s, "planner_rank": rank[r["layout"]],
                          "time_error": abs(p.step_s - r["measured_s"]) / r["measured_s"],
                          "predicted_breakdown": p.time.as_dict(), "predicted_bytes": p.peak_bytes,
                          "memory_error": abs(p.peak_bytes - r["measured_bytes"]) / max(1.0, r["measured_bytes"])})

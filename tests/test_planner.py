@@ -396,6 +396,12 @@ def test_feature_costs_enter_the_step_time_where_the_feature_pays():
     extra = step_time(GPT, full, ONE_NODE, base, 8).compute - none
     assert (step_time(GPT, full, ONE_NODE, profile(recompute_share=0.5), 8).compute - none
             == pytest.approx(extra - 0.5 * (extra - GPT.n_layer * 14 * 0.5 * base["op_s"])))
+    # full checkpointing's cost per call: each block of the rank, each microbatch, each recomputation
+    # (ZB-H1's split backward recomputes for I and again for W); rank 0 of pp=2 holds 2 of the 4 blocks
+    for lay, calls in ((full, GPT.n_layer), (Layout(2, 1, 1, schedule="1f1b", microbatches=4, ac="full"), 2 * 4),
+                       (Layout(2, 1, 1, schedule="zb-h1", microbatches=4, ac="full"), 2 * 4 * 2)):
+        assert (step_time(GPT, lay, ONE_NODE, profile(checkpoint_call_s=1e-3), 8).compute
+                - step_time(GPT, lay, ONE_NODE, base, 8).compute) == pytest.approx(calls * 1e-3)
 
 
 def test_feature_costs_fit_recovers_the_costs_that_made_the_measurements():
@@ -403,8 +409,10 @@ def test_feature_costs_fit_recovers_the_costs_that_made_the_measurements():
     from trainlib.config import ModelConfig as MC
     from trainlib.planner.calibrate import FEATURE_LAYOUTS, PROBE, feature_costs
 
-    truth = dict(recompute_share=0.7, selective_op_s=2e-4, solo_speedup=1.3, zero3_unit_s=5e-4, tp_collective_s=1e-3,
-                 compress_collective_s=2e-3, zero_step_s=3e-3)
+    from trainlib.planner.calibrate import CKPT_MICRO, _accumulated
+
+    truth = dict(recompute_share=0.7, checkpoint_call_s=8e-4, selective_op_s=2e-4, solo_speedup=1.3, zero3_unit_s=5e-4,
+                 tp_collective_s=1e-3, compress_collective_s=2e-3, zero_step_s=3e-3)
     values = profile(op_s=1e-5).values
     spec = ModelSpec.gpt(MC(**{k: v for k, v in PROBE.items() if k != "batch"}))
     alone = ClusterSpec(1, 1, "cpu", 10.0, 8.0)
@@ -415,14 +423,19 @@ def test_feature_costs_fit_recovers_the_costs_that_made_the_measurements():
     probe = t(Layout(1, 1, 1), alone)
     measured = {"probe_s": probe, "probe_full_s": t(Layout(1, 1, 1, ac="full"), alone),
                 "probe_selective_s": t(Layout(1, 1, 1, ac="selective"), alone), "probe_solo_s": probe / 1.3,
+                "probe_plain_micro_s": _accumulated(profile(op_s=1e-5, **truth).values, "none", CKPT_MICRO),
+                "probe_full_micro_s": _accumulated(profile(op_s=1e-5, **truth).values, "full", CKPT_MICRO),
                 **{k: t(lay, ONE_NODE) for k, lay in FEATURE_LAYOUTS.items()}}
     got = feature_costs(values, measured)
     assert got == pytest.approx(truth, rel=1e-6)
     # the plain probe timed once at a faster moment than the checkpointed ones: the plain probe timed in
     # turn with them is the base of their differences, so recomputation does not absorb the drift
     skewed = feature_costs(values, {**measured, "probe_s": probe * 0.8, "probe_plain_s": probe})
-    assert (skewed["recompute_share"], skewed["selective_op_s"]) == pytest.approx(
-        (truth["recompute_share"], truth["selective_op_s"]), rel=1e-6)
+    assert (skewed["recompute_share"], skewed["selective_op_s"], skewed["checkpoint_call_s"]) == pytest.approx(
+        (truth["recompute_share"], truth["selective_op_s"], truth["checkpoint_call_s"]), rel=1e-6)
+    # an older profile's measurements (no microbatched pair): the share alone, no cost per call
+    old = {k: v for k, v in measured.items() if "micro" not in k}
+    assert feature_costs(values, old)["checkpoint_call_s"] == 0.0
 
 
 def test_width_fit_recovers_the_efficiency_and_width_that_timed_both_probes():
@@ -633,3 +646,27 @@ def test_memory_refit_scales_the_memory_bound_figures_and_rescore_carries_it():
     for r in bare:
         del r["refit"]
     assert plan_rescore.rescore({**result, "rows": bare})["drift"] > 0.01
+
+
+def test_model_probe_refit_scales_the_compute_side_and_rescore_carries_it():
+    """bench plan re-fits each group to its model's own single-device step: one factor on the compute-side
+    rates (FLOPs, memory traffic, per-op costs), none on the collectives; plan_rescore reproduces it."""
+    from trainlib.benchmarks import bench_plan, plan_rescore
+    from trainlib.planner.calibrate import COMPUTE_SIDE, MEMORY_BOUND, with_model_probe
+    from trainlib.planner.profile import load
+
+    prof = load("cpu")
+    spec = bench_plan.model_spec("gpt-default")
+    single = step_time(spec, Layout(1, 1, 1), ClusterSpec(1, 1, "cpu", 10.0, 8.0), prof, 4).total
+    refit = with_model_probe(prof, spec, 4, 1.3 * single, "test")
+    assert refit.measured["model_slowdown"] == pytest.approx(1.3, rel=1e-6)
+    assert step_time(spec, Layout(1, 1, 1), ClusterSpec(1, 1, "cpu", 10.0, 8.0), refit, 4).total \
+        == pytest.approx(1.3 * single, rel=1e-6)
+    assert all(refit[k] == prof[k] for k in prof.values if k not in COMPUTE_SIDE)
+    cluster = plan_rescore._cluster("local 1x2", None)
+    rows = [{"place": "local 1x2", "model": "gpt-default", "planner_rank": i + 1, "layout": p.layout.label(),
+             "predicted_s": p.step_s, "measured_s": p.step_s, "all_s": [], "measured_bytes": p.peak_bytes,
+             "time_error": 0.0, "memory_error": 0.0, "predicted_breakdown": p.time.as_dict(),
+             "refit": {k: refit[k] for k in ("compute_efficiency", *MEMORY_BOUND, "op_s")}}
+            for i, p in enumerate(bench_plan.rank_layouts("gpt-default", cluster, refit)[:8])]
+    assert plan_rescore.rescore({"profile": prof.to_json(), "rows": rows, "cluster": {}})["drift"] < 1e-9

@@ -357,6 +357,8 @@ def _feature_probes() -> dict[str, float]:
     # plain probe timed once, apart from the others, read 13.3 ms against a full one timed later at 23.0:
     # a recompute costing 2.6 forwards)
     steps = {ac: probe_step_fn(ac) for ac in ("none", "full", "selective")}
+    # and in CKPT_MICRO microbatches: full checkpointing pays per checkpointed call, not only per FLOP
+    steps.update({f"{ac}_m": probe_step_fn(ac, micro=CKPT_MICRO) for ac in ("none", "full")})
     rounds: dict[str, list[float]] = {ac: [] for ac in steps}
     for _ in range(3):
         for ac, fn in steps.items():
@@ -365,6 +367,8 @@ def _feature_probes() -> dict[str, float]:
     out["probe_plain_s"] = statistics.median(rounds["none"])
     for ac in ("full", "selective"):
         out[f"probe_{ac}_s"] = statistics.median(rounds[ac])
+    out["probe_plain_micro_s"] = statistics.median(rounds["none_m"])
+    out["probe_full_micro_s"] = statistics.median(rounds["full_m"])
     step, solo = probe_step_fn(), []
     for r in range(dist.get_world_size()):
         comm.barrier()
@@ -420,6 +424,7 @@ def _layout_probe(layout) -> float:
 
 
 PROBE = {"n_layer": 2, "d_model": 96, "n_head": 4, "seq_len": 64, "vocab_size": 256, "batch": 8}
+CKPT_MICRO = 4   # the checkpointing probes' second batch split: 4 checkpointed calls per block a step
 WIDE_PROBE = {**PROBE, "d_model": 256}   # the same probe wider: how efficiency grows with the model's width
 MAX_EFFICIENCY = 2.0
 
@@ -438,9 +443,10 @@ def probe_spec(shape: dict = PROBE):
     return ModelSpec.gpt(ModelConfig(**{k: v for k, v in shape.items() if k != "batch"}))
 
 
-def probe_step_fn(ac: str | None = None, shape: dict = PROBE):
+def probe_step_fn(ac: str | None = None, shape: dict = PROBE, micro: int = 1):
     """A step function of the probe: forward + backward + AdamW of a small GPT (2 blocks, d_model 96,
-    8 x 64 tokens) on this rank alone, no communication; ac: its blocks checkpointed that way."""
+    8 x 64 tokens) on this rank alone, no communication; ac: its blocks checkpointed that way; micro: the
+    batch in that many microbatches, gradients accumulated (each block checkpointed once per microbatch)."""
     from trainlib.activation_checkpointing import apply_activation_checkpointing
     from trainlib.models.gpt import GPT, GPTConfig, lm_loss
 
@@ -451,7 +457,8 @@ def probe_step_fn(ac: str | None = None, shape: dict = PROBE):
     x = torch.randint(0, cfg.vocab_size, (PROBE["batch"], cfg.seq_len), generator=torch.Generator().manual_seed(0))
 
     def step():
-        lm_loss(model(x), x).backward()
+        for xs in x.chunk(micro):
+            lm_loss(model(xs), xs).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -525,9 +532,92 @@ def efficiency(values: dict) -> float:
     return min(MAX_EFFICIENCY, max(0.05, matmul_t / max(1e-9, values["probe_s"] - rest)))
 
 
+COMPUTE_SIDE = ("compute_efficiency", "mem_Bps", "matmul_weight_Bps", "op_s")   # what a device's own step runs on
+
+
+def _compute_scaled(prof: Profile, k: float) -> Profile:
+    """prof with the device's compute-side rates k x slower (the collectives' figures as they are)."""
+    v = dict(prof.values)
+    for key in ("compute_efficiency", "mem_Bps", "matmul_weight_Bps"):
+        v[key] = prof[key] / k
+    v["op_s"] = prof["op_s"] * k
+    return Profile(prof.name, prof.device, prof.validated, v, dict(prof.sources), dict(prof.measured))
+
+
+def model_slowdown(prof: Profile, spec, batch: int, step_s: float) -> float:
+    """k such that the time model, with COMPUTE_SIDE k x slower, gives `spec`'s single-device step (forward,
+    backward and AdamW of `batch` samples, no parallelism) as `step_s`: bisection, the prediction grows with
+    k. One factor for FLOPs, memory traffic and per-op costs alike: a model whose step is bound by its
+    optimizer's or its weights' bytes (the wide MLP) moves the memory-bound terms, a GPT its matmuls."""
+    from .spec import ClusterSpec
+    from .timing import step_time
+
+    def t(k: float) -> float:
+        return step_time(spec, Layout(1, 1, 1), ClusterSpec(1, 1, prof.device, 10.0, 8.0), _compute_scaled(prof, k),
+                         batch).total
+
+    lo, hi = 0.2, 5.0
+    if not t(lo) < step_s < t(hi):
+        return lo if t(lo) >= step_s else hi
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t(mid) < step_s else (lo, mid)
+    return (lo + hi) / 2
+
+
+def with_model_probe(prof: Profile, spec, batch: int, step_s: float, note: str) -> Profile:
+    """prof with its compute side re-fitted to a step of the planned model itself on one device
+    (model_slowdown): what an operator-profiling simulator does, for a model that fits on one device."""
+    k = model_slowdown(prof, spec, batch, step_s)
+    out = _compute_scaled(prof, k)
+    for key in COMPUTE_SIDE:
+        out.sources[key] = f"{prof.sources.get(key, '')}; {note} (x{k:.3f} slower)"
+    out.measured = {**prof.measured, "model_probe_s": round(step_s, 6), "model_slowdown": round(k, 4)}
+    return out
+
+
+def _accumulated(values: dict, ac: str, micro: int, **override) -> float:
+    """The time model's probe step with its batch in `micro` microbatches, gradients accumulated (one
+    optimizer step): micro forwards and backwards of batch / micro each."""
+    from .spec import ClusterSpec
+    from .timing import step_time
+
+    prof = Profile("probe", "cpu", True, {**values, **override}, {})
+    t = step_time(probe_spec(), Layout(1, 1, 1, ac=ac), ClusterSpec(1, 1, "cpu", 10.0, 8.0), prof,
+                  PROBE["batch"] // micro)
+    return micro * (t.total - t.optimizer) + t.optimizer
+
+
+def recompute_fit(values: dict, measured: dict, plain: float) -> tuple[float, float]:
+    """(recompute_share, checkpoint_call_s): full checkpointing's cost over the plain probe, measured with the
+    batch whole and in CKPT_MICRO microbatches, is the modelled op costs + share x the modelled recompute +
+    a fixed cost per checkpointed call (n_layer a microbatch); two measurements, two unknowns. Without the
+    microbatched pair (an older profile's measurements), or when the pair gives a negative call cost, the
+    share alone, from the whole batch, with no call cost."""
+    n, k = PROBE["n_layer"], CKPT_MICRO
+
+    def parts(micro: int) -> tuple[float, float]:   # (op costs, recompute at share 1) of full checkpointing
+        none = _accumulated(values, "none", micro)
+        fixed = _accumulated(values, "full", micro, recompute_share=0.0, checkpoint_call_s=0.0) - none
+        return fixed, _accumulated(values, "full", micro, recompute_share=1.0, checkpoint_call_s=0.0) - none - fixed
+
+    f1, r1 = parts(1)
+    d1 = measured["probe_full_s"] - plain - f1
+    share, call_s = d1 / max(1e-9, r1), 0.0
+    if "probe_full_micro_s" in measured:
+        fk, rk = parts(k)
+        dk = measured["probe_full_micro_s"] - measured["probe_plain_micro_s"] - fk
+        det = r1 * k * n - rk * n
+        if abs(det) > 1e-12:
+            s2, c2 = (d1 * k * n - dk * n) / det, (r1 * dk - rk * d1) / det
+            if c2 > 0:
+                share, call_s = s2, c2
+    return min(3.0, max(0.1, share)), call_s
+
+
 def feature_costs(values: dict, measured: dict) -> dict[str, float]:
-    """The feature costs (profile keys recompute_share, selective_op_s, solo_speedup, zero3_unit_s,
-    tp_collective_s) that make the time model reproduce the probe's measured steps under each feature:
+    """The feature costs (profile keys recompute_share, checkpoint_call_s, selective_op_s, solo_speedup,
+    zero3_unit_s, tp_collective_s, zero_step_s, compress_collective_s) that make the time model reproduce the probe's measured steps under each feature:
     each is the measured difference to the plain probe (or ZeRO-3 to ZeRO-1) less what the model already
     predicts for it, per unit of what the feature pays per step."""
     from .spec import ClusterSpec
@@ -543,8 +633,7 @@ def feature_costs(values: dict, measured: dict) -> dict[str, float]:
     base, n = t(Layout(1, 1, 1), alone), PROBE["n_layer"]
     probe = measured["probe_s"]
     plain = measured.get("probe_plain_s", probe)   # timed in turn with the checkpointed probes
-    full_fixed = t(Layout(1, 1, 1, ac="full"), alone, recompute_share=0.0) - base   # the op costs
-    full = t(Layout(1, 1, 1, ac="full"), alone, recompute_share=1.0) - base - full_fixed
+    share, call_s = recompute_fit(values, measured, plain)
     sel = t(Layout(1, 1, 1, ac="selective"), alone, selective_op_s=0.0) - base
     z3 = (t(FEATURE_LAYOUTS["zero3_s"], pair, zero3_unit_s=0.0) - t(FEATURE_LAYOUTS["zero1_s"], pair))
     tp = t(FEATURE_LAYOUTS["tp2_s"], pair, tp_collective_s=0.0) - base
@@ -552,7 +641,8 @@ def feature_costs(values: dict, measured: dict) -> dict[str, float]:
     zc = t(z3c, pair, compress_collective_s=0.0, zero3_unit_s=0.0) - t(FEATURE_LAYOUTS["zero3_s"], pair, zero3_unit_s=0.0)
     units = n + 2   # the planner's pipeline layers: embedding, blocks, head
     out = {
-        "recompute_share": min(3.0, max(0.1, (measured["probe_full_s"] - plain - full_fixed) / max(1e-9, full))),
+        "recompute_share": share,
+        "checkpoint_call_s": call_s,
         "selective_op_s": max(0.0, (measured["probe_selective_s"] - plain - sel) / (n * OPS_PER_BLOCK)),
         "solo_speedup": min(4.0, max(1.0, probe / measured["probe_solo_s"])),
         "zero3_unit_s": max(0.0, (measured["zero3_s"] - measured["zero1_s"] - z3) / (2 * units)),
@@ -602,6 +692,7 @@ def calibrate(ranks: int = 2) -> Profile:
     values.update(inter_alpha_s=values["intra_alpha_s"], inter_efficiency=eff, overlap=0.0, runtime_bytes=0.0)
     probe_s, probe_wide_s = values.pop("probe_s"), values.pop("probe_wide_s")
     features = {k: values.pop(k) for k in (*FEATURE_LAYOUTS, "probe_plain_s", "probe_full_s", "probe_selective_s",
+                                           "probe_plain_micro_s", "probe_full_micro_s",
                                            "probe_solo_s")}
     mm_half_width = values["matmul_half_width"]
     values["compute_efficiency"], values["matmul_half_width"] = width_fit(values, probe_s, probe_wide_s)
@@ -646,6 +737,8 @@ def calibrate(ranks: int = 2) -> Profile:
         "compute_efficiency": "measured: a probe GPT (2 blocks, d_model 96, 8 x 64 tokens; not a validated shape) "
                               "steps with AdamW on each rank at once; the share of the fitted matmul rate that "
                               "makes the time model reproduce it",
+        "checkpoint_call_s": f"measured: as recompute_share, with the batch whole and in {CKPT_MICRO} microbatches "
+                             "(two equations: the recompute per FLOP and a cost per checkpointed call)",
         "recompute_share": "measured: the probe with full checkpointing minus without (timed in turn, 3 rounds), "
                            "over the modelled forward",
         "selective_op_s": "measured: the probe with selective checkpointing minus without (timed in turn), less "

@@ -50,6 +50,9 @@ KEYS = {
                      "measured as a delta)",
     "compute_efficiency": "share of the matmul throughput a model's matmuls reach (shapes, fusion, launch gaps)",
     "recompute_share": "what full activation checkpointing's recomputation costs, as a share of the modelled forward",
+    "checkpoint_call_s": "fixed cost of one block's full checkpointing per microbatch (torch's checkpoint: "
+                         "its saved-tensor hooks, RNG state, the recompute's own graph), beyond the modelled "
+                         "recomputation",
     "selective_op_s": "extra seconds per block op under selective checkpointing (its dispatch modes record the "
                       "forward and replay the recomputation, op by op)",
     "solo_speedup": "how much faster a rank computes while the others on its node idle (a pipeline bubble) than "
@@ -61,6 +64,8 @@ KEYS = {
     "compress_collective_s": "fixed cost of one collective of a bf16-compressed ZeRO sync inside a node (each "
                              "bucket's reduce-scatter and all-gather, each ZeRO-3 unit's gathers: torch's "
                              "collectives, not the node's transport) beyond the alpha-beta time",
+    "compress_overlap": "share of the backward behind which a compressed ZeRO sync's reduce-scatters (torch's "
+                        "asynchronous collectives: gloo's thread on CPU) run inside a node",
     "compress_alpha_s": "per-step latency of a bf16-compressed gradient all-reduce (the collective library's own "
                         "16-bit path; gloo on CPU)",
     "compress_Bps": "link bandwidth of a bf16-compressed gradient all-reduce per rank (bytes on the wire / s)",
@@ -69,7 +74,8 @@ KEYS = {
 # model assumed before it had them), labelled so, instead of failing to load.
 DEFAULTS = {"matmul_half_width": 0.0, "recompute_share": 1.0, "selective_op_s": 0.0, "solo_speedup": 1.0, "zero3_unit_s": 0.0,
             "tp_collective_s": 0.0, "compress_collective_s": 0.0, "zero_step_s": 0.0, "ps_sync_s": 0.0,
-            "grad_call_s": 0.0, "matmul_weight_Bps": 0.0, "sync_dram_Bps": 0.0}
+            "grad_call_s": 0.0, "matmul_weight_Bps": 0.0, "sync_dram_Bps": 0.0,
+            "compress_overlap": 0.0, "checkpoint_call_s": 0.0}
 
 
 @dataclass

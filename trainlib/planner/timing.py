@@ -3,7 +3,8 @@
     compute      matmul FLOPs / (matmul throughput x efficiency), per layer and call at least its weight's bytes
                  / matmul_weight_Bps (few rows on a wide layer stream the weight), + elementwise bytes / memory bandwidth
                  + framework ops x op cost; backward = 2 x forward matmuls; full recompute adds a
-                 forward (x recompute_share, calibrated), selective the elementwise part of one plus its
+                 forward (x recompute_share, calibrated) and a fixed cost per checkpointed block and
+                 microbatch (checkpoint_call_s), selective the elementwise part of one plus its
                  dispatch modes' cost per op (selective_op_s) (Korthikanti et al. 2022, sec. 5); ZB-H1's
                  split backward under checkpointing recomputes twice and walks the activation gradients
                  twice (trainlib.pipeline.zero_bubble)
@@ -178,11 +179,16 @@ def dp_sync_time(model: ModelSpec, layout: Layout, cluster: ClusterSpec, prof: P
             nodes, _ = _group_span(cluster, layout.dp, stride)
             if nodes == 1:
                 gathered = params + (params - held_params if layout.shard == "parameters" else 0.0)
-                t = (allreduce_time(wire_m, layout.dp, stride, cluster, prof, link) * _rs_ag_factor(link, prof)
-                     + allreduce_time(gathered * ab, layout.dp, stride, cluster, prof, ag_link)
-                     * _rs_ag_factor(ag_link, prof)) / 2
-                if compress:   # torch's collectives, one wait for the slower rank each
-                    t += sharded_collectives(layout, m, units) * prof["compress_collective_s"]
+                rs = allreduce_time(wire_m, layout.dp, stride, cluster, prof, link) * _rs_ag_factor(link, prof) / 2
+                ag = allreduce_time(gathered * ab, layout.dp, stride, cluster, prof, ag_link) * _rs_ag_factor(ag_link, prof) / 2
+                if compress:
+                    # gloo's reduce-scatters start as buckets fill and run on its own thread beside the
+                    # backward (compress_overlap of it, calibrated); the all-gathers follow the optimizer
+                    # step with nothing to hide behind. torch's collectives: one wait for the slower rank each
+                    rs = max(0.0, rs - prof["compress_overlap"] * backward_s)
+                    t = rs + ag + sharded_collectives(layout, m, units) * prof["compress_collective_s"]
+                else:
+                    t = rs + ag
             else:
                 t = _sharded_across_nodes(layout, cluster, prof, nodes, wire_m, params * ab, held_params * ab,
                                           units, backward_s, link, ag_link)
@@ -284,6 +290,8 @@ def step_time(model: ModelSpec, layout: Layout, cluster: ClusterSpec, prof: Prof
         op_t = ops * prof["op_s"] * (1 + (0.5 if layout.ac != "none" else 0.0))
         if layout.ac == "selective":
             op_t += redo * ops * prof["selective_op_s"]
+        elif layout.ac == "full":   # each checkpointed block, each microbatch, each recomputation
+            op_t += redo * blocks * m * prof["checkpoint_call_s"]
         # ZB-H1's W under checkpointing is one backward from every module output: the activation
         # gradients (about a forward's work) are walked again
         walk = fwd if redo > 1 else 0.0
