@@ -6,6 +6,6 @@ from typing import Any, Callable
 from trainlib.testing import run_ranks
 
 
-def spawn_ranks(fn: Callable[[], Any], ranks: int, threads: str) -> list[Any]:
-    """fn on `ranks` local gloo ranks with OMP_NUM_THREADS=threads; per-rank results in rank order."""
-    return run_ranks(fn, ranks, timeout_s=600, env={"OMP_NUM_THREADS": threads})
+def spawn_ranks(fn: Callable[..., Any], ranks: int, threads: str, *args: Any) -> list[Any]:
+    """fn(*args) on `ranks` local gloo ranks with OMP_NUM_THREADS=threads; per-rank results in rank order."""
+    return run_ranks(fn, ranks, *args, timeout_s=600, env={"OMP_NUM_THREADS": threads})

@@ -56,6 +56,9 @@ def parser() -> argparse.ArgumentParser:
     k = p.add_argument_group("calibration")
     k.add_argument("--calibrate", action="store_true", help="measure this machine's profile (about a minute)")
     k.add_argument("--out", metavar="PROFILE.json", help="where --calibrate writes (default: print it)")
+    k.add_argument("--probe-model", action="store_true",
+                   help="time the planned model's own step on one device here (CPU, the default GPT's --model.* "
+                        "flags) and re-fit the profile's compute side to it, as `trainlib bench plan` validates")
     return p
 
 
@@ -141,6 +144,30 @@ def _table(plans, global_batch: int, top: int, model: ModelSpec, cluster: Cluste
     return "\n".join(lines)
 
 
+def _probe_model(model: ModelSpec, cluster: ClusterSpec, profile, global_batch: int, overrides: list[str]):
+    """The profile with its compute side re-fitted to the model's own single-device step, measured here on
+    a device's share of the batch at full data parallelism (calibrate.with_model_probe)."""
+    import os
+
+    from .config import load_config
+    from .planner.calibrate import measure_model_step, with_model_probe
+
+    if profile.device != "cpu" or cluster.device != "cpu":
+        raise PlanError(f"--probe-model times the model on this machine's CPU; the profile is for "
+                        f"{profile.device!r} (drop --probe-model, or plan --device cpu with a measured profile)")
+    cfg = load_config(None, overrides).model
+    batch = max(1, global_batch // cluster.world)
+    shape = {"n_layer": cfg.n_layer, "d_model": cfg.d_model, "n_head": cfg.n_head, "seq_len": cfg.seq_len,
+             "vocab_size": cfg.vocab_size, "batch": batch}
+    ranks = max(1, min(cluster.devices_per_node, os.cpu_count() or 1))
+    step_s = measure_model_step(shape, ranks)
+    out = with_model_probe(profile, model, batch, step_s, f"re-fitted to {model.name}'s own step ({batch} "
+                           f"sequences on one of {ranks} ranks at once)")
+    print(f"trainlib plan: --probe-model: {model.name} took {step_s * 1e3:.1f} ms a step on one device; the "
+          f"profile's compute side x{out.measured['model_slowdown']:.3f} slower", file=sys.stderr)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args, overrides = parser().parse_known_args(argv)
@@ -162,6 +189,11 @@ def main(argv: list[str] | None = None) -> int:
         model = model_from(args, overrides)
         cluster = cluster_from(args)
         profile = load(args.profile or args.device)
+        if args.probe_model:
+            if args.model or any(v is not None for v in (args.params, args.layers, args.hidden, args.vocab)):
+                raise PlanError("--probe-model builds the default GPT from its --model.* flags; a model given by "
+                                "--params/--layers or a config.json is not built here (drop --probe-model)")
+            profile = _probe_model(model, cluster, profile, args.global_batch, overrides)
         precision = args.precision or DEVICE_DEFAULTS.get(cluster.device, (0, 0, "fp32"))[2]
         from .planner.rank import rank
 

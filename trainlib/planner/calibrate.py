@@ -378,32 +378,44 @@ def _feature_probes() -> dict[str, float]:
     out["probe_solo_s"] = solo[0]
     # the feature costs are differences of these (ZeRO-3 - ZeRO-1 is a few ms): each layout is timed twice,
     # in the order A B C A B C, so a host that speeds up or slows down over the probes moves them alike
-    times: dict[str, list[float]] = {key: [] for key in FEATURE_LAYOUTS}
+    times: dict[str, list[float]] = {key: [] for key in (*FEATURE_LAYOUTS, *MLP_FEATURES)}
     for _ in range(2):
         for key, layout in FEATURE_LAYOUTS.items():
             times[key].append(_layout_probe(layout))
+        for key, layout in MLP_FEATURES.items():
+            times[key].append(_layout_probe(layout, mlp=True))
     out.update({key: statistics.mean(ts) for key, ts in times.items()})
     return out
 
 
-def _build_layout_probe(layout):
-    """(step, close) of the probe GPT under `layout`, built from its `trainlib train` flags as the trainer does."""
+def _build_layout_probe(layout, mlp: bool = False):
+    """(step, close) of the probe GPT (mlp: the MLP probe) under `layout`, built from its `trainlib train`
+    flags as the trainer does."""
     import trainlib as tl
     from trainlib.config import load_config
     from trainlib.optim import DistributedOptimizer
-    from trainlib.trainer import build_model, wrap
+    from trainlib.trainer import build_model, wrap, wrap_data_parallel
 
-    shapes = [f"--model.{k}={v}" for k, v in PROBE.items() if k != "batch"]
-    cfg = load_config(None, [*layout.train_flags(PROBE["batch"]), *shapes])
+    batch = MLP_PROBE["batch"] if mlp else PROBE["batch"]
+    shapes = [] if mlp else [f"--model.{k}={v}" for k, v in PROBE.items() if k != "batch"]
+    cfg = load_config(None, [*layout.train_flags(batch), *shapes])
     mesh = tl.Mesh(pp=cfg.mesh.pp, dp=cfg.mesh.dp, tp=cfg.mesh.tp)
-    model = wrap(build_model(cfg), cfg, mesh)
-    opt = DistributedOptimizer(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4), model)
-    rows = PROBE["batch"] // mesh.size("dp")
+    rows = batch // mesh.size("dp")
     g = torch.Generator().manual_seed(mesh.rank("dp"))
-    x = torch.randint(0, PROBE["vocab_size"], (rows, PROBE["seq_len"]), generator=g)
+    if mlp:
+        from trainlib.benchmarks.dp_workloads import WideMLP
+        from trainlib.compose import parallelize
+
+        model = parallelize(WideMLP(MLP_PROBE["width"], MLP_PROBE["depth"]), mesh, loss_fn=torch.nn.functional.mse_loss,
+                            dp_wrapper=lambda local: wrap_data_parallel(local, cfg, mesh))
+        x, y = (torch.randn(rows, MLP_PROBE["width"], generator=g) for _ in range(2))
+    else:
+        model = wrap(build_model(cfg), cfg, mesh)
+        x = y = torch.randint(0, PROBE["vocab_size"], (rows, PROBE["seq_len"]), generator=g)
+    opt = DistributedOptimizer(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4), model)
 
     def step():
-        model.step(x, x)
+        model.step(x, y)
         model.clip_grad_norm_(1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -411,11 +423,11 @@ def _build_layout_probe(layout):
     return step, model.close
 
 
-def _layout_probe(layout) -> float:
-    """Median step time of the probe GPT under `layout`, both ranks in it."""
+def _layout_probe(layout, mlp: bool = False) -> float:
+    """Median step time of the probe GPT (mlp: the MLP probe) under `layout`, both ranks in it."""
     from trainlib import comm
 
-    step, close = _build_layout_probe(layout)
+    step, close = _build_layout_probe(layout, mlp)
     step()
     comm.barrier()
     t = _median_time(step, 7)
@@ -424,11 +436,16 @@ def _layout_probe(layout) -> float:
 
 
 PROBE = {"n_layer": 2, "d_model": 96, "n_head": 4, "seq_len": 64, "vocab_size": 256, "batch": 8}
-CKPT_MICRO = 4   # the checkpointing probes' second batch split: 4 checkpointed calls per block a step
+CKPT_MICRO = 8   # the checkpointing probes' second batch split: 8 checkpointed calls per block a step (one row each)
 WIDE_PROBE = {**PROBE, "d_model": 256}   # the same probe wider: how efficiency grows with the model's width
 MAX_EFFICIENCY = 2.0
 
 
+# a compressed ZeRO sync large enough that its reduce-scatters outlast the backward (gloo's, on CPU): how much
+# of them runs beside it (compress_overlap). 7M parameters, 16 rows: a few-row step bound by its weights' bytes
+MLP_PROBE = {"width": 1536, "depth": 3, "batch": 16}
+MLP_FEATURES = {"mlp_zero1_s": Layout(1, 2, 1, shard="optimizer"),
+                "mlp_zero1_bf16_s": Layout(1, 2, 1, shard="optimizer", compress="bf16")}
 FEATURE_LAYOUTS = {"dp2_s": Layout(1, 2, 1), "zero1_s": Layout(1, 2, 1, shard="optimizer"),
                    "zero3_s": Layout(1, 2, 1, shard="parameters"),
                    "zero3_bf16_s": Layout(1, 2, 1, shard="parameters", compress="bf16"), "tp2_s": Layout(1, 1, 2)}
@@ -454,7 +471,8 @@ def probe_step_fn(ac: str | None = None, shape: dict = PROBE, micro: int = 1):
     model = GPT(cfg)
     apply_activation_checkpointing(model, ac)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = torch.randint(0, cfg.vocab_size, (PROBE["batch"], cfg.seq_len), generator=torch.Generator().manual_seed(0))
+    x = torch.randint(0, cfg.vocab_size, (shape.get("batch", PROBE["batch"]), cfg.seq_len),
+                      generator=torch.Generator().manual_seed(0))
 
     def step():
         for xs in x.chunk(micro):
@@ -565,6 +583,25 @@ def model_slowdown(prof: Profile, spec, batch: int, step_s: float) -> float:
     return (lo + hi) / 2
 
 
+def _model_step(shape: dict) -> float:
+    """Median step of a GPT of `shape` (its batch included) on this rank alone, every rank at once."""
+    from trainlib import comm
+
+    step = probe_step_fn(shape=shape)
+    comm.barrier()
+    return _median_time(step, 7)
+
+
+def measure_model_step(shape: dict, ranks: int) -> float:
+    """`trainlib plan --probe-model`: the planned GPT's single-device step (forward, backward, AdamW of
+    shape["batch"] sequences), timed on `ranks` local ranks at once, as the layouts would share the
+    machine; the slowest rank's median."""
+    from trainlib.benchmarks.plan_ranks import spawn_ranks
+
+    threads = str(max(1, (os.cpu_count() or 1) // ranks))
+    return max(spawn_ranks(_model_step, ranks, threads, shape))
+
+
 def with_model_probe(prof: Profile, spec, batch: int, step_s: float, note: str) -> Profile:
     """prof with its compute side re-fitted to a step of the planned model itself on one device
     (model_slowdown): what an operator-profiling simulator does, for a model that fits on one device."""
@@ -653,8 +690,40 @@ def feature_costs(values: dict, measured: dict) -> dict[str, float]:
         out["zero_step_s"] = max(0.0, measured["zero1_s"] - measured["dp2_s"] - z1)
     if "zero3_bf16_s" in measured:
         per = sharded_collectives(z3c, 0.0, units)   # ZeRO-3: per unit, whatever the bytes
-        out["compress_collective_s"] = max(0.0, (measured["zero3_bf16_s"] - measured["zero3_s"] - zc) / per)
+        overlap = 0.0
+        # the two depend on each other (the probe's reduce-scatters hide behind its backward, the MLP
+        # probe pays a cost per collective): a few rounds of each given the other settle them
+        for _ in range(3 if "mlp_zero1_bf16_s" in measured else 1):
+            zc = (t(z3c, pair, compress_collective_s=0.0, zero3_unit_s=0.0, compress_overlap=overlap)
+                  - t(FEATURE_LAYOUTS["zero3_s"], pair, zero3_unit_s=0.0))
+            out["compress_collective_s"] = max(0.0, (measured["zero3_bf16_s"] - measured["zero3_s"] - zc) / per)
+            if "mlp_zero1_bf16_s" in measured:
+                overlap = compress_overlap_fit({**values, **out}, measured)
+        out["compress_overlap"] = overlap
     return out
+
+
+def compress_overlap_fit(values: dict, measured: dict) -> float:
+    """compress_overlap in [0, 1] at which the time model gives the MLP probe's compressed ZeRO-1 step over its
+    plain ZeRO-1 step as measured (the model's difference falls as the share grows): bisection."""
+    from .spec import ClusterSpec, ModelSpec
+    from .timing import step_time
+
+    spec, pair = ModelSpec.mlp(MLP_PROBE["width"], MLP_PROBE["depth"]), ClusterSpec(1, 2, "cpu", 10.0, 8.0)
+
+    def diff(share: float) -> float:
+        prof = Profile("probe", "cpu", True, {**values, "compress_overlap": share}, {})
+        return (step_time(spec, MLP_FEATURES["mlp_zero1_bf16_s"], pair, prof, MLP_PROBE["batch"]).total
+                - step_time(spec, MLP_FEATURES["mlp_zero1_s"], pair, prof, MLP_PROBE["batch"]).total)
+
+    want = measured["mlp_zero1_bf16_s"] - measured["mlp_zero1_s"]
+    lo, hi = 0.0, 1.0
+    if diff(lo) <= want or diff(hi) >= want:
+        return lo if diff(lo) <= want else hi
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if diff(mid) > want else (lo, mid)
+    return (lo + hi) / 2
 
 
 def runtime_bytes(measured_peak: float, ranks: int) -> float:
@@ -691,7 +760,7 @@ def calibrate(ranks: int = 2) -> Profile:
     eff, eff_src = _inter_node()
     values.update(inter_alpha_s=values["intra_alpha_s"], inter_efficiency=eff, overlap=0.0, runtime_bytes=0.0)
     probe_s, probe_wide_s = values.pop("probe_s"), values.pop("probe_wide_s")
-    features = {k: values.pop(k) for k in (*FEATURE_LAYOUTS, "probe_plain_s", "probe_full_s", "probe_selective_s",
+    features = {k: values.pop(k) for k in (*FEATURE_LAYOUTS, *MLP_FEATURES, "probe_plain_s", "probe_full_s", "probe_selective_s",
                                            "probe_plain_micro_s", "probe_full_micro_s",
                                            "probe_solo_s")}
     mm_half_width = values["matmul_half_width"]
@@ -751,6 +820,9 @@ def calibrate(ranks: int = 2) -> Profile:
                            "tensor-parallel all-reduce",
         "zero_step_s": "measured: the probe at dp=2 with ZeRO-1 minus plain data parallel (as trainlib train builds "
                        "them), less the modelled difference",
+        "compress_overlap": f"measured: an MLP probe ({MLP_PROBE['depth']} x Linear({MLP_PROBE['width']}), "
+                            f"{MLP_PROBE['batch']} rows) at dp=2, ZeRO-1 with bf16 compression minus without, as "
+                            "trainlib train builds them: the share at which the model gives that difference",
         "compress_collective_s": "measured: the probe at dp=2 with ZeRO-3 and bf16 compression minus ZeRO-3, less "
                                  "the modelled difference, per collective the compressed sync starts",
     }
