@@ -1,15 +1,16 @@
-"""`trainlib ckpt ls | verify | export` on checkpoints made by real `trainlib train` runs.
+"""`trainlib ckpt ls | verify | export` on checkpoints made by real training runs.
 
 Three runs of the same seed and steps: plain dp2, dp2 with ZeRO-3 (--dp.shard parameters) and
-dp2 x tp2 with ZeRO-1. The reference for an export is what the run itself ended on: each run's
-summary carries weights_sha256 of its final weights (for tp, rank 0's tp slice), so the exported
-file loaded into a fresh GPT must hash to it, bit for bit; and every layout's export must agree
-with the plain run's within float reduction-order noise."""
+dp2 x tp2 with ZeRO-1, the trainer on real gloo ranks (one spawned group per world size: a
+`trainlib train` job costs ~13-25 s of CPU in imports and torchrun for a 2-step run). The reference
+for an export is what the run itself ended on: each run's summary carries weights_sha256 of its
+final weights (for tp, rank 0's tp slice), so the exported file loaded into a fresh GPT must hash
+to it, bit for bit; and every layout's export must agree with the plain run's within float
+reduction-order noise."""
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -23,6 +24,7 @@ from safetensors.torch import load_file
 
 from trainlib.cli import main as cli
 from trainlib.models.gpt import GPT, GPTConfig
+from trainlib.testing import run_ranks
 from trainlib.trainer import weights_sha256
 
 pytestmark = pytest.mark.timeout(300)
@@ -32,26 +34,29 @@ ARGS = ["--model.n_layer", "1", "--model.d_model", "32", "--model.n_head", "2", 
         "--train.batch_size", "4", "--train.corpus_bytes", "65536", "--train.steps", "2", "--checkpoint.every", "2",
         "--train.log_every", "2"]
 RUNS = {"dp2": [], "dp2_zero3": ["--dp.shard", "parameters"],
-        "dp2_tp2_zero1": ["--nproc-per-node", "4", "--mesh.tp", "2", "--dp.shard", "optimizer"]}
+        "dp2_tp2_zero1": ["--mesh.tp", "2", "--dp.shard", "optimizer"]}
 LAYOUT = {"dp2": ({"pp": 1, "dp": 2, "tp": 1}, "none", 2), "dp2_zero3": ({"pp": 1, "dp": 2, "tp": 1}, "parameters", 2),
           "dp2_tp2_zero1": ({"pp": 1, "dp": 2, "tp": 2}, "optimizer", 4)}
 
 
+def _train_each(argvs: list[list[str]]) -> list[dict]:
+    from trainlib import trainer
+    from trainlib.config import load_config
+
+    return [trainer.train(load_config(None, argv)) for argv in argvs]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, tuple[Path, dict]]:
-    """name -> (checkpoint dir, the run's summary); the three jobs run side by side."""
+    """name -> (checkpoint dir, rank 0's summary, as `trainlib train` prints it)."""
     root = tmp_path_factory.mktemp("ckpt_tools")
-    env = {**os.environ, "TRAINLIB_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
-    procs = {name: subprocess.Popen([sys.executable, "-m", "trainlib.cli", "train", *ARGS, *extra,
-                                     "--checkpoint.dir", str(root / name),
-                                     "--train.metrics", str(root / f"{name}.jsonl")],
-                                    env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for name, extra in RUNS.items()}
     out = {}
-    for name, p in procs.items():
-        stdout, stderr = p.communicate(timeout=240)
-        assert p.returncode == 0, f"{name}: {stderr[-3000:]}"
-        out[name] = (root / name, json.loads(stdout.strip().splitlines()[-1]))
+    for world in sorted({w for _, _, w in LAYOUT.values()}):
+        names = [name for name in RUNS if LAYOUT[name][2] == world]
+        argvs = [[*ARGS, *RUNS[name], "--checkpoint.dir", str(root / name),
+                  "--train.metrics", str(root / f"{name}.jsonl")] for name in names]
+        summaries = run_ranks(_train_each, world, argvs, env={"TRAINLIB_NO_PROGRESS": "1"}, timeout_s=240)[0]
+        out.update({name: (root / name, summary) for name, summary in zip(names, summaries)})
     return out
 
 

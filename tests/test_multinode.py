@@ -3,11 +3,11 @@
 Each node is a network namespace with its own hostname (resolving to 127.0.1.1, as on Debian),
 its own /dev/shm and a 1 Gbit/s link; each runs `trainlib launch -- trainlib train` with the env a
 PyTorchJob pod gets. Every layout must end on the weights_sha256 of the same layout run on one
-node (`trainlib train --nproc-per-node N` on loopback): the reference is computed here, not stored.
+node (the trainer on N local gloo ranks on loopback, trainlib.testing.run_ranks: a `trainlib train`
+job there would cost ~13-25 s of CPU in imports and torchrun): the reference is computed here, not stored.
 """
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +17,7 @@ import pytest
 from trainlib import netcluster
 from tests.netjob import job_env
 from trainlib.netcluster import NetCluster, run_job
+from trainlib.testing import run_ranks
 
 pytestmark = pytest.mark.skipif(netcluster.unavailable_reason() is not None,
                                 reason=netcluster.unavailable_reason() or "")
@@ -31,20 +32,22 @@ JOB_TIMEOUT_S = 180
 _references: dict[tuple, dict] = {}
 
 
-def local_reference(tmp: Path, nproc: int, args: list[str], **extra: str) -> dict:
-    """The same job on one node: `trainlib train --nproc-per-node N` on loopback (cached per layout
+def local_reference(tmp: Path, nproc: int, args: list[str]) -> dict:
+    """The same job on one node: the trainer on `nproc` gloo ranks on loopback (cached per layout
     for this module: sync PS and all-reduce are compared with the same all-reduce run)."""
-    key = (nproc, tuple(args), tuple(sorted(extra.items())))
+    key = (nproc, tuple(args))
     if key not in _references:
-        _references[key] = _run_local(tmp, nproc, args, **extra)
+        argv = [*TRAIN[2:], "--train.metrics", str(tmp / "ref.jsonl"), *args]   # TRAIN less `trainlib train`
+        _references[key] = run_ranks(_train_rank, nproc, argv, env={"TRAINLIB_NO_PROGRESS": "1"},
+                                     timeout_s=JOB_TIMEOUT_S)[0]
     return _references[key]
 
 
-def _run_local(tmp: Path, nproc: int, args: list[str], **extra: str) -> dict:
-    cmd = [*TRAIN, "--nproc-per-node", str(nproc), "--train.metrics", str(tmp / "ref.jsonl"), *args]
-    r = subprocess.run(cmd, env=job_env(tmp, **extra), cwd=tmp, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads(r.stdout.strip().splitlines()[-1])
+def _train_rank(argv: list[str]) -> dict:
+    from trainlib import trainer
+    from trainlib.config import load_config
+
+    return trainer.train(load_config(None, argv))
 
 
 def cluster_run(cluster: NetCluster, tmp: Path, nproc: int, args: list[str], nodes=(0, 1), **extra: str):

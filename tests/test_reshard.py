@@ -1,11 +1,12 @@
 """Resume under another layout: dp 2->1, 1->2, 2->4; tp 2->1, 1->2; pp 2->1, 1->2, boundaries
 moved; shard none <-> optimizer <-> parameters.
 
-Saved runs are real `trainlib train` jobs (6 steps, a checkpoint at step 3). Each resumed run is the
-trainer on real gloo ranks (run_ranks, one spawned group per world size running several layouts)
-from a copy of the step-3 checkpoint. Right after loading, every rank's parameters, fp32 masters and
-AdamW moments must equal its cut of the saved global tensors (layout.assemble) bit for bit; then the
-resumed step 4 must continue the uninterrupted run's loss curve."""
+Saved runs are the trainer on real gloo ranks too (6 steps, a checkpoint at step 3; one spawned group
+per world size: a `trainlib train` job costs ~13-25 s of CPU in imports and torchrun). Each resumed
+run is the trainer on real gloo ranks (run_ranks, one spawned group per world size running several
+layouts) from a copy of the step-3 checkpoint. Right after loading, every rank's parameters, fp32
+masters and AdamW moments must equal its cut of the saved global tensors (layout.assemble) bit for
+bit; then the resumed step 4 must continue the uninterrupted run's loss curve."""
 from __future__ import annotations
 
 import json
@@ -44,14 +45,11 @@ RESUMED = [  # (saved, world, layout flags): every kind of change the issue list
 ]
 
 
-def _saved_run(tmp_path: Path, name: str):
-    nproc, flags = SAVED[name]
-    env = {**os.environ, "TRAINLIB_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "trainlib.cli", "train", *MODEL, *flags, "--train.steps", "6",
-                             "--nproc-per-node", str(nproc), "--checkpoint.every", "3", "--checkpoint.keep", "2",
-                             "--checkpoint.dir", str(tmp_path / name), "--train.metrics",
-                             str(tmp_path / f"{name}.jsonl")], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+def _train_each(argvs: list[list[str]]) -> list[dict]:
+    from trainlib import trainer
+    from trainlib.config import load_config
+
+    return [trainer.train(load_config(None, argv)) for argv in argvs]
 
 
 def _losses(path: Path) -> dict[int, float]:
@@ -115,10 +113,11 @@ def _compare_with_saved(ck_dir: str, step: int, model, opt, layout, reshard) -> 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     root = tmp_path_factory.mktemp("saved")
-    procs = {name: _saved_run(root, name) for name in SAVED}
-    for name, p in procs.items():
-        out, err = p.communicate(timeout=300)
-        assert p.returncode == 0, f"{name}: {err[-3000:]}"
+    for world in sorted({nproc for nproc, _ in SAVED.values()}):
+        argvs = [[*MODEL, *flags, "--train.steps", "6", "--checkpoint.every", "3", "--checkpoint.keep", "2",
+                  "--checkpoint.dir", str(root / name), "--train.metrics", str(root / f"{name}.jsonl")]
+                 for name, (nproc, flags) in SAVED.items() if nproc == world]
+        run_ranks(_train_each, world, argvs, env={"TRAINLIB_NO_PROGRESS": "1"}, timeout_s=300)
     return root
 
 
@@ -163,10 +162,8 @@ def test_sync_kind_change_all_reduce_to_parameter_server(saved, tmp_path):
     ck = tmp_path / "ck"
     shutil.copytree(saved / "dp2" / "step_00000003", ck / "step_00000003")
     (ck / "latest").write_text("step_00000003\n")
-    env = {**os.environ, "TRAINLIB_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-m", "trainlib.cli", "train", *MODEL, "--train.steps", "4", "--sync.kind",
-                          "ps", "--checkpoint.dir", str(ck), "--train.metrics", str(tmp_path / "ps.jsonl")],
-                         env=env, capture_output=True, text=True, timeout=180)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert json.loads(out.stdout.strip().splitlines()[-1])["resumed_from"] == 3
+    argv = [*MODEL, "--train.steps", "4", "--sync.kind", "ps", "--checkpoint.dir", str(ck),
+            "--train.metrics", str(tmp_path / "ps.jsonl")]
+    summary = run_ranks(_train_each, 2, [argv], env={"TRAINLIB_NO_PROGRESS": "1"}, timeout_s=180)[0][0]
+    assert summary["resumed_from"] == 3
     assert abs(_losses(tmp_path / "ps.jsonl")[4] - _losses(saved / "dp2.jsonl")[4]) <= 1e-5

@@ -2,8 +2,10 @@
 range, full-model name): `checkpoint.layout.assemble` puts the whole model back together from the
 rank files alone, equal to what the unsharded run of the same layout saved, and to the model's names.
 
-Real `trainlib train` jobs of 4 ranks (dp2 x tp2 with ZeRO-3, dp2 x pp2 with ZeRO-1), each beside
-its unsharded twin."""
+The trainer on 4 real gloo ranks (dp2 x tp2 with ZeRO-3, dp2 x pp2 with ZeRO-1), each beside its
+unsharded twin: all four runs in one spawned group (`saved`), as a `trainlib train` job of 4 ranks costs
+~25 s of CPU in imports and torchrun for a 3-step run. The resume test below is real `trainlib train`
+jobs: what it checks is the launcher's pre-launch check."""
 from __future__ import annotations
 
 import os
@@ -14,32 +16,43 @@ import pytest
 
 from trainlib.checkpoint import layout, step_dir
 from trainlib.models.gpt import GPT, GPTConfig
+from trainlib.testing import run_ranks
 
 pytestmark = pytest.mark.timeout(300)
 
 MODEL = ["--model.n_layer", "2", "--model.d_model", "32", "--model.n_head", "2", "--model.seq_len", "16"]
 ARGS = [*MODEL, "--train.batch_size", "8", "--train.corpus_bytes", "65536", "--train.steps", "3",
-        "--train.log_every", "3", "--checkpoint.every", "3", "--nproc-per-node", "4"]
+        "--train.log_every", "3", "--checkpoint.every", "3"]
 CASES = {"tp2_zero3": ["--mesh.tp", "2", "--dp.shard", "parameters", "--train.precision", "bf16"],
          "pp2_zero1": ["--mesh.pp", "2", "--dp.shard", "optimizer"]}
 
 
-def _start(tmp_path, name: str, extra: list[str]):
-    env = {**os.environ, "TRAINLIB_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "trainlib.cli", "train", *ARGS, *extra,
-                             "--checkpoint.dir", str(tmp_path / name), "--train.metrics", str(tmp_path / f"{name}.jsonl")],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _train_each(argvs: list[list[str]]) -> list[dict]:
+    from trainlib import trainer
+    from trainlib.config import load_config
+
+    return [trainer.train(load_config(None, argv)) for argv in argvs]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """Every case's sharded run and its unsharded twin, saved under ROOT/CASE/{sharded,plain}."""
+    root = tmp_path_factory.mktemp("zero_ckpt")
+    argvs = []
+    for case, extra in CASES.items():
+        unsharded = [a for a in extra if a not in ("--dp.shard", "parameters", "optimizer", "--train.precision")]
+        unsharded = [a for a in unsharded if a != "bf16"]
+        for name, flags in (("sharded", extra), ("plain", unsharded)):
+            argvs.append([*ARGS, *flags, "--checkpoint.dir", str(root / case / name),
+                          "--train.metrics", str(root / case / f"{name}.jsonl")])
+    run_ranks(_train_each, 4, argvs, env={"TRAINLIB_NO_PROGRESS": "1"}, timeout_s=240)
+    return root
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_sharded_checkpoint_reassembles_to_the_unsharded_one(tmp_path, case):
+def test_sharded_checkpoint_reassembles_to_the_unsharded_one(saved, case):
     extra = CASES[case]
-    unsharded = [a for a in extra if a not in ("--dp.shard", "parameters", "optimizer", "--train.precision")]
-    unsharded = [a for a in unsharded if a != "bf16"]
-    procs = {"sharded": _start(tmp_path, "sharded", extra), "plain": _start(tmp_path, "plain", unsharded)}
-    for name, p in procs.items():
-        out, err = p.communicate(timeout=240)
-        assert p.returncode == 0, f"{name}: {err[-3000:]}"
+    tmp_path = saved / case
     names = {n for n, _ in GPT(GPTConfig(vocab_size=256, seq_len=16, n_layer=2, n_head=2, d_model=32)).named_parameters()}
     sharded = layout.assemble(step_dir(tmp_path / "sharded", 3), what="master")
     plain = layout.assemble(step_dir(tmp_path / "plain", 3))

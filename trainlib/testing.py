@@ -36,7 +36,9 @@ from .runtime import free_port
 
 log = logging.getLogger("trainlib")
 
-_PRELOAD = ["torch", "torch.distributed", "trainlib"]
+# preloaded once in the forkserver, so a rank starts in a fraction of a second; torch._dynamo too: torch's
+# optimizers import it when constructed (~1.5-2 s of CPU here), which every rank building an AdamW paid again
+_PRELOAD = ["torch", "torch.distributed", "torch._dynamo", "trainlib"]
 
 
 class RankError(RuntimeError):
