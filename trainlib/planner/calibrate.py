@@ -62,7 +62,12 @@ def _matmul(dtype: torch.dtype) -> tuple[float, float, float]:
         for d in WIDTHS:
             a, w = torch.randn(rows, d, dtype=dtype), torch.randn(d, 4 * d, dtype=dtype)
             a @ w
-            t = _median_time(lambda: a @ w, 5, max(3, 6144 // rows))
+            t0 = time.perf_counter()
+            a @ w
+            # a dtype the CPU emulates (bf16 without AVX512-BF16: ~1e9 FLOP/s, seconds a call at 2048 x 512)
+            # gets fewer calls: the whole calibration took ~5 minutes on such a host, mostly here
+            slow = time.perf_counter() - t0 > 0.05
+            t = _median_time(lambda: a @ w, 3 if slow else 5, 1 if slow else max(3, 6144 // rows))
             rate[rows, d] = 2 * rows * d * 4 * d / t
     inv = {rows: 1 / statistics.median(rate[rows, d] for d in WIDTHS) for rows in (16, 2048)}
     slope = max(0.0, (inv[16] - inv[2048]) / (1 / 16 - 1 / 2048))

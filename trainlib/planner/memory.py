@@ -3,7 +3,7 @@
 Model states: parameters local to the device (tp-split matrices, its pipeline stages) times ZeRO's
 bytes per parameter (trainlib.benchmarks.bench_zero.formula: 16 / 4+4+8/d / 4+12/d / 16/d in fp32).
 Activations: what autograd keeps per token per block, counted on trainlib's GPT with a storage
-tracker (benchmarks/ac_memory.py; tests/test_planner_memory.py checks the counts on a real model):
+tracker (benchmarks/ac_memory.py; tests/test_planner.py checks the counts on a real model):
 
     none        4d replicated + (4d + 2f)/tp       (LayerNorm in/out x2; qkv, attention out, fc, GELU out)
     selective   3d replicated + (4d + f)/tp        (matmul and attention outputs kept, elementwise recomputed;
