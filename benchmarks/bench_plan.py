@@ -138,27 +138,23 @@ def model_probe_fn(name: str):
     import torch
     import torch.nn.functional as F
 
+    from trainlib.planner.calibrate import gpt_shape, probe_step_fn
+
     kind, shapes, batch = MODELS[name]
     local = batch // N_RANKS
-    g = torch.Generator().manual_seed(7)
     if kind == "gpt":
         from trainlib.config import ModelConfig
-        from trainlib.models.gpt import GPT, lm_loss
 
-        cfg = ModelConfig(**shapes)
-        model = GPT(cfg)
-        x = torch.randint(0, cfg.vocab_size, (local, cfg.seq_len), generator=g)
-        loss = lambda: lm_loss(model(x), x)   # noqa: E731
-    else:
-        from trainlib.benchmarks.dp_workloads import WideMLP
+        return probe_step_fn(shape=gpt_shape(ModelConfig(**shapes), local))
+    from trainlib.benchmarks.dp_workloads import WideMLP
 
-        model = WideMLP(shapes["width"], shapes["depth"])
-        x, y = (torch.randn(local, shapes["width"], generator=g) for _ in range(2))
-        loss = lambda: F.mse_loss(model(x), y)   # noqa: E731
+    g = torch.Generator().manual_seed(7)
+    model = WideMLP(shapes["width"], shapes["depth"])
+    x, y = (torch.randn(local, shapes["width"], generator=g) for _ in range(2))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95))
 
     def step():
-        loss().backward()
+        F.mse_loss(model(x), y).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 

@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from trainlib.cli import main as cli
 from trainlib.models.gpt import GPT, GPTConfig
 from trainlib.testing import run_ranks
+from tests.trainer_ranks import train_each
 from trainlib.trainer import weights_sha256
 
 pytestmark = pytest.mark.timeout(300)
@@ -39,13 +40,6 @@ LAYOUT = {"dp2": ({"pp": 1, "dp": 2, "tp": 1}, "none", 2), "dp2_zero3": ({"pp": 
           "dp2_tp2_zero1": ({"pp": 1, "dp": 2, "tp": 2}, "optimizer", 4)}
 
 
-def _train_each(argvs: list[list[str]]) -> list[dict]:
-    from trainlib import trainer
-    from trainlib.config import load_config
-
-    return [trainer.train(load_config(None, argv)) for argv in argvs]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, tuple[Path, dict]]:
     """name -> (checkpoint dir, rank 0's summary, as `trainlib train` prints it)."""
@@ -55,7 +49,7 @@ def runs(tmp_path_factory) -> dict[str, tuple[Path, dict]]:
         names = [name for name in RUNS if LAYOUT[name][2] == world]
         argvs = [[*ARGS, *RUNS[name], "--checkpoint.dir", str(root / name),
                   "--train.metrics", str(root / f"{name}.jsonl")] for name in names]
-        summaries = run_ranks(_train_each, world, argvs, env={"TRAINLIB_NO_PROGRESS": "1"}, timeout_s=240)[0]
+        summaries = run_ranks(train_each, world, argvs, env={"TRAINLIB_NO_PROGRESS": "1"}, timeout_s=240)[0]
         out.update({name: (root / name, summary) for name, summary in zip(names, summaries)})
     return out
 

@@ -18,6 +18,7 @@ from trainlib import netcluster
 from tests.netjob import job_env
 from trainlib.netcluster import NetCluster, run_job
 from trainlib.testing import run_ranks
+from tests.trainer_ranks import train_one
 
 pytestmark = pytest.mark.skipif(netcluster.unavailable_reason() is not None,
                                 reason=netcluster.unavailable_reason() or "")
@@ -38,16 +39,9 @@ def local_reference(tmp: Path, nproc: int, args: list[str]) -> dict:
     key = (nproc, tuple(args))
     if key not in _references:
         argv = [*TRAIN[2:], "--train.metrics", str(tmp / "ref.jsonl"), *args]   # TRAIN less `trainlib train`
-        _references[key] = run_ranks(_train_rank, nproc, argv, env={"TRAINLIB_NO_PROGRESS": "1"},
+        _references[key] = run_ranks(train_one, nproc, argv, env={"TRAINLIB_NO_PROGRESS": "1"},
                                      timeout_s=JOB_TIMEOUT_S)[0]
     return _references[key]
-
-
-def _train_rank(argv: list[str]) -> dict:
-    from trainlib import trainer
-    from trainlib.config import load_config
-
-    return trainer.train(load_config(None, argv))
 
 
 def cluster_run(cluster: NetCluster, tmp: Path, nproc: int, args: list[str], nodes=(0, 1), **extra: str):

@@ -21,6 +21,7 @@ from trainlib import netcluster
 from tests.netjob import job_env
 from trainlib.netcluster import NetCluster, run_job
 from trainlib.testing import run_ranks
+from tests.trainer_ranks import train_one
 
 pytestmark = pytest.mark.skipif(netcluster.unavailable_reason() is not None,
                                 reason=netcluster.unavailable_reason() or "")
@@ -54,19 +55,12 @@ def cluster():
         yield c
 
 
-def _train_rank(argv: list[str]) -> dict:
-    from trainlib import trainer
-    from trainlib.config import load_config
-
-    return trainer.train(load_config(None, argv))
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     """The reference: the same job with no fault, on 2 local gloo ranks (a 2-node job ends on the
     same weights, which test_multinode checks; here it saves a ~10 s job start on the cluster)."""
     tmp = tmp_path_factory.mktemp("ref")
-    return run_ranks(_train_rank, 2, [*TRAIN[2:], "--train.steps", "24", "--train.metrics", str(tmp / "m.jsonl")],
+    return run_ranks(train_one, 2, [*TRAIN[2:], "--train.steps", "24", "--train.metrics", str(tmp / "m.jsonl")],
                      env={"TRAINLIB_NO_PROGRESS": "1"}, timeout_s=240)[0]
 
 

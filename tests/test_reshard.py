@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from trainlib.testing import run_ranks
+from tests.trainer_ranks import train_each
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -43,13 +44,6 @@ RESUMED = [  # (saved, world, layout flags): every kind of change the issue list
     ("pp2_zero3", 2, ["--dp.shard", "optimizer"]),               # pp 2 -> 1, dp 1 -> 2, parameters -> optimizer
     ("pp2_zero3", 4, ["--mesh.pp", "4", "--dp.shard", "gradients"]),       # stage boundaries moved (4 stages)
 ]
-
-
-def _train_each(argvs: list[list[str]]) -> list[dict]:
-    from trainlib import trainer
-    from trainlib.config import load_config
-
-    return [trainer.train(load_config(None, argv)) for argv in argvs]
 
 
 def _losses(path: Path) -> dict[int, float]:
@@ -117,7 +111,7 @@ def saved(tmp_path_factory):
         argvs = [[*MODEL, *flags, "--train.steps", "6", "--checkpoint.every", "3", "--checkpoint.keep", "2",
                   "--checkpoint.dir", str(root / name), "--train.metrics", str(root / f"{name}.jsonl")]
                  for name, (nproc, flags) in SAVED.items() if nproc == world]
-        run_ranks(_train_each, world, argvs, env={"TRAINLIB_NO_PROGRESS": "1"}, timeout_s=300)
+        run_ranks(train_each, world, argvs, env={"TRAINLIB_NO_PROGRESS": "1"}, timeout_s=300)
     return root
 
 
@@ -164,6 +158,6 @@ def test_sync_kind_change_all_reduce_to_parameter_server(saved, tmp_path):
     (ck / "latest").write_text("step_00000003\n")
     argv = [*MODEL, "--train.steps", "4", "--sync.kind", "ps", "--checkpoint.dir", str(ck),
             "--train.metrics", str(tmp_path / "ps.jsonl")]
-    summary = run_ranks(_train_each, 2, [argv], env={"TRAINLIB_NO_PROGRESS": "1"}, timeout_s=180)[0][0]
+    summary = run_ranks(train_each, 2, [argv], env={"TRAINLIB_NO_PROGRESS": "1"}, timeout_s=180)[0][0]
     assert summary["resumed_from"] == 3
     assert abs(_losses(tmp_path / "ps.jsonl")[4] - _losses(saved / "dp2.jsonl")[4]) <= 1e-5

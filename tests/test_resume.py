@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from trainlib.testing import run_ranks
+from tests.trainer_ranks import train_each
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -51,13 +52,6 @@ def _ck(tmp_path, name: str, restarts: int = 1) -> list[str]:
     return ["--checkpoint.dir", str(tmp_path / name), "--checkpoint.every", str(EVERY), "--max-restarts", str(restarts)]
 
 
-def _train_each(argvs: list[list[str]]) -> list[dict]:
-    from trainlib import trainer
-    from trainlib.config import load_config
-
-    return [trainer.train(load_config(None, argv)) for argv in argvs]
-
-
 LAYOUTS = {"plain": [], "pp2": ["--mesh.pp", "2"], "tp2": ["--mesh.tp", "2"], "ps_sync": ["--sync.kind", "ps"]}
 SHARDED = [["--dp.shard", "optimizer"], ["--dp.shard", "gradients", "--train.precision", "bf16"],
            ["--dp.shard", "parameters", "--checkpoint.async", "true"]]
@@ -75,7 +69,7 @@ def refs(tmp_path_factory) -> dict[str, dict]:
     layouts = {**LAYOUTS, **{_sharded_name(layout): layout for layout in SHARDED}}
     argvs = [[*TINY, "--train.seed", "0", "--train.metrics", str(tmp / f"{name}.jsonl"), *layout]
              for name, layout in layouts.items()]
-    summaries = run_ranks(_train_each, 2, argvs, env={"TRAINLIB_NO_PROGRESS": "1", "TRAINLIB_TIMEOUT_S": "30"},
+    summaries = run_ranks(train_each, 2, argvs, env={"TRAINLIB_NO_PROGRESS": "1", "TRAINLIB_TIMEOUT_S": "30"},
                           timeout_s=240)[0]
     return dict(zip(layouts, summaries))
 

@@ -17,6 +17,7 @@ import pytest
 from trainlib.checkpoint import layout, step_dir
 from trainlib.models.gpt import GPT, GPTConfig
 from trainlib.testing import run_ranks
+from tests.trainer_ranks import train_each
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -25,13 +26,6 @@ ARGS = [*MODEL, "--train.batch_size", "8", "--train.corpus_bytes", "65536", "--t
         "--train.log_every", "3", "--checkpoint.every", "3"]
 CASES = {"tp2_zero3": ["--mesh.tp", "2", "--dp.shard", "parameters", "--train.precision", "bf16"],
          "pp2_zero1": ["--mesh.pp", "2", "--dp.shard", "optimizer"]}
-
-
-def _train_each(argvs: list[list[str]]) -> list[dict]:
-    from trainlib import trainer
-    from trainlib.config import load_config
-
-    return [trainer.train(load_config(None, argv)) for argv in argvs]
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +39,7 @@ def saved(tmp_path_factory):
         for name, flags in (("sharded", extra), ("plain", unsharded)):
             argvs.append([*ARGS, *flags, "--checkpoint.dir", str(root / case / name),
                           "--train.metrics", str(root / case / f"{name}.jsonl")])
-    run_ranks(_train_each, 4, argvs, env={"TRAINLIB_NO_PROGRESS": "1"}, timeout_s=240)
+    run_ranks(train_each, 4, argvs, env={"TRAINLIB_NO_PROGRESS": "1"}, timeout_s=240)
     return root
 
 

@@ -150,15 +150,14 @@ def _probe_model(model: ModelSpec, cluster: ClusterSpec, profile, global_batch: 
     import os
 
     from .config import load_config
-    from .planner.calibrate import measure_model_step, with_model_probe
+    from .planner.calibrate import gpt_shape, measure_model_step, with_model_probe
 
     if profile.device != "cpu" or cluster.device != "cpu":
         raise PlanError(f"--probe-model times the model on this machine's CPU; the profile is for "
                         f"{profile.device!r} (drop --probe-model, or plan --device cpu with a measured profile)")
     cfg = load_config(None, overrides).model
     batch = max(1, global_batch // cluster.world)
-    shape = {"n_layer": cfg.n_layer, "d_model": cfg.d_model, "n_head": cfg.n_head, "seq_len": cfg.seq_len,
-             "vocab_size": cfg.vocab_size, "batch": batch}
+    shape = gpt_shape(cfg, batch)
     ranks = max(1, min(cluster.devices_per_node, os.cpu_count() or 1))
     step_s = measure_model_step(shape, ranks)
     out = with_model_probe(profile, model, batch, step_s, f"re-fitted to {model.name}'s own step ({batch} "

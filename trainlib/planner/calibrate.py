@@ -555,15 +555,25 @@ def efficiency(values: dict) -> float:
     return min(MAX_EFFICIENCY, max(0.05, matmul_t / max(1e-9, values["probe_s"] - rest)))
 
 
+def solve_increasing(f, want: float, lo: float, hi: float) -> float:
+    """x in [lo, hi] with f(x) = want for an increasing f, by bisection; the nearer end when want lies outside
+    [f(lo), f(hi)]."""
+    if want <= f(lo) or want >= f(hi):
+        return lo if want <= f(lo) else hi
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if f(mid) < want else (lo, mid)
+    return (lo + hi) / 2
+
+
 COMPUTE_SIDE = ("compute_efficiency", "mem_Bps", "matmul_weight_Bps", "op_s")   # what a device's own step runs on
 
 
 def _compute_scaled(prof: Profile, k: float) -> Profile:
     """prof with the device's compute-side rates k x slower (the collectives' figures as they are)."""
     v = dict(prof.values)
-    for key in ("compute_efficiency", "mem_Bps", "matmul_weight_Bps"):
-        v[key] = prof[key] / k
-    v["op_s"] = prof["op_s"] * k
+    for key in COMPUTE_SIDE:   # rates fall, the per-op cost grows
+        v[key] = prof[key] * k if key == "op_s" else prof[key] / k
     return Profile(prof.name, prof.device, prof.validated, v, dict(prof.sources), dict(prof.measured))
 
 
@@ -579,13 +589,13 @@ def model_slowdown(prof: Profile, spec, batch: int, step_s: float) -> float:
         return step_time(spec, Layout(1, 1, 1), ClusterSpec(1, 1, prof.device, 10.0, 8.0), _compute_scaled(prof, k),
                          batch).total
 
-    lo, hi = 0.2, 5.0
-    if not t(lo) < step_s < t(hi):
-        return lo if t(lo) >= step_s else hi
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if t(mid) < step_s else (lo, mid)
-    return (lo + hi) / 2
+    return solve_increasing(t, step_s, 0.2, 5.0)
+
+
+def gpt_shape(cfg, batch: int) -> dict:
+    """probe_step_fn's shape for a GPT config (trainlib.config.ModelConfig) on `batch` sequences."""
+    return {"n_layer": cfg.n_layer, "d_model": cfg.d_model, "n_head": cfg.n_head, "seq_len": cfg.seq_len,
+            "vocab_size": cfg.vocab_size, "batch": batch}
 
 
 def _model_step(shape: dict) -> float:
@@ -659,7 +669,8 @@ def recompute_fit(values: dict, measured: dict, plain: float) -> tuple[float, fl
 
 def feature_costs(values: dict, measured: dict) -> dict[str, float]:
     """The feature costs (profile keys recompute_share, checkpoint_call_s, selective_op_s, solo_speedup,
-    zero3_unit_s, tp_collective_s, zero_step_s, compress_collective_s) that make the time model reproduce the probe's measured steps under each feature:
+    zero3_unit_s, tp_collective_s, zero_step_s, compress_collective_s, compress_overlap) that make the time
+    model reproduce the probe's measured steps under each feature:
     each is the measured difference to the plain probe (or ZeRO-3 to ZeRO-1) less what the model already
     predicts for it, per unit of what the feature pays per step."""
     from .spec import ClusterSpec
@@ -680,7 +691,6 @@ def feature_costs(values: dict, measured: dict) -> dict[str, float]:
     z3 = (t(FEATURE_LAYOUTS["zero3_s"], pair, zero3_unit_s=0.0) - t(FEATURE_LAYOUTS["zero1_s"], pair))
     tp = t(FEATURE_LAYOUTS["tp2_s"], pair, tp_collective_s=0.0) - base
     z3c = FEATURE_LAYOUTS["zero3_bf16_s"]
-    zc = t(z3c, pair, compress_collective_s=0.0, zero3_unit_s=0.0) - t(FEATURE_LAYOUTS["zero3_s"], pair, zero3_unit_s=0.0)
     units = n + 2   # the planner's pipeline layers: embedding, blocks, head
     out = {
         "recompute_share": share,
@@ -721,14 +731,7 @@ def compress_overlap_fit(values: dict, measured: dict) -> float:
         return (step_time(spec, MLP_FEATURES["mlp_zero1_bf16_s"], pair, prof, MLP_PROBE["batch"]).total
                 - step_time(spec, MLP_FEATURES["mlp_zero1_s"], pair, prof, MLP_PROBE["batch"]).total)
 
-    want = measured["mlp_zero1_bf16_s"] - measured["mlp_zero1_s"]
-    lo, hi = 0.0, 1.0
-    if diff(lo) <= want or diff(hi) >= want:
-        return lo if diff(lo) <= want else hi
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if diff(mid) > want else (lo, mid)
-    return (lo + hi) / 2
+    return solve_increasing(lambda share: -diff(share), measured["mlp_zero1_s"] - measured["mlp_zero1_bf16_s"], 0.0, 1.0)
 
 
 def runtime_bytes(measured_peak: float, ranks: int) -> float:
