@@ -60,6 +60,20 @@ def _run_efficiency(prof, place: str, model: str, row: dict, goodput: float | No
     return (lo + hi) / 2
 
 
+def _runtime_refit(prof):
+    """runtime_bytes is the calibration probe's measured peak less what the memory model gives for it:
+    with the memory model as it is now, from the peak the profile recorded (where it did)."""
+    from trainlib.planner.calibrate import runtime_bytes
+
+    ranks = (prof.measured or {}).get("per_rank") or []
+    peaks = [r["probe_peak_bytes"] for r in ranks if "probe_peak_bytes" in r]
+    if not peaks:
+        return prof
+    p = copy.deepcopy(prof)
+    p.values["runtime_bytes"] = runtime_bytes(max(peaks), len(ranks))
+    return p
+
+
 def rescore(result: dict, profile=None) -> dict[str, Any]:
     """{"summary": bench_plan.summarize of the re-predicted rows, "rows": them, "drift": the largest
     relative change of a prediction against the stored one}."""
@@ -68,7 +82,7 @@ def rescore(result: dict, profile=None) -> dict[str, Any]:
     from trainlib.planner.profile import Profile
 
     run_prof = Profile.from_json(result["profile"], "the validation's profile")
-    prof = profile or run_prof
+    prof = _runtime_refit(profile or run_prof)
     goodput = (result.get("cluster") or {}).get("goodput_Bps")
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in result["rows"]:

@@ -67,21 +67,56 @@ def test_memory_hand_computed():
     assert tp2 == (v * d / 2 + 128 * d) + 4 * (6 * d + (198_272 - 6 * d) / 2) + (2 * d + d * v / 2)
 
 
-def test_zero_on_shared_memory_counts_its_reduce_buffers():
-    # ZeRO-2/3 on one CPU node reduce-scatter in 2 shared buffers: a rank fills its own (as far as the
-    # buckets reach: here all 875,264 fp32 gradients fit in 2 x 25 MB) and reads half of its peer's
+def test_shared_memory_pages_per_stage():
+    # a CPU node's shm transport: a rank touches its 1/n chunk of each peer's buffers (n = 2 here: half)
+    from trainlib.planner.memory import _shm_pages, largest_bucket_bytes
     from trainlib.planner.rank import shm_ranks
 
-    n = 875_264
-    for shard, touched in (("gradients", n), ("parameters", 2 * 198_272)):   # ZeRO-3: 2 slots of one block
-        lay = Layout(1, 2, 1, shard=shard)
-        extra = peak_memory(GPT, lay, 8, shm_ranks=2).transient - peak_memory(GPT, lay, 8).transient
-        assert extra == pytest.approx(touched * 4 * 1.5)
+    n, layers = 875_264, list(range(6))
+    m = n * 4
+    pages = {shard: _shm_pages(GPT, Layout(1, 2, 1, shard=shard), layers, n, 2)
+             for shard in ("none", "optimizer", "gradients", "parameters")}
+    assert pages["none"] == m / 2                       # the buckets
+    assert pages["optimizer"] == m                      # the gradients' and the parameters' buffers
+    # backward order: the head (256 x 128) and its LayerNorms, then block 3 (norms and biases 1,664,
+    # 2 x 128 x 512, 128 x 128, 3 x 128 x 128) and block 2's 1,664 fill the 1 MiB first bucket (262,144
+    # elements); the rest goes in one 25 MiB bucket
+    first = 256 + 32_768 + 1_664 + 2 * 65_536 + 16_384 + 49_152 + 1_664
+    assert largest_bucket_bytes(GPT, Layout(1, 2, 1, shard="gradients"), layers) == (n - first) * 4
+    slot = (n - first) * 4
+    assert pages["gradients"] == 2 * slot + min(m, 2 * slot) / 2 + m / 2
+    unit = 198_272 * 4                                  # ZeRO-3: a slot per unit, the largest a block
+    assert pages["parameters"] == 2 * unit + 2 * unit / 2 + m / 2
+    assert _shm_pages(GPT, Layout(1, 2, 1, shard="gradients", compress="bf16"), layers, n, 1) == 0.0
     assert shm_ranks(Layout(1, 2, 1, shard="gradients"), ONE_NODE) == 2
     assert shm_ranks(Layout(1, 2, 1, shard="gradients", compress="bf16"), ONE_NODE) == 1     # gloo then
     assert shm_ranks(Layout(1, 2, 1, shard="gradients"), ClusterSpec(2, 1, "cpu", 8.0, 8.0)) == 1
-    assert peak_memory(GPT, Layout(1, 2, 1, shard="optimizer"), 8, shm_ranks=2).transient == \
-        peak_memory(GPT, Layout(1, 2, 1, shard="optimizer"), 8).transient                     # ZeRO-1: no slots
+
+
+def test_backward_and_optimizer_step_peak_apart():
+    # the wide MLP at dp=2 on one node: states + shared pages, then the larger of the backward (a fresh
+    # 16 MiB gradient beside tiny activations) and the optimizer step (CPU AdamW: 2 x the largest tensor;
+    # foreach: one parameter-sized buffer)
+    mlp, d = ModelSpec.mlp(2048, 3), 2048
+    p = 3 * (d * d + d)
+    acts = peak_memory(mlp, Layout(1, 2, 1), 16).activations
+    cpu = peak_memory(mlp, Layout(1, 2, 1), 16, shm_ranks=2)
+    assert cpu.peak == pytest.approx(16 * p + p * 4 / 2 + max(acts + d * d * 4, 2 * d * d * 4))
+    gpu = peak_memory(mlp, Layout(1, 2, 1), 16, accelerator=True)
+    assert gpu.peak == pytest.approx(16 * p + max(acts + d * d * 4, p * 4))
+    # the default GPT: activations dominate, so the optimizer's temporary does not add to the peak
+    plain = peak_memory(GPT, Layout(1, 2, 1), 8)
+    assert plain.peak == pytest.approx(plain.states + plain.activations + 128 * 512 * 4 + 2 * 512 * 256 * 4)
+
+
+def test_pipeline_holds_its_transfer_buffers():
+    # 1F1B pp=2 m=8: each rank sends or receives 16 microbatch tensors of 16 x 128 tokens x d 128 fp32
+    lay = Layout(2, 1, 1, schedule="1f1b", microbatches=8)
+    m = peak_memory(GPT, lay, 16)
+    without = peak_memory(GPT, Layout(2, 1, 1, schedule="1f1b", microbatches=8, ac="full"), 16)
+    assert m.transient - (m.peak - m.states - m.activations - m.runtime) == 0.0
+    held = 16 * (16 // 8 * 128) * 128 * 4
+    assert m.transient >= held and without.transient >= held
 
 
 def test_in_flight_microbatches_follow_the_schedule():
@@ -89,6 +124,12 @@ def test_in_flight_microbatches_follow_the_schedule():
     gpipe = peak_memory(GPT, Layout(2, 1, 1, schedule="gpipe", microbatches=8), 16).activations
     # 1F1B holds at most pp = 2 microbatches on rank 0, GPipe all 8
     assert gpipe / base == pytest.approx(4.0, rel=0.05)
+    # interleaved pp=2 m=4: rank 0's stage 0 peaks at 4 microbatches and its stage 2 at 2, but not at once
+    from trainlib.planner.memory import in_flight
+
+    snaps = in_flight(Layout(2, 1, 1, schedule="interleaved", microbatches=4))[0]
+    assert max(s.get(0, 0) for s in snaps) == 4 and max(s.get(2, 0) for s in snaps) == 2
+    assert max(s.get(0, 0) + s.get(2, 0) for s in snaps) < 6
 
 
 @pytest.mark.parametrize("ac", ["none", "selective", "full"])

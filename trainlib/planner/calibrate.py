@@ -738,7 +738,8 @@ def runtime_bytes(measured_peak: float, ranks: int) -> float:
     """The probe's measured peak less what the memory model predicts for it (>= 0)."""
     from .memory import peak_memory
 
-    return max(0.0, measured_peak - peak_memory(probe_spec(), Layout(1, ranks, 1), PROBE["batch"]).peak)
+    return max(0.0, measured_peak - peak_memory(probe_spec(), Layout(1, ranks, 1), PROBE["batch"],
+                                                shm_ranks=ranks).peak)
 
 
 def _inter_node() -> tuple[float, str]:

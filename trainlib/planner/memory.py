@@ -15,11 +15,15 @@ trainlib's GPT has no dropout: 16 d.) Llama blocks (SwiGLU): 4d + (2d + 2 kv + 4
 the gradients of the matmul outputs between a block's I and W (2d + (3d + f)/tp) and what recompute rebuilt.
 A pipeline rank holds the activations of every microbatch it has run forward and not yet backward;
 that count comes from the schedule itself (trainlib.pipeline.schedules), not a rule of thumb.
-Transients: the largest gradient autograd makes before a bucket hook moves it, the optimizer's
-temporaries (one parameter-sized buffer for torch's foreach AdamW), the logits' gradient, ZeRO-3's
-gathered unit plus the one prefetched, the bf16 pack buffer, ZeRO-2/3's shared reduce buffers on a CPU
-node's shm transport (a rank's own, and its chunk of each peer's, count in its RSS), and the runtime's
-own bytes (profile).
+Transients: the backward and the optimizer step peak at different times, so the larger of the two
+counts. The backward's: the activations, the largest gradient autograd makes before a bucket hook moves
+it, the logits' gradient, the block being recomputed, ZeRO-3's gathered unit plus the one prefetched, and
+off the shared-memory transport a sharded sync's gradient wires. The step's: torch's AdamW temporary (on
+CPU its per-tensor loop: 2 x the largest tensor; foreach on accelerators: one parameter-sized buffer).
+Held throughout: a CPU node's shm transport pages (a rank's chunk of each peer's buffers, ZeRO-2/3's
+reduce slots), a compressed all-reduce's bf16 wire, a pipeline's transfer buffers; and the runtime's
+own bytes (profile). Measured stage by stage on this machine (RSS, RssShmem; 2026-12-01): see the
+functions below.
 """
 from __future__ import annotations
 
@@ -28,6 +32,8 @@ from dataclasses import dataclass
 
 from trainlib.benchmarks.bench_zero import formula as zero_bytes_per_param
 from trainlib.config import SyncConfig
+from trainlib.data_parallel.buckets import FIRST_BUCKET_MB
+from trainlib.data_parallel.sharded import WIRE_SLOTS
 from trainlib.pipeline.partition import balance
 from trainlib.pipeline.schedules import SCHEDULES, build_schedule, theory_bubble
 from .layouts import Layout
@@ -36,6 +42,7 @@ from .spec import ModelSpec
 SIMULATE_UP_TO = 256   # pp * microbatches * virtual stages replayed exactly; above, (p-1)/m and kin
 STAGE = {"none": 0, "optimizer": 1, "gradients": 2, "parameters": 3}
 BUCKET_BYTES = SyncConfig().bucket_mb * 2**20   # the bucket `trainlib train` builds (--sync.bucket_mb)
+BUCKET0_BYTES = int(FIRST_BUCKET_MB * 2**20)   # and its first, smaller one (data_parallel.buckets)
 
 
 def act_bytes(precision: str) -> int:
@@ -100,9 +107,10 @@ def stages_of(model: ModelSpec, layout: Layout) -> list[list[list[int]]]:
 
 
 @functools.lru_cache(maxsize=512)
-def schedule_facts(name: str, pp: int, m: int) -> tuple[tuple[tuple[tuple[int, int], ...], ...], float,
-                                                        tuple[tuple[int, int], ...]]:
-    """(in-flight peaks per rank as ((stage, count), ...), makespan / busy, (actions, messages) per rank)
+def schedule_facts(name: str, pp: int, m: int) -> tuple[tuple[tuple[tuple[tuple[int, int], ...], ...], ...],
+                                                        float, tuple[tuple[int, int], ...]]:
+    """(in-flight snapshots per rank, each ((stage, count), ...) (in_flight), makespan / busy,
+    (actions, messages) per rank)
     of a schedule: built and replayed once per (name, pp, m), however many layouts share it."""
     v = 2 if name == "interleaved" else 1
     if pp * m * v <= SIMULATE_UP_TO:
@@ -112,7 +120,7 @@ def schedule_facts(name: str, pp: int, m: int) -> tuple[tuple[tuple[tuple[int, i
     else:   # the replay is quadratic in the actions: past a few hundred, the closed form it matches
         sched = SCHEDULES[name](pp, m, v) if v > 1 else SCHEDULES[name](pp, m)
         stretch = 1 + theory_bubble(name, pp, m, v)
-    flights = tuple(tuple(sorted(d.items())) for d in _in_flight(sched))
+    flights = tuple(tuple(tuple(sorted(d.items())) for d in r) for r in _in_flight(sched))
     return flights, stretch, tuple(zip((len(a) for a in sched.actions), _messages(sched)))
 
 
@@ -134,27 +142,32 @@ def _messages(sched) -> list[int]:
     return count
 
 
-def in_flight(layout: Layout) -> list[dict[int, int]]:
-    """Per pp rank: the most microbatches each of its stages holds activations for at once, from the
-    schedule's action order (a forward adds one; its backward, or W for a split backward, frees it)."""
+def in_flight(layout: Layout) -> list[list[dict[int, int]]]:
+    """Per pp rank: the microbatches each of its stages holds activations for, at every moment the rank
+    could peak (just after a forward), from the schedule's action order (a forward adds one; its
+    backward, or W for a split backward, frees it). An interleaved rank's two stages do not peak at once:
+    counting each at its own peak over-predicted the 2-stage, m=4 pipelines here by 22-26%."""
     if layout.pp == 1:
-        return [{0: 1}]
-    return [dict(r) for r in schedule_facts(layout.schedule, layout.pp, layout.microbatches)[0]]
+        return [[{0: 1}]]
+    return [[dict(snap) for snap in r] for r in schedule_facts(layout.schedule, layout.pp, layout.microbatches)[0]]
 
 
-def _in_flight(sched) -> list[dict[int, int]]:
+def _in_flight(sched) -> list[list[dict[int, int]]]:
     out = []
     for acts in sched.actions:
         split = any(a.kind == "W" for a in acts)
         live: dict[int, int] = {}
-        peak: dict[int, int] = {}
+        snaps: list[dict[int, int]] = []
         for a in acts:
             if a.kind == "F":
                 live[a.stage] = live.get(a.stage, 0) + 1
-                peak[a.stage] = max(peak.get(a.stage, 0), live[a.stage])
+                snap = {k: c for k, c in live.items() if c}
+                # keep only the snapshots no other one holds at least as much in every stage of
+                if not any(all(o.get(k, 0) >= c for k, c in snap.items()) for o in snaps):
+                    snaps = [o for o in snaps if not all(snap.get(k, 0) >= c for k, c in o.items())] + [snap]
             elif a.kind == ("W" if split else "B"):
                 live[a.stage] -= 1
-        out.append(peak)
+        out.append(snaps)
     return out
 
 
@@ -163,7 +176,7 @@ class MemoryBreakdown:
     params: float          # local parameters (count)
     states: float          # bytes
     activations: float
-    transient: float
+    transient: float       # held buffers + the larger of (backward's transients, the optimizer's) net of activations
     runtime: float
 
     @property
@@ -172,9 +185,10 @@ class MemoryBreakdown:
 
 
 def peak_memory(model: ModelSpec, layout: Layout, global_batch: int, runtime_bytes: float = 0.0,
-                shm_ranks: int = 1) -> MemoryBreakdown:
+                shm_ranks: int = 1, accelerator: bool = False) -> MemoryBreakdown:
     """The largest per-device peak over the pipeline ranks. shm_ranks: how many ranks of the dp group
-    share a node's shared-memory transport (1: none; CPU only)."""
+    share a node's shared-memory transport (1: none; CPU only); accelerator: a GPU/Neuron device, where
+    torch's optimizer takes its foreach path and the collectives run on a stream of their own."""
     best: MemoryBreakdown | None = None
     ab = act_bytes(layout.precision)
     stage = STAGE[layout.shard]
@@ -187,55 +201,136 @@ def peak_memory(model: ModelSpec, layout: Layout, global_batch: int, runtime_byt
         layers = [lay for s in stages for lay in s]
         params = sum(local_layer_params(model, lay, layout.tp) for lay in layers) * model.param_scale
         states = params * zero_bytes_per_param(stage, layout.dp, layout.precision)
-        acts = 0.0
+        per_mb: dict[int, float] = {}      # stage -> activation bytes a microbatch in flight holds
         for s_index, s_layers in enumerate(stages):
-            stage_id = rank + s_index * layout.pp
             n_blocks = sum(1 for lay in s_layers if model.kind == "mlp" or 0 < lay < last)
-            per_mb = n_blocks * _held_elements(model, layout) * tokens * ab
+            b = n_blocks * _held_elements(model, layout) * tokens * ab
             if model.kind != "mlp" and last in s_layers:   # retained logits (log-softmax output), fp32
-                per_mb += tokens * model.vocab_size / layout.tp * 4
+                b += tokens * model.vocab_size / layout.tp * 4
             if model.kind != "mlp" and 0 in s_layers:
-                per_mb += tokens * 2 * model.d_model * ab
-            acts += per_mb * flights[rank].get(stage_id, 1)
-        transient = _transients(model, layout, layers, tokens, params, ab) + _shm_slots(model, layout, layers,
-                                                                                      params, shm_ranks)
-        m = MemoryBreakdown(params, states, acts, transient, runtime_bytes)
+                b += tokens * 2 * model.d_model * ab
+            per_mb[rank + s_index * layout.pp] = b
+        acts = max(sum(per_mb[k] * c for k, c in snap.items()) for snap in flights[rank])
+        # the backward (activations and its transients) and the optimizer step (its temporary; the
+        # activations are gone by then) peak at different times: the larger counts, on top of the
+        # buffers held throughout (the transport's shared pages; a compressed all-reduce's bf16 wire)
+        owned = params / layout.dp if stage >= 1 else params
+        phase = max(acts + _backward_transients(model, layout, layers, tokens, ab, shm_ranks > 1, accelerator),
+                    _optimizer_temporary(model, layout, layers, owned, accelerator))
+        held = _shm_pages(model, layout, layers, params, shm_ranks)
+        if layout.compress != "none" and stage == 0:
+            held += params * 2                  # the bf16 wire buffers, kept between steps
+        if layout.pp > 1:
+            # the pipeline's point-to-point buffers: an activation or a gradient per transfer the rank
+            # takes part in, kept until the step ends (the schedule's own count; measured here: the
+            # 192-wide GPT's 1F1B m=8 holds ~1.5 MiB and interleaved ~4 MiB more than its states at a step's start)
+            transfers = schedule_facts(layout.schedule, layout.pp, layout.microbatches)[2][rank][1]
+            held += transfers * tokens * model.d_model * ab
+        m = MemoryBreakdown(params, states, acts, held + phase - acts, runtime_bytes)
         if best is None or m.peak > best.peak:
             best = m
     assert best is not None
     return best
 
 
-def _shm_slots(model: ModelSpec, layout: Layout, layers: list[int], params: float, shm_ranks: int) -> float:
-    """ZeRO-2/3 on a shared-memory transport reduce-scatter each bucket in one of WIRE_SLOTS shared
-    buffers (trainlib.data_parallel.sharded): a rank writes whole buckets into its own and reads its
-    chunk of every peer's, and both count in its RSS. Touched bytes: as much of the slots as the
-    buckets fill -- ZeRO-2's 25 MB buckets, ZeRO-3's one per unit -- at most all the gradients."""
-    from trainlib.data_parallel.sharded import WIRE_SLOTS
+@functools.lru_cache(maxsize=4096)
+def layer_tensors(model: ModelSpec, layer: int, tp: int) -> tuple[float, ...]:
+    """Element counts of pipeline layer `layer`'s parameter tensors on one tp rank, in registration order:
+    its matrices exactly, its norms and biases together as one last tensor (they are small)."""
+    d, f, v = model.d_model, model.ffn, model.vocab_size
+    last = model.pipeline_layers() - 1
+    if model.kind == "mlp":
+        mats = [float(d * d)]
+    elif layer == 0:
+        mats = [v * d / tp] + ([float(model.seq_len * d)] if model.kind == "gpt" else [])
+    elif layer == last:
+        mats = [] if model.kind == "llama" and model.tied else [d * v / tp]
+    elif model.kind == "gpt":   # qkv, attention projection, fc, MLP projection
+        mats = [3 * d * d / tp, d * d / tp, d * f / tp, f * d / tp]
+    else:                       # q, k, v, o, gate, up, down
+        kv = model.kv_heads * (d // model.n_head)
+        mats = [d * d / tp, d * kv / tp, d * kv / tp, d * d / tp, d * f / tp, d * f / tp, f * d / tp]
+    rest = local_layer_params(model, layer, tp) - sum(mats)
+    return tuple(x * model.param_scale for x in (*mats, *([rest] if rest > 0 else [])))
 
-    if shm_ranks <= 1 or STAGE[layout.shard] < 2 or layout.compress != "none":
+
+def _biggest_tensor(model: ModelSpec, layers: list[int], tp: int) -> float:
+    return max(max(layer_tensors(model, lay, tp)) for lay in layers)
+
+
+def largest_bucket_bytes(model: ModelSpec, layout: Layout, layers: list[int]) -> float:
+    """Bytes of the largest fp32 gradient bucket of these layers as trainlib.data_parallel.buckets.plan_buckets
+    makes them (backward order, a 1 MiB first bucket, then --sync.bucket_mb; a tensor larger than
+    the cap is a bucket alone): planned on meta tensors of the layers' shapes. ZeRO-3: one per layer."""
+    if layout.shard == "parameters":
+        return max(local_layer_params(model, lay, layout.tp) for lay in layers) * model.param_scale * 4
+    return _largest_bucket(model, layout.tp, tuple(layers))
+
+
+@functools.lru_cache(maxsize=1024)
+def _largest_bucket(model: ModelSpec, tp: int, layers: tuple[int, ...]) -> float:
+    import torch
+
+    from trainlib.data_parallel.buckets import plan_buckets
+
+    named = [(f"{lay}.{i}", torch.nn.Parameter(torch.empty(max(1, round(n)), device="meta")))
+             for lay in layers for i, n in enumerate(layer_tensors(model, lay, tp))]
+    return max(sum(p.numel() for _, p in b) for b in plan_buckets(named, BUCKET_BYTES / 2**20)) * 4.0
+
+
+def _shm_pages(model: ModelSpec, layout: Layout, layers: list[int], params: float, shm_ranks: int) -> float:
+    """Pages of a CPU node's shared-memory transport (trainlib.sync.shm) in a rank's RSS beyond its own
+    states: with n ranks on it, a rank reduces its 1/n chunk of every peer's buffer in place, so it
+    touches (n-1)/n of a buffer's bytes in the peers'. Plain all-reduce: the gradient buckets'; ZeRO-1:
+    the gradients' (reduce-scatter) and the parameters' (all-gather); ZeRO-2/3: the parameters' and
+    WIRE_SLOTS reduce slots of the largest bucket each (trainlib.data_parallel.sharded), its own zeroed
+    whole when allocated, the peers' as far as the gradients reach. Measured here (RssShmem, dp=2): the
+    wide MLP (48 MiB of fp32 parameters) 72 / 144 / 120 / 96 MiB for plain / ZeRO-1 / -2 / -3, 1.5 M /
+    3 M / (M + M/2 + 2 x 16 MiB + 16 MiB / 2) / (M/2 + M/2 + 2 x 16 + 16 / 2) with the own buffers."""
+    if shm_ranks <= 1 or layout.compress != "none":
         return 0.0
-    sizes = [local_layer_params(model, lay, layout.tp) * model.param_scale for lay in layers]
-    bucket = max(sizes) if layout.shard == "parameters" else BUCKET_BYTES / 4
-    own = min(params, WIRE_SLOTS * bucket) * 4             # fp32 gradients (MixedPrecision's reduce_dtype)
-    return own * (1 + (shm_ranks - 1) / shm_ranks)
+    m = params * 4                              # fp32 (MixedPrecision's reduce_dtype; fp32 master weights)
+    peer = (shm_ranks - 1) / shm_ranks
+    stage = STAGE[layout.shard]
+    if stage <= 1:
+        return (1 + stage) * m * peer
+    slot = largest_bucket_bytes(model, layout, layers)
+    return WIRE_SLOTS * slot + min(m, WIRE_SLOTS * slot) * peer + m * peer
 
 
-def _transients(model: ModelSpec, layout: Layout, layers: list[int], tokens: int, params: float, ab: int) -> float:
+def _optimizer_temporary(model: ModelSpec, layout: Layout, layers: list[int], owned: float,
+                         foreach: bool) -> float:
+    """torch's AdamW step beside the states: on CPU its single-tensor loop (torch picks foreach only for
+    accelerators) makes sqrt(v) and its quotient for one tensor at a time, 2 x the largest owned tensor (measured
+    here: +32 MiB for the wide MLP's 16 MiB matrices, +1.1 MiB for the 192-wide GPT's 0.56 MiB ones); foreach
+    keeps sqrt(v) for all of them: one parameter-sized buffer."""
+    if foreach:
+        return owned * 4
+    return 2 * min(_biggest_tensor(model, layers, layout.tp), owned) * 4
+
+
+def _backward_transients(model: ModelSpec, layout: Layout, layers: list[int], tokens: int, ab: int,
+                         shm: bool, accelerator: bool) -> float:
+    """Beside the activations in backward: the largest gradient autograd makes before a bucket hook moves it,
+    the logits' gradient and softmax, the block being recomputed (full checkpointing), ZeRO-3's gathered
+    unit and the one prefetched, the sharded sync's gradient wires off the shared-memory transport."""
     last = model.pipeline_layers() - 1
     layer_sizes = [local_layer_params(model, lay, layout.tp) * model.param_scale for lay in layers]
-    biggest_matrix = max(layer_sizes) if model.kind == "mlp" else max(
-        [model.d_model * model.ffn / layout.tp * model.param_scale] +
-        [local_layer_params(model, lay, layout.tp) for lay in layers if lay in (0, last)])
-    t = biggest_matrix * 4                                  # a fresh gradient before its bucket takes it
-    owned = params / layout.dp if STAGE[layout.shard] >= 1 else params
-    t += owned * 4                                          # foreach AdamW's parameter-sized temporary
+    t = _biggest_tensor(model, layers, layout.tp) * 4
     if model.kind != "mlp" and last in layers:
-        t += 2 * tokens * model.vocab_size / layout.tp * 4  # logits' gradient and softmax in backward
-    if layout.ac == "full":                                 # one block recomputed in backward
+        t += 2 * tokens * model.vocab_size / layout.tp * 4
+    if layout.ac == "full":
         t += block_act_elements(model, layout.tp, "none") * tokens * ab
-    if layout.shard == "parameters":                        # a gathered unit + the prefetched next one
+    if layout.shard == "parameters":
         t += 2 * max(layer_sizes) * (4 if layout.precision == "fp32" else 2)
-    if layout.compress != "none":
-        t += params * 2                                     # the bf16 copy of the buckets on the wire
+    if STAGE[layout.shard] >= 2 and not shm:
+        # off the shared-memory transport each bucket's reduce-scatter takes a wire of its own (bf16 when
+        # compressed). gloo's run behind the backward on CPU cores the backward also needs: up to all the
+        # gradients wait at once (measured here: ZeRO-2 across the emulated nodes ~M over the model
+        # without); on an accelerator's own stream, assumed: the bucket reducing and the one filling
+        wire = 2 if layout.compress != "none" else 4
+        waiting = sum(layer_sizes)
+        if accelerator:
+            waiting = min(waiting, WIRE_SLOTS * largest_bucket_bytes(model, layout, layers) / 4)
+        t += waiting * wire
     return t

@@ -53,7 +53,8 @@ def shm_ranks(layout: Layout, cluster: ClusterSpec) -> int:
 
 def predict(model: ModelSpec, layout: Layout, cluster: ClusterSpec, prof: Profile, global_batch: int) -> Plan:
     t = step_time(model, layout, cluster, prof, global_batch)
-    m = peak_memory(model, layout, global_batch, prof["runtime_bytes"], shm_ranks(layout, cluster))
+    m = peak_memory(model, layout, global_batch, prof["runtime_bytes"], shm_ranks(layout, cluster),
+                    accelerator=cluster.device != "cpu")
     return Plan(layout, t, m, m.peak <= cluster.memory_bytes)
 
 

@@ -46,12 +46,11 @@ from trainlib.benchmarks.bench_cluster import wire_bytes
 from trainlib.benchmarks.bench_ps import t_allreduce
 
 from .layouts import Layout
-from .memory import STAGE, act_bytes, local_layer_params, schedule_facts, stages_of
+from .memory import BUCKET0_BYTES, BUCKET_BYTES, STAGE, act_bytes, local_layer_params, schedule_facts, stages_of
 from .profile import Profile
 from .spec import ClusterSpec, ModelSpec
 
 PARTITION_BYTES = 4 * 2**20      # the parameter server's partition (config.SyncConfig.partition_mb)
-BUCKET0_BYTES, BUCKET_BYTES = 2**20, 25 * 2**20   # DataParallel's first and later buckets (AllReduce.bucket_mb)
 OPS_PER_BLOCK = 14               # forward ops of one GPT block (norms, linears, attention, views, adds)
 # torch's foreach AdamW makes ~10 passes over parameter-sized fp32 arrays per step (lerp, mul, addcmul,
 # sqrt, div, add, addcdiv, weight decay; 2 arrays each on average) and clipping reads the gradients: 84 B
