@@ -5,15 +5,16 @@
 1. Calibrate (trainlib.planner.calibrate: the same 2 ranks, right before, so both see the same load).
 2. For the default GPT, a wider GPT (d_model 192: 2.25x the matmul work) and the wide MLP (3 x Linear(2048, 2048)),
    rank every valid layout on 1 node x 2 ranks (this machine) and on 2 emulated nodes x 1 rank
-   (trainlib.netcluster, tbf-shaped links; the planner gets the link's measured goodput as the NIC rate).
+   (trainlib.netcluster, tbf-shaped links; the planner gets the link's measured goodput as the NIC rate and
+   its measured transfer latency as inter_alpha_s: with_inter_alpha).
 3. Run each ranked layout the way `trainlib train` builds it (trainer.wrap: PP split -> TP -> DP with its
    sync backend, DistributedOptimizer over AdamW, clipping), one layout alive at a time, in two spawned
    groups per model and place. Memory: the peak RSS over two steps minus the RSS before its model was
    built (VmHWM reset per layout; glibc's mmap threshold pinned and malloc_trim first, so that freed
    tensors leave RSS), max over ranks. Time, in a group with the allocator as training has it: `--steps`
    steps after two warm-up steps, in two passes of opposite order; each step's time is the slowest
-   rank's, scaled to the host's speed at that moment (the calibration probe, timed every three layouts;
-   the raw times are reported beside); the median per layout. The host's memory bandwidth is sounded with
+   rank's, scaled to the host's speed at that moment (the group's model stepped alone on each rank every
+   three layouts; the raw times are reported beside); the median per layout. The host's memory bandwidth is sounded with
    the probe: the profile's memory-bound figures are scaled to its median (calibrate.with_memory).
 4. Report predicted vs measured step time and peak memory per layout: median and worst relative error,
    whether the planner's first choice is the measured best (or within 5% of it: when the passes' best is
@@ -193,9 +194,10 @@ def measure_layouts(name: str, items: list[dict], steps: int, phase: str = "time
     times, closed; two passes in opposite orders so that a slow phase of the shared machine lands on
     different layouts each time, and a third for a layout whose two passes disagree by more than
     RETIME_OVER (a slow spell of the shared host); the median of all its passes' steps, each scaled to the
-    host's speed at the time (host_speed; the raw times are kept too). The calibration probe steps every three layouts in
-    between: its median re-fits compute_efficiency under the same conditions, its soundings give the
-    host's speed. phase "duel": as "time", the layouts in turn DUEL_ROUNDS times each (see duel()).
+    host's speed at the time (host_speed; the raw times are kept too). The calibration probe and the group's
+    model alone (model_probe_fn) step every three layouts in between: the first's median re-fits
+    compute_efficiency under the same conditions as before, the second's soundings give the host's speed
+    and its median the model's own re-fit. phase "duel": as "time", the layouts in turn DUEL_ROUNDS times each (see duel()).
     (Keeping every layout alive and stepping them in rotation, as an earlier version did,
     made each step ~2x slower.)"""
     import ctypes
@@ -270,7 +272,9 @@ def measure_layouts(name: str, items: list[dict], steps: int, phase: str = "time
     if memory:
         return [{"layout": item["layout"], "measured_bytes": peaks[k]} for k, item in enumerate(items)]
     time_probe()
-    speed = host_speed(probe_s)
+    # the host's speed as the group's own model sees it: the calibration probe (a small GPT) ran 1.6x
+    # slower beside the wide MLP's layouts while they did not (10:03), and scaled them wrongly
+    speed = host_speed(own_s)
     rows = []
     for k, item in enumerate(items):
         raw = [t for _, t in times[k]]
@@ -282,7 +286,7 @@ def measure_layouts(name: str, items: list[dict], steps: int, phase: str = "time
     # the slower rank's memory speed, as calibrate takes mem_Bps
     mem = torch.tensor([statistics.median(mem_Bps)], dtype=torch.float64)
     comm.all_reduce(mem, op="min")
-    own_norm = [t * speed(when) for when, t in own_s]   # scaled to the host's speed as the layouts are
+    own_norm = [t * speed(when) for when, t in own_s]   # scaled as the layouts are (to its own median)
     return rows + [{"layout": PROBE, "measured_s": statistics.median(probe_times), "all_s": probe_times,
                     "mem_Bps": float(mem), "loadavg": loads},
                    {"layout": MODEL_PROBE, "measured_s": statistics.median(own_norm), "all_s": own_norm,
@@ -297,7 +301,7 @@ def unsettled(times: dict[int, list[float]], steps: int) -> list[int]:
 
 
 def host_speed(probe: list[tuple[float, float]]) -> Callable[[float], float]:
-    """The shared host's speed over a timing run, from the calibration probe stepped every few layouts:
+    """The shared host's speed over a timing run, from a probe stepped every few layouts (the group's own model):
     a step taken at `when` is scaled by median(probe) / probe(when) (the probe's step time then, linear
     between its soundings, each the median of 3 steps, then of itself and its two neighbours). A slow phase of the host (a neighbour's load:
     two timing passes of one layout have disagreed by up to 2x) then moves the probe as much as the
@@ -340,6 +344,18 @@ def duel(rows: list[dict], run) -> None:
         r["duel_s"], r["duel_all_s"] = got[r["layout"]]["measured_s"], got[r["layout"]]["all_s"]
 
 
+def link_sounding() -> dict[str, float]:
+    """What a pipeline transfer costs across the emulated link: the calibration's pipeline probe (2 tiny
+    stages, 1F1B m=8: one transfer per action) per action, median of 5 on the nodes, and the calibration's
+    sync-point cost (a 4-byte all-reduce between pieces of compute, / 2)."""
+    import trainlib as tl
+    from trainlib.planner.calibrate import _pipeline_action, _sync_point_cost
+
+    tl.init()
+    return {"pp_action_s": statistics.median(_pipeline_action() for _ in range(5)),
+            "sync_point_s": statistics.median(_sync_point_cost() / 2 for _ in range(5))}
+
+
 def worker(argv: list[str]) -> int:
     """Entry point on each emulated node (started by `trainlib launch`, PyTorchJob env)."""
     p = argparse.ArgumentParser()
@@ -347,7 +363,8 @@ def worker(argv: list[str]) -> int:
     p.add_argument("--out")
     a = p.parse_args(argv)
     spec = json.loads(Path(a.spec).read_text())
-    rows = measure_layouts(spec["model"], spec["items"], spec["steps"], spec["phase"])
+    rows = link_sounding() if spec["phase"] == "link" else measure_layouts(spec["model"], spec["items"],
+                                                                             spec["steps"], spec["phase"])
     if int(os.environ.get("RANK", "0")) == 0:
         tmp = Path(a.out + ".tmp")
         tmp.write_text(json.dumps(rows))
@@ -378,7 +395,7 @@ def _rows(place: str, name: str, plans: list, measured: list[dict], prof, cluste
     refit = probe_refit if own is None else with_model_probe(
         probe_refit, model_spec(name), MODELS[name][2] // N_RANKS, own["measured_s"],
         f"re-fitted to {name}'s own step on one rank, timed with {place}")
-    refit_values = {k: refit[k] for k in ("compute_efficiency", *MEMORY_BOUND, "op_s")}
+    refit_values = {k: refit[k] for k in ("compute_efficiency", *MEMORY_BOUND, "op_s", "inter_alpha_s")}
     labels = {q.layout.label() for q in plans}
     plans = [p for p in rank_layouts(name, cluster, refit) if p.layout.label() in labels]
     by_probe = {p.layout.label(): p.step_s for p in rank_layouts(name, cluster, probe_refit) if p.layout.label() in labels}
@@ -445,7 +462,21 @@ def run_local(names: list[str], prof, steps: int, log) -> list[dict]:
     return rows
 
 
-def run_cluster(names: list[str], prof, steps: int, rate: str, log) -> tuple[list[dict], float]:
+def with_inter_alpha(prof, link: dict[str, float]):
+    """The profile with the cross-node transfer latency measured on the emulated link (`trainlib plan
+    --calibrate` runs on one machine and can only assume it): a pipeline action there costs the local
+    per-action overhead plus one transfer, so inter_alpha_s = action across the link - pp_action_s."""
+    import copy
+
+    p = copy.deepcopy(prof)
+    p.values["inter_alpha_s"] = max(link["sync_point_s"], link["pp_action_s"] - prof["pp_action_s"])
+    p.sources["inter_alpha_s"] = (f"measured on the emulated cluster by bench plan: the calibration's pipeline "
+                                  f"probe across the link, {link['pp_action_s'] * 1e3:.3f} ms an action, less "
+                                  f"pp_action_s (at least its sync-point cost, {link['sync_point_s'] * 1e3:.3f} ms)")
+    return p
+
+
+def run_cluster(names: list[str], prof, steps: int, rate: str, log) -> tuple[list[dict], float, dict]:
     from trainlib.netcluster import NetCluster
 
     rows: list[dict] = []
@@ -455,31 +486,39 @@ def run_cluster(names: list[str], prof, steps: int, rate: str, log) -> tuple[lis
         cluster = emulated_cluster(goodput, rate)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PET_", "TORCHELASTIC_"))}
         env.update(OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // N_RANKS)), TRAINLIB_TIMEOUT_S="600")
+
+        def job(name: str, phase: str, its: list[dict]):
+            spec, out = Path(tmp, f"{name}-{phase}.json"), Path(tmp, f"{name}-{phase}-out.json")
+            spec.write_text(json.dumps({"model": name, "items": its, "steps": steps, "phase": phase}))
+            cmd = [sys.executable, "-m", "trainlib.benchmarks.bench_plan", "--worker", "--spec", str(spec),
+                   "--out", str(out)]
+            logs = [tempfile.TemporaryFile(mode="w+") for _ in range(N_RANKS)]
+            procs = [c.launch(i, cmd, nproc_per_node=1, env=env, nnodes=N_RANKS, stdout=logs[i],
+                              stderr=subprocess.STDOUT) for i in range(N_RANKS)]
+            codes = c.wait_all(procs, 3600)
+            if any(code != 0 for code in codes) or not out.exists():
+                logs[0].seek(0)
+                raise RuntimeError(f"bench plan cluster/{name} ({phase}): exit codes {codes}\n"
+                                   f"{logs[0].read()[-3000:]}")
+            return json.loads(out.read_text())
+
+        link = job("link", "link", [])
+        prof = with_inter_alpha(prof, link)
+        log(f"cluster: a pipeline action across the link {link['pp_action_s'] * 1e3:.3f} ms, sync point "
+            f"{link['sync_point_s'] * 1e3:.3f} ms: inter_alpha_s {prof['inter_alpha_s'] * 1e3:.3f} ms")
         for name in names:
             plans = rank_layouts(name, cluster, prof)
             log(f"cluster {name}: {len(plans)} layouts, load {os.getloadavg()[0]:.1f}")
             items = _items(plans, MODELS[name][2])
 
             def run(phase: str, its: list[dict] = items) -> list[dict]:
-                spec, out = Path(tmp, f"{name}-{phase}.json"), Path(tmp, f"{name}-{phase}-out.json")
-                spec.write_text(json.dumps({"model": name, "items": its, "steps": steps, "phase": phase}))
-                cmd = [sys.executable, "-m", "trainlib.benchmarks.bench_plan", "--worker", "--spec", str(spec),
-                       "--out", str(out)]
-                logs = [tempfile.TemporaryFile(mode="w+") for _ in range(N_RANKS)]
-                procs = [c.launch(i, cmd, nproc_per_node=1, env=env, nnodes=N_RANKS, stdout=logs[i],
-                                  stderr=subprocess.STDOUT) for i in range(N_RANKS)]
-                codes = c.wait_all(procs, 3600)
-                if any(code != 0 for code in codes) or not out.exists():
-                    logs[0].seek(0)
-                    raise RuntimeError(f"bench plan cluster/{name} ({phase}): exit codes {codes}\n"
-                                       f"{logs[0].read()[-3000:]}")
-                return json.loads(out.read_text())
+                return job(name, phase, its)
 
             got, refit = _rows(f"cluster 2x1 {rate}", name, plans, measure_both(name, items, steps, run), prof, cluster)
             log(f"cluster {name}: {_refit_note(prof, refit)}")
             duel(got, run)
             rows += got
-    return rows, goodput
+    return rows, goodput, link
 
 
 def summarize(rows: list[dict]) -> dict[str, Any]:
@@ -578,19 +617,19 @@ def run(quick: bool, argv: list[str] | None = None) -> dict:
     prof = load(args.profile) if args.profile else calibrate(N_RANKS)
     log(f"profile {prof.name}: " + ", ".join(f"{k} {v:.3g}" for k, v in prof.values.items()))
     rows = run_local(names, prof, args.steps, log)
-    goodput = None
+    goodput = link = None
     cluster_skipped = None
     if not args.no_cluster:
         cluster_skipped = netcluster.unavailable_reason()
         if cluster_skipped is None:
-            crow, goodput = run_cluster(names, prof, args.steps, args.rate, log)
+            crow, goodput, link = run_cluster(names, prof, args.steps, args.rate, log)
             rows += crow
         else:
             log(f"cluster part skipped: {cluster_skipped}")
     summary = summarize(rows)
     log(f"done in {time.time() - t0:.0f} s: " + json.dumps({k: v for k, v in summary.items() if k != "groups"}))
     return {"profile": prof.to_json(), "rows": rows, "summary": summary,
-            "cluster": {"rate": args.rate, "goodput_Bps": goodput, "skipped": cluster_skipped},
+            "cluster": {"rate": args.rate, "goodput_Bps": goodput, "link": link, "skipped": cluster_skipped},
             "result_suffix": "-validation" if not quick else ""}
 
 

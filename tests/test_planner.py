@@ -638,6 +638,18 @@ def test_bench_plan_duels_only_when_the_passes_best_is_another_layout():
     assert len(calls) == 1 and "duel_s" not in settled[0]
 
 
+def test_bench_plan_measures_the_cross_node_transfer_latency():
+    # a pipeline action across the emulated link = the local per-action overhead + one transfer
+    from trainlib.benchmarks.bench_plan import with_inter_alpha
+    from trainlib.planner.profile import load
+
+    prof = load("cpu")
+    got = with_inter_alpha(prof, {"pp_action_s": prof["pp_action_s"] + 1.5e-3, "sync_point_s": 2e-4})
+    assert got["inter_alpha_s"] == pytest.approx(1.5e-3) and "emulated cluster" in got.sources["inter_alpha_s"]
+    assert with_inter_alpha(prof, {"pp_action_s": prof["pp_action_s"], "sync_point_s": 4e-4})["inter_alpha_s"] == 4e-4
+    assert prof["inter_alpha_s"] == load("cpu")["inter_alpha_s"]            # the profile itself untouched
+
+
 def test_plan_rescore_gives_back_a_validation_the_same_model_made():
     # rows "measured" as a known multiple of what the planner predicted at a known efficiency: the
     # rescorer must back that efficiency out, give the predictions back, and score the multiples
