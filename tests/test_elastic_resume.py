@@ -59,7 +59,10 @@ def test_elastic_job_loses_a_node_and_resumes_on_fewer(tmp_path):
     port = free_port()
     env = {"PET_RDZV_ENDPOINT": f"localhost:{port}", "PET_RDZV_BACKEND": "c10d", "PET_NNODES": "1:2",
            "PET_MAX_RESTARTS": "3", "PET_RDZV_ID": "elastic", "PET_NPROC_PER_NODE": "1",
-           "PET_RDZV_CONF": "last_call_timeout=8,join_timeout=90", "TRAINLIB_TIMEOUT_S": "10",
+           # heartbeats every second, a node silent for 5 s is gone (torch's default is 5 s x 3 attempts: the
+           # survivor's next round waited 15 s for the dead node to expire before its 8 s last call)
+           "PET_RDZV_CONF": "last_call_timeout=8,join_timeout=90,keep_alive_interval=1,keep_alive_max_attempt=5",
+           "TRAINLIB_TIMEOUT_S": "10",
            "TRAINLIB_NO_PROGRESS": "1"}
     train = ["trainlib", "launch", "--", "trainlib", "train", "--model.n_layer", "2", "--model.d_model", "64",
              "--model.n_head", "2", "--model.seq_len", "64", "--train.batch_size", "8", "--train.corpus_bytes",

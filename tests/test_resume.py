@@ -3,9 +3,11 @@ ends with the same weights_sha256 as an uninterrupted run; and `trainlib train` 
 
 Real `trainlib train` processes, real torchrun (--max-restarts), real SIGKILL (the fault hook
 TRAINLIB_FAULT_KILL_AT_STEP makes the chosen rank kill itself, so the step is reproducible).
-The runs are independent, so they run concurrently to fit the test-time budget. The uninterrupted
-references are the same trainer on 2 real gloo ranks, all layouts in one spawned group (`refs`):
-a `trainlib train` job costs ~13 s of CPU in imports and torchrun for a 0.2 s run.
+The runs are independent, so every killed run of the module starts in the background when the first
+test asks for them (`killed`), PARALLEL at a time, and each test waits for its own: a `trainlib train`
+job costs ~13 s of CPU in imports and torchrun for a 0.2 s run, and one job alone leaves a core idle
+while its agent imports and its workers start and stop. The uninterrupted references are the same
+trainer on 2 real gloo ranks, all layouts in one spawned group (`refs`), computed meanwhile.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import os
 import random
 import subprocess
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import pytest
 import torch
@@ -61,6 +64,90 @@ def _sharded_name(layout: list[str]) -> str:
     return "_".join(a.strip("-").replace(".", "") for a in layout)
 
 
+# killed runs at once: the most this file ran side by side before the shared pool (3 jobs = 9 processes)
+PARALLEL = 3
+
+# test_killed_worker_resumes_bit_identically's faults
+_pick = random.Random(2026)
+_R1, _S1 = _pick.randrange(2), _pick.randrange(EVERY + 1, 2 * EVERY)       # between two checkpoints
+_R2 = _pick.randrange(2)
+_R3, _S3 = _pick.randrange(2), _pick.randrange(2 * EVERY + 1, STEPS)
+# (name, fault spec, checkpoint step the restarted job must resume from)
+WORKER_TRIALS = [("between_ckpts", f"{_R1}:{_S1}", EVERY),
+                 ("in_save", f"{_R2}:{2 * EVERY}:save:shard", EVERY)]     # dies while writing step 8's checkpoint
+
+
+def _shard_fault(name: str) -> tuple[int, int]:
+    """(rank, step) test_killed_shard_resumes_bit_identically kills in layout `name`."""
+    return random.Random(len(" ".join(LAYOUTS[name]))).randrange(2), EVERY + 1 + EVERY // 2
+
+
+def _sharded_fault(i: int) -> tuple[int, int]:
+    """(rank, step) test_killed_sharded_run_resumes_bit_identically kills in SHARDED[i]."""
+    return i % 2, EVERY + 1 + i % (EVERY - 1)
+
+
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory):
+    """Job name -> Future of _finish's (returncode, summary, stderr) for every killed run of this module,
+    started in the background, PARALLEL at a time (the longest first). "self_1"/"self_2" are one chain:
+    the second command starts once the first one is gone."""
+    tmp = tmp_path_factory.mktemp("killed")
+    procs: list[subprocess.Popen] = []
+    stopping = False
+
+    def run(name: str, extra: list[str], fault: str | None = None):
+        if stopping:
+            raise RuntimeError("the module's tests are over")
+        proc = _start(tmp, name, 0, extra, fault)
+        procs.append(proc)
+        if stopping:  # the teardown's kill may have run before this start
+            proc.kill()
+        return _finish(tmp, name, proc)
+
+    def self_chain():
+        first = run("self_1", _ck(tmp, "self", restarts=0), f"{_R3}:{_S3}")
+        return first, run("self_2", _ck(tmp, "self", restarts=0))
+
+    pool = ThreadPoolExecutor(PARALLEL)
+    futures: dict[str, Future] = {}
+    chain = pool.submit(self_chain)
+    futures["self_1"] = Future()
+    futures["self_2"] = Future()
+
+    def split(f: Future) -> None:
+        try:
+            first, second = f.result()
+        except BaseException as e:  # noqa: BLE001 - both tests see the chain's failure
+            futures["self_1"].set_exception(e)
+            futures["self_2"].set_exception(e)
+        else:
+            futures["self_1"].set_result(first)
+            futures["self_2"].set_result(second)
+
+    chain.add_done_callback(split)
+    for name, fault, _ in WORKER_TRIALS:
+        futures[name] = pool.submit(run, name, _ck(tmp, name), fault)
+    for name in ("pp2", "tp2", "ps_sync"):
+        rank, step = _shard_fault(name)
+        futures[f"shard_{name}"] = pool.submit(run, f"shard_{name}", [*LAYOUTS[name], *_ck(tmp, f"shard_{name}")],
+                                               f"{rank}:{step}")
+    for i, layout in enumerate(SHARDED):
+        name = _sharded_name(layout)
+        rank, step = _sharded_fault(i)
+        futures[f"{name}_killed"] = pool.submit(run, f"{name}_killed", [*layout, *_ck(tmp, name)], f"{rank}:{step}")
+    try:
+        yield futures
+    finally:
+        stopping = True
+        for f in futures.values():
+            f.cancel()
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 @pytest.fixture(scope="module")
 def refs(tmp_path_factory) -> dict[str, dict]:
     """Layout name -> rank 0's summary of the uninterrupted run (TINY, seed 0): the weights every
@@ -74,20 +161,11 @@ def refs(tmp_path_factory) -> dict[str, dict]:
     return dict(zip(layouts, summaries))
 
 
-def test_killed_worker_resumes_bit_identically(tmp_path, refs):
-    pick = random.Random(2026)
-    r1, s1 = pick.randrange(2), pick.randrange(EVERY + 1, 2 * EVERY)       # between two checkpoints
-    r2 = pick.randrange(2)
-    r3, s3 = pick.randrange(2), pick.randrange(2 * EVERY + 1, STEPS)
-    # (name, fault spec, checkpoint step the restarted job must resume from)
-    trials = [("between_ckpts", f"{r1}:{s1}", EVERY),
-              ("in_save", f"{r2}:{2 * EVERY}:save:shard", EVERY)]     # dies while writing step 8's checkpoint
-    procs = {name: _start(tmp_path, name, 0, _ck(tmp_path, name), fault) for name, fault, _ in trials}
+def test_killed_worker_resumes_bit_identically(killed, refs):
     # resumes by itself: the first run dies with no restarts left, the same command again picks it up
     # (started as soon as the first one is gone, beside the other runs)
-    self_1 = _finish(tmp_path, "self_1", _start(tmp_path, "self_1", 0, _ck(tmp_path, "self", restarts=0), f"{r3}:{s3}"))
-    procs["self_2"] = _start(tmp_path, "self_2", 0, _ck(tmp_path, "self", restarts=0))
-    done = {"self_1": self_1, **{name: _finish(tmp_path, name, p) for name, p in procs.items()}}
+    trials = WORKER_TRIALS
+    done = {name: killed[name].result() for name in ("self_1", "self_2", *(t[0] for t in trials))}
 
     ref = refs["plain"]
     for name, fault, resumed in trials:
@@ -107,14 +185,12 @@ def test_killed_worker_resumes_bit_identically(tmp_path, refs):
 
 
 @pytest.mark.parametrize("name", ["pp2", "tp2", "ps_sync"])
-def test_killed_shard_resumes_bit_identically(tmp_path, refs, name):
+def test_killed_shard_resumes_bit_identically(killed, refs, name):
     # pipeline stages and tensor-parallel slices are per-rank shards of the checkpoint; with the
     # parameter server, torchrun's restart also restarts the colocated server (sync mode keeps no
     # state across steps). Each killed run must still end on the uninterrupted run's weights.
-    layout = LAYOUTS[name]
-    rank, step = random.Random(len(" ".join(layout))).randrange(2), EVERY + 1 + EVERY // 2
-    rc, summary, err = _finish(tmp_path, "killed", _start(tmp_path, "killed", 0, [*layout, *_ck(tmp_path, "killed")],
-                                                          f"{rank}:{step}"))
+    rank, _ = _shard_fault(name)
+    rc, summary, err = killed[f"shard_{name}"].result()
     assert rc == 0, err[-3000:]
     assert f"fault injection: rank {rank} kills itself" in err
     assert summary["resumed_from"] == EVERY
@@ -145,19 +221,15 @@ def test_nonfinite_gradients_skip_or_raise(tmp_path):
     assert run_ranks(_train_rank, 2, argv + ["--train.nonfinite", "raise"], True, env=env, timeout_s=90) == [1, 1]
 
 
-def test_killed_sharded_run_resumes_bit_identically(tmp_path, refs):
+def test_killed_sharded_run_resumes_bit_identically(killed, refs):
     """Each ZeRO stage (and stage 3 in bf16) saves this rank's slices, fp32 masters and optimizer
     state; a rank killed between checkpoints resumes on the uninterrupted run's weights (`refs`).
-    The killed runs all at once, to fit the 2-core time budget."""
-    procs = {}
+    The killed runs are started with the module's others (`killed`), to fit the 2-core time budget."""
     for i, layout in enumerate(SHARDED):
         name = _sharded_name(layout)
-        rank, step = i % 2, EVERY + 1 + i % (EVERY - 1)
-        procs[name] = (layout, rank,
-                       _start(tmp_path, f"{name}_killed", 0, [*layout, *_ck(tmp_path, name)], f"{rank}:{step}"))
-    for name, (layout, rank, killed) in procs.items():
+        rank, _ = _sharded_fault(i)
         ref_summary = refs[name]
-        rc, summary, err = _finish(tmp_path, f"{name}_killed", killed)
+        rc, summary, err = killed[f"{name}_killed"].result()
         assert rc == 0, err[-3000:]
         assert f"fault injection: rank {rank} kills itself" in err, name
         # an async save may still be in flight when the kill lands: then the older checkpoint is the one

@@ -5,7 +5,8 @@ rank files alone, equal to what the unsharded run of the same layout saved, and 
 The trainer on 4 real gloo ranks (dp2 x tp2 with ZeRO-3, dp2 x pp2 with ZeRO-1), each beside its
 unsharded twin: all four runs in one spawned group (`saved`), as a `trainlib train` job of 4 ranks costs
 ~25 s of CPU in imports and torchrun for a 3-step run. The resume test below is real `trainlib train`
-jobs: what it checks is the launcher's pre-launch check."""
+jobs where it checks the launcher's pre-launch check (the first run, which only leaves the checkpoint to
+resume, is the same trainer on 2 gloo ranks: ~13 s of CPU less)."""
 from __future__ import annotations
 
 import os
@@ -17,7 +18,7 @@ import pytest
 from trainlib.checkpoint import layout, step_dir
 from trainlib.models.gpt import GPT, GPTConfig
 from trainlib.testing import run_ranks
-from tests.trainer_ranks import train_each
+from tests.trainer_ranks import train_each, train_one
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -64,8 +65,8 @@ def test_sharded_checkpoint_reassembles_to_the_unsharded_one(saved, case):
 
 
 def test_sharded_checkpoint_resumes_by_itself_and_refuses_another_stage(tmp_path):
-    """The same command again resumes a sharded run (the pre-launch check reads the manifest's
-    layout, not the slices' shapes); another --dp.shard is refused before any rank starts."""
+    """`trainlib train` with the flags of a sharded run resumes it (the pre-launch check reads the
+    manifest's layout, not the slices' shapes); another --dp.shard is refused before any rank starts."""
     small = [*MODEL, "--train.batch_size", "4", "--train.corpus_bytes", "65536", "--checkpoint.every", "3",
              "--checkpoint.dir", str(tmp_path / "ck"), "--train.metrics", str(tmp_path / "m.jsonl")]
     env = {**os.environ, "TRAINLIB_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
@@ -74,8 +75,10 @@ def test_sharded_checkpoint_resumes_by_itself_and_refuses_another_stage(tmp_path
         return subprocess.run([sys.executable, "-m", "trainlib.cli", "train", *small, *extra], env=env,
                               capture_output=True, text=True, timeout=240)
 
-    first = train("--train.steps", "3", "--dp.shard", "gradients")
-    assert first.returncode == 0, first.stderr[-3000:]
+    # the run to resume: `trainlib train` of these flags runs this on its 2 local ranks
+    first = run_ranks(train_one, 2, [*small, "--train.steps", "3", "--dp.shard", "gradients"],
+                      env={"TRAINLIB_NO_PROGRESS": "1"}, timeout_s=120)
+    assert [s["steps"] for s in first] == [3, 3] and step_dir(tmp_path / "ck", 3).is_dir()
     again = train("--train.steps", "6", "--dp.shard", "gradients")
     assert again.returncode == 0, again.stderr[-3000:]
     assert '"resumed_from": 3' in again.stdout
