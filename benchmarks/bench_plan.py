@@ -465,7 +465,8 @@ def run_local(names: list[str], prof, steps: int, log) -> list[dict]:
 def with_inter_alpha(prof, link: dict[str, float]):
     """The profile with the cross-node transfer latency measured on the emulated link (`trainlib plan
     --calibrate` runs on one machine and can only assume it): a pipeline action there costs the local
-    per-action overhead plus one transfer, so inter_alpha_s = action across the link - pp_action_s."""
+    per-action overhead plus one transfer, so inter_alpha_s = action across the link - pp_action_s, and
+    at least the link's sync-point cost."""
     import copy
 
     p = copy.deepcopy(prof)

@@ -275,7 +275,7 @@ def _largest_bucket(model: ModelSpec, tp: int, layers: tuple[int, ...]) -> float
 
     named = [(f"{lay}.{i}", torch.nn.Parameter(torch.empty(max(1, round(n)), device="meta")))
              for lay in layers for i, n in enumerate(layer_tensors(model, lay, tp))]
-    return max(sum(p.numel() for _, p in b) for b in plan_buckets(named, BUCKET_BYTES / 2**20)) * 4.0
+    return max(sum(p.numel() for _, p in b) for b in plan_buckets(named, SyncConfig().bucket_mb)) * 4.0
 
 
 def _shm_pages(model: ModelSpec, layout: Layout, layers: list[int], params: float, shm_ranks: int) -> float:
