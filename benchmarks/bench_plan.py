@@ -6,7 +6,8 @@
 2. For the default GPT, a wider GPT (d_model 192: 2.25x the matmul work) and the wide MLP (3 x Linear(2048, 2048)),
    rank every valid layout on 1 node x 2 ranks (this machine) and on 2 emulated nodes x 1 rank
    (trainlib.netcluster, tbf-shaped links; the planner gets the link's measured goodput as the NIC rate and
-   its measured transfer latency as inter_alpha_s: with_inter_alpha).
+   its measured transfer latency as inter_alpha_s and the rate its all-reduces reach as inter_efficiency:
+   with_link).
 3. Run each ranked layout the way `trainlib train` builds it (trainer.wrap: PP split -> TP -> DP with its
    sync backend, DistributedOptimizer over AdamW, clipping), one layout alive at a time, in two spawned
    groups per model and place. Memory: the peak RSS over two steps minus the RSS before its model was
@@ -344,16 +345,38 @@ def duel(rows: list[dict], run) -> None:
         r["duel_s"], r["duel_all_s"] = got[r["layout"]]["measured_s"], got[r["layout"]]["all_s"]
 
 
-def link_sounding() -> dict[str, float]:
-    """What a pipeline transfer costs across the emulated link: the calibration's pipeline probe (2 tiny
-    stages, 1F1B m=8: one transfer per action) per action, median of 5 on the nodes, and the calibration's
-    sync-point cost (a 4-byte all-reduce between pieces of compute, / 2)."""
+LINK_ALLREDUCE_MIB = (4, 16)   # the all-reduces link_sounding times across the link: their difference is the rate
+
+
+def link_sounding() -> dict[str, Any]:
+    """What the emulated link costs: a pipeline transfer (the calibration's pipeline probe: 2 tiny stages,
+    1F1B m=8, one transfer per action) per action, median of 5; the calibration's sync-point cost (a
+    4-byte all-reduce between pieces of compute, / 2); and fp32 all-reduces of LINK_ALLREDUCE_MIB, the
+    median of 5 each (between barriers), for the rate a collective reaches over the link."""
+    import torch
+
     import trainlib as tl
-    from trainlib.planner.calibrate import _pipeline_action, _sync_point_cost
+    from trainlib import comm
+    from trainlib.planner.calibrate import _median_time, _pipeline_action, _sync_point_cost
 
     tl.init()
-    return {"pp_action_s": statistics.median(_pipeline_action() for _ in range(5)),
-            "sync_point_s": statistics.median(_sync_point_cost() / 2 for _ in range(5))}
+    out: dict[str, Any] = {"pp_action_s": statistics.median(_pipeline_action() for _ in range(5)),
+                           "sync_point_s": statistics.median(_sync_point_cost() / 2 for _ in range(5))}
+    points = []
+    for mib in LINK_ALLREDUCE_MIB:
+        t = torch.ones(mib * 2**20 // 4)
+
+        def one() -> None:
+            comm.barrier()
+            comm.all_reduce(t)
+        one()   # warm: gloo's buffers for this size
+        # the barrier's own cost, timed alike, is taken off
+        bar = _median_time(comm.barrier, 5)
+        secs = torch.tensor([max(0.0, _median_time(one, 5) - bar)], dtype=torch.float64)
+        comm.all_reduce(secs, op="max")
+        points.append([mib * 2**20, float(secs)])
+    out["allreduce_s"] = points
+    return out
 
 
 def worker(argv: list[str]) -> int:
@@ -395,7 +418,8 @@ def _rows(place: str, name: str, plans: list, measured: list[dict], prof, cluste
     refit = probe_refit if own is None else with_model_probe(
         probe_refit, model_spec(name), MODELS[name][2] // N_RANKS, own["measured_s"],
         f"re-fitted to {name}'s own step on one rank, timed with {place}")
-    refit_values = {k: refit[k] for k in ("compute_efficiency", *MEMORY_BOUND, "op_s", "inter_alpha_s")}
+    refit_values = {k: refit[k] for k in ("compute_efficiency", *MEMORY_BOUND, "op_s", "inter_alpha_s",
+                                          "inter_efficiency")}
     labels = {q.layout.label() for q in plans}
     plans = [p for p in rank_layouts(name, cluster, refit) if p.layout.label() in labels]
     by_probe = {p.layout.label(): p.step_s for p in rank_layouts(name, cluster, probe_refit) if p.layout.label() in labels}
@@ -462,18 +486,32 @@ def run_local(names: list[str], prof, steps: int, log) -> list[dict]:
     return rows
 
 
-def with_inter_alpha(prof, link: dict[str, float]):
-    """The profile with the cross-node transfer latency measured on the emulated link (`trainlib plan
-    --calibrate` runs on one machine and can only assume it): a pipeline action there costs the local
-    per-action overhead plus one transfer, so inter_alpha_s = action across the link - pp_action_s, and
-    at least the link's sync-point cost."""
+def with_link(prof, link: dict[str, Any], goodput_Bps: float, nodes: int = N_RANKS):
+    """The profile with the emulated link's own soundings (`trainlib plan --calibrate` runs on one machine
+    and can only assume them). inter_alpha_s: a pipeline action there costs the local per-action overhead
+    plus one transfer, so the action across the link - pp_action_s, and at least the link's sync-point
+    cost. inter_efficiency: the rate the two all-reduces' difference reaches, in the bytes the planner puts
+    on a NIC for them (bench_cluster.wire_bytes), over the goodput the planner is given as the NIC's rate
+    (it had been `trainlib bench cluster`'s whole-step fit, which counts its steps' idle gaps as well)."""
     import copy
+
+    from trainlib.benchmarks.bench_cluster import wire_bytes
 
     p = copy.deepcopy(prof)
     p.values["inter_alpha_s"] = max(link["sync_point_s"], link["pp_action_s"] - prof["pp_action_s"])
     p.sources["inter_alpha_s"] = (f"measured on the emulated cluster by bench plan: the calibration's pipeline "
                                   f"probe across the link, {link['pp_action_s'] * 1e3:.3f} ms an action, less "
                                   f"pp_action_s (at least its sync-point cost, {link['sync_point_s'] * 1e3:.3f} ms)")
+    points = link.get("allreduce_s") or []
+    if len(points) >= 2:
+        (b0, t0), (b1, t1) = points[0], points[-1]
+        wire = wire_bytes("allreduce", b1, nodes, 1, 1) - wire_bytes("allreduce", b0, nodes, 1, 1)
+        if t1 > t0 and wire > 0:
+            p.values["inter_efficiency"] = wire / (t1 - t0) / goodput_Bps
+            p.sources["inter_efficiency"] = (
+                f"measured on the emulated cluster by bench plan: fp32 all-reduces of {b0 / 2**20:.0f} and "
+                f"{b1 / 2**20:.0f} MiB across the link took {t0 * 1e3:.1f} and {t1 * 1e3:.1f} ms: "
+                f"{wire / (t1 - t0) / 1e6:.1f} MB/s on the wire over a goodput of {goodput_Bps / 1e6:.1f} MB/s")
     return p
 
 
@@ -504,9 +542,10 @@ def run_cluster(names: list[str], prof, steps: int, rate: str, log) -> tuple[lis
             return json.loads(out.read_text())
 
         link = job("link", "link", [])
-        prof = with_inter_alpha(prof, link)
+        prof = with_link(prof, link, goodput)
         log(f"cluster: a pipeline action across the link {link['pp_action_s'] * 1e3:.3f} ms, sync point "
-            f"{link['sync_point_s'] * 1e3:.3f} ms: inter_alpha_s {prof['inter_alpha_s'] * 1e3:.3f} ms")
+            f"{link['sync_point_s'] * 1e3:.3f} ms: inter_alpha_s {prof['inter_alpha_s'] * 1e3:.3f} ms; "
+            f"all-reduces {link['allreduce_s']}: inter_efficiency {prof['inter_efficiency']:.3f}")
         for name in names:
             plans = rank_layouts(name, cluster, prof)
             log(f"cluster {name}: {len(plans)} layouts, load {os.getloadavg()[0]:.1f}")

@@ -266,6 +266,36 @@ def test_zero_across_nodes_moves_an_allreduce_and_hides_prefetched_gathers():
                                  + (units - 1) * ar(m / units) / 2 + copy)
 
 
+def test_gloo_reduce_scatter_below_its_p2p_size_costs_an_allreduce_across_nodes():
+    """trainlib.comm runs a gloo reduce-scatter under GLOO_P2P_MIN_BYTES as an all-reduce keeping its chunk:
+    across nodes on CPU such a bucket's reduce-scatter moves a whole all-reduce's bytes, a larger one half;
+    a compressed sharded sync pays its fixed cost per collective there too."""
+    from trainlib.comm import GLOO_P2P_MIN_BYTES
+    from trainlib.planner.memory import bucket_bytes
+    from trainlib.planner.timing import gloo_rs_halves, sharded_collectives
+
+    small, large = GLOO_P2P_MIN_BYTES / 4, GLOO_P2P_MIN_BYTES * 2
+    assert gloo_rs_halves([small, large]) == pytest.approx((2 * small + large) / (small + large))
+    assert gloo_rs_halves([]) == 1.0
+    prof = profile(compress_collective_s=1e-3)
+    two = ClusterSpec(2, 1, "cpu", 8.0, 8.0)
+    n, m = 875_264, 875_264 * 4
+    ar = lambda nbytes: nbytes / 5e8 + 2 * 1e-4                        # one all-reduce across the 2 nodes
+    lay = Layout(1, 2, 1, shard="optimizer")
+    buckets = bucket_bytes(GPT, lay, list(range(GPT.pipeline_layers())))
+    assert sum(buckets) == pytest.approx(m, rel=1e-6) and max(buckets) < GLOO_P2P_MIN_BYTES
+    z1 = dp_sync_time(GPT, lay, two, prof, n, backward_s=0.0, buckets=buckets)
+    assert z1 == pytest.approx(ar(2 * m) / 2 + ar(m) / 2 + 2 * m / 1e9)   # the gradients' all-reduce + a gather
+    # bf16 on the wire: half the gradient bytes (all still under the size), its cast, a fixed cost each
+    z1c = dp_sync_time(GPT, Layout(1, 2, 1, shard="optimizer", compress="bf16"), two, prof, n, backward_s=0.0,
+                       buckets=buckets)
+    assert sharded_collectives(lay, m, 0) == 4
+    assert z1c == pytest.approx(ar(m) / 2 + ar(m) / 2 + 4 * 1e-3 + 2 * (m + m / 2) / 1e9)
+    # on an accelerator (NCCL: a native reduce-scatter) no bucket list: half an all-reduce
+    gpu = ClusterSpec(2, 1, "h100", 8.0, 80.0)
+    assert dp_sync_time(GPT, lay, gpu, prof, n, backward_s=0.0) == pytest.approx(ar(m) / 2 + ar(m) / 2 + 2 * m / 1e9)
+
+
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "zb-h1"])
 def test_bubble_is_the_schedules_own(schedule):
     lay = Layout(2, 1, 1, schedule=schedule, microbatches=4)
@@ -638,15 +668,22 @@ def test_bench_plan_duels_only_when_the_passes_best_is_another_layout():
     assert len(calls) == 1 and "duel_s" not in settled[0]
 
 
-def test_bench_plan_measures_the_cross_node_transfer_latency():
-    # a pipeline action across the emulated link = the local per-action overhead + one transfer
-    from trainlib.benchmarks.bench_plan import with_inter_alpha
+def test_bench_plan_measures_the_cross_node_transfer_latency_and_rate():
+    # a pipeline action across the emulated link = the local per-action overhead + one transfer; the
+    # all-reduces' rate on the wire (2 nodes: an all-reduce of M puts M on each NIC) over the goodput
+    from trainlib.benchmarks.bench_plan import with_link
     from trainlib.planner.profile import load
 
     prof = load("cpu")
-    got = with_inter_alpha(prof, {"pp_action_s": prof["pp_action_s"] + 1.5e-3, "sync_point_s": 2e-4})
+    mib = 2**20
+    link = {"pp_action_s": prof["pp_action_s"] + 1.5e-3, "sync_point_s": 2e-4,
+            "allreduce_s": [[4 * mib, 0.05], [16 * mib, 0.05 + 12 * mib / 100e6]]}
+    got = with_link(prof, link, goodput_Bps=125e6)
     assert got["inter_alpha_s"] == pytest.approx(1.5e-3) and "emulated cluster" in got.sources["inter_alpha_s"]
-    assert with_inter_alpha(prof, {"pp_action_s": prof["pp_action_s"], "sync_point_s": 4e-4})["inter_alpha_s"] == 4e-4
+    assert got["inter_efficiency"] == pytest.approx(100e6 / 125e6) and "16 MiB" in got.sources["inter_efficiency"]
+    link.update(pp_action_s=prof["pp_action_s"], sync_point_s=4e-4, allreduce_s=[])
+    kept = with_link(prof, link, goodput_Bps=125e6)
+    assert kept["inter_alpha_s"] == 4e-4 and kept["inter_efficiency"] == prof["inter_efficiency"]
     assert prof["inter_alpha_s"] == load("cpu")["inter_alpha_s"]            # the profile itself untouched
 
 

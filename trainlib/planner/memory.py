@@ -189,7 +189,14 @@ def peak_memory(model: ModelSpec, layout: Layout, global_batch: int, runtime_byt
     """The largest per-device peak over the pipeline ranks. shm_ranks: how many ranks of the dp group
     share a node's shared-memory transport (1: none; CPU only); accelerator: a GPU/Neuron device, where
     torch's optimizer takes its foreach path and the collectives run on a stream of their own."""
-    best: MemoryBreakdown | None = None
+    return max(rank_memory(model, layout, global_batch, runtime_bytes, shm_ranks, accelerator),
+               key=lambda m: m.peak)
+
+
+def rank_memory(model: ModelSpec, layout: Layout, global_batch: int, runtime_bytes: float = 0.0,
+                shm_ranks: int = 1, accelerator: bool = False) -> list[MemoryBreakdown]:
+    """Each pipeline rank's peak (peak_memory's arguments), in pp rank order."""
+    out: list[MemoryBreakdown] = []
     ab = act_bytes(layout.precision)
     stage = STAGE[layout.shard]
     per_rank_batch = global_batch // layout.dp
@@ -226,11 +233,8 @@ def peak_memory(model: ModelSpec, layout: Layout, global_batch: int, runtime_byt
             # 192-wide GPT's 1F1B m=8 holds ~1.5 MiB and interleaved ~4 MiB more than its states at a step's start)
             transfers = schedule_facts(layout.schedule, layout.pp, layout.microbatches)[2][rank][1]
             held += transfers * tokens * model.d_model * ab
-        m = MemoryBreakdown(params, states, acts, held + phase - acts, runtime_bytes)
-        if best is None or m.peak > best.peak:
-            best = m
-    assert best is not None
-    return best
+        out.append(MemoryBreakdown(params, states, acts, held + phase - acts, runtime_bytes))
+    return out
 
 
 @functools.lru_cache(maxsize=4096)
@@ -259,23 +263,28 @@ def _biggest_tensor(model: ModelSpec, layers: list[int], tp: int) -> float:
 
 
 def largest_bucket_bytes(model: ModelSpec, layout: Layout, layers: list[int]) -> float:
-    """Bytes of the largest fp32 gradient bucket of these layers as trainlib.data_parallel.buckets.plan_buckets
+    """Bytes of the largest fp32 gradient bucket of these layers (bucket_bytes)."""
+    return max(bucket_bytes(model, layout, layers))
+
+
+def bucket_bytes(model: ModelSpec, layout: Layout, layers: list[int]) -> tuple[float, ...]:
+    """Bytes of each fp32 gradient bucket of these layers as trainlib.data_parallel.buckets.plan_buckets
     makes them (backward order, a 1 MiB first bucket, then --sync.bucket_mb; a tensor larger than
     the cap is a bucket alone): planned on meta tensors of the layers' shapes. ZeRO-3: one per layer."""
     if layout.shard == "parameters":
-        return max(local_layer_params(model, lay, layout.tp) for lay in layers) * model.param_scale * 4
-    return _largest_bucket(model, layout.tp, tuple(layers))
+        return tuple(local_layer_params(model, lay, layout.tp) * model.param_scale * 4 for lay in layers)
+    return _buckets(model, layout.tp, tuple(layers))
 
 
 @functools.lru_cache(maxsize=1024)
-def _largest_bucket(model: ModelSpec, tp: int, layers: tuple[int, ...]) -> float:
+def _buckets(model: ModelSpec, tp: int, layers: tuple[int, ...]) -> tuple[float, ...]:
     import torch
 
     from trainlib.data_parallel.buckets import plan_buckets
 
     named = [(f"{lay}.{i}", torch.nn.Parameter(torch.empty(max(1, round(n)), device="meta")))
              for lay in layers for i, n in enumerate(layer_tensors(model, lay, tp))]
-    return max(sum(p.numel() for _, p in b) for b in plan_buckets(named, SyncConfig().bucket_mb)) * 4.0
+    return tuple(sum(p.numel() for _, p in b) * 4.0 for b in plan_buckets(named, SyncConfig().bucket_mb))
 
 
 def _shm_pages(model: ModelSpec, layout: Layout, layers: list[int], params: float, shm_ranks: int) -> float:

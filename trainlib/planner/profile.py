@@ -34,7 +34,8 @@ KEYS = {
     "sync_dram_Bps": "the same all-reduce's bandwidth for the bytes past its first SYNC_CACHE_BYTES (8 MiB: they no "
                      "longer stay in the caches); 0: as sync_Bps",
     "inter_alpha_s": "per-step latency of a collective across nodes",
-    "inter_efficiency": "share of the NIC's line rate a collective reaches across nodes (1/kappa of bench cluster)",
+    "inter_efficiency": "share of the NIC's line rate a collective reaches across nodes (1/kappa of bench cluster; "
+                        "bench plan sounds it on its emulated link)",
     "rs_ag_over_ar": "reduce-scatter + all-gather time over one all-reduce of the same bytes (ZeRO's sync) on the "
                      "collective library (gloo on CPU: ZeRO inside a node when compressed, TP/PP links)",
     "sync_rs_ag_over_ar": "the same ratio on the data-parallel transport inside a node (shm on CPU: uncompressed "
@@ -61,7 +62,7 @@ KEYS = {
     "tp_collective_s": "fixed cost of one tensor-parallel all-reduce beyond the alpha-beta ring time",
     "zero_step_s": "fixed cost per step of a sharded (ZeRO) data-parallel sync over a plain one: its slices, "
                    "master copies, epilogue and bookkeeping, beyond the bytes the model counts",
-    "compress_collective_s": "fixed cost of one collective of a bf16-compressed ZeRO sync inside a node (each "
+    "compress_collective_s": "fixed cost of one collective of a bf16-compressed ZeRO sync (each "
                              "bucket's reduce-scatter and all-gather, each ZeRO-3 unit's gathers: torch's "
                              "collectives, not the node's transport) beyond the alpha-beta time",
     "compress_overlap": "share of the backward behind which a compressed ZeRO sync's reduce-scatters (torch's "

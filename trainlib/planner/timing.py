@@ -29,10 +29,11 @@
                  cost per unit gathered (zero3_unit_s: one unit per pipeline layer, twice per microbatch);
                  every stage a calibrated fixed cost per step over plain data parallel (zero_step_s);
                  across nodes the NIC sets the pace: reduce-scatter + all-gather move an all-reduce's bytes
-                 (no rs_ag_over_ar) and ZeRO-3's prefetched unit gathers hide behind the unit before them;
+                 (no rs_ag_over_ar; but on CPU a bucket's gloo reduce-scatter under 4 MiB is an all-reduce:
+                 gloo_rs_halves) and ZeRO-3's prefetched unit gathers hide behind the unit before them;
                  bf16 compression halves the gradient bytes (not the parameters a sharded sync gathers),
-                 goes through gloo on CPU, and costs a cast (sharded, inside a node: a calibrated fixed
-                 cost per collective it starts, compress_collective_s); the parameter server pays a fixed cost per sync and per 4 MB partition and the
+                 goes through gloo on CPU, and costs a cast (sharded: a calibrated fixed cost per
+                 collective it starts, compress_collective_s); the parameter server pays a fixed cost per sync and per 4 MB partition and the
                  busiest server's bytes (BytePS: max(M, n M / k), bench_ps.t_ps). Only the part that does
                  not hide behind the backward (profile "overlap") is added.
     optimizer    torch's foreach AdamW + clipping: ~84 bytes moved per owned parameter (OPT_BYTES_PER_PARAM)
@@ -46,7 +47,8 @@ from trainlib.benchmarks.bench_cluster import wire_bytes
 from trainlib.benchmarks.bench_ps import t_allreduce
 
 from .layouts import Layout
-from .memory import BUCKET0_BYTES, BUCKET_BYTES, STAGE, act_bytes, local_layer_params, schedule_facts, stages_of
+from .memory import (BUCKET0_BYTES, BUCKET_BYTES, STAGE, act_bytes, bucket_bytes, local_layer_params, schedule_facts,
+                     stages_of)
 from .profile import Profile
 from .spec import ClusterSpec, ModelSpec
 
@@ -146,7 +148,9 @@ def allreduce_time(nbytes: float, size: int, stride: int, cluster: ClusterSpec, 
 
 
 def dp_sync_time(model: ModelSpec, layout: Layout, cluster: ClusterSpec, prof: Profile, params: float,
-                 backward_s: float, units: int = 0, held_params: float = 0.0) -> float:
+                 backward_s: float, units: int = 0, held_params: float = 0.0,
+                 buckets: tuple[float, ...] = ()) -> float:
+    """buckets: the fp32 bytes of each gradient bucket (memory.bucket_bytes; ZeRO-3: one per unit)."""
     if layout.dp == 1:
         return 0.0
     m = params * 4                      # gradients are reduced in fp32 (MixedPrecision's reduce_dtype)
@@ -189,8 +193,12 @@ def dp_sync_time(model: ModelSpec, layout: Layout, cluster: ClusterSpec, prof: P
                 else:
                     t = rs + ag
             else:
-                t = _sharded_across_nodes(layout, cluster, prof, nodes, wire_m, params * ab, held_params * ab,
-                                          units, backward_s, link, ag_link)
+                per_node = _group_span(cluster, layout.dp, stride)[1]
+                rs_halves = gloo_rs_halves([b * wire_m / m / per_node for b in buckets])
+                t = _sharded_across_nodes(layout, cluster, prof, nodes, wire_m * rs_halves, params * ab,
+                                          held_params * ab, units, backward_s, link, ag_link)
+                if compress:   # the compressed path's fixed cost per collective goes with it across nodes
+                    t += sharded_collectives(layout, m, units) * prof["compress_collective_s"]
         if STAGE[layout.shard] >= 1:
             t += prof["zero_step_s"]
         if layout.shard == "parameters":
@@ -201,6 +209,20 @@ def dp_sync_time(model: ModelSpec, layout: Layout, cluster: ClusterSpec, prof: P
         else:   # AccumulateGrad copies each gradient into its bucket (the cast does, compressed)
             t += 2 * m / prof["mem_Bps"]
     return max(0.0, t - prof["overlap"] * backward_s)
+
+
+def gloo_rs_halves(wire_sizes: list[float]) -> float:
+    """A CPU reduce-scatter across nodes (gloo) in all-gather-sized halves of an all-reduce, averaged over
+    the buckets by bytes: trainlib.comm runs one below GLOO_P2P_MIN_BYTES as an all-reduce keeping its
+    chunk (2 halves: gloo's own reduce-scatter is slower still), from there as point-to-point sends (1).
+    Measured across the emulated 1 Gbit/s link (2 nodes): 1 and 3 MiB took 8.0 and 25.6 ms, as long as
+    their all-reduces; 6 and 16 MiB 25.3 and 72 ms, half their all-reduces' 52 and 140 ms."""
+    from trainlib.comm import GLOO_P2P_MIN_BYTES
+
+    total = sum(wire_sizes)
+    if total <= 0:
+        return 1.0
+    return sum(b * (2.0 if b < GLOO_P2P_MIN_BYTES else 1.0) for b in wire_sizes) / total
 
 
 def _rs_ag_factor(link: str, prof: Profile) -> float:
@@ -308,7 +330,8 @@ def step_time(model: ModelSpec, layout: Layout, cluster: ClusterSpec, prof: Prof
         params = sum(local_layer_params(model, lay, layout.tp) for lay in layers) * model.param_scale
         backward_s = compute * 2 / 3
         held = local_layer_params(model, layers[-1], layout.tp) * model.param_scale if layout.pp == 1 else 0.0
-        sync = dp_sync_time(model, layout, cluster, prof, params, backward_s, units=len(layers), held_params=held)
+        sync = dp_sync_time(model, layout, cluster, prof, params, backward_s, units=len(layers), held_params=held,
+                            buckets=bucket_bytes(model, layout, layers) if layout.dp > 1 and cluster.device == "cpu" else ())
         owned = params / layout.dp if STAGE[layout.shard] >= 1 else params
         opt = owned * OPT_BYTES_PER_PARAM / prof["mem_Bps"]
         if worst is None or compute + tp_t > worst[0]:
