@@ -12,10 +12,11 @@
    sync backend, DistributedOptimizer over AdamW, clipping), one layout alive at a time, in two spawned
    groups per model and place. Memory: the peak RSS over two steps minus the RSS before its model was
    built (VmHWM reset per layout; glibc's mmap threshold pinned and malloc_trim first, so that freed
-   tensors leave RSS), max over ranks. Time, in a group with the allocator as training has it: `--steps`
-   steps after two warm-up steps, in two passes of opposite order; each step's time is the slowest
-   rank's, scaled to the host's speed at that moment (the group's model stepped alone on each rank every
-   three layouts; the raw times are reported beside); the median per layout. The host's memory bandwidth is sounded with
+   tensors leave RSS), max over ranks, the median of MEMORY_PASSES passes in different orders. Time, in a
+   group with the allocator as training has it: `--steps` steps after two warm-up steps, in two passes of
+   opposite order; each step's time is the slowest rank's, scaled to the host's speed at that moment (the
+   group's model stepped alone on each rank every three layouts; the raw times are reported beside); the
+   median per layout. The host's memory bandwidth is sounded with
    the probe: the profile's memory-bound figures are scaled to its median (calibrate.with_memory).
 4. Report predicted vs measured step time and peak memory per layout: median and worst relative error,
    whether the planner's first choice is the measured best (or within 5% of it: when the passes' best is
@@ -39,6 +40,7 @@ from typing import Any, Callable
 N_RANKS = 2
 PROBE = "calibration probe"
 MODEL_PROBE = "model probe"   # the group's model alone on each rank: its compute, no parallelism
+MEMORY_PASSES = 3    # peak memory: the median of this many passes, each in its own order (_pass_order)
 RETIME_OVER = 0.15   # a layout whose two passes' medians differ by more is timed in a third pass
 DUEL_ROUNDS = 4      # the planner's first choice and the measured best, timed in turn this many times each
 TARGETS = {"median_time_error": 0.10, "worst_time_error": 0.25, "memory_error": 0.10, "top1_within": 0.05,
@@ -220,7 +222,7 @@ def measure_layouts(name: str, items: list[dict], steps: int, phase: str = "time
     probe = None if memory else probe_step_fn()
     own = None if memory else model_probe_fn(name)
     sound_memory = None if memory else memory_sounding()
-    peaks: dict[int, float] = {}
+    peaks: dict[int, list[float]] = {k: [] for k in range(len(items))}
     times: dict[int, list[tuple[float, float]]] = {k: [] for k in range(len(items))}   # (when, seconds)
     probe_s: list[tuple[float, float]] = []
     own_s: list[tuple[float, float]] = []
@@ -236,7 +238,11 @@ def measure_layouts(name: str, items: list[dict], steps: int, phase: str = "time
     load0 = os.getloadavg()
     # the first layout built in a process also pays one-time allocations (gloo buffers, lazy library
     # state) that no later layout sees: build and step it once, unmeasured
-    order = [-1, *range(len(items))] + ([] if memory else list(reversed(range(len(items)))))
+    n = len(items)
+    # memory: MEMORY_PASSES passes, each in its own order (forward, reverse, from the middle), the median:
+    # a layout's peak over the RSS before it moved by up to ~3 MiB with what ran before it in the process
+    order = ([-1, *(k for p in range(MEMORY_PASSES) for k in _pass_order(n, p))] if memory
+             else [-1, *range(n), *reversed(range(n))])
     if phase == "duel":   # a few layouts (the first choice and the best) in turn, many times, no retiming
         order = [-1, *(k for _ in range(DUEL_ROUNDS) for k in range(len(items)))]
 
@@ -262,7 +268,7 @@ def measure_layouts(name: str, items: list[dict], steps: int, phase: str = "time
             peak = torch.tensor([(_status_kb("VmHWM") - base_kb) * 1024.0], dtype=torch.float64)
             comm.all_reduce(peak, op="max")
             if k >= 0:
-                peaks[k] = float(peak)
+                peaks[k].append(float(peak))
         elif k >= 0:
             times[k] += [(time.monotonic(), _one_step(*parts)) for _ in range(steps)]
         parts[0].close()
@@ -271,7 +277,8 @@ def measure_layouts(name: str, items: list[dict], steps: int, phase: str = "time
             time_probe()
     loads = [round(v, 2) for v in load0] + [round(v, 2) for v in os.getloadavg()]
     if memory:
-        return [{"layout": item["layout"], "measured_bytes": peaks[k]} for k, item in enumerate(items)]
+        return [{"layout": item["layout"], "measured_bytes": statistics.median(peaks[k]), "all_bytes": peaks[k]}
+                for k, item in enumerate(items)]
     time_probe()
     # the host's speed as the group's own model sees it: the calibration probe (a small GPT) ran 1.6x
     # slower beside the wide MLP's layouts while they did not (10:03), and scaled them wrongly
@@ -292,6 +299,14 @@ def measure_layouts(name: str, items: list[dict], steps: int, phase: str = "time
                     "mem_Bps": float(mem), "loadavg": loads},
                    {"layout": MODEL_PROBE, "measured_s": statistics.median(own_norm), "all_s": own_norm,
                     "raw_all_s": [t for _, t in own_s], "loadavg": loads}]
+
+
+def _pass_order(n: int, p: int) -> list[int]:
+    """The order of pass p over n layouts: forward, reverse, then from the middle on (wrapping round)."""
+    if p % 3 == 1:
+        return list(reversed(range(n)))
+    start = n // 2 if p % 3 == 2 else 0
+    return [(start + k) % n for k in range(n)]
 
 
 def unsettled(times: dict[int, list[float]], steps: int) -> list[int]:
@@ -327,8 +342,8 @@ def host_speed(probe: list[tuple[float, float]]) -> Callable[[float], float]:
 
 def measure_both(name: str, items: list[dict], steps: int, run) -> list[dict]:
     """run(phase) -> rows of measure_layouts for that phase, each in its own process group; merged per layout."""
-    mem = {r["layout"]: r["measured_bytes"] for r in run("memory")}
-    return [{**r, **({"measured_bytes": mem[r["layout"]]} if r["layout"] in mem else {})} for r in run("time")]
+    mem = {r["layout"]: {k: r[k] for k in ("measured_bytes", "all_bytes") if k in r} for r in run("memory")}
+    return [{**r, **mem.get(r["layout"], {})} for r in run("time")]
 
 
 def duel(rows: list[dict], run) -> None:
@@ -435,6 +450,7 @@ def _rows(place: str, name: str, plans: list, measured: list[dict], prof, cluste
                         "raw_time_error": abs(p.step_s - m["raw_measured_s"]) / m["raw_measured_s"]}
                        if "raw_measured_s" in m else {}),
                     "predicted_bytes": p.peak_bytes, "measured_bytes": m["measured_bytes"],
+                    **({"all_bytes": m["all_bytes"]} if "all_bytes" in m else {}),
                     "memory_error": abs(p.peak_bytes - m["measured_bytes"]) / max(1.0, m["measured_bytes"]),
                     "predicted_breakdown": p.time.as_dict(), "refit": refit_values, "loadavg": m["loadavg"],
                     **({"model_probe_s": own["measured_s"], "probe_refit_efficiency": probe_refit["compute_efficiency"]}

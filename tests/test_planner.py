@@ -668,6 +668,15 @@ def test_bench_plan_duels_only_when_the_passes_best_is_another_layout():
     assert len(calls) == 1 and "duel_s" not in settled[0]
 
 
+def test_bench_plan_memory_passes_visit_every_layout_in_different_orders():
+    from trainlib.benchmarks.bench_plan import MEMORY_PASSES, _pass_order
+
+    orders = [_pass_order(7, p) for p in range(MEMORY_PASSES)]
+    assert all(sorted(o) == list(range(7)) for o in orders)
+    assert len({tuple(o) for o in orders}) == MEMORY_PASSES >= 3
+    assert orders[1] == orders[0][::-1] and orders[2][0] == 3           # forward, reverse, from the middle
+
+
 def test_bench_plan_measures_the_cross_node_transfer_latency_and_rate():
     # a pipeline action across the emulated link = the local per-action overhead + one transfer; the
     # all-reduces' rate on the wire (2 nodes: an all-reduce of M puts M on each NIC) over the goodput
