@@ -1,6 +1,7 @@
 """Re-predict a stored `trainlib bench plan` validation with the planner as it is now, without re-running it.
 
     python -m trainlib.benchmarks.plan_rescore [benchmarks/results/plan-validation.json] [--profile P.json]
+    python -m trainlib.benchmarks.plan_rescore RUN.json --with OTHER_RUN.json [--with ...]   # agreement, pooled
 
 A validation run takes ~22 minutes on 2 cores; its measurements do not depend on the cost model. This
 takes the stored rows (layout, measured time and peak memory), re-ranks every (place, model) group with today's
@@ -16,6 +17,8 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
+import statistics
 from typing import Any
 
 from trainlib.benchmarks.paths import results_dir
@@ -121,6 +124,62 @@ def rescore(result: dict, profile=None) -> dict[str, Any]:
     return {"summary": summarize(rows), "rows": rows, "drift": drift}
 
 
+def reproducibility(a: list[dict], b: list[dict]) -> dict[str, Any]:
+    """How far two runs' measurements of the same layouts agree: the floor under any prediction's error read
+    from one run. Relative differences (b over a) of step time (scaled and raw) and peak memory: median, p90,
+    worst, how many over the worst-case target; Spearman of one run's times against the other's, per group."""
+    from trainlib.benchmarks.bench_plan import TARGETS, spearman
+
+    key = lambda r: (r["place"], r["model"], r["layout"])   # noqa: E731
+    pa, pb = {key(r): r for r in a}, {key(r): r for r in b}
+    common = [k for k in pa if k in pb]
+    out: dict[str, Any] = {"layouts": len(common)}
+    for field in ("measured_s", "raw_measured_s", "measured_bytes"):
+        d = sorted(abs(pb[k][field] / pa[k][field] - 1) for k in common if pa[k].get(field) and pb[k].get(field))
+        if d:
+            out[field] = {"median": round(statistics.median(d), 4), "p90": round(d[int(0.9 * (len(d) - 1))], 4),
+                          "worst": round(d[-1], 4), "over_worst_target": sum(x > TARGETS["worst_time_error"] for x in d)}
+    rhos = {}
+    for g in sorted({k[:2] for k in common}):
+        ks = [k for k in common if k[:2] == g]
+        rho = spearman([pa[k]["measured_s"] for k in ks], [pb[k]["measured_s"] for k in ks])
+        if rho is not None:
+            rhos[f"{g[0]} / {g[1]}"] = round(rho, 3)
+    out["spearman_per_group"] = rhos
+    return out
+
+
+def pooled(runs: list[list[dict]]) -> list[dict]:
+    """One validation from several runs' rows (each re-predicted with the model as it is now): per layout the
+    median of every run's steps (each scaled to its own run's host speed; raw alike), the median of the
+    runs' peak memory, and the geometric mean of the runs' predictions (each from its own calibration and
+    re-fits): more repetitions of the same measurement, the same prediction's calibration noise averaged.
+    The head-to-head duels are left out (the pooled medians decide the first choice)."""
+    key = lambda r: (r["place"], r["model"], r["layout"])   # noqa: E731
+    by = [{key(r): r for r in rows} for rows in runs]
+    out = []
+    for k in (k for k in by[0] if all(k in b for b in by[1:])):
+        rs = [b[k] for b in by]
+        steps = [t for r in rs for t in r["all_s"]]
+        raw = [t for r in rs for t in r.get("raw_all_s", [])]
+        pred = math.exp(statistics.fmean(math.log(r["predicted_s"]) for r in rs))
+        pbytes = math.exp(statistics.fmean(math.log(r["predicted_bytes"]) for r in rs))
+        row = {"place": k[0], "model": k[1], "layout": k[2], "runs": len(rs), "predicted_s": pred,
+               "measured_s": statistics.median(steps), "runs_measured_s": [r["measured_s"] for r in rs],
+               "predicted_bytes": pbytes, "measured_bytes": statistics.median(r["measured_bytes"] for r in rs)}
+        row["time_error"] = abs(pred - row["measured_s"]) / row["measured_s"]
+        row["memory_error"] = abs(pbytes - row["measured_bytes"]) / max(1.0, row["measured_bytes"])
+        if raw:
+            row["raw_measured_s"] = statistics.median(raw)
+            row["raw_time_error"] = abs(pred - row["raw_measured_s"]) / row["raw_measured_s"]
+        out.append(row)
+    for g in {(r["place"], r["model"]) for r in out}:
+        members = sorted((r for r in out if (r["place"], r["model"]) == g), key=lambda r: r["predicted_s"])
+        for i, r in enumerate(members):
+            r["planner_rank"] = i + 1
+    return out
+
+
 def _brief(s: dict) -> dict[str, Any]:
     keys = ("median_time_error", "worst_time_error", "spearman_all", "spearman_min", "spearman_median",
             "median_memory_error", "worst_memory_error", "memory_within_10pct")
@@ -132,12 +191,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("result", nargs="?", default=str(results_dir() / "plan-validation.json"))
     p.add_argument("--profile", help="a planner profile to use instead of the run's own")
     p.add_argument("--json", help="also write the re-predicted validation (the result's format) to this path")
+    p.add_argument("--with", dest="others", action="append", default=[], metavar="RESULT",
+                   help="another run's result: print how far the runs' measurements agree (reproducibility) "
+                        "and the validation pooled over all of them (pooled)")
     args = p.parse_args(argv)
+    from trainlib.benchmarks.bench_plan import summarize
     from trainlib.planner.profile import load
 
     with open(args.result) as f:
         result = json.load(f)
     out = rescore(result, load(args.profile) if args.profile else None)
+    if args.others:
+        runs = [out["rows"]]
+        for path in args.others:
+            with open(path) as f:
+                runs.append(rescore(json.load(f), load(args.profile) if args.profile else None)["rows"])
+        pool = summarize(pooled(runs))
+        print(json.dumps({"runs": [_brief(summarize(r)) for r in runs],
+                          "reproducibility": [reproducibility(runs[0], r) for r in runs[1:]],
+                          "pooled": {**_brief(pool), "spearman_per_group": {k: g["spearman"] for k, g in
+                                                                           pool["groups"].items()}}}, indent=1))
+        return 0
     if args.json:
         with open(args.json, "w") as f:
             json.dump({**result, "rows": out["rows"], "summary": out["summary"]}, f, indent=1)

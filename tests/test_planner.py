@@ -6,6 +6,8 @@ import itertools
 import json
 import math
 
+import statistics
+
 import pytest
 import torch
 
@@ -694,6 +696,31 @@ def test_bench_plan_measures_the_cross_node_transfer_latency_and_rate():
     kept = with_link(prof, link, goodput_Bps=125e6)
     assert kept["inter_alpha_s"] == 4e-4 and kept["inter_efficiency"] == prof["inter_efficiency"]
     assert prof["inter_alpha_s"] == load("cpu")["inter_alpha_s"]            # the profile itself untouched
+
+
+def test_plan_rescore_pools_runs_and_measures_their_agreement():
+    # two runs of the same 3 layouts: the agreement of their measurements, and one validation from both
+    from trainlib.benchmarks.plan_rescore import pooled, reproducibility
+
+    def row(layout, pred, steps, mem):
+        return {"place": "local 1x2", "model": "m", "layout": layout, "predicted_s": pred, "all_s": steps,
+                "raw_all_s": [t * 2 for t in steps], "measured_s": statistics.median(steps),
+                "raw_measured_s": statistics.median(steps) * 2, "predicted_bytes": 100.0, "measured_bytes": mem}
+
+    one = [row("a", 1.0, [1.0, 1.0], 100.0), row("b", 2.0, [2.0, 2.0], 100.0), row("c", 3.0, [3.0, 3.0], 100.0)]
+    two = [row("a", 1.44, [1.2, 1.2], 80.0), row("b", 2.0, [2.0, 2.0], 100.0), row("c", 1.0, [2.4, 2.4], 125.0)]
+    agree = reproducibility(one, two)
+    assert agree["measured_s"] == {"median": 0.2, "p90": 0.2, "worst": 0.2, "over_worst_target": 0}
+    assert agree["measured_bytes"]["worst"] == 0.25 and agree["measured_bytes"]["over_worst_target"] == 0
+    assert agree["spearman_per_group"] == {"local 1x2 / m": 1.0}
+    rows = {r["layout"]: r for r in pooled([one, two])}
+    assert rows["a"]["predicted_s"] == pytest.approx(1.2)                       # geometric mean of 1 and 1.44
+    assert rows["a"]["measured_s"] == pytest.approx(1.1)                        # median of all 4 steps
+    assert rows["a"]["raw_measured_s"] == pytest.approx(2.2)
+    assert rows["a"]["time_error"] == pytest.approx(0.1 / 1.1)
+    assert rows["a"]["measured_bytes"] == pytest.approx(90.0) and rows["a"]["memory_error"] == pytest.approx(10 / 90)
+    # ranked by the pooled predictions: c (sqrt 3 = 1.73) now before b (2.0)
+    assert [rows[k]["planner_rank"] for k in "abc"] == [1, 3, 2]
 
 
 def test_plan_rescore_gives_back_a_validation_the_same_model_made():
