@@ -124,14 +124,17 @@ def rescore(result: dict, profile=None) -> dict[str, Any]:
     return {"summary": summarize(rows), "rows": rows, "drift": drift}
 
 
+def _key(r: dict) -> tuple[str, str, str]:
+    return r["place"], r["model"], r["layout"]
+
+
 def reproducibility(a: list[dict], b: list[dict]) -> dict[str, Any]:
     """How far two runs' measurements of the same layouts agree: the floor under any prediction's error read
     from one run. Relative differences (b over a) of step time (scaled and raw) and peak memory: median, p90,
     worst, how many over the worst-case target; Spearman of one run's times against the other's, per group."""
     from trainlib.benchmarks.bench_plan import TARGETS, spearman
 
-    key = lambda r: (r["place"], r["model"], r["layout"])   # noqa: E731
-    pa, pb = {key(r): r for r in a}, {key(r): r for r in b}
+    pa, pb = {_key(r): r for r in a}, {_key(r): r for r in b}
     common = [k for k in pa if k in pb]
     out: dict[str, Any] = {"layouts": len(common)}
     for field in ("measured_s", "raw_measured_s", "measured_bytes"):
@@ -155,8 +158,7 @@ def pooled(runs: list[list[dict]]) -> list[dict]:
     runs' peak memory, and the geometric mean of the runs' predictions (each from its own calibration and
     re-fits): more repetitions of the same measurement, the same prediction's calibration noise averaged.
     The head-to-head duels are left out (the pooled medians decide the first choice)."""
-    key = lambda r: (r["place"], r["model"], r["layout"])   # noqa: E731
-    by = [{key(r): r for r in rows} for rows in runs]
+    by = [{_key(r): r for r in rows} for rows in runs]
     out = []
     for k in (k for k in by[0] if all(k in b for b in by[1:])):
         rs = [b[k] for b in by]

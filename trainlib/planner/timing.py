@@ -179,7 +179,7 @@ def dp_sync_time(model: ModelSpec, layout: Layout, cluster: ClusterSpec, prof: P
             # backward, all but the unit that ran last (held_params: kept gathered for its backward)
             ag_link = "intra" if compress else "sync"
             ab = act_bytes(layout.precision)
-            nodes, _ = _group_span(cluster, layout.dp, stride)
+            nodes, per_node = _group_span(cluster, layout.dp, stride)
             if nodes == 1:
                 gathered = params + (params - held_params if layout.shard == "parameters" else 0.0)
                 rs = allreduce_time(wire_m, layout.dp, stride, cluster, prof, link) * _rs_ag_factor(link, prof) / 2
@@ -187,18 +187,15 @@ def dp_sync_time(model: ModelSpec, layout: Layout, cluster: ClusterSpec, prof: P
                 if compress:
                     # gloo's reduce-scatters start as buckets fill and run on its own thread beside the
                     # backward (compress_overlap of it, calibrated); the all-gathers follow the optimizer
-                    # step with nothing to hide behind. torch's collectives: one wait for the slower rank each
+                    # step with nothing to hide behind
                     rs = max(0.0, rs - prof["compress_overlap"] * backward_s)
-                    t = rs + ag + sharded_collectives(layout, m, units) * prof["compress_collective_s"]
-                else:
-                    t = rs + ag
+                t = rs + ag
             else:
-                per_node = _group_span(cluster, layout.dp, stride)[1]
                 rs_halves = gloo_rs_halves([b * wire_m / m / per_node for b in buckets])
                 t = _sharded_across_nodes(layout, cluster, prof, nodes, wire_m * rs_halves, params * ab,
                                           held_params * ab, units, backward_s, link, ag_link)
-                if compress:   # the compressed path's fixed cost per collective goes with it across nodes
-                    t += sharded_collectives(layout, m, units) * prof["compress_collective_s"]
+            if compress:   # torch's collectives, inside a node or across: one wait for the slower rank each
+                t += sharded_collectives(layout, m, units) * prof["compress_collective_s"]
         if STAGE[layout.shard] >= 1:
             t += prof["zero_step_s"]
         if layout.shard == "parameters":
@@ -331,7 +328,9 @@ def step_time(model: ModelSpec, layout: Layout, cluster: ClusterSpec, prof: Prof
         backward_s = compute * 2 / 3
         held = local_layer_params(model, layers[-1], layout.tp) * model.param_scale if layout.pp == 1 else 0.0
         sync = dp_sync_time(model, layout, cluster, prof, params, backward_s, units=len(layers), held_params=held,
-                            buckets=bucket_bytes(model, layout, layers) if layout.dp > 1 and cluster.device == "cpu" else ())
+                            # only a sharded sync on CPU reads them (gloo's reduce-scatter form)
+                            buckets=bucket_bytes(model, layout, layers)
+                            if layout.dp > 1 and STAGE[layout.shard] >= 1 and cluster.device == "cpu" else ())
         owned = params / layout.dp if STAGE[layout.shard] >= 1 else params
         opt = owned * OPT_BYTES_PER_PARAM / prof["mem_Bps"]
         if worst is None or compute + tp_t > worst[0]:
