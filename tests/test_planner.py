@@ -513,9 +513,14 @@ def test_feature_costs_fit_recovers_the_costs_that_made_the_measurements():
     assert got == pytest.approx(truth, rel=1e-6)
     # the plain probe timed once at a faster moment than the checkpointed ones: the plain probe timed in
     # turn with them is the base of their differences, so recomputation does not absorb the drift
-    skewed = feature_costs(values, {**measured, "probe_s": probe * 0.8, "probe_plain_s": probe})
-    assert (skewed["recompute_share"], skewed["selective_op_s"], skewed["checkpoint_call_s"]) == pytest.approx(
-        (truth["recompute_share"], truth["selective_op_s"], truth["checkpoint_call_s"]), rel=1e-6)
+    # (and tp=2's base is the plain probe timed in the feature rounds: a per-collective cost unmoved)
+    skewed = feature_costs(values, {**measured, "probe_s": probe * 0.8, "probe_plain_s": probe, "tp2_base_s": probe})
+    assert (skewed["recompute_share"], skewed["selective_op_s"], skewed["checkpoint_call_s"],
+            skewed["tp_collective_s"]) == pytest.approx(
+        (truth["recompute_share"], truth["selective_op_s"], truth["checkpoint_call_s"], truth["tp_collective_s"]),
+        rel=1e-6)
+    # without that base (an older profile), the drift goes into it
+    assert feature_costs(values, {**measured, "probe_s": probe * 0.8})["tp_collective_s"] > truth["tp_collective_s"] * 1.5
     # an older profile's measurements (no microbatched pair): the share alone, no cost per call
     old = {k: v for k, v in measured.items() if "micro" not in k}
     assert feature_costs(values, old)["checkpoint_call_s"] == 0.0

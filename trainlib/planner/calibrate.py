@@ -381,15 +381,19 @@ def _feature_probes() -> dict[str, float]:
             solo.append(_median_time(step, 5, 2))
         comm.barrier()
     out["probe_solo_s"] = solo[0]
-    # the feature costs are differences of these (ZeRO-3 - ZeRO-1 is a few ms): each layout is timed twice,
-    # in the order A B C A B C, so a host that speeds up or slows down over the probes moves them alike
-    times: dict[str, list[float]] = {key: [] for key in (*FEATURE_LAYOUTS, *MLP_FEATURES)}
-    for _ in range(2):
+    # the feature costs are differences of these (ZeRO-3 - ZeRO-1 is a few ms): each layout is timed
+    # FEATURE_ROUNDS times, in the order A B C A B C ..., so a host that speeds up or slows down over the
+    # probes moves them alike, and the median of each is taken (a slow spell in one round moves no fit).
+    # tp=2's base is the plain probe timed in the same rounds ("tp2_base_s"), not probe_s timed minutes apart
+    times: dict[str, list[float]] = {key: [] for key in (*FEATURE_LAYOUTS, *MLP_FEATURES, "tp2_base_s")}
+    for _ in range(FEATURE_ROUNDS):
+        comm.barrier()
+        times["tp2_base_s"].append(_median_time(step, 5, 2))
         for key, layout in FEATURE_LAYOUTS.items():
             times[key].append(_layout_probe(layout))
         for key, layout in MLP_FEATURES.items():
             times[key].append(_layout_probe(layout, mlp=True))
-    out.update({key: statistics.mean(ts) for key, ts in times.items()})
+    out.update({key: statistics.median(ts) for key, ts in times.items()})
     return out
 
 
@@ -441,6 +445,10 @@ def _layout_probe(layout, mlp: bool = False) -> float:
 
 
 PROBE = {"n_layer": 2, "d_model": 96, "n_head": 4, "seq_len": 64, "vocab_size": 256, "batch": 8}
+# feature probe rounds (_feature_probes): with 2 (their mean) the per-collective TP cost came out 2.6, 4.4 and
+# 4.9 ms in three calibrations (13:11, 15:18, 15:59 on 2026-12-01) while the all-reduces in gpt-default's own
+# tp=2 step took ~3 ms each (18:2x)
+FEATURE_ROUNDS = 3
 CKPT_MICRO = 8   # the checkpointing probes' second batch split: 8 checkpointed calls per block a step (one row each)
 WIDE_PROBE = {**PROBE, "d_model": 256}   # the same probe wider: how efficiency grows with the model's width
 MAX_EFFICIENCY = 2.0
@@ -698,7 +706,8 @@ def feature_costs(values: dict, measured: dict) -> dict[str, float]:
         "selective_op_s": max(0.0, (measured["probe_selective_s"] - plain - sel) / (n * OPS_PER_BLOCK)),
         "solo_speedup": min(4.0, max(1.0, probe / measured["probe_solo_s"])),
         "zero3_unit_s": max(0.0, (measured["zero3_s"] - measured["zero1_s"] - z3) / (2 * units)),
-        "tp_collective_s": max(0.0, (measured["tp2_s"] - probe - tp) / (4 * n + 3)),
+        # tp=2 over the plain probe timed in the same rounds (older profiles: the probe timed apart)
+        "tp_collective_s": max(0.0, (measured["tp2_s"] - measured.get("tp2_base_s", probe) - tp) / (4 * n + 3)),
     }
     if "dp2_s" in measured:   # profiles measured before these probes existed keep 0
         z1 = t(FEATURE_LAYOUTS["zero1_s"], pair, zero_step_s=0.0) - t(FEATURE_LAYOUTS["dp2_s"], pair)
@@ -770,7 +779,7 @@ def calibrate(ranks: int = 2) -> Profile:
     values.update(inter_alpha_s=values["intra_alpha_s"], inter_efficiency=eff, overlap=0.0, runtime_bytes=0.0)
     probe_s, probe_wide_s = values.pop("probe_s"), values.pop("probe_wide_s")
     features = {k: values.pop(k) for k in (*FEATURE_LAYOUTS, *MLP_FEATURES, "probe_plain_s", "probe_full_s", "probe_selective_s",
-                                           "probe_plain_micro_s", "probe_full_micro_s",
+                                           "probe_plain_micro_s", "probe_full_micro_s", "tp2_base_s",
                                            "probe_solo_s")}
     mm_half_width = values["matmul_half_width"]
     values["compute_efficiency"], values["matmul_half_width"] = width_fit(values, probe_s, probe_wide_s)
