@@ -178,6 +178,36 @@ def test_few_rows_on_a_wide_layer_stream_the_weight():
     assert piped.compute == pytest.approx(3 * (2 * 1000 ** 2 * 4 / 1e9 + 4 * elem / 2))
 
 
+def test_tensor_parallel_narrows_only_the_row_parallel_matmuls():
+    """Under tp=2 the row-parallel linears (attention's output projection d x d, the MLP's down projection
+    4d x d) run at the rate of width d/2, the rest (QKV, the MLP's up projection, attention's products) at
+    width d: the default GPT's block is 5d^2 of 12d^2 + s d weights-and-attention per token row-parallel."""
+    d, s = GPT.d_model, GPT.seq_len
+    assert GPT.row_parallel_share(1) == pytest.approx(5 * d * d / (12 * d * d + s * d))
+    assert GPT.row_parallel_share(0) == GPT.row_parallel_share(GPT.n_layer + 1) == 0.0
+    assert ModelSpec.mlp(64, 2).row_parallel_share(0) == 0.0
+    half_width = 100.0
+    prof = profile(matmul_half_width=half_width, matmul_weight_Bps=0.0)
+    lay = [1]
+    tokens = 8 * s
+    wide, narrow = 1e9 * d / (d + half_width), 1e9 * (d / 2) / (d / 2 + half_width)
+    from trainlib.planner.timing import matmul_seconds
+
+    share = GPT.row_parallel_share(1)
+    got = matmul_seconds(GPT, lay, 2, tokens, wide, prof, 4, narrow)
+    assert got == pytest.approx(GPT.matmul_flops_per_token(1) / 2 * tokens * ((1 - share) / wide + share / narrow))
+    # at tp=1 nothing is split: the model's width alone
+    assert matmul_seconds(GPT, lay, 1, tokens, wide, prof, 4, narrow) == pytest.approx(
+        GPT.matmul_flops_per_token(1) * tokens / wide)
+    # and step_time takes those two rates from the profile's width fit: against no width penalty, its
+    # compute grows by 3 x (forward + 2 backward) the difference of the two rates' matmul times
+    layers = list(range(GPT.pipeline_layers()))
+    grown = (step_time(GPT, Layout(1, 1, 2), ONE_NODE, prof, 8).compute
+             - step_time(GPT, Layout(1, 1, 2), ONE_NODE, profile(matmul_weight_Bps=0.0), 8).compute)
+    assert grown == pytest.approx(3 * (matmul_seconds(GPT, layers, 2, tokens, wide, prof, 4, narrow)
+                                       - matmul_seconds(GPT, layers, 2, tokens, 1e9, prof, 4, 1e9)))
+
+
 def test_dp_sync_ring_and_across_nodes():
     prof = profile()
     m = 875_264 * 4

@@ -109,7 +109,8 @@ class Profile:
         return float(self.values[key])
 
     def matmul_flops(self, precision: str, rows: float = float("inf"), width: float = float("inf")) -> float:
-        """FLOP/s of a model's matmuls with `rows` tokens per call and inner width `width` (d_model / tp):
+        """FLOP/s of a model's matmuls with `rows` tokens per call and inner width `width` (d_model; d_model / tp
+        for the row-parallel linears under tensor parallelism, timing.matmul_seconds):
         small calls and narrow matrices do not fill the machine."""
         peak = self["matmul_fp32_flops" if precision == "fp32" else "matmul_bf16_flops"] * self["compute_efficiency"]
         if rows != float("inf"):

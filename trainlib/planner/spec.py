@@ -149,6 +149,16 @@ class ModelSpec:
             return flops
         return flops + 2.0 * self.seq_len * self.d_model    # QK^T and AV over a causal window: 2 * (2 t d) / 2
 
+    def row_parallel_share(self, layer: int) -> float:
+        """The share of pipeline layer `layer`'s forward matmul FLOPs in Megatron's row-parallel linears
+        (attention's output projection, the MLP's down projection): under tensor parallelism their inner
+        dimension is split (d/tp, ffn/tp), while the column-parallel ones (QKV, the MLP's up and gate
+        projections, the vocabulary-parallel head) and attention's per-head products keep theirs."""
+        if self.kind == "mlp" or layer in (0, self.n_layer + 1):
+            return 0.0
+        d = self.d_model
+        return (d * d + self.ffn * d) / (self.matmul_flops_per_token(layer) / 2.0)
+
     def matmul_weights(self, layer: int) -> int:
         """Weight elements the matmuls of pipeline layer `layer` multiply by (biases and norms aside)."""
         d = self.d_model

@@ -1,6 +1,7 @@
 """Predicted seconds per optimizer step for a layout, as a breakdown.
 
-    compute      matmul FLOPs / (matmul throughput x efficiency), per layer and call at least its weight's bytes
+    compute      matmul FLOPs / (matmul throughput x efficiency at the matmul's inner width: d_model, d_model / tp
+                 for TP's row-parallel linears), per layer and call at least its weight's bytes
                  / matmul_weight_Bps (few rows on a wide layer stream the weight), + elementwise bytes / memory bandwidth
                  + framework ops x op cost; backward = 2 x forward matmuls; full recompute adds a
                  forward (x recompute_share, calibrated) and a fixed cost per checkpointed block and
@@ -100,16 +101,19 @@ def _node_sync(nbytes: float, n: int, prof: Profile, link: str) -> float:
 
 
 def matmul_seconds(model: ModelSpec, layers: list[int], tp: int, mb_tokens: float, flops_s: float,
-                   prof: Profile, weight_bytes: int) -> float:
+                   prof: Profile, weight_bytes: int, narrow_flops_s: float | None = None) -> float:
     """Forward matmul seconds of one microbatch through these layers: each layer's calls at the FLOP rate,
     unless streaming its weight takes longer (a few rows on a wide layer: the wide MLP's 8 rows through a
     16 MiB weight took 2.3-3.0 ms a call here, about twice their FLOP-rate time; the GEMM packs the whole
-    weight every call).
+    weight every call). flops_s: the rate at the model's width; narrow_flops_s: at its width / tp, the rate
+    of the row-parallel linears, whose inner dimension tensor parallelism splits (ModelSpec.row_parallel_share).
     Its backward's two calls per weight (dX, dW) are bound alike: backward = 2 x forward."""
     w_bps = prof["matmul_weight_Bps"]
+    narrow = narrow_flops_s or flops_s
     t = 0.0
     for lay in layers:
-        flop_t = model.matmul_flops_per_token(lay) / tp * mb_tokens / flops_s
+        share = model.row_parallel_share(lay) if tp > 1 else 0.0
+        flop_t = model.matmul_flops_per_token(lay) / tp * mb_tokens * ((1 - share) / flops_s + share / narrow)
         stream_t = model.matmul_weights(lay) / tp * weight_bytes / w_bps if w_bps > 0 else 0.0
         t += max(flop_t, stream_t)
     return t
@@ -285,7 +289,9 @@ def step_time(model: ModelSpec, layout: Layout, cluster: ClusterSpec, prof: Prof
     tokens = per_rank * tok_per_seq
     mb_tokens = tokens / m
     # matmuls run one microbatch at a time: tokens per call set how well they fill the machine
-    flops_s = prof.matmul_flops(layout.precision, rows=mb_tokens, width=model.d_model / layout.tp)
+    # a matmul's rate follows its inner dimension: tensor parallelism narrows only the row-parallel ones'
+    flops_s = prof.matmul_flops(layout.precision, rows=mb_tokens, width=model.d_model)
+    narrow_s = prof.matmul_flops(layout.precision, rows=mb_tokens, width=model.d_model / layout.tp)
     last = model.pipeline_layers() - 1
     recompute = {"none": 0.0, "selective": 0.0, "full": 1.0}[layout.ac]
     # ZB-H1's split backward recomputes a checkpointed block for I and again for W
@@ -303,7 +309,7 @@ def step_time(model: ModelSpec, layout: Layout, cluster: ClusterSpec, prof: Prof
             elem += 4 * tokens * model.vocab_size / layout.tp * 4     # softmax + loss + their gradients
         ops = blocks * OPS_PER_BLOCK * m
         elem_fwd = elem / prof["mem_Bps"]
-        fwd = m * matmul_seconds(model, layers, layout.tp, mb_tokens, flops_s, prof, ab) + elem_fwd
+        fwd = m * matmul_seconds(model, layers, layout.tp, mb_tokens, flops_s, prof, ab, narrow_s) + elem_fwd
         # op_s already holds an op's backward; recomputation runs the forward ops again
         op_t = ops * prof["op_s"] * (1 + (0.5 if layout.ac != "none" else 0.0))
         if layout.ac == "selective":
