@@ -2,6 +2,7 @@
 
     python -m trainlib.benchmarks.plan_rescore [benchmarks/results/plan-validation.json] [--profile P.json]
     python -m trainlib.benchmarks.plan_rescore RUN.json --with OTHER_RUN.json [--with ...]   # agreement, pooled
+        (the earlier runs are kept in benchmarks/results/plan-validation-runs/, named by their start time)
 
 A validation run takes ~22 minutes on 2 cores; its measurements do not depend on the cost model. This
 takes the stored rows (layout, measured time and peak memory), re-ranks every (place, model) group with today's
