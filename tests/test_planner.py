@@ -19,7 +19,7 @@ from trainlib.planner.layouts import MICROBATCH_FACTORS, SCHEDULES, SHARDS, Layo
 from trainlib.planner.memory import peak_memory, stages_of
 from trainlib.planner.profile import KEYS, Profile, load, shipped_names
 from trainlib.planner.spec import ClusterSpec, ModelSpec, PlanError
-from trainlib.planner.timing import dp_sync_time, step_time
+from trainlib.planner.timing import dp_sync_time, matmul_seconds, step_time
 from trainlib.validate import check_batch, check_model_over_mesh, check_pipeline, mesh_layout, not_applicable
 
 GPT = ModelSpec.gpt(ModelConfig())        # 4 blocks, d 128, seq 128, vocab 256: 875,264 parameters
@@ -191,8 +191,6 @@ def test_tensor_parallel_narrows_only_the_row_parallel_matmuls():
     lay = [1]
     tokens = 8 * s
     wide, narrow = 1e9 * d / (d + half_width), 1e9 * (d / 2) / (d / 2 + half_width)
-    from trainlib.planner.timing import matmul_seconds
-
     share = GPT.row_parallel_share(1)
     got = matmul_seconds(GPT, lay, 2, tokens, wide, prof, 4, narrow)
     assert got == pytest.approx(GPT.matmul_flops_per_token(1) / 2 * tokens * ((1 - share) / wide + share / narrow))

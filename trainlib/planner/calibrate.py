@@ -447,7 +447,7 @@ def _layout_probe(layout, mlp: bool = False) -> float:
 PROBE = {"n_layer": 2, "d_model": 96, "n_head": 4, "seq_len": 64, "vocab_size": 256, "batch": 8}
 # feature probe rounds (_feature_probes): with 2 (their mean) the per-collective TP cost came out 2.6, 4.4 and
 # 4.9 ms in three calibrations (13:11, 15:18, 15:59 on 2026-12-01) while the all-reduces in gpt-default's own
-# tp=2 step took ~3 ms each (18:2x)
+# tp=2 step took ~3 ms each (18:1x)
 FEATURE_ROUNDS = 3
 CKPT_MICRO = 8   # the checkpointing probes' second batch split: 8 checkpointed calls per block a step (one row each)
 WIDE_PROBE = {**PROBE, "d_model": 256}   # the same probe wider: how efficiency grows with the model's width

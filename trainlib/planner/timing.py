@@ -289,7 +289,7 @@ def step_time(model: ModelSpec, layout: Layout, cluster: ClusterSpec, prof: Prof
     tokens = per_rank * tok_per_seq
     mb_tokens = tokens / m
     # matmuls run one microbatch at a time: tokens per call set how well they fill the machine
-    # a matmul's rate follows its inner dimension: tensor parallelism narrows only the row-parallel ones'
+    # a matmul's rate follows its inner dimension: tensor parallelism narrows only the row-parallel ones
     flops_s = prof.matmul_flops(layout.precision, rows=mb_tokens, width=model.d_model)
     narrow_s = prof.matmul_flops(layout.precision, rows=mb_tokens, width=model.d_model / layout.tp)
     last = model.pipeline_layers() - 1
