@@ -240,14 +240,15 @@ def measure_layouts(name: str, items: list[dict], steps: int, phase: str = "time
         comm.barrier()
         mem_Bps.append(sound_memory(3))
     load0 = os.getloadavg()
-    # the first layout built in a process also pays one-time allocations (gloo buffers, lazy library
-    # state) that no later layout sees: build and step it once, unmeasured
+    # the first layout of each feature built in a process also pays that feature's one-time costs (see
+    # warm_ups): each built and stepped once first, unmeasured (entries -1 - k)
     n = len(items)
+    warm = [-1 - k for k in warm_ups(items)]
     # memory: MEMORY_PASSES passes, each in its own order (forward, reverse, from the middle), the median
-    order = ([-1, *(k for p in range(MEMORY_PASSES) for k in _pass_order(n, p))] if memory
-             else [-1, *range(n), *reversed(range(n))])
+    order = ([*warm, *(k for p in range(MEMORY_PASSES) for k in _pass_order(n, p))] if memory
+             else [*warm, *range(n), *reversed(range(n))])
     if phase == "duel":   # a few layouts (the first choice and the best) in turn, many times, no retiming
-        order = [-1, *(k for _ in range(DUEL_ROUNDS) for k in range(len(items)))]
+        order = [*warm, *(k for _ in range(DUEL_ROUNDS) for k in range(len(items)))]
 
     j, retimed = 0, memory or phase == "duel"
     while j < len(order) or not retimed:
@@ -264,7 +265,7 @@ def measure_layouts(name: str, items: list[dict], steps: int, phase: str = "time
         comm.barrier()
         base_kb = _status_kb("VmRSS")
         reset_peak_rss()
-        parts = _build(name, items[max(k, 0)]["flags"])
+        parts = _build(name, items[k if k >= 0 else -1 - k]["flags"])
         for _ in range(2):            # the second step is the steady state (optimizer state exists)
             _one_step(*parts)
         if memory:
@@ -302,6 +303,36 @@ def measure_layouts(name: str, items: list[dict], steps: int, phase: str = "time
                     "mem_Bps": float(mem), "loadavg": loads},
                    {"layout": MODEL_PROBE, "measured_s": statistics.median(own_norm), "all_s": own_norm,
                     "raw_all_s": [t for _, t in own_s], "loadavg": loads}]
+
+
+def _features(flags: list[str]) -> set[str]:
+    """What a layout's `trainlib train` flags switch on beyond plain data parallelism (mesh sizes as > 1)."""
+    out = set()
+    for f in flags:
+        key, _, value = f.partition("=")
+        if key in ("--mesh.pp", "--mesh.tp"):
+            out |= {key} if value != "1" else set()
+        elif key not in ("--mesh.dp", "--train.batch_size", "--mesh.microbatches"):
+            out.add(f)
+    return out
+
+
+def warm_ups(items: list[dict]) -> list[int]:
+    """Indices of the layouts to build and step once, unmeasured, before a process measures any: the first
+    layout (always), then the first with each feature not seen yet (a sync backend, a schedule, a shard
+    stage, tp, compression, checkpointing). The first layout built with a feature pays its one-time costs:
+    its libraries' code pages and lazily built state, in RSS from then on, which no later layout pays and no
+    device's memory holds (measured 2026-12-01 21:3x: the default GPT's plain parameter-server step read
+    +9-10 MiB over its model in all five validation runs, its checkpointed PS layouts built after it
+    did not; RssFile grew 7.8 MiB as it was built: libzmq)."""
+    seen: set[str] = set()
+    out = []
+    for k, item in enumerate(items):
+        new = _features(item["flags"]) - seen
+        if k == 0 or new:
+            out.append(k)
+            seen |= new
+    return out
 
 
 def _pass_order(n: int, p: int) -> list[int]:
@@ -426,7 +457,7 @@ def _rows(place: str, name: str, plans: list, measured: list[dict], prof, cluste
     sounded and compute_efficiency re-fitted to the model's own single-device step measured in the same
     rounds (MODEL_PROBE; the calibration probe's re-fit, as runs before it had, is kept beside as
     "predicted_probe_refit_s"). The layouts are the ones ranked before; their order is the re-fitted ranking's."""
-    from trainlib.planner.calibrate import MEMORY_BOUND, with_memory, with_model_probe, with_probe
+    from trainlib.planner.calibrate import MEMORY_BOUND, PER_OP, with_memory, with_model_probe, with_probe
 
     probe = next(m for m in measured if m["layout"] == PROBE)
     note = f"re-fitted to the soundings taken with {place} / {name}"
@@ -436,7 +467,7 @@ def _rows(place: str, name: str, plans: list, measured: list[dict], prof, cluste
     refit = probe_refit if own is None else with_model_probe(
         probe_refit, model_spec(name), MODELS[name][2] // N_RANKS, own["measured_s"],
         f"re-fitted to {name}'s own step on one rank, timed with {place}")
-    refit_values = {k: refit[k] for k in ("compute_efficiency", *MEMORY_BOUND, "op_s", "inter_alpha_s",
+    refit_values = {k: refit[k] for k in ("compute_efficiency", *MEMORY_BOUND, *PER_OP, "inter_alpha_s",
                                           "inter_efficiency")}
     labels = {q.layout.label() for q in plans}
     plans = [p for p in rank_layouts(name, cluster, refit) if p.layout.label() in labels]

@@ -78,6 +78,35 @@ def _runtime_refit(prof):
     return p
 
 
+def _microbatch_refit(prof):
+    """A profile from before microbatch_block_s was measured: fitted from the microbatched probe its
+    calibration timed anyway (measured feature_probes_s), where it did."""
+    from trainlib.planner.calibrate import microbatch_fit
+
+    probes = (prof.measured or {}).get("feature_probes_s") or {}
+    if not prof.sources.get("microbatch_block_s", "").startswith("default") or "probe_plain_micro_s" not in probes:
+        return prof
+    p = copy.deepcopy(prof)
+    p.values["microbatch_block_s"] = microbatch_fit(p.values, {**probes, "probe_s": prof.measured["probe_s"]})
+    p.sources["microbatch_block_s"] = "fitted by plan_rescore from the calibration's microbatched probe"
+    return p
+
+
+def _carried(prof, run_prof, refit: dict):
+    """prof with every figure the run re-fitted (bench_plan._rows' "refit") carried over as a ratio to the
+    run's own profile; a per-op figure the run did not record (or recorded at 0) moves as op_s did."""
+    from trainlib.planner.calibrate import PER_OP
+
+    p = copy.deepcopy(prof)
+    for k, v in refit.items():
+        if k != "compute_efficiency" and run_prof[k] > 0:
+            p.values[k] = prof[k] * v / run_prof[k]
+    for k in PER_OP:
+        if k not in refit or run_prof[k] == 0:
+            p.values[k] = prof[k] * refit["op_s"] / run_prof["op_s"]
+    return p
+
+
 def rescore(result: dict, profile=None) -> dict[str, Any]:
     """{"summary": bench_plan.summarize of the re-predicted rows, "rows": them, "drift": the largest
     relative change of a prediction against the stored one}."""
@@ -86,7 +115,7 @@ def rescore(result: dict, profile=None) -> dict[str, Any]:
     from trainlib.planner.profile import Profile
 
     run_prof = Profile.from_json(result["profile"], "the validation's profile")
-    prof = _runtime_refit(profile or run_prof)
+    prof = _microbatch_refit(_runtime_refit(profile or run_prof))
     goodput = (result.get("cluster") or {}).get("goodput_Bps")
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in result["rows"]:
@@ -96,10 +125,7 @@ def rescore(result: dict, profile=None) -> dict[str, Any]:
         run_g, prof_g = run_prof, prof
         refit = g[0].get("refit") or {}
         if "op_s" in refit:   # every figure the run re-fitted is recorded: each carried to `prof` as a ratio
-            prof_g = copy.deepcopy(prof)
-            for k, v in refit.items():
-                if k != "compute_efficiency":
-                    prof_g.values[k] = prof[k] * v / run_prof[k]
+            prof_g = _carried(prof, run_prof, refit)
             eff = refit["compute_efficiency"]
         else:
             mem = refit.get("mem_Bps")

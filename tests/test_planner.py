@@ -506,6 +506,12 @@ def test_feature_costs_enter_the_step_time_where_the_feature_pays():
                        (Layout(2, 1, 1, schedule="zb-h1", microbatches=4, ac="full"), 2 * 4 * 2)):
         assert (step_time(GPT, lay, ONE_NODE, profile(checkpoint_call_s=1e-3), 8).compute
                 - step_time(GPT, lay, ONE_NODE, base, 8).compute) == pytest.approx(calls * 1e-3)
+    # each microbatch after the first pays per block of the rank (gradient accumulation, its own graph):
+    # none for a whole batch, 3 x 2 for pp=2's rank of 2 blocks at m=4, whatever the checkpointing
+    for lay, extra in ((Layout(1, 1, 1), 0), (Layout(2, 1, 1, schedule="1f1b", microbatches=4), 3 * 2),
+                       (Layout(2, 1, 1, schedule="zb-h1", microbatches=4, ac="full"), 3 * 2)):
+        assert (step_time(GPT, lay, ONE_NODE, profile(microbatch_block_s=1e-3), 8).compute
+                - step_time(GPT, lay, ONE_NODE, base, 8).compute) == pytest.approx(extra * 1e-3)
 
 
 def test_feature_costs_fit_recovers_the_costs_that_made_the_measurements():
@@ -520,7 +526,8 @@ def test_feature_costs_fit_recovers_the_costs_that_made_the_measurements():
     # compress_overlap: the share of the backward (here ~0.23 s of slow matmuls) behind which the MLP probe's
     # ~14 ms of reduce-scatters run; small enough that some of them stay exposed, so the fit can see it
     truth = dict(recompute_share=0.7, checkpoint_call_s=8e-4, selective_op_s=2e-4, solo_speedup=1.3, zero3_unit_s=5e-4,
-                 tp_collective_s=1e-3, compress_collective_s=2e-3, zero_step_s=3e-3, compress_overlap=0.03)
+                 tp_collective_s=1e-3, compress_collective_s=2e-3, zero_step_s=3e-3, compress_overlap=0.03,
+                 microbatch_block_s=6e-4)
     mlp = ModelSpec.mlp(MLP_PROBE["width"], MLP_PROBE["depth"])
     values = profile(op_s=1e-5).values
     spec = ModelSpec.gpt(MC(**{k: v for k, v in PROBE.items() if k != "batch"}))
@@ -544,14 +551,14 @@ def test_feature_costs_fit_recovers_the_costs_that_made_the_measurements():
     # (and tp=2's base is the plain probe timed in the feature rounds: a per-collective cost unmoved)
     skewed = feature_costs(values, {**measured, "probe_s": probe * 0.8, "probe_plain_s": probe, "tp2_base_s": probe})
     assert (skewed["recompute_share"], skewed["selective_op_s"], skewed["checkpoint_call_s"],
-            skewed["tp_collective_s"]) == pytest.approx(
-        (truth["recompute_share"], truth["selective_op_s"], truth["checkpoint_call_s"], truth["tp_collective_s"]),
-        rel=1e-6)
+            skewed["tp_collective_s"], skewed["microbatch_block_s"]) == pytest.approx(
+        (truth["recompute_share"], truth["selective_op_s"], truth["checkpoint_call_s"], truth["tp_collective_s"],
+         truth["microbatch_block_s"]), rel=1e-6)
     # without that base (an older profile), the drift goes into it
     assert feature_costs(values, {**measured, "probe_s": probe * 0.8})["tp_collective_s"] > truth["tp_collective_s"] * 1.5
     # an older profile's measurements (no microbatched pair): the share alone, no cost per call
     old = {k: v for k, v in measured.items() if "micro" not in k}
-    assert feature_costs(values, old)["checkpoint_call_s"] == 0.0
+    assert feature_costs(values, old)["checkpoint_call_s"] == feature_costs(values, old)["microbatch_block_s"] == 0.0
 
 
 def test_width_fit_recovers_the_efficiency_and_width_that_timed_both_probes():
@@ -701,6 +708,20 @@ def test_bench_plan_duels_only_when_the_passes_best_is_another_layout():
                {"layout": "b", "flags": [], "planner_rank": 2, "measured_s": 1.1}]
     duel(settled, run)
     assert len(calls) == 1 and "duel_s" not in settled[0]
+
+
+def test_bench_plan_warms_up_the_first_layout_of_every_feature():
+    from trainlib.benchmarks.bench_plan import warm_ups
+
+    def item(*flags):
+        return {"flags": ["--mesh.pp=1", "--mesh.dp=2", "--mesh.tp=1", "--train.batch_size=8", *flags]}
+    pp = ["--mesh.pp=2", "--mesh.dp=1", "--mesh.microbatches=4"]
+    items = [item(), item("--dp.shard=optimizer"), item("--dp.shard=optimizer"), item("--sync.kind=ps"),
+             item("--sync.kind=ps", "--train.activation_checkpointing=full"), item(*pp, "--mesh.schedule=1f1b"),
+             item(*pp[:2], "--mesh.microbatches=8", "--mesh.schedule=1f1b"), item(*pp, "--mesh.schedule=gpipe")]
+    # the plain first, then the first ZeRO-1, PS, checkpointed, pipelined one, and a new schedule; not
+    # the same features again at another microbatch count
+    assert warm_ups(items) == [0, 1, 3, 4, 5, 7]
 
 
 def test_bench_plan_memory_passes_visit_every_layout_in_different_orders():

@@ -574,14 +574,16 @@ def solve_increasing(f, want: float, lo: float, hi: float) -> float:
     return (lo + hi) / 2
 
 
-COMPUTE_SIDE = ("compute_efficiency", "mem_Bps", "matmul_weight_Bps", "op_s")   # what a device's own step runs on
+# what a device's own step runs on: rates, and per-op costs that grow as the device slows
+COMPUTE_SIDE = ("compute_efficiency", "mem_Bps", "matmul_weight_Bps", "op_s", "microbatch_block_s")
+PER_OP = ("op_s", "microbatch_block_s")
 
 
 def _compute_scaled(prof: Profile, k: float) -> Profile:
     """prof with the device's compute-side rates k x slower (the collectives' figures as they are)."""
     v = dict(prof.values)
     for key in COMPUTE_SIDE:   # rates fall, the per-op cost grows
-        v[key] = prof[key] * k if key == "op_s" else prof[key] / k
+        v[key] = prof[key] * k if key in PER_OP else prof[key] / k
     return Profile(prof.name, prof.device, prof.validated, v, dict(prof.sources), dict(prof.measured))
 
 
@@ -645,7 +647,20 @@ def _accumulated(values: dict, ac: str, micro: int, **override) -> float:
     prof = Profile("probe", "cpu", True, {**values, **override}, {})
     t = step_time(probe_spec(), Layout(1, 1, 1, ac=ac), ClusterSpec(1, 1, "cpu", 10.0, 8.0), prof,
                   PROBE["batch"] // micro)
-    return micro * (t.total - t.optimizer) + t.optimizer
+    # step_time splits a batch only for a pipeline: the cost of each microbatch after the first added here
+    return micro * (t.total - t.optimizer) + t.optimizer + (micro - 1) * PROBE["n_layer"] * prof["microbatch_block_s"]
+
+
+def microbatch_fit(values: dict, measured: dict) -> float:
+    """microbatch_block_s: the plain probe in CKPT_MICRO microbatches over the whole batch (timed in turn), less
+    what the model already gives for the split (its per-microbatch ops and small-call matmul rate), per block
+    of each microbatch after the first (0 without the microbatched measurement: an older profile's)."""
+    if "probe_plain_micro_s" not in measured:
+        return 0.0
+    base = {**values, "microbatch_block_s": 0.0}
+    modelled = _accumulated(base, "none", CKPT_MICRO) - _accumulated(base, "none", 1)
+    got = measured["probe_plain_micro_s"] - measured.get("probe_plain_s", measured["probe_s"])
+    return max(0.0, (got - modelled) / ((CKPT_MICRO - 1) * PROBE["n_layer"]))
 
 
 def recompute_fit(values: dict, measured: dict, plain: float) -> tuple[float, float]:
@@ -676,7 +691,7 @@ def recompute_fit(values: dict, measured: dict, plain: float) -> tuple[float, fl
 
 
 def feature_costs(values: dict, measured: dict) -> dict[str, float]:
-    """The feature costs (profile keys recompute_share, checkpoint_call_s, selective_op_s, solo_speedup,
+    """The feature costs (profile keys recompute_share, checkpoint_call_s, microbatch_block_s, selective_op_s, solo_speedup,
     zero3_unit_s, tp_collective_s, zero_step_s, compress_collective_s, compress_overlap) that make the time
     model reproduce the probe's measured steps under each feature:
     each is the measured difference to the plain probe (or ZeRO-3 to ZeRO-1) less what the model already
@@ -694,6 +709,8 @@ def feature_costs(values: dict, measured: dict) -> dict[str, float]:
     base, n = t(Layout(1, 1, 1), alone), PROBE["n_layer"]
     probe = measured["probe_s"]
     plain = measured.get("probe_plain_s", probe)   # timed in turn with the checkpointed probes
+    micro_s = microbatch_fit(values, measured)
+    values = {**values, "microbatch_block_s": micro_s}
     share, call_s = recompute_fit(values, measured, plain)
     sel = t(Layout(1, 1, 1, ac="selective"), alone, selective_op_s=0.0) - base
     z3 = (t(FEATURE_LAYOUTS["zero3_s"], pair, zero3_unit_s=0.0) - t(FEATURE_LAYOUTS["zero1_s"], pair))
@@ -703,6 +720,7 @@ def feature_costs(values: dict, measured: dict) -> dict[str, float]:
     out = {
         "recompute_share": share,
         "checkpoint_call_s": call_s,
+        "microbatch_block_s": micro_s,
         "selective_op_s": max(0.0, (measured["probe_selective_s"] - plain - sel) / (n * OPS_PER_BLOCK)),
         "solo_speedup": min(4.0, max(1.0, probe / measured["probe_solo_s"])),
         "zero3_unit_s": max(0.0, (measured["zero3_s"] - measured["zero1_s"] - z3) / (2 * units)),
@@ -826,6 +844,8 @@ def calibrate(ranks: int = 2) -> Profile:
                               "makes the time model reproduce it",
         "checkpoint_call_s": f"measured: as recompute_share, with the batch whole and in {CKPT_MICRO} microbatches "
                              "(two equations: the recompute per FLOP and a cost per checkpointed call)",
+        "microbatch_block_s": f"measured: the probe in {CKPT_MICRO} microbatches minus whole (timed in turn, 3 "
+                              "rounds), less the modelled difference, per block of each microbatch after the first",
         "recompute_share": "measured: the probe with full checkpointing minus without (timed in turn, 3 rounds), "
                            "over the modelled forward",
         "selective_op_s": "measured: the probe with selective checkpointing minus without (timed in turn), less "

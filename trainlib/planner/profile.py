@@ -54,6 +54,9 @@ KEYS = {
     "checkpoint_call_s": "fixed cost of one block's full checkpointing per microbatch (torch's checkpoint: "
                          "its saved-tensor hooks, RNG state, the recompute's own graph), beyond the modelled "
                          "recomputation",
+    "microbatch_block_s": "fixed cost per block of each microbatch after the first, beyond its modelled ops "
+                          "(gradient accumulation: an add into every parameter's .grad, autograd's graph and the "
+                          "loss per call): what splitting a step's batch costs past the FLOPs and the op count",
     "selective_op_s": "extra seconds per block op under selective checkpointing (its dispatch modes record the "
                       "forward and replay the recomputation, op by op)",
     "solo_speedup": "how much faster a rank computes while the others on its node idle (a pipeline bubble) than "
@@ -76,7 +79,7 @@ KEYS = {
 DEFAULTS = {"matmul_half_width": 0.0, "recompute_share": 1.0, "selective_op_s": 0.0, "solo_speedup": 1.0, "zero3_unit_s": 0.0,
             "tp_collective_s": 0.0, "compress_collective_s": 0.0, "zero_step_s": 0.0, "ps_sync_s": 0.0,
             "grad_call_s": 0.0, "matmul_weight_Bps": 0.0, "sync_dram_Bps": 0.0,
-            "compress_overlap": 0.0, "checkpoint_call_s": 0.0}
+            "compress_overlap": 0.0, "checkpoint_call_s": 0.0, "microbatch_block_s": 0.0}
 
 
 @dataclass

@@ -6,7 +6,8 @@
                  + framework ops x op cost; backward = 2 x forward matmuls; full recompute adds a
                  forward (x recompute_share, calibrated) and a fixed cost per checkpointed block and
                  microbatch (checkpoint_call_s), selective the elementwise part of one plus its
-                 dispatch modes' cost per op (selective_op_s) (Korthikanti et al. 2022, sec. 5); ZB-H1's
+                 dispatch modes' cost per op (selective_op_s) (Korthikanti et al. 2022, sec. 5); each
+                 microbatch after the first a calibrated cost per block (microbatch_block_s); ZB-H1's
                  split backward under checkpointing recomputes twice and walks the activation gradients
                  twice (trainlib.pipeline.zero_bubble)
     tp           Megatron f/g: 2 all-reduces of the microbatch's activations per block in forward and 2
@@ -316,6 +317,8 @@ def step_time(model: ModelSpec, layout: Layout, cluster: ClusterSpec, prof: Prof
             op_t += redo * ops * prof["selective_op_s"]
         elif layout.ac == "full":   # each checkpointed block, each microbatch, each recomputation
             op_t += redo * blocks * m * prof["checkpoint_call_s"]
+        # every microbatch after the first accumulates into the gradients and builds its own graph
+        op_t += (m - 1) * blocks * prof["microbatch_block_s"]
         # ZB-H1's W under checkpointing is one backward from every module output: the activation
         # gradients (about a forward's work) are walked again
         walk = fwd if redo > 1 else 0.0
