@@ -476,6 +476,11 @@ def test_feature_costs_enter_the_step_time_where_the_feature_pays():
     ops = GPT.n_layer * 14                            # timing.OPS_PER_BLOCK per block
     assert (step_time(GPT, sel, ONE_NODE, profile(selective_op_s=1e-4), 8).compute
             - step_time(GPT, sel, ONE_NODE, base, 8).compute) == pytest.approx(ops * 1e-4)
+    # ZB-H1 recomputes for I and again for W: the second pays the replay's half of the per-op cost; rank 0 of
+    # pp=2 holds 2 of the 4 blocks, 4 microbatches
+    zb = Layout(2, 1, 1, schedule="zb-h1", microbatches=4, ac="selective")
+    assert (step_time(GPT, zb, ONE_NODE, profile(selective_op_s=1e-4), 8).compute
+            - step_time(GPT, zb, ONE_NODE, base, 8).compute) == pytest.approx(1.5 * 2 * 14 * 4 * 1e-4)
     # a compressed ZeRO sync in a node: per collective (ZeRO-3: a reduce-scatter and two gathers per unit,
     # one gather less for the unit kept from the forward; ZeRO-1: a reduce-scatter and an all-gather per
     # bucket, here 2 buckets: 3.5 MB of fp32 gradients = the 1 MB first one + one of up to 25 MB)

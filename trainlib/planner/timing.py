@@ -56,6 +56,7 @@ from .spec import ClusterSpec, ModelSpec
 
 PARTITION_BYTES = 4 * 2**20      # the parameter server's partition (config.SyncConfig.partition_mb)
 OPS_PER_BLOCK = 14               # forward ops of one GPT block (norms, linears, attention, views, adds)
+SELECTIVE_REPLAY_SHARE = 0.5     # of selective_op_s, the recomputation's replay (the forward's record the rest)
 # torch's foreach AdamW makes ~10 passes over parameter-sized fp32 arrays per step (lerp, mul, addcmul,
 # sqrt, div, add, addcdiv, weight decay; 2 arrays each on average) and clipping reads the gradients: 84 B
 OPT_BYTES_PER_PARAM = 84
@@ -169,7 +170,11 @@ def dp_sync_time(model: ModelSpec, layout: Layout, cluster: ClusterSpec, prof: P
         if nodes > 1:
             wire = (wire_bytes("ps_colocated", m, nodes, per_node, servers)
                     / (cluster.nic_Bps * prof["inter_efficiency"]))
-        t = max(cpu, wire)
+        # a partition is pushed, summed and pulled in turn: across partitions the servers' work and the
+        # wire overlap, within one they do not (a two-stage pipeline of `msgs` pieces: the longer stage
+        # whole, the shorter one piece's worth). Across the emulated link the default GPT's one
+        # partition took about cpu + wire, the wide MLP's twelve about the wire
+        t = max(cpu, wire) + min(cpu, wire) / msgs
     else:
         compress = layout.compress == "bf16"
         wire_m = m / 2 if compress else m
@@ -314,7 +319,11 @@ def step_time(model: ModelSpec, layout: Layout, cluster: ClusterSpec, prof: Prof
         # op_s already holds an op's backward; recomputation runs the forward ops again
         op_t = ops * prof["op_s"] * (1 + (0.5 if layout.ac != "none" else 0.0))
         if layout.ac == "selective":
-            op_t += redo * ops * prof["selective_op_s"]
+            # its dispatch mode runs every op twice, recording in the forward and replaying in the
+            # recomputation: ZB-H1's second recomputation pays the replay's half again, not both halves
+            # (charging both read 0.98 / 0.92 / 0.85x at m = 2 / 4 / 8 over five validation runs, the
+            # half 1.03 / 1.01 / 0.97x)
+            op_t += (1 + (redo - 1) * SELECTIVE_REPLAY_SHARE) * ops * prof["selective_op_s"]
         elif layout.ac == "full":   # each checkpointed block, each microbatch, each recomputation
             op_t += redo * blocks * m * prof["checkpoint_call_s"]
         # every microbatch after the first accumulates into the gradients and builds its own graph
