@@ -322,9 +322,10 @@ def warm_ups(items: list[dict]) -> list[int]:
     layout (always), then the first with each feature not seen yet (a sync backend, a schedule, a shard
     stage, tp, compression, checkpointing). The first layout built with a feature pays its one-time costs:
     its libraries' code pages and lazily built state, in RSS from then on, which no later layout pays and no
-    device's memory holds (measured 2026-12-01 21:3x: the default GPT's plain parameter-server step read
-    +9-10 MiB over its model in all five validation runs, its checkpointed PS layouts built after it
-    did not; RssFile grew 7.8 MiB as it was built: libzmq)."""
+    device's memory holds (the default GPT's plain parameter-server step, the first PS layout built, read
+    +9-10 MiB over its model in four of five validation runs, the checkpointed PS layouts built after it
+    did not; measured 2026-12-01 21:1x: RssFile grew 7.8 MiB as it was built (libzmq), and with the PS
+    warmed up first it read 34.6 MiB, not 45)."""
     seen: set[str] = set()
     out = []
     for k, item in enumerate(items):
