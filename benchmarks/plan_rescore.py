@@ -78,17 +78,17 @@ def _runtime_refit(prof):
     return p
 
 
-def _microbatch_refit(prof):
-    """A profile from before microbatch_block_s was measured: fitted from the microbatched probe its
-    calibration timed anyway (measured feature_probes_s), where it did."""
-    from trainlib.planner.calibrate import microbatch_fit
+def _feature_refit(prof):
+    """A profile from before microbatch_block_s or dp_step_s was a figure: each fitted from the probes its
+    calibration timed anyway (measured feature_probes_s: the probe in microbatches, at dp=2), where it did."""
+    from trainlib.planner.calibrate import dp_step_fit, microbatch_fit
 
     probes = (prof.measured or {}).get("feature_probes_s") or {}
-    if not prof.sources.get("microbatch_block_s", "").startswith("default") or "probe_plain_micro_s" not in probes:
-        return prof
     p = copy.deepcopy(prof)
-    p.values["microbatch_block_s"] = microbatch_fit(p.values, {**probes, "probe_s": prof.measured["probe_s"]})
-    p.sources["microbatch_block_s"] = "fitted by plan_rescore from the calibration's microbatched probe"
+    for key, fit, needs in (("microbatch_block_s", microbatch_fit, "probe_plain_micro_s"), ("dp_step_s", dp_step_fit, "dp2_s")):
+        if prof.sources.get(key, "").startswith("default") and needs in probes:
+            p.values[key] = fit(p.values, {**probes, "probe_s": prof.measured["probe_s"]})
+            p.sources[key] = "fitted by plan_rescore from the calibration's own feature probes"
     return p
 
 
@@ -115,7 +115,7 @@ def rescore(result: dict, profile=None) -> dict[str, Any]:
     from trainlib.planner.profile import Profile
 
     run_prof = Profile.from_json(result["profile"], "the validation's profile")
-    prof = _microbatch_refit(_runtime_refit(profile or run_prof))
+    prof = _feature_refit(_runtime_refit(profile or run_prof))
     goodput = (result.get("cluster") or {}).get("goodput_Bps")
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in result["rows"]:

@@ -511,6 +511,14 @@ def test_feature_costs_enter_the_step_time_where_the_feature_pays():
                        (Layout(2, 1, 1, schedule="zb-h1", microbatches=4, ac="full"), 2 * 4 * 2)):
         assert (step_time(GPT, lay, ONE_NODE, profile(checkpoint_call_s=1e-3), 8).compute
                 - step_time(GPT, lay, ONE_NODE, base, 8).compute) == pytest.approx(calls * 1e-3)
+    # a data-parallel all-reduce sync inside a node pays a fixed cost per step; not across nodes (the link's
+    # sounded rate holds it), not the parameter server (ps_sync_s), not without data parallelism
+    for lay, cluster, extra in ((Layout(1, 2, 1), ONE_NODE, 1e-3), (Layout(1, 2, 1, shard="optimizer"), ONE_NODE, 1e-3),
+                                (Layout(1, 2, 1), ClusterSpec(2, 1, "cpu", 8.0, 8.0), 0.0),
+                                (Layout(1, 2, 1, sync="ps"), ONE_NODE, 0.0),
+                                (Layout(2, 1, 1, schedule="1f1b", microbatches=4), ONE_NODE, 0.0)):
+        assert (step_time(GPT, lay, cluster, profile(dp_step_s=1e-3), 8).dp_sync
+                - step_time(GPT, lay, cluster, base, 8).dp_sync) == pytest.approx(extra)
     # each microbatch after the first pays per block of the rank (gradient accumulation, its own graph):
     # none for a whole batch, 3 x 2 for pp=2's rank of 2 blocks at m=4, whatever the checkpointing
     for lay, extra in ((Layout(1, 1, 1), 0), (Layout(2, 1, 1, schedule="1f1b", microbatches=4), 3 * 2),
@@ -532,7 +540,7 @@ def test_feature_costs_fit_recovers_the_costs_that_made_the_measurements():
     # ~14 ms of reduce-scatters run; small enough that some of them stay exposed, so the fit can see it
     truth = dict(recompute_share=0.7, checkpoint_call_s=8e-4, selective_op_s=2e-4, solo_speedup=1.3, zero3_unit_s=5e-4,
                  tp_collective_s=1e-3, compress_collective_s=2e-3, zero_step_s=3e-3, compress_overlap=0.03,
-                 microbatch_block_s=6e-4)
+                 microbatch_block_s=6e-4, dp_step_s=4e-3)
     mlp = ModelSpec.mlp(MLP_PROBE["width"], MLP_PROBE["depth"])
     values = profile(op_s=1e-5).values
     spec = ModelSpec.gpt(MC(**{k: v for k, v in PROBE.items() if k != "batch"}))
@@ -556,9 +564,9 @@ def test_feature_costs_fit_recovers_the_costs_that_made_the_measurements():
     # (and tp=2's base is the plain probe timed in the feature rounds: a per-collective cost unmoved)
     skewed = feature_costs(values, {**measured, "probe_s": probe * 0.8, "probe_plain_s": probe, "tp2_base_s": probe})
     assert (skewed["recompute_share"], skewed["selective_op_s"], skewed["checkpoint_call_s"],
-            skewed["tp_collective_s"], skewed["microbatch_block_s"]) == pytest.approx(
+            skewed["tp_collective_s"], skewed["microbatch_block_s"], skewed["dp_step_s"]) == pytest.approx(
         (truth["recompute_share"], truth["selective_op_s"], truth["checkpoint_call_s"], truth["tp_collective_s"],
-         truth["microbatch_block_s"]), rel=1e-6)
+         truth["microbatch_block_s"], truth["dp_step_s"]), rel=1e-6)
     # without that base (an older profile), the drift goes into it
     assert feature_costs(values, {**measured, "probe_s": probe * 0.8})["tp_collective_s"] > truth["tp_collective_s"] * 1.5
     # an older profile's measurements (no microbatched pair): the share alone, no cost per call

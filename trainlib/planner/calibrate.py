@@ -663,6 +663,23 @@ def microbatch_fit(values: dict, measured: dict) -> float:
     return max(0.0, (got - modelled) / ((CKPT_MICRO - 1) * PROBE["n_layer"]))
 
 
+def dp_step_fit(values: dict, measured: dict) -> float:
+    """dp_step_s: the probe at dp=2 (half the batch a rank) over the plain probe timed in the same rounds, less the
+    modelled difference (the half batch's compute, the sync's bytes): the cost of a data-parallel step the model
+    does not count (0 without the dp=2 probe: an older profile's)."""
+    from .spec import ClusterSpec
+    from .timing import step_time
+
+    if "dp2_s" not in measured:
+        return 0.0
+    prof = Profile("probe", "cpu", True, {**values, "dp_step_s": 0.0}, {})
+    spec, batch = probe_spec(), PROBE["batch"]
+    modelled = (step_time(spec, FEATURE_LAYOUTS["dp2_s"], ClusterSpec(1, 2, "cpu", 10.0, 8.0), prof, batch).total
+                - step_time(spec, Layout(1, 1, 1), ClusterSpec(1, 1, "cpu", 10.0, 8.0), prof, batch).total)
+    base = measured.get("tp2_base_s", measured["probe_s"])   # the plain probe timed in the feature rounds
+    return max(0.0, measured["dp2_s"] - base - modelled)
+
+
 def recompute_fit(values: dict, measured: dict, plain: float) -> tuple[float, float]:
     """(recompute_share, checkpoint_call_s): full checkpointing's cost over the plain probe, measured with the
     batch whole and in CKPT_MICRO microbatches, is the modelled op costs + share x the modelled recompute +
@@ -692,7 +709,7 @@ def recompute_fit(values: dict, measured: dict, plain: float) -> tuple[float, fl
 
 def feature_costs(values: dict, measured: dict) -> dict[str, float]:
     """The feature costs (profile keys recompute_share, checkpoint_call_s, microbatch_block_s, selective_op_s, solo_speedup,
-    zero3_unit_s, tp_collective_s, zero_step_s, compress_collective_s, compress_overlap) that make the time
+    zero3_unit_s, tp_collective_s, dp_step_s, zero_step_s, compress_collective_s, compress_overlap) that make the time
     model reproduce the probe's measured steps under each feature:
     each is the measured difference to the plain probe (or ZeRO-3 to ZeRO-1) less what the model already
     predicts for it, per unit of what the feature pays per step."""
@@ -730,6 +747,7 @@ def feature_costs(values: dict, measured: dict) -> dict[str, float]:
     if "dp2_s" in measured:   # profiles measured before these probes existed keep 0
         z1 = t(FEATURE_LAYOUTS["zero1_s"], pair, zero_step_s=0.0) - t(FEATURE_LAYOUTS["dp2_s"], pair)
         out["zero_step_s"] = max(0.0, measured["zero1_s"] - measured["dp2_s"] - z1)
+        out["dp_step_s"] = dp_step_fit(values, measured)
     if "zero3_bf16_s" in measured:
         per = sharded_collectives(z3c, 0.0, units)   # ZeRO-3: per unit, whatever the bytes
         overlap = 0.0
@@ -856,6 +874,8 @@ def calibrate(ranks: int = 2) -> Profile:
                         "less the modelled difference, per unit gather (2 per layer per microbatch)",
         "tp_collective_s": "measured: the probe at tp=2 minus the plain probe, less the modelled difference, per "
                            "tensor-parallel all-reduce",
+        "dp_step_s": "measured: the probe at dp=2 (as trainlib train builds it) minus the plain probe timed in the "
+                     "same rounds, less the modelled difference",
         "zero_step_s": "measured: the probe at dp=2 with ZeRO-1 minus plain data parallel (as trainlib train builds "
                        "them), less the modelled difference",
         "compress_overlap": f"measured: an MLP probe ({MLP_PROBE['depth']} x Linear({MLP_PROBE['width']}), "

@@ -63,6 +63,9 @@ KEYS = {
                     "when all compute at once (shared memory bandwidth and caches on CPU; 1 on accelerators)",
     "zero3_unit_s": "fixed cost of one ZeRO-3 unit's all-gather (forward and again backward, per microbatch)",
     "tp_collective_s": "fixed cost of one tensor-parallel all-reduce beyond the alpha-beta ring time",
+    "dp_step_s": "fixed cost per step of data-parallel training (all-reduce, plain or sharded) over one device's "
+                 "step and the sync's modelled bytes: the wrapper's gradient hooks and buckets, clipping across "
+                 "ranks, the ranks meeting",
     "zero_step_s": "fixed cost per step of a sharded (ZeRO) data-parallel sync over a plain one: its slices, "
                    "master copies, epilogue and bookkeeping, beyond the bytes the model counts",
     "compress_collective_s": "fixed cost of one collective of a bf16-compressed ZeRO sync (each "
@@ -79,7 +82,8 @@ KEYS = {
 DEFAULTS = {"matmul_half_width": 0.0, "recompute_share": 1.0, "selective_op_s": 0.0, "solo_speedup": 1.0, "zero3_unit_s": 0.0,
             "tp_collective_s": 0.0, "compress_collective_s": 0.0, "zero_step_s": 0.0, "ps_sync_s": 0.0,
             "grad_call_s": 0.0, "matmul_weight_Bps": 0.0, "sync_dram_Bps": 0.0,
-            "compress_overlap": 0.0, "checkpoint_call_s": 0.0, "microbatch_block_s": 0.0}
+            "compress_overlap": 0.0, "checkpoint_call_s": 0.0, "microbatch_block_s": 0.0,
+            "dp_step_s": 0.0}
 
 
 @dataclass
