@@ -311,7 +311,8 @@ def _features(flags: list[str]) -> set[str]:
     for f in flags:
         key, _, value = f.partition("=")
         if key in ("--mesh.pp", "--mesh.tp"):
-            out |= {key} if value != "1" else set()
+            if value != "1":
+                out.add(key)
         elif key not in ("--mesh.dp", "--train.batch_size", "--mesh.microbatches"):
             out.add(f)
     return out

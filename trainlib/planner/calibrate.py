@@ -575,8 +575,8 @@ def solve_increasing(f, want: float, lo: float, hi: float) -> float:
 
 
 # what a device's own step runs on: rates, and per-op costs that grow as the device slows
-COMPUTE_SIDE = ("compute_efficiency", "mem_Bps", "matmul_weight_Bps", "op_s", "microbatch_block_s")
 PER_OP = ("op_s", "microbatch_block_s")
+COMPUTE_SIDE = ("compute_efficiency", "mem_Bps", "matmul_weight_Bps", *PER_OP)
 
 
 def _compute_scaled(prof: Profile, k: float) -> Profile:

@@ -162,8 +162,9 @@ def dp_sync_time(model: ModelSpec, layout: Layout, cluster: ClusterSpec, prof: P
         return 0.0
     m = params * 4                      # gradients are reduced in fp32 (MixedPrecision's reduce_dtype)
     stride = layout.tp
+    fixed = 0.0                         # per step, beside the overlap
+    nodes, per_node = _group_span(cluster, layout.dp, stride)
     if layout.sync == "ps":
-        nodes, per_node = _group_span(cluster, layout.dp, stride)
         servers = nodes                 # colocated: one server per node
         msgs = math.ceil(m / PARTITION_BYTES)
         cpu = prof["ps_sync_s"] + msgs * prof["ps_msg_s"] + max(m, layout.dp * m / servers) / prof["ps_Bps"]
@@ -190,7 +191,6 @@ def dp_sync_time(model: ModelSpec, layout: Layout, cluster: ClusterSpec, prof: P
             # backward, all but the unit that ran last (held_params: kept gathered for its backward)
             ag_link = "intra" if compress else "sync"
             ab = act_bytes(layout.precision)
-            nodes, per_node = _group_span(cluster, layout.dp, stride)
             if nodes == 1:
                 gathered = params + (params - held_params if layout.shard == "parameters" else 0.0)
                 rs = allreduce_time(wire_m, layout.dp, stride, cluster, prof, link) * _rs_ag_factor(link, prof) / 2
@@ -220,9 +220,9 @@ def dp_sync_time(model: ModelSpec, layout: Layout, cluster: ClusterSpec, prof: P
         # it (the PS's is in ps_sync_s); across nodes the link's sounded rate (inter_efficiency) holds it:
         # added there too, the emulated cluster's DP rows read 0.9x and two runs' first choice flipped to a
         # pipeline 11-18% slower
-        fixed = prof["dp_step_s"] if _group_span(cluster, layout.dp, stride)[0] == 1 else 0.0
-        return max(0.0, t - prof["overlap"] * backward_s) + fixed
-    return max(0.0, t - prof["overlap"] * backward_s)
+        if nodes == 1:
+            fixed = prof["dp_step_s"]
+    return max(0.0, t - prof["overlap"] * backward_s) + fixed
 
 
 def gloo_rs_halves(wire_sizes: list[float]) -> float:
