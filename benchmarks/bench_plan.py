@@ -196,8 +196,9 @@ def measure_layouts(name: str, items: list[dict], steps: int, phase: str = "time
 
     phase "memory": built, stepped twice, its peak RSS over the RSS before it was built, closed; glibc's
     mmap threshold is pinned first so that freed tensors leave RSS (dp_workloads.fix_malloc_threshold).
-    phase "time": in a fresh group with the allocator left as training runs it (a pinned threshold makes
-    every large tensor a fresh mmap: page faults in every step), built, stepped twice, stepped `steps`
+    phase "time": in a fresh group with the allocator as training runs it (trainlib.cpu_malloc: freed blocks
+    kept for reuse; a pinned threshold makes every large tensor a fresh mmap: page faults in every step),
+    built, stepped twice, stepped `steps`
     times, closed; two passes in opposite orders so that a slow phase of the shared machine lands on
     different layouts each time, and a third for a layout whose two passes disagree by more than
     RETIME_OVER (a slow spell of the shared host); the median of all its passes' steps, each scaled to the

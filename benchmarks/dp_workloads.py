@@ -219,7 +219,9 @@ def fix_malloc_threshold() -> bool:
     import ctypes
 
     try:
-        return ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024) == 1  # M_MMAP_THRESHOLD
+        libc = ctypes.CDLL("libc.so.6")
+        # and the heap's top trimmed past the same (trainlib.cpu_malloc raises both for training)
+        return libc.mallopt(-3, 128 * 1024) == 1 and libc.mallopt(-1, 128 * 1024) == 1  # M_MMAP_/M_TRIM_THRESHOLD
     except OSError:
         return False
 
