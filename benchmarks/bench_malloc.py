@@ -57,14 +57,15 @@ def _worker(items: list[tuple[str, str, list[str]]], steps: int) -> dict[str, di
 
 
 def _items(quick: bool) -> list[tuple[str, str, list[str]]]:
-    from .bench_plan import MODELS, local_cluster, rank_layouts
     from trainlib.planner.profile import load
+
+    from .bench_plan import MODELS, _items as plan_items, local_cluster, rank_layouts
 
     prof, cluster, items = load("cpu"), local_cluster(), []
     for model, labels in LAYOUTS.items():
         plans = {p.layout.label(): p for p in rank_layouts(model, cluster, prof)}
-        for label in labels[:2] if quick else labels:
-            items.append((model, label, plans[label].layout.train_flags(MODELS[model][2])))
+        chosen = [plans[label] for label in (labels[:2] if quick else labels)]
+        items += [(model, it["layout"], it["flags"]) for it in plan_items(chosen, MODELS[model][2])]
     return items
 
 

@@ -218,10 +218,12 @@ def fix_malloc_threshold() -> bool:
     stay resident after free: RSS would count allocator caching, not live tensors. Applied to every candidate."""
     import ctypes
 
+    from trainlib.cpu_malloc import M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+
     try:
         libc = ctypes.CDLL("libc.so.6")
         # and the heap's top trimmed past the same (trainlib.cpu_malloc raises both for training)
-        return libc.mallopt(-3, 128 * 1024) == 1 and libc.mallopt(-1, 128 * 1024) == 1  # M_MMAP_/M_TRIM_THRESHOLD
+        return libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 128 * 1024) == 1
     except OSError:
         return False
 

@@ -247,6 +247,14 @@ def _share_master_over_mpi(info: LaunchInfo) -> tuple[str, int]:
     return host, int(port)
 
 
+def _keep_freed_cpu_memory(dev: torch.device) -> None:
+    """On CPU, glibc's malloc kept from re-faulting freed tensors every step (cpu_malloc)."""
+    if dev.type == "cpu":
+        from . import cpu_malloc
+
+        cpu_malloc.reuse()
+
+
 def init(backend: str | None = None, device: str | None = None, timeout_s: float | None = None) -> Runtime:
     """Join (or create) the default process group and return where this process sits. Idempotent."""
     global _RUNTIME
@@ -258,10 +266,7 @@ def init(backend: str | None = None, device: str | None = None, timeout_s: float
         rank, world = dist.get_rank(), dist.get_world_size()
         local_rank = int(os.environ.get("LOCAL_RANK", rank))
         dev, _ = choose_device_backend(local_rank, backend, device)
-        if dev.type == "cpu":
-            from . import cpu_malloc
-
-            cpu_malloc.reuse()
+        _keep_freed_cpu_memory(dev)
         _RUNTIME = Runtime(rank, world, local_rank, dev, dist.get_backend(), int(os.environ.get("LOCAL_WORLD_SIZE", world)),
                            "existing", timeout_s)
         if world > 1:
@@ -271,10 +276,7 @@ def init(backend: str | None = None, device: str | None = None, timeout_s: float
     dev, backend = choose_device_backend(info.local_rank, backend, device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    elif dev.type == "cpu":   # tensors re-faulted every step otherwise (cpu_malloc)
-        from . import cpu_malloc
-
-        cpu_malloc.reuse()
+    _keep_freed_cpu_memory(dev)
     if info.source == "single" or (info.world_size == 1 and not info.master_addr):  # RANK=0 WORLD_SIZE=1 alone
         store = dist.HashStore()
         dist.init_process_group("gloo" if backend == "xla" else backend, store=store, rank=0, world_size=1, timeout=timeout)
