@@ -13,10 +13,10 @@
    groups per model and place. Memory: the peak RSS over two steps minus the RSS before its model was
    built (VmHWM reset per layout; glibc's mmap threshold pinned and malloc_trim first, so that freed
    tensors leave RSS), max over ranks (the median of MEMORY_PASSES passes in different orders). Time, in a
-   group with the allocator as training has it: `--steps` steps after two warm-up steps, in two passes of
-   opposite order; each step's time is the slowest rank's, scaled to the host's speed at that moment (the
-   group's model stepped alone on each rank every three layouts; the raw times are reported beside); the
-   median per layout. The host's memory bandwidth is sounded with
+   group with the allocator as training has it: `--steps` steps after two warm-up steps, in two passes each
+   layout at least half a pass apart (time_orders), a third where they disagree by more than RETIME_OVER;
+   each step's time is the slowest rank's; per layout the median of its steps. The group's model
+   stepped alone on each rank every three layouts re-fits the compute. The host's memory bandwidth is sounded with
    the probe: the profile's memory-bound figures are scaled to its median (calibrate.with_memory).
 4. Report predicted vs measured step time and peak memory per layout: median and worst relative error,
    whether the planner's first choice is the measured best (or within 5% of it: when the passes' best is
@@ -35,7 +35,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 N_RANKS = 2
 PROBE = "calibration probe"
@@ -200,14 +200,13 @@ def measure_layouts(name: str, items: list[dict], steps: int, phase: str = "time
     mmap threshold is pinned first so that freed tensors leave RSS (dp_workloads.fix_malloc_threshold).
     phase "time": in a fresh group with the allocator as training runs it (trainlib.cpu_malloc: freed blocks
     kept for reuse; a pinned threshold makes every large tensor a fresh mmap: page faults in every step),
-    built, stepped twice, stepped `steps`
-    times, closed; two passes in opposite orders so that a slow phase of the shared machine lands on
-    different layouts each time, and a third for a layout whose two passes disagree by more than
-    RETIME_OVER (a slow spell of the shared host); the median of all its passes' steps, each scaled to the
-    host's speed at the time (host_speed; the raw times are kept too). The calibration probe and the group's
-    model alone (model_probe_fn) step every three layouts in between: the first's median re-fits
-    compute_efficiency under the same conditions as before, the second's soundings give the host's speed
-    and its median the model's own re-fit. phase "duel": as "time", the layouts in turn DUEL_ROUNDS times each (see duel()).
+    built, stepped twice, stepped `steps` times, closed; two passes in the orders of time_orders (each layout's
+    two at least half a pass apart, so that one slow spell of the shared host seldom lands on both), and a
+    third for a layout whose two passes disagree by more than RETIME_OVER; the median of all its passes'
+    steps. The calibration probe and the group's model alone (model_probe_fn) step every three
+    layouts in between: the first's median re-fits compute_efficiency under the same conditions as before,
+    the second's median the model's own re-fit. phase "duel": as "time", the layouts in turn DUEL_ROUNDS
+    times each (see duel()).
     (Keeping every layout alive and stepping them in rotation, as an earlier version did,
     made each step ~2x slower.)"""
     import ctypes
@@ -249,7 +248,7 @@ def measure_layouts(name: str, items: list[dict], steps: int, phase: str = "time
     warm = [-1 - k for k in warm_ups(items)]
     # memory: MEMORY_PASSES passes, each in its own order (forward, reverse, from the middle), the median
     order = ([*warm, *(k for p in range(MEMORY_PASSES) for k in _pass_order(n, p))] if memory
-             else [*warm, *range(n), *reversed(range(n))])
+             else [*warm, *time_orders(n)])
     if phase == "duel":   # a few layouts (the first choice and the best) in turn, many times, no retiming
         order = [*warm, *(k for _ in range(DUEL_ROUNDS) for k in range(len(items)))]
 
@@ -287,25 +286,18 @@ def measure_layouts(name: str, items: list[dict], steps: int, phase: str = "time
         return [{"layout": item["layout"], "measured_bytes": statistics.median(peaks[k]), "all_bytes": peaks[k]}
                 for k, item in enumerate(items)]
     time_probe()
-    # the host's speed as the group's own model sees it: the calibration probe (a small GPT) ran 1.6x
-    # slower beside the wide MLP's layouts while they did not (10:03), and scaled them wrongly
-    speed = host_speed(own_s)
-    rows = []
-    for k, item in enumerate(items):
-        raw = [t for _, t in times[k]]
-        norm = [t * speed(when) for when, t in times[k]]
-        rows.append({"layout": item["layout"], "measured_s": statistics.median(norm), "all_s": norm,
-                     "raw_measured_s": statistics.median(raw), "raw_all_s": raw, "pass_steps": steps,
-                     "loadavg": loads})
+    rows = [{"layout": item["layout"], "measured_s": statistics.median(t for _, t in times[k]),
+             "all_s": [t for _, t in times[k]], "pass_steps": steps, "loadavg": loads}
+            for k, item in enumerate(items)]
     probe_times = [t for _, t in probe_s]
     # the slower rank's memory speed, as calibrate takes mem_Bps
     mem = torch.tensor([statistics.median(mem_Bps)], dtype=torch.float64)
     comm.all_reduce(mem, op="min")
-    own_norm = [t * speed(when) for when, t in own_s]   # scaled as the layouts are (to its own median)
+    own_times = [t for _, t in own_s]
     return rows + [{"layout": PROBE, "measured_s": statistics.median(probe_times), "all_s": probe_times,
                     "mem_Bps": float(mem), "loadavg": loads},
-                   {"layout": MODEL_PROBE, "measured_s": statistics.median(own_norm), "all_s": own_norm,
-                    "raw_all_s": [t for _, t in own_s], "loadavg": loads}]
+                   {"layout": MODEL_PROBE, "measured_s": statistics.median(own_times), "all_s": own_times,
+                    "loadavg": loads}]
 
 
 def _features(flags: list[str]) -> set[str]:
@@ -348,35 +340,21 @@ def _pass_order(n: int, p: int) -> list[int]:
     return [(start + k) % n for k in range(n)]
 
 
+def time_orders(n: int) -> list[int]:
+    """The two timing passes over n layouts, one after the other: forward, then reversed and rotated half-way
+    round. Each layout's two passes are at least n / 2 layouts apart in time and follow different neighbours.
+    (Plain reverse, as before, put the middle layouts' two passes back to back: one slow spell of the host
+    then moved both, and a third pass was not called for. Over nine runs scaling each step by a probe's
+    reading of the host's speed, which this replaces, read a median error no better than the raw times in
+    seven: the probe's own noise.)"""
+    return [*range(n), *((n // 2 - 1 - j) % n for j in range(n))]
+
+
 def unsettled(times: dict[int, list[float]], steps: int) -> list[int]:
     """The layouts whose two timing passes (steps each, in order) have medians more than RETIME_OVER apart."""
     def med(k: int, p: int) -> float:
         return statistics.median(times[k][p * steps:(p + 1) * steps])
     return [k for k in sorted(times) if abs(med(k, 0) - med(k, 1)) / min(med(k, 0), med(k, 1)) > RETIME_OVER]
-
-
-def host_speed(probe: list[tuple[float, float]]) -> Callable[[float], float]:
-    """The shared host's speed over a timing run, from a probe stepped every few layouts (the group's own model):
-    a step taken at `when` is scaled by median(probe) / probe(when) (the probe's step time then, linear
-    between its soundings, each the median of 3 steps, then of itself and its two neighbours). A slow phase of the host (a neighbour's load:
-    two timing passes of one layout have disagreed by up to 2x) then moves the probe as much as the
-    layouts measured beside it, and the prediction, fitted to median(probe), is compared with what the
-    layout takes at that speed. Raw times are kept beside (raw_measured_s)."""
-    raw = [(statistics.median(w for w, _ in probe[i:i + 3]), statistics.median(t for _, t in probe[i:i + 3]))
-           for i in range(0, len(probe) - len(probe) % 3, 3)]
-    # each sounding the median of it and its neighbours: a slow phase lasts over several soundings, while
-    # one slow sounding alone (the probe's own blip) would otherwise rescale the ~3 layouts on either side
-    soundings = [(w, statistics.median(t for _, t in raw[max(0, i - 1):i + 2])) for i, (w, _) in enumerate(raw)]
-    ref = statistics.median(t for _, t in probe)
-
-    def at(when: float) -> float:
-        if when <= soundings[0][0]:
-            return ref / soundings[0][1]
-        for (w0, p0), (w1, p1) in zip(soundings, soundings[1:]):
-            if when <= w1:
-                return ref / (p0 + (p1 - p0) * (when - w0) / max(w1 - w0, 1e-9))
-        return ref / soundings[-1][1]
-    return at
 
 
 def measure_both(name: str, items: list[dict], steps: int, run) -> list[dict]:
@@ -485,9 +463,6 @@ def _rows(place: str, name: str, plans: list, measured: list[dict], prof, cluste
                     "flags": p.layout.train_flags(MODELS[name][2]),
                     "predicted_s": p.step_s, "measured_s": m["measured_s"], "all_s": m["all_s"],
                     "time_error": abs(p.step_s - m["measured_s"]) / m["measured_s"],
-                    **({"raw_measured_s": m["raw_measured_s"], "raw_all_s": m["raw_all_s"],
-                        "raw_time_error": abs(p.step_s - m["raw_measured_s"]) / m["raw_measured_s"]}
-                       if "raw_measured_s" in m else {}),
                     "predicted_bytes": p.peak_bytes, "measured_bytes": m["measured_bytes"],
                     **({"all_bytes": m["all_bytes"]} if "all_bytes" in m else {}),
                     "memory_error": abs(p.peak_bytes - m["measured_bytes"]) / max(1.0, m["measured_bytes"]),
@@ -636,7 +611,7 @@ def summarize(rows: list[dict]) -> dict[str, Any]:
             "median_time_error": round(statistics.median(r["time_error"] for r in g), 4),
             "median_memory_error": round(statistics.median(r["memory_error"] for r in g), 4)}
     rhos = [g["spearman"] for g in groups.values() if g["spearman"] is not None]
-    raw = [r["raw_time_error"] for r in rows if "raw_time_error" in r]
+    raw = [r["raw_time_error"] for r in rows if "raw_time_error" in r]   # runs that scaled to the host's speed
     return {"configurations": len(rows),
             **({"raw_median_time_error": round(statistics.median(raw), 4), "raw_worst_time_error": round(max(raw), 4),
                 "raw_spearman_all": round(spearman([r["predicted_s"] for r in rows],

@@ -146,6 +146,10 @@ def rescore(result: dict, profile=None) -> dict[str, Any]:
             kept = {k: v for k, v in r.items() if k != "predicted_probe_refit_s"}   # the run's, not this model's
             rows.append({**kept, "predicted_s": p.step_s, "planner_rank": rank[r["layout"]],
                          "time_error": abs(p.step_s - r["measured_s"]) / r["measured_s"],
+                         # runs before 2026-12-02 04:00 scaled their steps to a probe's reading of the host's
+                         # speed and kept the raw times beside
+                         **({"raw_time_error": abs(p.step_s - r["raw_measured_s"]) / r["raw_measured_s"]}
+                            if r.get("raw_measured_s") else {}),
                          "predicted_breakdown": p.time.as_dict(), "predicted_bytes": p.peak_bytes,
                          "memory_error": abs(p.peak_bytes - r["measured_bytes"]) / max(1.0, r["measured_bytes"])})
     return {"summary": summarize(rows), "rows": rows, "drift": drift}

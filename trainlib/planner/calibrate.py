@@ -449,6 +449,7 @@ PROBE = {"n_layer": 2, "d_model": 96, "n_head": 4, "seq_len": 64, "vocab_size": 
 # 4.9 ms in three calibrations (13:11, 15:18, 15:59 on 2026-12-01) while the all-reduces in gpt-default's own
 # tp=2 step took ~3 ms each (18:1x)
 FEATURE_ROUNDS = 3
+RECOMPUTE_SHARE = 1.0   # full checkpointing reruns the forward once (recompute_fit)
 CKPT_MICRO = 8   # the checkpointing probes' second batch split: 8 checkpointed calls per block a step (one row each)
 WIDE_PROBE = {**PROBE, "d_model": 256}   # the same probe wider: how efficiency grows with the model's width
 MAX_EFFICIENCY = 2.0
@@ -681,30 +682,28 @@ def dp_step_fit(values: dict, measured: dict) -> float:
 
 
 def recompute_fit(values: dict, measured: dict, plain: float) -> tuple[float, float]:
-    """(recompute_share, checkpoint_call_s): full checkpointing's cost over the plain probe, measured with the
-    batch whole and in CKPT_MICRO microbatches, is the modelled op costs + share x the modelled recompute +
-    a fixed cost per checkpointed call (n_layer a microbatch); two measurements, two unknowns. Without the
-    microbatched pair (an older profile's measurements), or when the pair gives a negative call cost, the
-    share alone, from the whole batch, with no call cost."""
+    """(recompute_share, checkpoint_call_s): full checkpointing reruns each block's forward once (share 1: the
+    modelled forward, which compute_efficiency already fits) and pays a fixed cost per checkpointed call (n_layer
+    a microbatch). The call cost is the least-squares fit of what the probe with full checkpointing costs over
+    the plain probe, measured with the batch whole and in CKPT_MICRO microbatches, less the modelled op costs and
+    recomputation (the whole batch alone for an older profile's measurements). Fitting the share as a second
+    unknown, as this did before, was ill-conditioned: the two equations differ mostly in the call count, and over
+    nine calibrations here the share came out 0.24-1.52 with the same code, moving the checkpointed pipelines'
+    predictions 20% from one run to the next (the runs that fitted 0.24-0.65 under-predicted them by 8-12% at
+    the median, the one at 1.52 over-predicted by 9%; with the share at 1 the nine runs' medians read 0.97-1.05x)."""
     n, k = PROBE["n_layer"], CKPT_MICRO
 
-    def parts(micro: int) -> tuple[float, float]:   # (op costs, recompute at share 1) of full checkpointing
+    def excess(micro: int, measured_full: float, measured_plain: float) -> float:
+        """measured full-checkpointing cost over plain, less the modelled cost at share 1 and no call cost"""
         none = _accumulated(values, "none", micro)
-        fixed = _accumulated(values, "full", micro, recompute_share=0.0, checkpoint_call_s=0.0) - none
-        return fixed, _accumulated(values, "full", micro, recompute_share=1.0, checkpoint_call_s=0.0) - none - fixed
+        full = _accumulated(values, "full", micro, recompute_share=RECOMPUTE_SHARE, checkpoint_call_s=0.0)
+        return measured_full - measured_plain - (full - none)
 
-    f1, r1 = parts(1)
-    d1 = measured["probe_full_s"] - plain - f1
-    share, call_s = d1 / max(1e-9, r1), 0.0
+    eqs = [(n, excess(1, measured["probe_full_s"], plain))]       # (calls a step, cost they leave)
     if "probe_full_micro_s" in measured:
-        fk, rk = parts(k)
-        dk = measured["probe_full_micro_s"] - measured["probe_plain_micro_s"] - fk
-        det = r1 * k * n - rk * n
-        if abs(det) > 1e-12:
-            s2, c2 = (d1 * k * n - dk * n) / det, (r1 * dk - rk * d1) / det
-            if c2 > 0:
-                share, call_s = s2, c2
-    return min(3.0, max(0.1, share)), call_s
+        eqs.append((k * n, excess(k, measured["probe_full_micro_s"], measured["probe_plain_micro_s"])))
+    call_s = sum(c * d for c, d in eqs) / sum(c * c for c, _ in eqs)
+    return RECOMPUTE_SHARE, max(0.0, call_s)
 
 
 def feature_costs(values: dict, measured: dict) -> dict[str, float]:
@@ -860,12 +859,13 @@ def calibrate(ranks: int = 2) -> Profile:
         "compute_efficiency": "measured: a probe GPT (2 blocks, d_model 96, 8 x 64 tokens; not a validated shape) "
                               "steps with AdamW on each rank at once; the share of the fitted matmul rate that "
                               "makes the time model reproduce it",
-        "checkpoint_call_s": f"measured: as recompute_share, with the batch whole and in {CKPT_MICRO} microbatches "
-                             "(two equations: the recompute per FLOP and a cost per checkpointed call)",
+        "checkpoint_call_s": f"measured: the probe with full checkpointing minus without, with the batch whole and in "
+                             f"{CKPT_MICRO} microbatches (timed in turn, 3 rounds), less the modelled recomputation "
+                             "(one forward) and op costs, per checkpointed call (least squares over the two)",
         "microbatch_block_s": f"measured: the probe in {CKPT_MICRO} microbatches minus whole (timed in turn, 3 "
                               "rounds), less the modelled difference, per block of each microbatch after the first",
-        "recompute_share": "measured: the probe with full checkpointing minus without (timed in turn, 3 rounds), "
-                           "over the modelled forward",
+        "recompute_share": "fixed at 1: full checkpointing reruns the forward once (fitted as a second unknown it "
+                           "came out 0.24-1.52 over nine calibrations here: ill-conditioned)",
         "selective_op_s": "measured: the probe with selective checkpointing minus without (timed in turn), less "
                           "the modelled elementwise recompute, per block op",
         "solo_speedup": "measured: the probe on both ranks at once over the probe on one rank while the other "
