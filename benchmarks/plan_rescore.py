@@ -80,15 +80,21 @@ def _runtime_refit(prof):
 
 def _feature_refit(prof):
     """A profile from before microbatch_block_s or dp_step_s was a figure: each fitted from the probes its
-    calibration timed anyway (measured feature_probes_s: the probe in microbatches, at dp=2), where it did."""
-    from trainlib.planner.calibrate import dp_step_fit, microbatch_fit
+    calibration timed anyway (measured feature_probes_s: the probe in microbatches, at dp=2), where it did; and
+    full checkpointing's figures fitted as calibrate fits them now (recompute_fit: before 2026-12-02 04:00 the
+    recompute share was a second unknown)."""
+    from trainlib.planner.calibrate import dp_step_fit, microbatch_fit, recompute_fit
 
     probes = (prof.measured or {}).get("feature_probes_s") or {}
     p = copy.deepcopy(prof)
+    measured = {**probes, "probe_s": (prof.measured or {}).get("probe_s")}
     for key, fit, needs in (("microbatch_block_s", microbatch_fit, "probe_plain_micro_s"), ("dp_step_s", dp_step_fit, "dp2_s")):
         if prof.sources.get(key, "").startswith("default") and needs in probes:
-            p.values[key] = fit(p.values, {**probes, "probe_s": prof.measured["probe_s"]})
+            p.values[key] = fit(p.values, measured)
             p.sources[key] = "fitted by plan_rescore from the calibration's own feature probes"
+    if "probe_full_s" in probes and measured["probe_s"]:
+        p.values["recompute_share"], p.values["checkpoint_call_s"] = recompute_fit(
+            p.values, measured, probes.get("probe_plain_s", measured["probe_s"]))
     return p
 
 
