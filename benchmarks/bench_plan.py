@@ -229,16 +229,16 @@ def measure_layouts(name: str, items: list[dict], steps: int, phase: str = "time
     own = None if memory else model_probe_fn(name)
     sound_memory = None if memory else memory_sounding()
     peaks: dict[int, list[float]] = {k: [] for k in range(len(items))}
-    times: dict[int, list[tuple[float, float]]] = {k: [] for k in range(len(items))}   # (when, seconds)
-    probe_s: list[tuple[float, float]] = []
-    own_s: list[tuple[float, float]] = []
+    times: dict[int, list[float]] = {k: [] for k in range(len(items))}
+    probe_s: list[float] = []
+    own_s: list[float] = []
     mem_Bps: list[float] = []
 
     def time_probe() -> None:
         _one_step(None, None, None, fn=probe)     # warm: its gradients were freed a layout ago
-        probe_s.extend((time.monotonic(), _one_step(None, None, None, fn=probe)) for _ in range(3))
+        probe_s.extend(_one_step(None, None, None, fn=probe) for _ in range(3))
         _one_step(None, None, None, fn=own)
-        own_s.extend((time.monotonic(), _one_step(None, None, None, fn=own)) for _ in range(3))
+        own_s.extend(_one_step(None, None, None, fn=own) for _ in range(3))
         comm.barrier()
         mem_Bps.append(sound_memory(3))
     load0 = os.getloadavg()
@@ -257,7 +257,7 @@ def measure_layouts(name: str, items: list[dict], steps: int, phase: str = "time
         if j == len(order):   # both passes done: a third pass of the layouts whose two disagree
             retimed = True
             # every rank reads the same (max) times, so every rank retimes the same layouts
-            order += unsettled({k: [t for _, t in v] for k, v in times.items()}, steps)
+            order += unsettled(times, steps)
             continue
         k = order[j]
         j += 1
@@ -276,7 +276,7 @@ def measure_layouts(name: str, items: list[dict], steps: int, phase: str = "time
             if k >= 0:
                 peaks[k].append(float(peak))
         elif k >= 0:
-            times[k] += [(time.monotonic(), _one_step(*parts)) for _ in range(steps)]
+            times[k] += [_one_step(*parts) for _ in range(steps)]
         parts[0].close()
         del parts
         if probe is not None and (j - 1) % 3 == 0:
@@ -286,17 +286,15 @@ def measure_layouts(name: str, items: list[dict], steps: int, phase: str = "time
         return [{"layout": item["layout"], "measured_bytes": statistics.median(peaks[k]), "all_bytes": peaks[k]}
                 for k, item in enumerate(items)]
     time_probe()
-    rows = [{"layout": item["layout"], "measured_s": statistics.median(t for _, t in times[k]),
-             "all_s": [t for _, t in times[k]], "pass_steps": steps, "loadavg": loads}
+    rows = [{"layout": item["layout"], "measured_s": statistics.median(times[k]), "all_s": times[k],
+             "pass_steps": steps, "loadavg": loads}
             for k, item in enumerate(items)]
-    probe_times = [t for _, t in probe_s]
     # the slower rank's memory speed, as calibrate takes mem_Bps
     mem = torch.tensor([statistics.median(mem_Bps)], dtype=torch.float64)
     comm.all_reduce(mem, op="min")
-    own_times = [t for _, t in own_s]
-    return rows + [{"layout": PROBE, "measured_s": statistics.median(probe_times), "all_s": probe_times,
+    return rows + [{"layout": PROBE, "measured_s": statistics.median(probe_s), "all_s": probe_s,
                     "mem_Bps": float(mem), "loadavg": loads},
-                   {"layout": MODEL_PROBE, "measured_s": statistics.median(own_times), "all_s": own_times,
+                   {"layout": MODEL_PROBE, "measured_s": statistics.median(own_s), "all_s": own_s,
                     "loadavg": loads}]
 
 
