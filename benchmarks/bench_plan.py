@@ -197,7 +197,7 @@ def measure_layouts(name: str, items: list[dict], steps: int, phase: str = "time
     """On every rank, each layout alone in the process, as `trainlib train` would run it.
 
     phase "memory": built, stepped twice, its peak RSS over the RSS before it was built, closed; glibc's
-    mmap threshold is pinned first so that freed tensors leave RSS (dp_workloads.fix_malloc_threshold).
+    mmap threshold is pinned low first so that freed tensors leave RSS (dp_workloads.MEASURE_PIN_BYTES).
     phase "time": in a fresh group with the allocator as training runs it (trainlib.cpu_malloc: freed blocks
     kept for reuse; a pinned threshold makes every large tensor a fresh mmap: page faults in every step),
     built, stepped twice, stepped `steps` times, closed; two passes in the orders of time_orders (each layout's
@@ -213,17 +213,18 @@ def measure_layouts(name: str, items: list[dict], steps: int, phase: str = "time
     import gc
 
     import torch
+    import torch.distributed
 
     import trainlib as tl
     from trainlib import comm
-    from trainlib.benchmarks.dp_workloads import fix_malloc_threshold, reset_peak_rss
+    from trainlib.benchmarks.dp_workloads import MEASURE_PIN_BYTES, fix_malloc_threshold, reset_peak_rss
     from trainlib.planner.calibrate import memory_sounding, probe_step_fn
 
     tl.init()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     memory = phase == "memory"
     if memory:
-        fix_malloc_threshold()
+        fix_malloc_threshold(MEASURE_PIN_BYTES)
     libc = ctypes.CDLL("libc.so.6")
     probe = None if memory else probe_step_fn()
     own = None if memory else model_probe_fn(name)
@@ -270,11 +271,12 @@ def measure_layouts(name: str, items: list[dict], steps: int, phase: str = "time
         parts = _build(name, items[k if k >= 0 else -1 - k]["flags"])
         for _ in range(2):            # the second step is the steady state (optimizer state exists)
             _one_step(*parts)
-        if memory:
+        if memory:   # every rank's: the layout's peak is the largest, the model predicts each pp rank's
             peak = torch.tensor([(_status_kb("VmHWM") - base_kb) * 1024.0], dtype=torch.float64)
-            comm.all_reduce(peak, op="max")
+            every = [torch.zeros_like(peak) for _ in range(torch.distributed.get_world_size())]
+            comm.all_gather(every, peak)
             if k >= 0:
-                peaks[k].append(float(peak))
+                peaks[k].append([float(x) for x in every])
         elif k >= 0:
             times[k] += [_one_step(*parts) for _ in range(steps)]
         parts[0].close()
@@ -283,7 +285,9 @@ def measure_layouts(name: str, items: list[dict], steps: int, phase: str = "time
             time_probe()
     loads = [round(v, 2) for v in load0] + [round(v, 2) for v in os.getloadavg()]
     if memory:
-        return [{"layout": item["layout"], "measured_bytes": statistics.median(peaks[k]), "all_bytes": peaks[k]}
+        return [{"layout": item["layout"], "measured_bytes": statistics.median(max(p) for p in peaks[k]),
+                 "all_bytes": [max(p) for p in peaks[k]],
+                 "rank_bytes": [statistics.median(p[r] for p in peaks[k]) for r in range(len(peaks[k][0]))]}
                 for k, item in enumerate(items)]
     time_probe()
     rows = [{"layout": item["layout"], "measured_s": statistics.median(times[k]), "all_s": times[k],
@@ -357,7 +361,8 @@ def unsettled(times: dict[int, list[float]], steps: int) -> list[int]:
 
 def measure_both(name: str, items: list[dict], steps: int, run) -> list[dict]:
     """run(phase) -> rows of measure_layouts for that phase, each in its own process group; merged per layout."""
-    mem = {r["layout"]: {k: r[k] for k in ("measured_bytes", "all_bytes") if k in r} for r in run("memory")}
+    mem = {r["layout"]: {k: r[k] for k in ("measured_bytes", "all_bytes", "rank_bytes") if k in r}
+           for r in run("memory")}
     return [{**r, **mem.get(r["layout"], {})} for r in run("time")]
 
 
@@ -462,7 +467,7 @@ def _rows(place: str, name: str, plans: list, measured: list[dict], prof, cluste
                     "predicted_s": p.step_s, "measured_s": m["measured_s"], "all_s": m["all_s"],
                     "time_error": abs(p.step_s - m["measured_s"]) / m["measured_s"],
                     "predicted_bytes": p.peak_bytes, "measured_bytes": m["measured_bytes"],
-                    **({"all_bytes": m["all_bytes"]} if "all_bytes" in m else {}),
+                    **{k: m[k] for k in ("all_bytes", "rank_bytes") if k in m},
                     "memory_error": abs(p.peak_bytes - m["measured_bytes"]) / max(1.0, m["measured_bytes"]),
                     "predicted_breakdown": p.time.as_dict(), "refit": refit_values, "loadavg": m["loadavg"],
                     **({"model_probe_s": own["measured_s"], "probe_refit_efficiency": probe_refit["compute_efficiency"]}

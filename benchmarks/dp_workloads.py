@@ -17,6 +17,11 @@ import torch.nn.functional as F
 
 MB = 1024 * 1024
 DDP_BUCKETS = (1, 25, 100)  # DDP's bucket_cap_mb grid (25 is its default)
+# the mmap threshold the planner's memory measurements pin (bench plan's memory phase, the calibration's memory
+# probe): at glibc's 128 KiB a pipeline's per-microbatch tensors under it came from the heap and its history
+# showed in the peak (the 192-wide GPT's GPipe pp=2 read 41.2 / 41.2 / 46.6 MiB at m = 2 / 4 / 8, whose live
+# activations are the same); pinned at 4 KiB 41.1 / 41.1 / 41.5 (2026-12-02 06:04)
+MEASURE_PIN_BYTES = 4096
 
 
 # ---- workloads ---------------------------------------------------------------------------------
@@ -212,10 +217,12 @@ def flat_params(m: nn.Module) -> torch.Tensor:
 
 
 # ---- memory ------------------------------------------------------------------------------------
-def fix_malloc_threshold() -> bool:
-    """Pin glibc's mmap threshold at 128 KiB (its initial value). Left dynamic, glibc raises it to the size of
-    the last freed block (up to 32 MiB), so 16 MiB gradients freed once are then served from the heap and
-    stay resident after free: RSS would count allocator caching, not live tensors. Applied to every candidate."""
+def fix_malloc_threshold(threshold_bytes: int = 128 * 1024) -> bool:
+    """Pin glibc's mmap threshold (and the heap's trim threshold) at threshold_bytes (default: glibc's initial
+    128 KiB). Left dynamic, glibc raises it to the size of the last freed block (up to 32 MiB), so 16 MiB
+    gradients freed once are then served from the heap and stay resident after free: RSS would count
+    allocator caching, not live tensors. Applied to every candidate. A lower pin (MEASURE_PIN_BYTES) makes
+    the small tensors fresh mmaps too, so that a peak does not depend on the heap's history either."""
     import ctypes
 
     from trainlib.cpu_malloc import M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
@@ -223,7 +230,8 @@ def fix_malloc_threshold() -> bool:
     try:
         libc = ctypes.CDLL("libc.so.6")
         # and the heap's top trimmed past the same (trainlib.cpu_malloc raises both for training)
-        return libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 128 * 1024) == 1
+        return (libc.mallopt(M_MMAP_THRESHOLD, threshold_bytes) == 1
+                and libc.mallopt(M_TRIM_THRESHOLD, threshold_bytes) == 1)
     except OSError:
         return False
 

@@ -111,14 +111,43 @@ def test_backward_and_optimizer_step_peak_apart():
     assert plain.peak == pytest.approx(plain.states + plain.activations + 128 * 512 * 4 + 2 * 512 * 256 * 4)
 
 
-def test_pipeline_holds_its_transfer_buffers():
-    # 1F1B pp=2 m=8: each rank sends or receives 16 microbatch tensors of 16 x 128 tokens x d 128 fp32
+def test_pipeline_holds_the_buffers_it_sent():
+    """A pipeline rank keeps every tensor it sends until the step ends (hand-counted per schedule), not the
+    ones it receives (the next stage's input, counted with its activations, or a gradient used once)."""
+    from trainlib.planner.memory import schedule_facts
+
+    # 1F1B pp=2 m=8: rank 0 sends 8 activations, rank 1 8 gradients; interleaved adds the chunk boundaries
+    # (rank 0: stage 0's and 2's forwards, stage 2's backwards); ZB-H1 sends at I, not at W
+    assert schedule_facts("1f1b", 2, 8)[3] == (8, 8)
+    assert schedule_facts("interleaved", 2, 8)[3] == (24, 24)
+    assert schedule_facts("zb-h1", 2, 8)[3] == (8, 8)
+    assert schedule_facts("1f1b", 4, 8)[3] == (8, 16, 16, 8)      # a middle rank sends both ways
+    # each of 16 x 128 tokens x d 128 fp32: the transient is those plus the backward's own
     lay = Layout(2, 1, 1, schedule="1f1b", microbatches=8)
     m = peak_memory(GPT, lay, 16)
-    without = peak_memory(GPT, Layout(2, 1, 1, schedule="1f1b", microbatches=8, ac="full"), 16)
     assert m.transient - (m.peak - m.states - m.activations - m.runtime) == 0.0
-    held = 16 * (16 // 8 * 128) * 128 * 4
-    assert m.transient >= held and without.transient >= held
+    held = 8 * (16 // 8 * 128) * 128 * 4
+    inter = peak_memory(GPT, Layout(2, 1, 1, schedule="interleaved", microbatches=8), 16)
+    assert inter.transient - m.transient == pytest.approx(2 * held, rel=0.05)   # 24 sends against 8
+
+
+def test_split_backward_holds_captured_gradients_only_past_input_grad():
+    """ZB-H1 pp=2 m=2, per rank (rank 0: F0 F1 I0 W0 I1 W1; rank 1: F0 I0 F1 I1 W0 W1): rank 0 peaks
+    with one microbatch past I and one forwarded, rank 1 with both past I."""
+    from trainlib.planner.memory import FORWARDED, INPUT_GRAD_DONE, in_flight, rank_memory
+
+    zb = Layout(2, 1, 1, schedule="zb-h1", microbatches=2)
+    r0, r1 = in_flight(zb)
+    assert {(0, INPUT_GRAD_DONE): 1, (0, FORWARDED): 1} in r0 and {(1, INPUT_GRAD_DONE): 2} in r1
+    # the same 2 blocks per rank: rank 1 holds d + vocab's captured gradients more per token (final norm,
+    # logits) and the logits; per block a microbatch past I holds 16 d + (4 d + 3 d + f) = 27 d (GPT, f = 4 d)
+    d, tokens = 128, 8 // 2 * 128
+    a0, a1 = (r.activations for r in rank_memory(GPT, zb, 8))
+    block = 2 * tokens * 4
+    forwarded0 = 16 * d * block + 2 * d * tokens * 4                   # stage 0 also keeps its embeddings' 2 d
+    assert a0 == pytest.approx(forwarded0 + (forwarded0 + 11 * d * block))
+    last = 27 * d * block + tokens * 256 * 4 + tokens * (d + 256) * 4
+    assert a1 == pytest.approx(2 * last)
 
 
 def test_in_flight_microbatches_follow_the_schedule():
@@ -127,11 +156,12 @@ def test_in_flight_microbatches_follow_the_schedule():
     # 1F1B holds at most pp = 2 microbatches on rank 0, GPipe all 8
     assert gpipe / base == pytest.approx(4.0, rel=0.05)
     # interleaved pp=2 m=4: rank 0's stage 0 peaks at 4 microbatches and its stage 2 at 2, but not at once
-    from trainlib.planner.memory import in_flight
+    from trainlib.planner.memory import FORWARDED, in_flight
 
     snaps = in_flight(Layout(2, 1, 1, schedule="interleaved", microbatches=4))[0]
-    assert max(s.get(0, 0) for s in snaps) == 4 and max(s.get(2, 0) for s in snaps) == 2
-    assert max(s.get(0, 0) + s.get(2, 0) for s in snaps) < 6
+    first, third = (0, FORWARDED), (2, FORWARDED)
+    assert max(s.get(first, 0) for s in snaps) == 4 and max(s.get(third, 0) for s in snaps) == 2
+    assert max(s.get(first, 0) + s.get(third, 0) for s in snaps) < 6
 
 
 @pytest.mark.parametrize("ac", ["none", "selective", "full"])

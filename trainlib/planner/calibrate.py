@@ -331,9 +331,9 @@ def _memory_probe() -> float:
     import torch.distributed as dist
 
     from trainlib import comm
-    from trainlib.benchmarks.dp_workloads import fix_malloc_threshold, reset_peak_rss, status_kb
+    from trainlib.benchmarks.dp_workloads import MEASURE_PIN_BYTES, fix_malloc_threshold, reset_peak_rss, status_kb
 
-    fix_malloc_threshold()
+    fix_malloc_threshold(MEASURE_PIN_BYTES)
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     comm.barrier()

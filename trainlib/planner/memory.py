@@ -12,7 +12,8 @@ tracker (benchmarks/ac_memory.py; tests/test_planner.py checks the counts on a r
 
 (Korthikanti et al. 2022 count 34 s b h bytes per layer in fp16 with dropout masks, i.e. 17 h elements;
 trainlib's GPT has no dropout: 16 d.) Llama blocks (SwiGLU): 4d + (2d + 2 kv + 4f)/tp. ZB-H1 also holds
-the gradients of the matmul outputs between a block's I and W (2d + (3d + f)/tp) and what recompute rebuilt.
+the gradients of the parameter-owning modules' outputs between a block's I and W (4d + (3d + f)/tp: the
+matmuls' and the norms') and what recompute rebuilt, for the microbatches past I only.
 A pipeline rank holds the activations of every microbatch it has run forward and not yet backward;
 that count comes from the schedule itself (trainlib.pipeline.schedules), not a rule of thumb.
 Transients: the backward and the optimizer step peak at different times, so the larger of the two
@@ -82,15 +83,15 @@ def block_act_elements(model: ModelSpec, tp: int, ac: str) -> float:
     return 4 * d + (4 * d + 2 * f) / tp if ac == "none" else 3 * d + kept_reductions + (4 * d + f) / tp
 
 
-def _held_elements(model: ModelSpec, layout: Layout) -> float:
-    """Elements a microbatch in flight holds per token per block. ZB-H1 splits the backward: between
-    I and W a block keeps the gradients of its matmul outputs for W, and what recomputation rebuilt for I
-    (so checkpointing saves nothing there); counted for every microbatch in flight, an upper bound."""
-    if layout.pp == 1 or layout.schedule != "zb-h1" or model.kind == "mlp":
-        return block_act_elements(model, layout.tp, layout.ac)
+def _after_input_grad_elements(model: ModelSpec, layout: Layout) -> float:
+    """Elements per token per block a microbatch holds between ZB-H1's I and W: the saved activations without
+    checkpointing (I's recomputation rebuilt them and the retained graph keeps them) and the gradient of every
+    parameter-owning module's output, captured for W (zero_bubble.SplitBackward: the matmuls' outputs and the
+    two norms'). Measured here (per-action RSS at a 4 KiB pin, 192-wide GPT, 256 tokens a microbatch): I adds
+    ~4.8 MiB a microbatch on the last stage, 12.7 d per block with the final norm's and the logits' gradients."""
     d, f, tp = model.d_model, model.ffn, layout.tp
     kv = model.kv_heads * (d // model.n_head)
-    grad_out = 2 * d + ((3 * d + f) / tp if model.kind == "gpt" else (d + 2 * kv + 2 * f) / tp)
+    grad_out = 4 * d + ((3 * d + f) / tp if model.kind == "gpt" else (d + 2 * kv + 2 * f) / tp)
     return block_act_elements(model, tp, "none") + grad_out
 
 
@@ -107,10 +108,9 @@ def stages_of(model: ModelSpec, layout: Layout) -> list[list[list[int]]]:
 
 
 @functools.lru_cache(maxsize=512)
-def schedule_facts(name: str, pp: int, m: int) -> tuple[tuple[tuple[tuple[tuple[int, int], ...], ...], ...],
-                                                        float, tuple[tuple[int, int], ...]]:
-    """(in-flight snapshots per rank, each ((stage, count), ...) (in_flight), makespan / busy,
-    (actions, messages) per rank)
+def schedule_facts(name: str, pp: int, m: int) -> tuple[tuple, float, tuple[tuple[int, int], ...], tuple[int, ...]]:
+    """(in-flight snapshots per rank, each (((stage, phase), count), ...) (in_flight), makespan / busy,
+    (actions, messages) per rank, tensors sent per rank)
     of a schedule: built and replayed once per (name, pp, m), however many layouts share it."""
     v = 2 if name == "interleaved" else 1
     if pp * m * v <= SIMULATE_UP_TO:
@@ -121,7 +121,7 @@ def schedule_facts(name: str, pp: int, m: int) -> tuple[tuple[tuple[tuple[tuple[
         sched = SCHEDULES[name](pp, m, v) if v > 1 else SCHEDULES[name](pp, m)
         stretch = 1 + theory_bubble(name, pp, m, v)
     flights = tuple(tuple(tuple(sorted(d.items())) for d in r) for r in _in_flight(sched))
-    return flights, stretch, tuple(zip((len(a) for a in sched.actions), _messages(sched)))
+    return flights, stretch, tuple(zip((len(a) for a in sched.actions), _messages(sched))), tuple(_sends(sched))
 
 
 def _messages(sched) -> list[int]:
@@ -142,33 +142,52 @@ def _messages(sched) -> list[int]:
     return count
 
 
-def in_flight(layout: Layout) -> list[list[dict[int, int]]]:
-    """Per pp rank: the microbatches each of its stages holds activations for, at every moment the rank
-    could peak (just after a forward), from the schedule's action order (a forward adds one; its
-    backward, or W for a split backward, frees it). An interleaved rank's two stages do not peak at once:
-    counting each at its own peak over-predicted the 2-stage, m=4 pipelines here by 22-26%."""
+def in_flight(layout: Layout) -> list[list[dict[tuple[int, int], int]]]:
+    """Per pp rank: the microbatches each of its stages holds activations for, keyed (stage, phase), at every
+    moment the rank could peak (just after a forward, or a split backward's I), from the schedule's action
+    order (a forward adds one; its backward frees it; a split backward's I moves it to INPUT_GRAD_DONE,
+    where it also holds the gradients W needs, and W frees it). An interleaved rank's two stages do not peak
+    at once: counting each at its own peak over-predicted the 2-stage, m=4 pipelines here by 22-26%."""
     if layout.pp == 1:
-        return [[{0: 1}]]
+        return [[{(0, FORWARDED): 1}]]
     return [[dict(snap) for snap in r] for r in schedule_facts(layout.schedule, layout.pp, layout.microbatches)[0]]
 
 
-def _in_flight(sched) -> list[list[dict[int, int]]]:
+FORWARDED, INPUT_GRAD_DONE = 0, 1   # a microbatch in flight: forwarded; or past a split backward's I, before W
+
+
+def _in_flight(sched) -> list[list[dict[tuple[int, int], int]]]:
     out = []
     for acts in sched.actions:
         split = any(a.kind == "W" for a in acts)
-        live: dict[int, int] = {}
-        snaps: list[dict[int, int]] = []
+        live: dict[tuple[int, int], int] = {}
+        snaps: list[dict[tuple[int, int], int]] = []
         for a in acts:
+            fwd, held = (a.stage, FORWARDED), (a.stage, INPUT_GRAD_DONE)
             if a.kind == "F":
-                live[a.stage] = live.get(a.stage, 0) + 1
+                live[fwd] = live.get(fwd, 0) + 1
+            elif a.kind == "I":     # the microbatch now also holds its captured gradients, until W
+                live[fwd] -= 1
+                live[held] = live.get(held, 0) + 1
+            elif a.kind == "W":
+                live[held] -= 1
+            elif a.kind == "B" and not split:
+                live[fwd] -= 1
+            if a.kind in ("F", "I"):    # the moments the rank's held activations grow
                 snap = {k: c for k, c in live.items() if c}
-                # keep only the snapshots no other one holds at least as much in every stage of
+                # keep only the snapshots no other one holds at least as much in every key of
                 if not any(all(o.get(k, 0) >= c for k, c in snap.items()) for o in snaps):
                     snaps = [o for o in snaps if not all(snap.get(k, 0) >= c for k, c in o.items())] + [snap]
-            elif a.kind == ("W" if split else "B"):
-                live[a.stage] -= 1
         out.append(snaps)
     return out
+
+
+def _sends(sched) -> list[int]:
+    """Per rank, the tensors it sends (an activation per forward but the last stage's, a gradient per
+    backward or I but stage 0's): the pipeline keeps each until the step ends (runtime's state.keep)."""
+    last = sched.n_stages - 1
+    return [sum(1 for a in acts if (a.kind == "F" and a.stage < last) or (a.kind in ("B", "I") and a.stage > 0))
+            for acts in sched.actions]
 
 
 @dataclass(frozen=True)
@@ -208,15 +227,22 @@ def rank_memory(model: ModelSpec, layout: Layout, global_batch: int, runtime_byt
         layers = [lay for s in stages for lay in s]
         params = sum(local_layer_params(model, lay, layout.tp) for lay in layers) * model.param_scale
         states = params * zero_bytes_per_param(stage, layout.dp, layout.precision)
-        per_mb: dict[int, float] = {}      # stage -> activation bytes a microbatch in flight holds
+        per_mb: dict[tuple[int, int], float] = {}   # (stage, phase) -> bytes a microbatch in flight holds
         for s_index, s_layers in enumerate(stages):
             n_blocks = sum(1 for lay in s_layers if model.kind == "mlp" or 0 < lay < last)
-            b = n_blocks * _held_elements(model, layout) * tokens * ab
+            b = n_blocks * block_act_elements(model, layout.tp, layout.ac) * tokens * ab
             if model.kind != "mlp" and last in s_layers:   # retained logits (log-softmax output), fp32
                 b += tokens * model.vocab_size / layout.tp * 4
             if model.kind != "mlp" and 0 in s_layers:
                 b += tokens * 2 * model.d_model * ab
-            per_mb[rank + s_index * layout.pp] = b
+            s_id = rank + s_index * layout.pp
+            per_mb[(s_id, FORWARDED)] = b
+            if layout.schedule == "zb-h1" and layout.pp > 1 and model.kind != "mlp":
+                after = b + n_blocks * (_after_input_grad_elements(model, layout)
+                                        - block_act_elements(model, layout.tp, layout.ac)) * tokens * ab
+                if last in s_layers:   # and the final norm's and the logits' captured gradients
+                    after += tokens * (model.d_model * ab + model.vocab_size / layout.tp * 4)
+                per_mb[(s_id, INPUT_GRAD_DONE)] = after
         acts = max(sum(per_mb[k] * c for k, c in snap.items()) for snap in flights[rank])
         # the backward (activations and its transients) and the optimizer step (its temporary; the
         # activations are gone by then) peak at different times: the larger counts, on top of the
@@ -228,11 +254,12 @@ def rank_memory(model: ModelSpec, layout: Layout, global_batch: int, runtime_byt
         if layout.compress != "none" and stage == 0:
             held += params * 2                  # the bf16 wire buffers, kept between steps
         if layout.pp > 1:
-            # the pipeline's point-to-point buffers: an activation or a gradient per transfer the rank
-            # takes part in, kept until the step ends (the schedule's own count; measured here: the
-            # 192-wide GPT's 1F1B m=8 holds ~1.5 MiB and interleaved ~4 MiB more than its states at a step's start)
-            transfers = schedule_facts(layout.schedule, layout.pp, layout.microbatches)[2][rank][1]
-            held += transfers * tokens * model.d_model * ab
+            # the pipeline's sent buffers: an activation or a gradient per send, kept until the step ends
+            # (the schedule's own count; received ones are the next stage's input, counted with its
+            # activations, or a gradient used once. Measured here per action at a 4 KiB pin: the 192-wide
+            # GPT's 1F1B m=8 grows 0.1 MiB, one 128-token microbatch's activation, per forward-backward pair)
+            sends = schedule_facts(layout.schedule, layout.pp, layout.microbatches)[3][rank]
+            held += sends * tokens * model.d_model * ab
         out.append(MemoryBreakdown(params, states, acts, held + phase - acts, runtime_bytes))
     return out
 

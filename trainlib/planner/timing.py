@@ -366,7 +366,7 @@ def step_time(model: ModelSpec, layout: Layout, cluster: ClusterSpec, prof: Prof
     sync, opt = sync_max, opt_max
     bubble = actions = 0.0
     if layout.pp > 1:
-        _, stretch, per_rank = schedule_facts(layout.schedule, layout.pp, m)
+        _, stretch, per_rank, _ = schedule_facts(layout.schedule, layout.pp, m)
         n_actions = max(a for a, _ in per_rank)
         bubble = (compute + tp_t) * (stretch - 1) / prof["solo_speedup"]
         stage_nodes, _ = _group_span(cluster, layout.pp, layout.tp * layout.dp)
