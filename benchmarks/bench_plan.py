@@ -48,7 +48,10 @@ MEMORY_PASSES = 1
 # a layout whose two passes' medians differ by more is timed in a third pass. 0.10: at 0.15 the 00:54 run's one
 # row past 25% (passes 14% apart raw, 32% scaled) went untimed; its passes disagreed by a median 5% (p90 14%) raw
 RETIME_OVER = 0.10
-DUEL_ROUNDS = 4      # the planner's first choice and the measured best, timed in turn this many times each
+# the planner's first choice and the measured best, timed in turn this many times each. 8: at 4 the 03:51 run's
+# duel read ZeRO-1 1.064x plain all-reduce on the 192-wide GPT, where 6 rounds of 3 steps each in turn
+# (07:0x, /tmp/exp/zero.py, not kept) read it 0.967x: a round's median moves ~5% with the shared host
+DUEL_ROUNDS = 8
 TARGETS = {"median_time_error": 0.10, "worst_time_error": 0.25, "memory_error": 0.10, "top1_within": 0.05,
            "spearman": 0.9}
 MODELS = {   # name -> (kind, shapes, global batch)
