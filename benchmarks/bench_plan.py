@@ -1,6 +1,7 @@
 """Does `trainlib plan` predict what it ranks? Every layout it ranks, run and measured.
 
     trainlib bench plan [--quick] [--no-cluster] [--rate 1gbit]      (the cluster part needs root)
+    trainlib bench plan --memory-only      (steps 1, 2 and the memory half of 3 and 4: ~15 minutes)
 
 1. Calibrate (trainlib.planner.calibrate: the same 2 ranks, right before, so both see the same load).
 2. For the default GPT, a wider GPT (d_model 192: 2.25x the matmul work) and the wide MLP (3 x Linear(2048, 2048)),
@@ -27,6 +28,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -109,6 +111,16 @@ def _status_kb(key: str) -> int:
     return status_kb(key)
 
 
+@functools.cache
+def _corpus():
+    """The token corpus every GPT layout's sampler reads (2 MiB of int64), made once a process before any
+    layout's memory baseline: the data a job holds whatever its layout, not the layout's memory (made per
+    layout, it read as 2.0-2.5 MiB over the model in every GPT layout, 2026-12-02 08:1x)."""
+    from trainlib.data import default_tokens
+
+    return default_tokens(1 << 18)
+
+
 def _build(name: str, flags: list[str]):
     """(model, optimizer, next_batch) for one layout, as trainlib train builds it."""
     import torch
@@ -123,10 +135,10 @@ def _build(name: str, flags: list[str]):
     cfg = load_config(None, [*flags, *extra])
     mesh = tl.Mesh(pp=cfg.mesh.pp, dp=cfg.mesh.dp, tp=cfg.mesh.tp)
     if kind == "gpt":
-        from trainlib.data import DistributedSampler, default_tokens
+        from trainlib.data import DistributedSampler
 
         model = wrap(build_model(cfg), cfg, mesh)
-        sampler = DistributedSampler(default_tokens(1 << 18), cfg.model.seq_len, cfg.train.batch_size,
+        sampler = DistributedSampler(_corpus(), cfg.model.seq_len, cfg.train.batch_size,
                                      mesh.rank("dp"), mesh.size("dp"), seed=0)
         next_batch = sampler.next_batch
     else:
@@ -225,6 +237,8 @@ def measure_layouts(name: str, items: list[dict], steps: int, phase: str = "time
 
     tl.init()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    if MODELS[name][0] == "gpt":
+        _corpus()
     memory = phase == "memory"
     if memory:
         fix_malloc_threshold(MEASURE_PIN_BYTES)
@@ -470,12 +484,36 @@ def _rows(place: str, name: str, plans: list, measured: list[dict], prof, cluste
                     "predicted_s": p.step_s, "measured_s": m["measured_s"], "all_s": m["all_s"],
                     "time_error": abs(p.step_s - m["measured_s"]) / m["measured_s"],
                     "predicted_bytes": p.peak_bytes, "measured_bytes": m["measured_bytes"],
+                    "predicted_rank_bytes": predicted_rank_bytes(name, p.layout, cluster, refit),
                     **{k: m[k] for k in ("all_bytes", "rank_bytes") if k in m},
                     "memory_error": abs(p.peak_bytes - m["measured_bytes"]) / max(1.0, m["measured_bytes"]),
                     "predicted_breakdown": p.time.as_dict(), "refit": refit_values, "loadavg": m["loadavg"],
                     **({"model_probe_s": own["measured_s"], "probe_refit_efficiency": probe_refit["compute_efficiency"]}
                        if own is not None else {})})
     return out, refit
+
+
+def predicted_rank_bytes(name: str, layout, cluster, prof) -> list[float]:
+    """The memory model's peak for each pipeline rank of a layout (rank_memory), in pp rank order."""
+    from trainlib.planner.memory import rank_memory
+    from trainlib.planner.rank import shm_ranks
+
+    return [m.peak for m in rank_memory(model_spec(name), layout, MODELS[name][2], prof["runtime_bytes"],
+                                        shm_ranks(layout, cluster), cluster.device != "cpu")]
+
+
+def memory_rows(place: str, name: str, plans: list, measured: list[dict], prof, cluster) -> list[dict]:
+    """Rows of predicted vs measured peak memory alone (--memory-only): the memory phase of measure_layouts."""
+    by_label = {m["layout"]: m for m in measured}
+    out = []
+    for i, p in enumerate(plans):
+        m = by_label[p.layout.label()]
+        out.append({"place": place, "model": name, "planner_rank": i + 1, "layout": m["layout"],
+                    "flags": p.layout.train_flags(MODELS[name][2]), "predicted_bytes": p.peak_bytes,
+                    "predicted_rank_bytes": predicted_rank_bytes(name, p.layout, cluster, prof),
+                    "measured_bytes": m["measured_bytes"], **{k: m[k] for k in ("all_bytes", "rank_bytes") if k in m},
+                    "memory_error": abs(p.peak_bytes - m["measured_bytes"]) / max(1.0, m["measured_bytes"])})
+    return out
 
 
 def _refit_note(prof, refit) -> str:
@@ -501,7 +539,7 @@ def emulated_cluster(goodput_Bps: float, rate: str):
     return ClusterSpec(N_RANKS, 1, "cpu", goodput_Bps * 8 / 1e9, 8.0, nic_burst_bytes=tbf_burst_bytes(rate))
 
 
-def run_local(names: list[str], prof, steps: int, log) -> list[dict]:
+def run_local(names: list[str], prof, steps: int, log, memory_only: bool = False) -> list[dict]:
     from trainlib.testing import run_ranks
 
     cluster = local_cluster()
@@ -515,6 +553,9 @@ def run_local(names: list[str], prof, steps: int, log) -> list[dict]:
             return run_ranks(measure_layouts, N_RANKS, name, its, steps, phase, timeout_s=3600,
                              env={"OMP_NUM_THREADS": threads})[0]
 
+        if memory_only:
+            rows += memory_rows("local 1x2", name, plans, run("memory"), prof, cluster)
+            continue
         got, refit = _rows("local 1x2", name, plans, measure_both(name, items, steps, run), prof, cluster)
         log(f"local {name}: {_refit_note(prof, refit)}")
         duel(got, run)
@@ -551,7 +592,8 @@ def with_link(prof, link: dict[str, Any], goodput_Bps: float, nodes: int = N_RAN
     return p
 
 
-def run_cluster(names: list[str], prof, steps: int, rate: str, log) -> tuple[list[dict], float, dict]:
+def run_cluster(names: list[str], prof, steps: int, rate: str, log,
+                memory_only: bool = False) -> tuple[list[dict], float, dict]:
     from trainlib.netcluster import NetCluster
 
     rows: list[dict] = []
@@ -590,11 +632,31 @@ def run_cluster(names: list[str], prof, steps: int, rate: str, log) -> tuple[lis
             def run(phase: str, its: list[dict] = items) -> list[dict]:
                 return job(name, phase, its)
 
+            if memory_only:
+                rows += memory_rows(f"cluster 2x1 {rate}", name, plans, run("memory"), prof, cluster)
+                continue
             got, refit = _rows(f"cluster 2x1 {rate}", name, plans, measure_both(name, items, steps, run), prof, cluster)
             log(f"cluster {name}: {_refit_note(prof, refit)}")
             duel(got, run)
             rows += got
     return rows, goodput, link
+
+
+def memory_figures(rows: list[dict]) -> dict[str, Any]:
+    """Peak memory, predicted vs measured: median and worst relative error, the share within 10%."""
+    m_err = [r["memory_error"] for r in rows]
+    return {"median_memory_error": round(statistics.median(m_err), 4), "worst_memory_error": round(max(m_err), 4),
+            "memory_within_10pct": round(sum(e <= 0.10 for e in m_err) / len(m_err), 3)}
+
+
+def summarize_memory(rows: list[dict]) -> dict[str, Any]:
+    """summarize() for a --memory-only run: the memory figures, overall and per group."""
+    groups = {}
+    for key in sorted({(r["place"], r["model"]) for r in rows}):
+        g = [r for r in rows if (r["place"], r["model"]) == key]
+        groups[f"{key[0]} / {key[1]}"] = {"layouts": len(g), **memory_figures(g)}
+    return {"configurations": len(rows), **memory_figures(rows), "groups": groups,
+            "targets": {"memory_error": TARGETS["memory_error"]}}
 
 
 def summarize(rows: list[dict]) -> dict[str, Any]:
@@ -625,8 +687,7 @@ def summarize(rows: list[dict]) -> dict[str, Any]:
                 **{f"raw_{k}": v for k, v in pass_disagreement(rows, "raw_all_s").items()}} if raw else {}),
             **_probe_refit_figures(rows),
             "median_time_error": round(statistics.median(t_err), 4), "worst_time_error": round(max(t_err), 4),
-            "median_memory_error": round(statistics.median(m_err), 4), "worst_memory_error": round(max(m_err), 4),
-            "memory_within_10pct": round(sum(e <= 0.10 for e in m_err) / len(m_err), 3),
+            **memory_figures(rows),
             "top1_ok": {k: g["first_over_best"] <= 1 + TARGETS["top1_within"] for k, g in groups.items()},
             "spearman_min": min(rhos) if rhos else None,
             "spearman_median": round(statistics.median(rhos), 3) if rhos else None,
@@ -670,6 +731,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--rate", default="1gbit", help="the emulated NICs' rate (tc syntax)")
     p.add_argument("--no-cluster", action="store_true", help="this machine only (the cluster needs root)")
     p.add_argument("--profile", help="use this profile instead of calibrating now")
+    p.add_argument("--memory-only", action="store_true",
+                   help="peak memory alone: every ranked layout's memory phase, no timing (minutes, not an hour)")
     return p.parse_args(argv)
 
 
@@ -692,21 +755,21 @@ def run(quick: bool, argv: list[str] | None = None) -> dict:
     t0 = time.time()
     prof = load(args.profile) if args.profile else calibrate(N_RANKS)
     log(f"profile {prof.name}: " + ", ".join(f"{k} {v:.3g}" for k, v in prof.values.items()))
-    rows = run_local(names, prof, args.steps, log)
+    rows = run_local(names, prof, args.steps, log, args.memory_only)
     goodput = link = None
     cluster_skipped = None
     if not args.no_cluster:
         cluster_skipped = netcluster.unavailable_reason()
         if cluster_skipped is None:
-            crow, goodput, link = run_cluster(names, prof, args.steps, args.rate, log)
+            crow, goodput, link = run_cluster(names, prof, args.steps, args.rate, log, args.memory_only)
             rows += crow
         else:
             log(f"cluster part skipped: {cluster_skipped}")
-    summary = summarize(rows)
+    summary = summarize_memory(rows) if args.memory_only else summarize(rows)
     log(f"done in {time.time() - t0:.0f} s: " + json.dumps({k: v for k, v in summary.items() if k != "groups"}))
     return {"profile": prof.to_json(), "rows": rows, "summary": summary,
             "cluster": {"rate": args.rate, "goodput_Bps": goodput, "link": link, "skipped": cluster_skipped},
-            "result_suffix": "-validation" if not quick else ""}
+            "result_suffix": "-memory" if args.memory_only else "-validation" if not quick else ""}
 
 
 def plot(result: dict, path: str) -> None:
@@ -716,20 +779,34 @@ def plot(result: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     rows = result["rows"]
+    memory_only = "time_error" not in rows[0]
     fig, axes = plt.subplots(1, 2, figsize=(12, 5.5))
     keys = sorted({(r["place"], r["model"]) for r in rows})
     markers = {"local": "o", "cluster": "s"}
     for k in keys:
         g = [r for r in rows if (r["place"], r["model"]) == k]
         m = markers["cluster" if k[0].startswith("cluster") else "local"]
-        axes[0].scatter([r["predicted_s"] * 1e3 for r in g], [r["measured_s"] * 1e3 for r in g], marker=m, s=18,
-                        label=f"{k[0]} / {k[1]}")
+        if not memory_only:
+            axes[0].scatter([r["predicted_s"] * 1e3 for r in g], [r["measured_s"] * 1e3 for r in g], marker=m,
+                            s=18, label=f"{k[0]} / {k[1]}")
+        else:   # the left panel: measured over predicted per layout, in planner order
+            axes[0].scatter(range(len(g)), [r["measured_bytes"] / r["predicted_bytes"] for r in g], marker=m, s=18,
+                            label=f"{k[0]} / {k[1]}")
         axes[1].scatter([r["predicted_bytes"] / 2**20 for r in g], [r["measured_bytes"] / 2**20 for r in g],
                         marker=m, s=18, label=f"{k[0]} / {k[1]}")
     s = result["summary"]
-    for ax, title, unit in ((axes[0], f"step time: median error {s['median_time_error']:.0%}, worst "
-                                      f"{s['worst_time_error']:.0%}", "ms"),
-                            (axes[1], f"peak memory: median error {s['median_memory_error']:.0%}", "MiB")):
+    panels = [(axes[1], f"peak memory: median error {s['median_memory_error']:.0%}", "MiB")]
+    if memory_only:
+        axes[0].axhline(1.1, color="k", ls=":", lw=0.8)
+        axes[0].axhline(0.9, color="k", ls=":", lw=0.8)
+        axes[0].set_xlabel("layout (planner order within its group)")
+        axes[0].set_ylabel("measured / predicted peak")
+        axes[0].set_title(f"{s['memory_within_10pct']:.0%} within 10%, worst {s['worst_memory_error']:.0%}",
+                          fontsize=10)
+    else:
+        panels.insert(0, (axes[0], f"step time: median error {s['median_time_error']:.0%}, worst "
+                                   f"{s['worst_time_error']:.0%}", "ms"))
+    for ax, title, unit in panels:
         lo = min(min(ax.get_xlim()), min(ax.get_ylim()))
         hi = max(max(ax.get_xlim()), max(ax.get_ylim()))
         ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
@@ -747,6 +824,9 @@ def plot(result: dict, path: str) -> None:
 
 
 def table_headline(s: dict) -> str:
+    if "top1_ok" not in s:   # --memory-only
+        return (f"{s['configurations']} layouts' peak memory: median error {s['median_memory_error']:.0%}, worst "
+                f"{s['worst_memory_error']:.0%}, {s['memory_within_10pct']:.0%} within 10%")
     top1 = sum(s["top1_ok"].values())
     return (f"{s['configurations']} layouts run: step time median error {s['median_time_error']:.0%}, worst "
             f"{s['worst_time_error']:.0%}; memory median error {s['median_memory_error']:.0%}; first choice within "

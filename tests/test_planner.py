@@ -738,6 +738,26 @@ def test_bench_plan_decides_the_first_choice_head_to_head():
     assert not summarize(rows)["top1_ok"]["local 1x2 / wide-mlp"]
 
 
+def test_bench_plan_memory_only_scores_every_layouts_peak():
+    """--memory-only: each ranked layout's measured peak against the model's (its largest pp rank's; every
+    pp rank's kept beside), summarized without any timing."""
+    from trainlib.benchmarks import bench_plan as bp
+    from trainlib.planner.profile import load
+
+    prof, cluster = load("cpu"), bp.local_cluster()
+    plans = bp.rank_layouts("gpt-default", cluster, prof)
+    measured = [{"layout": p.layout.label(), "measured_bytes": p.peak_bytes * (1.25 if i == 0 else 1.0)}
+                for i, p in enumerate(plans)]
+    rows = bp.memory_rows("local 1x2", "gpt-default", plans, measured, prof, cluster)
+    assert rows[0]["memory_error"] == pytest.approx(0.2) and all(r["memory_error"] == 0 for r in rows[1:])
+    for r, p in zip(rows, plans):
+        assert len(r["predicted_rank_bytes"]) == p.layout.pp and max(r["predicted_rank_bytes"]) == p.peak_bytes
+    s = bp.summarize_memory(rows)
+    assert s["worst_memory_error"] == pytest.approx(0.2) and s["memory_within_10pct"] == round(1 - 1 / len(rows), 3)
+    assert s["groups"]["local 1x2 / gpt-default"]["layouts"] == len(rows) == 66
+    assert bp.table_headline(s).startswith("66 layouts' peak memory")
+
+
 def test_bench_plan_duels_only_when_the_passes_best_is_another_layout():
     from trainlib.benchmarks.bench_plan import duel
 
