@@ -458,10 +458,10 @@ def test_json_ranks_and_the_winner_runs_as_trainlib_train(capsys, tmp_path):
 
 
 def test_does_not_fit_is_listed(capsys):
-    assert main(["--device-memory-gb", "0.01", "--global-batch", "8"]) == 0
+    assert main(["--device-memory-gb", "0.005", "--global-batch", "8"]) == 0
     out = capsys.readouterr().out
     assert "0 fit" in out and "does not fit" in out
-    assert main(["--device-memory-gb", "0.01", "--global-batch", "8", "--emit", "train"]) == 1
+    assert main(["--device-memory-gb", "0.005", "--global-batch", "8", "--emit", "train"]) == 1
     assert "no layout fits" in capsys.readouterr().err
 
 

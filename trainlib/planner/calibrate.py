@@ -871,7 +871,8 @@ def calibrate(ranks: int = 2) -> Profile:
         "inter_efficiency": eff_src,
         "overlap": "assumed 0: on CPU the sync's copies and sums run on the cores the backward uses",
         "runtime_bytes": "measured: the probe GPT's peak RSS at dp=2 over the RSS before it was built (2 steps, "
-                         "mmap threshold pinned) less the memory model's peak for it: the runtime's own buffers",
+                         "in processes of its own, warmed up, the median of 3, mmap threshold pinned at 4 KiB) "
+                         "less the memory model's peak for it: the runtime's own buffers",
         "compute_efficiency": "measured: a probe GPT (2 blocks, d_model 96, 8 x 64 tokens; not a validated shape) "
                               "steps with AdamW on each rank at once; the share of the fitted matmul rate that "
                               "makes the time model reproduce it",
