@@ -148,6 +148,9 @@ def test_split_backward_holds_captured_gradients_only_past_input_grad():
     assert a0 == pytest.approx(forwarded0 + (forwarded0 + 11 * d * block))
     last = 27 * d * block + tokens * 256 * 4 + tokens * (d + 256) * 4
     assert a1 == pytest.approx(2 * last)
+    # an MLP's blocks hold their 2 d either way: two microbatches of 4 rows in flight on each rank, 2 blocks each
+    mlp = rank_memory(ModelSpec.mlp(1024, 4), Layout(2, 1, 1, schedule="zb-h1", microbatches=4), 16)
+    assert [r.activations for r in mlp] == [2 * 2 * 2 * 1024 * 4 * 4] * 2
 
 
 def test_in_flight_microbatches_follow_the_schedule():

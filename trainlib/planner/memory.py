@@ -237,11 +237,13 @@ def rank_memory(model: ModelSpec, layout: Layout, global_batch: int, runtime_byt
                 b += tokens * 2 * model.d_model * ab
             s_id = rank + s_index * layout.pp
             per_mb[(s_id, FORWARDED)] = b
-            if layout.schedule == "zb-h1" and layout.pp > 1 and model.kind != "mlp":
-                after = b + n_blocks * (_after_input_grad_elements(model, layout)
-                                        - block_act_elements(model, layout.tp, layout.ac)) * tokens * ab
-                if last in s_layers:   # and the final norm's and the logits' captured gradients
-                    after += tokens * (model.d_model * ab + model.vocab_size / layout.tp * 4)
+            if layout.schedule == "zb-h1" and layout.pp > 1:
+                after = b      # an MLP's blocks: counted as before (2 d, their Linear outputs' gradients in it)
+                if model.kind != "mlp":
+                    after += n_blocks * (_after_input_grad_elements(model, layout)
+                                         - block_act_elements(model, layout.tp, layout.ac)) * tokens * ab
+                    if last in s_layers:   # and the final norm's and the logits' captured gradients
+                        after += tokens * (model.d_model * ab + model.vocab_size / layout.tp * 4)
                 per_mb[(s_id, INPUT_GRAD_DONE)] = after
         acts = max(sum(per_mb[k] * c for k, c in snap.items()) for snap in flights[rank])
         # the backward (activations and its transients) and the optimizer step (its temporary; the
