@@ -1,7 +1,7 @@
 """Does `trainlib plan` predict what it ranks? Every layout it ranks, run and measured.
 
     trainlib bench plan [--quick] [--no-cluster] [--rate 1gbit]      (the cluster part needs root)
-    trainlib bench plan --memory-only      (steps 1, 2 and the memory half of 3 and 4: ~15 minutes)
+    trainlib bench plan --memory-only      (steps 1, 2 and the memory half of 3 and 4: ~10 minutes)
 
 1. Calibrate (trainlib.planner.calibrate: the same 2 ranks, right before, so both see the same load).
 2. For the default GPT, a wider GPT (d_model 192: 2.25x the matmul work) and the wide MLP (3 x Linear(2048, 2048)),
