@@ -342,10 +342,11 @@ def _memory_probe() -> float:
     from trainlib.benchmarks.dp_workloads import MEASURE_PIN_BYTES, fix_malloc_threshold, reset_peak_rss, status_kb
 
     fix_malloc_threshold(MEASURE_PIN_BYTES)
+    libc = ctypes.CDLL("libc.so.6")
     peaks = []
     for rep in range(1 + MEMORY_PROBE_REPS):
         gc.collect()
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        libc.malloc_trim(0)
         comm.barrier()
         base_kb = status_kb("VmRSS")
         reset_peak_rss()
