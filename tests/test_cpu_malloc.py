@@ -13,8 +13,12 @@ from trainlib import cpu_malloc
 ROOT = Path(__file__).resolve().parents[1]
 
 # a step's worth of large tensors allocated, touched and freed, as activations and the optimizer's
-# temporaries are; prints the minor page faults of 5 such steps after 10 warm-up steps (the heap
-# grows over the first few while other threads' allocations settle: one-time faults, not re-faults)
+# temporaries are; prints the minor page faults of 5 such steps after WARMUP steps. Kept for reuse, the
+# heap still grows by up to a step's worth per step over the first few steps before glibc (2.36; torch
+# allocates with posix_memalign) reuses the freed blocks: one-time faults, not re-faults. Seen here
+# (2026-12-02, 49 processes): the last growing step was step 3 to 11; at 10 warm-up steps 7 of 20
+# processes still grew in the measured window.
+WARMUP = 30
 PATTERN = r"""
 import resource, sys, torch
 if sys.argv[1] == "reuse":
@@ -28,7 +32,7 @@ def step():
     # unmaps them every time (smaller blocks re-fault or not depending on the process's allocation history)
     ts = [torch.empty(10 * 2**20).fill_(1.0) for _ in range(2)]
     del ts
-for _ in range(10):
+for _ in range(int(sys.argv[2])):
     step()
 f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(5):
@@ -40,7 +44,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
 def _faults(how: str, **env: str) -> int:
     clean = {k: v for k, v in os.environ.items()
              if not k.startswith(("MALLOC_", "TRAINLIB_", "RANK", "WORLD_SIZE", "LOCAL_", "MASTER_"))}
-    out = subprocess.run([sys.executable, "-c", PATTERN, how], env={**clean, "PYTHONPATH": str(ROOT), **env},
+    out = subprocess.run([sys.executable, "-c", PATTERN, how, str(WARMUP)], env={**clean, "PYTHONPATH": str(ROOT), **env},
                          capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     return int(out.stdout.split()[-1])
