@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import os
 import statistics
@@ -263,7 +264,7 @@ def measure_layouts(name: str, items: list[dict], steps: int, phase: str = "time
     # the first layout of each feature built in a process also pays that feature's one-time costs (see
     # warm_ups): each built and stepped once first, unmeasured (entries -1 - k)
     n = len(items)
-    warm = [-1 - k for k in warm_ups(items)]
+    warm = [-1 - k for k in warm_ups(items, pairs=memory)]
     # memory: MEMORY_PASSES passes, each in its own order (forward, reverse, from the middle), the median
     order = ([*warm, *(k for p in range(MEMORY_PASSES) for k in _pass_order(n, p))] if memory
              else [*warm, *time_orders(n)])
@@ -332,20 +333,24 @@ def _features(flags: list[str]) -> set[str]:
     return out
 
 
-def warm_ups(items: list[dict]) -> list[int]:
+def warm_ups(items: list[dict], pairs: bool = False) -> list[int]:
     """Indices of the layouts to build and step once, unmeasured, before a process measures any: the first
     layout (always), then the first with each feature not seen yet (a sync backend, a schedule, a shard
-    stage, tp, compression, checkpointing). The first layout built with a feature pays its one-time costs:
+    stage, tp, compression, checkpointing); with pairs (the memory phase), also the first with each pair of
+    features not seen together yet: tp with selective checkpointing keeps the all-reduces' outputs through a
+    path neither pays alone (its peak read 29.1 MiB after tp and selective had each been warmed up, 27.7 after
+    itself, 2026-12-02 09:4x). The first layout built with a feature pays its one-time costs:
     its libraries' code pages and lazily built state, in RSS from then on, which no later layout pays and no
     device's memory holds (the default GPT's plain parameter-server step, the first PS layout built, read
     +9-10 MiB over its model in four of five validation runs, the checkpointed PS layouts built after it
     did not; measured 2026-12-01 21:1x: RssFile grew 7.8 MiB as it was built (libzmq), and with the PS
     warmed up first it read 34.6 MiB, not 45)."""
-    seen: set[str] = set()
+    seen: set[frozenset[str]] = set()
     out = []
     for k, item in enumerate(items):
-        new = _features(item["flags"]) - seen
-        if k == 0 or new:
+        f = sorted(_features(item["flags"]))
+        new = {frozenset([a]) for a in f} | ({frozenset(p) for p in itertools.combinations(f, 2)} if pairs else set())
+        if k == 0 or new - seen:
             out.append(k)
             seen |= new
     return out

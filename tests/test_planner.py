@@ -133,12 +133,14 @@ def test_pipeline_holds_the_buffers_it_sent():
 
 def test_split_backward_holds_captured_gradients_only_past_input_grad():
     """ZB-H1 pp=2 m=2, per rank (rank 0: F0 F1 I0 W0 I1 W1; rank 1: F0 I0 F1 I1 W0 W1): rank 0 peaks
-    with one microbatch past I and one forwarded, rank 1 with both past I."""
-    from trainlib.planner.memory import FORWARDED, INPUT_GRAD_DONE, in_flight, rank_memory
+    with one microbatch past I and one forwarded, rank 1 with both past I; both at their first W, whose
+    stage-sized gradients come beside the .grad they are cloned into (GRADS: 2)."""
+    from trainlib.planner.memory import FORWARDED, GRADS, INPUT_GRAD_DONE, in_flight, rank_memory
 
     zb = Layout(2, 1, 1, schedule="zb-h1", microbatches=2)
     r0, r1 = in_flight(zb)
-    assert {(0, INPUT_GRAD_DONE): 1, (0, FORWARDED): 1} in r0 and {(1, INPUT_GRAD_DONE): 2} in r1
+    assert {(0, INPUT_GRAD_DONE): 1, (0, FORWARDED): 1, GRADS: 2} in r0
+    assert {(1, INPUT_GRAD_DONE): 2, GRADS: 2} in r1
     # the same 2 blocks per rank: rank 1 holds d + vocab's captured gradients more per token (final norm,
     # logits) and the logits; per block a microbatch past I holds 16 d + (4 d + 3 d + f) = 27 d (GPT, f = 4 d)
     d, tokens = 128, 8 // 2 * 128
@@ -151,6 +153,31 @@ def test_split_backward_holds_captured_gradients_only_past_input_grad():
     # an MLP's blocks hold their 2 d either way: two microbatches of 4 rows in flight on each rank, 2 blocks each
     mlp = rank_memory(ModelSpec.mlp(1024, 4), Layout(2, 1, 1, schedule="zb-h1", microbatches=4), 16)
     assert [r.activations for r in mlp] == [2 * 2 * 2 * 1024 * 4 * 4] * 2
+
+
+def test_gradients_exist_at_the_peak_only_after_a_backward_without_data_parallelism():
+    """GPipe pp=2 m=4 peaks on rank 0 with 4 forwarded and no gradients; 1F1B m=4 with 2 forwarded after its
+    first backward, gradients made. Without a data-parallel wrapper holding them from the build on, a peak
+    before any backward lacks all but the last layer's (tp=2, pp=1: hand-computed below)."""
+    from trainlib.planner.memory import FORWARDED, GRADS, in_flight, local_layer_params
+
+    assert {(0, FORWARDED): 4} in in_flight(Layout(2, 1, 1, schedule="gpipe", microbatches=4))[0]
+    assert {(0, FORWARDED): 2, GRADS: 1} in in_flight(Layout(2, 1, 1, schedule="1f1b", microbatches=4))[0]
+    # the default GPT at tp=2, full checkpointing, 8 x 128 tokens: d x tokens x 4 B = 0.5 MiB ("d")
+    mib, d_unit = 2**20, 0.5 * 2**20
+    m = peak_memory(GPT, Layout(1, 1, 2, ac="full"), 8)
+    acts = 4 * d_unit + 2 * d_unit + 1024 * 128 * 4       # 4 block inputs, the embeddings' 2 d, logits (v/2)
+    assert m.activations == acts == 3.5 * mib
+    # the last block's backward: the whole "none" set rebuilt (4 d + (4 d + 2 f) / 2 = 10 d) and f / 2 of
+    # gradients (2 d): 6 MiB, less the logits freed by then (0.5 MiB); their 2 x 0.5 MiB at the start is less
+    block = 12 * d_unit - 0.5 * mib
+    biggest = 128 * 512 // 2 * 4                            # the fc weight's gradient, d x f / 2
+    grads_late = (m.params - local_layer_params(GPT, 5, 2)) * 4   # all but the final norm's and the head's
+    assert m.peak - m.states - m.runtime == pytest.approx(acts + block + biggest - grads_late)
+    # with data parallelism (dp=2, same tokens per rank at batch 16) the buckets hold every gradient throughout
+    dp = peak_memory(GPT, Layout(1, 2, 1, ac="full"), 16)
+    assert dp.peak - dp.states - dp.runtime == pytest.approx(
+        dp.activations + 20 * d_unit - 1024 * 256 * 4 + 128 * 512 * 4)   # 16 d + f rebuilt, logits v
 
 
 def test_in_flight_microbatches_follow_the_schedule():
@@ -792,6 +819,10 @@ def test_bench_plan_warms_up_the_first_layout_of_every_feature():
     # the plain first, then the first ZeRO-1, PS, checkpointed, pipelined one, and a new schedule; not
     # the same features again at another microbatch count
     assert warm_ups(items) == [0, 1, 3, 4, 5, 7]
+    # the memory phase also warms the first of each pair of features (ZeRO-1 with full checkpointing), once
+    items += [item("--dp.shard=optimizer", "--train.activation_checkpointing=full")] * 2
+    assert warm_ups(items) == [0, 1, 3, 4, 5, 7]
+    assert warm_ups(items, pairs=True) == [0, 1, 3, 4, 5, 7, 8]
 
 
 def test_bench_plan_memory_passes_visit_every_layout_in_different_orders():

@@ -18,8 +18,11 @@ A pipeline rank holds the activations of every microbatch it has run forward and
 that count comes from the schedule itself (trainlib.pipeline.schedules), not a rule of thumb.
 Transients: the backward and the optimizer step peak at different times, so the larger of the two
 counts. The backward's: the activations, the largest gradient autograd makes before a bucket hook moves
-it, the logits' gradient, the block being recomputed, ZeRO-3's gathered unit plus the one prefetched, and
-off the shared-memory transport a sharded sync's gradient wires. The step's: torch's AdamW temporary (on
+it, the logits' gradient at the start or later a block's own backward (what checkpointing recomputes and
+the gradients beside it: block_backward_elements), ZeRO-3's gathered unit (plus the one prefetched on an
+accelerator), and off the shared-memory transport a sharded sync's gradient wires. Without data parallelism
+the parameter gradients exist only once the rank's first backward has made them (GRADS in the schedule's
+snapshots); ZB-H1's W makes a stage's gradients at once beside the ones it adds them to. The step's: torch's AdamW temporary (on
 CPU its per-tensor loop: 2 x the largest tensor; foreach on accelerators: one parameter-sized buffer).
 Held throughout: a CPU node's shm transport pages (a rank's chunk of each peer's buffers, ZeRO-2/3's
 reduce slots), a compressed all-reduce's bf16 wire, a pipeline's transfer buffers; and the runtime's
@@ -81,6 +84,24 @@ def block_act_elements(model: ModelSpec, tp: int, ac: str) -> float:
         return (4 * d + (2 * d + 2 * kv + 4 * f) / tp if ac == "none"
                 else 3 * d + kept_reductions + (2 * d + 2 * kv + 2 * f) / tp)
     return 4 * d + (4 * d + 2 * f) / tp if ac == "none" else 3 * d + kept_reductions + (4 * d + f) / tp
+
+
+def block_backward_elements(model: ModelSpec, tp: int, ac: str) -> float:
+    """Elements per token a block's backward makes beside the saved activations, at its peak: what checkpointing
+    recomputes plus the gradients of the block's widest outputs. Measured here (per-block RSS at a 4 KiB pin,
+    the default GPT, 2026-12-02 09:3x, /tmp/exp/trace_tp.py, not kept; d units): none 4.2 / 2.0 at tp = 1 / 2
+    (the MLP's hidden gradient, f / tp), selective 11.2 / 6.2 (d + 2.5 f / tp: the recomputed norms and GELU
+    beside it), full 20 / 11.1 (the whole "none" set rebuilt, plus f / tp). Llama blocks: the same rule on their
+    own sets (not measured)."""
+    d, f = model.d_model, model.ffn
+    if model.kind == "mlp":
+        return block_act_elements(model, tp, "none") if ac == "full" else 0.0
+    grads = f / tp
+    if ac == "full":
+        return block_act_elements(model, tp, "none") + grads
+    if ac == "selective":
+        return d + 1.5 * f / tp + grads
+    return grads
 
 
 def _after_input_grad_elements(model: ModelSpec, layout: Layout) -> float:
@@ -154,6 +175,7 @@ def in_flight(layout: Layout) -> list[list[dict[tuple[int, int], int]]]:
 
 
 FORWARDED, INPUT_GRAD_DONE = 0, 1   # a microbatch in flight: forwarded; or past a split backward's I, before W
+GRADS = (-1, 0)   # a snapshot's key once the rank's parameter gradients exist (after its first B, or W when split)
 
 
 def _in_flight(sched) -> list[list[dict[tuple[int, int], int]]]:
@@ -170,16 +192,26 @@ def _in_flight(sched) -> list[list[dict[tuple[int, int], int]]]:
                 live[fwd] -= 1
                 live[held] = live.get(held, 0) + 1
             elif a.kind == "W":
+                # W's gradients of the whole stage come at once (one autograd.grad) and are then added (or on
+                # the first W cloned) into .grad: two stage-sized sets while this microbatch still holds its own
+                _keep_snapshot(snaps, {**{k: c for k, c in live.items() if c}, GRADS: 2})
                 live[held] -= 1
             elif a.kind == "B" and not split:
                 live[fwd] -= 1
+            if a.kind in ("B", "W") and GRADS not in live:   # the rank's gradients exist from now on
+                live[GRADS] = 1
+                _keep_snapshot(snaps, {k: c for k, c in live.items() if c})
             if a.kind in ("F", "I"):    # the moments the rank's held activations grow
-                snap = {k: c for k, c in live.items() if c}
-                # keep only the snapshots no other one holds at least as much in every key of
-                if not any(all(o.get(k, 0) >= c for k, c in snap.items()) for o in snaps):
-                    snaps = [o for o in snaps if not all(snap.get(k, 0) >= c for k, c in o.items())] + [snap]
+                _keep_snapshot(snaps, {k: c for k, c in live.items() if c})
         out.append(snaps)
     return out
+
+
+def _keep_snapshot(snaps: list[dict], snap: dict) -> None:
+    """Add snap unless another holds at least as much in every key; drop the ones it holds as much as."""
+    if not any(all(o.get(k, 0) >= c for k, c in snap.items()) for o in snaps):
+        snaps[:] = [o for o in snaps if not all(snap.get(k, 0) >= c for k, c in o.items())] + [snap]
+
 
 
 def _sends(sched) -> list[int]:
@@ -245,12 +277,26 @@ def rank_memory(model: ModelSpec, layout: Layout, global_batch: int, runtime_byt
                     if last in s_layers:   # and the final norm's and the logits' captured gradients
                         after += tokens * (model.d_model * ab + model.vocab_size / layout.tp * 4)
                 per_mb[(s_id, INPUT_GRAD_DONE)] = after
+        per_mb[GRADS] = 0.0
         acts = max(sum(per_mb[k] * c for k, c in snap.items()) for snap in flights[rank])
+        # Without data parallelism nothing holds the gradients before the backward makes them (a data-parallel
+        # wrapper's buckets hold them from the build on): a snapshot before the rank's first backward lacks all
+        # but the first ones made (the rank's last layer's). Measured here (2026-12-02): the tp = 2 GPT peaked
+        # 1.7 MiB, its gradients, under the count with them; so did GPipe and 1F1B at m = pp on the 192-wide.
+        made_late = 0.0
+        if layout.dp == 1:
+            made_late = (params - local_layer_params(model, stages[-1][-1], layout.tp) * model.param_scale) * 4
+
+        def grads_beyond_states(snap: dict) -> float:   # the states count one set of gradients
+            return (snap[GRADS] - 1) * params * 4 if GRADS in snap else -made_late
+
+        backward = max(sum(per_mb[k] * c for k, c in snap.items()) + grads_beyond_states(snap)
+                       for snap in flights[rank])
         # the backward (activations and its transients) and the optimizer step (its temporary; the
         # activations are gone by then) peak at different times: the larger counts, on top of the
         # buffers held throughout (the transport's shared pages; a compressed all-reduce's bf16 wire)
         owned = params / layout.dp if stage >= 1 else params
-        phase = max(acts + _backward_transients(model, layout, layers, tokens, ab, shm_ranks > 1, accelerator),
+        phase = max(backward + _backward_transients(model, layout, layers, tokens, ab, shm_ranks > 1, accelerator),
                     _optimizer_temporary(model, layout, layers, owned, accelerator))
         held = _shm_pages(model, layout, layers, params, shm_ranks)
         if layout.compress != "none" and stage == 0:
@@ -355,12 +401,22 @@ def _backward_transients(model: ModelSpec, layout: Layout, layers: list[int], to
     last = model.pipeline_layers() - 1
     layer_sizes = [local_layer_params(model, lay, layout.tp) * model.param_scale for lay in layers]
     t = _biggest_tensor(model, layers, layout.tp) * 4
-    if model.kind != "mlp" and last in layers:
-        t += 2 * tokens * model.vocab_size / layout.tp * 4
-    if layout.ac == "full":
-        t += block_act_elements(model, layout.tp, "none") * tokens * ab
+    # the logits' gradient and softmax at the backward's start, or a block's own backward later, once the
+    # retained logits are gone: not both at once (per-block traces here, 2026-12-02: the peak of the tp = 2
+    # GPT is at the start without checkpointing, in its last block's backward with)
+    logits = tokens * model.vocab_size / layout.tp * 4 if model.kind != "mlp" and last in layers else 0.0
+    has_blocks = any(model.kind == "mlp" or 0 < lay < last for lay in layers)
+    # a split backward's I keeps what it recomputed until W (counted with the microbatch past I): only the
+    # gradients beside it are new
+    split = layout.schedule == "zb-h1" and layout.pp > 1
+    block = (block_backward_elements(model, layout.tp, "none" if split else layout.ac) * tokens * ab
+             if has_blocks else 0.0)
+    t += max(2 * logits, block - logits)
     if layout.shard == "parameters":
-        t += 2 * max(layer_sizes) * (4 if layout.precision == "fp32" else 2)
+        # the unit gathered for its backward; on an accelerator the next one prefetched beside it on a stream
+        # of its own (assumed). On CPU the gather runs in turn: the wide MLP's ZeRO-3 peaks here read one
+        # 16 MiB unit, not two (16-19 MiB under the two-unit count, 2026-12-02 plan-memory.json)
+        t += (2 if accelerator else 1) * max(layer_sizes) * (4 if layout.precision == "fp32" else 2)
     if STAGE[layout.shard] >= 2 and not shm:
         # off the shared-memory transport each bucket's reduce-scatter takes a wire of its own (bf16 when
         # compressed). gloo's run behind the backward on CPU cores the backward also needs: up to all the
