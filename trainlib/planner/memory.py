@@ -176,10 +176,12 @@ def in_flight(layout: Layout) -> list[list[dict[tuple[int, int], int]]]:
 
 FORWARDED, INPUT_GRAD_DONE = 0, 1   # a microbatch in flight: forwarded; or past a split backward's I, before W
 GRADS = (-1, 0)   # a snapshot's key once the rank's parameter gradients exist (after its first B, or W when split)
+SENT = (-2, 0)    # a snapshot's key: the tensors the rank has sent so far (kept until the step ends)
 
 
 def _in_flight(sched) -> list[list[dict[tuple[int, int], int]]]:
     out = []
+    last = sched.n_stages - 1
     for acts in sched.actions:
         split = any(a.kind == "W" for a in acts)
         live: dict[tuple[int, int], int] = {}
@@ -198,11 +200,14 @@ def _in_flight(sched) -> list[list[dict[tuple[int, int], int]]]:
                 live[held] -= 1
             elif a.kind == "B" and not split:
                 live[fwd] -= 1
+            if (a.kind == "F" and a.stage < last) or (a.kind in ("B", "I") and a.stage > 0):   # as _sends
+                live[SENT] = live.get(SENT, 0) + 1
             if a.kind in ("B", "W") and GRADS not in live:   # the rank's gradients exist from now on
                 live[GRADS] = 1
                 _keep_snapshot(snaps, {k: c for k, c in live.items() if c})
             if a.kind in ("F", "I"):    # the moments the rank's held activations grow
                 _keep_snapshot(snaps, {k: c for k, c in live.items() if c})
+        _keep_snapshot(snaps, {k: c for k, c in live.items() if c})   # the step's end: every send still kept
         out.append(snaps)
     return out
 
@@ -278,7 +283,13 @@ def rank_memory(model: ModelSpec, layout: Layout, global_batch: int, runtime_byt
                         after += tokens * (model.d_model * ab + model.vocab_size / layout.tp * 4)
                 per_mb[(s_id, INPUT_GRAD_DONE)] = after
         per_mb[GRADS] = 0.0
-        acts = max(sum(per_mb[k] * c for k, c in snap.items()) for snap in flights[rank])
+        # the pipeline's sent buffers: an activation or a gradient per send, kept until the step ends (received
+        # ones are the next stage's input, counted with its activations, or a gradient used once). Those sent
+        # by the moment of the peak count: all of a step's, as before, read interleaved pp=2 m=2 1.2-2.7 MiB
+        # over (6 sends, 4 of them by its peak). Measured here per action at a 4 KiB pin: the 192-wide GPT's
+        # 1F1B m=8 grows 0.1 MiB, one 128-token microbatch's activation, per forward-backward pair
+        per_mb[SENT] = tokens * model.d_model * ab
+        acts = max(sum(per_mb[k] * c for k, c in snap.items() if k not in (GRADS, SENT)) for snap in flights[rank])
         # Without data parallelism nothing holds the gradients before the backward makes them (a data-parallel
         # wrapper's buckets hold them from the build on): a snapshot before the rank's first backward lacks all
         # but the first ones made (the rank's last layer's). Measured here (2026-12-02): the tp = 2 GPT peaked
@@ -301,13 +312,6 @@ def rank_memory(model: ModelSpec, layout: Layout, global_batch: int, runtime_byt
         held = _shm_pages(model, layout, layers, params, shm_ranks)
         if layout.compress != "none" and stage == 0:
             held += params * 2                  # the bf16 wire buffers, kept between steps
-        if layout.pp > 1:
-            # the pipeline's sent buffers: an activation or a gradient per send, kept until the step ends
-            # (the schedule's own count; received ones are the next stage's input, counted with its
-            # activations, or a gradient used once. Measured here per action at a 4 KiB pin: the 192-wide
-            # GPT's 1F1B m=8 grows 0.1 MiB, one 128-token microbatch's activation, per forward-backward pair)
-            sends = schedule_facts(layout.schedule, layout.pp, layout.microbatches)[3][rank]
-            held += sends * tokens * model.d_model * ab
         out.append(MemoryBreakdown(params, states, acts, held + phase - acts, runtime_bytes))
     return out
 
