@@ -349,7 +349,7 @@ def warm_ups(items: list[dict], pairs: bool = False) -> list[int]:
     out = []
     for k, item in enumerate(items):
         f = sorted(_features(item["flags"]))
-        new = {frozenset([a]) for a in f} | ({frozenset(p) for p in itertools.combinations(f, 2)} if pairs else set())
+        new = {frozenset(c) for n in ((1, 2) if pairs else (1,)) for c in itertools.combinations(f, n)}
         if k == 0 or new - seen:
             out.append(k)
             seen |= new

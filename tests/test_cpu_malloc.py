@@ -44,8 +44,9 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
 def _faults(how: str, **env: str) -> int:
     clean = {k: v for k, v in os.environ.items()
              if not k.startswith(("MALLOC_", "TRAINLIB_", "RANK", "WORLD_SIZE", "LOCAL_", "MASTER_"))}
-    out = subprocess.run([sys.executable, "-c", PATTERN, how, str(WARMUP)], env={**clean, "PYTHONPATH": str(ROOT), **env},
-                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    out = subprocess.run([sys.executable, "-c", PATTERN, how, str(WARMUP)],
+                         env={**clean, "PYTHONPATH": str(ROOT), **env}, capture_output=True, text=True, timeout=120,
+                         cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     return int(out.stdout.split()[-1])
 

@@ -22,12 +22,12 @@ it, the logits' gradient at the start or later a block's own backward (what chec
 the gradients beside it: block_backward_elements), ZeRO-3's gathered unit (plus the one prefetched on an
 accelerator), and off the shared-memory transport a sharded sync's gradient wires. Without data parallelism
 the parameter gradients exist only once the rank's first backward has made them (GRADS in the schedule's
-snapshots); ZB-H1's W makes a stage's gradients at once beside the ones it adds them to. The step's: torch's AdamW temporary (on
-CPU its per-tensor loop: 2 x the largest tensor; foreach on accelerators: one parameter-sized buffer).
+snapshots); ZB-H1's W makes a stage's gradients at once beside the ones it adds them to; a pipeline rank
+holds the tensors it has sent so far (SENT). The step's: torch's AdamW temporary (on CPU its per-tensor
+loop: 2 x the largest tensor; foreach on accelerators: one parameter-sized buffer).
 Held throughout: a CPU node's shm transport pages (a rank's chunk of each peer's buffers, ZeRO-2/3's
-reduce slots), a compressed all-reduce's bf16 wire, a pipeline's transfer buffers; and the runtime's
-own bytes (profile). Measured stage by stage on this machine (RSS, RssShmem; 2026-12-01): see the
-functions below.
+reduce slots), a compressed all-reduce's bf16 wire; and the runtime's own bytes (profile). Measured stage
+by stage on this machine (RSS, RssShmem; 2026-12-01): see the functions below.
 """
 from __future__ import annotations
 
@@ -165,10 +165,12 @@ def _messages(sched) -> list[int]:
 
 def in_flight(layout: Layout) -> list[list[dict[tuple[int, int], int]]]:
     """Per pp rank: the microbatches each of its stages holds activations for, keyed (stage, phase), at every
-    moment the rank could peak (just after a forward, or a split backward's I), from the schedule's action
-    order (a forward adds one; its backward frees it; a split backward's I moves it to INPUT_GRAD_DONE,
-    where it also holds the gradients W needs, and W frees it). An interleaved rank's two stages do not peak
-    at once: counting each at its own peak over-predicted the 2-stage, m=4 pipelines here by 22-26%."""
+    moment the rank could peak (just after a forward or a split backward's I, during a W, when its gradients
+    first exist, at the step's end), from the schedule's action order (a forward adds one; its backward frees
+    it; a split backward's I moves it to INPUT_GRAD_DONE, where it also holds the gradients W needs, and W
+    frees it), with GRADS (the rank's gradients made) and SENT (its tensors sent so far) beside. An
+    interleaved rank's two stages do not peak at once: counting each at its own peak over-predicted the
+    2-stage, m=4 pipelines here by 22-26%."""
     if layout.pp == 1:
         return [[{(0, FORWARDED): 1}]]
     return [[dict(snap) for snap in r] for r in schedule_facts(layout.schedule, layout.pp, layout.microbatches)[0]]
@@ -196,35 +198,43 @@ def _in_flight(sched) -> list[list[dict[tuple[int, int], int]]]:
             elif a.kind == "W":
                 # W's gradients of the whole stage come at once (one autograd.grad) and are then added (or on
                 # the first W cloned) into .grad: two stage-sized sets while this microbatch still holds its own
-                _keep_snapshot(snaps, {**{k: c for k, c in live.items() if c}, GRADS: 2})
+                _keep_snapshot(snaps, live, grads=2)
                 live[held] -= 1
             elif a.kind == "B" and not split:
                 live[fwd] -= 1
-            if (a.kind == "F" and a.stage < last) or (a.kind in ("B", "I") and a.stage > 0):   # as _sends
+            if _sends_tensor(a, last):
                 live[SENT] = live.get(SENT, 0) + 1
             if a.kind in ("B", "W") and GRADS not in live:   # the rank's gradients exist from now on
                 live[GRADS] = 1
-                _keep_snapshot(snaps, {k: c for k, c in live.items() if c})
+                _keep_snapshot(snaps, live)
             if a.kind in ("F", "I"):    # the moments the rank's held activations grow
-                _keep_snapshot(snaps, {k: c for k, c in live.items() if c})
-        _keep_snapshot(snaps, {k: c for k, c in live.items() if c})   # the step's end: every send still kept
+                _keep_snapshot(snaps, live)
+        _keep_snapshot(snaps, live)   # the step's end: every send still kept
         out.append(snaps)
     return out
 
 
-def _keep_snapshot(snaps: list[dict], snap: dict) -> None:
-    """Add snap unless another holds at least as much in every key; drop the ones it holds as much as."""
+def _keep_snapshot(snaps: list[dict], live: dict, grads: int | None = None) -> None:
+    """Add live's nonzero counts as a snapshot (its GRADS count replaced by grads if given) unless another holds
+    at least as much in every key; drop the ones it holds as much as."""
+    snap = {k: c for k, c in live.items() if c}
+    if grads is not None:
+        snap[GRADS] = grads
     if not any(all(o.get(k, 0) >= c for k, c in snap.items()) for o in snaps):
         snaps[:] = [o for o in snaps if not all(snap.get(k, 0) >= c for k, c in o.items())] + [snap]
 
+
+def _sends_tensor(a, last: int) -> bool:
+    """Whether action a sends a tensor: a forward's activation but the last stage's, a backward's (or I's)
+    input gradient but stage 0's."""
+    return (a.kind == "F" and a.stage < last) or (a.kind in ("B", "I") and a.stage > 0)
 
 
 def _sends(sched) -> list[int]:
     """Per rank, the tensors it sends (an activation per forward but the last stage's, a gradient per
     backward or I but stage 0's): the pipeline keeps each until the step ends (runtime's state.keep)."""
     last = sched.n_stages - 1
-    return [sum(1 for a in acts if (a.kind == "F" and a.stage < last) or (a.kind in ("B", "I") and a.stage > 0))
-            for acts in sched.actions]
+    return [sum(1 for a in acts if _sends_tensor(a, last)) for acts in sched.actions]
 
 
 @dataclass(frozen=True)
