@@ -159,7 +159,7 @@ def _build(name: str, flags: list[str]):
 
 
 def model_probe_fn(name: str):
-    """A step of the group's model on this rank alone (forward, backward, AdamW; no communication) on the
+    """A step of the group's model on this rank alone (forward, backward, clipping, AdamW; no communication) on the
     batch one rank of a dp=N_RANKS layout takes: the compute the planner's layouts split and sync."""
     import torch
     import torch.nn.functional as F
@@ -181,6 +181,7 @@ def model_probe_fn(name: str):
 
     def step():
         F.mse_loss(model(x), y).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)   # as the layouts step
         opt.step()
         opt.zero_grad(set_to_none=True)
 

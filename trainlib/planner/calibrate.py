@@ -379,7 +379,7 @@ def _feature_probes() -> dict[str, float]:
     # and in CKPT_MICRO microbatches: full checkpointing pays per checkpointed call, not only per FLOP
     steps.update({f"{ac}_m": probe_step_fn(ac, micro=CKPT_MICRO) for ac in ("none", "full")})
     rounds: dict[str, list[float]] = {ac: [] for ac in steps}
-    for _ in range(3):
+    for _ in range(CKPT_ROUNDS):
         for ac, fn in steps.items():
             comm.barrier()
             rounds[ac].append(_median_time(fn, 5, 2))
@@ -462,7 +462,14 @@ PROBE = {"n_layer": 2, "d_model": 96, "n_head": 4, "seq_len": 64, "vocab_size": 
 # feature probe rounds (_feature_probes): with 2 (their mean) the per-collective TP cost came out 2.6, 4.4 and
 # 4.9 ms in three calibrations (13:11, 15:18, 15:59 on 2026-12-01) while the all-reduces in gpt-default's own
 # tp=2 step took ~3 ms each (18:1x)
-FEATURE_ROUNDS = 3
+# 3 -> 5 (2026-12-02): three calibrations in a row at 12:4x read dp_step_s 4.5, 7.6 and 7.6 ms, zero_step_s 3.8,
+# 2.6 and 5.4 ms, tp_collective_s 2.3, 1.3 and 1.3 ms: a median of 3 still moves with one slow round. Each round
+# adds ~5 s to a calibration
+FEATURE_ROUNDS = 5
+# the checkpointing probes' rounds (plain, full, selective, and both in microbatches, in turn): 3 -> 5 with
+# FEATURE_ROUNDS. The 09:51 run's calibration read selective_op_s 161 us where the eleven before it read
+# 345-641 us, and its selectively checkpointed layouts came out 9-16% under (their median); ~3 s a round
+CKPT_ROUNDS = 5
 RECOMPUTE_SHARE = 1.0   # full checkpointing reruns the forward once (recompute_fit)
 CKPT_MICRO = 8   # the checkpointing probes' second batch split: 8 checkpointed calls per block a step (one row each)
 WIDE_PROBE = {**PROBE, "d_model": 256}   # the same probe wider: how efficiency grows with the model's width
@@ -489,8 +496,8 @@ def probe_spec(shape: dict = PROBE):
 
 
 def probe_step_fn(ac: str | None = None, shape: dict = PROBE, micro: int = 1):
-    """A step function of the probe: forward + backward + AdamW of a small GPT (2 blocks, d_model 96,
-    8 x 64 tokens) on this rank alone, no communication; ac: its blocks checkpointed that way; micro: the
+    """A step function of the probe: forward + backward + clipping + AdamW of a small GPT (2 blocks,
+    d_model 96, 8 x 64 tokens) on this rank alone, no communication; ac: its blocks checkpointed that way; micro: the
     batch in that many microbatches, gradients accumulated (each block checkpointed once per microbatch)."""
     from trainlib.activation_checkpointing import apply_activation_checkpointing
     from trainlib.models.gpt import GPT, GPTConfig, lm_loss
@@ -505,6 +512,8 @@ def probe_step_fn(ac: str | None = None, shape: dict = PROBE, micro: int = 1):
     def step():
         for xs in x.chunk(micro):
             lm_loss(model(xs), xs).backward()
+        # as the trainer steps (and the time model's optimizer term counts): the gradients clipped first
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -633,7 +642,7 @@ def _model_step(shape: dict) -> float:
 
 
 def measure_model_step(shape: dict, ranks: int) -> float:
-    """`trainlib plan --probe-model`: the planned GPT's single-device step (forward, backward, AdamW of
+    """`trainlib plan --probe-model`: the planned GPT's single-device step (forward, backward, clipping, AdamW of
     shape["batch"] sequences), timed on `ranks` local ranks at once, as the layouts would share the
     machine; the slowest rank's median."""
     from trainlib.benchmarks.plan_ranks import spawn_ranks
