@@ -54,7 +54,7 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument("--name", default="trainlib-plan", help="job name for --emit KIND")
     o.add_argument("--image", help="image for --emit KIND")
     k = p.add_argument_group("calibration")
-    k.add_argument("--calibrate", action="store_true", help="measure this machine's profile (about a minute)")
+    k.add_argument("--calibrate", action="store_true", help="measure this machine's profile (about two minutes)")
     k.add_argument("--out", metavar="PROFILE.json", help="where --calibrate writes (default: print it)")
     k.add_argument("--probe-model", action="store_true",
                    help="time the planned model's own step on one device here (CPU, the default GPT's --model.* "

@@ -1,4 +1,4 @@
-"""`trainlib plan --calibrate`: measure this machine's profile on 2 local ranks (about a minute).
+"""`trainlib plan --calibrate`: measure this machine's profile on 2 local ranks (about two minutes).
 
 Each figure is taken the way training uses it, with both ranks busy at once (OMP_NUM_THREADS =
 cores / 2, as `trainlib train` sets it): matmul FLOP/s per dtype on the shapes of GPT blocks (d 128 to
